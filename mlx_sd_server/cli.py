@@ -1,0 +1,120 @@
+"""The `mlx-sd-server` command: argument parsing only; each subcommand lives in its own module.
+
+Option names mirror the API's field names (`sample_method` -> `--sample-method`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> "module:function" taking the parsed arguments; imported lazily so `--help` is instant.
+HANDLERS = {
+    "serve": "mlx_sd_server.api.server:main",
+    "generate": "mlx_sd_server.generate:main",
+    "convert": "convert.cli:main",
+    "pull": "convert.pull:main",
+    "models": "mlx_sd_server.registry:print_models",
+    "service": "mlx_sd_server.service:main",
+}
+
+
+def add_model_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-dir", help="where converted models live (default: $MLX_SD_MODEL_DIR or the user data dir)"
+    )
+
+
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    """Options of `serve`, shared with `service install` (which writes them into the service file)."""
+    add_model_dir(parser)
+    parser.add_argument("--model", action="append", default=[], metavar="NAME_OR_PATH",
+                        help="a model to serve (repeatable; the first is the default)")
+    parser.add_argument("--control-net", metavar="NAME_OR_PATH", help="a ControlNet attached to the default model")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $API_KEY)")
+    parser.add_argument("--download-url-prefix", metavar="URL",
+                        help="public prefix of image urls (default: the address the request came in on)")
+    parser.add_argument("--store-dir", help="where generated images are kept")
+    parser.add_argument("--max-queue", type=int, default=8, help="jobs waiting beyond this get 429")
+    parser.add_argument("--max-n", type=int, default=10, help="largest n per request")
+    parser.add_argument("--max-steps", type=int, default=150)
+    parser.add_argument("--max-pixels", type=int, default=2048 * 2048, help="largest width*height")
+    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                        help="compute dtype (default: float16 on GPU, float32 on CPU)")
+    parser.add_argument("--engine", choices=["mlx", "torch", "auto"], default="mlx",
+                        help="mlx, the diffusers/torch fallback, or auto (torch only where MLX cannot serve)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def add_job_options(parser: argparse.ArgumentParser) -> None:
+    """Options of `generate`: one per job field."""
+    add_model_dir(parser)
+    parser.add_argument("--model", required=True, metavar="NAME_OR_PATH")
+    parser.add_argument("--control-net", metavar="NAME_OR_PATH")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt")
+    parser.add_argument("-n", "--n", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--cfg-scale", type=float)
+    parser.add_argument("--sample-method")
+    parser.add_argument("--scheduler")
+    parser.add_argument("--size", metavar="WxH")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--image", metavar="PATH", help="image to edit (img2img)")
+    parser.add_argument("--strength", type=float)
+    parser.add_argument("--mask", metavar="PATH", help="inpainting mask (white or transparent = repaint)")
+    parser.add_argument("--control-image", metavar="PATH")
+    parser.add_argument("--control-strength", type=float)
+    parser.add_argument("--control-preprocess", choices=["none", "canny"])
+    parser.add_argument("--output", "-o", default=".", metavar="PATH_OR_DIR",
+                        help="a file name (.png/.jpg/.webp) or a directory")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--engine", choices=["mlx", "torch", "auto"], default="mlx")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlx-sd-server", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    add_serve_options(sub.add_parser("serve", help="run the HTTP server"))
+    add_job_options(sub.add_parser("generate", help="generate images from the command line"))
+
+    convert = sub.add_parser("convert", help="convert Hugging Face weights to this server's MLX format")
+    convert.add_argument("src", help="a diffusers folder or a single-file .safetensors checkpoint")
+    convert.add_argument("dst", help="output folder")
+    convert.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
+    convert.add_argument("--quantize", type=int, choices=[4, 8], help="quantize linear layers to N bits")
+    convert.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                         help="override what the checkpoint says (single-file SD 2.x checkpoints do not say)")
+    convert.add_argument("--allow-pickle", action="store_true",
+                         help="accept .ckpt/.bin pickle files (they can run arbitrary code: trusted files only)")
+    convert.add_argument("--name", help="model name in the manifest (default: the folder name)")
+
+    pull = sub.add_parser("pull", help="download a model from Hugging Face and convert it")
+    pull.add_argument("repo_id", metavar="HF_REPO_ID_OR_NAME")
+    add_model_dir(pull)
+    pull.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
+    pull.add_argument("--quantize", type=int, choices=[4, 8])
+    pull.add_argument("--name", help="name to save it under (default: derived from the repo id)")
+
+    add_model_dir(sub.add_parser("models", help="list the models this machine can serve"))
+
+    service = sub.add_parser("service", help="run the server as a login service (launchd / systemd --user)")
+    service.add_argument("action", choices=["install", "uninstall", "status"])
+    add_serve_options(service)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, function_name = HANDLERS[args.command].split(":")
+    handler = getattr(importlib.import_module(module_name), function_name)
+    return int(handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
