@@ -21,3 +21,14 @@ def max_rel_err(ours, ref) -> float:
 
 def nchw_to_nhwc(x) -> np.ndarray:
     return to_numpy(x).transpose(0, 2, 3, 1)
+
+
+def load_torch_weights(model, state_dict, map_weight) -> None:
+    """Load a torch state dict into an MLX model through a convert/ `map_<component>_weight` function."""
+    import mlx.core as mx
+
+    model.load_weights(
+        [(key, mx.array(value)) for name, tensor in state_dict.items()
+         for key, value in map_weight(name, tensor.detach().float().numpy())]
+    )
+    mx.eval(model.parameters())
