@@ -1,0 +1,1 @@
+"""Hugging Face weights -> this server's MLX model folders (see convert/model.py, docs/model-format.md)."""

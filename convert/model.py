@@ -1,0 +1,149 @@
+"""Hugging Face weights -> this server's MLX model folders (docs/model-format.md).
+
+Every input (a diffusers folder, a single-file checkpoint) is first read into a `SourceModel` in diffusers
+layout; each component's weights then go through that component's pure key/value mapping function.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+from tqdm import tqdm
+
+from convert.clip import map_clip_weight
+from convert.controlnet import map_controlnet_weight
+from convert.source import SourceModel
+from convert.unet import map_unet_weight
+from convert.vae import map_vae_weight
+from mlx_sd_server.engine.model_io import DTYPES, save_component, write_manifest
+from mlx_sd_server.engine.tokenizer import CLIPTokenizer, default_vocab_path
+
+log = logging.getLogger(__name__)
+
+MAPPERS: dict[str, Callable] = {
+    "text_encoder": map_clip_weight,
+    "text_encoder_2": map_clip_weight,
+    "unet": map_unet_weight,
+    "vae": map_vae_weight,
+    "controlnet": map_controlnet_weight,
+}
+QUANTIZE_GROUP_SIZE = 64
+
+
+def read_source(src: Path, allow_pickle: bool = False, prediction_type: str | None = None) -> SourceModel:
+    """A diffusers folder or a single-file checkpoint, read into diffusers layout."""
+    from convert.diffusers_folder import is_diffusers_folder, read_diffusers_folder
+
+    if is_diffusers_folder(src):
+        return read_diffusers_folder(src, allow_pickle=allow_pickle, prediction_type=prediction_type)
+    if src.is_file():
+        from convert.checkpoint import read_checkpoint
+
+        return read_checkpoint(src, allow_pickle=allow_pickle, prediction_type=prediction_type)
+    raise FileNotFoundError(f"{src} is neither a diffusers folder nor a checkpoint file")
+
+
+def model_defaults(source: SourceModel, name: str) -> dict[str, Any]:
+    """Generation defaults that suit the model: turbo and LCM models need few steps and little guidance."""
+    lowered = name.lower()
+    unet_config = source.components.get("unet", ({}, ()))[0]
+    size = {"sdxl": 1024, "sd2": 768 if source.prediction_type == "v_prediction" else 512}.get(source.family, 512)
+    defaults: dict[str, Any] = {"steps": 20, "cfg_scale": 7.0, "sample_method": "euler_a", "scheduler": "discrete"}
+    if "turbo" in lowered:
+        defaults = {"steps": 1, "cfg_scale": 1.0, "sample_method": "euler_a", "scheduler": "trailing"}
+        size = 512
+    elif unet_config.get("time_cond_proj_dim"):  # LCM-distilled: guidance is an input, not a second pass
+        defaults = {"steps": 4, "cfg_scale": 8.5, "sample_method": "lcm", "scheduler": "lcm"}
+    elif "lcm" in lowered:  # e.g. LCM-LoRA fused into a base model
+        defaults = {"steps": 4, "cfg_scale": 1.5, "sample_method": "lcm", "scheduler": "lcm"}
+    return {**defaults, "width": size, "height": size}
+
+
+def _tokenizer_for(source: SourceModel, encoder: str) -> CLIPTokenizer:
+    folder = source.tokenizers.get(encoder)
+    if folder is not None and Path(folder).exists():
+        return CLIPTokenizer.from_dir(folder)
+    # Single-file checkpoints carry no tokenizer: all SD models use CLIP's vocabulary, padded by family.
+    pad = "<|endoftext|>" if (source.family == "sd1" or encoder == "text_encoder" and source.family == "sdxl") else "!"
+    return CLIPTokenizer.from_bpe_file(default_vocab_path(), pad_token=pad)
+
+
+def write_model(
+    source: SourceModel,
+    dst: Path,
+    *,
+    name: str,
+    dtype: str = "float16",
+    quantize: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write `source` as a converted folder at `dst`, atomically: a failed conversion leaves nothing."""
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} already exists and is not empty")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
+    quantization = {"bits": quantize, "group_size": QUANTIZE_GROUP_SIZE} if quantize else None
+    try:
+        entries: dict[str, Any] = {}
+        for component, (config, weights) in source.components.items():
+            mapper = MAPPERS[component]
+            mapped = [
+                (key, mx.array(value))
+                for k, v in tqdm(weights, desc=component, unit=" tensors", disable=not progress, leave=False)
+                for key, value in mapper(k, v)
+            ]
+            entries[component] = save_component(work, component, config, mapped, DTYPES[dtype], quantization)
+            del mapped
+            if component in source.tokenizers or component.startswith("text_encoder"):
+                folder = "tokenizer" if component == "text_encoder" else "tokenizer_2"
+                _tokenizer_for(source, component).save(work / folder)
+                entries[component]["tokenizer"] = folder
+            log.info("converted %s", component)
+        manifest: dict[str, Any] = {
+            "name": name,
+            "family": source.family,
+            "prediction_type": source.prediction_type,
+            "scheduler": {
+                key: source.scheduler.get(key, default)
+                for key, default in (
+                    ("num_train_timesteps", 1000), ("beta_start", 0.00085), ("beta_end", 0.012),
+                    ("beta_schedule", "scaled_linear"),
+                )
+            },
+            "dtype": dtype,
+            "quantization": quantization,
+            "components": entries,
+        }
+        if "unet" in source.components:
+            manifest["defaults"] = model_defaults(source, name)
+        write_manifest(work, manifest)
+        if dst.exists():
+            dst.rmdir()
+        os.replace(work, dst)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return dst
+
+
+def convert_model(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    dtype: str = "float16",
+    quantize: int | None = None,
+    prediction_type: str | None = None,
+    allow_pickle: bool = False,
+    name: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Convert a diffusers folder or single-file checkpoint at `src` into a model folder at `dst`."""
+    src, dst = Path(src), Path(dst)
+    source = read_source(src, allow_pickle=allow_pickle, prediction_type=prediction_type)
+    return write_model(source, dst, name=name or dst.name, dtype=dtype, quantize=quantize, progress=progress)

@@ -1,0 +1,195 @@
+"""Which models this server can serve, by name, and loading them on demand.
+
+A model spec (from `--model`) is one of: a name in the model directory; a path to a converted folder; a
+diffusers folder or single-file checkpoint (converted into the model directory on first use); a Hugging
+Face repo id (pulled on first use); or the built-in `tiny-random-sd` (random weights, for testing clients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from mlx_sd_server.engine.model_io import MANIFEST, ModelFormatError, read_manifest
+from mlx_sd_server.job import ModelDefaults
+
+log = logging.getLogger(__name__)
+
+TINY_MODEL_NAME = "tiny-random-sd"
+
+
+class ModelNotFoundError(LookupError):
+    """No model of that name is servable here."""
+
+
+class ModelLoadError(RuntimeError):
+    """A model exists but could not be loaded (corrupt files, out of memory, missing dependency)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    family: str
+    created: int
+    defaults: ModelDefaults
+    has_controlnet: bool
+    folder: Path
+
+
+class Pipeline(Protocol):
+    def total_steps(self, job: Any) -> int: ...
+    def generate(self, job: Any) -> Any: ...
+
+
+def model_dir(override: str | os.PathLike | None = None) -> Path:
+    """--model-dir, else $MLX_SD_MODEL_DIR, else the platform's per-user data directory."""
+    if override:
+        return Path(override).expanduser()
+    if os.environ.get("MLX_SD_MODEL_DIR"):
+        return Path(os.environ["MLX_SD_MODEL_DIR"]).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "mlx-sd-server" / "models"
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "mlx-sd-server" / "models"
+
+
+def resolve_spec(spec: str, models: Path) -> Path:
+    """A model spec -> a converted folder, converting or pulling it first if needed."""
+    if spec == TINY_MODEL_NAME:
+        from mlx_sd_server.engine.tiny import ensure_tiny_model
+
+        return ensure_tiny_model(models / TINY_MODEL_NAME)
+    if (models / spec / MANIFEST).exists():
+        return models / spec
+    path = Path(spec).expanduser()
+    if (path / MANIFEST).exists():
+        return path
+    if path.exists():
+        from convert.model import convert_model
+
+        dst = models / path.stem.lower()
+        if not (dst / MANIFEST).exists():
+            log.info("converting %s into %s (first use)", path, dst)
+            convert_model(path, dst, progress=False)
+        return dst
+    if "/" in spec and not spec.startswith((".", "/", "~")):
+        from convert.pull import main as pull
+
+        if pull(argparse.Namespace(repo_id=spec, model_dir=str(models), dtype="float16", quantize=None, name=None)):
+            raise ModelNotFoundError(f"could not pull {spec} (see the log above)")
+        from convert.pull import name_for
+
+        return models / name_for(spec)
+    raise ModelNotFoundError(f"model {spec!r} not found: not in {models}, not a path, not a Hugging Face id")
+
+
+def read_info(folder: Path, control_net: Path | None = None) -> ModelInfo:
+    manifest = read_manifest(folder)
+    defaults = ModelDefaults(**manifest.get("defaults", {}))
+    return ModelInfo(
+        name=manifest.get("name", folder.name),
+        family=manifest["family"],
+        created=int((folder / MANIFEST).stat().st_mtime),
+        defaults=defaults,
+        has_controlnet=control_net is not None or "controlnet" in manifest["components"],
+        folder=folder,
+    )
+
+
+class ModelRegistry:
+    """The servable models. `pipeline()` loads on demand and keeps the `max_loaded` most recent in memory."""
+
+    def __init__(
+        self,
+        specs: list[str],
+        models: Path,
+        *,
+        control_net: str | None = None,
+        dtype: str | None = None,
+        engine: str = "mlx",
+        max_loaded: int = 1,
+    ):
+        self.dtype = dtype
+        self.engine = engine
+        self.max_loaded = max_loaded
+        self._lock = threading.Lock()
+        self._loaded: OrderedDict[str, Pipeline] = OrderedDict()
+        if not specs:
+            specs = sorted(p.name for p in models.glob("*") if (p / MANIFEST).exists())
+            if not specs:
+                log.warning(
+                    "no models in %s: serving the built-in %s (random weights, it draws noise). "
+                    "Get a real one with: mlx-sd-server pull stabilityai/sd-turbo", models, TINY_MODEL_NAME,
+                )
+                specs = [TINY_MODEL_NAME]
+        folders = [resolve_spec(spec, models) for spec in specs]
+        control_folder = resolve_spec(control_net, models) if control_net else None
+        self._infos: dict[str, ModelInfo] = {}
+        self._control: dict[str, Path] = {}
+        for i, folder in enumerate(folders):
+            attached = control_folder if i == 0 else None  # --control-net attaches to the default model
+            info = read_info(folder, attached)
+            self._infos[info.name] = info
+            if attached:
+                self._control[info.name] = attached
+        self.default_name = read_info(folders[0]).name
+
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str | None = None) -> ModelInfo:
+        try:
+            return self._infos[name or self.default_name]
+        except KeyError:
+            raise ModelNotFoundError(f"model {name!r} not found; this server has: {', '.join(self._infos)}") from None
+
+    def loaded(self) -> list[str]:
+        return list(self._loaded)
+
+    def pipeline(self, name: str | None = None) -> Pipeline:
+        """The model's pipeline, loading it (blocking) if needed. Call from the worker thread."""
+        info = self.info(name)
+        with self._lock:
+            if info.name in self._loaded:
+                self._loaded.move_to_end(info.name)
+                return self._loaded[info.name]
+            while len(self._loaded) >= self.max_loaded:
+                evicted, _ = self._loaded.popitem(last=False)
+                log.info("unloaded %s to make room", evicted)
+            try:
+                pipeline = self._load(info)
+            except (OSError, ValueError, ModelFormatError, MemoryError, ImportError) as exc:
+                raise ModelLoadError(f"could not load {info.name}: {exc}") from exc
+            self._loaded[info.name] = pipeline
+            return pipeline
+
+    def _load(self, info: ModelInfo) -> Pipeline:
+        control = self._control.get(info.name)
+        if self.engine == "torch":
+            from mlx_sd_server.torch_engine import TorchPipeline
+
+            log.info("engine: diffusers/torch for %s", info.name)
+            return TorchPipeline.from_folder(info.folder, control_net=control)
+        from mlx_sd_server.engine.model_io import load_model
+        from mlx_sd_server.engine.pipeline import DiffusionPipeline
+
+        log.info("engine: MLX for %s", info.name)
+        return DiffusionPipeline(load_model(info.folder, dtype=self.dtype, controlnet=control))
+
+
+def print_models(args: argparse.Namespace) -> int:
+    """`mlx-sd-server models`: one servable name a line, then where they live."""
+    models = model_dir(args.model_dir)
+    found = sorted(p for p in models.glob("*") if (p / MANIFEST).exists())
+    for folder in found:
+        info = read_info(folder)
+        print(f"{info.name}\t{info.family}\t{folder}")
+    print(f"{TINY_MODEL_NAME}\tsd1\t(built in: random weights, for testing clients)")
+    print(f"# model directory: {models}", file=sys.stderr)
+    return 0
