@@ -1,0 +1,71 @@
+"""Every error leaves the server as OpenAI's JSON envelope, mapped here and nowhere else.
+
+`{"error": {"message", "type", "param", "code"}}` with the matching status. Unexpected exceptions are
+logged with their traceback and answered with a bare 500: a traceback never reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from quart import Quart, jsonify
+from werkzeug.exceptions import HTTPException
+
+from mlx_sd_server.job import JobError
+from mlx_sd_server.registry import ModelLoadError, ModelNotFoundError
+from mlx_sd_server.worker import QueueFullError
+
+log = logging.getLogger("mlx_sd_server.api")
+
+# OpenAI's error `type` for each status we send.
+_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+# `code` for errors raised by routing and body handling rather than by our own code.
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None):
+    body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+    return jsonify(body), status
+
+
+def register_error_handlers(app: Quart) -> None:
+    @app.errorhandler(APIError)
+    async def api_error(error: APIError):
+        return error_response(error.status, error.message, error.param, error.code)
+
+    @app.errorhandler(JobError)
+    async def job_error(error: JobError):
+        return error_response(error.status, error.message, error.param, error.code)
+
+    @app.errorhandler(ModelNotFoundError)
+    async def model_not_found(error: ModelNotFoundError):
+        return error_response(404, str(error), "model", "model_not_found")
+
+    @app.errorhandler(ModelLoadError)
+    async def model_load_error(error: ModelLoadError):
+        log.error("%s", error)
+        return error_response(503, str(error), "model", "model_unavailable")
+
+    @app.errorhandler(QueueFullError)
+    async def queue_full(error: QueueFullError):
+        return error_response(429, str(error), None, "queue_full")
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException):
+        status = error.code or 500
+        return error_response(status, error.description or error.name, None, _HTTP_CODES.get(status))
+
+    @app.errorhandler(Exception)
+    async def internal_error(error: Exception):
+        log.error("internal error", exc_info=error)
+        return error_response(500, "internal server error (details are in the server log)", None, "internal_error")

@@ -1,0 +1,102 @@
+"""POST /v1/images/generations and /v1/images/edits: request -> Job -> worker -> urls or base64."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+
+from PIL import Image
+from quart import Blueprint, jsonify, request
+
+from mlx_sd_server.api.parsing import Delivery, ParsedRequest, parse_request
+from mlx_sd_server.api.state import ServerState, state
+from mlx_sd_server.images import (
+    a1111_parameters, encode_image, fit_to_size, flatten, has_transparency, mask_from_upload,
+    open_upload,
+)
+from mlx_sd_server.job import Job, JobError, build_job, replace
+from mlx_sd_server.registry import ModelInfo
+
+log = logging.getLogger("mlx_sd_server.api")
+
+blueprint = Blueprint("images", __name__)
+
+
+@blueprint.post("/v1/images/generations")
+async def generations():
+    return await _serve(await parse_request(request, ("control_image",)))
+
+
+@blueprint.post("/v1/images/edits")
+async def edits():
+    parsed = await parse_request(request, ("image", "mask", "control_image"))
+    if "image" not in parsed.uploads:
+        raise JobError("image is required: the image to edit", "image", "missing_required_parameter")
+    return await _serve(parsed)
+
+
+async def _serve(parsed: ParsedRequest):
+    server = state()
+    model = parsed.fields.get("model")
+    if model is not None and not isinstance(model, str):
+        raise JobError(f"model must be a string, got {type(model).__name__}", "model", "invalid_type")
+    info = server.registry.info(model or None)
+    job = _build_job(parsed, info, server)
+
+    created = int(time.time())
+    task = server.worker.submit(job, lambda images: _encode(images, job, info, parsed.delivery))
+    try:
+        encoded = await asyncio.wrap_future(task.future)
+    except asyncio.CancelledError:  # the client went away: stop the job, deliver nothing
+        task.cancel()
+        log.info("client disconnected: cancelled task %d", task.id)
+        raise
+
+    data = []
+    extension = parsed.delivery.output_format
+    for image_bytes, seed in zip(encoded, job.seeds()):
+        item = {"prompt": job.prompt, "seed": seed}
+        if parsed.delivery.response_format == "b64_json":
+            item["b64_json"] = base64.b64encode(image_bytes).decode("ascii")
+        else:
+            stored = server.store.save(image_bytes, f"image_{seed}.{extension}")
+            item["url"] = f"{_url_prefix(server)}/v1/files/download/{stored.id}/{stored.filename}"
+        data.append(item)
+    return jsonify({"created": created, "data": data, "model": info.name, "output_format": extension})
+
+
+def _build_job(parsed: ParsedRequest, info: ModelInfo, server: ServerState) -> Job:
+    """Decode the uploads and validate everything into one Job, with images fitted to its size."""
+    settings = server.settings
+    uploads = {
+        name: open_upload(data, name, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_upload_pixels)
+        for name, data in parsed.uploads.items()
+    }
+    images: dict[str, Image.Image] = {name: flatten(image) for name, image in uploads.items() if name != "mask"}
+    if "mask" in uploads:
+        images["mask"] = mask_from_upload(uploads["mask"])
+    elif "image" in uploads and has_transparency(uploads["image"]):
+        images["mask"] = mask_from_upload(uploads["image"])  # OpenAI: no mask = the image's own transparency
+    fields = {**parsed.fields, "model": info.name}
+    job = build_job(fields, images, limits=settings.limits, defaults=info.defaults)
+    if job.control_image is not None and not info.has_controlnet:
+        raise JobError(f"model {info.name!r} has no ControlNet attached (serve it with --control-net)",
+                       "control_image", "controlnet_unavailable")
+    fitted = {name: fit_to_size(getattr(job, name), job.width, job.height)
+              for name in ("init_image", "mask", "control_image") if getattr(job, name) is not None}
+    return replace(job, **fitted)
+
+
+def _encode(images: list[Image.Image], job: Job, info: ModelInfo, delivery: Delivery) -> list[bytes]:
+    """Runs on the worker thread, so encoding never blocks the event loop."""
+    return [
+        encode_image(image, delivery.output_format, quality=delivery.output_compression,
+                     parameters=a1111_parameters(job, seed, info.name))
+        for image, seed in zip(images, job.seeds())
+    ]
+
+
+def _url_prefix(server: ServerState) -> str:
+    return (server.settings.download_url_prefix or request.host_url).rstrip("/")

@@ -1,0 +1,151 @@
+"""Helpers for the API tests: a real Hypercorn server on a free local port, a raw HTTP client, and a
+fake registry/pipeline for the cases a real engine cannot provoke on demand (slow jobs, failures)."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from hypercorn.asyncio import serve
+from PIL import Image
+
+from mlx_sd_server.api.server import hypercorn_config
+from mlx_sd_server.job import ModelDefaults
+from mlx_sd_server.registry import ModelInfo, ModelNotFoundError
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def live_server(app) -> Iterator[str]:
+    """Serve `app` with Hypercorn on 127.0.0.1 in a background thread; yields the base url."""
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    stopped = asyncio.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(serve(app, hypercorn_config("127.0.0.1", port), shutdown_trigger=stopped.wait))
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(stopped.set)
+        thread.join(timeout=30)
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def request(base_url: str, method: str, path: str, body: bytes | None = None,
+            headers: dict | None = None) -> Reply:
+    """One raw HTTP request; the path is sent exactly as given (no normalisation of `..`)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return Reply(response.status, dict(response.getheaders()), response.read())
+    finally:
+        conn.close()
+
+
+def multipart(fields: dict[str, str | bytes | tuple[str, bytes]]) -> tuple[bytes, str]:
+    """Encode form fields (str) and files ((filename, bytes)) as multipart/form-data."""
+    boundary = "testboundary7MA4YWxkTrZu0gW"
+    parts = []
+    for name, value in fields.items():
+        if isinstance(value, tuple):
+            filename, data = value
+            head = (f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                    "Content-Type: application/octet-stream\r\n\r\n")
+        else:
+            data = value.encode() if isinstance(value, str) else value
+            head = f'Content-Disposition: form-data; name="{name}"\r\n\r\n'
+        parts.append(f"--{boundary}\r\n{head}".encode() + data + b"\r\n")
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+# --- a fake engine ---------------------------------------------------------------------------------
+
+
+class FakePipeline:
+    """Yields one step at a time (optionally slowly) and returns solid images coloured by seed."""
+
+    def __init__(self, step_seconds: float = 0.0, fail: Exception | None = None):
+        self.step_seconds = step_seconds
+        self.fail = fail
+        self.started = threading.Event()
+        self.steps_run = 0
+        self.finished = 0
+        self.jobs = []
+
+    def total_steps(self, job) -> int:
+        return job.steps
+
+    def generate(self, job):
+        self.jobs.append(job)
+        self.started.set()
+        if self.fail is not None:
+            raise self.fail
+        for step in range(job.steps):
+            time.sleep(self.step_seconds)
+            self.steps_run += 1
+            yield step + 1
+        self.finished += 1
+        return [Image.new("RGB", (job.width, job.height), (seed % 256, 0, 0)) for seed in job.seeds()]
+
+
+@dataclass
+class FakeRegistry:
+    pipeline_: FakePipeline = field(default_factory=FakePipeline)
+    has_controlnet: bool = False
+    default_name: str = "fake-model"
+
+    def names(self) -> list[str]:
+        return [self.default_name]
+
+    def info(self, name: str | None = None) -> ModelInfo:
+        if name not in (None, self.default_name):
+            raise ModelNotFoundError(f"model {name!r} not found")
+        return ModelInfo(name=self.default_name, family="sd1", created=1700000000, defaults=ModelDefaults(),
+                         has_controlnet=self.has_controlnet, folder=Path("."))
+
+    def pipeline(self, name: str | None = None) -> FakePipeline:
+        self.info(name)
+        return self.pipeline_
+
+    def loaded(self) -> list[str]:
+        return [self.default_name]
