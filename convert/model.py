@@ -84,8 +84,6 @@ def write_model(
     progress: bool = True,
 ) -> Path:
     """Write `source` as a converted folder at `dst`, atomically: a failed conversion leaves nothing."""
-    if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"{dst} already exists and is not empty")
     dst.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
     quantization = {"bits": quantize, "group_size": QUANTIZE_GROUP_SIZE} if quantize else None
@@ -145,5 +143,7 @@ def convert_model(
 ) -> Path:
     """Convert a diffusers folder or single-file checkpoint at `src` into a model folder at `dst`."""
     src, dst = Path(src), Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} already exists and is not empty")
     source = read_source(src, allow_pickle=allow_pickle, prediction_type=prediction_type)
     return write_model(source, dst, name=name or dst.name, dtype=dtype, quantize=quantize, progress=progress)

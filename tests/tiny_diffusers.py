@@ -190,6 +190,7 @@ def make_pipeline(dst: Path, family: str = "sd1", inpaint: bool = False, lcm: bo
 
         tok_dir = write_tokenizer(Path(tempfile.mkdtemp()), pad_token="<|endoftext|>")
         tok2_dir = write_tokenizer(Path(tempfile.mkdtemp()), pad_token="!")
+        tokenizer_dirs = {"tokenizer": tok_dir, "tokenizer_2": tok2_dir}
         pipe = StableDiffusionXLPipeline(
             vae=vae(family),
             text_encoder=text_encoder("sd1", seed=1),
@@ -203,6 +204,7 @@ def make_pipeline(dst: Path, family: str = "sd1", inpaint: bool = False, lcm: bo
         from transformers import CLIPTokenizer
 
         tok_dir = write_tokenizer(Path(tempfile.mkdtemp()), pad_token="<|endoftext|>" if family == "sd1" else "!")
+        tokenizer_dirs = {"tokenizer": tok_dir}
         pipe = StableDiffusionPipeline(
             vae=vae(family),
             text_encoder=text_encoder("sd1" if family == "sd1" else "sd2", seed=1),
@@ -214,5 +216,9 @@ def make_pipeline(dst: Path, family: str = "sd1", inpaint: bool = False, lcm: bo
             requires_safety_checker=False,
         )
     pipe.save_pretrained(str(dst), safe_serialization=True)
+    # Hub repos of SD models carry vocab.json + merges.txt (transformers 5 writes only tokenizer.json).
+    for folder, source in tokenizer_dirs.items():
+        for name in ("vocab.json", "merges.txt"):
+            (dst / folder / name).write_bytes((source / name).read_bytes())
     pipe.set_progress_bar_config(disable=True)
     return pipe
