@@ -92,13 +92,6 @@ def flatten(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def fit_to_size(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale to cover width x height, then centre-crop, so nothing is stretched."""
-    if image.size == (width, height):
-        return image
-    return ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
-
-
 def a1111_parameters(job: Job, seed: int, model_name: str) -> str:
     """Generation settings in the AUTOMATIC1111 'parameters' text form that image tools read back."""
     lines = [job.prompt]

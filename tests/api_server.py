@@ -149,3 +149,10 @@ class FakeRegistry:
 
     def loaded(self) -> list[str]:
         return [self.default_name]
+
+
+def tiny_registry(models: Path):
+    """The real registry serving the built-in random-weight model (the end-to-end engine)."""
+    from mlx_sd_server.registry import TINY_MODEL_NAME, ModelRegistry
+
+    return ModelRegistry([TINY_MODEL_NAME], models)

@@ -24,7 +24,7 @@ def create_app(registry: ModelRegistry, store: FileStore, settings: Settings = S
     app = Quart("mlx_sd_server")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     app.config["MAX_FORM_MEMORY_SIZE"] = settings.max_upload_bytes  # base64 images in form text fields
-    app.config["JSON_SORT_KEYS"] = False
+    app.url_map.merge_slashes = False  # `//etc/passwd` is a 404, not a redirect to somewhere else
     worker = Worker(registry, max_queue=settings.max_queue)
     app.extensions["mlx_sd_server"] = ServerState(registry, store, worker, settings)
 

@@ -13,10 +13,10 @@ from quart import Blueprint, jsonify, request
 from mlx_sd_server.api.parsing import Delivery, ParsedRequest, parse_request
 from mlx_sd_server.api.state import ServerState, state
 from mlx_sd_server.images import (
-    a1111_parameters, encode_image, fit_to_size, flatten, has_transparency, mask_from_upload,
+    a1111_parameters, encode_image, flatten, has_transparency, mask_from_upload,
     open_upload,
 )
-from mlx_sd_server.job import Job, JobError, build_job, replace
+from mlx_sd_server.job import Job, JobError, build_job
 from mlx_sd_server.registry import ModelInfo
 
 log = logging.getLogger("mlx_sd_server.api")
@@ -68,7 +68,7 @@ async def _serve(parsed: ParsedRequest):
 
 
 def _build_job(parsed: ParsedRequest, info: ModelInfo, server: ServerState) -> Job:
-    """Decode the uploads and validate everything into one Job, with images fitted to its size."""
+    """Decode the uploads and validate everything into one Job (the pipeline fits images to its size)."""
     settings = server.settings
     uploads = {
         name: open_upload(data, name, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_upload_pixels)
@@ -84,9 +84,7 @@ def _build_job(parsed: ParsedRequest, info: ModelInfo, server: ServerState) -> J
     if job.control_image is not None and not info.has_controlnet:
         raise JobError(f"model {info.name!r} has no ControlNet attached (serve it with --control-net)",
                        "control_image", "controlnet_unavailable")
-    fitted = {name: fit_to_size(getattr(job, name), job.width, job.height)
-              for name in ("init_image", "mask", "control_image") if getattr(job, name) is not None}
-    return replace(job, **fitted)
+    return job
 
 
 def _encode(images: list[Image.Image], job: Job, info: ModelInfo, delivery: Delivery) -> list[bytes]:
