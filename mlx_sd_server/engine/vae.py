@@ -1,0 +1,315 @@
+"""The Stable Diffusion VAE (diffusers' AutoencoderKL) in MLX, NHWC.
+
+Images are (B, H, W, 3) in [-1, 1]; latents are (B, H/f, W/f, C) with f = `latent_scale` (8 for SD).
+`encode`/`decode` work on *unscaled* latents: multiplying by `scaling_factor` (and subtracting
+`shift_factor`) is the pipeline's job.
+
+Precision: SDXL's VAE overflows in float16. Its config says so with `force_upcast`; the loader then keeps
+the VAE's weights in float32 (`model_io.load_model`), and `encode`/`decode` cast their input to the dtype of
+the weights, so float16 latents from a float16 UNet decode in float32.
+
+Large images: `decode_tiled`/`encode_tiled` run the model on overlapping tiles and cross-fade them linearly,
+bounding peak memory by the tile size. `should_tile` says when the pipeline should use them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+# Above this many latent pixels (a 1024x1024 image at f=8) decoding switches to tiles: the full-size
+# decoder's activations (128 channels at full image resolution) and its mid-block attention (one head over
+# every latent pixel, quadratic in their count) grow past a few GB beyond this point, while below it the
+# untiled decode fits comfortably and is exact.
+MAX_UNTILED_LATENT_PIXELS = 128 * 128
+
+
+def should_tile(latent_h: int, latent_w: int) -> bool:
+    """Whether a latent of this size should go through `decode_tiled`/`encode_tiled`."""
+    return latent_h * latent_w > MAX_UNTILED_LATENT_PIXELS
+
+
+@dataclass
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float = 0.0
+    force_upcast: bool = False  # run in float32 even when the rest of the model is float16
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VAEConfig":
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known and v is not None}
+        if "block_out_channels" in kwargs:
+            kwargs["block_out_channels"] = tuple(kwargs["block_out_channels"])
+        return cls(**kwargs)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=1e-6, pytorch_compatible=True)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=1e-6, pytorch_compatible=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = self.conv1(nn.silu(self.norm1(x)))
+        h = self.conv2(nn.silu(self.norm2(h)))
+        if "conv_shortcut" in self:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all pixels, with a residual connection."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=1e-6, pytorch_compatible=True)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = [nn.Linear(channels, channels)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, H, W, C = x.shape
+        h = self.group_norm(x).reshape(B, 1, H * W, C)
+        q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
+        h = mx.fast.scaled_dot_product_attention(q, k, v, scale=C**-0.5)
+        return x + self.to_out[0](h).reshape(B, H, W, C)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, groups: int, add_attention: bool):
+        super().__init__()
+        self.resnets = [ResnetBlock(channels, channels, groups) for _ in range(2)]
+        self.attentions = [Attention(channels, groups)] if add_attention else []
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.resnets[0](x)
+        for attention in self.attentions:
+            x = attention(x)
+        return self.resnets[1](x)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # Asymmetric padding (bottom/right only), as in the original LDM encoder.
+        return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, H, W, C = x.shape
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
+        return self.conv(x)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, downsample: bool):
+        super().__init__()
+        channels = [in_channels] + [out_channels] * layers
+        self.resnets = [ResnetBlock(channels[i], channels[i + 1], groups) for i in range(layers)]
+        self.downsamplers = [Downsample(out_channels)] if downsample else []
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.resnets + self.downsamplers:
+            x = layer(x)
+        return x
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool):
+        super().__init__()
+        channels = [in_channels] + [out_channels] * layers
+        self.resnets = [ResnetBlock(channels[i], channels[i + 1], groups) for i in range(layers)]
+        self.upsamplers = [Upsample(out_channels)] if upsample else []
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.resnets + self.upsamplers:
+            x = layer(x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        widths, groups = config.block_out_channels, config.norm_num_groups
+        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
+        self.down_blocks = [
+            EncoderBlock(widths[max(i - 1, 0)], widths[i], config.layers_per_block, groups, i < len(widths) - 1)
+            for i in range(len(widths))
+        ]
+        self.mid_block = MidBlock(widths[-1], groups, config.mid_block_add_attention)
+        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6, pytorch_compatible=True)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        widths, groups = tuple(reversed(config.block_out_channels)), config.norm_num_groups
+        self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
+        self.mid_block = MidBlock(widths[0], groups, config.mid_block_add_attention)
+        self.up_blocks = [
+            DecoderBlock(widths[max(i - 1, 0)], widths[i], config.layers_per_block + 1, groups, i < len(widths) - 1)
+            for i in range(len(widths))
+        ]
+        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6, pytorch_compatible=True)
+        self.conv_out = nn.Conv2d(widths[-1], config.out_channels, 3, padding=1)
+
+    def __call__(self, z: mx.array) -> mx.array:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+class Autoencoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        latent = config.latent_channels
+        if config.use_quant_conv:
+            self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
+        if config.use_post_quant_conv:
+            self.post_quant_conv = nn.Conv2d(latent, latent, 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.config.scaling_factor
+
+    @property
+    def shift_factor(self) -> float:
+        return self.config.shift_factor
+
+    @property
+    def latent_scale(self) -> int:
+        """Image pixels per latent pixel along each side."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.decoder.conv_in.weight.dtype
+
+    def encode(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """Images (B, H, W, 3) in [-1, 1] -> the latent distribution's (mean, logvar), unscaled."""
+        return _split_moments(self._moments(x))
+
+    def decode(self, z: mx.array) -> mx.array:
+        """Unscaled latents (B, h, w, C) -> images (B, h*f, w*f, 3), roughly in [-1, 1] (not clipped)."""
+        z = z.astype(self.dtype)
+        if "post_quant_conv" in self:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def decode_tiled(self, z: mx.array, tile: int = 64, overlap: int = 16) -> mx.array:
+        """`decode` in overlapping `tile`x`tile` latent tiles (`overlap` latent pixels shared), cross-faded."""
+        return _run_tiled(self.decode, z, tile, overlap, in_step=1, out_step=self.latent_scale)
+
+    def encode_tiled(self, x: mx.array, tile: int = 64, overlap: int = 16) -> tuple[mx.array, mx.array]:
+        """`encode` in overlapping tiles; `tile` and `overlap` are in latent pixels, as in `decode_tiled`."""
+        f = self.latent_scale
+        if x.shape[1] % f or x.shape[2] % f:
+            raise ValueError(f"image size {x.shape[1]}x{x.shape[2]} is not a multiple of {f}")
+        return _split_moments(_run_tiled(self._moments, x, tile, overlap, in_step=f, out_step=1))
+
+    def _moments(self, x: mx.array) -> mx.array:
+        """The encoder's output: mean and logvar concatenated along channels."""
+        moments = self.encoder(x.astype(self.dtype))
+        if "quant_conv" in self:
+            moments = self.quant_conv(moments)
+        return moments
+
+
+def _split_moments(moments: mx.array) -> tuple[mx.array, mx.array]:
+    mean, logvar = mx.split(moments, 2, axis=-1)
+    return mean, mx.clip(logvar, -30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the same way
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Evenly spaced tile starts covering [0, size) with at least `overlap` shared between neighbours."""
+    if size <= tile:
+        return [0]
+    count = math.ceil((size - overlap) / (tile - overlap))
+    return [round(i * (size - tile) / (count - 1)) for i in range(count)]
+
+
+def _fade_weights(starts: list[int], tile: int, out_step: int) -> list[np.ndarray]:
+    """Per tile, output-space weights ramping linearly across each overlap with a neighbour.
+
+    Neighbours share the same ramp over their overlap, so their weights sum to one there.
+    """
+    out_tile = tile * out_step
+    position = np.arange(out_tile) + 0.5
+    weights = []
+    for i, start in enumerate(starts):
+        w = np.ones(out_tile, dtype=np.float32)
+        if i > 0:
+            w = np.minimum(w, position / ((starts[i - 1] + tile - start) * out_step))
+        if i < len(starts) - 1:
+            w = np.minimum(w, (out_tile - position) / ((start + tile - starts[i + 1]) * out_step))
+        weights.append(w)
+    return weights
+
+
+def _run_tiled(
+    fn: Callable[[mx.array], mx.array], x: mx.array, tile: int, overlap: int, in_step: int, out_step: int
+) -> mx.array:
+    """Apply `fn` tile by tile and blend the results.
+
+    Tiles are laid out on the latent grid: one latent pixel is `in_step` pixels of `x` and `out_step`
+    pixels of `fn`'s output. Each tile is evaluated before the next, so peak memory is one tile's
+    activations plus the output.
+    """
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile), got tile={tile}, overlap={overlap}")
+    B, H, W = x.shape[0], x.shape[1] // in_step, x.shape[2] // in_step
+    tile_h, tile_w = min(tile, H), min(tile, W)
+    rows, cols = _tile_starts(H, tile_h, overlap), _tile_starts(W, tile_w, overlap)
+    total = weight_sum = None
+    for y, wy in zip(rows, _fade_weights(rows, tile_h, out_step)):
+        for x0, wx in zip(cols, _fade_weights(cols, tile_w, out_step)):
+            out = fn(x[:, y * in_step : (y + tile_h) * in_step, x0 * in_step : (x0 + tile_w) * in_step, :])
+            if total is None:
+                total = mx.zeros((B, H * out_step, W * out_step, out.shape[-1]), dtype=mx.float32)
+                weight_sum = mx.zeros((H * out_step, W * out_step, 1), dtype=mx.float32)
+            weight = mx.array(wy[:, None, None] * wx[None, :, None])
+            oy, ox = y * out_step, x0 * out_step
+            total[:, oy : oy + tile_h * out_step, ox : ox + tile_w * out_step, :] += out.astype(mx.float32) * weight
+            weight_sum[oy : oy + tile_h * out_step, ox : ox + tile_w * out_step, :] += weight
+            mx.eval(total, weight_sum)
+    return (total / weight_sum).astype(out.dtype)
