@@ -1,0 +1,199 @@
+"""The ten samplers of stable-diffusion.cpp, as plain generator functions in k-diffusion's style.
+
+Each sampler walks a descending sigma list (ending in 0) with a denoiser D(x, sigma) -> x0 estimate and
+yields x after every step, so the caller can evaluate MLX's lazy graph once per step, report progress,
+stream previews and cancel; the last value yielded is the sample. Ancestral samplers (euler_a,
+dpm++2s_a, lcm) draw standard normal noise shaped like x from `noise()`, which the pipeline backs with
+the job's seeded RNG. The maths is in /work/shared/samplers.md; notation: d = (x - D)/sigma is the ODE
+derivative dx/dsigma, and "t = -ln sigma" is the log-SNR-like time DPM-Solver++ steps in.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Sequence
+
+import mlx.core as mx
+
+from .denoiser import Denoiser
+
+NoiseFn = Callable[[], mx.array]
+Sampler = Callable[..., Iterator[mx.array]]
+
+
+def to_d(x: mx.array, sigma: float, denoised: mx.array) -> mx.array:
+    """The probability-flow ODE derivative dx/dsigma."""
+    return (x - denoised) / sigma
+
+
+def ancestral_step(sigma: float, sigma_next: float) -> tuple[float, float]:
+    """Split a step to sigma_next into a deterministic part down to sigma_down and fresh noise sigma_up."""
+    if sigma_next == 0:
+        return 0.0, 0.0
+    sigma_up = min(sigma_next, math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
+
+
+def _noise_fn(x: mx.array, noise: NoiseFn | None) -> NoiseFn:
+    return noise if noise is not None else (lambda: mx.random.normal(x.shape, dtype=x.dtype))
+
+
+def _steps(sigmas: Sequence[float]) -> Iterator[tuple[int, float, float]]:
+    """(i, sigma_i, sigma_{i+1}) as python floats."""
+    sigmas = [float(s) for s in sigmas]
+    return ((i, sigmas[i], sigmas[i + 1]) for i in range(len(sigmas) - 1))
+
+
+def sample_euler(denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None) -> Iterator[mx.array]:
+    """Euler's method on the probability-flow ODE (first order)."""
+    for _, sigma, sigma_next in _steps(sigmas):
+        x = x + to_d(x, sigma, denoise(x, sigma)) * (sigma_next - sigma)
+        yield x
+
+
+def sample_euler_a(denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None) -> Iterator[mx.array]:
+    """Ancestral Euler: an Euler step down to sigma_down, then fresh noise up to sigma_next."""
+    noise = _noise_fn(x, noise)
+    for _, sigma, sigma_next in _steps(sigmas):
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next)
+        x = x + to_d(x, sigma, denoise(x, sigma)) * (sigma_down - sigma)
+        if sigma_next > 0:
+            x = x + noise() * sigma_up
+        yield x
+
+
+def sample_heun(denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None) -> Iterator[mx.array]:
+    """Heun's method (second order; the final step to sigma 0 is plain Euler)."""
+    for _, sigma, sigma_next in _steps(sigmas):
+        d = to_d(x, sigma, denoise(x, sigma))
+        dt = sigma_next - sigma
+        if sigma_next == 0:
+            x = x + d * dt
+        else:
+            x_euler = x + d * dt
+            d_next = to_d(x_euler, sigma_next, denoise(x_euler, sigma_next))
+            x = x + (d + d_next) * (dt / 2)
+        yield x
+
+
+def sample_dpm2(denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None) -> Iterator[mx.array]:
+    """DPM-Solver-2 (Karras et al.'s variant): the midpoint method with the midpoint at the geometric mean sigma."""
+    for _, sigma, sigma_next in _steps(sigmas):
+        d = to_d(x, sigma, denoise(x, sigma))
+        if sigma_next == 0:
+            x = x + d * (sigma_next - sigma)
+        else:
+            sigma_mid = math.sqrt(sigma * sigma_next)
+            x_mid = x + d * (sigma_mid - sigma)
+            x = x + to_d(x_mid, sigma_mid, denoise(x_mid, sigma_mid)) * (sigma_next - sigma)
+        yield x
+
+
+def sample_dpmpp_2s_a(denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None) -> Iterator[mx.array]:
+    """Ancestral DPM-Solver++(2S): a two-stage exponential-integrator step down to sigma_down, then noise."""
+    noise = _noise_fn(x, noise)
+    for _, sigma, sigma_next in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next)
+        if sigma_down == 0:
+            x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
+        else:
+            h = math.log(sigma / sigma_down)  # t(sigma_down) - t(sigma), t = -ln sigma
+            sigma_mid = sigma * math.exp(-h / 2)
+            x_mid = (sigma_mid / sigma) * x - math.expm1(-h / 2) * denoised
+            x = (sigma_down / sigma) * x - math.expm1(-h) * denoise(x_mid, sigma_mid)
+        if sigma_next > 0:
+            x = x + noise() * sigma_up
+        yield x
+
+
+def sample_dpmpp_2m(
+    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *, v2: bool = False
+) -> Iterator[mx.array]:
+    """DPM-Solver++(2M): second-order multistep, extrapolating D linearly in t = -ln sigma.
+
+    With v2 (A1111 discussion #8457, as stable-diffusion.cpp's dpm++2mv2), the multistep update uses the
+    ratio of the longer to the shorter of the last two steps and their mean length, which is gentler on
+    schedules whose step lengths change abruptly.
+    """
+    sigma_list = [float(s) for s in sigmas]
+    previous = None  # D at the previous step
+    for i, sigma, sigma_next in _steps(sigma_list):
+        denoised = denoise(x, sigma)
+        ratio = sigma_next / sigma
+        if previous is None or sigma_next == 0:  # first order: x = ratio*x - (e^-h - 1) D, e^-h = ratio
+            x = ratio * x + (1 - ratio) * denoised
+        else:
+            h = math.log(sigma / sigma_next)
+            h_last = math.log(sigma_list[i - 1] / sigma)
+            if v2:
+                h_min, h_max = min(h_last, h), max(h_last, h)
+                r, h_eff = h_max / h_min, (h_max + h_min) / 2
+            else:
+                r, h_eff = h_last / h, h
+            extrapolated = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * previous
+            x = ratio * x - math.expm1(-h_eff) * extrapolated
+        previous = denoised
+        yield x
+
+
+def sample_dpmpp_2mv2(denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None) -> Iterator[mx.array]:
+    """DPM-Solver++(2M) with stable-diffusion.cpp's "v2" step-size rule (see sample_dpmpp_2m)."""
+    yield from sample_dpmpp_2m(denoise, x, sigmas, noise, v2=True)
+
+
+# Adams-Bashforth weights for d, d_-1, d_-2, d_-3, by order (equal step lengths assumed).
+ADAMS_BASHFORTH = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+
+
+def sample_ipndm(
+    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *, variable_step: bool = False
+) -> Iterator[mx.array]:
+    """Improved PNDM: Adams-Bashforth on d in sigma, with up to three past derivatives (order up to 4).
+
+    With variable_step (ipndm_v), the second-order step uses the exact variable-step Adams-Bashforth
+    weights; the third and fourth orders keep the equal-step weights, as stable-diffusion.cpp does.
+    """
+    sigma_list = [float(s) for s in sigmas]
+    history: list[mx.array] = []  # past derivatives, newest last
+    for i, sigma, sigma_next in _steps(sigma_list):
+        d = to_d(x, sigma, denoise(x, sigma))
+        dt = sigma_next - sigma
+        if variable_step and len(history) == 1:
+            step_ratio = dt / (sigma - sigma_list[i - 1])
+            slope = ((2 + step_ratio) * d - step_ratio * history[-1]) / 2
+        else:
+            weights = ADAMS_BASHFORTH[len(history)]
+            slope = sum(w * di for w, di in zip(weights, [d, *reversed(history)]))
+        x = x + slope * dt
+        history = (history + [d])[-3:]
+        yield x
+
+
+def sample_ipndm_v(denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None) -> Iterator[mx.array]:
+    """iPNDM with a variable-step second order (see sample_ipndm)."""
+    yield from sample_ipndm(denoise, x, sigmas, noise, variable_step=True)
+
+
+def sample_lcm(denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None) -> Iterator[mx.array]:
+    """Latent Consistency Model sampling: jump to the x0 estimate, then re-noise to the next sigma."""
+    noise = _noise_fn(x, noise)
+    for _, sigma, sigma_next in _steps(sigmas):
+        x = denoise(x, sigma)
+        if sigma_next > 0:
+            x = x + noise() * sigma_next
+        yield x
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "euler": sample_euler,
+    "euler_a": sample_euler_a,
+    "heun": sample_heun,
+    "dpm2": sample_dpm2,
+    "dpm++2s_a": sample_dpmpp_2s_a,
+    "dpm++2m": sample_dpmpp_2m,
+    "dpm++2mv2": sample_dpmpp_2mv2,
+    "ipndm": sample_ipndm,
+    "ipndm_v": sample_ipndm_v,
+    "lcm": sample_lcm,
+}

@@ -1,0 +1,144 @@
+"""Noise schedules: which sigmas a sampler visits, in k-diffusion's sigma space.
+
+Everything here is plain numpy float64 over the model's *training table*: the sigma of each of the
+(usually 1000) training timesteps, ascending with t. A schedule maps a step count to `steps + 1`
+descending sigmas ending in 0; samplers (`samplers.py`) walk that list. The names and maths follow
+stable-diffusion.cpp; where diffusers has the same schedule the values agree (see tests/test_schedules.py).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+Schedule = Callable[[int, np.ndarray], np.ndarray]
+
+
+def training_sigmas(
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    beta_schedule: str = "scaled_linear",
+) -> np.ndarray:
+    """sigma_t = sqrt((1 - alphabar_t) / alphabar_t) for t = 0 .. num_train_timesteps - 1 (ascending)."""
+    if beta_schedule == "scaled_linear":
+        betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+    elif beta_schedule == "linear":
+        betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
+    else:
+        raise ValueError(f"unsupported beta_schedule {beta_schedule!r} (expected scaled_linear or linear)")
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+
+
+def sigma_to_t(sigma, table: np.ndarray):
+    """The fractional training timestep whose sigma is `sigma` (log-sigma interpolation, clamped to the table)."""
+    return np.interp(np.log(np.maximum(sigma, 1e-10)), np.log(table), np.arange(len(table), dtype=np.float64))
+
+
+def t_to_sigma(t, table: np.ndarray):
+    """The sigma at a fractional training timestep (log-linear between neighbouring table entries)."""
+    return np.exp(np.interp(t, np.arange(len(table), dtype=np.float64), np.log(table)))
+
+
+def _append_zero(sigmas) -> np.ndarray:
+    return np.append(np.asarray(sigmas, dtype=np.float64), 0.0)
+
+
+def discrete(steps: int, table: np.ndarray) -> np.ndarray:
+    """`steps` timesteps evenly from the last training timestep down to 0 (diffusers' "linspace" spacing)."""
+    return _append_zero(t_to_sigma(np.linspace(len(table) - 1, 0, steps), table))
+
+
+def karras(steps: int, table: np.ndarray, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022), eq. 5: evenly spaced in sigma^(1/rho) between the table's extremes."""
+    max_inv_rho, min_inv_rho = table[-1] ** (1 / rho), table[0] ** (1 / rho)
+    ramp = np.linspace(0, 1, steps)
+    return _append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
+
+
+def exponential(steps: int, table: np.ndarray) -> np.ndarray:
+    """Evenly spaced in log sigma between the table's extremes."""
+    return _append_zero(np.exp(np.linspace(np.log(table[-1]), np.log(table[0]), steps)))
+
+
+# Align Your Steps (Sabour et al., 2024): NVIDIA's optimised 10-step sigmas for the standard SD table.
+AYS_SIGMAS = {
+    "sd1": [14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
+            0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582],
+    "sdxl": [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+             0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582],
+}
+
+
+def ays(steps: int, table: np.ndarray, family: str = "sd1") -> np.ndarray:
+    """The AYS 10-step levels, log-linearly stretched to `steps`; the last level is replaced by 0.
+
+    The levels are fixed numbers tuned for the standard SD table, so `table` is unused; SD 2.x uses the
+    SD1 levels (AYS publishes none for it), as stable-diffusion.cpp does.
+    """
+    log_levels = np.log(AYS_SIGMAS["sdxl" if family == "sdxl" else "sd1"])
+    positions = np.linspace(0, 1, len(log_levels))
+    sigmas = np.exp(np.interp(np.linspace(0, 1, steps + 1), positions, log_levels))
+    sigmas[-1] = 0.0
+    return sigmas
+
+
+def sgm_uniform(steps: int, table: np.ndarray) -> np.ndarray:
+    """`steps + 1` timesteps evenly from the last training timestep to 0, dropping the final one (SGM's)."""
+    return _append_zero(t_to_sigma(np.linspace(len(table) - 1, 0, steps + 1)[:-1], table))
+
+
+def simple(steps: int, table: np.ndarray) -> np.ndarray:
+    """Every (len(table)/steps)-th table entry from the top (ComfyUI's "simple")."""
+    offsets = np.arange(steps) * len(table) // steps
+    return _append_zero(table[len(table) - 1 - offsets])
+
+
+def trailing(steps: int, table: np.ndarray) -> np.ndarray:
+    """diffusers' timestep_spacing="trailing": integer timesteps ending at the very top (turbo models)."""
+    timesteps = np.round(len(table) - np.arange(steps) * (len(table) / steps)).astype(np.int64) - 1
+    return _append_zero(table[timesteps])
+
+
+LCM_ORIGINAL_STEPS = 50
+
+
+def lcm(steps: int, table: np.ndarray) -> np.ndarray:
+    """LCMScheduler's timesteps: evenly skipping through the 50-step grid LCM models were distilled on."""
+    if steps > LCM_ORIGINAL_STEPS:
+        raise ValueError(f"the lcm schedule has at most {LCM_ORIGINAL_STEPS} steps; got {steps}")
+    stride = len(table) // LCM_ORIGINAL_STEPS
+    grid_index = np.arange(steps) * LCM_ORIGINAL_STEPS // steps  # floor, as diffusers and sd.cpp
+    timesteps = (LCM_ORIGINAL_STEPS - grid_index) * stride - 1
+    return _append_zero(table[timesteps])
+
+
+SCHEDULES: dict[str, Schedule] = {
+    "discrete": discrete,
+    "karras": karras,
+    "exponential": exponential,
+    "ays": ays,
+    "sgm_uniform": sgm_uniform,
+    "simple": simple,
+    "trailing": trailing,
+    "lcm": lcm,
+}
+
+
+def make_sigmas(scheduler: str, steps: int, table: np.ndarray, family: str = "sd1") -> np.ndarray:
+    """The named schedule for a model family (only `ays` depends on the family)."""
+    if scheduler == "ays":
+        return ays(steps, table, family)
+    return SCHEDULES[scheduler](steps, table)
+
+
+def img2img_sigmas(sigmas: np.ndarray, steps: int, strength: float) -> np.ndarray:
+    """The tail of a schedule that img2img runs: t_enc = floor(steps * strength), capped at steps - 1.
+
+    As stable-diffusion.cpp, it keeps the last t_enc + 1 *steps* (t_enc + 2 sigmas, the final 0 included),
+    so strength 1 runs the whole schedule and strength 0 still runs one (the final) step.
+    """
+    t_enc = min(int(steps * strength), steps - 1)
+    return np.asarray(sigmas)[steps - t_enc - 1:]
