@@ -42,7 +42,8 @@ def random_inputs(reference, height: int = 16, width: int = 16, seed: int = 0) -
         "encoder_hidden_states": torch.randn(batch, 77, config.cross_attention_dim, generator=g),
     }
     if config.addition_embed_type == "text_time":
-        inputs["text_embeds"] = torch.randn(batch, tiny_diffusers.TEXT_DIM, generator=g)
+        pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        inputs["text_embeds"] = torch.randn(batch, pooled_dim, generator=g)
         inputs["time_ids"] = torch.tensor([[128.0, 128, 0, 0, 128, 128], [96, 160, 8, 16, 128, 96]])
     if config.time_cond_proj_dim is not None:
         inputs["timestep_cond"] = torch.randn(batch, config.time_cond_proj_dim, generator=g)
@@ -106,7 +107,8 @@ def test_unet_adds_controlnet_residuals_like_diffusers():
     inputs = random_inputs(reference)
     # The residuals have the shapes of the skip connections and the mid output; values are random.
     x = mx.array(nchw_to_nhwc(inputs["sample"]).astype(np.float32))
-    mid, skips = model.encode(model.conv_in(x), mx.zeros((2, 4 * reference.config.block_out_channels[0])), mx.array(inputs["encoder_hidden_states"].numpy()))
+    emb = mx.zeros((2, 4 * reference.config.block_out_channels[0]))
+    mid, skips = model.encode(model.conv_in(x), emb, mx.array(inputs["encoder_hidden_states"].numpy()))
     g = torch.Generator().manual_seed(1)
     down = [torch.randn(s.shape[0], s.shape[3], s.shape[1], s.shape[2], generator=g) for s in skips]
     mid = torch.randn(mid.shape[0], mid.shape[3], mid.shape[1], mid.shape[2], generator=g)
@@ -146,3 +148,32 @@ def test_config_sdxl_transformer_depths():
     })
     assert config.down_transformer_layers == ((1, 1), (2, 2), (10, 10))
     assert config.up_transformer_layers == ((10, 10, 10), (2, 2, 2), (1, 1, 1))
+
+
+SD_BLOCKS = dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    norm_num_groups=32,
+    sample_size=64,
+)
+REAL_SIZE = {  # the published configs' architecture keys, on top of tiny_diffusers' family defaults
+    "sd15": ("sd1", dict(SD_BLOCKS, cross_attention_dim=768, attention_head_dim=8)),
+    "sd21": ("sd2v", dict(SD_BLOCKS, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20))),
+    "sdxl": ("sdxl", dict(
+        block_out_channels=(320, 640, 1280), norm_num_groups=32, sample_size=128, cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )),
+}
+
+
+@pytest.mark.realsize
+@pytest.mark.parametrize("name", REAL_SIZE)
+def test_real_size_unet_matches_diffusers(name):
+    family, overrides = REAL_SIZE[name]
+    reference = tiny_diffusers.unet(family, **overrides)
+    inputs = random_inputs(reference, height=16, width=16)
+    err = max_rel_err(run_mlx(mlx_unet(reference), inputs), nchw_to_nhwc(run_reference(reference, inputs)))
+    print(f"unet {name} (real size, 16x16 latents): max_rel_err {err:.2e}")
+    assert err <= TOLERANCE
