@@ -114,6 +114,37 @@ def test_end_token_positions():
     assert model.end_token_positions(ids).tolist() == [2, 1, 0]
 
 
+# Real shapes (random weights): SD1's ViT-L/14 and SDXL's OpenCLIP bigG/14 (SD2's H/14 sits between).
+REAL_SIZE = {
+    "sd1": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                hidden_act="quick_gelu", projection_dim=768, pad_token_id=1, eos_token_id=2),
+    "sdxl2": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                  hidden_act="gelu", projection_dim=1280, pad_token_id=1, eos_token_id=49407),
+}
+
+
+@pytest.mark.realsize
+@pytest.mark.parametrize("name", sorted(REAL_SIZE))
+def test_real_size_text_encoder_matches_transformers(name, tmp_path):
+    from transformers import CLIPTextConfig as TransformersConfig
+    from transformers import CLIPTextModel as TransformersModel
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    with_projection = name == "sdxl2"
+    ref_class = CLIPTextModelWithProjection if with_projection else TransformersModel
+    ref = ref_class(TransformersConfig(**REAL_SIZE[name])).eval()
+    ref.save_pretrained(str(tmp_path))
+    model = CLIPTextModel(CLIPTextConfig.from_dict(json.loads((tmp_path / "config.json").read_text())))
+    load_torch_weights(model, ref.state_dict(), map_clip_weight)
+    ids = np.random.default_rng(0).integers(0, 49406, size=(2, 77))
+    ids[:, 0], ids[0, 20:], ids[1, 70:] = 49406, 49407, 49407
+    expected, ours = reference_outputs(ref, ids), our_outputs(model, ids)
+    for key in expected:
+        err = max_rel_err(ours[key], expected[key])
+        assert err <= TOLERANCE, f"{name} {key}: max_rel_err {err:.2e}"
+
+
 def test_config_from_dict_ignores_unknown_keys_and_reads_architecture():
     config = CLIPTextConfig.from_dict(
         {"hidden_size": 1280, "hidden_act": "gelu", "architectures": ["CLIPTextModelWithProjection"],
