@@ -44,14 +44,18 @@ def _steps(sigmas: Sequence[float]) -> Iterator[tuple[int, float, float]]:
     return ((i, sigmas[i], sigmas[i + 1]) for i in range(len(sigmas) - 1))
 
 
-def sample_euler(denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None) -> Iterator[mx.array]:
+def sample_euler(
+    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None
+) -> Iterator[mx.array]:
     """Euler's method on the probability-flow ODE (first order)."""
     for _, sigma, sigma_next in _steps(sigmas):
         x = x + to_d(x, sigma, denoise(x, sigma)) * (sigma_next - sigma)
         yield x
 
 
-def sample_euler_a(denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None) -> Iterator[mx.array]:
+def sample_euler_a(
+    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None
+) -> Iterator[mx.array]:
     """Ancestral Euler: an Euler step down to sigma_down, then fresh noise up to sigma_next."""
     noise = _noise_fn(x, noise)
     for _, sigma, sigma_next in _steps(sigmas):
@@ -62,7 +66,9 @@ def sample_euler_a(denoise: Denoiser, x: mx.array, sigmas: Sequence[float], nois
         yield x
 
 
-def sample_heun(denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None) -> Iterator[mx.array]:
+def sample_heun(
+    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None
+) -> Iterator[mx.array]:
     """Heun's method (second order; the final step to sigma 0 is plain Euler)."""
     for _, sigma, sigma_next in _steps(sigmas):
         d = to_d(x, sigma, denoise(x, sigma))
@@ -76,7 +82,9 @@ def sample_heun(denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: 
         yield x
 
 
-def sample_dpm2(denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None) -> Iterator[mx.array]:
+def sample_dpm2(
+    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None
+) -> Iterator[mx.array]:
     """DPM-Solver-2 (Karras et al.'s variant): the midpoint method with the midpoint at the geometric mean sigma."""
     for _, sigma, sigma_next in _steps(sigmas):
         d = to_d(x, sigma, denoise(x, sigma))
@@ -89,7 +97,9 @@ def sample_dpm2(denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: 
         yield x
 
 
-def sample_dpmpp_2s_a(denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None) -> Iterator[mx.array]:
+def sample_dpmpp_2s_a(
+    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None
+) -> Iterator[mx.array]:
     """Ancestral DPM-Solver++(2S): a two-stage exponential-integrator step down to sigma_down, then noise."""
     noise = _noise_fn(x, noise)
     for _, sigma, sigma_next in _steps(sigmas):
@@ -137,7 +147,9 @@ def sample_dpmpp_2m(
         yield x
 
 
-def sample_dpmpp_2mv2(denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None) -> Iterator[mx.array]:
+def sample_dpmpp_2mv2(
+    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None
+) -> Iterator[mx.array]:
     """DPM-Solver++(2M) with stable-diffusion.cpp's "v2" step-size rule (see sample_dpmpp_2m)."""
     yield from sample_dpmpp_2m(denoise, x, sigmas, noise, v2=True)
 
@@ -147,7 +159,12 @@ ADAMS_BASHFORTH = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 2
 
 
 def sample_ipndm(
-    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *, variable_step: bool = False
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sequence[float],
+    noise: NoiseFn | None = None,
+    *,
+    variable_step: bool = False,
 ) -> Iterator[mx.array]:
     """Improved PNDM: Adams-Bashforth on d in sigma, with up to three past derivatives (order up to 4).
 
@@ -170,12 +187,16 @@ def sample_ipndm(
         yield x
 
 
-def sample_ipndm_v(denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None) -> Iterator[mx.array]:
+def sample_ipndm_v(
+    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None
+) -> Iterator[mx.array]:
     """iPNDM with a variable-step second order (see sample_ipndm)."""
     yield from sample_ipndm(denoise, x, sigmas, noise, variable_step=True)
 
 
-def sample_lcm(denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None) -> Iterator[mx.array]:
+def sample_lcm(
+    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None
+) -> Iterator[mx.array]:
     """Latent Consistency Model sampling: jump to the x0 estimate, then re-noise to the next sigma."""
     noise = _noise_fn(x, noise)
     for _, sigma, sigma_next in _steps(sigmas):
