@@ -4,8 +4,8 @@ Each sampler walks a descending sigma list (ending in 0) with a denoiser D(x, si
 yields x after every step, so the caller can evaluate MLX's lazy graph once per step, report progress,
 stream previews and cancel; the last value yielded is the sample. Ancestral samplers (euler_a,
 dpm++2s_a, lcm) draw standard normal noise shaped like x from `noise()`, which the pipeline backs with
-the job's seeded RNG. The maths is in /work/shared/samplers.md; notation: d = (x - D)/sigma is the ODE
-derivative dx/dsigma, and "t = -ln sigma" is the log-SNR-like time DPM-Solver++ steps in.
+the job's seeded RNG. Notation as in k-diffusion's sampling.py: d = (x - D)/sigma is the ODE derivative
+dx/dsigma, and t = -ln sigma the log-SNR-like time DPM-Solver++ steps in.
 """
 
 from __future__ import annotations
@@ -122,9 +122,10 @@ def sample_dpmpp_2m(
 ) -> Iterator[mx.array]:
     """DPM-Solver++(2M): second-order multistep, extrapolating D linearly in t = -ln sigma.
 
-    With v2 (A1111 discussion #8457, as stable-diffusion.cpp's dpm++2mv2), the multistep update uses the
-    ratio of the longer to the shorter of the last two steps and their mean length, which is gentler on
-    schedules whose step lengths change abruptly.
+    With v2 (stable-diffusion.cpp's dpm++2mv2, a heuristic from A1111 discussion #8457), the multistep
+    update uses the ratio of the longer to the shorter of the last two steps and, in the D coefficient,
+    their mean length. It equals dpm++2m when steps are equal in log sigma (the exponential schedule) and
+    is only first order otherwise (tests/test_samplers.py measures both).
     """
     sigma_list = [float(s) for s in sigmas]
     previous = None  # D at the previous step
