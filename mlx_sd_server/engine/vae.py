@@ -295,8 +295,8 @@ def _run_tiled(
     pixels of `fn`'s output. Each tile is evaluated before the next, so peak memory is one tile's
     activations plus the output.
     """
-    if not 0 <= overlap < tile:
-        raise ValueError(f"overlap must be in [0, tile), got tile={tile}, overlap={overlap}")
+    if not 0 < overlap < tile:
+        raise ValueError(f"overlap must be in [1, tile), got tile={tile}, overlap={overlap}")
     B, H, W = x.shape[0], x.shape[1] // in_step, x.shape[2] // in_step
     tile_h, tile_w = min(tile, H), min(tile, W)
     rows, cols = _tile_starts(H, tile_h, overlap), _tile_starts(W, tile_w, overlap)
