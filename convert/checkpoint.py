@@ -16,6 +16,7 @@ through the same per-component MLX mappings.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import re
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ class CheckpointError(ValueError):
 @dataclass(frozen=True)
 class ArchitectureHints:
     """The hyperparameters tensor shapes cannot tell. Defaults are those of every released SD 1.x/2.x/XL model;
-    tests pass others for their tiny models."""
+    tests pass others for their tiny models. Narrow models get as many heads and groups as their widths allow."""
 
     sd1_unet_heads: int = 8  # SD 1.x: a fixed number of heads per attention layer
     unet_head_dim: int = 64  # SD 2.x and SDXL: a fixed head size
@@ -219,6 +220,10 @@ def _unet_key(key: str, layers_per_block: int) -> str | None:
     return None
 
 
+def _norm_groups(channels: list[int], hints: ArchitectureHints) -> int:
+    return math.gcd(hints.norm_num_groups, *channels)
+
+
 def _count(keys: set[str], pattern: str) -> int:
     """How many distinct values the single group of `pattern` takes over `keys`."""
     return len({m[1] for k in keys if (m := re.match(pattern, k))})
@@ -240,7 +245,7 @@ def _unet_config(unet: dict[str, Any], family: str, text_projection_dim: int | N
     if family == "sd1":
         heads: int | list[int] = hints.sd1_unet_heads
     else:
-        heads = [c // hints.unet_head_dim for c in channels]
+        heads = [max(1, c // hints.unet_head_dim) for c in channels]
 
     config: dict[str, Any] = {
         "_class_name": "UNet2DConditionModel",
@@ -272,7 +277,7 @@ def _unet_config(unet: dict[str, Any], family: str, text_projection_dim: int | N
         "mid_block_scale_factor": 1,
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "norm_eps": 1e-05,
-        "norm_num_groups": hints.norm_num_groups,
+        "norm_num_groups": _norm_groups(channels, hints),
         "num_attention_heads": None,
         "num_class_embeds": None,
         "only_cross_attention": False,
@@ -351,13 +356,15 @@ def _vae_key(key: str, levels: int) -> str | None:
     return None
 
 
-def convert_vae(vae: dict[str, Any], family: str, hints: ArchitectureHints) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def convert_vae(vae: dict[str, Any], family: str,
+                hints: ArchitectureHints) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     keys = set(vae)
     levels = _count(keys, r"encoder\.down\.(\d+)\.")
+    channels = [vae[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
     config = {
         "_class_name": "AutoencoderKL",
         "act_fn": "silu",
-        "block_out_channels": [vae[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)],
+        "block_out_channels": channels,
         "down_block_types": ["DownEncoderBlock2D"] * levels,
         "force_upcast": True,
         "in_channels": vae["encoder.conv_in.weight"].shape[1],
@@ -366,7 +373,7 @@ def convert_vae(vae: dict[str, Any], family: str, hints: ArchitectureHints) -> t
         "latents_std": None,
         "layers_per_block": _count(keys, r"encoder\.down\.0\.block\.(\d+)\."),
         "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in vae,
-        "norm_num_groups": hints.norm_num_groups,
+        "norm_num_groups": _norm_groups(channels, hints),
         "out_channels": vae["decoder.conv_out.weight"].shape[0],
         "sample_size": DEFAULT_IMAGE_SIZE[family],
         "scaling_factor": VAE_SCALING_FACTOR[family],
@@ -400,7 +407,7 @@ def _text_config(state: dict[str, np.ndarray], hidden_act: str, pad_token_id: in
         "layer_norm_eps": 1e-05,
         "max_position_embeddings": state["text_model.embeddings.position_embedding.weight"].shape[0],
         "model_type": "clip_text_model",
-        "num_attention_heads": hidden_size // hints.text_head_dim,
+        "num_attention_heads": max(1, hidden_size // hints.text_head_dim),
         "num_hidden_layers": _count(set(state), r"text_model\.encoder\.layers\.(\d+)\."),
         "pad_token_id": vocab_size - 1 if pad_token_id is None else pad_token_id,
         "projection_dim": state["text_projection.weight"].shape[0] if "text_projection.weight" in state

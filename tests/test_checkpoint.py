@@ -18,7 +18,7 @@ from convert.checkpoint import ArchitectureHints, CheckpointError, PickleRefused
 from ldm_layout import checkpoint_state, write_checkpoint
 from tiny_diffusers import make_pipeline
 
-# The tiny models' head sizes and group counts; shapes cannot tell them (the defaults are the real models').
+# The tiny models' head sizes and group counts, which shapes cannot tell (the defaults are the real models').
 TINY = ArchitectureHints(unet_head_dim=16, text_head_dim=8, norm_num_groups=8)
 CASES = {  # name: (family, make_pipeline options)
     "sd1": ("sd1", {}),
@@ -129,12 +129,13 @@ def test_load_checkpoint_gives_back_the_diffusers_pipeline(tiny, case):
 
 
 def test_real_model_hyperparameters_are_the_defaults(tiny):
-    """Without hints, heads follow the released models: SD 1.x 8 heads, head size 64 elsewhere."""
+    """Without hints: SD 1.x 8 heads, head size 64 elsewhere, 32 groups (fewer where a model is narrower)."""
     _, _, path = tiny("sdxl")
     unet_config = load_checkpoint(path).components["unet"][0]
-    assert unet_config["attention_head_dim"] == [c // 64 for c in unet_config["block_out_channels"]]
+    assert unet_config["attention_head_dim"] == [max(1, c // 64) for c in unet_config["block_out_channels"]]
     assert unet_config["norm_num_groups"] == 32
     assert unet_config["sample_size"] == 128
+    assert load_checkpoint(path).components["vae"][0]["norm_num_groups"] == 8  # the tiny VAE is 8 channels wide
     assert load_checkpoint(tiny("sd1")[2]).components["unet"][0]["attention_head_dim"] == 8
 
 
