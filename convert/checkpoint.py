@@ -229,8 +229,9 @@ def _count(keys: set[str], pattern: str) -> int:
     return len({m[1] for k in keys if (m := re.match(pattern, k))})
 
 
-def _unet_config(unet: dict[str, Any], family: str, text_projection_dim: int | None,
-                 hints: ArchitectureHints) -> dict[str, Any]:
+def unet_config_from_ldm(unet: dict[str, Any], family: str, text_projection_dim: int | None,
+                         hints: ArchitectureHints) -> dict[str, Any]:
+    """The diffusers UNet config.json for LDM UNet weights (prefix removed); only their shapes are read."""
     keys = set(unet)
     levels = _count(keys, r"input_blocks\.(\d+)\.0\.op\.") + 1
     layers_per_block = (_count(keys, r"input_blocks\.(\d+)\.") - 1 - (levels - 1)) // levels
@@ -241,7 +242,8 @@ def _unet_config(unet: dict[str, Any], family: str, text_projection_dim: int | N
                     for level in range(levels)]
     depths = [_count(keys, rf"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\.") or 1 for i in first_input]
     attention = next(i for i, has in zip(first_input, down_attention) if has)
-    proj_in = unet[f"input_blocks.{attention}.1.proj_in.weight"]
+    proj_in = unet[f"input_blocks.{attention}.1.proj_in.weight"]  # a 1x1 conv in SD 1.x, a linear in SD 2.x/XL
+    cond_proj = unet.get("time_embed.cond_proj.weight")
     if family == "sd1":
         heads: int | list[int] = hints.sd1_unet_heads
     else:
@@ -288,15 +290,14 @@ def _unet_config(unet: dict[str, Any], family: str, text_projection_dim: int | N
         "resnet_time_scale_shift": "default",
         "reverse_transformer_layers_per_block": None,
         "sample_size": DEFAULT_IMAGE_SIZE[family] // 8,
-        "time_cond_proj_dim": unet["time_embed.cond_proj.weight"].shape[1] if "time_embed.cond_proj.weight" in unet
-        else None,
+        "time_cond_proj_dim": cond_proj.shape[1] if cond_proj is not None else None,  # LCM's guidance input
         "time_embedding_act_fn": None,
         "time_embedding_dim": None,
         "time_embedding_type": "positional",
         "timestep_post_act": None,
         "transformer_layers_per_block": depths[0] if len(set(depths)) == 1 else depths,
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attention],
-        "upcast_attention": False,
+        "upcast_attention": False,  # diffusers sets it for SD 2.1-v in fp16; shapes cannot tell 2.1 from 2.0
         "use_linear_projection": proj_in.ndim == 2,
     }
     if "label_emb.0.0.weight" in unet:  # SDXL: pooled text embedding + 6 Fourier-embedded size/crop numbers
@@ -311,7 +312,7 @@ def _unet_config(unet: dict[str, Any], family: str, text_projection_dim: int | N
 
 def convert_unet(unet: dict[str, Any], family: str, text_projection_dim: int | None,
                  hints: ArchitectureHints) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    config = _unet_config(unet, family, text_projection_dim, hints)
+    config = unet_config_from_ldm(unet, family, text_projection_dim, hints)
     return config, _rename(unet, lambda k: _unet_key(k, config["layers_per_block"]), "UNet")
 
 
@@ -356,12 +357,12 @@ def _vae_key(key: str, levels: int) -> str | None:
     return None
 
 
-def convert_vae(vae: dict[str, Any], family: str,
-                hints: ArchitectureHints) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def vae_config_from_ldm(vae: dict[str, Any], family: str, hints: ArchitectureHints) -> dict[str, Any]:
+    """The diffusers AutoencoderKL config.json for LDM VAE weights (prefix removed); only their shapes are read."""
     keys = set(vae)
     levels = _count(keys, r"encoder\.down\.(\d+)\.")
     channels = [vae[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
-    config = {
+    return {
         "_class_name": "AutoencoderKL",
         "act_fn": "silu",
         "block_out_channels": channels,
@@ -382,6 +383,12 @@ def convert_vae(vae: dict[str, Any], family: str,
         "use_post_quant_conv": "post_quant_conv.weight" in vae,
         "use_quant_conv": "quant_conv.weight" in vae,
     }
+
+
+def convert_vae(vae: dict[str, Any], family: str,
+                hints: ArchitectureHints) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    config = vae_config_from_ldm(vae, family, hints)
+    levels = len(config["block_out_channels"])
     state = _rename(vae, lambda k: _vae_key(k, levels), "VAE")
     for key, value in state.items():  # attention projections stored as 1x1 convolutions -> linear weights
         if ".mid_block.attentions." in key and value.ndim == 4:

@@ -14,8 +14,11 @@ import pytest
 import torch
 from diffusers.loaders import single_file_utils
 
-from convert.checkpoint import ArchitectureHints, CheckpointError, PickleRefusedError, load_checkpoint, read_checkpoint
-from ldm_layout import checkpoint_state, write_checkpoint
+from convert.checkpoint import (
+    ArchitectureHints, CheckpointError, PickleRefusedError, load_checkpoint, read_checkpoint, unet_config_from_ldm,
+    vae_config_from_ldm,
+)
+from ldm_layout import checkpoint_state, unet_key, vae_key, write_checkpoint
 from tiny_diffusers import make_pipeline
 
 # The tiny models' head sizes and group counts, which shapes cannot tell (the defaults are the real models').
@@ -67,6 +70,13 @@ def assert_same_weights(ours: dict, reference: dict) -> None:
     for key, value in reference.items():
         assert ours[key].dtype == np.float32, key
         assert np.array_equal(ours[key], value), key
+
+
+def assert_config_matches(ours: dict, reference: dict, uncompared: set[str] = UNCOMPARED_CONFIG_KEYS) -> None:
+    ours = json.loads(json.dumps(ours))  # tuples -> lists, as in a config.json
+    assert set(ours) <= set(reference)
+    for key in set(reference) - uncompared:
+        assert ours.get(key) == reference[key], key
 
 
 def reference_components(pipe) -> dict[str, dict[str, np.ndarray]]:
@@ -121,11 +131,7 @@ def test_load_checkpoint_gives_back_the_diffusers_pipeline(tiny, case):
     assert sorted(loaded.components) == sorted(reference)
     for name, (config, state) in loaded.components.items():
         assert_same_weights(state, reference[name])
-        reference_config = json.loads((folder / name / "config.json").read_text())
-        config = json.loads(json.dumps(config))  # tuples -> lists, as in a config.json
-        assert set(config) <= set(reference_config), name
-        for key in set(reference_config) - UNCOMPARED_CONFIG_KEYS:
-            assert config.get(key) == reference_config[key], f"{name}: {key}"
+        assert_config_matches(config, json.loads((folder / name / "config.json").read_text()))
 
 
 def test_real_model_hyperparameters_are_the_defaults(tiny):
@@ -137,6 +143,40 @@ def test_real_model_hyperparameters_are_the_defaults(tiny):
     assert unet_config["sample_size"] == 128
     assert load_checkpoint(path).components["vae"][0]["norm_num_groups"] == 8  # the tiny VAE is 8 channels wide
     assert load_checkpoint(tiny("sd1")[2]).components["unet"][0]["attention_head_dim"] == 8
+
+
+# The released models' UNet/VAE configs (diffusers' defaults are SD 1.5's).
+REAL_UNETS = {
+    "sd1": {"sample_size": 64},
+    "sd2": {"attention_head_dim": (5, 10, 20, 20), "cross_attention_dim": 1024, "use_linear_projection": True,
+            "sample_size": 96},
+    "sdxl": {"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+             "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+             "block_out_channels": (320, 640, 1280), "attention_head_dim": (5, 10, 20),
+             "transformer_layers_per_block": (1, 2, 10), "cross_attention_dim": 2048, "use_linear_projection": True,
+             "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+             "projection_class_embeddings_input_dim": 2816, "sample_size": 128},
+}
+
+
+@pytest.mark.parametrize("family", list(REAL_UNETS))
+def test_real_size_configs_from_shapes(family):
+    """Real SD 1.5 / 2.1 / XL shapes (meta tensors: no memory) give the released models' configs."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    image_size = {"sd1": 512, "sd2": 768, "sdxl": 1024}[family]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**REAL_UNETS[family])
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=image_size,
+                            scaling_factor=0.13025 if family == "sdxl" else 0.18215)
+    ldm_unet = {unet_key(k, unet.config): v for k, v in unet.state_dict().items()}
+    ldm_vae = {vae_key(k, vae.config): v for k, v in vae.state_dict().items()}
+    text_projection_dim = 1280 if family == "sdxl" else None  # OpenCLIP bigG's
+    unet_config = unet_config_from_ldm(ldm_unet, family, text_projection_dim, ArchitectureHints())
+    assert_config_matches(unet_config, json.loads(unet.to_json_string()), {"_diffusers_version"})
+    assert_config_matches(vae_config_from_ldm(ldm_vae, family, ArchitectureHints()),
+                          json.loads(vae.to_json_string()), {"_diffusers_version"})
 
 
 def test_vae_attention_stored_as_linears(tiny, tmp_path):
@@ -202,6 +242,7 @@ def test_pickle_allowed_reads_the_same_model(tiny, tmp_path):
         assert_same_weights(from_pickle.components[name][1], weights)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # our garbage declares protocol 4
 def test_broken_pickle_gives_a_clear_error(tmp_path):
     path = tmp_path / "model.ckpt"
     path.write_bytes(b"\x80\x04garbage")
