@@ -185,6 +185,17 @@ def test_vae_attention_stored_as_linears(tiny, tmp_path):
     assert_same_weights(load_checkpoint(path, hints=TINY).components["vae"][1], pipe.vae.state_dict())
 
 
+def test_half_precision_file_gives_float32(tiny, tmp_path):
+    from safetensors.numpy import save_file
+
+    pipe, _, _ = tiny("sd1")
+    state = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in checkpoint_state(pipe, "sd1").items()}
+    save_file(state, str(tmp_path / "fp16.safetensors"))
+    unet = load_checkpoint(tmp_path / "fp16.safetensors", hints=TINY).components["unet"][1]
+    assert_same_weights(unet, {k: v.astype(np.float16).astype(np.float32)
+                               for k, v in numpy_state(pipe.unet.state_dict()).items()})
+
+
 def test_read_checkpoint_is_a_source_model(tiny):
     _, _, path = tiny("sd2v")
     source = read_checkpoint(path, prediction_type="epsilon")
