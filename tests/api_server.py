@@ -102,10 +102,12 @@ def multipart(fields: dict[str, str | bytes | tuple[str, bytes]]) -> tuple[bytes
 
 
 class FakePipeline:
-    """Yields one step at a time (optionally slowly) and returns solid images coloured by seed."""
+    """Yields one step at a time, each waiting for `gate` to be open, and returns solid images coloured by
+    seed; or raises `fail`."""
 
-    def __init__(self, step_seconds: float = 0.0, fail: Exception | None = None):
-        self.step_seconds = step_seconds
+    def __init__(self, fail: Exception | None = None):
+        self.gate = threading.Event()
+        self.gate.set()
         self.fail = fail
         self.started = threading.Event()
         self.steps_run = 0
@@ -121,7 +123,7 @@ class FakePipeline:
         if self.fail is not None:
             raise self.fail
         for step in range(job.steps):
-            time.sleep(self.step_seconds)
+            self.gate.wait()
             self.steps_run += 1
             yield step + 1
         self.finished += 1

@@ -90,7 +90,7 @@ CASES = [
     ("edit-two-images", ("POST", "/v1/images/edits", *(lambda b: (b[0].replace(b'name="image2"', b'name="image"'),
      {**AUTH, "Content-Type": b[1]}))(multipart({"prompt": "x", "image": ("a.png", png()), "image2": ("b.png", png())}))),
      400, "image", "invalid_value"),
-    ("form-n-not-int", form("/v1/images/generations", prompt="x", n='"abc"'), 400, "n", "invalid_type"),
+    ("form-n-not-int", form("/v1/images/generations", prompt="x", n="abc"), 400, "n", "invalid_type"),
     ("form-unknown-sampler", form("/v1/images/generations", prompt="x", sample_method="nope"),
      400, "sample_method", "invalid_sample_method"),
     ("missing-api-key", ("POST", "/v1/images/generations", json.dumps(GOOD).encode(),

@@ -17,7 +17,8 @@ blueprint = Blueprint("files", __name__)
 
 @blueprint.get("/v1/files")
 async def list_files():
-    return jsonify({"object": "list", "data": [f.to_dict() for f in state().store.list()]})
+    files = [f.to_dict() for f in state().store.list()]
+    return jsonify({"object": "list", "data": files, "has_more": False})  # SDKs page until has_more is false
 
 
 @blueprint.get("/v1/files/<file_id>")

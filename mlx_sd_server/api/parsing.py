@@ -78,25 +78,18 @@ async def _read_form(request: Request, image_fields: tuple[str, ...]) -> dict[st
     files = await request.files
     raw: dict[str, Any] = {}
     for name in form:
-        raw[_field_name(name)] = _unquote(form[name])
+        raw[_field_name(name)] = form[name]
     for name in files:
         uploads = files.getlist(name)
         field_name = _field_name(name)
         if len(uploads) > 1 or field_name in raw:
             raise JobError(f"only one {field_name} may be sent", field_name, "invalid_value")
-        raw[field_name] = uploads[0].read() if field_name in image_fields else _unquote(uploads[0].read().decode("utf-8", "replace"))
+        raw[field_name] = uploads[0].read() if field_name in image_fields else uploads[0].read().decode("utf-8", "replace")
     return raw
 
 
 def _field_name(name: str) -> str:
     return name.removesuffix("[]")  # OpenAI clients send image lists as `image[]`
-
-
-def _unquote(value: str) -> str:
-    """The reference's docs quote form values (`--form 'n="1"'`); accept both spellings."""
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        return value[1:-1]
-    return value
 
 
 def _image_from_text(name: str, value: Any) -> bytes:
