@@ -4,7 +4,10 @@ and none may leak a traceback. The server must still serve real requests afterwa
 import base64
 import io
 import json
+import os
+import shutil
 import struct
+import subprocess
 import zlib
 
 import pytest
@@ -101,7 +104,9 @@ CASES = [
      415, None, "unsupported_media_type"),
     ("no-content-type", ("POST", "/v1/images/generations", json.dumps(GOOD).encode(), AUTH),
      415, None, "unsupported_media_type"),
-    ("body-too-large", ("POST", "/v1/images/generations", b'{"prompt": "' + b"a" * (MAX_BODY + 10) + b'"}', JSON),
+    # Announced but never sent (as curl does for big bodies), so the early 413 cannot race the upload.
+    ("body-too-large", ("POST", "/v1/images/generations", None,
+                        {**JSON, "Content-Length": str(MAX_BODY + 1), "Expect": "100-continue"}),
      413, None, "request_too_large"),
     ("wrong-method", ("GET", "/v1/images/generations", None, AUTH), 405, None, "method_not_allowed"),
     ("unknown-route", ("GET", "/v1/nothing", None, AUTH), 404, None, "not_found"),
@@ -162,3 +167,14 @@ def test_still_serving_after_bad_input(server):
     assert reply.status == 200
     assert [item["seed"] for item in reply.json()["data"]] == [42, 43]
     assert request(server, "GET", "/health").json()["status"] == "ok"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_really_uploading_too_much_is_413(server, tmp_path):
+    big = tmp_path / "big.png"
+    big.write_bytes(png() + os.urandom(MAX_BODY))
+    out = subprocess.run(["curl", "-sS", "-H", f"Authorization: Bearer {KEY}", "-F", f"image=@{big}", "-F", "prompt=x",
+                          "-w", "\\n%{http_code}", f"{server}/v1/images/edits"], capture_output=True, timeout=60).stdout
+    body, status = out.rsplit(b"\n", 1)
+    assert status == b"413"
+    assert json.loads(body)["error"]["code"] == "request_too_large"
