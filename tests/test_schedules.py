@@ -41,10 +41,10 @@ def test_sigma_to_t_and_back():
 
 def test_img2img_keeps_the_tail_of_the_schedule():
     sigmas = discrete(20, TABLE)
-    np.testing.assert_array_equal(img2img_sigmas(sigmas, 20, 1.0), sigmas)  # t_enc capped at steps - 1
-    np.testing.assert_array_equal(img2img_sigmas(sigmas, 20, 0.75), sigmas[4:])  # t_enc = 15: 16 steps
-    np.testing.assert_array_equal(img2img_sigmas(sigmas, 20, 0.5), sigmas[9:])
-    np.testing.assert_array_equal(img2img_sigmas(sigmas, 20, 0.0), sigmas[-2:])
+    np.testing.assert_array_equal(img2img_sigmas(sigmas, 20, 1.0), sigmas)  # the whole schedule
+    np.testing.assert_array_equal(img2img_sigmas(sigmas, 20, 0.75), sigmas[5:])  # 15 steps, as diffusers
+    np.testing.assert_array_equal(img2img_sigmas(sigmas, 20, 0.5), sigmas[10:])
+    np.testing.assert_array_equal(img2img_sigmas(sigmas, 20, 0.0), sigmas[-1:])  # no step at all
 
 
 def test_ays_stretches_the_published_levels_log_linearly():

@@ -117,3 +117,13 @@ def test_real_vocabulary_matches_transformers(real_vocab_files, family):
     assert len(ref) == 49408
     assert_same_ids(ours, ref)
     assert ours.encode("a photo of a cat")[:7] == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_from_dir_reads_a_tokenizer_json_only_folder(tiny_dir, tmp_path):
+    """transformers 5 saves tokenizers as tokenizer.json alone; such folders read the same."""
+    ref = transformers.CLIPTokenizer.from_pretrained(str(tiny_dir))
+    ref.save_pretrained(str(tmp_path))
+    for legacy in ("vocab.json", "merges.txt"):
+        (tmp_path / legacy).unlink(missing_ok=True)
+    assert (tmp_path / "tokenizer.json").exists()
+    assert_same_ids(CLIPTokenizer.from_dir(tmp_path), ref)

@@ -19,14 +19,14 @@ from mlx_sd_server.engine.denoiser import model_denoiser
 from mlx_sd_server.engine.model_io import LoadedModel
 from mlx_sd_server.engine.prompt import Chunk, chunk_prompt, pad_chunks
 from mlx_sd_server.engine.samplers import SAMPLERS
-from mlx_sd_server.engine.schedules import SCHEDULES, img2img_sigmas, training_sigmas
+from mlx_sd_server.engine.schedules import img2img_sigmas, make_sigmas, training_sigmas
 from mlx_sd_server.engine.vae import should_tile
-from mlx_sd_server.job import Job
+from mlx_sd_server.job import Job, JobError
 
 log = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 4
-MASK_FEATHER_PX = 4  # paste-back blends over this many pixels so the seam does not show
+MASK_FEATHER_PX = 4  # paste-back blends within 3x this many pixels of the mask, so no seam shows
 
 
 class NoiseSource(Protocol):
@@ -86,7 +86,10 @@ class DiffusionPipeline:
     # --- schedule ----------------------------------------------------------------------------------
 
     def sigmas(self, job: Job) -> np.ndarray:
-        sigmas = SCHEDULES[job.scheduler](job.steps, self.table)
+        try:
+            sigmas = make_sigmas(job.scheduler, job.steps, self.table, self.model.family)
+        except ValueError as exc:  # e.g. the lcm schedule has at most 50 steps
+            raise JobError(str(exc), "steps", "invalid_value") from None
         if job.init_image is not None:
             sigmas = img2img_sigmas(sigmas, job.steps, job.strength)
         return sigmas
@@ -221,7 +224,8 @@ class DiffusionPipeline:
             extra = mx.repeat(mx.concatenate([mx.ones((1, h, w, 1)), blank], axis=-1), job.n, axis=0)
         if job.control_image is not None:
             if self.model.controlnet is None:
-                raise ValueError("this model has no ControlNet attached, so control_image cannot be honoured")
+                raise JobError("this model has no ControlNet attached, so control_image cannot be honoured",
+                               "control_image", "controlnet_unavailable")
             from mlx_sd_server.engine.canny import canny
 
             control_pixels = _to_pixels(job.control_image, job.width, job.height)
@@ -238,8 +242,9 @@ class DiffusionPipeline:
         predict = self._predictor(job, guided, context, pooled, extra, control)
         denoise = model_denoiser(predict, self.denoiser_kind, self.table)
         blend = mask_latents is not None and not self.inpainting_unet
-        step_noise = lambda: noise.step(shape)  # noqa: E731 - the samplers take a zero-argument function
-        for i, x in enumerate(SAMPLERS[job.sample_method](denoise, x, [float(s) for s in sigmas], step_noise)):
+        steps = SAMPLERS[job.sample_method](denoise, x, [float(s) for s in sigmas], lambda: noise.step(shape))
+        for i in range(len(sigmas) - 1):
+            x = steps.send(x if i else None)
             if blend:  # keep what is outside the mask: the original, noised to where the sampler is now
                 known = init_latents + initial_noise * float(sigmas[i + 1])
                 x = x * mask_latents + known * (1 - mask_latents)

@@ -2,7 +2,8 @@
 
 Each sampler walks a descending sigma list (ending in 0) with a denoiser D(x, sigma) -> x0 estimate and
 yields x after every step, so the caller can evaluate MLX's lazy graph once per step, report progress,
-stream previews and cancel; the last value yielded is the sample. Ancestral samplers (euler_a,
+stream previews and cancel; the last value yielded is the sample. A caller may `send()` back a modified x
+to continue from (inpainting re-imposes the known region after every step). Ancestral samplers (euler_a,
 dpm++2s_a, lcm) draw standard normal noise shaped like x from `noise()`, which the pipeline backs with
 the job's seeded RNG. Notation as in k-diffusion's sampling.py: d = (x - D)/sigma is the ODE derivative
 dx/dsigma, and t = -ln sigma the log-SNR-like time DPM-Solver++ steps in.
@@ -34,6 +35,11 @@ def ancestral_step(sigma: float, sigma_next: float) -> tuple[float, float]:
     return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
 
 
+def resume(x: mx.array, sent: mx.array | None) -> mx.array:
+    """The x to continue from: what the caller sent back into the generator, else our own."""
+    return x if sent is None else sent
+
+
 def _noise_fn(x: mx.array, noise: NoiseFn | None) -> NoiseFn:
     return noise if noise is not None else (lambda: mx.random.normal(x.shape, dtype=x.dtype))
 
@@ -50,7 +56,7 @@ def sample_euler(
     """Euler's method on the probability-flow ODE (first order)."""
     for _, sigma, sigma_next in _steps(sigmas):
         x = x + to_d(x, sigma, denoise(x, sigma)) * (sigma_next - sigma)
-        yield x
+        x = resume(x, (yield x))
 
 
 def sample_euler_a(
@@ -63,7 +69,7 @@ def sample_euler_a(
         x = x + to_d(x, sigma, denoise(x, sigma)) * (sigma_down - sigma)
         if sigma_next > 0:
             x = x + noise() * sigma_up
-        yield x
+        x = resume(x, (yield x))
 
 
 def sample_heun(
@@ -79,7 +85,7 @@ def sample_heun(
             x_euler = x + d * dt
             d_next = to_d(x_euler, sigma_next, denoise(x_euler, sigma_next))
             x = x + (d + d_next) * (dt / 2)
-        yield x
+        x = resume(x, (yield x))
 
 
 def sample_dpm2(
@@ -94,7 +100,7 @@ def sample_dpm2(
             sigma_mid = math.sqrt(sigma * sigma_next)
             x_mid = x + d * (sigma_mid - sigma)
             x = x + to_d(x_mid, sigma_mid, denoise(x_mid, sigma_mid)) * (sigma_next - sigma)
-        yield x
+        x = resume(x, (yield x))
 
 
 def sample_dpmpp_2s_a(
@@ -114,7 +120,7 @@ def sample_dpmpp_2s_a(
             x = (sigma_down / sigma) * x - math.expm1(-h) * denoise(x_mid, sigma_mid)
         if sigma_next > 0:
             x = x + noise() * sigma_up
-        yield x
+        x = resume(x, (yield x))
 
 
 def sample_dpmpp_2m(
@@ -145,7 +151,7 @@ def sample_dpmpp_2m(
             extrapolated = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * previous
             x = ratio * x - math.expm1(-h_eff) * extrapolated
         previous = denoised
-        yield x
+        x = resume(x, (yield x))
 
 
 def sample_dpmpp_2mv2(
@@ -185,7 +191,7 @@ def sample_ipndm(
             slope = sum(w * di for w, di in zip(weights, [d, *reversed(history)]))
         x = x + slope * dt
         history = (history + [d])[-3:]
-        yield x
+        x = resume(x, (yield x))
 
 
 def sample_ipndm_v(
@@ -204,7 +210,7 @@ def sample_lcm(
         x = denoise(x, sigma)
         if sigma_next > 0:
             x = x + noise() * sigma_next
-        yield x
+        x = resume(x, (yield x))
 
 
 SAMPLERS: dict[str, Sampler] = {

@@ -135,10 +135,11 @@ def make_sigmas(scheduler: str, steps: int, table: np.ndarray, family: str = "sd
 
 
 def img2img_sigmas(sigmas: np.ndarray, steps: int, strength: float) -> np.ndarray:
-    """The tail of a schedule that img2img runs: t_enc = floor(steps * strength), capped at steps - 1.
+    """The tail of a schedule that img2img runs: the last floor(steps * strength) steps.
 
-    As stable-diffusion.cpp, it keeps the last t_enc + 1 *steps* (t_enc + 2 sigmas, the final 0 included),
-    so strength 1 runs the whole schedule and strength 0 still runs one (the final) step.
+    This is diffusers' rule (StableDiffusionImg2ImgPipeline), so results match it: strength 1 runs the
+    whole schedule from the noised image, strength 0 runs no step (the image comes back re-encoded).
+    stable-diffusion.cpp runs one step more (t_enc + 1); we follow the documented meaning of strength.
     """
-    t_enc = min(int(steps * strength), steps - 1)
-    return np.asarray(sigmas)[steps - t_enc - 1:]
+    kept = min(int(steps * strength), steps)
+    return np.asarray(sigmas)[steps - kept:]

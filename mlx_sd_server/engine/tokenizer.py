@@ -72,10 +72,16 @@ class CLIPTokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> CLIPTokenizer:
-        """A tokenizer folder: vocab.json, merges.txt and tokenizer_config.json / special_tokens_map.json."""
+        """A tokenizer folder: vocab.json + merges.txt (or tokenizer.json), tokenizer_config.json /
+        special_tokens_map.json for the pad token."""
         path = Path(path)
-        vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
-        merges = _parse_merges((path / "merges.txt").read_text(encoding="utf-8").splitlines())
+        if (path / "vocab.json").exists():
+            vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
+            merges = _parse_merges((path / "merges.txt").read_text(encoding="utf-8").splitlines())
+        else:  # transformers 5 saves only tokenizer.json, whose BPE model holds the same vocab and merges
+            model = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+            vocab = model["vocab"]
+            merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         settings: dict = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             if (path / name).exists():
