@@ -43,7 +43,7 @@ async def _serve(parsed: ParsedRequest):
     if model is not None and not isinstance(model, str):
         raise JobError(f"model must be a string, got {type(model).__name__}", "model", "invalid_type")
     info = server.registry.info(model or None)
-    job = _build_job(parsed, info, server)
+    job = await asyncio.to_thread(_build_job, parsed, info, server)  # decoding uploads is CPU work
 
     created = int(time.time())
     task = server.worker.submit(job, lambda images: _encode(images, job, info, parsed.delivery))
