@@ -491,10 +491,10 @@ def load_checkpoint(path: str | Path, allow_pickle: bool = False, prediction_typ
     return result
 
 
-def read_checkpoint(path: str | Path, allow_pickle: bool = False,
-                    prediction_type: str | None = None) -> SourceModel:
+def read_checkpoint(path: str | Path, allow_pickle: bool = False, prediction_type: str | None = None,
+                    hints: ArchitectureHints = ArchitectureHints()) -> SourceModel:
     """`load_checkpoint` as the conversion pipeline's `SourceModel` (single files carry no tokenizer)."""
-    checkpoint = load_checkpoint(path, allow_pickle=allow_pickle, prediction_type=prediction_type)
+    checkpoint = load_checkpoint(path, allow_pickle=allow_pickle, prediction_type=prediction_type, hints=hints)
     return SourceModel(
         family=checkpoint.family,
         prediction_type=checkpoint.prediction_type,

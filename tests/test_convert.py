@@ -10,20 +10,32 @@ import pytest
 import torch
 
 import tiny_diffusers
-from convert.model import convert_model
+from convert.checkpoint import ArchitectureHints, read_checkpoint
+from convert.model import convert_model, write_model
+from ldm_layout import write_checkpoint
 from mlx_sd_server.engine.model_io import load_model, read_manifest
 from parity import max_rel_err, nchw_to_nhwc
 
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module", params=tiny_diffusers.FAMILIES)
+# Head counts and group-norm sizes cannot be read off tensor shapes; the tiny models' differ from the
+# released models' (which are the defaults), so single-file conversion of tiny models is told them.
+TINY_HINTS = ArchitectureHints(unet_head_dim=16, text_head_dim=8, norm_num_groups=8)
+
+
+@pytest.fixture(scope="module", params=[(f, s) for f in tiny_diffusers.FAMILIES for s in ("folder", "single-file")],
+                ids=lambda p: "-".join(p))
 def converted(request, tmp_path_factory):
-    family = request.param
+    family, source = request.param
     src = tmp_path_factory.mktemp(f"{family}-diffusers")
     pipe = tiny_diffusers.make_pipeline(src, family)
     dst = tmp_path_factory.mktemp(f"{family}-mlx") / "model"
-    convert_model(src, dst, dtype="float32", progress=False)
+    if source == "folder":
+        convert_model(src, dst, dtype="float32", progress=False)
+    else:
+        checkpoint = write_checkpoint(pipe, family, src / "model.safetensors")
+        write_model(read_checkpoint(checkpoint, hints=TINY_HINTS), dst, name="model", dtype="float32", progress=False)
     return family, pipe, dst
 
 
