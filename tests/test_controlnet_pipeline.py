@@ -6,6 +6,9 @@ way `--control-net` attaches one.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, NamedTuple
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +27,13 @@ from test_pipeline import (  # noqa: F401 - `models` is a fixture
 CONTROL_STRENGTH = 0.8
 
 
+class Controlled(NamedTuple):
+    reference: Any  # diffusers' ControlNet pipeline
+    ours: DiffusionPipeline  # with the ControlNet attached
+    uncontrolled: DiffusionPipeline  # the same model without it
+    controlnet_folder: Path  # the converted ControlNet
+
+
 def control_image() -> Image.Image:
     """A white ring on black, like an edge map."""
     y, x = np.mgrid[:SIZE, :SIZE]
@@ -33,7 +43,7 @@ def control_image() -> Image.Image:
 
 @pytest.fixture(scope="module")
 def controlled(models, tmp_path_factory):
-    """family -> (diffusers ControlNet pipeline, our pipeline with the ControlNet, our pipeline without)."""
+    """family -> Controlled (built lazily, shared by the module's tests)."""
     cache = {}
 
     def get(family: str):
@@ -50,7 +60,7 @@ def controlled(models, tmp_path_factory):
             reference = cls.from_pipe(pipe, controlnet=controlnet)
             reference.set_progress_bar_config(disable=True)
             ours_controlled = DiffusionPipeline(load_model(ours.model.folder, dtype="float32", controlnet=dst), paste_back=False)
-            cache[family] = (reference, ours_controlled, ours)
+            cache[family] = Controlled(reference, ours_controlled, ours, dst)
         return cache[family]
 
     return get
@@ -64,7 +74,7 @@ def job(sample_method: str = "euler", **fields):
 
 @pytest.mark.parametrize("family, sample_method", [("sd1", "euler"), ("sd1", "euler_a"), ("sdxl", "euler")])
 def test_controlnet_txt2img_matches_diffusers(controlled, family, sample_method):
-    reference, ours, _ = controlled(family)
+    reference, ours = controlled(family).reference, controlled(family).ours
     module = use_scheduler(reference, sample_method)
     initial, steps = make_noise()
     with diffusers_noise(steps, module):
@@ -78,7 +88,7 @@ def test_controlnet_txt2img_matches_diffusers(controlled, family, sample_method)
 
 
 def test_zero_control_strength_reproduces_the_uncontrolled_image(controlled):
-    _, ours, uncontrolled = controlled("sd1")
+    _, ours, uncontrolled, _ = controlled("sd1")
     initial, _ = make_noise()
     plain_job = build_job({"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": 6, "cfg_scale": 6.0,
                            "sample_method": "euler", "size": f"{SIZE}x{SIZE}"})
@@ -95,7 +105,7 @@ def test_canny_preprocessing_feeds_the_edge_map(controlled):
     """control_preprocess=canny on a photo-like image equals passing the canny edge map directly."""
     from mlx_sd_server.engine.canny import canny
 
-    _, ours, _ = controlled("sd1")
+    ours = controlled("sd1").ours
     rng = np.random.default_rng(3)
     photo = np.kron(rng.random((4, 4, 3)), np.ones((SIZE // 4, SIZE // 4, 1)))  # flat patches: clear edges
     photo_image = Image.fromarray((photo * 255).round().astype(np.uint8))
