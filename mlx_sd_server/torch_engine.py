@@ -103,6 +103,7 @@ def _build_component(name: str, entry: dict, folder: Path):
         cls = {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL,
                "controlnet": diffusers.ControlNetModel}[name]
         module = cls.from_config(config)
+    # Not strict: the state dict leaves out only the constant buffers our format does not keep.
     module.load_state_dict(_torch_state_dict(module, folder / entry["weights"], MAPPERS[name]), strict=False)
     return module.eval()
 

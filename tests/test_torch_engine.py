@@ -74,6 +74,21 @@ def test_torch_engine_agrees_with_mlx(engines, sample_method, module, controlled
     assert diff <= TOLERANCE
 
 
+@pytest.mark.parametrize("family, controlled_job", [("sd2v", False), ("sdxl", False), ("sdxl", True)])
+def test_other_families_agree_with_mlx(models, controlled, family, controlled_job):
+    if controlled_job:
+        mlx, control_folder = controlled(family).ours, controlled(family).controlnet_folder
+    else:
+        mlx, control_folder = models(family)[1], None
+    fallback = TorchPipeline.from_folder(mlx.model.folder, control_net=control_folder, device="cpu")
+    the_job = job(controlled=controlled_job, control_strength=CONTROL_STRENGTH)
+    initial, _ = make_noise()
+    diff = mean_abs_diff(ours_image(fallback, the_job, ReplayNoise(initial, [])),
+                         ours_image(mlx, the_job, ReplayNoise(initial, [])))
+    print(f"torch engine vs MLX, {family} {'controlnet' if controlled_job else 'txt2img'} euler: mean abs diff {diff:.2e}")
+    assert diff <= TOLERANCE
+
+
 def test_yields_every_step_and_stops_when_closed(engines):
     _, _, fallback = engines
     heun = job(sample_method="heun", steps=3)
