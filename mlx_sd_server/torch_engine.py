@@ -144,10 +144,12 @@ class TorchPipeline:
         torch_dtype = getattr(torch, dtype or ("float32" if device == "cpu" else "float16"))
         modules = {name: _build_component(name, components[name], folder)
                    for name in ("text_encoder", "text_encoder_2", "unet", "vae") if name in components}
-        modules["tokenizer"] = transformers.CLIPTokenizer.from_pretrained(str(folder / components["text_encoder"]["tokenizer"]))
-        if "text_encoder_2" in components:
-            modules["tokenizer_2"] = transformers.CLIPTokenizer.from_pretrained(str(folder / components["text_encoder_2"]["tokenizer"]))
-        modules["scheduler"] = diffusers.EulerDiscreteScheduler(**manifest["scheduler"], prediction_type=manifest["prediction_type"])
+        for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+            if encoder in components:
+                tokenizer_folder = folder / components[encoder]["tokenizer"]
+                modules[tokenizer] = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_folder))
+        modules["scheduler"] = diffusers.EulerDiscreteScheduler(  # replaced per job
+            **manifest["scheduler"], prediction_type=manifest["prediction_type"])
         if manifest["family"] == "sdxl":
             base = diffusers.StableDiffusionXLPipeline(**modules)
         else:
@@ -206,7 +208,8 @@ class TorchPipeline:
         cls = getattr(diffusers, class_name)
         options = SCHEDULE_OPTIONS.get(job.scheduler)
         accepted = inspect.signature(cls.__init__).parameters
-        if options is None or (job.scheduler == "lcm") != (job.sample_method == "lcm") or not set(options) <= set(accepted):
+        lcm_mismatch = (job.scheduler == "lcm") != (job.sample_method == "lcm")
+        if options is None or lcm_mismatch or not set(options) <= set(accepted):
             raise JobError(f"scheduler {job.scheduler!r} is not available with sample_method {job.sample_method!r} "
                            "on the torch engine", "scheduler", "unsupported_scheduler")
         return cls(**self.manifest["scheduler"], prediction_type=self.manifest["prediction_type"], **extra, **options)
@@ -240,7 +243,8 @@ class TorchPipeline:
         if mode != "img2img" or job.control_image is not None:
             args.update(height=job.height, width=job.width)  # (img2img takes the size of its image)
         if mode != "txt2img":  # an inpainting UNet with nothing to edit repaints a blank grey image
-            args["image"] = _fit(job.init_image, size) if job.init_image is not None else Image.new("RGB", size, (128,) * 3)
+            blank = Image.new("RGB", size, (128, 128, 128))
+            args["image"] = _fit(job.init_image, size) if job.init_image is not None else blank
             args["strength"] = job.strength if job.init_image is not None else 1.0
         if mode == "inpaint":
             args["mask_image"] = _fit(job.mask, size, "L") if job.mask is not None else Image.new("L", size, 255)
@@ -272,7 +276,8 @@ class TorchPipeline:
         pipeline = self._pipeline(job)
         pipeline.scheduler = self.scheduler(job)
         args = self._arguments(job, noise)
-        log.info("torch engine: %s, %d steps of %s/%s", type(pipeline).__name__, job.steps, job.sample_method, job.scheduler)
+        log.info("torch engine: %s, %d steps of %s/%s",
+                 type(pipeline).__name__, job.steps, job.sample_method, job.scheduler)
         progress: queue.Queue[int | None] = queue.Queue()
         resume = threading.Semaphore(0)
         stop = threading.Event()

@@ -56,10 +56,11 @@ def controlled(models, tmp_path_factory):
             controlnet.save_pretrained(str(src), safe_serialization=True)
             dst = tmp_path_factory.mktemp(f"{family}-controlnet-dst") / "controlnet"
             convert_model(src, dst, dtype="float32", progress=False)
-            cls = diffusers.StableDiffusionXLControlNetPipeline if family == "sdxl" else diffusers.StableDiffusionControlNetPipeline
-            reference = cls.from_pipe(pipe, controlnet=controlnet)
+            name = "StableDiffusionXLControlNetPipeline" if family == "sdxl" else "StableDiffusionControlNetPipeline"
+            reference = getattr(diffusers, name).from_pipe(pipe, controlnet=controlnet)
             reference.set_progress_bar_config(disable=True)
-            ours_controlled = DiffusionPipeline(load_model(ours.model.folder, dtype="float32", controlnet=dst), paste_back=False)
+            with_controlnet = load_model(ours.model.folder, dtype="float32", controlnet=dst)
+            ours_controlled = DiffusionPipeline(with_controlnet, paste_back=False)
             cache[family] = Controlled(reference, ours_controlled, ours, dst)
         return cache[family]
 
@@ -113,8 +114,8 @@ def test_canny_preprocessing_feeds_the_edge_map(controlled):
     assert edges.any()
     fields = {"prompt": PROMPT, "steps": 3, "sample_method": "euler", "size": f"{SIZE}x{SIZE}"}
     initial, _ = make_noise()
-    preprocessed = ours_image(ours, build_job({**fields, "control_preprocess": "canny"}, {"control_image": photo_image}),
-                              ReplayNoise(initial, []))
-    direct = ours_image(ours, build_job(fields, {"control_image": Image.fromarray((edges * 255).astype(np.uint8))}),
-                        ReplayNoise(initial, []))
+    canny_job = build_job({**fields, "control_preprocess": "canny"}, {"control_image": photo_image})
+    edges_job = build_job(fields, {"control_image": Image.fromarray((edges * 255).astype(np.uint8))})
+    preprocessed = ours_image(ours, canny_job, ReplayNoise(initial, []))
+    direct = ours_image(ours, edges_job, ReplayNoise(initial, []))
     assert np.array_equal(preprocessed, direct)

@@ -70,7 +70,8 @@ def test_torch_engine_agrees_with_mlx(engines, sample_method, module, controlled
     with diffusers_noise(steps, module):  # the ancestral sampler's step noise, replayed into diffusers
         torch_images = ours_image(fallback, the_job, ReplayNoise(initial, []))
     diff = mean_abs_diff(torch_images, mlx)
-    print(f"torch engine vs MLX, {'controlnet' if controlled_job else 'txt2img'} {sample_method}: mean abs diff {diff:.2e}")
+    kind = "controlnet" if controlled_job else "txt2img"
+    print(f"torch engine vs MLX, {kind} {sample_method}: mean abs diff {diff:.2e}")
     assert diff <= TOLERANCE
 
 
@@ -85,7 +86,8 @@ def test_other_families_agree_with_mlx(models, controlled, family, controlled_jo
     initial, _ = make_noise()
     diff = mean_abs_diff(ours_image(fallback, the_job, ReplayNoise(initial, [])),
                          ours_image(mlx, the_job, ReplayNoise(initial, [])))
-    print(f"torch engine vs MLX, {family} {'controlnet' if controlled_job else 'txt2img'} euler: mean abs diff {diff:.2e}")
+    kind = "controlnet" if controlled_job else "txt2img"
+    print(f"torch engine vs MLX, {family} {kind} euler: mean abs diff {diff:.2e}")
     assert diff <= TOLERANCE
 
 
