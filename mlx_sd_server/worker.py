@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from mlx_sd_server.job import Job
+from mlx_sd_server.job import Job, JobError
 
 log = logging.getLogger("mlx_sd_server.worker")
 
@@ -128,6 +128,9 @@ class Worker:
         except JobCancelled as cancelled:
             outcome = "cancelled"
             task.future.set_exception(cancelled)
+        except JobError as error:  # the model cannot honour a field (e.g. >50 steps on the lcm schedule): a 400
+            outcome = f"rejected ({error.param}: {error.message})"
+            task.future.set_exception(error)
         except Exception as error:  # handed to the requester, which maps it to an HTTP status
             task.future.set_exception(error)
             log.exception("task %d failed", task.id)
