@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from api_server import FakeRegistry, live_server, multipart, request
-from mlx_sd_server.api import create_app
+from mlx_sd_server.api import Settings, create_app
 from mlx_sd_server.store import FileStore
 
 
@@ -112,3 +112,17 @@ def test_edit_json_with_data_url(server, engine):
     assert reply.status == 200
     assert Image.open(io.BytesIO(base64.b64decode(reply.json()["data"][0]["b64_json"]))).format == "WEBP"
     assert last_job(engine).init_image.size == (80, 48)  # the pipeline fits it to the job's size
+
+
+def test_cors_preflight_and_headers_as_the_reference(engine, tmp_path):
+    app = create_app(engine, FileStore(tmp_path), Settings(api_key="secret"))
+    with live_server(app) as url:
+        preflight = request(url, "OPTIONS", "/v1/images/generations",
+                            headers={"Origin": "http://app.example", "Access-Control-Request-Method": "POST"})
+        assert preflight.status == 204  # answered before the API key check: browsers send none here
+        headers = {k.lower(): v for k, v in preflight.headers.items()}
+        assert headers["access-control-allow-origin"] == "*"
+        assert "Authorization" in headers["access-control-allow-headers"]
+        refused = request(url, "GET", "/v1/models")
+        assert refused.status == 401
+        assert {k.lower(): v for k, v in refused.headers.items()}["access-control-allow-origin"] == "*"

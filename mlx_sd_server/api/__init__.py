@@ -10,6 +10,7 @@ from quart import Quart
 
 from mlx_sd_server.api import files, health, images, models
 from mlx_sd_server.api.auth import require_api_key
+from mlx_sd_server.api.cors import add_cors_headers, answer_preflight
 from mlx_sd_server.api.errors import register_error_handlers
 from mlx_sd_server.api.state import ServerState, Settings
 from mlx_sd_server.registry import ModelRegistry
@@ -28,6 +29,8 @@ def create_app(registry: ModelRegistry, store: FileStore, settings: Settings = S
     worker = Worker(registry, max_queue=settings.max_queue)
     app.extensions["mlx_sd_server"] = ServerState(registry, store, worker, settings)
 
+    app.before_request(answer_preflight)
+    app.after_request(add_cors_headers)
     if settings.api_key:
         app.before_request(require_api_key(settings.api_key))
     for module in (images, files, models, health):
