@@ -114,11 +114,16 @@ def _check_unquantized(manifest: dict, folder: Path) -> None:
                          "(convert again without --quantize)")
 
 
+def _scheduler_config(manifest: dict) -> dict[str, Any]:
+    """The model's training schedule; steps_offset=1 as every SD release ships (only "leading" spacing uses it)."""
+    return {**manifest["scheduler"], "prediction_type": manifest["prediction_type"], "steps_offset": 1}
+
+
 class TorchPipeline:
     """A converted model run by diffusers. Build with `from_folder`."""
 
     def __init__(self, base, manifest: dict, controlnet=None):
-        self.base = base  # the txt2img diffusers pipeline; other modes share its modules via from_pipe
+        self.base = base  # the txt2img diffusers pipeline; the other modes' pipelines share its modules
         self.manifest = manifest
         self.controlnet = controlnet
         self.is_sdxl = manifest["family"] == "sdxl"
@@ -148,8 +153,7 @@ class TorchPipeline:
             if encoder in components:
                 tokenizer_folder = folder / components[encoder]["tokenizer"]
                 modules[tokenizer] = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_folder))
-        modules["scheduler"] = diffusers.EulerDiscreteScheduler(  # replaced per job
-            **manifest["scheduler"], prediction_type=manifest["prediction_type"])
+        modules["scheduler"] = diffusers.EulerDiscreteScheduler(**_scheduler_config(manifest))  # replaced per job
         if manifest["family"] == "sdxl":
             base = diffusers.StableDiffusionXLPipeline(**modules)
         else:
@@ -165,9 +169,10 @@ class TorchPipeline:
             controlnet = _build_component("controlnet", cn_manifest["components"]["controlnet"], cn_folder)
         elif "controlnet" in components:
             controlnet = _build_component("controlnet", components["controlnet"], folder)
-        if controlnet is not None:
-            controlnet.to(device, torch_dtype)
-        base.to(device, torch_dtype)
+        if (device, torch_dtype) != ("cpu", torch.float32):  # (diffusers warns on every dtype cast, even a no-op)
+            base.to(device, torch_dtype)
+            if controlnet is not None:
+                controlnet.to(device, torch_dtype)
         base.set_progress_bar_config(disable=True)
         log.info("torch engine: %s (%s) on %s, %s, diffusers %s", manifest.get("name", folder.name),
                  manifest["family"], device, torch_dtype, diffusers.__version__)
@@ -191,8 +196,10 @@ class TorchPipeline:
         name = (f"StableDiffusion{'XL' if self.is_sdxl else ''}{'ControlNet' if controlled else ''}"
                 f"{MODE_NAMES[self._mode(job)]}Pipeline")
         if name not in self._pipelines:
-            extra = {"controlnet": self.controlnet} if controlled else {}
-            pipeline = getattr(diffusers, name).from_pipe(self.base, **extra)
+            cls = getattr(diffusers, name)
+            accepted = inspect.signature(cls.__init__).parameters
+            offered = {**self.base.components, "controlnet": self.controlnet, "requires_safety_checker": False}
+            pipeline = cls(**{key: value for key, value in offered.items() if key in accepted})
             pipeline.set_progress_bar_config(disable=True)
             self._pipelines[name] = pipeline
         return self._pipelines[name]
@@ -212,7 +219,7 @@ class TorchPipeline:
         if options is None or lcm_mismatch or not set(options) <= set(accepted):
             raise JobError(f"scheduler {job.scheduler!r} is not available with sample_method {job.sample_method!r} "
                            "on the torch engine", "scheduler", "unsupported_scheduler")
-        return cls(**self.manifest["scheduler"], prediction_type=self.manifest["prediction_type"], **extra, **options)
+        return cls(**_scheduler_config(self.manifest), **extra, **options)
 
     def total_steps(self, job: Job) -> int:
         """diffusers' denoising loop length for the job (Heun and DPM2 take two iterations per step)."""
