@@ -25,7 +25,7 @@ from PIL import Image
 
 from convert.model import MAPPERS
 from mlx_sd_server.engine.model_io import read_manifest
-from mlx_sd_server.engine.pipeline import NoiseSource, _paste_outside_mask, _to_pixels
+from mlx_sd_server.engine.pipeline import NoiseSource, paste_outside_mask, fit_image
 from mlx_sd_server.job import Job, JobError
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ class TorchPipeline:
         return args
 
     def _control_image(self, job: Job) -> Image.Image:
-        pixels = _to_pixels(job.control_image, job.width, job.height)
+        pixels = fit_image(job.control_image, job.width, job.height)
         if job.control_preprocess == "canny":
             from mlx_sd_server.engine.canny import canny
 
@@ -321,13 +321,13 @@ class TorchPipeline:
             raise outcome["error"]
         images = outcome["images"]
         if job.mask is not None:
-            images = [_paste_outside_mask(image, job.init_image, job.mask) for image in images]
+            images = [paste_outside_mask(image, job.init_image, job.mask) for image in images]
         return images
 
 
 def _fit(image: Image.Image, size: tuple[int, int], mode: str = "RGB") -> Image.Image:
     """Resized and centre-cropped exactly as the MLX pipeline does, so both engines see the same pixels."""
-    pixels = _to_pixels(image, *size, mode=mode)
+    pixels = fit_image(image, *size, mode=mode)
     return _to_pil(pixels[..., 0] if mode == "L" else pixels)
 
 

@@ -52,7 +52,7 @@ class SeededNoise:
     initial = step = _draw
 
 
-def _to_pixels(image: Image.Image, width: int, height: int, mode: str = "RGB") -> np.ndarray:
+def fit_image(image: Image.Image, width: int, height: int, mode: str = "RGB") -> np.ndarray:
     """Resize (cover, then centre-crop) to exactly width x height; float32 in [0, 1], HWC."""
     image = image.convert(mode)
     scale = max(width / image.width, height / image.height)
@@ -210,10 +210,10 @@ class DiffusionPipeline:
 
         init_latents = mask_latents = extra = control = None
         if job.init_image is not None:
-            init_pixels = _to_pixels(job.init_image, job.width, job.height)
+            init_pixels = fit_image(job.init_image, job.width, job.height)
             init_latents = self.encode_image(init_pixels)
         if job.mask is not None:
-            mask_pixels = _to_pixels(job.mask, job.width, job.height, mode="L")[..., 0] >= 0.5
+            mask_pixels = fit_image(job.mask, job.width, job.height, mode="L")[..., 0] >= 0.5
             mask_latents = mx.array(_downsample_mask(mask_pixels, scale))[None, :, :, None]
             if self.inpainting_unet:
                 # diffusers' convention: the repaint area is mid-grey (0 in [-1, 1]) in the masked image
@@ -228,7 +228,7 @@ class DiffusionPipeline:
                                "control_image", "controlnet_unavailable")
             from mlx_sd_server.engine.canny import canny
 
-            control_pixels = _to_pixels(job.control_image, job.width, job.height)
+            control_pixels = fit_image(job.control_image, job.width, job.height)
             if job.control_preprocess == "canny":
                 control_pixels = canny(control_pixels)
             control = mx.array(control_pixels[None])
@@ -252,7 +252,7 @@ class DiffusionPipeline:
             yield i + 1
         images = self.decode_latents(x)
         if job.mask is not None and self.paste_back:
-            images = [_paste_outside_mask(img, job.init_image, job.mask) for img in images]
+            images = [paste_outside_mask(img, job.init_image, job.mask) for img in images]
         return images
 
 
@@ -273,10 +273,10 @@ def _downsample_mask(mask: np.ndarray, scale: int) -> np.ndarray:
     return mask[: h * scale, : w * scale].reshape(h, scale, w, scale).max(axis=(1, 3)).astype(np.float32)
 
 
-def _paste_outside_mask(image: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
+def paste_outside_mask(image: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
     """Untouched areas get the original pixels back exactly; the mask edge is feathered slightly."""
     size = image.size
-    original_pixels = Image.fromarray((_to_pixels(original, *size) * 255).round().astype(np.uint8))
-    hard = Image.fromarray(((_to_pixels(mask, *size, mode="L")[..., 0] >= 0.5) * 255).astype(np.uint8))
+    original_pixels = Image.fromarray((fit_image(original, *size) * 255).round().astype(np.uint8))
+    hard = Image.fromarray(((fit_image(mask, *size, mode="L")[..., 0] >= 0.5) * 255).astype(np.uint8))
     soft = hard.filter(ImageFilter.MaxFilter(2 * MASK_FEATHER_PX + 1)).filter(ImageFilter.GaussianBlur(MASK_FEATHER_PX / 2))
     return Image.composite(image, original_pixels, soft)
