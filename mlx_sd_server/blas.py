@@ -1,0 +1,88 @@
+"""Run MLX's Linux CPU backend on a real BLAS.
+
+The `mlx[cpu]` wheel links the netlib reference BLAS (about 6 GFLOP/s matmul; a real-size UNet step takes
+minutes). The dynamic linker lets a library named in LD_PRELOAD supply the BLAS symbols instead, but only
+from process start, so `ensure_fast_blas` re-executes the current command once with OpenBLAS preloaded.
+Nothing happens on macOS (MLX uses Accelerate there), when a real BLAS is already loaded, or with
+MLX_SD_NO_BLAS_REEXEC=1. MLX_SD_BLAS=/path/to/libblas.so names the library to preload.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+OVERRIDE_ENV = "MLX_SD_BLAS"
+DISABLE_ENV = "MLX_SD_NO_BLAS_REEXEC"
+# Set in the re-executed process, so that a preload that did not take cannot cause an exec loop.
+REEXEC_MARKER_ENV = "MLX_SD_BLAS_REEXECED"
+
+# Most specific first: Debian/Ubuntu's libopenblas0-pthread, then any OpenBLAS in the usual places.
+# The pthread build is preferred to the OpenMP one, which can clash with torch's own OpenMP runtime.
+CANDIDATE_PATTERNS = [
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblasp-r*.so",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblasp-r*.so",
+    "/usr/lib/*-linux-gnu/openblas-pthread/libopenblas*.so*",
+    "/usr/lib/*-linux-gnu/libopenblas*.so*",
+    "/usr/lib64/libopenblas*.so*",
+    "/usr/local/lib/libopenblas*.so*",
+    "/usr/lib/libopenblas*.so*",
+    "/opt/OpenBLAS/lib/libopenblas*.so*",
+]
+# A library whose file name contains one of these, once mapped into the process, supplies a real BLAS.
+FAST_BLAS_NAMES = ("openblas", "libmkl", "libblis", "libflexiblas")
+
+
+def find_fast_blas() -> str | None:
+    """The path of a real BLAS library to preload: $MLX_SD_BLAS if set, else the first OpenBLAS found."""
+    override = os.environ.get(OVERRIDE_ENV)
+    if override:
+        return override if os.path.isfile(override) else None
+    for pattern in CANDIDATE_PATTERNS:
+        for path in sorted(glob.glob(pattern)):
+            if os.path.isfile(path) and "openmp" not in path:
+                return path
+    return None
+
+
+def fast_blas_loaded() -> bool:
+    """Whether a real BLAS is mapped into this process (preloaded, or linked by something imported)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return any(name in line for line in maps for name in FAST_BLAS_NAMES)
+    except OSError:
+        return False
+
+
+def default_thread_count() -> int:
+    """OpenBLAS threads: one per core this process may run on (bench/blas.py: 2 threads ~1.9x on 2 cores)."""
+    return len(os.sched_getaffinity(0))
+
+
+def ensure_fast_blas() -> None:
+    """Re-exec the current command with a real BLAS preloaded, once, where that helps; else return.
+
+    Call it first thing in an entry point, before threads start or files are opened that the new
+    process would not expect to inherit; on success it does not return.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    if os.environ.get(DISABLE_ENV) == "1" or os.environ.get(REEXEC_MARKER_ENV) or fast_blas_loaded():
+        return
+    library = find_fast_blas()
+    if library is None:
+        log.warning("no OpenBLAS found: MLX runs on its slow reference BLAS "
+                    "(install libopenblas0-pthread, or set %s=/path/to/libopenblas.so)", OVERRIDE_ENV)
+        return
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join(filter(None, [library, env.get("LD_PRELOAD")]))
+    env.setdefault("OPENBLAS_NUM_THREADS", str(default_thread_count()))
+    env[REEXEC_MARKER_ENV] = "1"
+    log.info("re-executing with %s preloaded as MLX's BLAS (%s=1 to disable)", library, DISABLE_ENV)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
