@@ -10,11 +10,8 @@ MLX_SD_NO_BLAS_REEXEC=1. MLX_SD_BLAS=/path/to/libblas.so names the library to pr
 from __future__ import annotations
 
 import glob
-import logging
 import os
 import sys
-
-log = logging.getLogger(__name__)
 
 OVERRIDE_ENV = "MLX_SD_BLAS"
 DISABLE_ENV = "MLX_SD_NO_BLAS_REEXEC"
@@ -75,14 +72,15 @@ def ensure_fast_blas() -> None:
         return
     library = find_fast_blas()
     if library is None:
-        log.warning("no OpenBLAS found: MLX runs on its slow reference BLAS "
-                    "(install libopenblas0-pthread, or set %s=/path/to/libopenblas.so)", OVERRIDE_ENV)
+        print("mlx-sd-server: no OpenBLAS found, MLX runs on its slow reference BLAS (install "
+              f"libopenblas0-pthread, or set {OVERRIDE_ENV}=/path/to/libopenblas.so)", file=sys.stderr)
         return
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(filter(None, [library, env.get("LD_PRELOAD")]))
     env.setdefault("OPENBLAS_NUM_THREADS", str(default_thread_count()))
     env[REEXEC_MARKER_ENV] = "1"
-    log.info("re-executing with %s preloaded as MLX's BLAS (%s=1 to disable)", library, DISABLE_ENV)
+    # A print, not a log record: this runs before the command has configured logging.
+    print(f"mlx-sd-server: restarting with {library} as MLX's BLAS ({DISABLE_ENV}=1 to disable)",
+          file=sys.stderr, flush=True)
     sys.stdout.flush()
-    sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -1,0 +1,94 @@
+"""Attention at SD 1.5's shapes: MLX variants against torch's scaled_dot_product_attention, same run.
+
+    python bench/attention.py [--dtypes float32,bfloat16] [--repeats 3]
+
+The script re-execs itself with OpenBLAS preloaded (mlx_sd_server.blas), as the CLI does. Times are the best of --repeats, in ms; the ratio
+column is MLX time / torch float32 time (below 1 = faster than torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mlx_sd_server.blas import ensure_fast_blas  # noqa: E402
+
+# (name, batch, heads, query tokens, key tokens, head_dim): SD 1.5's UNet at a 64x64 latent, cfg batch 2.
+SHAPES = [
+    ("self 64x64", 2, 8, 4096, 4096, 40),
+    ("cross 64x64", 2, 8, 4096, 77, 40),
+    ("self 32x32", 2, 8, 1024, 1024, 80),
+]
+
+
+def best_ms(run, repeats: int) -> float:
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1000
+
+
+def mlx_variants():
+    import mlx.core as mx
+
+    from mlx_sd_server.engine.attention import attention
+
+    def explicit(q, k, v):
+        scores = (q * q.shape[-1] ** -0.5) @ k.swapaxes(-1, -2)
+        return mx.softmax(scores, axis=-1, precise=True) @ v
+
+    def query_chunked(q, k, v, chunk=1024):
+        return mx.concatenate([explicit(q[:, :, i:i + chunk], k, v) for i in range(0, q.shape[2], chunk)], axis=2)
+
+    return {
+        "mx.fast sdpa": lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5),
+        "explicit": explicit,
+        "explicit compiled": mx.compile(explicit),
+        "query-chunked 1024": query_chunked,
+        "attention() [ours]": attention,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", default="float32", help="MLX dtypes to try (float16/bfloat16 are slow on the CPU)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    ensure_fast_blas()
+
+    import mlx.core as mx
+    import numpy as np
+    import torch
+
+    print(f"MLX {mx.__version__} on {mx.default_device()}, torch {torch.__version__} "
+          f"with {torch.get_num_threads()} threads")
+    print(f"{'shape':14} {'variant':22} {'dtype':9} {'ms':>9} {'/torch f32':>11}")
+    for name, batch, heads, queries, keys, head_dim in SHAPES:
+        q, k, v = (np.random.default_rng(i).standard_normal((batch, heads, n, head_dim), dtype=np.float32)
+                   for i, n in enumerate([queries, keys, keys]))
+        torch_ms = {}
+        with torch.inference_mode():
+            for dtype in [torch.float32, torch.bfloat16]:
+                tq, tk, tv = (torch.from_numpy(x).to(dtype) for x in (q, k, v))
+                sdpa = torch.nn.functional.scaled_dot_product_attention
+                torch_ms[dtype] = best_ms(lambda: sdpa(tq, tk, tv), args.repeats)
+        reference = torch_ms[torch.float32]
+        for dtype, ms in torch_ms.items():
+            print(f"{name:14} {'torch sdpa':22} {str(dtype).split('.')[-1]:9} {ms:9.1f} {ms / reference:11.2f}")
+        for dtype_name in args.dtypes.split(","):
+            mq, mk, mv = (mx.array(x).astype(getattr(mx, dtype_name)) for x in (q, k, v))
+            mx.eval(mq, mk, mv)
+            for variant, function in mlx_variants().items():
+                ms = best_ms(lambda: mx.eval(function(mq, mk, mv)), args.repeats)
+                print(f"{name:14} {variant:22} {dtype_name:9} {ms:9.1f} {ms / reference:11.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
