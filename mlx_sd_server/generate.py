@@ -10,7 +10,6 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from mlx_sd_server.blas import ensure_fast_blas
 from mlx_sd_server.engine.model_io import write_atomically
 from mlx_sd_server.images import a1111_parameters, encode_image, flatten, mask_from_upload, open_upload
 from mlx_sd_server.job import JOB_FIELDS, Job, JobError, build_job
@@ -58,7 +57,6 @@ def output_paths(output: str, job: Job, model_name: str) -> list[Path]:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    ensure_fast_blas()
     try:
         registry = ModelRegistry([args.model], model_dir(args.model_dir), control_net=args.control_net,
                                  dtype=args.dtype, engine=args.engine)

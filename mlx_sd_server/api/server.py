@@ -11,7 +11,6 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
 from mlx_sd_server.api import Settings, create_app
-from mlx_sd_server.blas import ensure_fast_blas
 from mlx_sd_server.job import Limits
 from mlx_sd_server.registry import ModelRegistry, model_dir
 from mlx_sd_server.store import FileStore
@@ -42,7 +41,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def main(args: argparse.Namespace) -> int:
-    ensure_fast_blas()  # Linux: re-executes once with OpenBLAS preloaded (MLX's bundled BLAS is ~50x slower)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     models = model_dir(args.model_dir)
     registry = ModelRegistry(args.model, models, control_net=args.control_net, dtype=args.dtype, engine=args.engine)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_sd_server.engine.attention import attention
+
 
 # --- config -----------------------------------------------------------------------------------------
 
@@ -93,11 +95,6 @@ class UNetConfig:
 
 
 # --- attention and transformer ----------------------------------------------------------------------
-
-def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-    """Softmax attention over (batch, heads, tokens, head_dim); the one place to swap in a faster kernel."""
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
-
 
 class Attention(nn.Module):
     """Multi-head attention; self-attention when no context is given."""

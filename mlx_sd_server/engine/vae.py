@@ -22,6 +22,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlx_sd_server.engine.attention import attention
+
 # Above this many latent pixels (a 1024x1024 image at f=8) decoding switches to tiles: the full-size
 # decoder's activations (128 channels at full image resolution) and its mid-block attention (one head over
 # every latent pixel, quadratic in their count) grow past a few GB beyond this point, while below it the
@@ -91,7 +93,7 @@ class Attention(nn.Module):
         B, H, W, C = x.shape
         h = self.group_norm(x).reshape(B, 1, H * W, C)
         q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
-        h = mx.fast.scaled_dot_product_attention(q, k, v, scale=C**-0.5)
+        h = attention(q, k, v)
         return x + self.to_out[0](h).reshape(B, H, W, C)
 
 
@@ -103,8 +105,8 @@ class MidBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.resnets[0](x)
-        for attention in self.attentions:
-            x = attention(x)
+        for layer in self.attentions:
+            x = layer(x)
         return self.resnets[1](x)
 
 
