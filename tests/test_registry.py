@@ -1,0 +1,55 @@
+"""Model specs resolve to servable models: names, converted folders, diffusers folders (converted on first
+use), the built-in tiny model; unknown names and offline pulls fail clearly."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+import tiny_diffusers
+from convert.pull import main as pull
+from mlx_sd_server.registry import TINY_MODEL_NAME, ModelNotFoundError, ModelRegistry
+
+
+def test_diffusers_folder_is_converted_once_and_served_by_name(tmp_path):
+    src = tmp_path / "My-Model"
+    tiny_diffusers.make_pipeline(src, "sdxl")
+    models = tmp_path / "models"
+    registry = ModelRegistry([str(src)], models)
+    assert registry.names() == ["my-model"] and registry.default_name == "my-model"
+    info = registry.info()
+    assert info.family == "sdxl" and (info.defaults.width, info.defaults.height) == (1024, 1024)
+    assert not info.has_controlnet
+    # a second server start finds the converted copy by name
+    assert ModelRegistry(["my-model"], models).info("my-model").folder == models / "my-model"
+    with pytest.raises(ModelNotFoundError):
+        registry.info("nope")
+
+
+def test_empty_model_dir_serves_the_labelled_tiny_model(tmp_path, caplog):
+    registry = ModelRegistry([], tmp_path)
+    assert registry.names() == [TINY_MODEL_NAME]
+    assert "random weights" in caplog.text
+
+
+def test_loaded_models_are_evicted_beyond_max_loaded(tmp_path):
+    src = tmp_path / "other"
+    tiny_diffusers.make_pipeline(src, "sd1")
+    registry = ModelRegistry([TINY_MODEL_NAME, str(src)], tmp_path / "models", max_loaded=1)
+    first = registry.pipeline()
+    assert registry.pipeline(TINY_MODEL_NAME) is first  # cached
+    registry.pipeline("other")
+    assert registry.loaded() == ["other"]
+
+
+def test_unknown_spec_and_offline_pull_fail_clearly(tmp_path, monkeypatch, capsys):
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        ModelRegistry(["no-such-model"], tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    args = argparse.Namespace(repo_id="someone/some-model", model_dir=str(tmp_path), dtype="float16", quantize=None, name=None)
+    assert pull(args) == 1
+    err = capsys.readouterr().err
+    assert "offline" in err and "mlx-sd-server convert" in err
+    assert not (tmp_path / "some-model").exists()
