@@ -1,0 +1,62 @@
+"""Helpers the whole-model benchmarks share: timing, running a measurement in a child process, a table."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+from mlx_sd_server.blas import DISABLE_ENV
+
+
+def median_seconds(run: Callable[[], Any], runs: int, warmup: Callable[[], Any] | None = None) -> float:
+    """Median wall time of `runs` calls of `run`, after one call of `warmup` (default: `run` itself)."""
+    (warmup or run)()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def drain(generation) -> Any:
+    """Run an engine's step generator to the end; returns what it returns (the images)."""
+    while True:
+        try:
+            next(generation)
+        except StopIteration as stop:
+            return stop.value
+
+
+def run_child(arguments: list[str], with_fast_blas: bool = True) -> dict:
+    """Run `python ARGUMENTS` and return the JSON object its last stdout line holds; stderr passes through.
+
+    Each measurement runs in its own process so that its memory peak and max RSS are its own. torch brings
+    its own BLAS, so its children run without our OpenBLAS preload (as bench/blas.py's do).
+    """
+    env = dict(os.environ)
+    if not with_fast_blas:
+        env.pop("LD_PRELOAD", None)
+        env[DISABLE_ENV] = "1"
+    result = subprocess.run([sys.executable, *arguments], env=env, check=True, stdout=subprocess.PIPE, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages and the core count: how shared the machine was during a run."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {len(os.sched_getaffinity(0))} cores"
+
+
+def print_table(title: str, columns: list[str], rows: list[tuple[str, list[float | None], str]]) -> None:
+    """One row per measurement: a label, a value per column (None: not measured), and the number format."""
+    print(title)
+    print(f"{'':34}" + "".join(f"{c:>14}" for c in columns))
+    for label, values, number_format in rows:
+        cells = ["-" if v is None else format(v, number_format) for v in values]
+        print(f"{label:34}" + "".join(f"{c:>14}" for c in cells))
