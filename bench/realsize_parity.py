@@ -7,6 +7,7 @@ reference in float32 on fixed random inputs, moves the weights into our MLX modu
 mapping functions, runs ours on the same inputs and prints one row per output:
 
     python bench/realsize_parity.py [--models sd15,sd21,sdxl] [--components text_encoder,text_encoder_2,unet,vae]
+                                    [--unet-latent N] [--vae-latent N]
 
 Components run one at a time and each torch tensor is freed as it is moved, so the peak is about one copy of
 the largest component (SDXL's UNet: 10.3 GB in float32). Exits 1 if any max_rel_err exceeds 1e-4.
@@ -98,15 +99,15 @@ class Model:
     text_encoders: dict[str, tuple[dict, str]]  # diffusers folder name -> (config, its tokenizer's pad token)
     unet: dict
     vae: dict
-    latent_size: int  # side of the UNet's test latents (the released models run at 64, 96 and 128)
+    unet_latent: int  # side of the UNet's test latents (the released models run at 64, 96 and 128)
 
 
 MODELS = {
-    "sd15": Model({"text_encoder": (CLIP_VIT_L, OPENAI_PAD)}, UNET_SD15, VAE_SD15, latent_size=32),
-    "sd21": Model({"text_encoder": (CLIP_OPENCLIP_H, OPENCLIP_PAD)}, UNET_SD21, VAE_SD21, latent_size=32),
+    "sd15": Model({"text_encoder": (CLIP_VIT_L, OPENAI_PAD)}, UNET_SD15, VAE_SD15, unet_latent=32),
+    "sd21": Model({"text_encoder": (CLIP_OPENCLIP_H, OPENCLIP_PAD)}, UNET_SD21, VAE_SD21, unet_latent=32),
     "sdxl": Model(
         {"text_encoder": (CLIP_VIT_L, OPENAI_PAD), "text_encoder_2": (CLIP_OPENCLIP_BIGG, OPENCLIP_PAD)},
-        UNET_SDXL, VAE_SDXL, latent_size=64,
+        UNET_SDXL, VAE_SDXL, unet_latent=64,
     ),
 }
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
@@ -268,8 +269,9 @@ def check_unet(config: dict, latent_size: int) -> list[Row]:
     return compare(expected, ours, torch_seconds, mlx_seconds)
 
 
-def check_vae(config: dict) -> list[Row]:
-    """Encode a 256x256 image (the latent distribution's mean and logvar); decode a 32x32 latent."""
+def check_vae(config: dict, latent_size: int) -> list[Row]:
+    """Encode an image of 8 x latent_size pixels a side (the latent distribution's mean and logvar); decode a
+    latent_size x latent_size latent."""
     import mlx.core as mx
     import torch
     from diffusers import AutoencoderKL
@@ -278,8 +280,8 @@ def check_vae(config: dict) -> list[Row]:
     from mlx_sd_server.engine.vae import Autoencoder, VAEConfig
 
     g = torch.Generator().manual_seed(2)
-    image = torch.rand(1, 3, 256, 256, generator=g) * 2 - 1
-    latent = torch.randn(1, 4, 32, 32, generator=g)
+    image = torch.rand(1, 3, 8 * latent_size, 8 * latent_size, generator=g) * 2 - 1
+    latent = torch.randn(1, 4, latent_size, latent_size, generator=g)
 
     torch.manual_seed(0)
     reference = AutoencoderKL.from_config(config).eval()
@@ -307,12 +309,12 @@ def check_vae(config: dict) -> list[Row]:
     return compare(expected, ours, torch_seconds, mlx_seconds)
 
 
-def check(model: Model, component: str) -> list[Row]:
+def check(model: Model, component: str, unet_latent: int | None, vae_latent: int) -> list[Row]:
     if component in model.text_encoders:
         return check_text_encoder(*model.text_encoders[component])
     if component == "unet":
-        return check_unet(model.unet, model.latent_size)
-    return check_vae(model.vae)
+        return check_unet(model.unet, unet_latent or model.unet_latent)
+    return check_vae(model.vae, vae_latent)
 
 
 # --- main ---------------------------------------------------------------------------------------------
@@ -331,6 +333,9 @@ def main() -> int:
                         help=f"comma-separated, from {','.join(MODELS)} (default: all)")
     parser.add_argument("--components", type=lambda s: names(s, COMPONENTS), default=list(COMPONENTS),
                         help=f"comma-separated, from {','.join(COMPONENTS)} (default: all the model has)")
+    parser.add_argument("--unet-latent", type=int, help="UNet latent side (default: 32 for SD 1.5/2.1, 64 for SDXL)")
+    parser.add_argument("--vae-latent", type=int, default=32,
+                        help="VAE latent side; the encoded image is 8x that (default: 32, a 256x256 image)")
     args = parser.parse_args()
     ensure_fast_blas()  # Linux: re-executes once with OpenBLAS preloaded (MLX's bundled BLAS is ~50x slower)
 
@@ -346,7 +351,7 @@ def main() -> int:
         for component in args.components:
             if component == "text_encoder_2" and component not in model.text_encoders:
                 continue
-            for row in check(model, component):
+            for row in check(model, component, args.unet_latent, args.vae_latent):
                 print(f"{model_name:6} {component:15} {row.output:18} {row.max_rel_err:11.2e} {row.max_abs_err:11.2e} "
                       f"{row.torch_seconds:8.1f} {row.mlx_seconds:8.1f}", flush=True)
                 if not row.max_rel_err <= TOLERANCE:  # also catches NaN
