@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_sd_server.engine.attention import attention
+from mlx_sd_server.engine.group_norm import GroupNorm
 
 
 # --- config -----------------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ class Transformer2D(nn.Module):
 
     def __init__(self, channels: int, heads: int, context_dim: int, depth: int, groups: int):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6, pytorch_compatible=True)
+        self.norm = GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
         self.transformer_blocks = [BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)]
         self.proj_out = nn.Linear(channels, channels)
@@ -187,10 +188,10 @@ class ResnetBlock2D(nn.Module):
                  output_scale_factor: float = 1.0):
         super().__init__()
         self.output_scale_factor = output_scale_factor
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps, pytorch_compatible=True)
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps, pytorch_compatible=True)
+        self.norm2 = GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
@@ -408,8 +409,7 @@ class UNetModel(UNetEncoder):
             )
             for i, block_type in enumerate(c.up_block_types)
         ]
-        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, c.block_out_channels[0], eps=c.norm_eps,
-                                          pytorch_compatible=True)
+        self.conv_norm_out = GroupNorm(c.norm_num_groups, c.block_out_channels[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(c.block_out_channels[0], c.out_channels, 3, padding=1)
 
     def __call__(

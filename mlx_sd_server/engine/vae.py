@@ -23,6 +23,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_sd_server.engine.attention import attention
+from mlx_sd_server.engine.group_norm import GroupNorm
 
 # Above this many latent pixels (a 1024x1024 image at f=8) decoding switches to tiles: the full-size
 # decoder's activations (128 channels at full image resolution) and its mid-block attention (one head over
@@ -63,9 +64,9 @@ class VAEConfig:
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=1e-6, pytorch_compatible=True)
+        self.norm1 = GroupNorm(groups, in_channels, eps=1e-6)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=1e-6, pytorch_compatible=True)
+        self.norm2 = GroupNorm(groups, out_channels, eps=1e-6)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
@@ -83,7 +84,7 @@ class Attention(nn.Module):
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.group_norm = nn.GroupNorm(groups, channels, eps=1e-6, pytorch_compatible=True)
+        self.group_norm = GroupNorm(groups, channels, eps=1e-6)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -167,7 +168,7 @@ class Encoder(nn.Module):
             for i in range(len(widths))
         ]
         self.mid_block = MidBlock(widths[-1], groups, config.mid_block_add_attention)
-        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6, pytorch_compatible=True)
+        self.conv_norm_out = GroupNorm(groups, widths[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -188,7 +189,7 @@ class Decoder(nn.Module):
             DecoderBlock(widths[max(i - 1, 0)], widths[i], config.layers_per_block + 1, groups, i < len(widths) - 1)
             for i in range(len(widths))
         ]
-        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6, pytorch_compatible=True)
+        self.conv_norm_out = GroupNorm(groups, widths[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[-1], config.out_channels, 3, padding=1)
 
     def __call__(self, z: mx.array) -> mx.array:
