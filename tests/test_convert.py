@@ -121,3 +121,20 @@ def test_refuses_pickle_and_existing_output(tmp_path):
     (tmp_path / "busy" / "file").write_text("x")
     with pytest.raises(FileExistsError):
         convert_model(src, tmp_path / "busy", progress=False)
+
+
+def test_turbo_and_lcm_models_get_their_own_defaults():
+    from convert.model import model_defaults
+    from convert.source import SourceModel
+
+    def source(family="sd1", prediction="epsilon", **unet):
+        return SourceModel(family, prediction, {}, {"unet": (unet, ())})
+
+    assert model_defaults(source(), "sd15") == {"steps": 20, "cfg_scale": 7.0, "sample_method": "euler_a",
+                                                "scheduler": "discrete", "width": 512, "height": 512}
+    turbo = model_defaults(source("sdxl"), "sdxl-turbo")
+    assert (turbo["steps"], turbo["cfg_scale"], turbo["scheduler"], turbo["width"]) == (1, 1.0, "trailing", 512)
+    lcm = model_defaults(source(time_cond_proj_dim=256), "lcm-dreamshaper-v7")
+    assert (lcm["steps"], lcm["sample_method"], lcm["scheduler"]) == (4, "lcm", "lcm")
+    assert model_defaults(source("sd2", "v_prediction"), "sd21")["width"] == 768
+    assert model_defaults(source("sdxl"), "sdxl-base")["width"] == 1024
