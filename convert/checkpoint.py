@@ -11,6 +11,10 @@ through the same per-component MLX mappings.
     cond_stage_model.model.*              -> text_encoder    (SD 2.x: OpenCLIP ViT-H, open_clip names)
     conditioner.embedders.0.transformer.* -> text_encoder    (SDXL: CLIP ViT-L)
     conditioner.embedders.1.model.*       -> text_encoder_2  (SDXL: OpenCLIP bigG, with projection)
+    control_model.*                       -> controlnet      (ControlNet: a UNet encoder copy, hint block, zero convs)
+
+A ControlNet file usually holds only `control_model.*` (or the same keys without the prefix, e.g.
+thibaud/controlnet-sd21); it then converts to a lone "controlnet" component, attached to a base model at load.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ SD1_CLIP_PREFIX = "cond_stage_model.transformer."
 SD2_OPEN_CLIP_PREFIX = "cond_stage_model.model."
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+CONTROLNET_PREFIX = "control_model."
+CONTROLNET_MARKER = "input_hint_block.0.weight"  # the control image's first conv: only ControlNets have it
 
 # The training schedule every SD 1.x/2.x/XL model shares (single files do not carry it).
 SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
@@ -60,13 +66,16 @@ class ArchitectureHints:
     unet_head_dim: int = 64  # SD 2.x and SDXL: a fixed head size
     text_head_dim: int = 64  # CLIP ViT-L, OpenCLIP ViT-H and bigG
     norm_num_groups: int = 32  # UNet and VAE group norms
+    # SDXL's pooled text embedding (OpenCLIP bigG's projection): a lone ControlNet has no text encoder to read
+    # it from, and the time-id embedding's width is the rest of its label_emb input.
+    sdxl_text_projection_dim: int = 1280
 
 
 @dataclass
 class DiffusersComponents:
     """A single-file checkpoint in diffusers layout: per component, (config.json dict, state dict)."""
 
-    family: str  # sd1 | sd2 | sdxl
+    family: str  # sd1 | sd2 | sdxl | controlnet (a lone ControlNet)
     prediction_type: str  # epsilon | v_prediction
     inpainting: bool
     components: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = field(default_factory=dict)
@@ -137,7 +146,7 @@ def detect_family(keys: set[str]) -> str:
     if not has(UNET_PREFIX) or not has(VAE_PREFIX):
         raise CheckpointError(
             "not a full Stable Diffusion checkpoint: expected a UNet (model.diffusion_model.*) and a VAE "
-            "(first_stage_model.*)" + (f"; it has keys like {sorted(keys)[:3]}" if keys else "; it is empty")
+            "(first_stage_model.*), or a ControlNet (control_model.*)" + (f"; it has keys like {sorted(keys)[:3]}" if keys else "; it is empty")
         )
     if has(SDXL_CLIP_PREFIX) and has(SDXL_OPEN_CLIP_PREFIX):
         return "sdxl"
@@ -229,53 +238,41 @@ def _count(keys: set[str], pattern: str) -> int:
     return len({m[1] for k in keys if (m := re.match(pattern, k))})
 
 
-def unet_config_from_ldm(unet: dict[str, Any], family: str, text_projection_dim: int | None,
-                         hints: ArchitectureHints) -> dict[str, Any]:
-    """The diffusers UNet config.json for LDM UNet weights (prefix removed); only their shapes are read."""
+def _encoder_config(unet: dict[str, Any], family: str, text_projection_dim: int | None,
+                    hints: ArchitectureHints) -> dict[str, Any]:
+    """The config.json keys a UNet and a ControlNet share: those of the encoder half (time and text-time
+    embeddings, conv_in, down and mid blocks), read from LDM weights (prefix removed)."""
     keys = set(unet)
     levels = _count(keys, r"input_blocks\.(\d+)\.0\.op\.") + 1
     layers_per_block = (_count(keys, r"input_blocks\.(\d+)\.") - 1 - (levels - 1)) // levels
     first_input = [1 + level * (layers_per_block + 1) for level in range(levels)]
     channels = [unet[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] for i in first_input]
     down_attention = [f"input_blocks.{i}.1.proj_in.weight" in unet for i in first_input]
-    up_attention = [f"output_blocks.{level * (layers_per_block + 1)}.1.proj_in.weight" in unet
-                    for level in range(levels)]
     depths = [_count(keys, rf"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\.") or 1 for i in first_input]
     attention = next(i for i, has in zip(first_input, down_attention) if has)
     proj_in = unet[f"input_blocks.{attention}.1.proj_in.weight"]  # a 1x1 conv in SD 1.x, a linear in SD 2.x/XL
-    cond_proj = unet.get("time_embed.cond_proj.weight")
     if family == "sd1":
         heads: int | list[int] = hints.sd1_unet_heads
     else:
         heads = [max(1, c // hints.unet_head_dim) for c in channels]
 
     config: dict[str, Any] = {
-        "_class_name": "UNet2DConditionModel",
         "act_fn": "silu",
         "addition_embed_type": None,
         "addition_embed_type_num_heads": 64,
         "addition_time_embed_dim": None,
         "attention_head_dim": heads,
-        "attention_type": "default",
         "block_out_channels": channels,
-        "center_input_sample": False,
         "class_embed_type": None,
-        "class_embeddings_concat": False,
-        "conv_in_kernel": 3,
-        "conv_out_kernel": 3,
         "cross_attention_dim": unet[f"input_blocks.{attention}.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
-        "cross_attention_norm": None,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attention],
         "downsample_padding": 1,
-        "dropout": 0.0,
-        "dual_cross_attention": False,
         "encoder_hid_dim": None,
         "encoder_hid_dim_type": None,
         "flip_sin_to_cos": True,
         "freq_shift": 0,
         "in_channels": unet["input_blocks.0.0.weight"].shape[1],
         "layers_per_block": layers_per_block,
-        "mid_block_only_cross_attention": None,
         "mid_block_scale_factor": 1,
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "norm_eps": 1e-05,
@@ -283,20 +280,9 @@ def unet_config_from_ldm(unet: dict[str, Any], family: str, text_projection_dim:
         "num_attention_heads": None,
         "num_class_embeds": None,
         "only_cross_attention": False,
-        "out_channels": unet["out.2.weight"].shape[0],
         "projection_class_embeddings_input_dim": None,
-        "resnet_out_scale_factor": 1.0,
-        "resnet_skip_time_act": False,
         "resnet_time_scale_shift": "default",
-        "reverse_transformer_layers_per_block": None,
-        "sample_size": DEFAULT_IMAGE_SIZE[family] // 8,
-        "time_cond_proj_dim": cond_proj.shape[1] if cond_proj is not None else None,  # LCM's guidance input
-        "time_embedding_act_fn": None,
-        "time_embedding_dim": None,
-        "time_embedding_type": "positional",
-        "timestep_post_act": None,
         "transformer_layers_per_block": depths[0] if len(set(depths)) == 1 else depths,
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attention],
         "upcast_attention": False,  # diffusers sets it for SD 2.1-v in fp16; shapes cannot tell 2.1 from 2.0
         "use_linear_projection": proj_in.ndim == 2,
     }
@@ -308,6 +294,40 @@ def unet_config_from_ldm(unet: dict[str, Any], family: str, text_projection_dim:
             addition_time_embed_dim=(adm_channels - (text_projection_dim or 0)) // 6,
         )
     return config
+
+
+def unet_config_from_ldm(unet: dict[str, Any], family: str, text_projection_dim: int | None,
+                         hints: ArchitectureHints) -> dict[str, Any]:
+    """The diffusers UNet config.json for LDM UNet weights (prefix removed); only their shapes are read."""
+    config = _encoder_config(unet, family, text_projection_dim, hints)
+    stride = config["layers_per_block"] + 1
+    up_attention = [f"output_blocks.{level * stride}.1.proj_in.weight" in unet
+                    for level in range(len(config["block_out_channels"]))]
+    cond_proj = unet.get("time_embed.cond_proj.weight")
+    return {
+        "_class_name": "UNet2DConditionModel",
+        **config,
+        "attention_type": "default",
+        "center_input_sample": False,
+        "class_embeddings_concat": False,
+        "conv_in_kernel": 3,
+        "conv_out_kernel": 3,
+        "cross_attention_norm": None,
+        "dropout": 0.0,
+        "dual_cross_attention": False,
+        "mid_block_only_cross_attention": None,
+        "out_channels": unet["out.2.weight"].shape[0],
+        "resnet_out_scale_factor": 1.0,
+        "resnet_skip_time_act": False,
+        "reverse_transformer_layers_per_block": None,
+        "sample_size": DEFAULT_IMAGE_SIZE[family] // 8,
+        "time_cond_proj_dim": cond_proj.shape[1] if cond_proj is not None else None,  # LCM's guidance input
+        "time_embedding_act_fn": None,
+        "time_embedding_dim": None,
+        "time_embedding_type": "positional",
+        "timestep_post_act": None,
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attention],
+    }
 
 
 def convert_unet(unet: dict[str, Any], family: str, text_projection_dim: int | None,
@@ -396,6 +416,70 @@ def convert_vae(vae: dict[str, Any], family: str,
     return config, state
 
 
+# --- ControlNet -----------------------------------------------------------------------------------------
+
+def _hint_convs(controlnet: dict[str, Any]) -> list[int]:
+    """The positions of the convs in the hint block (an nn.Sequential of convs and SiLUs): 0, 2, ..., 14."""
+    return sorted({int(m[1]) for k in controlnet if (m := re.fullmatch(r"input_hint_block\.(\d+)\.weight", k))})
+
+
+def _controlnet_key(key: str, hint_convs: list[int], layers_per_block: int) -> str | None:
+    """An LDM ControlNet key (prefix removed) -> its diffusers ControlNetModel key; None if unknown.
+
+    The hint block's first and last convs are diffusers' conv_in and conv_out, the ones between its blocks."""
+    module, _, param = key.rpartition(".")
+    if m := re.fullmatch(r"input_hint_block\.(\d+)", module):
+        position = hint_convs.index(int(m[1]))
+        name = {0: "conv_in", len(hint_convs) - 1: "conv_out"}.get(position, f"blocks.{position - 1}")
+        return f"controlnet_cond_embedding.{name}.{param}"
+    if m := re.fullmatch(r"zero_convs\.(\d+)\.0", module):
+        return f"controlnet_down_blocks.{m[1]}.{param}"
+    if module == "middle_block_out.0":
+        return f"controlnet_mid_block.{param}"
+    return _unet_key(key, layers_per_block)
+
+
+def _controlnet_family(controlnet: dict[str, Any]) -> str:
+    """The base family a lone ControlNet was trained for, which decides its attention heads."""
+    if "label_emb.0.0.weight" in controlnet:
+        return "sdxl"
+    proj_in = next(v for k, v in controlnet.items() if k.endswith(".proj_in.weight"))
+    return "sd2" if proj_in.ndim == 2 else "sd1"  # SD 2.x projects with linears, SD 1.x with 1x1 convs
+
+
+def controlnet_config_from_ldm(controlnet: dict[str, Any], hints: ArchitectureHints) -> dict[str, Any]:
+    """The diffusers ControlNetModel config.json for LDM ControlNet weights (prefix removed), from shapes."""
+    hint_convs = _hint_convs(controlnet)
+    hint = [controlnet[f"input_hint_block.{i}.weight"] for i in hint_convs]
+    # conv_in and then every strided block conv (the second of each pair) set the embedding's widths
+    embedding_channels = [hint[0].shape[0]] + [conv.shape[0] for conv in hint[2:-1:2]]
+    return {
+        "_class_name": "ControlNetModel",
+        **_encoder_config(controlnet, _controlnet_family(controlnet), hints.sdxl_text_projection_dim, hints),
+        "conditioning_channels": hint[0].shape[1],
+        "conditioning_embedding_out_channels": embedding_channels,
+        "controlnet_conditioning_channel_order": "rgb",
+        "global_pool_conditions": False,
+    }
+
+
+def convert_controlnet(controlnet: dict[str, Any],
+                       hints: ArchitectureHints) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    config = controlnet_config_from_ldm(controlnet, hints)
+    hint_convs = _hint_convs(controlnet)
+    return config, _rename(controlnet, lambda k: _controlnet_key(k, hint_convs, config["layers_per_block"]),
+                           "ControlNet")
+
+
+def _controlnet_weights(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """A checkpoint's ControlNet weights, prefix removed: under control_model., or the whole file when it is
+    a bare ControlNet state dict; None when it has no ControlNet."""
+    controlnet = _strip(raw, CONTROLNET_PREFIX)
+    if CONTROLNET_MARKER in controlnet:
+        return controlnet
+    return raw if CONTROLNET_MARKER in raw else None
+
+
 # --- text encoders --------------------------------------------------------------------------------------
 
 def _text_config(state: dict[str, np.ndarray], hidden_act: str, pad_token_id: int | None, with_projection: bool,
@@ -465,10 +549,15 @@ def convert_open_clip(clip: dict[str, Any], penultimate: bool,
 
 def load_checkpoint(path: str | Path, allow_pickle: bool = False, prediction_type: str | None = None,
                     hints: ArchitectureHints = ArchitectureHints()) -> DiffusersComponents:
-    """Read a single-file SD 1.x/2.x/XL checkpoint into diffusers-layout configs and float32 state dicts.
+    """Read a single-file SD 1.x/2.x/XL checkpoint or ControlNet into diffusers-layout configs and float32
+    state dicts.
 
     Pickle files (.ckpt/.pt/.bin) are refused unless `allow_pickle`; `prediction_type` overrides the file."""
     raw, metadata = read_state_dict(Path(path), allow_pickle)
+    controlnet = _controlnet_weights(raw)
+    if controlnet is not None and not any(k.startswith(UNET_PREFIX) for k in raw):  # a lone ControlNet
+        return DiffusersComponents(family="controlnet", prediction_type="epsilon", inpainting=False,
+                                   components={"controlnet": convert_controlnet(controlnet, hints)})
     keys = set(raw)
     family = detect_family(keys)
     result = DiffusersComponents(
@@ -487,6 +576,8 @@ def load_checkpoint(path: str | Path, allow_pickle: bool = False, prediction_typ
     projection_dim = components["text_encoder_2"][0]["projection_dim"] if family == "sdxl" else None
     components["unet"] = convert_unet(_strip(raw, UNET_PREFIX), family, projection_dim, hints)
     components["vae"] = convert_vae(_strip(raw, VAE_PREFIX), family, hints)
+    if controlnet is not None:  # the original ControlNet training files hold the base model too
+        components["controlnet"] = convert_controlnet(controlnet, hints)
     result.inpainting = components["unet"][0]["in_channels"] == 9  # latents + mask + masked-image latents
     return result
 
