@@ -1,4 +1,5 @@
-"""diffusers pipeline -> single-file checkpoint in the original layout (CompVis/LDM for SD 1.x/2.x, SGM for SDXL).
+"""diffusers pipeline -> single-file checkpoint in the original layout (CompVis/LDM for SD 1.x/2.x, SGM for SDXL);
+diffusers ControlNetModel -> single-file ControlNet in lllyasviel's layout (`control_model.*`).
 
 The inverse of `convert.checkpoint`, written independently from the layout's description so that tests can
 make tiny single-file checkpoints; the tests check it against diffusers' own single-file converters.
@@ -50,6 +51,35 @@ def unet_key(key: str, config: dict) -> str:
         block = level * stride + index
         return f"output_blocks.{block}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{block}.1.{rest}"
     raise KeyError(f"no LDM name for UNet key {key}")
+
+
+def controlnet_key(key: str, config: dict) -> str:
+    """diffusers ControlNetModel key -> LDM ControlNet key (without `control_model.`).
+
+    The hint block is one nn.Sequential alternating convs and SiLUs: conv_in at 0, the blocks at 2, 4, ...,
+    conv_out after them (at 14 for the usual four embedding widths)."""
+    hint_blocks = 2 * (len(config["conditioning_embedding_out_channels"]) - 1)
+    positions = {"conv_in": 0, "conv_out": hint_blocks + 1} | {f"blocks.{i}": i + 1 for i in range(hint_blocks)}
+    module, _, param = key.rpartition(".")
+    if m := re.fullmatch(r"controlnet_cond_embedding\.(.+)", module):
+        return f"input_hint_block.{2 * positions[m[1]]}.{param}"
+    if m := re.fullmatch(r"controlnet_down_blocks\.(\d+)", module):
+        return f"zero_convs.{m[1]}.0.{param}"
+    if module == "controlnet_mid_block":
+        return f"middle_block_out.0.{param}"
+    return unet_key(key, config)
+
+
+def controlnet_state(controlnet, prefix: str = "control_model.") -> dict[str, np.ndarray]:
+    """A diffusers ControlNetModel's weights as a single-file ControlNet state dict."""
+    return {prefix + controlnet_key(k, controlnet.config): v for k, v in _numpy(controlnet.state_dict()).items()}
+
+
+def write_controlnet(controlnet, path: Path, prefix: str = "control_model.") -> Path:
+    from safetensors.numpy import save_file
+
+    save_file(controlnet_state(controlnet, prefix), str(path))
+    return Path(path)
 
 
 def vae_key(key: str, config: dict) -> str:
