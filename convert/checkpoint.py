@@ -146,7 +146,8 @@ def detect_family(keys: set[str]) -> str:
     if not has(UNET_PREFIX) or not has(VAE_PREFIX):
         raise CheckpointError(
             "not a full Stable Diffusion checkpoint: expected a UNet (model.diffusion_model.*) and a VAE "
-            "(first_stage_model.*), or a ControlNet (control_model.*)" + (f"; it has keys like {sorted(keys)[:3]}" if keys else "; it is empty")
+            "(first_stage_model.*), or a ControlNet (control_model.*)"
+            + (f"; it has keys like {sorted(keys)[:3]}" if keys else "; it is empty")
         )
     if has(SDXL_CLIP_PREFIX) and has(SDXL_OPEN_CLIP_PREFIX):
         return "sdxl"
