@@ -56,7 +56,7 @@ def load_average() -> str:
 def print_table(title: str, columns: list[str], rows: list[tuple[str, list[float | None], str]]) -> None:
     """One row per measurement: a label, a value per column (None: not measured), and the number format."""
     print(title)
-    print(f"{'':34}" + "".join(f"{c:>14}" for c in columns))
+    print(f"{'':34}" + "".join(f"{c:>16}" for c in columns))
     for label, values, number_format in rows:
         cells = ["-" if v is None else format(v, number_format) for v in values]
-        print(f"{label:34}" + "".join(f"{c:>14}" for c in cells))
+        print(f"{label:34}" + "".join(f"{c:>16}" for c in cells))

@@ -10,6 +10,7 @@ converted folder through `TorchPipeline`, in the same dtype. Rows:
 
   load             the converted folder to a ready pipeline
   UNet eval        one UNet call with classifier-free guidance (batch 2) at the size's latent
+  VAE decode       one latent of the size to pixels (the part of an image that does not scale with steps)
   image            a whole image: text encoding, N euler steps, VAE decode
   MLX peak         mx.get_peak_memory() over the timed generations (weights included)
   max RSS          the child process's maximum resident memory (loading included)
@@ -59,7 +60,8 @@ def unet_inputs(config: dict, width: int, height: int) -> dict:
 
 
 def mlx_engine(folder: Path, dtype: str):
-    """(pipeline, one UNet evaluation on `inputs`, the peak-memory reset and read-out)."""
+    """(pipeline, a UNet evaluation on given inputs, a VAE decode of a given latent, peak-memory reset and
+    read-out): one engine's way of doing each measured thing."""
     import mlx.core as mx
 
     from mlx_sd_server.engine.model_io import load_model
@@ -75,7 +77,11 @@ def mlx_engine(folder: Path, dtype: str):
         sample, timestep, context = arrays.pop("sample"), arrays.pop("timestep"), arrays.pop("encoder_hidden_states")
         return lambda: mx.eval(pipeline.model.unet(sample, timestep, context, **arrays))
 
-    return pipeline, unet_call, mx.reset_peak_memory, mx.get_peak_memory
+    def decode_call(latent):
+        latent = mx.array(latent)
+        return lambda: pipeline.decode_latents(latent)
+
+    return pipeline, unet_call, decode_call, mx.reset_peak_memory, mx.get_peak_memory
 
 
 def torch_engine(folder: Path, dtype: str):
@@ -97,7 +103,17 @@ def torch_engine(folder: Path, dtype: str):
 
         return call
 
-    return pipeline, unet_call, lambda: None, lambda: None
+    def decode_call(latent):
+        vae = pipeline.base.vae
+        latent = torch.from_numpy(latent).permute(0, 3, 1, 2).to(vae.dtype) / vae.config.scaling_factor
+
+        def call():
+            with torch.inference_mode():
+                vae.decode(latent)
+
+        return call
+
+    return pipeline, unet_call, decode_call, lambda: None, lambda: None
 
 
 def measure(engine: str, folder: Path, dtype: str, steps: int, runs: int, width: int, height: int,
@@ -107,7 +123,7 @@ def measure(engine: str, folder: Path, dtype: str, steps: int, runs: int, width:
     from mlx_sd_server.job import build_job
 
     start = time.perf_counter()
-    pipeline, unet_call, reset_peak, peak = (mlx_engine if engine == "mlx" else torch_engine)(folder, dtype)
+    pipeline, unet_call, decode_call, reset_peak, peak = (mlx_engine if engine == "mlx" else torch_engine)(folder, dtype)
     results: dict = {"load_s": time.perf_counter() - start}
     job_fields = {"prompt": PROMPT, "width": width, "height": height, "cfg_scale": 7.0,
                   "sample_method": "euler", "scheduler": "discrete", "seed": 42}
@@ -119,7 +135,9 @@ def measure(engine: str, folder: Path, dtype: str, steps: int, runs: int, width:
         results["cold_image_s"] = time.perf_counter() - start
     else:
         config = read_manifest(folder)["components"]["unet"]["config"]
-        results["unet_s"] = median_seconds(unet_call(unet_inputs(config, width, height)), runs)
+        inputs = unet_inputs(config, width, height)
+        results["unet_s"] = median_seconds(unet_call(inputs), runs)
+        results["decode_s"] = median_seconds(decode_call(inputs["sample"][:1]), runs)
         warmup = build_job({**job_fields, "steps": 1})
         drain(pipeline.generate(warmup))
         reset_peak()
@@ -183,6 +201,7 @@ def main() -> None:
         rows.append(row(f"image, {args.steps} steps, cold (s)", "cold_image_s", 1, ".1f"))
     else:
         rows += [row("UNet eval, CFG batch 2 (s)", "unet_s", 1, ".2f"),
+                 row("VAE decode (s)", "decode_s", 1, ".2f"),
                  row(f"image, {args.steps} steps (s)", "image_s", 1, ".1f")]
     rows += [row("MLX peak memory (GB)", "peak_bytes", 1e9, ".2f"), row("max RSS (GB)", "max_rss_bytes", 1e9, ".2f")]
     columns = engines + (["mlx/torch"] if set(engines) == set(ENGINES) else [])
