@@ -195,3 +195,14 @@ def test_sd15_sized_vae_matches_diffusers():
     assert max_rel_err(mean, nchw_to_nhwc(posterior.mean)) <= TOLERANCE
     assert max_rel_err(logvar, nchw_to_nhwc(posterior.logvar)) <= TOLERANCE
     assert max_rel_err(model.decode(to_mlx(posterior.mean)), nchw_to_nhwc(decoded)) <= TOLERANCE
+
+
+def test_banded_convolution_equals_the_plain_one():
+    """Large inputs go through BandedConv2d's row bands (with the rows not dividing evenly); same result."""
+    from mlx_sd_server.engine.vae import BandedConv2d
+
+    conv = BandedConv2d(8, 16)
+    x = mx.random.normal((2, 150, 130, 8), key=mx.random.key(0))
+    assert x.shape[1] * x.shape[2] > BandedConv2d.BAND_PIXELS
+    expected = mx.conv2d(x, conv.weight, padding=1) + conv.bias
+    assert mx.abs(conv(x) - expected).max().item() < 1e-5

@@ -61,13 +61,40 @@ class VAEConfig:
         return cls(**kwargs)
 
 
+class BandedConv2d(nn.Conv2d):
+    """A 3x3, padding-1 convolution that works through large images in bands of rows.
+
+    On the CPU a convolution's workspace is ~9x its input; at full image resolution that is the VAE's
+    memory peak (a 256x256x128 conv: 370 MB as one op, 110 MB in evaluated bands). Same parameters and
+    results as `nn.Conv2d(in, out, 3, padding=1)`; small inputs take the plain path.
+    """
+
+    BAND_PIXELS = 16384
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        height, width = x.shape[1], x.shape[2]
+        if height * width <= self.BAND_PIXELS:
+            return super().__call__(x)
+        rows = max(1, self.BAND_PIXELS // width)
+        padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
+        bands = []
+        for top in range(0, height, rows):
+            band = mx.conv2d(padded[:, top : top + rows + 2], self.weight)
+            mx.eval(band)  # one band's workspace at a time
+            bands.append(band)
+        return mx.concatenate(bands, axis=1) + self.bias
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
         self.norm1 = GroupNorm(groups, in_channels, eps=1e-6)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = BandedConv2d(in_channels, out_channels)
         self.norm2 = GroupNorm(groups, out_channels, eps=1e-6)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = BandedConv2d(out_channels, out_channels)
         if in_channels != out_channels:
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
@@ -124,7 +151,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = BandedConv2d(channels, channels)
 
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
@@ -161,7 +188,7 @@ class Encoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         widths, groups = config.block_out_channels, config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
+        self.conv_in = BandedConv2d(config.in_channels, widths[0])
         self.down_blocks = [
             EncoderBlock(widths[max(i - 1, 0)], widths[i], config.layers_per_block, groups, i < len(widths) - 1)
             for i in range(len(widths))
@@ -189,7 +216,7 @@ class Decoder(nn.Module):
             for i in range(len(widths))
         ]
         self.conv_norm_out = GroupNorm(groups, widths[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(widths[-1], config.out_channels, 3, padding=1)
+        self.conv_out = BandedConv2d(widths[-1], config.out_channels)
 
     def __call__(self, z: mx.array) -> mx.array:
         # Evaluated layer by layer: as one lazy graph the decoder keeps many full-resolution intermediates
