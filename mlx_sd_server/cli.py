@@ -46,7 +46,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                         help="compute dtype (default: float16 on GPU, float32 on CPU)")
     parser.add_argument("--engine", choices=["mlx", "torch", "auto"], default="mlx",
-                        help="mlx, the diffusers/torch fallback, or auto (torch only where MLX cannot serve)")
+                        help="mlx, the diffusers/torch fallback, or auto (torch where MLX cannot load a model)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 

@@ -170,17 +170,24 @@ class ModelRegistry:
             return pipeline
 
     def _load(self, info: ModelInfo) -> Pipeline:
+        """MLX, or the diffusers/torch fallback when asked for, or ("auto") when MLX cannot load the model."""
         control = self._control.get(info.name)
-        if self.engine == "torch":
-            from mlx_sd_server.torch_engine import TorchPipeline
+        if self.engine != "torch":
+            try:
+                from mlx_sd_server.engine.model_io import load_model
+                from mlx_sd_server.engine.pipeline import DiffusionPipeline
 
-            log.info("engine: diffusers/torch for %s", info.name)
-            return TorchPipeline.from_folder(info.folder, control_net=control)
-        from mlx_sd_server.engine.model_io import load_model
-        from mlx_sd_server.engine.pipeline import DiffusionPipeline
+                pipeline = DiffusionPipeline(load_model(info.folder, dtype=self.dtype, controlnet=control))
+                log.info("engine: MLX for %s", info.name)
+                return pipeline
+            except (ImportError, RuntimeError, MemoryError, ValueError) as exc:
+                if self.engine != "auto":
+                    raise
+                log.warning("MLX cannot load %s (%s): falling back to diffusers/torch", info.name, exc)
+        from mlx_sd_server.torch_engine import TorchPipeline
 
-        log.info("engine: MLX for %s", info.name)
-        return DiffusionPipeline(load_model(info.folder, dtype=self.dtype, controlnet=control))
+        log.info("engine: diffusers/torch for %s", info.name)
+        return TorchPipeline.from_folder(info.folder, control_net=control, dtype=self.dtype)
 
 
 def print_models(args: argparse.Namespace) -> int:

@@ -53,3 +53,17 @@ def test_unknown_spec_and_offline_pull_fail_clearly(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert "offline" in err and "mlx-sd-server convert" in err
     assert not (tmp_path / "some-model").exists()
+
+
+def test_auto_engine_falls_back_to_torch_when_mlx_cannot_load(tmp_path, monkeypatch, caplog):
+    import mlx_sd_server.engine.model_io as model_io
+    from mlx_sd_server.torch_engine import TorchPipeline
+
+    def cannot_load(*args, **kwargs):
+        raise RuntimeError("no MLX backend here")
+
+    monkeypatch.setattr(model_io, "load_model", cannot_load)
+    assert isinstance(ModelRegistry([TINY_MODEL_NAME], tmp_path, engine="auto").pipeline(), TorchPipeline)
+    assert "falling back to diffusers/torch" in caplog.text
+    with pytest.raises(Exception, match="no MLX backend"):  # without auto, the failure is reported
+        ModelRegistry([TINY_MODEL_NAME], tmp_path, engine="mlx").pipeline()
