@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
+from common import best_ms  # noqa: E402
 from mlx_sd_server.blas import ensure_fast_blas  # noqa: E402
 
 # (name, batch, heads, query tokens, key tokens, head_dim): SD 1.5's UNet at a 64x64 latent, cfg batch 2.
@@ -23,16 +23,6 @@ SHAPES = [
     ("cross 64x64", 2, 8, 4096, 77, 40),
     ("self 32x32", 2, 8, 1024, 1024, 80),
 ]
-
-
-def best_ms(run, repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1000
 
 
 def mlx_variants():

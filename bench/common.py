@@ -24,6 +24,17 @@ def median_seconds(run: Callable[[], Any], runs: int, warmup: Callable[[], Any] 
     return statistics.median(times)
 
 
+def best_ms(run: Callable[[], Any], repeats: int) -> float:
+    """Fastest of `repeats` calls of `run` in milliseconds, after one warm-up call (kernel benches)."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1000
+
+
 def drain(generation) -> Any:
     """Run an engine's step generator to the end; returns what it returns (the images)."""
     while True:

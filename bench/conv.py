@@ -14,22 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
+from common import best_ms  # noqa: E402
 from mlx_sd_server.blas import ensure_fast_blas  # noqa: E402
 
 # (batch, height, width, channels): the cfg batch of 2 at each UNet level of a 64x64 latent.
 SHAPES = [(2, 64, 64, 320), (2, 32, 32, 640), (2, 16, 16, 1280), (2, 8, 8, 1280)]
-
-
-def best_ms(run, repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1000
 
 
 def mlx_variants():
