@@ -115,3 +115,13 @@ def test_unknown_mask_string_is_refused():
     q, k, v = random_qkv(1, 1, 4, 4, 8)
     with pytest.raises(ValueError):
         attention(q, k, v, "sliding")
+
+
+def test_score_budget_splits_queries_into_evaluated_rounds(stream_count, monkeypatch):
+    """With a small score budget there are more chunks than streams (rounds); masks still line up."""
+    monkeypatch.setattr(attention_module, "MAX_SCORES_PER_CHUNK", 2 * 4 * 29 * 5)  # 5 query rows a chunk
+    q, k, v = random_qkv(2, 4, 41, 29, 16)
+    mask = mx.random.uniform(shape=(2, 1, 41, 29), key=mx.random.key(2)) > 0.4
+    mask = mask | (mx.arange(29) == 0)
+    assert max_rel_err(attention(q, k, v, mask), reference_attention(q, k, v, mask)) <= TOLERANCE[mx.float32]
+    assert max_rel_err(attention(q, k, v), reference_attention(q, k, v)) <= TOLERANCE[mx.float32]

@@ -18,6 +18,9 @@ import mlx.core as mx
 
 # Below this many query tokens a split costs more in dispatch than it saves (L=77 text attention).
 MIN_QUERIES_PER_STREAM = 256
+# Scores (batch x heads x queries x keys) per chunk: 32M keeps SD 1.5's 4096-token self-attention at
+# ~0.4 GB of live scores (float32 softmax) instead of ~2 GB when every query is scored at once.
+MAX_SCORES_PER_CHUNK = 32 * 2**20
 
 
 _per_thread = threading.local()
@@ -49,13 +52,23 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | str | None
 
     q = q * mx.array(scale, q.dtype)
     streams = cpu_streams()
-    chunk = max(-(-q.shape[-2] // len(streams)), MIN_QUERIES_PER_STREAM)
+    queries = q.shape[-2]
+    chunk = max(-(-queries // len(streams)), MIN_QUERIES_PER_STREAM)
+    # Cap each chunk's score matrix; more chunks than streams run in evaluated rounds, one per stream each.
+    rows_in_budget = MAX_SCORES_PER_CHUNK // max(1, q.shape[0] * q.shape[1] * k.shape[-2])
+    chunk = max(1, min(chunk, rows_in_budget))
+    starts = list(range(0, queries, chunk))
     outputs = []
-    for stream, start in zip(streams, range(0, q.shape[-2], chunk)):
-        rows = slice(start, start + chunk)
-        # A mask that broadcasts along the query axis (size 1 there) applies to every chunk whole.
-        chunk_mask = mask if mask is None or mask.ndim < 2 or mask.shape[-2] == 1 else mask[..., rows, :]
-        outputs.append(unfused_attention(q[..., rows, :], k, v, chunk_mask, stream))
+    for round_start in range(0, len(starts), len(streams)):
+        round_outputs = []
+        for stream, start in zip(streams, starts[round_start : round_start + len(streams)]):
+            rows = slice(start, start + chunk)
+            # A mask that broadcasts along the query axis (size 1 there) applies to every chunk whole.
+            chunk_mask = mask if mask is None or mask.ndim < 2 or mask.shape[-2] == 1 else mask[..., rows, :]
+            round_outputs.append(unfused_attention(q[..., rows, :], k, v, chunk_mask, stream))
+        if len(starts) > len(streams):
+            mx.eval(round_outputs)  # free this round's scores before the next round allocates its own
+        outputs.extend(round_outputs)
     return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=-2)
 
 
