@@ -71,6 +71,8 @@ def ensure_tiny_model(folder: Path) -> Path:
         os.replace(work, folder)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        if (folder / MANIFEST).exists():  # another process built it first: theirs is the same model
+            return folder
         raise
     log.warning("built %s: RANDOM WEIGHTS, for testing clients only (it draws noise)", folder)
     return folder
