@@ -58,6 +58,9 @@ class ModelDefaults:
     height: int = 512
 
 
+_DEFAULTS = ModelDefaults()  # what a model without its own defaults uses
+
+
 @dataclass(frozen=True)
 class Job:
     """A fully resolved generation request. Images are RGB (`mask`: L, 255 = repaint)."""
@@ -66,12 +69,12 @@ class Job:
     model: str | None = None
     negative_prompt: str = ""
     n: int = 1
-    steps: int = 20
-    cfg_scale: float = 7.0
-    sample_method: str = "euler_a"
-    scheduler: str = "discrete"
-    width: int = 512
-    height: int = 512
+    steps: int = _DEFAULTS.steps
+    cfg_scale: float = _DEFAULTS.cfg_scale
+    sample_method: str = _DEFAULTS.sample_method
+    scheduler: str = _DEFAULTS.scheduler
+    width: int = _DEFAULTS.width
+    height: int = _DEFAULTS.height
     seed: int = 42
     # img2img / inpainting (edits)
     init_image: Image.Image | None = field(default=None, repr=False)
