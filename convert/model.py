@@ -98,7 +98,7 @@ def write_model(
             ]
             entries[component] = save_component(work, component, config, mapped, DTYPES[dtype], quantization)
             del mapped
-            if component in source.tokenizers or component.startswith("text_encoder"):
+            if component.startswith("text_encoder"):  # each text encoder carries its tokenizer
                 folder = "tokenizer" if component == "text_encoder" else "tokenizer_2"
                 _tokenizer_for(source, component).save(work / folder)
                 entries[component]["tokenizer"] = folder

@@ -125,8 +125,9 @@ class DiffusionPipeline:
             return self._encode_chunks(cond)
         uncond = [chunk_prompt(tok, job.negative_prompt) for tok in tokenizers]
         count = max(len(c) for c in cond + uncond)
-        cond = [pad_chunks(c, count, chunk_prompt(t, "")[0]) for c, t in zip(cond, tokenizers)]
-        uncond = [pad_chunks(c, count, chunk_prompt(t, "")[0]) for c, t in zip(uncond, tokenizers)]
+        empties = [chunk_prompt(t, "")[0] for t in tokenizers]
+        cond = [pad_chunks(c, count, empty) for c, empty in zip(cond, empties)]
+        uncond = [pad_chunks(c, count, empty) for c, empty in zip(uncond, empties)]
         cond_context, cond_pooled = self._encode_chunks(cond)
         if self.is_sdxl and not job.negative_prompt:  # SDXL's "force_zeros_for_empty_prompt"
             uncond_context, uncond_pooled = mx.zeros_like(cond_context), mx.zeros_like(cond_pooled)
