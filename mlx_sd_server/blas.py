@@ -5,6 +5,11 @@ minutes). The dynamic linker lets a library named in LD_PRELOAD supply the BLAS 
 from process start, so `ensure_fast_blas` re-executes the current command once with OpenBLAS preloaded.
 Nothing happens on macOS (MLX uses Accelerate there), when a real BLAS is already loaded, or with
 MLX_SD_NO_BLAS_REEXEC=1. MLX_SD_BLAS=/path/to/libblas.so names the library to preload.
+
+The same restart asks glibc's malloc for transparent huge pages (GLIBC_TUNABLES glibc.malloc.hugetlb=1,
+glibc >= 2.35; ignored elsewhere). MLX's CPU allocator keeps no cache, so every large intermediate is a
+fresh mmap whose 4 KB pages fault in one by one: a 134 MB buffer (one 512x512x128 VAE activation) cost
+~70 ms to produce before, ~15 ms with 2 MB pages.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ OVERRIDE_ENV = "MLX_SD_BLAS"
 DISABLE_ENV = "MLX_SD_NO_BLAS_REEXEC"
 # Set in the re-executed process, so that a preload that did not take cannot cause an exec loop.
 REEXEC_MARKER_ENV = "MLX_SD_BLAS_REEXECED"
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
 # Most specific first: Debian/Ubuntu's libopenblas0-pthread, then any OpenBLAS in the usual places.
 # The pthread build is preferred to the OpenMP one, which can clash with torch's own OpenMP runtime.
@@ -78,6 +84,7 @@ def ensure_fast_blas() -> None:
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(filter(None, [library, env.get("LD_PRELOAD")]))
     env.setdefault("OPENBLAS_NUM_THREADS", str(default_thread_count()))
+    env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), HUGE_PAGES_TUNABLE]))
     env[REEXEC_MARKER_ENV] = "1"
     # A print, not a log record: this runs before the command has configured logging.
     print(f"mlx-sd-server: restarting with {library} as MLX's BLAS ({DISABLE_ENV}=1 to disable)",

@@ -1,4 +1,4 @@
-"""attention() against a float64 numpy reference, on the CPU path (query chunks on several streams).
+"""attention() against a float64 numpy reference, on the CPU path (numpy blocks over several threads).
 
 Tolerances: float32 results are sums of ~Lk products whose rounding errors (2^-24 each) grow with
 sqrt(Lk) and the exp's conditioning; 5e-6 relative is ~80 ulps, above what we see (~1e-6) and far
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from parity import max_rel_err
 
-from mlx_sd_server.engine import attention as attention_module
+from mlx_sd_server.engine import cpu_kernels
 from mlx_sd_server.engine.attention import attention, causal_mask
 
 TOLERANCE = {mx.float32: 5e-6, mx.float16: 4e-3, mx.bfloat16: 3e-2}
@@ -40,36 +40,34 @@ def random_qkv(batch, heads, query_length, key_length, head_dim, dtype=mx.float3
     return q.astype(dtype), k.astype(dtype), v.astype(dtype)
 
 
-@pytest.fixture(params=[1, 3], ids=["1-stream", "3-streams"])
-def stream_count(request, monkeypatch):
-    """Runs a test with the queries split over 1 and over 3 streams, whatever this machine's core count."""
-    monkeypatch.setattr(attention_module, "cpu_streams",
-                        lambda: tuple(mx.new_stream(mx.cpu) for _ in range(request.param)))
-    monkeypatch.setattr(attention_module, "MIN_QUERIES_PER_STREAM", 8)
+@pytest.fixture(params=[10**9, 7 * 29], ids=["one-block", "7-row-blocks"])
+def block_size(request, monkeypatch):
+    """Runs a test with each head's scores in one block, and in blocks of a few query rows (uneven ends)."""
+    monkeypatch.setattr(cpu_kernels, "SCORES_PER_BLOCK", request.param)
     return request.param
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 37, 37, 40), (1, 5, 53, 77, 64), (2, 2, 1, 9, 8), (1, 3, 97, 13, 40)],
                          ids=["self-odd", "cross-77", "one-query", "uneven-chunks"])
-def test_matches_float64_reference(shape, stream_count):
+def test_matches_float64_reference(shape, block_size):
     q, k, v = random_qkv(*shape)
     assert max_rel_err(attention(q, k, v), reference_attention(q, k, v)) <= TOLERANCE[mx.float32]
 
 
-def test_boolean_mask_per_query(stream_count):
+def test_boolean_mask_per_query(block_size):
     q, k, v = random_qkv(2, 4, 41, 29, 16)
     mask = mx.random.uniform(shape=(2, 1, 41, 29), key=mx.random.key(1)) > 0.4
     mask = mask | (mx.arange(29) == 0)  # every query keeps one key: no empty softmax rows
     assert max_rel_err(attention(q, k, v, mask), reference_attention(q, k, v, mask)) <= TOLERANCE[mx.float32]
 
 
-def test_additive_mask_broadcast_over_queries(stream_count):
+def test_additive_mask_broadcast_over_queries(block_size):
     q, k, v = random_qkv(2, 4, 41, 29, 16)
     mask = mx.random.normal((1, 4, 1, 29), key=mx.random.key(2)) * 3
     assert max_rel_err(attention(q, k, v, mask), reference_attention(q, k, v, mask)) <= TOLERANCE[mx.float32]
 
 
-def test_causal_mask_with_more_keys_than_queries(stream_count):
+def test_causal_mask_with_more_keys_than_queries(block_size):
     q, k, v = random_qkv(1, 2, 19, 23, 8)
     expected = reference_attention(q, k, v, np.tril(np.ones((19, 23), dtype=bool), k=23 - 19))
     assert max_rel_err(attention(q, k, v, "causal"), expected) <= TOLERANCE[mx.float32]
@@ -77,7 +75,7 @@ def test_causal_mask_with_more_keys_than_queries(stream_count):
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["float16", "bfloat16"])
-def test_reduced_precision_keeps_dtype(dtype, stream_count):
+def test_reduced_precision_keeps_dtype(dtype, block_size):
     q, k, v = random_qkv(1, 2, 33, 21, 40, dtype=dtype)
     out = attention(q, k, v)
     assert out.dtype == dtype
@@ -91,8 +89,8 @@ def test_same_result_as_mx_fast():
     assert max_rel_err(attention(q, k, v, mask), expected) <= TOLERANCE[mx.float32]
 
 
-def test_callable_from_a_worker_thread(stream_count):
-    """The server's worker runs the engine off the main thread: MLX streams belong to their thread."""
+def test_callable_from_a_worker_thread(block_size):
+    """The server's worker runs the engine off the main thread."""
     q, k, v = random_qkv(1, 2, 40, 40, 8)
     mx.eval(q, k, v)  # lazy arrays of the main thread's stream cannot be evaluated in another thread
     results = []
@@ -115,13 +113,3 @@ def test_unknown_mask_string_is_refused():
     q, k, v = random_qkv(1, 1, 4, 4, 8)
     with pytest.raises(ValueError):
         attention(q, k, v, "sliding")
-
-
-def test_score_budget_splits_queries_into_evaluated_rounds(stream_count, monkeypatch):
-    """With a small score budget there are more chunks than streams (rounds); masks still line up."""
-    monkeypatch.setattr(attention_module, "MAX_SCORES_PER_CHUNK", 2 * 4 * 29 * 5)  # 5 query rows a chunk
-    q, k, v = random_qkv(2, 4, 41, 29, 16)
-    mask = mx.random.uniform(shape=(2, 1, 41, 29), key=mx.random.key(2)) > 0.4
-    mask = mask | (mx.arange(29) == 0)
-    assert max_rel_err(attention(q, k, v, mask), reference_attention(q, k, v, mask)) <= TOLERANCE[mx.float32]
-    assert max_rel_err(attention(q, k, v), reference_attention(q, k, v)) <= TOLERANCE[mx.float32]

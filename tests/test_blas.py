@@ -19,14 +19,14 @@ with open(sys.argv[1], "a") as starts:
     starts.write("start\\n")
 from mlx_sd_server import blas
 blas.ensure_fast_blas()
-print(blas.fast_blas_loaded(), os.environ.get("OPENBLAS_NUM_THREADS"))
+print(blas.fast_blas_loaded(), os.environ.get("OPENBLAS_NUM_THREADS"), os.environ.get("GLIBC_TUNABLES"))
 """
 
 
 def run_child(tmp_path: Path, **env_changes: str) -> tuple[str, int]:
     """(what the child printed, how many times it started) for a child run with these env changes."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("LD_PRELOAD", blas.DISABLE_ENV, blas.REEXEC_MARKER_ENV, blas.OVERRIDE_ENV)}
+           if k not in ("LD_PRELOAD", "GLIBC_TUNABLES", blas.DISABLE_ENV, blas.REEXEC_MARKER_ENV, blas.OVERRIDE_ENV)}
     env.update(env_changes, PYTHONPATH=str(REPO))
     starts = tmp_path / "starts"
     result = subprocess.run([sys.executable, "-c", CHILD, str(starts)], env=env, capture_output=True,
@@ -42,19 +42,19 @@ needs_openblas = pytest.mark.skipif(not sys.platform.startswith("linux") or blas
 def test_reexecs_once_with_openblas_preloaded(tmp_path):
     output, starts = run_child(tmp_path)
     assert starts == 2
-    assert output == f"True {len(os.sched_getaffinity(0))}"
+    assert output == f"True {len(os.sched_getaffinity(0))} {blas.HUGE_PAGES_TUNABLE}"
 
 
 @needs_openblas
 def test_keeps_a_thread_count_the_user_chose(tmp_path):
-    output, _ = run_child(tmp_path, OPENBLAS_NUM_THREADS="1")
-    assert output == "True 1"
+    output, _ = run_child(tmp_path, OPENBLAS_NUM_THREADS="1", GLIBC_TUNABLES="glibc.malloc.arena_max=2")
+    assert output == f"True 1 glibc.malloc.arena_max=2:{blas.HUGE_PAGES_TUNABLE}"
 
 
 @needs_openblas
 def test_disabled_by_environment(tmp_path):
     output, starts = run_child(tmp_path, **{blas.DISABLE_ENV: "1"})
-    assert (output, starts) == ("False None", 1)
+    assert (output, starts) == ("False None None", 1)
 
 
 @needs_openblas

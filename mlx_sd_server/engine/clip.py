@@ -12,9 +12,12 @@ from typing import NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from .activations import gelu, quick_gelu
+from .attention import attention
+
 ACTIVATIONS = {
-    "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),  # OpenAI CLIP (SD1, SDXL's first encoder)
-    "gelu": nn.gelu,  # OpenCLIP (SD2, SDXL's second encoder): the exact, erf-based GELU
+    "quick_gelu": quick_gelu,  # OpenAI CLIP (SD1, SDXL's first encoder)
+    "gelu": gelu,  # OpenCLIP (SD2, SDXL's second encoder): the exact, erf-based GELU
 }
 
 # Configs whose eos_token_id is 2 predate transformers' fix (PR #24773); their pooled token is the one
@@ -69,8 +72,7 @@ class CLIPAttention(nn.Module):
             return t.reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        scale = (dims // self.num_heads) ** -0.5
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+        out = attention(q, k, v, mask="causal")
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, dims))
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from .activations import silu
 from .unet import UNetConfig, UNetEncoder
 
 
@@ -51,9 +52,9 @@ class ControlNetConditioningEmbedding(nn.Module):
         self.conv_out = nn.Conv2d(channels[-1], out_channels, 3, padding=1)
 
     def __call__(self, image: mx.array) -> mx.array:
-        h = nn.silu(self.conv_in(image))
+        h = silu(self.conv_in(image))
         for conv in self.blocks:
-            h = nn.silu(conv(h))
+            h = silu(conv(h))
         return self.conv_out(h)
 
 

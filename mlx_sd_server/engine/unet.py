@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_sd_server.engine.activations import gelu, silu
 from mlx_sd_server.engine.attention import attention
 from mlx_sd_server.engine.group_norm import GroupNorm
 
@@ -126,7 +127,7 @@ class GEGLU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         x, gate = mx.split(self.proj(x), 2, axis=-1)
-        return x * nn.gelu(gate)
+        return x * gelu(gate)
 
 
 class FeedForward(nn.Module):
@@ -197,9 +198,9 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array, temb: mx.array) -> mx.array:
-        h = self.conv1(nn.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(nn.silu(temb))[:, None, None, :]
-        h = self.conv2(nn.silu(self.norm2(h)))
+        h = self.conv1(silu(self.norm1(x)))
+        h = h + self.time_emb_proj(silu(temb))[:, None, None, :]
+        h = self.conv2(silu(self.norm2(h)))
         shortcut = self.conv_shortcut(x) if "conv_shortcut" in self else x
         return (shortcut + h) / self.output_scale_factor
 
@@ -335,7 +336,7 @@ class TimestepEmbedding(nn.Module):
     def __call__(self, x: mx.array, condition: mx.array | None = None) -> mx.array:
         if condition is not None:
             x = x + self.cond_proj(condition)
-        return self.linear_2(nn.silu(self.linear_1(x)))
+        return self.linear_2(silu(self.linear_1(x)))
 
 
 # --- the model --------------------------------------------------------------------------------------
@@ -440,4 +441,4 @@ class UNetModel(UNetEncoder):
             skips = skips[: -len(block.resnets)]
             # Upsample to the next skip's size, which is 2x except after odd sizes on the way down.
             h = block(h, emb, encoder_hidden_states, block_skips, skips[-1].shape[1:3] if skips else None)
-        return self.conv_out(nn.silu(self.conv_norm_out(h)))
+        return self.conv_out(silu(self.conv_norm_out(h)))

@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlx_sd_server.engine.activations import silu
 from mlx_sd_server.engine.attention import attention
 from mlx_sd_server.engine.group_norm import GroupNorm
 
@@ -99,8 +100,8 @@ class ResnetBlock(nn.Module):
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(nn.silu(self.norm1(x)))
-        h = self.conv2(nn.silu(self.norm2(h)))
+        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv2(silu(self.norm2(h)))
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
         return x + h
@@ -202,7 +203,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))
 
 
 class Decoder(nn.Module):
@@ -226,7 +227,7 @@ class Decoder(nn.Module):
             for layer in block.layers:
                 x = layer(x)
                 mx.eval(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))
 
 
 class Autoencoder(nn.Module):

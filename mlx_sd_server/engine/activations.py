@@ -1,0 +1,27 @@
+"""SiLU and the GELUs, on MLX's kernels on the GPU and on numpy's on the CPU (see cpu_kernels.py)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import cpu_kernels
+
+
+def on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
+
+
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x)."""
+    return cpu_kernels.silu(x) if on_cpu() else nn.silu(x)
+
+
+def gelu(x: mx.array) -> mx.array:
+    """The exact (erf-based) GELU."""
+    return cpu_kernels.gelu(x) if on_cpu() else nn.gelu(x)
+
+
+def quick_gelu(x: mx.array) -> mx.array:
+    """x * sigmoid(1.702 x), OpenAI CLIP's activation."""
+    return cpu_kernels.quick_gelu(x) if on_cpu() else x * mx.sigmoid(1.702 * x)

@@ -1,0 +1,199 @@
+"""numpy kernels for the ops that MLX's CPU backend runs slowly: attention, SiLU and GELU.
+
+MLX's CPU backend evaluates exp, sigmoid and erf with scalar code, one stream on one thread: 14-26 ns per
+element on x86 (numpy's vectorized exp: ~0.9 ns). At SD's shapes that is most of a UNet step — the
+softmax over 2 x 8 x 4096 x 4096 attention scores alone takes ~2.7 s per layer. These kernels evaluate
+their MLX inputs, compute in float32 numpy on one thread per core (numpy releases the GIL) in blocks that
+stay in the L2 cache, and hand back an MLX array in the input's dtype. bench/attention.py and
+bench/engine.py measure them against torch. Used only when MLX runs on the CPU (see activations.py and
+attention.py); on Metal and CUDA MLX's own kernels are fast.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+# Scores per block: 256K float32 (1 MB) stay in a core's L2 cache through max, exp, sum and the matmul.
+SCORES_PER_BLOCK = 256 * 1024
+# Elements per block of an elementwise kernel (256 KB of float32).
+ELEMENTS_PER_BLOCK = 64 * 1024
+# Abramowitz & Stegun 7.1.26: erf(z) = 1 - t (a1 + t (a2 + ...)) exp(-z^2), t = 1 / (1 + p z), z >= 0;
+# absolute error <= 1.5e-7, float32's own resolution near 1.
+ERF_P = 0.3275911
+ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _threads() -> ThreadPoolExecutor:
+    """One worker per core; numpy's own BLAS is held to one thread so the workers do not oversubscribe."""
+    global _pool
+    if _pool is None:
+        _limit_numpy_blas_threads()
+        _pool = ThreadPoolExecutor(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+                                   thread_name_prefix="cpu-kernel")
+    return _pool
+
+
+def _limit_numpy_blas_threads() -> None:
+    # Only numpy's bundled OpenBLAS: the BLAS that MLX uses (preloaded, see blas.py) keeps its threads.
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return
+    numpy_dir = os.path.dirname(os.path.dirname(np.__file__))
+    for lib in ThreadpoolController().lib_controllers:
+        if lib.user_api == "blas" and lib.filepath.startswith(numpy_dir):
+            lib.set_num_threads(1)
+
+
+def _in_parallel(work: Callable[[int, int], None], total: int) -> None:
+    """Run work(start, stop) over [0, total) split evenly across the worker threads."""
+    pool = _threads()
+    parts = min(pool._max_workers, total)
+    bounds = [total * i // parts for i in range(parts + 1)]
+    for future in [pool.submit(work, a, b) for a, b in zip(bounds, bounds[1:]) if b > a]:
+        future.result()
+
+
+def _to_numpy(x: mx.array) -> np.ndarray:
+    return np.asarray(x.astype(mx.float32) if x.dtype != mx.float32 else x)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None) -> mx.array:
+    """softmax(q k^T / sqrt(D) + mask) v for (B, heads, L, D) arrays; `mask` boolean (True = attend) or
+    additive, broadcastable to (B, heads, Lq, Lk)."""
+    dtype = q.dtype
+    B, H, Lq, D = q.shape
+    Lk = k.shape[-2]
+    qn = _to_numpy(q * mx.array(D**-0.5, q.dtype)).reshape(B * H, Lq, D)
+    kt = np.ascontiguousarray(_to_numpy(k).reshape(B * H, Lk, D).swapaxes(-1, -2))
+    vn = np.ascontiguousarray(_to_numpy(v).reshape(B * H, Lk, D))
+    if mask is not None:
+        additive = mask if mask.dtype != mx.bool_ else mx.where(mask, 0.0, -math.inf)
+        maskn = np.broadcast_to(_to_numpy(additive), (B, H, Lq, Lk)).reshape(B * H, Lq, Lk)
+    out = np.empty((B * H, Lq, D), np.float32)
+    rows = max(1, min(Lq, SCORES_PER_BLOCK // Lk))
+
+    def work(start: int, stop: int) -> None:
+        for head in range(start, stop):
+            for r in range(0, Lq, rows):
+                scores = qn[head, r : r + rows] @ kt[head]
+                if mask is not None:
+                    scores += maskn[head, r : r + rows]
+                scores -= scores.max(axis=-1, keepdims=True)
+                np.exp(scores, out=scores)
+                # Normalise the (rows, D) output rather than the (rows, Lk) weights.
+                np.divide(scores @ vn[head], scores.sum(axis=-1, keepdims=True), out=out[head, r : r + rows])
+
+    _in_parallel(work, B * H)
+    return mx.array(out.reshape(B, H, Lq, D)).astype(dtype)
+
+
+def _elementwise(kernel: Callable[[np.ndarray, np.ndarray], None], x: mx.array) -> mx.array:
+    """Apply kernel(block_in, block_out) over x in cache-sized float32 blocks, on every core."""
+    flat = _to_numpy(x).reshape(-1)
+    out = np.empty_like(flat)
+
+    def work(start: int, stop: int) -> None:
+        for i in range(start * ELEMENTS_PER_BLOCK, min(stop * ELEMENTS_PER_BLOCK, flat.size), ELEMENTS_PER_BLOCK):
+            kernel(flat[i : i + ELEMENTS_PER_BLOCK], out[i : i + ELEMENTS_PER_BLOCK])
+
+    _in_parallel(work, -(-flat.size // ELEMENTS_PER_BLOCK))
+    return mx.array(out.reshape(x.shape)).astype(x.dtype)
+
+
+def _sigmoid_times_x(x: np.ndarray, out: np.ndarray, slope: float) -> None:
+    # x * sigmoid(slope x) = x / (1 + exp(-slope x)); exp overflows to inf for very negative x, giving -0.
+    np.multiply(x, -slope, out=out)
+    with np.errstate(over="ignore"):
+        np.exp(out, out=out)
+    out += 1.0
+    np.divide(x, out, out=out)
+
+
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x)."""
+    return _elementwise(lambda a, out: _sigmoid_times_x(a, out, 1.0), x)
+
+
+def quick_gelu(x: mx.array) -> mx.array:
+    """x * sigmoid(1.702 x) (OpenAI CLIP)."""
+    return _elementwise(lambda a, out: _sigmoid_times_x(a, out, 1.702), x)
+
+
+def _gelu_block(x: np.ndarray, out: np.ndarray) -> None:
+    z = np.abs(x) * (1 / math.sqrt(2))
+    t = 1.0 / (1.0 + ERF_P * z)
+    a1, a2, a3, a4, a5 = ERF_A
+    tail = t * (a1 + t * (a2 + t * (a3 + t * (a4 + t * a5))))
+    np.multiply(z, z, out=z)
+    np.negative(z, out=z)
+    np.exp(z, out=z)
+    tail *= z  # 1 - erf(|x| / sqrt 2)
+    tail *= 0.5
+    # Phi(x) = 1 - tail/2 for x >= 0, tail/2 below
+    np.multiply(x, np.where(x >= 0, 1.0 - tail, tail), out=out)
+
+
+def gelu(x: mx.array) -> mx.array:
+    """The exact (erf) GELU, x * Phi(x), as torch's default `gelu`."""
+    return _elementwise(_gelu_block, x)
+
+
+def group_norm(x: mx.array, groups: int, weight: mx.array | None, bias: mx.array | None, eps: float) -> mx.array:
+    """GroupNorm over an NHWC (or N...C) array, two-pass: the mean, then the variance of the centred values.
+
+    Block sums are float32, their totals float64, so precision holds over the ~10^6 values a VAE group has
+    at 1024x1024. The normalisation and the affine fold into one multiply-add per element.
+    """
+    batch, channels = x.shape[0], x.shape[-1]
+    xn = _to_numpy(x).reshape(batch, -1, channels)
+    rows = xn.shape[1]
+    block = max(1, ELEMENTS_PER_BLOCK // channels)
+    blocks = [(b, r) for b in range(batch) for r in range(0, rows, block)]
+    per_group = rows * (channels // groups)
+
+    def channel_sums(centre: np.ndarray | None) -> np.ndarray:
+        partial = np.zeros((len(blocks), channels))
+
+        def work(start: int, stop: int) -> None:
+            for i in range(start, stop):
+                b, r = blocks[i]
+                values = xn[b, r : r + block]
+                if centre is not None:
+                    values = values - centre[b]
+                    values *= values
+                partial[i] = values.sum(axis=0)
+
+        _in_parallel(work, len(blocks))
+        totals = np.zeros((batch, channels))
+        np.add.at(totals, [b for b, _ in blocks], partial)
+        return totals.reshape(batch, groups, -1).sum(axis=-1) / per_group  # (batch, groups)
+
+    mean = channel_sums(None)
+    mean_c = np.repeat(mean, channels // groups, axis=1).astype(np.float32)
+    variance = channel_sums(mean_c)
+    scale = np.repeat(1.0 / np.sqrt(variance + eps), channels // groups, axis=1)
+    if weight is not None:
+        scale = scale * np.asarray(weight.astype(mx.float32), dtype=np.float64)
+    shift = -mean_c * scale
+    if bias is not None:
+        shift = shift + np.asarray(bias.astype(mx.float32), dtype=np.float64)
+    scale, shift = scale.astype(np.float32), shift.astype(np.float32)
+    out = np.empty_like(xn)
+
+    def normalise(start: int, stop: int) -> None:
+        for i in range(start, stop):
+            b, r = blocks[i]
+            np.multiply(xn[b, r : r + block], scale[b], out=out[b, r : r + block])
+            out[b, r : r + block] += shift[b]
+
+    _in_parallel(normalise, len(blocks))
+    return mx.array(out.reshape(x.shape)).astype(x.dtype)
