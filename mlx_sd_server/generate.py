@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         registry = ModelRegistry([args.model], model_dir(args.model_dir), control_net=args.control_net,
-                                 dtype=args.dtype, engine=args.engine)
+                                 dtype=args.dtype, engine=args.engine, low_memory=args.low_memory)
         job = job_from_args(args, registry)
         pipeline = registry.pipeline()
         steps = pipeline.generate(job)

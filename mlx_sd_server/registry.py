@@ -114,8 +114,10 @@ class ModelRegistry:
         dtype: str | None = None,
         engine: str = "mlx",
         max_loaded: int = 1,
+        low_memory: bool = False,
     ):
         self.dtype = dtype
+        self.low_memory = low_memory
         self.engine = engine
         self.max_loaded = max_loaded
         self._lock = threading.Lock()
@@ -177,7 +179,8 @@ class ModelRegistry:
                 from mlx_sd_server.engine.model_io import load_model
                 from mlx_sd_server.engine.pipeline import DiffusionPipeline
 
-                pipeline = DiffusionPipeline(load_model(info.folder, dtype=self.dtype, controlnet=control))
+                pipeline = DiffusionPipeline(load_model(info.folder, dtype=self.dtype, controlnet=control,
+                                                        keep_text_encoders=not self.low_memory))
                 log.info("engine: MLX for %s", info.name)
                 return pipeline
             except (ImportError, RuntimeError, MemoryError, ValueError) as exc:

@@ -42,6 +42,9 @@ def serve_argv(args: argparse.Namespace) -> list[str]:
         if value is None or value == action.default:
             continue
         flag = max(action.option_strings, key=len)
+        if action.nargs == 0:  # a switch such as --low-memory
+            argv.append(flag)
+            continue
         for item in value if isinstance(value, list) else [value]:
             argv += [flag, _absolute_if_path(action.dest, str(item))]
     return argv

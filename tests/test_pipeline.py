@@ -278,3 +278,19 @@ def test_long_and_weighted_prompts_generate(models):
     assert pooled.shape[0] == 2
     images = collect(ours, job)
     assert len(images) == 1 and images[0].size == (SIZE, SIZE)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_low_memory_frees_text_encoders_and_gives_the_same_images(models, family):
+    """keep_text_encoders=False: the encoders' weights are dropped after each job's prompts, re-read lazily."""
+    _, ours = models(family)
+    low = DiffusionPipeline(load_model(ours.model.folder, dtype="float32", keep_text_encoders=False), paste_back=False)
+    job = build_job({"prompt": PROMPT, "steps": 2, "cfg_scale": 5.0, "size": f"{SIZE}x{SIZE}", "seed": 3})
+    expected = collect(ours, job)[0]
+    for _ in range(2):  # the second job reads the encoders back from disk
+        before = low.model.text_encoders
+        assert np.array_equal(np.asarray(collect(low, job)[0]), np.asarray(expected))
+        assert all(a is not b for a, b in zip(low.model.text_encoders, before))
+    kept = ours.model.text_encoders
+    ours.model.text_encoding_done()  # the default mode keeps them
+    assert ours.model.text_encoders is kept

@@ -70,9 +70,15 @@ def test_baked_command_line_parses_back_to_the_same_options(home, tmp_path):
     argv = service.serve_argv(args)
     assert "sk-secret" not in argv
     again = build_parser().parse_args(argv[3:])
-    for name in ("host", "port", "max_queue", "max_n", "engine"):
+    for name in ("host", "port", "max_queue", "max_n", "engine", "low_memory"):
         assert getattr(again, name) == getattr(args, name)
     assert again.model[0] == "tiny-random-sd"
+
+
+def test_switches_are_baked_without_a_value(home):
+    argv = service.serve_argv(parse("install", "--low-memory"))
+    assert argv[argv.index("--low-memory") + 1:] == []  # no stray "True" after it
+    assert build_parser().parse_args(argv[3:]).low_memory is True
 
 
 def test_systemd_install_writes_unit_and_enables_it(home, tmp_path):

@@ -43,7 +43,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     models = model_dir(args.model_dir)
-    registry = ModelRegistry(args.model, models, control_net=args.control_net, dtype=args.dtype, engine=args.engine)
+    registry = ModelRegistry(args.model, models, control_net=args.control_net, dtype=args.dtype, engine=args.engine,
+                             low_memory=args.low_memory)
     store = FileStore(args.store_dir or models.parent / "files")
     settings = settings_from_args(args)
     app = create_app(registry, store, settings)

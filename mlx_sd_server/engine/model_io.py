@@ -124,10 +124,18 @@ class LoadedModel:
     controlnet: nn.Module | None = None
     dtype: mx.Dtype = mx.float32
     vae_dtype: mx.Dtype = mx.float32
+    # Low-memory mode: text encoders are read from disk for each job and dropped once the prompts are encoded.
+    keep_text_encoders: bool = True
+    _build_text_encoders: Callable[[], list[nn.Module]] | None = None
 
     @property
     def family(self) -> str:
         return self.manifest["family"]
+
+    def text_encoding_done(self) -> None:
+        """In low-memory mode, free the text encoders' weights: they come back, lazily, on next use."""
+        if not self.keep_text_encoders and self._build_text_encoders is not None:
+            self.text_encoders = self._build_text_encoders()  # unevaluated: read from disk when next used
 
 
 def load_component(folder: Path, name: str, entry: dict, dtype: mx.Dtype, quantization: dict | None) -> nn.Module:
@@ -149,11 +157,13 @@ def load_component(folder: Path, name: str, entry: dict, dtype: mx.Dtype, quanti
     return model
 
 
-def load_model(folder: str | os.PathLike, dtype: str | None = None, controlnet: str | os.PathLike | None = None) -> LoadedModel:
+def load_model(folder: str | os.PathLike, dtype: str | None = None, controlnet: str | os.PathLike | None = None,
+               keep_text_encoders: bool = True) -> LoadedModel:
     """Load a converted model folder. `dtype` defaults to float16 on a GPU, float32 on the CPU.
 
     `controlnet` is another converted folder whose manifest has a "controlnet" component; it overrides one
-    bundled in this model's manifest.
+    bundled in this model's manifest. `keep_text_encoders=False` is the low-memory mode: see
+    `LoadedModel.text_encoding_done`. Weights are read lazily, on first use.
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -166,7 +176,10 @@ def load_model(folder: str | os.PathLike, dtype: str | None = None, controlnet: 
         return load_component(where, name, entry or components[name], dt, quantization if where == folder else None)
 
     encoder_names = [n for n in ("text_encoder", "text_encoder_2") if n in components]
-    text_encoders = [load(n) for n in encoder_names]
+
+    def build_text_encoders() -> list[nn.Module]:
+        return [load(n) for n in encoder_names]
+
     tokenizers = [CLIPTokenizer.from_dir(folder / components[n]["tokenizer"]) for n in encoder_names]
     # VAEs that overflow in float16 (SDXL's) say so with force_upcast; they run in float32.
     vae_dtype = mx.float32 if components["vae"]["config"].get("force_upcast") and compute_dtype == mx.float16 else compute_dtype
@@ -186,12 +199,15 @@ def load_model(folder: str | os.PathLike, dtype: str | None = None, controlnet: 
         manifest=manifest,
         unet=load("unet"),
         vae=load("vae", dt=vae_dtype),
-        text_encoders=text_encoders,
+        text_encoders=build_text_encoders(),
         tokenizers=tokenizers,
         controlnet=control,
         dtype=compute_dtype,
         vae_dtype=vae_dtype,
+        keep_text_encoders=keep_text_encoders,
+        _build_text_encoders=build_text_encoders,
     )
-    log.info("loaded %s (%s, %s%s) from %s", manifest.get("name", folder.name), manifest["family"], dtype_name,
-             f", {quantization['bits']}-bit" if quantization else "", folder)
+    log.info("loaded %s (%s, %s%s%s) from %s", manifest.get("name", folder.name), manifest["family"], dtype_name,
+             f", {quantization['bits']}-bit" if quantization else "",
+             "" if keep_text_encoders else ", low memory: text encoders read per job", folder)
     return model

@@ -207,6 +207,8 @@ class DiffusionPipeline:
         # LCM-distilled UNets take guidance as an input; otherwise guidance needs a second (uncond) pass.
         guided = job.cfg_scale > 1.0 and not self.guidance_embedding_dim
         context, pooled = self.encode_prompts(job, guided)
+        mx.eval(context, pooled)
+        self.model.text_encoding_done()
         sigmas = self.sigmas(job)
 
         init_latents = mask_latents = extra = control = None
