@@ -42,7 +42,7 @@ def mlx_variants():
         "explicit": explicit,
         "explicit compiled": mx.compile(explicit),
         "query-chunked 1024": query_chunked,
-        "attention() [ours]": attention,
+        "attention() [ours, numpy]": attention,
     }
 
 

@@ -106,3 +106,13 @@ def test_group_norm_module_uses_the_kernel_and_keeps_dtype():
     expected = group_norm64(np.asarray(x), 4, np.asarray(norm.weight), np.asarray(norm.bias), norm.eps)
     assert np.max(np.abs(np.asarray(norm(x)) - expected)) <= 1e-5
     assert norm(x.astype(mx.float16)).dtype == mx.float16
+
+
+def test_geglu_is_first_half_times_gelu_of_second(block):
+    h = sample((2, 7, 2 * 12))
+    out = np.asarray(cpu_kernels.geglu(mx.array(h)))
+    a, gate = h[..., :12].astype(np.float64), h[..., 12:].astype(np.float64)
+    expected = a * gelu64(gate)
+    assert out.shape == (2, 7, 12)
+    assert np.all(np.abs(out - expected) <= 2e-7 * np.maximum(np.abs(a * gate), 1.0) + 1e-6 * np.abs(expected))
+    assert np.allclose(np.asarray(activations.geglu(mx.array(h))), out)

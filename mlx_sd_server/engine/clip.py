@@ -14,6 +14,7 @@ import mlx.nn as nn
 
 from .activations import gelu, quick_gelu
 from .attention import attention
+from .layers import Linear
 
 ACTIVATIONS = {
     "quick_gelu": quick_gelu,  # OpenAI CLIP (SD1, SDXL's first encoder)
@@ -60,10 +61,10 @@ class CLIPAttention(nn.Module):
     def __init__(self, dims: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.q_proj = nn.Linear(dims, dims)
-        self.k_proj = nn.Linear(dims, dims)
-        self.v_proj = nn.Linear(dims, dims)
-        self.out_proj = nn.Linear(dims, dims)
+        self.q_proj = Linear(dims, dims)
+        self.k_proj = Linear(dims, dims)
+        self.v_proj = Linear(dims, dims)
+        self.out_proj = Linear(dims, dims)
 
     def __call__(self, x: mx.array) -> mx.array:
         batch, length, dims = x.shape
@@ -79,8 +80,8 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, dims: int, hidden_dims: int, activation: str):
         super().__init__()
-        self.fc1 = nn.Linear(dims, hidden_dims)
-        self.fc2 = nn.Linear(hidden_dims, dims)
+        self.fc1 = Linear(dims, hidden_dims)
+        self.fc2 = Linear(hidden_dims, dims)
         self.activation = ACTIVATIONS[activation]
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -116,7 +117,7 @@ class CLIPTextModel(nn.Module):
         self.layers = [CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)]
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         if config.with_projection:
-            self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+            self.text_projection = Linear(config.hidden_size, config.projection_dim, bias=False)
 
     def __call__(self, input_ids: mx.array) -> CLIPOutput:
         """input_ids: (B, L) integer ids, L <= max_position_embeddings. No padding mask: SD attends to

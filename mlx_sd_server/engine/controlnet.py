@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .activations import silu
+from .layers import Conv2d
 from .unet import UNetConfig, UNetEncoder
 
 
@@ -44,12 +45,12 @@ class ControlNetConditioningEmbedding(nn.Module):
 
     def __init__(self, in_channels: int, channels: tuple[int, ...], out_channels: int):
         super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(in_channels, channels[0], 3, padding=1)
         self.blocks = []
         for c_in, c_out in zip(channels[:-1], channels[1:]):
-            self.blocks.append(nn.Conv2d(c_in, c_in, 3, padding=1))
-            self.blocks.append(nn.Conv2d(c_in, c_out, 3, padding=1, stride=2))
-        self.conv_out = nn.Conv2d(channels[-1], out_channels, 3, padding=1)
+            self.blocks.append(Conv2d(c_in, c_in, 3, padding=1))
+            self.blocks.append(Conv2d(c_in, c_out, 3, padding=1, stride=2))
+        self.conv_out = Conv2d(channels[-1], out_channels, 3, padding=1)
 
     def __call__(self, image: mx.array) -> mx.array:
         h = silu(self.conv_in(image))
@@ -71,8 +72,8 @@ class ControlNetModel(UNetEncoder):
         skip_channels = [channels[0]]
         for i, layers in enumerate(c.layers_per_block):
             skip_channels += [channels[i]] * (layers + (i < len(channels) - 1))
-        self.controlnet_down_blocks = [nn.Conv2d(ch, ch, 1) for ch in skip_channels]
-        self.controlnet_mid_block = nn.Conv2d(channels[-1], channels[-1], 1)
+        self.controlnet_down_blocks = [Conv2d(ch, ch, 1) for ch in skip_channels]
+        self.controlnet_mid_block = Conv2d(channels[-1], channels[-1], 1)
 
     def __call__(
         self,

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_sd_server.engine.activations import gelu, silu
+from mlx_sd_server.engine.activations import geglu, silu
 from mlx_sd_server.engine.attention import attention
 from mlx_sd_server.engine.group_norm import GroupNorm
+from mlx_sd_server.engine.layers import Conv2d, Linear
 
 
 # --- config -----------------------------------------------------------------------------------------
@@ -104,10 +105,10 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_out = [nn.Linear(dim, dim)]  # a list, so the name is diffusers' `to_out.0`
+        self.to_q = Linear(dim, dim, bias=False)
+        self.to_k = Linear(context_dim or dim, dim, bias=False)
+        self.to_v = Linear(context_dim or dim, dim, bias=False)
+        self.to_out = [Linear(dim, dim)]  # a list, so the name is diffusers' `to_out.0`
 
     def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
         context = x if context is None else context
@@ -123,18 +124,17 @@ class Attention(nn.Module):
 class GEGLU(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.proj = nn.Linear(dim, 2 * hidden_dim)
+        self.proj = Linear(dim, 2 * hidden_dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        x, gate = mx.split(self.proj(x), 2, axis=-1)
-        return x * gelu(gate)
+        return geglu(self.proj(x))
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         # diffusers' layout is [GEGLU, Dropout, Linear]; the identity keeps the names `net.0` and `net.2`.
-        self.net = [GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)]
+        self.net = [GEGLU(dim, 4 * dim), nn.Identity(), Linear(4 * dim, dim)]
 
     def __call__(self, x: mx.array) -> mx.array:
         for layer in self.net:
@@ -170,9 +170,9 @@ class Transformer2D(nn.Module):
     def __init__(self, channels: int, heads: int, context_dim: int, depth: int, groups: int):
         super().__init__()
         self.norm = GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, channels)
+        self.proj_in = Linear(channels, channels)
         self.transformer_blocks = [BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)]
-        self.proj_out = nn.Linear(channels, channels)
+        self.proj_out = Linear(channels, channels)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
         batch, height, width, channels = x.shape
@@ -190,12 +190,12 @@ class ResnetBlock2D(nn.Module):
         super().__init__()
         self.output_scale_factor = output_scale_factor
         self.norm1 = GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = Linear(temb_channels, out_channels)
         self.norm2 = GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+            self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array, temb: mx.array) -> mx.array:
         h = self.conv1(silu(self.norm1(x)))
@@ -208,7 +208,7 @@ class ResnetBlock2D(nn.Module):
 class Downsample2D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.conv(x)
@@ -227,7 +227,7 @@ def upsample_nearest(x: mx.array, size: tuple[int, int]) -> mx.array:
 class Upsample2D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, x: mx.array, size: tuple[int, int]) -> mx.array:
         return self.conv(upsample_nearest(x, size))
@@ -329,9 +329,9 @@ class TimestepEmbedding(nn.Module):
     def __init__(self, in_channels: int, dim: int, cond_proj_dim: int | None = None):
         super().__init__()
         if cond_proj_dim is not None:
-            self.cond_proj = nn.Linear(cond_proj_dim, in_channels, bias=False)
-        self.linear_1 = nn.Linear(in_channels, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+            self.cond_proj = Linear(cond_proj_dim, in_channels, bias=False)
+        self.linear_1 = Linear(in_channels, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def __call__(self, x: mx.array, condition: mx.array | None = None) -> mx.array:
         if condition is not None:
@@ -350,7 +350,7 @@ class UNetEncoder(nn.Module):
         c = config
         channels = c.block_out_channels
         temb = 4 * channels[0]
-        self.conv_in = nn.Conv2d(c.in_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(c.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb, c.time_cond_proj_dim)
         if c.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, temb)
@@ -411,7 +411,7 @@ class UNetModel(UNetEncoder):
             for i, block_type in enumerate(c.up_block_types)
         ]
         self.conv_norm_out = GroupNorm(c.norm_num_groups, c.block_out_channels[0], eps=c.norm_eps)
-        self.conv_out = nn.Conv2d(c.block_out_channels[0], c.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(c.block_out_channels[0], c.out_channels, 3, padding=1)
 
     def __call__(
         self,

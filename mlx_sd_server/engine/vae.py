@@ -25,6 +25,7 @@ import numpy as np
 from mlx_sd_server.engine.activations import silu
 from mlx_sd_server.engine.attention import attention
 from mlx_sd_server.engine.group_norm import GroupNorm
+from mlx_sd_server.engine.layers import Conv2d, Linear
 
 # Above this many latent pixels (a 1024x1024 image at f=8) decoding switches to tiles: the full-size
 # decoder's activations (128 channels at full image resolution) and its mid-block attention (one head over
@@ -62,12 +63,12 @@ class VAEConfig:
         return cls(**kwargs)
 
 
-class BandedConv2d(nn.Conv2d):
+class BandedConv2d(Conv2d):
     """A 3x3, padding-1 convolution that works through large images in bands of rows.
 
     On the CPU a convolution's workspace is ~9x its input; at full image resolution that is the VAE's
     memory peak (a 256x256x128 conv: 370 MB as one op, 110 MB in evaluated bands). Same parameters and
-    results as `nn.Conv2d(in, out, 3, padding=1)`; small inputs take the plain path.
+    results as `Conv2d(in, out, 3, padding=1)`; small inputs take the plain path.
     """
 
     BAND_PIXELS = 16384
@@ -83,10 +84,10 @@ class BandedConv2d(nn.Conv2d):
         padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
         bands = []
         for top in range(0, height, rows):
-            band = mx.conv2d(padded[:, top : top + rows + 2], self.weight)
+            band = self.convolve(padded[:, top : top + rows + 2], (0, 0))
             mx.eval(band)  # one band's workspace at a time
             bands.append(band)
-        return mx.concatenate(bands, axis=1) + self.bias
+        return (mx.concatenate(bands, axis=1) + self.bias).astype(x.dtype)
 
 
 class ResnetBlock(nn.Module):
@@ -97,7 +98,7 @@ class ResnetBlock(nn.Module):
         self.norm2 = GroupNorm(groups, out_channels, eps=1e-6)
         self.conv2 = BandedConv2d(out_channels, out_channels)
         if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+            self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self.conv1(silu(self.norm1(x)))
@@ -113,10 +114,10 @@ class Attention(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.group_norm = GroupNorm(groups, channels, eps=1e-6)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = [nn.Linear(channels, channels)]
+        self.to_q = Linear(channels, channels)
+        self.to_k = Linear(channels, channels)
+        self.to_v = Linear(channels, channels)
+        self.to_out = [Linear(channels, channels)]
 
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
@@ -142,7 +143,7 @@ class MidBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.conv = Conv2d(channels, channels, 3, stride=2)
 
     def __call__(self, x: mx.array) -> mx.array:
         # Asymmetric padding (bottom/right only), as in the original LDM encoder.
@@ -196,7 +197,7 @@ class Encoder(nn.Module):
         ]
         self.mid_block = MidBlock(widths[-1], groups, config.mid_block_add_attention)
         self.conv_norm_out = GroupNorm(groups, widths[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.conv_in(x)
@@ -210,7 +211,7 @@ class Decoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         widths, groups = tuple(reversed(config.block_out_channels)), config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, widths[0], 3, padding=1)
         self.mid_block = MidBlock(widths[0], groups, config.mid_block_add_attention)
         self.up_blocks = [
             DecoderBlock(widths[max(i - 1, 0)], widths[i], config.layers_per_block + 1, groups, i < len(widths) - 1)
@@ -238,9 +239,9 @@ class Autoencoder(nn.Module):
         self.decoder = Decoder(config)
         latent = config.latent_channels
         if config.use_quant_conv:
-            self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
+            self.quant_conv = Conv2d(2 * latent, 2 * latent, 1)
         if config.use_post_quant_conv:
-            self.post_quant_conv = nn.Conv2d(latent, latent, 1)
+            self.post_quant_conv = Conv2d(latent, latent, 1)
 
     @property
     def scaling_factor(self) -> float:
