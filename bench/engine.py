@@ -1,7 +1,7 @@
 """Whole-model benchmark: our MLX engine against diffusers/torch on the same converted real-size model.
 
     python bench/engine.py --model sd15|sdxl --dtype float32 --steps 4 --runs 3 --size 512x512
-        [--engines mlx,torch] [--memory-only] [--cache DIR]
+        [--engines mlx,torch] [--memory-only] [--low-memory] [--cache DIR]
 
 The model has random weights at the released shapes (bench/models.py builds and converts it once into
 --cache). Each engine then runs in a fresh child process, one after the other, so that their peaks and
@@ -18,6 +18,7 @@ converted folder through `TorchPipeline`, in the same dtype. Rows:
 Times are medians of --runs after one warm-up (a 1-step image warms the text encoder and VAE). The last
 column is MLX / torch (below 1: MLX is faster or smaller). --memory-only skips the UNet timing and the
 warm-ups: one generation, for its peak (float16 on a CPU is slow, and its speed is not the question).
+--low-memory loads the MLX model as `serve --low-memory` does (text encoders freed after encoding).
 The script re-execs itself with OpenBLAS preloaded (mlx_sd_server.blas), as the CLI does.
 """
 
@@ -59,7 +60,7 @@ def unet_inputs(config: dict, width: int, height: int) -> dict:
     return inputs
 
 
-def mlx_engine(folder: Path, dtype: str):
+def mlx_engine(folder: Path, dtype: str, low_memory: bool = False):
     """(pipeline, a UNet evaluation on given inputs, a VAE decode of a given latent, peak-memory reset and
     read-out): one engine's way of doing each measured thing."""
     import mlx.core as mx
@@ -67,7 +68,7 @@ def mlx_engine(folder: Path, dtype: str):
     from mlx_sd_server.engine.model_io import load_model
     from mlx_sd_server.engine.pipeline import DiffusionPipeline
 
-    pipeline = DiffusionPipeline(load_model(folder, dtype=dtype))
+    pipeline = DiffusionPipeline(load_model(folder, dtype=dtype, keep_text_encoders=not low_memory))
     mx.eval(pipeline.model.unet.parameters(), pipeline.model.vae.parameters(),
             [encoder.parameters() for encoder in pipeline.model.text_encoders])  # loading is lazy
 
@@ -84,7 +85,7 @@ def mlx_engine(folder: Path, dtype: str):
     return pipeline, unet_call, decode_call, mx.reset_peak_memory, mx.get_peak_memory
 
 
-def torch_engine(folder: Path, dtype: str):
+def torch_engine(folder: Path, dtype: str, low_memory: bool = False):
     import torch
 
     from mlx_sd_server.torch_engine import TorchPipeline
@@ -117,13 +118,13 @@ def torch_engine(folder: Path, dtype: str):
 
 
 def measure(engine: str, folder: Path, dtype: str, steps: int, runs: int, width: int, height: int,
-            memory_only: bool) -> dict:
+            memory_only: bool, low_memory: bool) -> dict:
     """One engine's numbers, in this process (a child of main)."""
     from mlx_sd_server.engine.model_io import read_manifest
     from mlx_sd_server.job import build_job
 
     start = time.perf_counter()
-    pipeline, unet_call, decode_call, reset_peak, peak = (mlx_engine if engine == "mlx" else torch_engine)(folder, dtype)
+    pipeline, unet_call, decode_call, reset_peak, peak = (mlx_engine if engine == "mlx" else torch_engine)(folder, dtype, low_memory)
     results: dict = {"load_s": time.perf_counter() - start}
     job_fields = {"prompt": PROMPT, "width": width, "height": height, "cfg_scale": 7.0,
                   "sample_method": "euler", "scheduler": "discrete", "seed": 42}
@@ -162,6 +163,7 @@ def main() -> None:
     parser.add_argument("--size", type=size, default=None, help="WxH (default: 512x512, SDXL 1024x1024)")
     parser.add_argument("--engines", default="mlx,torch", help="comma-separated, from mlx,torch")
     parser.add_argument("--memory-only", action="store_true", help="one cold generation, for its memory peak")
+    parser.add_argument("--low-memory", action="store_true", help="MLX: free the text encoders after encoding")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -170,7 +172,7 @@ def main() -> None:
     width, height = args.size or ((1024, 1024) if args.model == "sdxl" else (512, 512))
     if args.child:
         print(json.dumps(measure(args.child, args.folder, args.dtype, args.steps, args.runs, width, height,
-                                 args.memory_only)))
+                                 args.memory_only, args.low_memory)))
         return
 
     import mlx.core as mx
@@ -186,7 +188,8 @@ def main() -> None:
     for engine in engines:
         command = [str(Path(__file__).resolve()), "--child", engine, "--folder", str(folder),
                    "--dtype", args.dtype, "--steps", str(args.steps), "--runs", str(args.runs),
-                   "--size", f"{width}x{height}"] + (["--memory-only"] if args.memory_only else [])
+                   "--size", f"{width}x{height}"] + (["--memory-only"] if args.memory_only else []) \
+            + (["--low-memory"] if args.low_memory else [])
         results[engine] = run_child(command, with_fast_blas=engine == "mlx")
         print(f"{engine} done; {results[engine]['load_average']}", flush=True)
 

@@ -116,3 +116,11 @@ def test_geglu_is_first_half_times_gelu_of_second(block):
     assert out.shape == (2, 7, 12)
     assert np.all(np.abs(out - expected) <= 2e-7 * np.maximum(np.abs(a * gate), 1.0) + 1e-6 * np.abs(expected))
     assert np.allclose(np.asarray(activations.geglu(mx.array(h))), out)
+
+
+def test_group_norm_then_silu_is_fused_exactly(block):
+    norm = GroupNorm(4, 24)
+    norm.weight, norm.bias = mx.arange(24) / 12.0 - 1.0, mx.ones(24) * 0.5
+    x = mx.array(sample(scale=2.0))
+    expected = silu64(group_norm64(np.asarray(x), 4, np.asarray(norm.weight), np.asarray(norm.bias), norm.eps))
+    assert np.max(np.abs(np.asarray(norm.with_silu(x)) - expected)) <= 1e-5

@@ -68,3 +68,15 @@ def test_banded_conv_matches_plain_conv(dtype, monkeypatch):
     x = mx.random.normal((1, 9, 10, 4), key=mx.random.key(3)).astype(dtype)
     assert banded(x).dtype == dtype
     assert max_rel(banded(x), plain(x)) <= (1e-6 if dtype == mx.float32 else ULP[dtype])
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_pointwise_conv_is_a_matmul_with_conv_results(dtype):
+    ours, theirs = Conv2d(6, 5, 1), nn.Conv2d(6, 5, 1)
+    theirs.update(ours.parameters())
+    x = mx.random.normal((2, 7, 3, 6), key=mx.random.key(4))
+    expected = theirs(x)
+    ours.set_dtype(dtype)
+    out = ours(x.astype(dtype))
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert max_rel(out, expected) <= (1e-6 if dtype == mx.float32 else 2 * ULP[dtype])

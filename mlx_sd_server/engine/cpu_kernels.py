@@ -66,6 +66,21 @@ def _to_numpy(x: mx.array) -> np.ndarray:
     return np.asarray(x.astype(mx.float32) if x.dtype != mx.float32 else x)
 
 
+def new_output(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
+    """A float32 MLX array and a writable numpy view of its memory (MLX's buffer protocol shares it).
+
+    Kernels write their result straight into MLX's memory: no numpy result plus an MLX copy of it, which
+    at full image resolution would be two 268 MB buffers where one does.
+    """
+    out = mx.zeros(shape, mx.float32)
+    mx.eval(out)
+    return out, np.asarray(out)
+
+
+def _in_dtype(out: mx.array, dtype: mx.Dtype) -> mx.array:
+    return out if dtype == mx.float32 else out.astype(dtype)
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None) -> mx.array:
     """softmax(q k^T / sqrt(D) + mask) v for (B, heads, L, D) arrays; `mask` boolean (True = attend) or
     additive, broadcastable to (B, heads, Lq, Lk)."""
@@ -78,7 +93,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
     if mask is not None:
         additive = mask if mask.dtype != mx.bool_ else mx.where(mask, 0.0, -math.inf)
         maskn = np.broadcast_to(_to_numpy(additive), (B, H, Lq, Lk)).reshape(B * H, Lq, Lk)
-    out = np.empty((B * H, Lq, D), np.float32)
+    result, out = new_output((B * H, Lq, D))
     rows = max(1, min(Lq, SCORES_PER_BLOCK // Lk))
 
     def work(start: int, stop: int) -> None:
@@ -93,20 +108,20 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
                 np.divide(scores @ vn[head], scores.sum(axis=-1, keepdims=True), out=out[head, r : r + rows])
 
     _in_parallel(work, B * H)
-    return mx.array(out.reshape(B, H, Lq, D)).astype(dtype)
+    return _in_dtype(result.reshape(B, H, Lq, D), dtype)
 
 
 def _elementwise(kernel: Callable[[np.ndarray, np.ndarray], None], x: mx.array) -> mx.array:
     """Apply kernel(block_in, block_out) over x in cache-sized float32 blocks, on every core."""
     flat = _to_numpy(x).reshape(-1)
-    out = np.empty_like(flat)
+    result, out = new_output(flat.shape)
 
     def work(start: int, stop: int) -> None:
         for i in range(start * ELEMENTS_PER_BLOCK, min(stop * ELEMENTS_PER_BLOCK, flat.size), ELEMENTS_PER_BLOCK):
             kernel(flat[i : i + ELEMENTS_PER_BLOCK], out[i : i + ELEMENTS_PER_BLOCK])
 
     _in_parallel(work, -(-flat.size // ELEMENTS_PER_BLOCK))
-    return mx.array(out.reshape(x.shape)).astype(x.dtype)
+    return _in_dtype(result.reshape(x.shape), x.dtype)
 
 
 def _sigmoid_times_x(x: np.ndarray, out: np.ndarray, slope: float) -> None:
@@ -166,7 +181,7 @@ def geglu(h: mx.array) -> mx.array:
     """a * gelu(gate) for h = [a, gate] split in halves along the last axis (the UNet's GEGLU)."""
     hidden = h.shape[-1] // 2
     hn = _to_numpy(h).reshape(-1, 2 * hidden)
-    out = np.empty((hn.shape[0], hidden), np.float32)
+    result, out = new_output((hn.shape[0], hidden))
     rows = max(1, ELEMENTS_PER_BLOCK // hidden)
 
     def work(start: int, stop: int) -> None:
@@ -178,14 +193,16 @@ def geglu(h: mx.array) -> mx.array:
             block *= hn[r : r + rows, :hidden]
 
     _in_parallel(work, -(-hn.shape[0] // rows))
-    return mx.array(out.reshape(*h.shape[:-1], hidden)).astype(h.dtype)
+    return _in_dtype(result.reshape(*h.shape[:-1], hidden), h.dtype)
 
 
-def group_norm(x: mx.array, groups: int, weight: mx.array | None, bias: mx.array | None, eps: float) -> mx.array:
+def group_norm(x: mx.array, groups: int, weight: mx.array | None, bias: mx.array | None, eps: float,
+               then_silu: bool = False) -> mx.array:
     """GroupNorm over an NHWC (or N...C) array, two-pass: the mean, then the variance of the centred values.
 
     Block sums are float32, their totals float64, so precision holds over the ~10^6 values a VAE group has
-    at 1024x1024. The normalisation and the affine fold into one multiply-add per element.
+    at 1024x1024. The normalisation and the affine fold into one multiply-add per element; `then_silu`
+    applies SiLU in the same pass (a resnet's norm-then-activation, without a second full-size buffer).
     """
     batch, channels = x.shape[0], x.shape[-1]
     xn = _to_numpy(x).reshape(batch, -1, channels)
@@ -221,13 +238,22 @@ def group_norm(x: mx.array, groups: int, weight: mx.array | None, bias: mx.array
     if bias is not None:
         shift = shift + np.asarray(bias.astype(mx.float32), dtype=np.float64)
     scale, shift = scale.astype(np.float32), shift.astype(np.float32)
-    out = np.empty_like(xn)
+    result, out = new_output(xn.shape)
 
     def normalise(start: int, stop: int) -> None:
+        scratch = np.empty((block, channels), np.float32) if then_silu else None
         for i in range(start, stop):
             b, r = blocks[i]
-            np.multiply(xn[b, r : r + block], scale[b], out=out[b, r : r + block])
-            out[b, r : r + block] += shift[b]
+            values = out[b, r : r + block]
+            np.multiply(xn[b, r : r + block], scale[b], out=values)
+            values += shift[b]
+            if scratch is not None:  # values / (1 + exp(-values)), in place
+                exp = scratch[: len(values)]
+                np.negative(values, out=exp)
+                with np.errstate(over="ignore"):
+                    np.exp(exp, out=exp)
+                exp += 1.0
+                values /= exp
 
     _in_parallel(normalise, len(blocks))
-    return mx.array(out.reshape(x.shape)).astype(x.dtype)
+    return _in_dtype(result.reshape(x.shape), x.dtype)

@@ -24,12 +24,19 @@ class GroupNorm(nn.GroupNorm):
 
     def __call__(self, x: mx.array) -> mx.array:
         if mx.default_device() == mx.cpu:
-            affine = "weight" in self
-            return cpu_kernels.group_norm(x, self.num_groups, self.weight if affine else None,
-                                          self.bias if affine else None, self.eps)
+            return self._cpu(x, then_silu=False)
         batch, channels = x.shape[0], x.shape[-1]
         groups = x.astype(mx.float32).reshape(batch, -1, self.num_groups, channels // self.num_groups)
         centred = groups - groups.mean(axis=(1, 3), keepdims=True)
         variance = mx.square(centred).mean(axis=(1, 3), keepdims=True)
         out = (centred * mx.rsqrt(variance + self.eps)).reshape(x.shape).astype(x.dtype)
         return out * self.weight + self.bias if "weight" in self else out
+
+    def with_silu(self, x: mx.array) -> mx.array:
+        """silu(self(x)), in one pass on the CPU."""
+        return self._cpu(x, then_silu=True) if mx.default_device() == mx.cpu else nn.silu(self(x))
+
+    def _cpu(self, x: mx.array, then_silu: bool) -> mx.array:
+        affine = "weight" in self
+        return cpu_kernels.group_norm(x, self.num_groups, self.weight if affine else None,
+                                      self.bias if affine else None, self.eps, then_silu)

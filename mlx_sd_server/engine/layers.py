@@ -4,7 +4,8 @@ MLX's CPU backend has no fast float16/bfloat16 matmul or convolution (a 1024^3 f
 GFLOP/s, against ~90 in float32 on OpenBLAS). A model loaded in float16 there keeps its weights and
 activations in float16 — half the memory — while each product runs in float32 on upcast copies (one
 layer's weight at a time) and is rounded back. On Metal and CUDA, and for float32 weights, these are
-mlx.nn's own layers; parameters and results are the same.
+mlx.nn's own layers; parameters and results are the same. On the CPU a 1x1 convolution is a plain
+matmul (see `Conv2d.convolve`).
 """
 
 from __future__ import annotations
@@ -32,11 +33,23 @@ class Linear(nn.Linear):
 
 class Conv2d(nn.Conv2d):
     def __call__(self, x: mx.array) -> mx.array:
-        if not _half_on_cpu(self.weight):
+        if mx.default_device() != mx.cpu or (not _half_on_cpu(self.weight) and not self._pointwise):
             return super().__call__(x)
-        return _with_bias(self, self.convolve(x.astype(mx.float32), self.padding), x.dtype)
+        return _with_bias(self, self.convolve(x, self.padding), x.dtype)
+
+    @property
+    def _pointwise(self) -> bool:
+        return self.weight.shape[1:3] == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0) and self.groups == 1
 
     def convolve(self, x: mx.array, padding: tuple[int, int]) -> mx.array:
-        """The convolution without the bias, in the dtype MLX computes fast here."""
+        """The convolution without the bias, in float32 for half weights on the CPU.
+
+        A 1x1 convolution is a matmul over the flattened pixels: MLX's CPU convolution would first copy its
+        input (268 MB for a 512x512x256 VAE activation).
+        """
         weight = self.weight.astype(mx.float32) if _half_on_cpu(self.weight) else self.weight
-        return mx.conv2d(x.astype(weight.dtype), weight, self.stride, padding, self.dilation, self.groups)
+        x = x.astype(weight.dtype)
+        if self._pointwise and padding == (0, 0):
+            out = x.reshape(-1, x.shape[-1]) @ weight.reshape(weight.shape[0], -1).T
+            return out.reshape(*x.shape[:-1], weight.shape[0])
+        return mx.conv2d(x, weight, self.stride, padding, self.dilation, self.groups)

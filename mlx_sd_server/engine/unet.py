@@ -198,9 +198,9 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array, temb: mx.array) -> mx.array:
-        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv1(self.norm1.with_silu(x))
         h = h + self.time_emb_proj(silu(temb))[:, None, None, :]
-        h = self.conv2(silu(self.norm2(h)))
+        h = self.conv2(self.norm2.with_silu(h))
         shortcut = self.conv_shortcut(x) if "conv_shortcut" in self else x
         return (shortcut + h) / self.output_scale_factor
 
@@ -441,4 +441,4 @@ class UNetModel(UNetEncoder):
             skips = skips[: -len(block.resnets)]
             # Upsample to the next skip's size, which is 2x except after odd sizes on the way down.
             h = block(h, emb, encoder_hidden_states, block_skips, skips[-1].shape[1:3] if skips else None)
-        return self.conv_out(silu(self.conv_norm_out(h)))
+        return self.conv_out(self.conv_norm_out.with_silu(h))
