@@ -102,6 +102,15 @@ def read_info(folder: Path, control_net: Path | None = None) -> ModelInfo:
     )
 
 
+# Machines with this much memory or less (a base 8 GB Mac) get the low-memory mode unless told otherwise.
+LOW_MEMORY_MACHINE = 8 * 2**30
+
+
+def physical_memory() -> int:
+    """Bytes of RAM (Linux and macOS)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class ModelRegistry:
     """The servable models. `pipeline()` loads on demand and keeps the `max_loaded` most recent in memory."""
 
@@ -114,10 +123,13 @@ class ModelRegistry:
         dtype: str | None = None,
         engine: str = "mlx",
         max_loaded: int = 1,
-        low_memory: bool = False,
+        low_memory: bool | None = None,
     ):
         self.dtype = dtype
-        self.low_memory = low_memory
+        self.low_memory = low_memory if low_memory is not None else physical_memory() <= LOW_MEMORY_MACHINE
+        if self.low_memory:
+            log.info("low-memory mode: text encoders are freed after each job's prompts (%.0f GB of memory)",
+                     physical_memory() / 2**30)
         self.engine = engine
         self.max_loaded = max_loaded
         self._lock = threading.Lock()

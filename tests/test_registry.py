@@ -9,6 +9,7 @@ import pytest
 
 import tiny_diffusers
 from convert.pull import main as pull
+from mlx_sd_server import registry as registry_module
 from mlx_sd_server.registry import TINY_MODEL_NAME, ModelNotFoundError, ModelRegistry
 
 
@@ -67,3 +68,12 @@ def test_auto_engine_falls_back_to_torch_when_mlx_cannot_load(tmp_path, monkeypa
     assert "falling back to diffusers/torch" in caplog.text
     with pytest.raises(Exception, match="no MLX backend"):  # without auto, the failure is reported
         ModelRegistry([TINY_MODEL_NAME], tmp_path, engine="mlx").pipeline()
+
+
+@pytest.mark.parametrize("ram_gib, flag, expected", [(8, None, True), (16, None, False), (8, False, False),
+                                                     (64, True, True)])
+def test_low_memory_mode_is_automatic_on_8_gb_machines(tmp_path, monkeypatch, ram_gib, flag, expected):
+    monkeypatch.setattr(registry_module, "physical_memory", lambda: ram_gib * 2**30)
+    registry = ModelRegistry([], tmp_path, low_memory=flag)
+    assert registry.low_memory is expected
+    assert registry.pipeline().model.keep_text_encoders is not expected
