@@ -80,3 +80,15 @@ def test_pointwise_conv_is_a_matmul_with_conv_results(dtype):
     out = ours(x.astype(dtype))
     assert out.dtype == dtype and out.shape == expected.shape
     assert max_rel(out, expected) <= (1e-6 if dtype == mx.float32 else 2 * ULP[dtype])
+
+
+@pytest.mark.parametrize("height", [9, 10])
+def test_banded_conv_of_the_upsampled_input(height, monkeypatch):
+    """Bands that read only their source rows give the convolution of the whole 2x upsampled image."""
+    from mlx_sd_server.engine.vae import upsample_2x
+
+    monkeypatch.setattr(BandedConv2d, "BAND_PIXELS", 3 * 14)  # 3-row bands of a 14-wide output: odd offsets
+    banded = BandedConv2d(4, 6)
+    x = mx.random.normal((2, height, 7, 4), key=mx.random.key(5))
+    expected = Conv2d.__call__(banded, upsample_2x(x))
+    assert max_rel(banded(x, upsample=True), expected) <= 1e-6

@@ -78,19 +78,32 @@ class BandedConv2d(Conv2d):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 3, padding=1)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, upsample: bool = False) -> mx.array:
+        """The convolution of x, or with `upsample` of x's 2x nearest upsampling, built band by band."""
         batch, height, width, _ = x.shape
+        if upsample:
+            height, width = 2 * height, 2 * width
         if height * width <= self.BAND_PIXELS or mx.default_device() != mx.cpu:
-            return super().__call__(x)
+            return super().__call__(upsample_2x(x) if upsample else x)
         rows = max(1, self.BAND_PIXELS // width)
         result, out = cpu_kernels.new_output((batch, height, width, self.weight.shape[0]))
         for top in range(0, height, rows):
             bottom = min(top + rows, height)
-            with_halo = x[:, max(top - 1, 0) : min(bottom + 1, height)]
+            first, last = max(top - 1, 0), min(bottom + 1, height)  # the band's input rows, with halo
+            if upsample:  # upsample only the source rows this band reads
+                with_halo = upsample_2x(x[:, first // 2 : (last - 1) // 2 + 1])[:, first % 2 :][:, : last - first]
+            else:
+                with_halo = x[:, first:last]
             # zero rows only where the halo falls outside the image
             padded = mx.pad(with_halo, [(0, 0), (int(top == 0), int(bottom == height)), (1, 1), (0, 0)])
             out[:, top:bottom] = self.convolve(padded, (0, 0)) + self.bias.astype(mx.float32)
         return result.astype(x.dtype)
+
+
+def upsample_2x(x: mx.array) -> mx.array:
+    """Nearest-neighbour 2x upsampling of NHWC x."""
+    B, H, W, C = x.shape
+    return mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
 
 
 class ResnetBlock(nn.Module):
@@ -159,9 +172,7 @@ class Upsample(nn.Module):
         self.conv = BandedConv2d(channels, channels)
 
     def __call__(self, x: mx.array) -> mx.array:
-        B, H, W, C = x.shape
-        x = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
-        return self.conv(x)
+        return self.conv(x, upsample=True)  # never holds the whole upsampled image on the CPU
 
 
 class EncoderBlock(nn.Module):
