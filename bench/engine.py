@@ -68,7 +68,7 @@ def mlx_engine(folder: Path, dtype: str, low_memory: bool = False):
     from mlx_sd_server.engine.model_io import load_model
     from mlx_sd_server.engine.pipeline import DiffusionPipeline
 
-    pipeline = DiffusionPipeline(load_model(folder, dtype=dtype, keep_text_encoders=not low_memory))
+    pipeline = DiffusionPipeline(load_model(folder, dtype=dtype, low_memory=low_memory))
     mx.eval(pipeline.model.unet.parameters(), pipeline.model.vae.parameters(),
             [encoder.parameters() for encoder in pipeline.model.text_encoders])  # loading is lazy
 

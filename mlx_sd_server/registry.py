@@ -192,7 +192,7 @@ class ModelRegistry:
                 from mlx_sd_server.engine.pipeline import DiffusionPipeline
 
                 pipeline = DiffusionPipeline(load_model(info.folder, dtype=self.dtype, controlnet=control,
-                                                        keep_text_encoders=not self.low_memory))
+                                                        low_memory=self.low_memory))
                 log.info("engine: MLX for %s", info.name)
                 return pipeline
             except (ImportError, RuntimeError, MemoryError, ValueError) as exc:

@@ -282,9 +282,9 @@ def test_long_and_weighted_prompts_generate(models):
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_low_memory_frees_text_encoders_and_gives_the_same_images(models, family):
-    """keep_text_encoders=False: the encoders' weights are dropped after each job's prompts, re-read lazily."""
+    """low_memory=True: the text encoders' weights are dropped after each job's prompts, re-read lazily."""
     _, ours = models(family)
-    low = DiffusionPipeline(load_model(ours.model.folder, dtype="float32", keep_text_encoders=False), paste_back=False)
+    low = DiffusionPipeline(load_model(ours.model.folder, dtype="float32", low_memory=True), paste_back=False)
     job = build_job({"prompt": PROMPT, "steps": 2, "cfg_scale": 5.0, "size": f"{SIZE}x{SIZE}", "seed": 3})
     expected = collect(ours, job)[0]
     for _ in range(2):  # the second job reads the encoders back from disk

@@ -76,4 +76,4 @@ def test_low_memory_mode_is_automatic_on_8_gb_machines(tmp_path, monkeypatch, ra
     monkeypatch.setattr(registry_module, "physical_memory", lambda: ram_gib * 2**30)
     registry = ModelRegistry([], tmp_path, low_memory=flag)
     assert registry.low_memory is expected
-    assert registry.pipeline().model.keep_text_encoders is not expected
+    assert registry.pipeline().model.low_memory is expected

@@ -171,6 +171,7 @@ def test_should_tile():
     assert not should_tile(128, 128)  # SDXL at 1024x1024
     assert should_tile(128, 192)
     assert should_tile(256, 256)
+    assert should_tile(128, 128, low_memory=True) and not should_tile(64, 64, low_memory=True)
 
 
 @pytest.mark.realsize

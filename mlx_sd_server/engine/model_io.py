@@ -124,8 +124,9 @@ class LoadedModel:
     controlnet: nn.Module | None = None
     dtype: mx.Dtype = mx.float32
     vae_dtype: mx.Dtype = mx.float32
-    # Low-memory mode: text encoders are read from disk for each job and dropped once the prompts are encoded.
-    keep_text_encoders: bool = True
+    # Low-memory mode: text encoders are read from disk for each job and dropped once the prompts are
+    # encoded, and large images are decoded in tiles.
+    low_memory: bool = False
     _build_text_encoders: Callable[[], list[nn.Module]] | None = None
 
     @property
@@ -134,7 +135,7 @@ class LoadedModel:
 
     def text_encoding_done(self) -> None:
         """In low-memory mode, free the text encoders' weights: they come back, lazily, on next use."""
-        if not self.keep_text_encoders and self._build_text_encoders is not None:
+        if self.low_memory and self._build_text_encoders is not None:
             self.text_encoders = self._build_text_encoders()  # unevaluated: read from disk when next used
 
 
@@ -158,12 +159,11 @@ def load_component(folder: Path, name: str, entry: dict, dtype: mx.Dtype, quanti
 
 
 def load_model(folder: str | os.PathLike, dtype: str | None = None, controlnet: str | os.PathLike | None = None,
-               keep_text_encoders: bool = True) -> LoadedModel:
+               low_memory: bool = False) -> LoadedModel:
     """Load a converted model folder. `dtype` defaults to float16 on a GPU, float32 on the CPU.
 
     `controlnet` is another converted folder whose manifest has a "controlnet" component; it overrides one
-    bundled in this model's manifest. `keep_text_encoders=False` is the low-memory mode: see
-    `LoadedModel.text_encoding_done`. Weights are read lazily, on first use.
+    bundled in this model's manifest. `low_memory`: see `LoadedModel`. Weights are read lazily, on first use.
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -204,10 +204,10 @@ def load_model(folder: str | os.PathLike, dtype: str | None = None, controlnet: 
         controlnet=control,
         dtype=compute_dtype,
         vae_dtype=vae_dtype,
-        keep_text_encoders=keep_text_encoders,
+        low_memory=low_memory,
         _build_text_encoders=build_text_encoders,
     )
     log.info("loaded %s (%s, %s%s%s) from %s", manifest.get("name", folder.name), manifest["family"], dtype_name,
              f", {quantization['bits']}-bit" if quantization else "",
-             "" if keep_text_encoders else ", low memory: text encoders read per job", folder)
+             ", low memory" if low_memory else "", folder)
     return model

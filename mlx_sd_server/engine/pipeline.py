@@ -151,7 +151,7 @@ class DiffusionPipeline:
         images = []
         for i in range(z.shape[0]):  # one at a time: decoding is the memory peak
             zi = z[i : i + 1]
-            pixels = vae.decode_tiled(zi) if should_tile(zi.shape[1], zi.shape[2]) else vae.decode(zi)
+            pixels = vae.decode_tiled(zi) if should_tile(*zi.shape[1:3], self.model.low_memory) else vae.decode(zi)
             mx.eval(pixels)
             images.append(_to_image(pixels[0]))
         return images

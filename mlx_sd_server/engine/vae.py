@@ -32,11 +32,15 @@ from mlx_sd_server.engine.layers import Conv2d, Linear
 # every latent pixel, quadratic in their count) grow past a few GB beyond this point, while below it the
 # untiled decode fits comfortably and is exact.
 MAX_UNTILED_LATENT_PIXELS = 128 * 128
+# In low-memory mode, anything above SD 1.5's 512x512: SDXL's 1024x1024 decode goes from ~2.7 GB over the
+# weights to a 512x512 tile's ~0.7 GB.
+MAX_UNTILED_LATENT_PIXELS_LOW_MEMORY = 64 * 64
 
 
-def should_tile(latent_h: int, latent_w: int) -> bool:
+def should_tile(latent_h: int, latent_w: int, low_memory: bool = False) -> bool:
     """Whether a latent of this size should go through `decode_tiled`/`encode_tiled`."""
-    return latent_h * latent_w > MAX_UNTILED_LATENT_PIXELS
+    limit = MAX_UNTILED_LATENT_PIXELS_LOW_MEMORY if low_memory else MAX_UNTILED_LATENT_PIXELS
+    return latent_h * latent_w > limit
 
 
 @dataclass
