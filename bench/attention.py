@@ -59,7 +59,7 @@ def main() -> None:
 
     print(f"MLX {mx.__version__} on {mx.default_device()}, torch {torch.__version__} "
           f"with {torch.get_num_threads()} threads")
-    print(f"{'shape':14} {'variant':22} {'dtype':9} {'ms':>9} {'/torch f32':>11}")
+    print(f"{'shape':14} {'variant':26} {'dtype':9} {'ms':>9} {'/torch f32':>11}")
     for name, batch, heads, queries, keys, head_dim in SHAPES:
         q, k, v = (np.random.default_rng(i).standard_normal((batch, heads, n, head_dim), dtype=np.float32)
                    for i, n in enumerate([queries, keys, keys]))
@@ -77,7 +77,7 @@ def main() -> None:
             mx.eval(mq, mk, mv)
             for variant, function in mlx_variants().items():
                 ms = best_ms(lambda: mx.eval(function(mq, mk, mv)), args.repeats)
-                print(f"{name:14} {variant:22} {dtype_name:9} {ms:9.1f} {ms / reference:11.2f}", flush=True)
+                print(f"{name:14} {variant:26} {dtype_name:9} {ms:9.1f} {ms / reference:11.2f}", flush=True)
 
 
 if __name__ == "__main__":
