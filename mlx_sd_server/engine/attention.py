@@ -1,9 +1,9 @@
 """Scaled dot-product attention, fast on every MLX backend.
 
 On Metal and CUDA `mx.fast.scaled_dot_product_attention` is a fused kernel: we call it. On the CPU it is an
-unfused fallback whose softmax runs MLX's scalar exp on one thread (~2.7 s for one of SD 1.5's 4096-token
-self-attentions with CFG, torch: ~1.1 s), so there the numpy kernel in cpu_kernels.py does the work
-(~0.45 s; bench/attention.py).
+unfused fallback whose softmax runs MLX's scalar exp on one thread (~3.7 s for one of SD 1.5's 4096-token
+self-attentions with CFG, torch: ~1.3 s), so there the numpy kernel in cpu_kernels.py does the work
+(~0.5 s; bench/attention.py).
 """
 
 from __future__ import annotations

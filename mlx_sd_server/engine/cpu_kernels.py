@@ -1,11 +1,11 @@
-"""numpy kernels for the ops that MLX's CPU backend runs slowly: attention, SiLU and GELU.
+"""numpy kernels for the ops that MLX's CPU backend runs slowly: attention, SiLU, the GELUs, GroupNorm.
 
 MLX's CPU backend evaluates exp, sigmoid and erf with scalar code, one stream on one thread: 14-26 ns per
 element on x86 (numpy's vectorized exp: ~0.9 ns). At SD's shapes that is most of a UNet step — the
 softmax over 2 x 8 x 4096 x 4096 attention scores alone takes ~2.7 s per layer. These kernels evaluate
 their MLX inputs, compute in float32 numpy on one thread per core (numpy releases the GIL) in blocks that
-stay in the L2 cache, and hand back an MLX array in the input's dtype. bench/attention.py and
-bench/engine.py measure them against torch. Used only when MLX runs on the CPU (see activations.py and
+stay in the L2 cache, and write their result straight into an MLX array (returned in the input's dtype).
+bench/kernels.py, bench/attention.py and bench/engine.py measure them against torch. Used only when MLX runs on the CPU (see activations.py and
 attention.py); on Metal and CUDA MLX's own kernels are fast.
 """
 
@@ -28,6 +28,7 @@ ELEMENTS_PER_BLOCK = 256 * 1024
 ERF_P = 0.3275911
 ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 
+WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -36,8 +37,7 @@ def _threads() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:
         _limit_numpy_blas_threads()
-        _pool = ThreadPoolExecutor(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
-                                   thread_name_prefix="cpu-kernel")
+        _pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="cpu-kernel")
     return _pool
 
 
@@ -56,7 +56,7 @@ def _limit_numpy_blas_threads() -> None:
 def _in_parallel(work: Callable[[int, int], None], total: int) -> None:
     """Run work(start, stop) over [0, total) split evenly across the worker threads."""
     pool = _threads()
-    parts = min(pool._max_workers, total)
+    parts = min(WORKERS, total)
     bounds = [total * i // parts for i in range(parts + 1)]
     for future in [pool.submit(work, a, b) for a, b in zip(bounds, bounds[1:]) if b > a]:
         future.result()
@@ -92,7 +92,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
     vn = np.ascontiguousarray(_to_numpy(v).reshape(B * H, Lk, D))
     if mask is not None:
         additive = mask if mask.dtype != mx.bool_ else mx.where(mask, 0.0, -math.inf)
-        maskn = np.broadcast_to(_to_numpy(additive), (B, H, Lq, Lk)).reshape(B * H, Lq, Lk)
+        maskn = np.broadcast_to(_to_numpy(additive), (B, H, Lq, Lk))  # a view: never B*H*Lq*Lk in memory
     result, out = new_output((B * H, Lq, D))
     rows = max(1, min(Lq, SCORES_PER_BLOCK // Lk))
 
@@ -101,7 +101,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
             for r in range(0, Lq, rows):
                 scores = qn[head, r : r + rows] @ kt[head]
                 if mask is not None:
-                    scores += maskn[head, r : r + rows]
+                    scores += maskn[head // H, head % H, r : r + rows]
                 scores -= scores.max(axis=-1, keepdims=True)
                 np.exp(scores, out=scores)
                 # Normalise the (rows, D) output rather than the (rows, Lk) weights.
