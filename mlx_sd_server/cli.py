@@ -47,9 +47,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype (default: float16 on GPU, float32 on CPU)")
     parser.add_argument("--engine", choices=["mlx", "torch", "auto"], default="mlx",
                         help="mlx, the diffusers/torch fallback, or auto (torch where MLX cannot load a model)")
-    parser.add_argument("--low-memory", action="store_true", default=None,
-                        help="free the text encoders after each prompt is encoded (re-read from disk per job); "
-                             "on by itself on machines with 8 GB of memory or less")
+    add_low_memory_option(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -77,9 +75,13 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
                         help="a file name (.png/.jpg/.webp) or a directory")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--engine", choices=["mlx", "torch", "auto"], default="mlx")
+    add_low_memory_option(parser)
+
+
+def add_low_memory_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--low-memory", action="store_true", default=None,
-                        help="free the text encoders after each prompt is encoded (re-read from disk per job); "
-                             "on by itself on machines with 8 GB of memory or less")
+                        help="free the text encoders after each prompt is encoded (re-read from disk per job) and "
+                             "decode images above 512x512 in tiles; on by itself with 8 GB of memory or less")
 
 
 def build_parser() -> argparse.ArgumentParser:

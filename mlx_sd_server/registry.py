@@ -128,7 +128,8 @@ class ModelRegistry:
         self.dtype = dtype
         self.low_memory = low_memory if low_memory is not None else physical_memory() <= LOW_MEMORY_MACHINE
         if self.low_memory:
-            log.info("low-memory mode: text encoders are freed after each job's prompts (%.0f GB of memory)",
+            log.info("low-memory mode: text encoders freed after each job's prompts, large images decoded in tiles "
+                     "(%.0f GB of memory)",
                      physical_memory() / 2**30)
         self.engine = engine
         self.max_loaded = max_loaded

@@ -6,10 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import cpu_kernels
-
-
-def on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
+from .cpu_kernels import on_cpu
 
 
 def silu(x: mx.array) -> mx.array:

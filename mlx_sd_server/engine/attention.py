@@ -22,7 +22,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | str | None
     """
     if isinstance(mask, str) and mask != "causal":
         raise ValueError(f"unknown mask {mask!r}")
-    if mx.default_device() != mx.cpu:
+    if not cpu_kernels.on_cpu():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)
     if mask == "causal":
         mask = causal_mask(q.shape[-2], k.shape[-2])

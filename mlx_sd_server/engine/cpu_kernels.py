@@ -62,8 +62,13 @@ def _in_parallel(work: Callable[[int, int], None], total: int) -> None:
         future.result()
 
 
+def on_cpu() -> bool:
+    """Whether MLX computes on the CPU, where these kernels replace its own."""
+    return mx.default_device() == mx.cpu
+
+
 def _to_numpy(x: mx.array) -> np.ndarray:
-    return np.asarray(x.astype(mx.float32) if x.dtype != mx.float32 else x)
+    return np.asarray(x.astype(mx.float32))  # a view when x is already float32 (astype to its dtype is free)
 
 
 def new_output(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
@@ -75,10 +80,6 @@ def new_output(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
     out = mx.zeros(shape, mx.float32)
     mx.eval(out)
     return out, np.asarray(out)
-
-
-def _in_dtype(out: mx.array, dtype: mx.Dtype) -> mx.array:
-    return out if dtype == mx.float32 else out.astype(dtype)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None) -> mx.array:
@@ -108,7 +109,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
                 np.divide(scores @ vn[head], scores.sum(axis=-1, keepdims=True), out=out[head, r : r + rows])
 
     _in_parallel(work, B * H)
-    return _in_dtype(result.reshape(B, H, Lq, D), dtype)
+    return result.reshape(B, H, Lq, D).astype(dtype)
 
 
 def _elementwise(kernel: Callable[[np.ndarray, np.ndarray], None], x: mx.array) -> mx.array:
@@ -121,26 +122,29 @@ def _elementwise(kernel: Callable[[np.ndarray, np.ndarray], None], x: mx.array) 
             kernel(flat[i : i + ELEMENTS_PER_BLOCK], out[i : i + ELEMENTS_PER_BLOCK])
 
     _in_parallel(work, -(-flat.size // ELEMENTS_PER_BLOCK))
-    return _in_dtype(result.reshape(x.shape), x.dtype)
+    return result.reshape(x.shape).astype(x.dtype)
 
 
-def _sigmoid_times_x(x: np.ndarray, out: np.ndarray, slope: float) -> None:
-    # x * sigmoid(slope x) = x / (1 + exp(-slope x)); exp overflows to inf for very negative x, giving -0.
-    np.multiply(x, -slope, out=out)
+def _sigmoid_times_x(x: np.ndarray, out: np.ndarray, slope: float, scratch: np.ndarray) -> None:
+    """out = x * sigmoid(slope x) = x / (1 + exp(-slope x)); `out` may be `x`, `scratch` may be `out` if it is not.
+
+    exp overflows to inf for very negative x, giving -0.
+    """
+    np.multiply(x, -slope, out=scratch)
     with np.errstate(over="ignore"):
-        np.exp(out, out=out)
-    out += 1.0
-    np.divide(x, out, out=out)
+        np.exp(scratch, out=scratch)
+    scratch += 1.0
+    np.divide(x, scratch, out=out)
 
 
 def silu(x: mx.array) -> mx.array:
     """x * sigmoid(x)."""
-    return _elementwise(lambda a, out: _sigmoid_times_x(a, out, 1.0), x)
+    return _elementwise(lambda a, out: _sigmoid_times_x(a, out, 1.0, out), x)
 
 
 def quick_gelu(x: mx.array) -> mx.array:
     """x * sigmoid(1.702 x) (OpenAI CLIP)."""
-    return _elementwise(lambda a, out: _sigmoid_times_x(a, out, 1.702), x)
+    return _elementwise(lambda a, out: _sigmoid_times_x(a, out, 1.702, out), x)
 
 
 def _gelu_into(x: np.ndarray, out: np.ndarray, scratch: np.ndarray, poly: np.ndarray) -> None:
@@ -193,7 +197,7 @@ def geglu(h: mx.array) -> mx.array:
             block *= hn[r : r + rows, :hidden]
 
     _in_parallel(work, -(-hn.shape[0] // rows))
-    return _in_dtype(result.reshape(*h.shape[:-1], hidden), h.dtype)
+    return result.reshape(*h.shape[:-1], hidden).astype(h.dtype)
 
 
 def group_norm(x: mx.array, groups: int, weight: mx.array | None, bias: mx.array | None, eps: float,
@@ -247,13 +251,8 @@ def group_norm(x: mx.array, groups: int, weight: mx.array | None, bias: mx.array
             values = out[b, r : r + block]
             np.multiply(xn[b, r : r + block], scale[b], out=values)
             values += shift[b]
-            if scratch is not None:  # values / (1 + exp(-values)), in place
-                exp = scratch[: len(values)]
-                np.negative(values, out=exp)
-                with np.errstate(over="ignore"):
-                    np.exp(exp, out=exp)
-                exp += 1.0
-                values /= exp
+            if scratch is not None:
+                _sigmoid_times_x(values, values, 1.0, scratch[: len(values)])
 
     _in_parallel(normalise, len(blocks))
-    return _in_dtype(result.reshape(x.shape), x.dtype)
+    return result.reshape(x.shape).astype(x.dtype)

@@ -23,7 +23,7 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, dims, eps=eps, affine=affine, pytorch_compatible=True)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if mx.default_device() == mx.cpu:
+        if cpu_kernels.on_cpu():
             return self._cpu(x, then_silu=False)
         batch, channels = x.shape[0], x.shape[-1]
         groups = x.astype(mx.float32).reshape(batch, -1, self.num_groups, channels // self.num_groups)
@@ -34,7 +34,7 @@ class GroupNorm(nn.GroupNorm):
 
     def with_silu(self, x: mx.array) -> mx.array:
         """silu(self(x)), in one pass on the CPU."""
-        return self._cpu(x, then_silu=True) if mx.default_device() == mx.cpu else nn.silu(self(x))
+        return self._cpu(x, then_silu=True) if cpu_kernels.on_cpu() else nn.silu(self(x))
 
     def _cpu(self, x: mx.array, then_silu: bool) -> mx.array:
         affine = "weight" in self

@@ -13,9 +13,11 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .cpu_kernels import on_cpu
+
 
 def _half_on_cpu(weight: mx.array) -> bool:
-    return weight.dtype in (mx.float16, mx.bfloat16) and mx.default_device() == mx.cpu
+    return weight.dtype in (mx.float16, mx.bfloat16) and on_cpu()
 
 
 def _with_bias(module: nn.Module, y: mx.array, dtype: mx.Dtype) -> mx.array:
@@ -33,7 +35,7 @@ class Linear(nn.Linear):
 
 class Conv2d(nn.Conv2d):
     def __call__(self, x: mx.array) -> mx.array:
-        if mx.default_device() != mx.cpu or (not _half_on_cpu(self.weight) and not self._pointwise):
+        if not on_cpu() or (not _half_on_cpu(self.weight) and not self._pointwise):
             return super().__call__(x)
         return _with_bias(self, self.convolve(x, self.padding), x.dtype)
 

@@ -87,7 +87,7 @@ class BandedConv2d(Conv2d):
         batch, height, width, _ = x.shape
         if upsample:
             height, width = 2 * height, 2 * width
-        if height * width <= self.BAND_PIXELS or mx.default_device() != mx.cpu:
+        if height * width <= self.BAND_PIXELS or not cpu_kernels.on_cpu():
             return super().__call__(upsample_2x(x) if upsample else x)
         rows = max(1, self.BAND_PIXELS // width)
         result, out = cpu_kernels.new_output((batch, height, width, self.weight.shape[0]))
