@@ -35,15 +35,6 @@ def best_ms(run: Callable[[], Any], repeats: int) -> float:
     return min(times) * 1000
 
 
-def drain(generation) -> Any:
-    """Run an engine's step generator to the end; returns what it returns (the images)."""
-    while True:
-        try:
-            next(generation)
-        except StopIteration as stop:
-            return stop.value
-
-
 def run_child(arguments: list[str], with_fast_blas: bool = True) -> dict:
     """Run `python ARGUMENTS` and return the JSON object its last stdout line holds; stderr passes through.
 

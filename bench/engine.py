@@ -36,7 +36,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from mlx_sd_server.blas import ensure_fast_blas  # noqa: E402
 
-from common import drain, load_average, median_seconds, print_table, run_child  # noqa: E402
+from common import load_average, median_seconds, print_table, run_child  # noqa: E402
 from models import BENCH_MODELS, DEFAULT_CACHE  # noqa: E402
 
 ENGINES = ("mlx", "torch")
@@ -121,6 +121,7 @@ def measure(engine: str, folder: Path, dtype: str, steps: int, runs: int, width:
             memory_only: bool, low_memory: bool) -> dict:
     """One engine's numbers, in this process (a child of main)."""
     from mlx_sd_server.engine.model_io import read_manifest
+    from mlx_sd_server.engine.pipeline import drive
     from mlx_sd_server.job import build_job
 
     start = time.perf_counter()
@@ -132,7 +133,7 @@ def measure(engine: str, folder: Path, dtype: str, steps: int, runs: int, width:
     if memory_only:
         reset_peak()
         start = time.perf_counter()
-        drain(pipeline.generate(job))
+        drive(pipeline.generate(job))
         results["cold_image_s"] = time.perf_counter() - start
     else:
         config = read_manifest(folder)["components"]["unet"]["config"]
@@ -140,9 +141,9 @@ def measure(engine: str, folder: Path, dtype: str, steps: int, runs: int, width:
         results["unet_s"] = median_seconds(unet_call(inputs), runs)
         results["decode_s"] = median_seconds(decode_call(inputs["sample"][:1]), runs)
         warmup = build_job({**job_fields, "steps": 1})
-        drain(pipeline.generate(warmup))
+        drive(pipeline.generate(warmup))
         reset_peak()
-        results["image_s"] = median_seconds(lambda: drain(pipeline.generate(job)), runs, warmup=lambda: None)
+        results["image_s"] = median_seconds(lambda: drive(pipeline.generate(job)), runs, warmup=lambda: None)
     results["peak_bytes"] = peak()
     results["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     results["load_average"] = load_average()

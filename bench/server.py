@@ -22,7 +22,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from mlx_sd_server.blas import ensure_fast_blas  # noqa: E402
 
-from common import drain, load_average, median_seconds, print_table  # noqa: E402
+from common import load_average, median_seconds, print_table  # noqa: E402
 
 
 def main() -> None:
@@ -36,6 +36,7 @@ def main() -> None:
 
     from api_server import live_server, request, tiny_registry
     from mlx_sd_server.api import create_app
+    from mlx_sd_server.engine.pipeline import drive
     from mlx_sd_server.job import build_job
     from mlx_sd_server.registry import TINY_MODEL_NAME
     from mlx_sd_server.store import FileStore
@@ -47,7 +48,7 @@ def main() -> None:
         app = create_app(registry, FileStore(Path(scratch) / "files"))
         pipeline = registry.pipeline()
         job = build_job({**fields, "model": TINY_MODEL_NAME})
-        direct = median_seconds(lambda: drain(pipeline.generate(job)), args.runs)
+        direct = median_seconds(lambda: drive(pipeline.generate(job)), args.runs)
 
         body = json.dumps({**fields, "model": TINY_MODEL_NAME, "response_format": args.response_format}).encode()
 

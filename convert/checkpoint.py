@@ -47,8 +47,9 @@ CONTROLNET_MARKER = "input_hint_block.0.weight"  # the control image's first con
 
 # The training schedule every SD 1.x/2.x/XL model shares (single files do not carry it).
 SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-DEFAULT_IMAGE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
-VAE_SCALING_FACTOR = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
+DEFAULT_IMAGE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "flux": 1024}
+VAE_SCALING_FACTOR = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025, "flux": 0.3611}
+VAE_SHIFT_FACTOR = {"flux": 0.1159}  # latents = (mean - shift) * scale; SD's VAEs have no shift
 PREDICTION_TYPES = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction",
                     "v-prediction": "v_prediction"}
 
@@ -399,7 +400,7 @@ def vae_config_from_ldm(vae: dict[str, Any], family: str, hints: ArchitectureHin
         "out_channels": vae["decoder.conv_out.weight"].shape[0],
         "sample_size": DEFAULT_IMAGE_SIZE[family],
         "scaling_factor": VAE_SCALING_FACTOR[family],
-        "shift_factor": None,
+        "shift_factor": VAE_SHIFT_FACTOR.get(family),
         "up_block_types": ["UpDecoderBlock2D"] * levels,
         "use_post_quant_conv": "post_quant_conv.weight" in vae,
         "use_quant_conv": "quant_conv.weight" in vae,

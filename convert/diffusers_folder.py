@@ -14,7 +14,8 @@ from convert.source import PickleRefusedError, SourceModel, family_of
 
 log = logging.getLogger(__name__)
 
-WEIGHT_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae", "controlnet")
+WEIGHT_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "transformer", "vae", "controlnet")
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
 
@@ -82,9 +83,10 @@ def read_diffusers_folder(path: Path, allow_pickle: bool = False, prediction_typ
         for encoder, folder in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
         if encoder in components
     }
+    flow = scheduler.get("_class_name") in FLOW_SCHEDULERS
     return SourceModel(
-        family=family_of(components) if "unet" in components else "controlnet",
-        prediction_type=prediction_type or scheduler.get("prediction_type", "epsilon"),
+        family=family_of(components) if "unet" in components or "transformer" in components else "controlnet",
+        prediction_type="flow" if flow else prediction_type or scheduler.get("prediction_type", "epsilon"),
         scheduler=scheduler,
         components=components,
         tokenizers=tokenizers,

@@ -18,22 +18,37 @@ from tqdm import tqdm
 
 from convert.clip import map_clip_weight
 from convert.controlnet import map_controlnet_weight
+from convert.flux import map_flux_transformer_weight
 from convert.source import SourceModel
+from convert.t5 import map_t5_weight
 from convert.unet import map_unet_weight
 from convert.vae import map_vae_weight
-from mlx_sd_server.engine.model_io import DTYPES, save_component, write_manifest
+from mlx_sd_server.engine.model_io import (
+    DTYPES, TEXT_ENCODERS, component_class, component_kind, save_component, write_manifest,
+)
 from mlx_sd_server.engine.tokenizer import CLIPTokenizer, default_vocab_path
 
 log = logging.getLogger(__name__)
 
+# By the class the component's config names (see model_io.component_kind).
 MAPPERS: dict[str, Callable] = {
-    "text_encoder": map_clip_weight,
-    "text_encoder_2": map_clip_weight,
-    "unet": map_unet_weight,
-    "vae": map_vae_weight,
-    "controlnet": map_controlnet_weight,
+    "CLIPTextModel": map_clip_weight,
+    "CLIPTextModelWithProjection": map_clip_weight,
+    "T5EncoderModel": map_t5_weight,
+    "UNet2DConditionModel": map_unet_weight,
+    "FluxTransformer2DModel": map_flux_transformer_weight,
+    "AutoencoderKL": map_vae_weight,
+    "ControlNetModel": map_controlnet_weight,
 }
 QUANTIZE_GROUP_SIZE = 64
+# The scheduler settings a manifest keeps, by parameterization: the beta table, or the flow shift.
+SCHEDULER_KEYS = {
+    "beta": {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"},
+    "flow": {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5,
+             "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096},
+}
+# T5 tokens FLUX.1 reads: dev (with a guidance embedding) was trained on 512, schnell on 256.
+FLUX_T5_MAX_LENGTH = {True: 512, False: 256}
 
 
 def read_source(src: Path, allow_pickle: bool = False, prediction_type: str | None = None) -> SourceModel:
@@ -50,7 +65,14 @@ def read_source(src: Path, allow_pickle: bool = False, prediction_type: str | No
 
 
 def model_defaults(source: SourceModel, name: str) -> dict[str, Any]:
-    """Generation defaults that suit the model: turbo and LCM models need few steps and little guidance."""
+    """Generation defaults that suit the model: turbo and LCM models need few steps and little guidance;
+    FLUX.1-dev ~28 steps with distilled guidance 3.5, schnell 4 steps, both without CFG."""
+    if source.family == "flux":
+        if source.components["transformer"][0].get("guidance_embeds"):
+            flux = {"steps": 28, "cfg_scale": 1.0, "guidance": 3.5}
+        else:
+            flux = {"steps": 4, "cfg_scale": 1.0}
+        return {**flux, "sample_method": "euler", "scheduler": "discrete", "width": 1024, "height": 1024}
     lowered = name.lower()
     unet_config = source.components.get("unet", ({}, ()))[0]
     size = {"sdxl": 1024, "sd2": 768 if source.prediction_type == "v_prediction" else 512}.get(source.family, 512)
@@ -65,12 +87,12 @@ def model_defaults(source: SourceModel, name: str) -> dict[str, Any]:
     return {**defaults, "width": size, "height": size}
 
 
-def _tokenizer_for(source: SourceModel, encoder: str) -> CLIPTokenizer:
+def _tokenizer_for(source: SourceModel, encoder: str, config: dict[str, Any]) -> Any:
     folder = source.tokenizers.get(encoder)
     if folder is not None and Path(folder).exists():
-        return CLIPTokenizer.from_dir(folder)
-    # Single-file checkpoints carry no tokenizer: all SD models use CLIP's vocabulary, padded by family.
-    pad = "<|endoftext|>" if (source.family == "sd1" or encoder == "text_encoder" and source.family == "sdxl") else "!"
+        return component_kind(encoder, config).tokenizer_class.from_dir(folder)
+    # Single files carry no tokenizer: all SD and FLUX CLIPs use CLIP's vocabulary, padded by family.
+    pad = "<|endoftext|>" if (source.family == "sd1" or encoder == "text_encoder" and source.family in ("sdxl", "flux")) else "!"
     return CLIPTokenizer.from_bpe_file(default_vocab_path(), pad_token=pad)
 
 
@@ -90,18 +112,20 @@ def write_model(
     try:
         entries: dict[str, Any] = {}
         for component, (config, weights) in source.components.items():
-            mapper = MAPPERS[component]
-            mapped = [
+            mapper = MAPPERS[component_class(component, config)]
+            mapped = (
                 (key, mx.array(value))
                 for k, v in tqdm(weights, desc=component, unit=" tensors", disable=not progress, leave=False)
                 for key, value in mapper(k, v)
-            ]
+            )
             entries[component] = save_component(work, component, config, mapped, DTYPES[dtype], quantization)
-            del mapped
-            if component.startswith("text_encoder"):  # each text encoder carries its tokenizer
-                folder = "tokenizer" if component == "text_encoder" else "tokenizer_2"
-                _tokenizer_for(source, component).save(work / folder)
+            if component in TEXT_ENCODERS:  # each text encoder carries its tokenizer
+                folder = component.replace("text_encoder", "tokenizer")
+                _tokenizer_for(source, component, config).save(work / folder)
                 entries[component]["tokenizer"] = folder
+            if source.family == "flux" and component == "text_encoder_2":
+                guidance = bool(source.components["transformer"][0].get("guidance_embeds"))
+                entries[component]["max_length"] = FLUX_T5_MAX_LENGTH[guidance]
             log.info("converted %s", component)
         manifest: dict[str, Any] = {
             "name": name,
@@ -109,16 +133,13 @@ def write_model(
             "prediction_type": source.prediction_type,
             "scheduler": {
                 key: source.scheduler.get(key, default)
-                for key, default in (
-                    ("num_train_timesteps", 1000), ("beta_start", 0.00085), ("beta_end", 0.012),
-                    ("beta_schedule", "scaled_linear"),
-                )
+                for key, default in SCHEDULER_KEYS["flow" if source.prediction_type == "flow" else "beta"].items()
             },
             "dtype": dtype,
             "quantization": quantization,
             "components": entries,
         }
-        if "unet" in source.components:
+        if "unet" in source.components or "transformer" in source.components:
             manifest["defaults"] = model_defaults(source, name)
         write_manifest(work, manifest)
         if dst.exists():

@@ -23,15 +23,21 @@ class PickleRefusedError(ValueError):
 class SourceModel:
     """A model in diffusers layout: per component, its diffusers/transformers config.json and weights."""
 
-    family: str  # sd1 | sd2 | sdxl | controlnet (a lone ControlNet)
-    prediction_type: str  # epsilon | v_prediction
+    family: str  # sd1 | sd2 | sdxl | flux | controlnet (a lone ControlNet)
+    prediction_type: str  # epsilon | v_prediction | flow
     scheduler: dict[str, Any]  # the diffusers scheduler_config.json (betas, prediction type)
     components: dict[str, tuple[dict[str, Any], Weights]]
     tokenizers: dict[str, Path | None] = field(default_factory=dict)  # encoder name -> tokenizer folder
 
 
 def family_of(components: dict[str, tuple[dict[str, Any], Weights]]) -> str:
-    """SDXL has text-time conditioning; SD 2.x has OpenCLIP's gelu text encoder; SD 1.x the rest."""
+    """FLUX has a FluxTransformer2DModel; SDXL has text-time conditioning; SD 2.x has OpenCLIP's gelu text
+    encoder; SD 1.x the rest."""
+    if "transformer" in components:
+        class_name = components["transformer"][0].get("_class_name")
+        if class_name != "FluxTransformer2DModel":
+            raise ValueError(f"unsupported transformer {class_name!r} (this version converts FLUX.1)")
+        return "flux"
     unet_config = components["unet"][0]
     if unet_config.get("addition_embed_type") == "text_time":
         return "sdxl"

@@ -11,6 +11,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mlx_sd_server.engine.model_io import write_atomically
+from mlx_sd_server.engine.pipeline import drive
 from mlx_sd_server.images import a1111_parameters, encode_image, flatten, mask_from_upload, open_upload
 from mlx_sd_server.job import JOB_FIELDS, Job, JobError, build_job
 from mlx_sd_server.registry import ModelLoadError, ModelNotFoundError, ModelRegistry, model_dir
@@ -40,7 +41,8 @@ def job_from_args(args: argparse.Namespace, registry: ModelRegistry) -> Job:
         images["mask"] = mask_from_upload(_read_image(args.mask, "mask"))
     if args.control_image:
         images["control_image"] = flatten(_read_image(args.control_image, "control_image"))
-    return build_job(fields, images, defaults=registry.info().defaults)
+    info = registry.info()
+    return build_job(fields, images, defaults=info.defaults, capabilities=info.capabilities, model_name=info.name)
 
 
 def output_paths(output: str, job: Job, model_name: str) -> list[Path]:
@@ -62,14 +64,8 @@ def main(args: argparse.Namespace) -> int:
                                  dtype=args.dtype, engine=args.engine, low_memory=args.low_memory)
         job = job_from_args(args, registry)
         pipeline = registry.pipeline()
-        steps = pipeline.generate(job)
         with tqdm(total=pipeline.total_steps(job), unit="step", disable=not sys.stderr.isatty()) as bar:
-            try:
-                while True:
-                    bar.n = next(steps)
-                    bar.refresh()
-            except StopIteration as done:
-                images = done.value
+            images = drive(pipeline.generate(job), lambda step: bar.update())
     except (JobError, ModelNotFoundError, ModelLoadError) as exc:
         print(f"mlx-sd-server generate: {exc}", file=sys.stderr)
         return 2

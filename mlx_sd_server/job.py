@@ -22,6 +22,7 @@ SAMPLE_METHODS = (
 SCHEDULERS = ("discrete", "karras", "exponential", "ays", "sgm_uniform", "simple", "trailing", "lcm")
 
 MAX_SEED = 2**63 - 1
+DEFAULT_GUIDANCE = 3.5  # FLUX.1-dev's, and stable-diffusion.cpp's --guidance default
 
 
 class JobError(ValueError):
@@ -48,7 +49,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class ModelDefaults:
-    """Per-model defaults (turbo/LCM models need few steps and little guidance)."""
+    """Per-model defaults (turbo/LCM models need few steps and little guidance; FLUX.1-dev has `guidance`)."""
 
     steps: int = 20
     cfg_scale: float = 7.0
@@ -56,6 +57,22 @@ class ModelDefaults:
     scheduler: str = "discrete"
     width: int = 512
     height: int = 512
+    guidance: float | None = None  # distilled guidance, for models with a guidance embedding
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a model can do, declared by its family (engine/families) and checked before a job is queued.
+    The defaults constrain nothing beyond Stable Diffusion's rules."""
+
+    family: str = "sd1"
+    samplers: tuple[str, ...] = SAMPLE_METHODS
+    schedulers: tuple[str, ...] = SCHEDULERS
+    guidance: bool = False  # has a distilled guidance embedding (the `guidance` field)
+    img2img: bool = True
+    inpainting: bool = True
+    controlnet: bool = True  # a ControlNet is attached
+    size_multiple: int = 8  # image sides must be multiples of this (VAE factor x patch size)
 
 
 _DEFAULTS = ModelDefaults()  # what a model without its own defaults uses
@@ -76,6 +93,7 @@ class Job:
     width: int = _DEFAULTS.width
     height: int = _DEFAULTS.height
     seed: int = 42
+    guidance: float | None = _DEFAULTS.guidance
     # img2img / inpainting (edits)
     init_image: Image.Image | None = field(default=None, repr=False)
     strength: float = 0.75
@@ -93,7 +111,7 @@ class Job:
 # Fields a request may carry, with the job attribute each feeds. Images arrive separately, decoded.
 JOB_FIELDS = (
     "model", "prompt", "negative_prompt", "n", "steps", "cfg_scale", "sample_method", "scheduler",
-    "size", "width", "height", "seed", "strength", "control_strength", "control_preprocess",
+    "size", "width", "height", "seed", "strength", "control_strength", "control_preprocess", "guidance",
 )
 IMAGE_FIELDS = ("image", "mask", "control_image")
 
@@ -151,10 +169,11 @@ def parse_size(value: Any) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def _check_dimensions(width: int, height: int, limits: Limits, param: str) -> None:
+def _check_dimensions(width: int, height: int, limits: Limits, param: str, multiple: int) -> None:
     for side_name, side in (("width", width), ("height", height)):
-        if side % 8:
-            raise JobError(f"{side_name} must be a multiple of 8, got {side}", param, "invalid_size")
+        if side % multiple:
+            raise JobError(f"{side_name} must be a multiple of {multiple} for this model, got {side}", param,
+                           "invalid_size")
         if not limits.min_side <= side <= limits.max_side:
             raise JobError(
                 f"{side_name} must be between {limits.min_side} and {limits.max_side}, got {side}",
@@ -173,8 +192,11 @@ def build_job(
     *,
     limits: Limits = Limits(),
     defaults: ModelDefaults = ModelDefaults(),
+    capabilities: Capabilities = Capabilities(),
+    model_name: str = "this model",
 ) -> Job:
-    """Validate raw request fields into a Job. Absent fields take the model's defaults.
+    """Validate raw request fields into a Job. Absent fields take the model's defaults; anything the model
+    cannot do (per its `capabilities`) is refused here, before the job is queued.
 
     `fields` must contain only JOB_FIELDS (callers reject or strip others first); values may be typed
     (JSON) or strings (multipart, command line). `images` maps IMAGE_FIELDS to decoded images.
@@ -220,7 +242,21 @@ def build_job(
             raise JobError(
                 f"{name} must be one of {', '.join(choices)}; got {choice!r}", name, f"invalid_{name}"
             )
+        supported = capabilities.samplers if name == "sample_method" else capabilities.schedulers
+        if choice not in supported:
+            raise JobError(f"{model_name} ({capabilities.family}) supports {name} {', '.join(supported)}; "
+                           f"got {choice!r}", name, f"unsupported_{name}")
         values[name] = choice
+
+    if "guidance" in fields:
+        if not capabilities.guidance:
+            raise JobError(f"{model_name} has no guidance embedding, so guidance cannot be honoured; "
+                           "cfg_scale sets classifier-free guidance", "guidance", "unsupported_parameter")
+        guidance = _as_float("guidance", fields["guidance"])
+        _in_range("guidance", guidance, 0.0, 100.0)
+        values["guidance"] = guidance
+    elif capabilities.guidance:
+        values["guidance"] = defaults.guidance if defaults.guidance is not None else DEFAULT_GUIDANCE
 
     if fields.get("size") not in (None, ""):
         width, height = parse_size(fields["size"])
@@ -229,7 +265,7 @@ def build_job(
         width = _as_int("width", fields.get("width", defaults.width))
         height = _as_int("height", fields.get("height", defaults.height))
         size_param = "width" if "width" in fields else "height"
-    _check_dimensions(width, height, limits, size_param)
+    _check_dimensions(width, height, limits, size_param, capabilities.size_multiple)
     values["width"], values["height"] = width, height
 
     seed = _as_int("seed", fields.get("seed", 42))
@@ -259,6 +295,13 @@ def build_job(
         raise JobError(f"unknown image field {name!r}", name, "unknown_field")
     if "mask" in images and "image" not in images:
         raise JobError("mask needs an image to edit", "mask", "missing_required_parameter")
+    for name, supported, what in (("image", capabilities.img2img, "image-to-image"),
+                                  ("mask", capabilities.inpainting, "inpainting")):
+        if name in images and not supported:
+            raise JobError(f"{model_name} ({capabilities.family}) cannot do {what}", name, "unsupported_parameter")
+    if "control_image" in images and not capabilities.controlnet:
+        raise JobError(f"model {model_name!r} has no ControlNet attached (serve it with --control-net)",
+                       "control_image", "controlnet_unavailable")
     values["init_image"] = images.get("image")
     values["mask"] = images.get("mask")
     values["control_image"] = images.get("control_image")

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from mlx_sd_server.engine.families import capabilities
 from mlx_sd_server.engine.model_io import MANIFEST, ModelFormatError, read_manifest
-from mlx_sd_server.job import ModelDefaults
+from mlx_sd_server.job import Capabilities, ModelDefaults
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ class ModelInfo:
     defaults: ModelDefaults
     has_controlnet: bool
     folder: Path
+    capabilities: Capabilities | None = None  # None: Stable Diffusion's
+
+    def __post_init__(self) -> None:
+        if self.capabilities is None:
+            object.__setattr__(self, "capabilities", Capabilities(self.family, controlnet=self.has_controlnet))
 
 
 class Pipeline(Protocol):
@@ -92,13 +98,19 @@ def resolve_spec(spec: str, models: Path) -> Path:
 def read_info(folder: Path, control_net: Path | None = None) -> ModelInfo:
     manifest = read_manifest(folder)
     defaults = ModelDefaults(**manifest.get("defaults", {}))
+    attached = control_net is not None or "controlnet" in manifest["components"]
+    can_do = capabilities(manifest, attached)
+    if control_net is not None and not can_do.controlnet:
+        raise ModelFormatError(f"--control-net: {manifest['family']} models take no ControlNet "
+                               f"({folder.name} cannot use {control_net.name})")
     return ModelInfo(
         name=manifest.get("name", folder.name),
         family=manifest["family"],
         created=int((folder / MANIFEST).stat().st_mtime),
         defaults=defaults,
-        has_controlnet=control_net is not None or "controlnet" in manifest["components"],
+        has_controlnet=can_do.controlnet,
         folder=folder,
+        capabilities=can_do,
     )
 
 

@@ -4,8 +4,8 @@ torch and diffusers are an optional extra, imported only when this engine is ask
 converted folder, so a model is converted once and both engines serve it: each diffusers/transformers
 module is built from the config in the manifest, and its weights come from our safetensors through the
 inverse of our conversion mapping (see `_torch_state_dict`). It speaks the MLX pipeline's protocol:
-`total_steps(job)`, and `generate(job)` yielding the steps done (diffusers' `callback_on_step_end`) and
-returning PIL images, cancellable between steps.
+`total_steps(job)`, and `generate(job)` yielding a `Step` per loop iteration (diffusers'
+`callback_on_step_end`; its latents, no denoised estimate) and returning PIL images, cancellable between steps.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image
 
 from convert.model import MAPPERS
-from mlx_sd_server.engine.model_io import read_manifest
-from mlx_sd_server.engine.pipeline import NoiseSource, paste_outside_mask, fit_image
+from mlx_sd_server.engine.model_io import component_class, read_manifest
+from mlx_sd_server.engine.pipeline import NoiseSource, Step, paste_outside_mask, fit_image
 from mlx_sd_server.job import Job, JobError
 
 log = logging.getLogger(__name__)
@@ -96,15 +96,15 @@ def _build_component(name: str, entry: dict, folder: Path):
     import transformers
 
     config = entry["config"]
-    if name.startswith("text_encoder"):
-        cls = transformers.CLIPTextModelWithProjection if name == "text_encoder_2" else transformers.CLIPTextModel
-        module = cls(transformers.CLIPTextConfig.from_dict(config))
+    class_name = component_class(name, config)
+    if hasattr(transformers, class_name):
+        cls = getattr(transformers, class_name)
+        module = cls(cls.config_class.from_dict(config))
     else:
-        cls = {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL,
-               "controlnet": diffusers.ControlNetModel}[name]
-        module = cls.from_config(config)
-    # Not strict: the state dict leaves out only the constant buffers our format does not keep.
-    module.load_state_dict(_torch_state_dict(module, folder / entry["weights"], MAPPERS[name]), strict=False)
+        module = getattr(diffusers, class_name).from_config(config)
+    # Not strict: the state dict leaves out only what our format does not keep (constant buffers, T5's
+    # second copy of its embedding, tied to the first).
+    module.load_state_dict(_torch_state_dict(module, folder / entry["weights"], MAPPERS[class_name]), strict=False)
     return module.eval()
 
 
@@ -274,8 +274,8 @@ class TorchPipeline:
 
     # --- the job -------------------------------------------------------------------------------------
 
-    def generate(self, job: Job, noise: NoiseSource | None = None) -> Generator[int, None, list[Image.Image]]:
-        """Yield the number of loop iterations done; return the n images.
+    def generate(self, job: Job, noise: NoiseSource | None = None) -> Generator[Step, None, list[Image.Image]]:
+        """Yield a `Step` per loop iteration; return the n images.
 
         diffusers runs its loop on a helper thread that waits after each step until the next one is asked
         for, so closing this generator (a cancelled job) stops it between steps.
@@ -285,13 +285,14 @@ class TorchPipeline:
         args = self._arguments(job, noise)
         log.info("torch engine: %s, %d steps of %s/%s",
                  type(pipeline).__name__, job.steps, job.sample_method, job.scheduler)
-        progress: queue.Queue[int | None] = queue.Queue()
+        progress: queue.Queue[Step | None] = queue.Queue()
         resume = threading.Semaphore(0)
         stop = threading.Event()
         outcome: dict[str, Any] = {}
 
-        def on_step_end(_pipeline, step: int, _timestep, tensors: dict) -> dict:
-            progress.put(step + 1)
+        def on_step_end(_pipeline, step: int, timestep, tensors: dict) -> dict:
+            latents = mx.array(tensors["latents"].float().numpy().transpose(0, 2, 3, 1))
+            progress.put(Step(step, float(timestep), latents, None))
             resume.acquire()
             if stop.is_set():
                 raise _Cancelled()

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from PIL import Image
 
+from mlx_sd_server.engine.pipeline import Step, drive
 from mlx_sd_server.job import Job, JobError
 
 log = logging.getLogger("mlx_sd_server.worker")
@@ -143,13 +144,12 @@ class Worker:
     @staticmethod
     def _denoise(task: Task, pipeline: Any) -> list[Image.Image]:
         """Drive the pipeline's step generator, stopping between steps when the task is cancelled."""
-        steps = pipeline.generate(task.job)
-        try:
-            while True:
-                if task.cancelled:
-                    raise JobCancelled()
-                task.steps_done = next(steps)
-        except StopIteration as finished:
-            return finished.value
-        finally:
-            steps.close()
+
+        def on_step(step: Step) -> None:
+            task.steps_done = step.index + 1
+            if task.cancelled:
+                raise JobCancelled()
+
+        if task.cancelled:
+            raise JobCancelled()
+        return drive(pipeline.generate(task.job), on_step)

@@ -17,6 +17,7 @@ from typing import Iterator
 from hypercorn.asyncio import serve
 from PIL import Image
 
+from mlx_sd_server.engine.pipeline import Step
 from mlx_sd_server.api.server import hypercorn_config
 from mlx_sd_server.job import ModelDefaults
 from mlx_sd_server.registry import ModelInfo, ModelNotFoundError
@@ -125,7 +126,7 @@ class FakePipeline:
         for step in range(job.steps):
             self.gate.wait()
             self.steps_run += 1
-            yield step + 1
+            yield Step(step, 1.0 - step / job.steps, None, None)
         self.finished += 1
         return [Image.new("RGB", (job.width, job.height), (seed % 256, 0, 0)) for seed in job.seeds()]
 

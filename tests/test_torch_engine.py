@@ -36,10 +36,11 @@ def job(**fields):
 
 
 def run(pipeline, job) -> tuple[list[int], list[Image.Image]]:
+    """The steps done after each yielded `Step`, and the images."""
     gen, steps = pipeline.generate(job), []
     while True:
         try:
-            steps.append(next(gen))
+            steps.append(next(gen).index + 1)
         except StopIteration as done:
             return steps, done.value
 
@@ -98,7 +99,7 @@ def test_yields_every_step_and_stops_when_closed(engines):
     assert steps == list(range(1, fallback.total_steps(heun) + 1)) and len(steps) == 5  # Heun: 2 * 3 - 1
     assert images[0].size == (SIZE, SIZE)
     gen = fallback.generate(heun)
-    assert next(gen) == 1
+    assert next(gen).index == 0
     gen.close()  # a cancelled job: the helper thread is released and joined, nothing is left running
     assert not any(t.name == "torch-engine" and t.is_alive() for t in threading.enumerate())
 

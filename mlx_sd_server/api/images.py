@@ -80,11 +80,8 @@ def _build_job(parsed: ParsedRequest, info: ModelInfo, server: ServerState) -> J
     elif "image" in uploads and has_transparency(uploads["image"]):
         images["mask"] = mask_from_upload(uploads["image"])  # OpenAI: no mask = the image's own transparency
     fields = {**parsed.fields, "model": info.name}
-    job = build_job(fields, images, limits=settings.limits, defaults=info.defaults)
-    if job.control_image is not None and not info.has_controlnet:
-        raise JobError(f"model {info.name!r} has no ControlNet attached (serve it with --control-net)",
-                       "control_image", "controlnet_unavailable")
-    return job
+    return build_job(fields, images, limits=settings.limits, defaults=info.defaults,
+                     capabilities=info.capabilities, model_name=info.name)
 
 
 def _encode(images: list[Image.Image], job: Job, info: ModelInfo, delivery: Delivery) -> list[bytes]:

@@ -1,13 +1,20 @@
-"""The denoiser: a diffusion model seen as D(x, sigma) -> estimate of the clean latent x0.
+"""Parameterizations: a network seen as D(x, sigma) -> estimate of the clean latent x0, and how noise is added.
 
-Samplers only ever talk to a `Denoiser`; this module turns a network's raw prediction (epsilon or v)
-into one, with the Karras et al. (2022) scalings for a variance-preserving model in sigma space.
+Samplers only ever talk to a `Denoiser` and a `Noising`. After k-diffusion's `external.py`, there is one
+wrapper per parameterization instead of branches in the pipeline:
+- epsilon and v (Stable Diffusion): variance-exploding in sigma space, x = x0 + sigma * noise, with the
+  Karras et al. (2022) input scaling c_in = 1/sqrt(sigma^2+1) and t(sigma) from the training table;
+- flow (rectified flow: FLUX, SD3): x = (1 - sigma) * x0 + sigma * noise, sigma in [0, 1], the network
+  predicts v = noise - x0 at t = sigma and D = x - sigma * v.
+Both give the same probability-flow ODE dx/dsigma = (x - D)/sigma, so the deterministic samplers run
+unchanged on either; only re-noising (ancestral samplers, LCM, img2img, inpainting) differs.
 Classifier-free guidance is the caller's business, inside `predict`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import mlx.core as mx
@@ -16,21 +23,74 @@ import numpy as np
 from .schedules import sigma_to_t
 
 Denoiser = Callable[[mx.array, float], mx.array]
-# predict(x_in, t): the network's raw output for the scaled input x_in = c_in * x at training timestep t.
+# predict(x_in, t): the network's raw output for input x_in at time t (training timestep, or sigma for flow).
 Predictor = Callable[[mx.array, float], mx.array]
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 
 
-def model_denoiser(predict: Predictor, prediction_type: str, table: np.ndarray) -> Denoiser:
-    """Wrap an epsilon- or v-predicting network as a denoiser over the training sigma `table`.
+@dataclass(frozen=True)
+class AncestralStep:
+    """A step from sigma to sigma_next split into a deterministic move to `sigma_down`, then
+    `x = x_scale * x + sigma_up * noise`."""
+
+    sigma_down: float
+    sigma_up: float
+    x_scale: float = 1.0
+
+
+class VarianceExploding:
+    """x = x0 + sigma * noise (epsilon and v models in k-diffusion's sigma space)."""
+
+    @staticmethod
+    def add_noise(x0: mx.array, noise: mx.array, sigma: float) -> mx.array:
+        return x0 + noise * sigma
+
+    @staticmethod
+    def ancestral_step(sigma: float, sigma_next: float) -> AncestralStep:
+        if sigma_next == 0:
+            return AncestralStep(0.0, 0.0)
+        sigma_up = min(sigma_next, math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+        return AncestralStep(math.sqrt(sigma_next**2 - sigma_up**2), sigma_up)
+
+
+class RectifiedFlow:
+    """x = (1 - sigma) * x0 + sigma * noise (flow models, sigma in [0, 1])."""
+
+    @staticmethod
+    def add_noise(x0: mx.array, noise: mx.array, sigma: float) -> mx.array:
+        return x0 * (1.0 - sigma) + noise * sigma
+
+    @staticmethod
+    def ancestral_step(sigma: float, sigma_next: float) -> AncestralStep:
+        """The rectified-flow ancestral step (eta = 1): down to sigma_next^2/sigma, then rescale the signal
+        from alpha_down = 1 - sigma_down to alpha_next = 1 - sigma_next and add the missing noise."""
+        if sigma_next == 0:
+            return AncestralStep(0.0, 0.0)
+        sigma_down = sigma_next * sigma_next / sigma
+        x_scale = (1.0 - sigma_next) / (1.0 - sigma_down)
+        sigma_up = math.sqrt(max(sigma_next**2 - (sigma_down * x_scale) ** 2, 0.0))
+        return AncestralStep(sigma_down, sigma_up, x_scale)
+
+
+Noising = VarianceExploding | RectifiedFlow
+NOISING: dict[str, Noising] = {"epsilon": VarianceExploding(), "v_prediction": VarianceExploding(),
+                               "flow": RectifiedFlow()}
+
+
+def model_denoiser(predict: Predictor, prediction_type: str, table: np.ndarray | None = None) -> Denoiser:
+    """Wrap a network's raw prediction as a denoiser.
 
     epsilon:       D = x - sigma * eps(c_in x, t)
     v_prediction:  D = c_skip x + c_out v(c_in x, t), c_skip = 1/(sigma^2+1), c_out = -sigma/sqrt(sigma^2+1)
-    with c_in = 1/sqrt(sigma^2+1) and t the (fractional) training timestep whose sigma is sigma.
+    flow:          D = x - sigma * v(x, sigma)
+    with c_in = 1/sqrt(sigma^2+1) and t the (fractional) training timestep whose sigma is sigma (`table`).
     """
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
+
+    if prediction_type == "flow":
+        return lambda x, sigma: x - sigma * predict(x, float(sigma))
 
     def denoise(x: mx.array, sigma: float) -> mx.array:
         c_in = 1.0 / math.sqrt(sigma * sigma + 1.0)

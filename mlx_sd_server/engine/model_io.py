@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,6 +21,9 @@ from mlx.utils import tree_flatten
 
 from mlx_sd_server.engine.clip import CLIPTextConfig, CLIPTextModel
 from mlx_sd_server.engine.controlnet import ControlNetConfig, ControlNetModel
+from mlx_sd_server.engine.flux_transformer import FluxTransformer2DModel, FluxTransformerConfig
+from mlx_sd_server.engine.t5 import T5Config, T5EncoderModel
+from mlx_sd_server.engine.t5_tokenizer import T5Tokenizer
 from mlx_sd_server.engine.tokenizer import CLIPTokenizer
 from mlx_sd_server.engine.unet import UNetConfig, UNetModel
 from mlx_sd_server.engine.vae import Autoencoder, VAEConfig
@@ -38,18 +41,41 @@ class ComponentKind:
 
     config_class: type
     model_class: type
+    tokenizer_class: type | None = None  # text encoders: the tokenizer saved beside them
+    # Components that overflow in float16 (T5) run in this dtype instead when float16 is asked for.
+    instead_of_float16: mx.Dtype | None = None
 
     def build(self, config: dict) -> nn.Module:
         return self.model_class(self.config_class.from_dict(config))
 
 
+# By the diffusers/transformers class name in the component's config (`_class_name` or `architectures`).
 COMPONENT_KINDS = {
-    "text_encoder": ComponentKind(CLIPTextConfig, CLIPTextModel),
-    "text_encoder_2": ComponentKind(CLIPTextConfig, CLIPTextModel),
-    "unet": ComponentKind(UNetConfig, UNetModel),
-    "vae": ComponentKind(VAEConfig, Autoencoder),
-    "controlnet": ComponentKind(ControlNetConfig, ControlNetModel),
+    "CLIPTextModel": ComponentKind(CLIPTextConfig, CLIPTextModel, CLIPTokenizer),
+    "CLIPTextModelWithProjection": ComponentKind(CLIPTextConfig, CLIPTextModel, CLIPTokenizer),
+    "T5EncoderModel": ComponentKind(T5Config, T5EncoderModel, T5Tokenizer, instead_of_float16=mx.bfloat16),
+    "UNet2DConditionModel": ComponentKind(UNetConfig, UNetModel),
+    "FluxTransformer2DModel": ComponentKind(FluxTransformerConfig, FluxTransformer2DModel),
+    "AutoencoderKL": ComponentKind(VAEConfig, Autoencoder),
+    "ControlNetModel": ComponentKind(ControlNetConfig, ControlNetModel),
 }
+# Manifests written before components named their class: every component was one of these.
+CLASS_BY_COMPONENT = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModel",
+                      "unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "controlnet": "ControlNetModel"}
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def component_class(name: str, config: dict) -> str:
+    """The diffusers/transformers class of component `name`, as its config.json names it."""
+    class_name = config.get("_class_name") or next(iter(config.get("architectures") or []), None)
+    class_name = class_name or CLASS_BY_COMPONENT.get(name)
+    if class_name not in COMPONENT_KINDS:
+        raise ModelFormatError(f"component {name}: unsupported class {class_name!r}")
+    return class_name
+
+
+def component_kind(name: str, config: dict) -> ComponentKind:
+    return COMPONENT_KINDS[component_class(name, config)]
 
 
 class ModelFormatError(ValueError):
@@ -95,33 +121,48 @@ def save_component(
     folder: Path,
     name: str,
     config: dict,
-    weights: list[tuple[str, mx.array]],
+    weights: Iterable[tuple[str, mx.array]],
     dtype: mx.Dtype,
     quantization: dict | None = None,
 ) -> dict[str, Any]:
-    """Build the module, load `weights` (strictly), optionally quantize, save; returns its manifest entry."""
-    model = COMPONENT_KINDS[name].build(config)
-    model.load_weights(weights, strict=True)
-    model.set_dtype(dtype)
-    if quantization:
-        nn.quantize(model, quantization["group_size"], quantization["bits"], class_predicate=quantizable(quantization["group_size"]))
-    params = dict(tree_flatten(model.parameters()))
+    """Build the module, load `weights` (strictly), optionally quantize, save; returns its manifest entry.
+
+    Weights are cast (and quantized) one at a time as they arrive, so converting a 12B-parameter FLUX
+    transformer needs its converted size in memory, not four times its float32 size.
+    """
+    kind = component_kind(name, config)
+    dtype = kind.instead_of_float16 if dtype == mx.float16 and kind.instead_of_float16 else dtype
+    model = kind.build(config)  # lazily initialised: its random weights are never computed
+    group_size = quantization["group_size"] if quantization else 0
+    quantized = {path for path, module in model.named_modules() if quantization and quantizable(group_size)(path, module)}
+    params: dict[str, mx.array] = {}
+    for key, value in weights:
+        if mx.issubdtype(value.dtype, mx.floating):
+            value = value.astype(dtype)
+        module, _, param = key.rpartition(".")
+        if param == "weight" and module in quantized:
+            value, params[f"{module}.scales"], params[f"{module}.biases"] = mx.quantize(value, group_size, quantization["bits"])
+            mx.eval(params[f"{module}.scales"], params[f"{module}.biases"])
+        params[key] = value
+        mx.eval(value)  # now, so that the float32 source can be freed
+    if quantized:
+        nn.quantize(model, group_size, quantization["bits"], class_predicate=lambda path, _: path in quantized)
+    model.load_weights(list(params.items()), strict=True)
     filename = f"{name}.safetensors"
-    write_atomically(folder / filename, lambda p: mx.save_safetensors(p, params))
+    write_atomically(folder / filename, lambda p: mx.save_safetensors(p, dict(tree_flatten(model.parameters()))))
     return {"config": config, "weights": filename}
 
 
 @dataclass
 class LoadedModel:
-    """A converted model's modules, ready for the pipeline."""
+    """A converted model's modules, ready for the pipeline: its text encoders (with their tokenizers) and
+    the rest by manifest name (`unet` or `transformer`, `vae`, maybe `controlnet`)."""
 
     folder: Path
     manifest: dict[str, Any]
-    unet: nn.Module
-    vae: nn.Module
+    components: dict[str, nn.Module]
     text_encoders: list[nn.Module]
-    tokenizers: list[CLIPTokenizer]
-    controlnet: nn.Module | None = None
+    tokenizers: list[Any]
     dtype: mx.Dtype = mx.float32
     vae_dtype: mx.Dtype = mx.float32
     # Low-memory mode: text encoders are read from disk for each job and dropped once the prompts are
@@ -133,6 +174,18 @@ class LoadedModel:
     def family(self) -> str:
         return self.manifest["family"]
 
+    @property
+    def vae(self) -> nn.Module:
+        return self.components["vae"]
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.components["unet"]
+
+    @property
+    def controlnet(self) -> nn.Module | None:
+        return self.components.get("controlnet")
+
     def text_encoding_done(self) -> None:
         """In low-memory mode, free the text encoders' weights: they come back, lazily, on next use."""
         if self.low_memory and self._build_text_encoders is not None:
@@ -140,7 +193,10 @@ class LoadedModel:
 
 
 def load_component(folder: Path, name: str, entry: dict, dtype: mx.Dtype, quantization: dict | None) -> nn.Module:
-    model = COMPONENT_KINDS[name].build(entry["config"])
+    kind = component_kind(name, entry["config"])
+    if dtype == mx.float16 and kind.instead_of_float16 is not None:
+        dtype = kind.instead_of_float16
+    model = kind.build(entry["config"])
     weights = mx.load(str(folder / entry["weights"]))
     if quantization:
         group_size = quantization["group_size"]
@@ -175,12 +231,13 @@ def load_model(folder: str | os.PathLike, dtype: str | None = None, controlnet: 
     def load(name: str, where: Path = folder, entry: dict | None = None, dt: mx.Dtype = compute_dtype) -> nn.Module:
         return load_component(where, name, entry or components[name], dt, quantization if where == folder else None)
 
-    encoder_names = [n for n in ("text_encoder", "text_encoder_2") if n in components]
+    encoder_names = [n for n in TEXT_ENCODERS if n in components]
 
     def build_text_encoders() -> list[nn.Module]:
         return [load(n) for n in encoder_names]
 
-    tokenizers = [CLIPTokenizer.from_dir(folder / components[n]["tokenizer"]) for n in encoder_names]
+    tokenizers = [component_kind(n, components[n]["config"]).tokenizer_class.from_dir(folder / components[n]["tokenizer"])
+                  for n in encoder_names]
     # VAEs that overflow in float16 (SDXL's) say so with force_upcast; they run in float32.
     vae_dtype = mx.float32 if components["vae"]["config"].get("force_upcast") and compute_dtype == mx.float16 else compute_dtype
 
@@ -194,14 +251,16 @@ def load_model(folder: str | os.PathLike, dtype: str | None = None, controlnet: 
     elif "controlnet" in components:
         control = load("controlnet")
 
+    denoisers = [n for n in components if n not in TEXT_ENCODERS and n not in ("vae", "controlnet")]
+    modules = {n: load(n) for n in denoisers} | {"vae": load("vae", dt=vae_dtype)}
+    if control is not None:
+        modules["controlnet"] = control
     model = LoadedModel(
         folder=folder,
         manifest=manifest,
-        unet=load("unet"),
-        vae=load("vae", dt=vae_dtype),
+        components=modules,
         text_encoders=build_text_encoders(),
         tokenizers=tokenizers,
-        controlnet=control,
         dtype=compute_dtype,
         vae_dtype=vae_dtype,
         low_memory=low_memory,

@@ -5,8 +5,10 @@ yields x after every step, so the caller can evaluate MLX's lazy graph once per 
 stream previews and cancel; the last value yielded is the sample. A caller may `send()` back a modified x
 to continue from (inpainting re-imposes the known region after every step). Ancestral samplers (euler_a,
 dpm++2s_a, lcm) draw standard normal noise shaped like x from `noise()`, which the pipeline backs with
-the job's seeded RNG. Notation as in k-diffusion's sampling.py: d = (x - D)/sigma is the ODE derivative
-dx/dsigma, and t = -ln sigma the log-SNR-like time DPM-Solver++ steps in.
+the job's seeded RNG, and re-noise by the model's `noising` rule (`denoiser.py`: variance-exploding for
+epsilon/v models, rectified flow for flow models; the deterministic samplers need neither, the ODE is the
+same). Notation as in k-diffusion's sampling.py: d = (x - D)/sigma is the ODE derivative dx/dsigma, and
+t = -ln sigma the log-SNR-like time DPM-Solver++ steps in.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
-from .denoiser import Denoiser
+from .denoiser import Denoiser, Noising, VarianceExploding
 
 NoiseFn = Callable[[], mx.array]
 Sampler = Callable[..., Iterator[mx.array]]
@@ -27,12 +29,13 @@ def to_d(x: mx.array, sigma: float, denoised: mx.array) -> mx.array:
     return (x - denoised) / sigma
 
 
+VE = VarianceExploding()
+
+
 def ancestral_step(sigma: float, sigma_next: float) -> tuple[float, float]:
-    """Split a step to sigma_next into a deterministic part down to sigma_down and fresh noise sigma_up."""
-    if sigma_next == 0:
-        return 0.0, 0.0
-    sigma_up = min(sigma_next, math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
-    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
+    """(sigma_down, sigma_up) of the variance-exploding ancestral split of a step to sigma_next."""
+    step = VE.ancestral_step(sigma, sigma_next)
+    return step.sigma_down, step.sigma_up
 
 
 def resume(x: mx.array, sent: mx.array | None) -> mx.array:
@@ -51,7 +54,8 @@ def _steps(sigmas: Sequence[float]) -> Iterator[tuple[int, float, float]]:
 
 
 def sample_euler(
-    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None
+    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
+    noising: Noising = VE,
 ) -> Iterator[mx.array]:
     """Euler's method on the probability-flow ODE (first order)."""
     for _, sigma, sigma_next in _steps(sigmas):
@@ -60,20 +64,22 @@ def sample_euler(
 
 
 def sample_euler_a(
-    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None
+    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
+    noising: Noising = VE,
 ) -> Iterator[mx.array]:
     """Ancestral Euler: an Euler step down to sigma_down, then fresh noise up to sigma_next."""
     noise = _noise_fn(x, noise)
     for _, sigma, sigma_next in _steps(sigmas):
-        sigma_down, sigma_up = ancestral_step(sigma, sigma_next)
-        x = x + to_d(x, sigma, denoise(x, sigma)) * (sigma_down - sigma)
+        split = noising.ancestral_step(sigma, sigma_next)
+        x = x + to_d(x, sigma, denoise(x, sigma)) * (split.sigma_down - sigma)
         if sigma_next > 0:
-            x = x + noise() * sigma_up
+            x = split.x_scale * x + noise() * split.sigma_up
         x = resume(x, (yield x))
 
 
 def sample_heun(
-    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None
+    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
+    noising: Noising = VE,
 ) -> Iterator[mx.array]:
     """Heun's method (second order; the final step to sigma 0 is plain Euler)."""
     for _, sigma, sigma_next in _steps(sigmas):
@@ -89,7 +95,8 @@ def sample_heun(
 
 
 def sample_dpm2(
-    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None
+    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
+    noising: Noising = VE,
 ) -> Iterator[mx.array]:
     """DPM-Solver-2 (Karras et al.'s variant): the midpoint method with the midpoint at the geometric mean sigma."""
     for _, sigma, sigma_next in _steps(sigmas):
@@ -104,13 +111,15 @@ def sample_dpm2(
 
 
 def sample_dpmpp_2s_a(
-    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None
+    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
+    noising: Noising = VE,
 ) -> Iterator[mx.array]:
     """Ancestral DPM-Solver++(2S): a two-stage exponential-integrator step down to sigma_down, then noise."""
     noise = _noise_fn(x, noise)
     for _, sigma, sigma_next in _steps(sigmas):
         denoised = denoise(x, sigma)
-        sigma_down, sigma_up = ancestral_step(sigma, sigma_next)
+        split = noising.ancestral_step(sigma, sigma_next)
+        sigma_down = split.sigma_down
         if sigma_down == 0:
             x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
         else:
@@ -119,12 +128,13 @@ def sample_dpmpp_2s_a(
             x_mid = (sigma_mid / sigma) * x - math.expm1(-h / 2) * denoised
             x = (sigma_down / sigma) * x - math.expm1(-h) * denoise(x_mid, sigma_mid)
         if sigma_next > 0:
-            x = x + noise() * sigma_up
+            x = split.x_scale * x + noise() * split.sigma_up
         x = resume(x, (yield x))
 
 
 def sample_dpmpp_2m(
-    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *, v2: bool = False
+    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
+    noising: Noising = VE, v2: bool = False,
 ) -> Iterator[mx.array]:
     """DPM-Solver++(2M): second-order multistep, extrapolating D linearly in t = -ln sigma.
 
@@ -155,10 +165,11 @@ def sample_dpmpp_2m(
 
 
 def sample_dpmpp_2mv2(
-    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None
+    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
+    noising: Noising = VE,
 ) -> Iterator[mx.array]:
     """DPM-Solver++(2M) with stable-diffusion.cpp's "v2" step-size rule (see sample_dpmpp_2m)."""
-    yield from sample_dpmpp_2m(denoise, x, sigmas, noise, v2=True)
+    yield from sample_dpmpp_2m(denoise, x, sigmas, noise, noising=noising, v2=True)
 
 
 # Adams-Bashforth weights for d, d_-1, d_-2, d_-3, by order (equal step lengths assumed).
@@ -171,6 +182,7 @@ def sample_ipndm(
     sigmas: Sequence[float],
     noise: NoiseFn | None = None,
     *,
+    noising: Noising = VE,
     variable_step: bool = False,
 ) -> Iterator[mx.array]:
     """Improved PNDM: Adams-Bashforth on d in sigma, with up to three past derivatives (order up to 4).
@@ -195,21 +207,23 @@ def sample_ipndm(
 
 
 def sample_ipndm_v(
-    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None
+    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
+    noising: Noising = VE,
 ) -> Iterator[mx.array]:
     """iPNDM with a variable-step second order (see sample_ipndm)."""
-    yield from sample_ipndm(denoise, x, sigmas, noise, variable_step=True)
+    yield from sample_ipndm(denoise, x, sigmas, noise, noising=noising, variable_step=True)
 
 
 def sample_lcm(
-    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None
+    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
+    noising: Noising = VE,
 ) -> Iterator[mx.array]:
     """Latent Consistency Model sampling: jump to the x0 estimate, then re-noise to the next sigma."""
     noise = _noise_fn(x, noise)
     for _, sigma, sigma_next in _steps(sigmas):
         x = denoise(x, sigma)
         if sigma_next > 0:
-            x = x + noise() * sigma_next
+            x = noising.add_noise(x, noise(), sigma_next)
         x = resume(x, (yield x))
 
 

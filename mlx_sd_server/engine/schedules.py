@@ -8,6 +8,7 @@ stable-diffusion.cpp; where diffusers has the same schedule the values agree (se
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -132,6 +133,42 @@ def make_sigmas(scheduler: str, steps: int, table: np.ndarray, family: str = "sd
     if scheduler == "ays":
         return ays(steps, table, family)
     return SCHEDULES[scheduler](steps, table)
+
+
+# --- flow models (FLUX, SD3) ----------------------------------------------------------------------------
+
+# The schedules a flow model can use: its training covers sigma in (0, 1] continuously, so the
+# table-bound schedules (ays, lcm, simple, sgm_uniform, trailing) have no meaning there.
+FLOW_SCHEDULES = ("discrete", "karras", "exponential")
+
+
+def flow_shift(config: dict, image_seq_len: int) -> tuple[str, float]:
+    """How a flow model shifts its sigmas: ("exponential", mu) with FLUX.1-dev's resolution-dependent mu
+    (linear in the image's token count), or ("fixed", shift) as schnell (1.0) and SD3 (3.0)."""
+    if config.get("use_dynamic_shifting"):
+        base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+        slope = (max_shift - base_shift) / (max_len - base_len)
+        return "exponential", image_seq_len * slope + base_shift - slope * base_len
+    return "fixed", float(config.get("shift", 1.0))
+
+
+def flow_sigmas(scheduler: str, steps: int, config: dict, image_seq_len: int) -> np.ndarray:
+    """`steps + 1` sigmas in (0, 1] then 0, as diffusers' FlowMatchEulerDiscreteScheduler with the FLUX/SD3
+    pipelines' default sigmas (evenly from 1 to 1/steps, then shifted); karras and exponential respace
+    between the shifted schedule's ends, as that scheduler's use_karras_sigmas/use_exponential_sigmas."""
+    if scheduler not in FLOW_SCHEDULES:
+        raise ValueError(f"flow models support the {', '.join(FLOW_SCHEDULES)} schedules; got {scheduler!r}")
+    sigmas = np.linspace(1.0, 1.0 / steps, steps)
+    kind, amount = flow_shift(config, image_seq_len)
+    if kind == "exponential":
+        sigmas = math.exp(amount) / (math.exp(amount) + (1 / sigmas - 1))
+    else:
+        sigmas = amount * sigmas / (1 + (amount - 1) * sigmas)
+    if scheduler == "discrete":
+        return _append_zero(sigmas)
+    ends = np.array([sigmas[-1], sigmas[0]])  # as an ascending "table" of the extremes
+    return SCHEDULES[scheduler](steps, ends)
 
 
 def img2img_sigmas(sigmas: np.ndarray, steps: int, strength: float) -> np.ndarray:

@@ -15,7 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_sd_server.engine.model_io import COMPONENT_KINDS, MANIFEST, save_component, write_manifest
+from mlx_sd_server.engine.model_io import MANIFEST, component_kind, save_component, write_manifest
 from mlx_sd_server.engine.tokenizer import CLIPTokenizer, default_vocab_path
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def ensure_tiny_model(folder: Path) -> Path:
         mx.random.seed(SEED)
         components = {}
         for name, config in (("text_encoder", TEXT_ENCODER), ("unet", UNET), ("vae", VAE)):
-            module = COMPONENT_KINDS[name].build(config)
+            module = component_kind(name, config).build(config)
             components[name] = save_component(work, name, config, tree_flatten(module.parameters()), mx.float32)
         CLIPTokenizer.from_bpe_file(default_vocab_path(), pad_token="<|endoftext|>").save(work / "tokenizer")
         components["text_encoder"]["tokenizer"] = "tokenizer"

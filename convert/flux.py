@@ -1,0 +1,11 @@
+"""diffusers FluxTransformer2DModel weights -> `mlx_sd_server.engine.flux_transformer.FluxTransformer2DModel`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def map_flux_transformer_weight(key: str, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """One diffusers (key, value) as our (key, value) pairs: our parameter names and layouts are diffusers'
+    (all linear layers and RMSNorm scales; FLUX's transformer has no convolutions), so this is the identity."""
+    return [(key, value)]

@@ -1,0 +1,119 @@
+"""FLUX.1 (dev and schnell): CLIP-L pooled text + T5 states into a rectified-flow transformer.
+
+Conditioning is T5's hidden states (256 tokens for schnell, 512 for dev: the manifest's `max_length`) and
+CLIP-L's pooled output; latents are the 16-channel autoencoder's, packed into 2x2 patches for the
+transformer (so image sides are multiples of 16). The schedule is the shifted flow schedule (dev: shifted
+by the image's token count). `guidance` feeds dev's distilled guidance embedding; `cfg_scale` > 1 is true
+classifier-free guidance with the negative prompt, as on every family.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_sd_server.engine.denoiser import Denoiser, model_denoiser
+from mlx_sd_server.engine.families.sd import apply_emphasis
+from mlx_sd_server.engine.flux_transformer import latent_image_ids, pack_latents, unpack_latents
+from mlx_sd_server.engine.model_io import LoadedModel
+from mlx_sd_server.engine.prompt import parse_emphasis
+from mlx_sd_server.engine.samplers import SAMPLERS
+from mlx_sd_server.engine.schedules import FLOW_SCHEDULES, flow_sigmas
+from mlx_sd_server.job import DEFAULT_GUIDANCE, Capabilities, Job, JobError
+
+PATCH = 2  # the transformer sees 2x2 patches of latent pixels
+T5_MAX_LENGTH = 512  # dev's; schnell's manifest says 256
+
+
+class FluxConditioning(NamedTuple):
+    context: mx.array  # (B, L, joint_attention_dim): T5 states
+    pooled: mx.array  # (B, pooled_projection_dim): CLIP-L pooled output
+
+
+class FluxFamily:
+    names = ("flux",)
+    prediction_type = "flow"
+    inpainting_model = False
+
+    def __init__(self, model: LoadedModel):
+        self.model = model
+        self.transformer = model.components["transformer"]
+        self.scheduler_config = model.manifest["scheduler"]
+        self.t5_max_length = model.manifest["components"]["text_encoder_2"].get("max_length", T5_MAX_LENGTH)
+
+    @classmethod
+    def capabilities(cls, manifest: dict[str, Any], has_controlnet: bool) -> Capabilities:
+        guidance = bool(manifest["components"]["transformer"]["config"].get("guidance_embeds"))
+        return Capabilities(family="flux", samplers=tuple(SAMPLERS), schedulers=FLOW_SCHEDULES, guidance=guidance,
+                            controlnet=False, size_multiple=8 * PATCH)
+
+    def sigmas(self, job: Job) -> np.ndarray:
+        image_tokens = (job.height // (8 * PATCH)) * (job.width // (8 * PATCH))
+        try:
+            return flow_sigmas(job.scheduler, job.steps, self.scheduler_config, image_tokens)
+        except ValueError as exc:
+            raise JobError(str(exc), "scheduler", "unsupported_scheduler") from None
+
+    def guided(self, job: Job) -> bool:
+        return job.cfg_scale > 1.0
+
+    # --- text --------------------------------------------------------------------------------------
+
+    def encode_prompts(self, job: Job, guided: bool) -> FluxConditioning:
+        """T5 states and CLIP pooled output for [negative, prompt] (or the prompt alone). A1111 emphasis
+        weights T5's states, as stable-diffusion.cpp does; CLIP's pooled vector sees the plain text."""
+        texts = [job.negative_prompt, job.prompt] if guided else [job.prompt]
+        clip_tokenizer, t5_tokenizer = self.model.tokenizers
+        clip, t5 = self.model.text_encoders
+        pieces = [parse_emphasis(text) for text in texts]
+        plain = ["".join(fragment for fragment, _ in p) for p in pieces]
+        pooled = clip(mx.array([clip_tokenizer.encode(text) for text in plain])).pooled_output
+        ids, weights = zip(*(self._t5_tokens(t5_tokenizer, p) for p in pieces))
+        states = t5(mx.array(ids)).astype(mx.float32)
+        states = mx.stack([apply_emphasis(s, mx.array(w)[:, None]) for s, w in zip(states, weights)])
+        return FluxConditioning(states, pooled.astype(mx.float32))
+
+    def _t5_tokens(self, tokenizer: Any, pieces: list[tuple[str, float]]) -> tuple[list[int], list[float]]:
+        """Padded T5 ids with a weight per token. Unweighted text is tokenized whole, exactly as diffusers."""
+        length = self.t5_max_length
+        if all(weight == 1.0 for _, weight in pieces):
+            return tokenizer.encode("".join(fragment for fragment, _ in pieces), length), [1.0] * length
+        ids: list[int] = []
+        weights: list[float] = []
+        for fragment, weight in pieces:
+            tokens = tokenizer.tokenize(fragment)
+            ids += tokens
+            weights += [weight] * len(tokens)
+        ids, weights = ids[: length - 1], weights[: length - 1]
+        padding = length - 1 - len(ids)
+        return ids + [tokenizer.eos_id] + [tokenizer.pad_id] * padding, weights + [1.0] * (padding + 1)
+
+    # --- the denoiser ------------------------------------------------------------------------------
+
+    def denoiser(self, job: Job, conditioning: FluxConditioning, guided: bool, extra_channels: mx.array | None,
+                 control: mx.array | None) -> Denoiser:
+        dtype, n = self.model.dtype, job.n
+        copies = 2 if guided else 1
+        context = mx.repeat(conditioning.context, n, axis=0).astype(dtype)  # [negative]*n + [prompt]*n
+        pooled = mx.repeat(conditioning.pooled, n, axis=0).astype(dtype)
+        h, w = job.height // 8, job.width // 8
+        image_ids = latent_image_ids(h, w)
+        text_ids = mx.zeros((context.shape[1], 3))
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            value = job.guidance if job.guidance is not None else DEFAULT_GUIDANCE
+            guidance = mx.full((copies * n,), value, dtype=mx.float32)
+
+        def predict(x: mx.array, sigma: float) -> mx.array:
+            packed = mx.concatenate([pack_latents(x)] * copies).astype(dtype)
+            timestep = mx.full((packed.shape[0],), sigma, dtype=mx.float32)
+            out = self.transformer(packed, context, pooled, timestep, image_ids, text_ids, guidance)
+            velocity = unpack_latents(out.astype(mx.float32), h, w)
+            if not guided:
+                return velocity
+            negative, positive = velocity[:n], velocity[n:]
+            return negative + job.cfg_scale * (positive - negative)
+
+        return model_denoiser(predict, self.prediction_type)

@@ -1,0 +1,324 @@
+"""The FLUX.1 transformer (schnell and dev) in MLX: diffusers' FluxTransformer2DModel.
+
+Parameter names are diffusers' state-dict names, so `convert/flux.py` is the identity. The model works on
+packed latents: 2x2 patches of the 16-channel latent as 64-channel tokens (`pack_latents`), positioned by
+3-axis rotary embeddings over (0, row, col) ids (`latent_image_ids`); text tokens have all-zero ids.
+
+Where diffusers concatenates text and image tokens in every single-stream block and splits them after, we
+concatenate once before those blocks and split once at the end: every op there is per token or joint
+attention over all of them, so the result is the same, without two copies of the stream per block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .activations import silu
+from .attention import attention
+from .layers import Linear
+from .unet import TimestepEmbedding, timestep_embedding
+
+ROPE_THETA = 10000
+TIME_CHANNELS = 256  # sinusoidal channels of the timestep and guidance embeddings
+FLOAT16_MAX = 65504.0
+
+
+@dataclass
+class FluxTransformerConfig:
+    """diffusers' FluxTransformer2DModel arguments; defaults are FLUX.1's (dev adds guidance_embeds=True)."""
+
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FluxTransformerConfig:
+        """From a diffusers transformer config.json dict (unknown keys ignored)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known and (v is not None or k == "out_channels")}
+        if "axes_dims_rope" in values:
+            values["axes_dims_rope"] = tuple(values["axes_dims_rope"])
+        return cls(**values)
+
+
+# --- latents <-> tokens (FluxPipeline's _pack_latents, _unpack_latents, _prepare_latent_image_ids) ---
+
+def _check_even(h: int, w: int) -> None:
+    if h % 2 or w % 2:
+        raise ValueError(f"FLUX packs 2x2 latent patches: latent size {h}x{w} must be even")
+
+
+def pack_latents(x: mx.array) -> mx.array:
+    """(B, h, w, C) NHWC latents -> (B, h/2 * w/2, 4C) tokens, row-major over patches; each token's
+    channels are ordered (c, patch row, patch col), as diffusers packs the NCHW latents."""
+    b, h, w, c = x.shape
+    _check_even(h, w)
+    x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+def unpack_latents(x: mx.array, h: int, w: int) -> mx.array:
+    """The inverse of `pack_latents`: (B, h/2 * w/2, 4C) -> (B, h, w, C), for latent size h x w."""
+    b, _, c4 = x.shape
+    _check_even(h, w)
+    x = x.reshape(b, h // 2, w // 2, c4 // 4, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, h, w, c4 // 4)
+
+
+def latent_image_ids(h: int, w: int) -> mx.array:
+    """(h/2 * w/2, 3) float32 position ids (0, row, col) of the packed tokens of an h x w latent."""
+    _check_even(h, w)
+    rows, cols = mx.meshgrid(mx.arange(h // 2), mx.arange(w // 2), indexing="ij")
+    ids = mx.stack([mx.zeros_like(rows), rows, cols], axis=-1)
+    return ids.reshape(-1, 3).astype(mx.float32)
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+def rope_angles(ids: mx.array, axes_dims: tuple[int, ...]) -> tuple[mx.array, mx.array]:
+    """cos and sin (L, head_dim/2), float32, of the rotation angles of each token's pairs of channels:
+    per axis i, ids[:, i] * theta^(-2k/dim_i) for k < dim_i/2 (diffusers' FluxPosEmbed, without the
+    repeat-interleave: `apply_rope` uses each angle for both channels of its pair)."""
+    angles = []
+    for axis, dim in enumerate(axes_dims):
+        freqs = ROPE_THETA ** (-mx.arange(0, dim, 2, dtype=mx.float32) / dim)
+        angles.append(ids[:, axis : axis + 1].astype(mx.float32) * freqs)
+    angles = mx.concatenate(angles, axis=-1)
+    return mx.cos(angles), mx.sin(angles)
+
+
+@mx.compile
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate the channel pairs (2i, 2i+1) of x (B, heads, L, D) by the angles of `rope_angles`, in float32
+    (as diffusers' apply_rotary_emb); compiled, so each half is one fused kernel with no float32 copy of x."""
+    pairs = x.reshape(*x.shape[:-1], -1, 2).astype(mx.float32)
+    a, b = pairs[..., 0], pairs[..., 1]
+    rotated = [(a * cos - b * sin).astype(x.dtype), (b * cos + a * sin).astype(x.dtype)]
+    return mx.stack(rotated, axis=-1).reshape(x.shape)
+
+
+@partial(mx.compile, shapeless=True)
+def gelu_tanh(x: mx.array) -> mx.array:
+    """torch's GELU(approximate="tanh"), evaluated in float32: x^3 overflows float16 for |x| > 40."""
+    y = x.astype(mx.float32)
+    return (0.5 * y * (1 + mx.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y**3)))).astype(x.dtype)
+
+
+def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
+    """The adaLN of every block: a LayerNorm without affine (eps 1e-6), scaled and shifted per sample."""
+    return mx.fast.layer_norm(x, None, None, 1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+
+def clip_float16(x: mx.array) -> mx.array:
+    """diffusers clips the residual streams of float16 models to float16's range (inf -> finite)."""
+    return mx.clip(x, -FLOAT16_MAX, FLOAT16_MAX) if x.dtype == mx.float16 else x
+
+
+# --- blocks ------------------------------------------------------------------------------------------
+
+class Modulation(nn.Module):
+    """The `linear` of diffusers' AdaLayerNormZero(-Single) and AdaLayerNormContinuous: n vectors per sample
+    from silu(temb), which the model computes once for all blocks."""
+
+    def __init__(self, dim: int, n: int):
+        super().__init__()
+        self.linear = Linear(dim, n * dim)
+        self.n = n
+
+    def __call__(self, cond: mx.array) -> list[mx.array]:
+        return mx.split(self.linear(cond), self.n, axis=-1)
+
+
+class GELU(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.proj = Linear(dim, hidden_dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return gelu_tanh(self.proj(x))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        # diffusers' layout is [GELU, Dropout, Linear]; the identity keeps the names `net.0` and `net.2`.
+        self.net = [GELU(dim, 4 * dim), nn.Identity(), Linear(4 * dim, dim)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class FluxAttention(nn.Module):
+    """Attention with RMS-normed queries and keys; `joint` adds the text stream's projections (double blocks)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, joint: bool):
+        super().__init__()
+        self.heads = heads
+        inner = heads * head_dim
+        self.to_q, self.to_k, self.to_v = Linear(dim, inner), Linear(dim, inner), Linear(dim, inner)
+        self.norm_q, self.norm_k = nn.RMSNorm(head_dim, eps=1e-6), nn.RMSNorm(head_dim, eps=1e-6)
+        if joint:
+            self.to_out = [Linear(inner, dim)]  # a list, so the name is diffusers' `to_out.0`
+            self.add_q_proj, self.add_k_proj, self.add_v_proj = Linear(dim, inner), Linear(dim, inner), Linear(dim, inner)
+            self.norm_added_q, self.norm_added_k = nn.RMSNorm(head_dim, eps=1e-6), nn.RMSNorm(head_dim, eps=1e-6)
+            self.to_add_out = Linear(inner, dim)
+
+    def _qkv(self, x: mx.array, q: Linear, k: Linear, v: Linear, norm_q: nn.RMSNorm, norm_k: nn.RMSNorm):
+        """(B, heads, L, head_dim) queries, keys and values; the norms act per head, before the transpose."""
+        def heads(t: mx.array) -> mx.array:
+            return t.reshape(*x.shape[:2], self.heads, -1)
+
+        return norm_q(heads(q(x))), norm_k(heads(k(x))), heads(v(x))
+
+    def __call__(self, x: mx.array, rope: tuple[mx.array, mx.array], context: mx.array | None = None):
+        """Single stream: attention over x. Joint: over [context, x] (text first, as the ids), and the two
+        outputs through their own projections."""
+        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
+        if context is not None:
+            cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
+                                   self.norm_added_q, self.norm_added_k)
+            q, k, v = (mx.concatenate(pair, axis=1) for pair in ((cq, q), (ck, k), (cv, v)))
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+        out = attention(apply_rope(q, *rope), apply_rope(k, *rope), v)
+        out = out.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[2], -1)
+        if context is None:
+            return out
+        text = context.shape[1]
+        return self.to_out[0](out[:, text:]), self.to_add_out(out[:, :text])
+
+
+class FluxTransformerBlock(nn.Module):
+    """Double-stream block: image and text keep their own weights and meet in joint attention."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.norm1 = Modulation(dim, 6)
+        self.norm1_context = Modulation(dim, 6)
+        self.attn = FluxAttention(dim, heads, head_dim, joint=True)
+        self.ff = FeedForward(dim)
+        self.ff_context = FeedForward(dim)
+
+    def __call__(self, x: mx.array, context: mx.array, cond: mx.array, rope) -> tuple[mx.array, mx.array]:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(cond)
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(cond)
+        attn, context_attn = self.attn(modulate(x, shift_msa, scale_msa), rope,
+                                       modulate(context, c_shift_msa, c_scale_msa))
+        x = x + gate_msa[:, None] * attn
+        x = x + gate_mlp[:, None] * self.ff(modulate(x, shift_mlp, scale_mlp))
+        context = context + c_gate_msa[:, None] * context_attn
+        context = context + c_gate_mlp[:, None] * self.ff_context(modulate(context, c_shift_mlp, c_scale_mlp))
+        return clip_float16(context), x  # diffusers clips only the text stream here
+
+
+class FluxSingleTransformerBlock(nn.Module):
+    """Single-stream block over [text, image]: attention and a GELU MLP in parallel, one output projection."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.norm = Modulation(dim, 3)
+        self.proj_mlp = Linear(dim, 4 * dim)
+        self.attn = FluxAttention(dim, heads, head_dim, joint=False)
+        self.proj_out = Linear(dim + 4 * dim, dim)
+
+    def __call__(self, x: mx.array, cond: mx.array, rope) -> mx.array:
+        shift, scale, gate = self.norm(cond)
+        h = modulate(x, shift, scale)
+        out = self.proj_out(mx.concatenate([self.attn(h, rope), gelu_tanh(self.proj_mlp(h))], axis=-1))
+        return clip_float16(x + gate[:, None] * out)
+
+
+class TimeTextEmbedding(nn.Module):
+    """diffusers' CombinedTimestep(Guidance)TextProjEmbeddings: timestep (+ guidance) + pooled text."""
+
+    def __init__(self, dim: int, pooled_dim: int, guidance: bool):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedding(TIME_CHANNELS, dim)
+        if guidance:
+            self.guidance_embedder = TimestepEmbedding(TIME_CHANNELS, dim)
+        self.text_embedder = TimestepEmbedding(pooled_dim, dim)  # PixArtAlphaTextProjection: the same MLP
+
+    @staticmethod
+    def _sinusoids(t: mx.array, dtype: mx.Dtype) -> mx.array:
+        # In float32 (diffusers first rounds t to the model dtype: 0.7 in bfloat16 is 0.69921875).
+        return timestep_embedding(t * 1000, TIME_CHANNELS, flip_sin_to_cos=True, freq_shift=0).astype(dtype)
+
+    def __call__(self, timestep: mx.array, guidance: mx.array | None, pooled: mx.array, dtype: mx.Dtype) -> mx.array:
+        emb = self.timestep_embedder(self._sinusoids(timestep, dtype))
+        if "guidance_embedder" in self:
+            if guidance is None:
+                raise ValueError("this FLUX model (dev) embeds a guidance scale: pass guidance")
+            emb = emb + self.guidance_embedder(self._sinusoids(guidance, dtype))
+        return emb + self.text_embedder(pooled)
+
+
+# --- the model ---------------------------------------------------------------------------------------
+
+class FluxTransformer2DModel(nn.Module):
+    def __init__(self, config: FluxTransformerConfig):
+        super().__init__()
+        c = self.config = config
+        if sum(c.axes_dims_rope) != c.attention_head_dim:
+            raise ValueError(f"axes_dims_rope {c.axes_dims_rope} must sum to attention_head_dim {c.attention_head_dim}")
+        dim, heads, head_dim = c.num_attention_heads * c.attention_head_dim, c.num_attention_heads, c.attention_head_dim
+        self.x_embedder = Linear(c.in_channels, dim)
+        self.context_embedder = Linear(c.joint_attention_dim, dim)
+        self.time_text_embed = TimeTextEmbedding(dim, c.pooled_projection_dim, c.guidance_embeds)
+        self.transformer_blocks = [FluxTransformerBlock(dim, heads, head_dim) for _ in range(c.num_layers)]
+        self.single_transformer_blocks = [FluxSingleTransformerBlock(dim, heads, head_dim)
+                                          for _ in range(c.num_single_layers)]
+        self.norm_out = Modulation(dim, 2)
+        self.proj_out = Linear(dim, c.patch_size**2 * (c.out_channels or c.in_channels))
+
+    def __call__(
+        self,
+        hidden_states: mx.array,
+        encoder_hidden_states: mx.array,
+        pooled_projections: mx.array,
+        timestep: mx.array | float,
+        img_ids: mx.array,
+        txt_ids: mx.array,
+        guidance: mx.array | float | None = None,
+    ) -> mx.array:
+        """The velocity for packed latents (B, L_img, in_channels) at sigmas `timestep` (B,) in [0, 1], given
+        T5 states (B, L_txt, joint_attention_dim) and pooled CLIP (B, pooled_projection_dim); ids (L, 3).
+
+        Computes in hidden_states' dtype. `guidance` (B,) is the distilled guidance scale of dev models;
+        models without a guidance embedding (schnell) ignore it.
+        """
+        batch = hidden_states.shape[0]
+        x = self.x_embedder(hidden_states)
+
+        def per_sample(t):
+            return mx.broadcast_to(mx.array(t, dtype=mx.float32).reshape(-1), (batch,))
+
+        guidance = None if guidance is None else per_sample(guidance)
+        temb = self.time_text_embed(per_sample(timestep), guidance, pooled_projections, x.dtype)
+        cond = silu(temb)  # every modulation's input
+        context = self.context_embedder(encoder_hidden_states)
+        rope = rope_angles(mx.concatenate([txt_ids, img_ids], axis=0), self.config.axes_dims_rope)
+
+        for block in self.transformer_blocks:
+            context, x = block(x, context, cond, rope)
+        text = context.shape[1]
+        x = mx.concatenate([context, x], axis=1)
+        for block in self.single_transformer_blocks:
+            x = block(x, cond, rope)
+        x = x[:, text:]
+
+        scale, shift = self.norm_out(cond)  # AdaLayerNormContinuous: scale first
+        return self.proj_out(modulate(x, shift, scale))
