@@ -23,10 +23,11 @@ from convert.flux_files import (
     flux_transformer_config, map_bfl_transformer_weight, read_flux_files, t5_config,
 )
 from ldm_layout import vae_key
+import tiny_flux
 from tiny_diffusers import text_encoder as tiny_clip
+from tiny_flux import AXES, randomize
 
 TINY = ArchitectureHints(text_head_dim=8, norm_num_groups=8)  # the tiny CLIP's 4 heads of 8, the VAE's groups
-AXES = [4, 6, 6]  # the tiny transformer's rotary split of its 16-dim heads
 T5_MAX_DISTANCE = 20  # not 128, so that the keyword is seen to reach the config
 T5_ARCHITECTURE = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets",
                    "relative_attention_max_distance", "feed_forward_proj", "dense_act_fn", "is_gated_act",
@@ -37,33 +38,12 @@ CLIP_ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidd
 
 # --- tiny components ----------------------------------------------------------------------------------
 
-def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter random: zero-initialised layers and all-ones norms would hide swapped or mixed-up weights."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    return model.eval()
-
-
 def tiny_transformer(guidance: bool):
-    from diffusers import FluxTransformer2DModel
-
-    return _randomize(FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=tuple(AXES),
-    ), seed=1 if guidance else 2)
+    return tiny_flux.transformer(guidance, num_layers=2, num_single_layers=3)
 
 
 def tiny_vae():
-    from diffusers import AutoencoderKL
-
-    return _randomize(AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
-        latent_channels=16, norm_num_groups=8, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
-        use_quant_conv=False, use_post_quant_conv=False,
-    ), seed=3)
+    return randomize(tiny_flux.vae(), seed=3)
 
 
 def tiny_t5(gated: bool = True):
@@ -72,7 +52,7 @@ def tiny_t5(gated: bool = True):
     config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
                       relative_attention_num_buckets=8, relative_attention_max_distance=T5_MAX_DISTANCE,
                       feed_forward_proj="gated-gelu" if gated else "relu")
-    return _randomize(T5EncoderModel(config), seed=4)
+    return randomize(T5EncoderModel(config), seed=4)
 
 
 def numpy_state(state: dict) -> dict[str, np.ndarray]:

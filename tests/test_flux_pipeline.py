@@ -1,0 +1,163 @@
+"""FLUX.1 pipelines against diffusers on tiny random models, with identical injected noise.
+
+txt2img against FluxPipeline (distilled guidance on dev, true CFG with a negative prompt), img2img against
+FluxImg2ImgPipeline and inpainting against FluxInpaintPipeline: final images within 1/255 mean absolute
+difference. Also: the capabilities a FLUX model declares are enforced before a job is queued.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_flux
+from convert.model import convert_model
+from mlx_sd_server.engine.families import capabilities
+from mlx_sd_server.engine.model_io import load_model, read_manifest
+from mlx_sd_server.engine.pipeline import DiffusionPipeline
+from mlx_sd_server.job import JobError, ModelDefaults, build_job
+from test_pipeline import (
+    ReplayNoise, diffusers_noise, mean_abs_diff, ours_image, posterior_mode, sample_image, sample_mask,
+)
+
+PROMPT = "a photo of a cat"
+NEGATIVE = "a dog"
+TOLERANCE = 1 / 255
+WIDTH, HEIGHT = 80, 64  # non-square: 10x8 latents, 5x4 packed tokens
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """variant -> (diffusers pipeline, our pipeline, our manifest), built lazily."""
+    cache = {}
+
+    def get(variant: str):
+        if variant not in cache:
+            src = tmp_path_factory.mktemp(f"flux-{variant}-src")
+            pipe = tiny_flux.make_pipeline(src, variant)
+            dst = tmp_path_factory.mktemp(f"flux-{variant}-dst") / "model"
+            convert_model(src, dst, dtype="float32", progress=False)
+            cache[variant] = (pipe, DiffusionPipeline(load_model(dst, dtype="float32"), paste_back=False),
+                              read_manifest(dst))
+        return cache[variant]
+
+    return get
+
+
+def make_job(manifest: dict, fields: dict, images: dict | None = None):
+    return build_job({"prompt": PROMPT, "sample_method": "euler", **fields}, images,
+                     defaults=ModelDefaults(**manifest["defaults"]), capabilities=capabilities(manifest))
+
+
+def noise(n: int = 1, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 16, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
+
+
+def packed(initial: np.ndarray) -> torch.Tensor:
+    from diffusers import FluxPipeline
+
+    n, c, h, w = initial.shape
+    return FluxPipeline._pack_latents(torch.from_numpy(initial), n, c, h, w)
+
+
+def t5_length(manifest: dict) -> int:
+    return manifest["components"]["text_encoder_2"]["max_length"]
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_txt2img_matches_diffusers(flux, variant):
+    pipe, ours, manifest = flux(variant)
+    initial = noise()
+    extra = {"guidance_scale": 3.5} if variant == "dev" else {}
+    expected = pipe(PROMPT, num_inference_steps=4, height=HEIGHT, width=WIDTH, latents=packed(initial),
+                    max_sequence_length=t5_length(manifest), output_type="np", **extra).images
+    job = make_job(manifest, {"steps": 4, "width": WIDTH, "height": HEIGHT})
+    assert job.cfg_scale == 1.0 and job.guidance == (3.5 if variant == "dev" else None)  # the manifest's defaults
+    diff = mean_abs_diff(ours_image(ours, job, ReplayNoise(initial, [])), expected)
+    print(f"FLUX {variant} txt2img: mean abs diff {diff:.2e}")
+    assert diff <= TOLERANCE
+
+
+def test_true_cfg_and_guidance_match_diffusers(flux):
+    pipe, ours, manifest = flux("dev")
+    initial = noise(seed=1)
+    expected = pipe(PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=4.0, guidance_scale=2.0, num_inference_steps=3,
+                    height=HEIGHT, width=WIDTH, latents=packed(initial), max_sequence_length=t5_length(manifest),
+                    output_type="np").images
+    job = make_job(manifest, {"steps": 3, "cfg_scale": 4.0, "guidance": 2.0, "negative_prompt": NEGATIVE,
+                              "width": WIDTH, "height": HEIGHT})
+    diff = mean_abs_diff(ours_image(ours, job, ReplayNoise(initial, [])), expected)
+    print(f"FLUX dev true CFG 4 + guidance 2: mean abs diff {diff:.2e}")
+    assert diff <= TOLERANCE
+
+
+FLUX_SCHEDULER = "diffusers.schedulers.scheduling_flow_match_euler_discrete"
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_img2img_matches_diffusers(flux, variant):
+    from diffusers import FluxImg2ImgPipeline
+
+    pipe, ours, manifest = flux(variant)
+    reference = FluxImg2ImgPipeline(**pipe.components)
+    reference.set_progress_bar_config(disable=True)
+    initial = noise(seed=2)
+    image = sample_image().resize((WIDTH, HEIGHT))
+    module = "diffusers.pipelines.flux.pipeline_flux_img2img"
+    extra = {"guidance_scale": 3.5} if variant == "dev" else {}
+    with posterior_mode(module), diffusers_noise([initial], module):
+        expected = reference(PROMPT, image=image, strength=0.5, num_inference_steps=6, height=HEIGHT, width=WIDTH,
+                             max_sequence_length=t5_length(manifest), output_type="np", **extra).images
+    job = make_job(manifest, {"steps": 6, "strength": 0.5, "width": WIDTH, "height": HEIGHT}, {"image": image})
+    assert ours.total_steps(job) == 3
+    diff = mean_abs_diff(ours_image(ours, job, ReplayNoise(initial, [])), expected)
+    print(f"FLUX {variant} img2img strength 0.5: mean abs diff {diff:.2e}")
+    assert diff <= TOLERANCE
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.75])
+def test_inpainting_matches_diffusers(flux, strength):
+    from diffusers import FluxInpaintPipeline
+
+    pipe, ours, manifest = flux("dev")
+    reference = FluxInpaintPipeline(**pipe.components)
+    reference.set_progress_bar_config(disable=True)
+    initial = noise(seed=3)
+    image, mask = sample_image().resize((WIDTH, HEIGHT)), sample_mask().crop((0, 0, WIDTH, HEIGHT))  # black beyond
+    module = "diffusers.pipelines.flux.pipeline_flux_inpaint"
+    with posterior_mode(module), diffusers_noise([initial], module):
+        expected = reference(PROMPT, image=image, mask_image=mask, strength=strength, num_inference_steps=4,
+                             guidance_scale=3.5, height=HEIGHT, width=WIDTH, max_sequence_length=t5_length(manifest),
+                             output_type="np").images
+    job = make_job(manifest, {"steps": 4, "strength": strength, "width": WIDTH, "height": HEIGHT},
+                   {"image": image, "mask": mask})
+    diff = mean_abs_diff(ours_image(ours, job, ReplayNoise(initial, [])), expected)
+    print(f"FLUX inpainting strength {strength}: mean abs diff {diff:.2e}")
+    assert diff <= TOLERANCE
+
+
+@pytest.mark.parametrize("sample_method", ["euler_a", "heun", "dpm++2m", "dpm++2s_a", "ipndm", "lcm"])
+def test_every_sampler_runs_on_flux(flux, sample_method):
+    _, ours, manifest = flux("schnell")
+    job = make_job(manifest, {"steps": 3, "width": WIDTH, "height": HEIGHT, "sample_method": sample_method, "n": 2})
+    images = ours_image(ours, job, None)
+    assert images.shape == (2, HEIGHT, WIDTH, 3) and np.isfinite(images).all()
+
+
+def test_capabilities_are_checked_before_queueing(flux):
+    _, _, dev = flux("dev")
+    _, _, schnell = flux("schnell")
+    with pytest.raises(JobError) as error:
+        make_job(schnell, {"guidance": 3.5})
+    assert error.value.param == "guidance" and error.value.code == "unsupported_parameter"
+    with pytest.raises(JobError) as error:
+        make_job(dev, {"width": 72, "height": 64})  # FLUX packs 2x2 latent pixels: sides are multiples of 16
+    assert error.value.param == "width" and "multiple of 16" in error.value.message
+    with pytest.raises(JobError) as error:
+        make_job(dev, {"scheduler": "ays"})
+    assert error.value.param == "scheduler"
+    with pytest.raises(JobError) as error:
+        make_job(dev, {}, {"control_image": sample_image()})
+    assert error.value.param == "control_image"
+    assert make_job(dev, {"guidance": 5.0}).guidance == 5.0
