@@ -7,18 +7,31 @@ import logging
 import sys
 from pathlib import Path
 
-from convert.model import convert_model
+from convert.model import SplitFiles, convert_model
+
+SPLIT_OPTIONS = ("diffusion_model", "vae", "clip_l", "t5xxl", "t5_tokenizer")
 
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    split = {name: Path(getattr(args, name)) for name in SPLIT_OPTIONS if getattr(args, name, None)}
+    expected = 1 if split else 2
+    if len(args.paths) != expected:
+        usage = "--diffusion-model FILE [--vae FILE --clip-l FILE --t5xxl FILE] DST" if split else "SRC DST"
+        print(f"mlx-sd-server convert: expected {usage}", file=sys.stderr)
+        return 2
+    if split and "diffusion_model" not in split:
+        print("mlx-sd-server convert: split files need --diffusion-model", file=sys.stderr)
+        return 2
+    src = SplitFiles(**split) if split else args.paths[0]
+    dst = args.paths[-1]
     try:
         out = convert_model(
-            args.src, args.dst, dtype=args.dtype, quantize=args.quantize, prediction_type=args.prediction_type,
+            src, dst, dtype=args.dtype, quantize=args.quantize, prediction_type=args.prediction_type,
             allow_pickle=args.allow_pickle, name=args.name, progress=sys.stderr.isatty(),
         )
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"mlx-sd-server convert: {exc}", file=sys.stderr)
         return 1
-    print(f"converted {args.src} -> {Path(out)}")
+    print(f"converted {args.diffusion_model or args.paths[0]} -> {Path(out)}")
     return 0

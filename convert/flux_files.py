@@ -66,6 +66,9 @@ COMPONENTS = {
                        ("shared.", "encoder.")),
 }
 
+# The command-line option (stable-diffusion.cpp's) that gives each component as its own file.
+OPTIONS = {"transformer": "--diffusion-model", "vae": "--vae", "text_encoder": "--clip-l", "text_encoder_2": "--t5xxl"}
+
 # --- the BFL transformer layout ---------------------------------------------------------------------------
 
 # BFL module -> diffusers FluxTransformer2DModel module. A tuple is a fused projection, split along its output
@@ -125,6 +128,19 @@ def _bfl_target(module: str) -> tuple[str, str | tuple[str, ...]] | None:
 
 def is_bfl_transformer_key(key: str) -> bool:
     return _bfl_target(key.removeprefix(BFL_PREFIX).rpartition(".")[0]) is not None
+
+
+def is_flux_file(path: Path) -> bool:
+    """Whether a .safetensors file holds a FLUX transformer in BFL layout (alone or all-in-one); reads the header only."""
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "numpy") as f:
+            return any(key.removeprefix(BFL_PREFIX).startswith("double_blocks.") for key in f.keys())
+    except Exception:  # not a readable safetensors file: the single-file reader says what is wrong
+        return False
 
 
 def map_bfl_transformer_weight(key: str, value: np.ndarray, hidden_size: int) -> list[tuple[str, np.ndarray]]:
@@ -372,7 +388,7 @@ def read_flux_files(diffusion_model: Path, vae: Path | None = None, clip_l: Path
             raise CheckpointError(f"{path} is not {description}: it has no {prefixes[0] + marker}; it has keys "
                                   f"like {sorted(raw)[:3]}")
         else:
-            missing.append(COMPONENTS[name][0])
+            missing.append(f"{OPTIONS[name]} ({COMPONENTS[name][0]})")
     if missing:
         raise CheckpointError(f"{diffusion_model} does not hold all of FLUX: also give " + ", ".join(missing))
 

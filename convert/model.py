@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,12 +52,29 @@ SCHEDULER_KEYS = {
 FLUX_T5_MAX_LENGTH = {True: 512, False: 256}
 
 
-def read_source(src: Path, allow_pickle: bool = False, prediction_type: str | None = None) -> SourceModel:
-    """A diffusers folder or a single-file checkpoint, read into diffusers layout."""
-    from convert.diffusers_folder import is_diffusers_folder, read_diffusers_folder
+@dataclass(frozen=True)
+class SplitFiles:
+    """A model as the separate component files users have (FLUX.1: the BFL transformer, `ae.safetensors`,
+    `clip_l.safetensors`, a `t5xxl` file; T5's tokenizer is not among them, see convert.flux_files)."""
 
+    diffusion_model: Path
+    vae: Path | None = None
+    clip_l: Path | None = None
+    t5xxl: Path | None = None
+    t5_tokenizer: Path | None = None
+
+
+def read_source(src: Path | SplitFiles, allow_pickle: bool = False, prediction_type: str | None = None) -> SourceModel:
+    """A diffusers folder, a single-file checkpoint or split files, read into diffusers layout."""
+    from convert.diffusers_folder import is_diffusers_folder, read_diffusers_folder
+    from convert.flux_files import is_flux_file, read_flux_files
+
+    if isinstance(src, SplitFiles):
+        return read_flux_files(src.diffusion_model, src.vae, src.clip_l, src.t5xxl, t5_tokenizer=src.t5_tokenizer)
     if is_diffusers_folder(src):
         return read_diffusers_folder(src, allow_pickle=allow_pickle, prediction_type=prediction_type)
+    if src.is_file() and is_flux_file(src):  # an all-in-one FLUX file, or a clear error naming the missing parts
+        return read_flux_files(src)
     if src.is_file():
         from convert.checkpoint import read_checkpoint
 
@@ -152,7 +170,7 @@ def write_model(
 
 
 def convert_model(
-    src: str | os.PathLike,
+    src: str | os.PathLike | SplitFiles,
     dst: str | os.PathLike,
     *,
     dtype: str = "float16",
@@ -162,8 +180,8 @@ def convert_model(
     name: str | None = None,
     progress: bool = True,
 ) -> Path:
-    """Convert a diffusers folder or single-file checkpoint at `src` into a model folder at `dst`."""
-    src, dst = Path(src), Path(dst)
+    """Convert a diffusers folder, single-file checkpoint or split files at `src` into a model folder at `dst`."""
+    src, dst = src if isinstance(src, SplitFiles) else Path(src), Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} already exists and is not empty")
     source = read_source(src, allow_pickle=allow_pickle, prediction_type=prediction_type)

@@ -10,12 +10,15 @@ from convert.model import convert_model
 from mlx_sd_server.registry import model_dir
 
 # Only what conversion reads: configs, tokenizers and safetensors weights (never pickles, never fp16 copies
-# of what we already take in full precision, never the .ckpt single files that many repos also carry).
+# of what we already take in full precision, never the single files that many repos also carry: the .ckpt
+# of SD repos, FLUX repos' flux1-*.safetensors and ae.safetensors beside their diffusers folders).
 ALLOW_PATTERNS = [
     "model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*", "*/*.safetensors.index.json",
     "text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
     "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
     "config.json", "diffusion_pytorch_model.safetensors",
+    # FLUX: the transformer (~24 GB) and T5 (~9.5 GB) are sharded
+    "transformer/diffusion_pytorch_model*.safetensors", "text_encoder_2/model-*-of-*.safetensors",
 ]
 
 

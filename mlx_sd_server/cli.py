@@ -61,6 +61,7 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--n", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--cfg-scale", type=float)
+    parser.add_argument("--guidance", type=float, help="distilled guidance (FLUX.1-dev; default: the model's)")
     parser.add_argument("--sample-method")
     parser.add_argument("--scheduler")
     parser.add_argument("--size", metavar="WxH")
@@ -91,9 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_options(sub.add_parser("serve", help="run the HTTP server"))
     add_job_options(sub.add_parser("generate", help="generate images from the command line"))
 
-    convert = sub.add_parser("convert", help="convert Hugging Face weights to this server's MLX format")
-    convert.add_argument("src", help="a diffusers folder or a single-file .safetensors checkpoint")
-    convert.add_argument("dst", help="output folder")
+    convert = sub.add_parser(
+        "convert", help="convert Hugging Face weights to this server's MLX format",
+        usage="%(prog)s [options] SRC DST\n       %(prog)s [options] --diffusion-model FILE --vae FILE --clip-l FILE "
+              "--t5xxl FILE DST")
+    convert.add_argument("paths", nargs="+", metavar="SRC DST",
+                         help="SRC: a diffusers folder or a single-file .safetensors checkpoint (SD, or an all-in-one "
+                              "FLUX file); DST: the output folder. With split files, DST only")
+    split = convert.add_argument_group("split files (FLUX.1, as stable-diffusion.cpp takes them)")
+    split.add_argument("--diffusion-model", metavar="FILE", help="the transformer, e.g. flux1-dev.safetensors")
+    split.add_argument("--vae", metavar="FILE", help="the autoencoder, e.g. ae.safetensors")
+    split.add_argument("--clip-l", metavar="FILE", help="CLIP-L, e.g. clip_l.safetensors")
+    split.add_argument("--t5xxl", metavar="FILE", help="T5-XXL, e.g. t5xxl_fp16.safetensors")
+    split.add_argument("--t5-tokenizer", metavar="PATH",
+                       help="T5's tokenizer.json (or its folder); default: downloaded from FLUX.1-schnell's repo")
     convert.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
     convert.add_argument("--quantize", type=int, choices=[4, 8], help="quantize linear layers to N bits")
     convert.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],

@@ -6,6 +6,15 @@ module is built from the config in the manifest, and its weights come from our s
 inverse of our conversion mapping (see `_torch_state_dict`). It speaks the MLX pipeline's protocol:
 `total_steps(job)`, and `generate(job)` yielding a `Step` per loop iteration (diffusers'
 `callback_on_step_end`; its latents, no denoised estimate) and returning PIL images, cancellable between steps.
+
+Stable Diffusion (1.x, 2.x, XL; ControlNet) runs on diffusers' StableDiffusion* pipelines; FLUX.1 on
+FluxPipeline / FluxImg2ImgPipeline / FluxInpaintPipeline with FlowMatchEulerDiscreteScheduler, so a flow
+model gets the samplers that scheduler has: euler, and lcm (its stochastic sampling: jump to the clean
+estimate, re-noise to the next sigma, as our lcm sampler), on the discrete, karras and exponential
+schedules (the same sigmas as `schedules.flow_sigmas`). One difference from the MLX engine: FLUX img2img
+and inpainting keep diffusers' Flux rule for strength, steps - int(steps - steps * strength) steps, which
+rounds a fractional steps * strength up where ours (and diffusers' SD pipelines) round down; with
+steps * strength whole both run the same steps, and strength 0 (no step at all) is refused.
 """
 
 from __future__ import annotations
@@ -24,9 +33,10 @@ import numpy as np
 from PIL import Image
 
 from convert.model import MAPPERS
-from mlx_sd_server.engine.model_io import component_class, read_manifest
+from mlx_sd_server.engine.flux_transformer import pack_latents, unpack_latents
+from mlx_sd_server.engine.model_io import component_class, component_kind, read_manifest
 from mlx_sd_server.engine.pipeline import NoiseSource, Step, paste_outside_mask, fit_image
-from mlx_sd_server.job import Job, JobError
+from mlx_sd_server.job import DEFAULT_GUIDANCE, Job, JobError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +57,14 @@ SCHEDULE_OPTIONS: dict[str, dict[str, Any]] = {
     "karras": {"use_karras_sigmas": True},
     "exponential": {"use_exponential_sigmas": True},
     "lcm": {},
+}
+# Flow models (FLUX): FlowMatchEulerDiscreteScheduler's samplers and schedules ("discrete" is its default).
+FLOW_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "lcm": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
+}
+FLOW_SCHEDULE_OPTIONS: dict[str, dict[str, Any]] = {
+    "discrete": {}, "karras": {"use_karras_sigmas": True}, "exponential": {"use_exponential_sigmas": True},
 }
 MODE_NAMES = {"txt2img": "", "img2img": "Img2Img", "inpaint": "Inpaint"}
 
@@ -104,7 +122,10 @@ def _build_component(name: str, entry: dict, folder: Path):
         module = getattr(diffusers, class_name).from_config(config)
     # Not strict: the state dict leaves out only what our format does not keep (constant buffers, T5's
     # second copy of its embedding, tied to the first).
-    module.load_state_dict(_torch_state_dict(module, folder / entry["weights"], MAPPERS[class_name]), strict=False)
+    state = _torch_state_dict(module, folder / entry["weights"], MAPPERS[class_name])
+    if class_name == "T5EncoderModel":  # (tied in transformers' T5 anyway; copied in case a version unties it)
+        state["encoder.embed_tokens.weight"] = state["shared.weight"]
+    module.load_state_dict(state, strict=False)
     return module.eval()
 
 
@@ -114,9 +135,21 @@ def _check_unquantized(manifest: dict, folder: Path) -> None:
                          "(convert again without --quantize)")
 
 
+def _is_flow(manifest: dict) -> bool:
+    return manifest["prediction_type"] == "flow"
+
+
 def _scheduler_config(manifest: dict) -> dict[str, Any]:
-    """The model's training schedule; steps_offset=1 as every SD release ships (only "leading" spacing uses it)."""
+    """The model's training schedule (a flow model's: its shift); steps_offset=1 as every SD release ships
+    (only "leading" spacing uses it)."""
+    if _is_flow(manifest):
+        return dict(manifest["scheduler"])
     return {**manifest["scheduler"], "prediction_type": manifest["prediction_type"], "steps_offset": 1}
+
+
+def _samplers(manifest: dict) -> tuple[dict[str, tuple[str, dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """(our sample methods -> diffusers scheduler and options, our schedules -> options) for the model."""
+    return (FLOW_SCHEDULERS, FLOW_SCHEDULE_OPTIONS) if _is_flow(manifest) else (DIFFUSERS_SCHEDULERS, SCHEDULE_OPTIONS)
 
 
 class TorchPipeline:
@@ -127,7 +160,8 @@ class TorchPipeline:
         self.manifest = manifest
         self.controlnet = controlnet
         self.is_sdxl = manifest["family"] == "sdxl"
-        self.inpainting_unet = base.unet.config.in_channels == 9
+        self.is_flux = manifest["family"] == "flux"
+        self.inpainting_unet = not self.is_flux and base.unet.config.in_channels == 9
         self._pipelines: dict[str, Any] = {}
 
     @classmethod
@@ -135,7 +169,8 @@ class TorchPipeline:
                     device: str | None = None, dtype: str | None = None) -> "TorchPipeline":
         """Load a converted folder (and optionally a converted ControlNet folder) into diffusers.
 
-        `device` defaults to cuda, then mps, then cpu; `dtype` to float16 on a GPU, float32 on the CPU.
+        `device` defaults to cuda, then mps, then cpu; `dtype` to float16 on a GPU (bfloat16 for FLUX, whose
+        activations overflow float16), float32 on the CPU. A float16 T5 runs in bfloat16, as on the MLX engine.
         """
         import diffusers
         import torch
@@ -145,16 +180,24 @@ class TorchPipeline:
         manifest = read_manifest(folder)
         _check_unquantized(manifest, folder)
         components = manifest["components"]
+        flux = manifest["family"] == "flux"
         device = device or default_device()
-        torch_dtype = getattr(torch, dtype or ("float32" if device == "cpu" else "float16"))
+        torch_dtype = getattr(torch, dtype or ("float32" if device == "cpu" else "bfloat16" if flux else "float16"))
         modules = {name: _build_component(name, components[name], folder)
-                   for name in ("text_encoder", "text_encoder_2", "unet", "vae") if name in components}
+                   for name in ("text_encoder", "text_encoder_2", "unet", "transformer", "vae") if name in components}
         for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
             if encoder in components:
                 tokenizer_folder = folder / components[encoder]["tokenizer"]
-                modules[tokenizer] = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_folder))
-        modules["scheduler"] = diffusers.EulerDiscreteScheduler(**_scheduler_config(manifest))  # replaced per job
-        if manifest["family"] == "sdxl":
+                t5 = component_class(encoder, components[encoder]["config"]) == "T5EncoderModel"
+                tokenizer_class = transformers.T5TokenizerFast if t5 else transformers.CLIPTokenizer
+                modules[tokenizer] = tokenizer_class.from_pretrained(str(tokenizer_folder))
+        scheduler_class, _ = _samplers(manifest)[0]["euler"]
+        modules["scheduler"] = getattr(diffusers, scheduler_class)(**_scheduler_config(manifest))  # replaced per job
+        if flux:
+            if control_net is not None:
+                raise ValueError(f"{folder.name} is a FLUX model: FLUX takes no ControlNet")
+            base = diffusers.FluxPipeline(**modules)
+        elif manifest["family"] == "sdxl":
             base = diffusers.StableDiffusionXLPipeline(**modules)
         else:
             base = diffusers.StableDiffusionPipeline(**modules, safety_checker=None, feature_extractor=None,
@@ -173,6 +216,10 @@ class TorchPipeline:
             base.to(device, torch_dtype)
             if controlnet is not None:
                 controlnet.to(device, torch_dtype)
+            for name, module in modules.items():  # (T5 overflows float16)
+                if torch_dtype == torch.float16 and name in components and \
+                        component_kind(name, components[name]["config"]).instead_of_float16 is not None:
+                    module.to(torch.bfloat16)
         base.set_progress_bar_config(disable=True)
         log.info("torch engine: %s (%s) on %s, %s, diffusers %s", manifest.get("name", folder.name),
                  manifest["family"], device, torch_dtype, diffusers.__version__)
@@ -191,10 +238,10 @@ class TorchPipeline:
 
         controlled = job.control_image is not None
         if controlled and self.controlnet is None:
-            raise JobError("this model has no ControlNet attached, so control_image cannot be honoured",
-                           "control_image", "controlnet_unavailable")
-        name = (f"StableDiffusion{'XL' if self.is_sdxl else ''}{'ControlNet' if controlled else ''}"
-                f"{MODE_NAMES[self._mode(job)]}Pipeline")
+            why = "FLUX models take no ControlNet" if self.is_flux else "this model has no ControlNet attached"
+            raise JobError(f"{why}, so control_image cannot be honoured", "control_image", "controlnet_unavailable")
+        kind = "Flux" if self.is_flux else f"StableDiffusion{'XL' if self.is_sdxl else ''}"
+        name = f"{kind}{'ControlNet' if controlled else ''}{MODE_NAMES[self._mode(job)]}Pipeline"
         if name not in self._pipelines:
             cls = getattr(diffusers, name)
             accepted = inspect.signature(cls.__init__).parameters
@@ -208,14 +255,16 @@ class TorchPipeline:
         """The diffusers scheduler for the job's sample_method and scheduler, or a JobError (a 400)."""
         import diffusers
 
-        if job.sample_method not in DIFFUSERS_SCHEDULERS:
+        samplers, schedules = _samplers(self.manifest)
+        if job.sample_method not in samplers:
             raise JobError(f"sample_method {job.sample_method!r} has no diffusers equivalent; the torch engine "
-                           f"supports {', '.join(DIFFUSERS_SCHEDULERS)}", "sample_method", "unsupported_sample_method")
-        class_name, extra = DIFFUSERS_SCHEDULERS[job.sample_method]
+                           f"supports {', '.join(samplers)} for {self.manifest['family']}", "sample_method",
+                           "unsupported_sample_method")
+        class_name, extra = samplers[job.sample_method]
         cls = getattr(diffusers, class_name)
-        options = SCHEDULE_OPTIONS.get(job.scheduler)
+        options = schedules.get(job.scheduler)
         accepted = inspect.signature(cls.__init__).parameters
-        lcm_mismatch = (job.scheduler == "lcm") != (job.sample_method == "lcm")
+        lcm_mismatch = not self.is_flux and (job.scheduler == "lcm") != (job.sample_method == "lcm")
         if options is None or lcm_mismatch or not set(options) <= set(accepted):
             raise JobError(f"scheduler {job.scheduler!r} is not available with sample_method {job.sample_method!r} "
                            "on the torch engine", "scheduler", "unsupported_scheduler")
@@ -224,13 +273,19 @@ class TorchPipeline:
     def total_steps(self, job: Job) -> int:
         """diffusers' denoising loop length for the job (Heun and DPM2 take two iterations per step)."""
         scheduler = self.scheduler(job)
-        try:
-            scheduler.set_timesteps(job.steps)
+        try:  # (a flow schedule's length does not depend on its shift, mu)
+            scheduler.set_timesteps(job.steps, **({"mu": 0.0} if self.is_flux else {}))
         except ValueError as exc:  # e.g. LCM's 50-step limit
             raise JobError(str(exc), "steps", "invalid_value") from None
         if job.init_image is None:
             return len(scheduler.timesteps)
-        kept = min(int(job.steps * job.strength), job.steps)  # diffusers' img2img rule
+        if self.is_flux:  # diffusers' Flux img2img/inpaint rule (see the module docstring)
+            kept = job.steps - int(max(job.steps - min(job.steps * job.strength, job.steps), 0))
+            if kept < 1:
+                raise JobError(f"strength {job.strength} leaves no step of {job.steps} to run; diffusers' FLUX "
+                               "pipelines need at least one", "strength", "invalid_value")
+        else:
+            kept = min(int(job.steps * job.strength), job.steps)  # diffusers' img2img rule
         return len(scheduler.timesteps) - (job.steps - kept) * scheduler.order
 
     def _arguments(self, job: Job, noise: NoiseSource | None) -> dict[str, Any]:
@@ -247,8 +302,12 @@ class TorchPipeline:
             generator=[torch.Generator().manual_seed(seed) for seed in job.seeds()],
             output_type="pil",
         )
-        if mode != "img2img" or job.control_image is not None:
-            args.update(height=job.height, width=job.width)  # (img2img takes the size of its image)
+        if self.is_flux:  # cfg_scale is true CFG (FluxPipeline runs it only with a negative prompt, "" included)
+            args.update(negative_prompt=job.negative_prompt, true_cfg_scale=job.cfg_scale,
+                        guidance_scale=job.guidance if job.guidance is not None else DEFAULT_GUIDANCE,
+                        max_sequence_length=self.manifest["components"]["text_encoder_2"].get("max_length", 512))
+        if mode != "img2img" or job.control_image is not None or self.is_flux:
+            args.update(height=job.height, width=job.width)  # (SD img2img takes the size of its image)
         if mode != "txt2img":  # an inpainting UNet with nothing to edit repaints a blank grey image
             blank = Image.new("RGB", size, (128, 128, 128))
             args["image"] = _fit(job.init_image, size) if job.init_image is not None else blank
@@ -259,10 +318,19 @@ class TorchPipeline:
             args["image" if mode == "txt2img" else "control_image"] = self._control_image(job)
             args["controlnet_conditioning_scale"] = job.control_strength
         if noise is not None and mode == "txt2img":  # tests inject the starting latents (step noise: the seeds)
-            scale = 2 ** (len(self.base.vae.config.block_out_channels) - 1)
-            initial = noise.initial((job.n, job.height // scale, job.width // scale, 4))
-            args["latents"] = torch.from_numpy(np.array(initial).transpose(0, 3, 1, 2))
+            h, w = self._latent_size(job)
+            initial = noise.initial((job.n, h, w, self.base.vae.config.latent_channels))
+            args["latents"] = torch.from_numpy(np.array(pack_latents(initial) if self.is_flux
+                                                        else initial.transpose(0, 3, 1, 2)))
         return args
+
+    def _latent_size(self, job: Job) -> tuple[int, int]:
+        return job.height // self.base.vae_scale_factor, job.width // self.base.vae_scale_factor
+
+    def _our_latents(self, latents, job: Job) -> mx.array:
+        """diffusers' latents (NCHW, or FLUX's packed tokens) as ours: (B, h, w, C)."""
+        array = mx.array(latents.float().cpu().numpy())
+        return unpack_latents(array, *self._latent_size(job)) if self.is_flux else array.transpose(0, 2, 3, 1)
 
     def _control_image(self, job: Job) -> Image.Image:
         pixels = fit_image(job.control_image, job.width, job.height)
@@ -291,8 +359,9 @@ class TorchPipeline:
         outcome: dict[str, Any] = {}
 
         def on_step_end(_pipeline, step: int, timestep, tensors: dict) -> dict:
-            latents = mx.array(tensors["latents"].float().numpy().transpose(0, 2, 3, 1))
-            progress.put(Step(step, float(timestep), latents, None))
+            # (a flow scheduler's timestep is sigma * num_train_timesteps; SD's is the training timestep)
+            sigma = float(timestep) / (pipeline.scheduler.config.num_train_timesteps if self.is_flux else 1)
+            progress.put(Step(step, sigma, self._our_latents(tensors["latents"], job), None))
             resume.acquire()
             if stop.is_set():
                 raise _Cancelled()
