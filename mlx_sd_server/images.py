@@ -101,6 +101,8 @@ def a1111_parameters(job: Job, seed: int, model_name: str) -> str:
         f"Steps: {job.steps}", f"Sampler: {job.sample_method}", f"Schedule type: {job.scheduler}",
         f"CFG scale: {job.cfg_scale:g}", f"Seed: {seed}", f"Size: {job.width}x{job.height}", f"Model: {model_name}",
     ]
+    if job.guidance is not None:
+        settings.append(f"Distilled CFG Scale: {job.guidance:g}")  # Forge's name for FLUX's guidance
     if job.init_image is not None:
         settings.append(f"Denoising strength: {job.strength:g}")
     if job.control_image is not None:

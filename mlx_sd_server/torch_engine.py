@@ -216,9 +216,9 @@ class TorchPipeline:
             base.to(device, torch_dtype)
             if controlnet is not None:
                 controlnet.to(device, torch_dtype)
-            for name, module in modules.items():  # (T5 overflows float16)
-                if torch_dtype == torch.float16 and name in components and \
-                        component_kind(name, components[name]["config"]).instead_of_float16 is not None:
+            for name, module in modules.items():  # T5 overflows float16: it runs in bfloat16, as on MLX
+                entry = components.get(name)
+                if torch_dtype == torch.float16 and entry and component_kind(name, entry["config"]).instead_of_float16:
                     module.to(torch.bfloat16)
         base.set_progress_bar_config(disable=True)
         log.info("torch engine: %s (%s) on %s, %s, diffusers %s", manifest.get("name", folder.name),
