@@ -157,7 +157,29 @@ def test_capabilities_are_checked_before_queueing(flux):
     with pytest.raises(JobError) as error:
         make_job(dev, {"scheduler": "ays"})
     assert error.value.param == "scheduler"
+    with pytest.raises(JobError) as error:  # does not converge on flow schedules (tests/test_flow_samplers.py)
+        make_job(dev, {"sample_method": "dpm++2mv2"})
+    assert error.value.param == "sample_method"
     with pytest.raises(JobError) as error:
         make_job(dev, {}, {"control_image": sample_image()})
     assert error.value.param == "control_image"
     assert make_job(dev, {"guidance": 5.0}).guidance == 5.0
+
+
+def test_emphasis_weights_t5_states(flux):
+    """A1111 emphasis reaches FLUX through T5's states (scaled, then the mean restored, as on SD); weight 1
+    is the plain prompt exactly."""
+    _, ours, manifest = flux("schnell")
+
+    def context(prompt: str) -> np.ndarray:
+        job = make_job(manifest, {"prompt": prompt, "width": WIDTH, "height": HEIGHT})
+        return np.array(ours.encode_prompts(job, guided=False).context[0])
+
+    plain = context("a photo of a cat")
+    assert np.array_equal(context("(a photo:1.0) of a cat"), plain)
+    ratio = context("(a photo:1.5) of a cat") / plain
+    emphasised = len(ours.model.tokenizers[1].tokenize("a photo"))
+    restore = ratio[-1, 0]  # the mean correction every token gets
+    np.testing.assert_allclose(ratio[:emphasised], 1.5 * restore, rtol=1e-4)
+    np.testing.assert_allclose(ratio[emphasised:], restore, rtol=1e-4)
+    assert abs(restore - 1) > 1e-4

@@ -67,6 +67,8 @@ class RectifiedFlow:
         from alpha_down = 1 - sigma_down to alpha_next = 1 - sigma_next and add the missing noise."""
         if sigma_next == 0:
             return AncestralStep(0.0, 0.0)
+        if sigma_next >= sigma:  # no step (x_scale would be 0/0 at sigma = 1)
+            return AncestralStep(sigma_next, 0.0)
         sigma_down = sigma_next * sigma_next / sigma
         x_scale = (1.0 - sigma_next) / (1.0 - sigma_down)
         sigma_up = math.sqrt(max(sigma_next**2 - (sigma_down * x_scale) ** 2, 0.0))
