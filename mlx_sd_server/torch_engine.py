@@ -34,7 +34,7 @@ from PIL import Image
 
 from convert.model import MAPPERS
 from mlx_sd_server.engine.flux_transformer import pack_latents, unpack_latents
-from mlx_sd_server.engine.model_io import component_class, component_kind, read_manifest
+from mlx_sd_server.engine.model_io import component_class, read_manifest
 from mlx_sd_server.engine.pipeline import NoiseSource, Step, paste_outside_mask, fit_image
 from mlx_sd_server.job import DEFAULT_GUIDANCE, Job, JobError
 
@@ -169,8 +169,8 @@ class TorchPipeline:
                     device: str | None = None, dtype: str | None = None) -> "TorchPipeline":
         """Load a converted folder (and optionally a converted ControlNet folder) into diffusers.
 
-        `device` defaults to cuda, then mps, then cpu; `dtype` to float16 on a GPU (bfloat16 for FLUX, whose
-        activations overflow float16), float32 on the CPU. A float16 T5 runs in bfloat16, as on the MLX engine.
+        `device` defaults to cuda, then mps, then cpu; `dtype` to float16 on a GPU, float32 on the CPU. FLUX
+        takes bfloat16 for float16 (the MLX engine keeps only T5 in bfloat16; diffusers' Flux pipelines cannot).
         """
         import diffusers
         import torch
@@ -182,7 +182,10 @@ class TorchPipeline:
         components = manifest["components"]
         flux = manifest["family"] == "flux"
         device = device or default_device()
-        torch_dtype = getattr(torch, dtype or ("float32" if device == "cpu" else "bfloat16" if flux else "float16"))
+        torch_dtype = getattr(torch, dtype or ("float32" if device == "cpu" else "float16"))
+        if flux and torch_dtype == torch.float16:  # (diffusers' Flux pipelines cannot keep T5 alone in bfloat16)
+            log.warning("torch engine: FLUX runs in bfloat16, not float16 (its T5 and activations overflow float16)")
+            torch_dtype = torch.bfloat16
         modules = {name: _build_component(name, components[name], folder)
                    for name in ("text_encoder", "text_encoder_2", "unet", "transformer", "vae") if name in components}
         for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
@@ -216,10 +219,6 @@ class TorchPipeline:
             base.to(device, torch_dtype)
             if controlnet is not None:
                 controlnet.to(device, torch_dtype)
-            for name, module in modules.items():  # T5 overflows float16: it runs in bfloat16, as on MLX
-                entry = components.get(name)
-                if torch_dtype == torch.float16 and entry and component_kind(name, entry["config"]).instead_of_float16:
-                    module.to(torch.bfloat16)
         base.set_progress_bar_config(disable=True)
         log.info("torch engine: %s (%s) on %s, %s, diffusers %s", manifest.get("name", folder.name),
                  manifest["family"], device, torch_dtype, diffusers.__version__)

@@ -14,7 +14,9 @@ from mlx_sd_server.torch_engine import TorchPipeline
 from test_flux_pipeline import (  # noqa: F401 - `flux` is a fixture
     HEIGHT, NEGATIVE, PROMPT, TOLERANCE, WIDTH, flux, make_job, noise, packed,
 )
-from test_pipeline import ReplayNoise, diffusers_noise, mean_abs_diff, ours_image, posterior_mode, sample_image, sample_mask
+from test_pipeline import (
+    ReplayNoise, diffusers_noise, mean_abs_diff, ours_image, posterior_mode, sample_image, sample_mask,
+)
 from test_torch_engine import run
 
 FLUX_SCHEDULER = "diffusers.schedulers.scheduling_flow_match_euler_discrete"

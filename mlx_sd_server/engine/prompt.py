@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import mlx.core as mx
+
 from mlx_sd_server.engine.tokenizer import CLIPTokenizer
 
 CHUNK_TOKENS = 75  # 77 minus <|startoftext|> and <|endoftext|>
@@ -113,3 +115,12 @@ def chunk_prompt(tokenizer: CLIPTokenizer, text: str) -> list[Chunk]:
 def pad_chunks(chunks: list[Chunk], count: int, empty: Chunk) -> list[Chunk]:
     """Cond and uncond must have the same number of windows to share a batch."""
     return chunks + [empty] * (count - len(chunks))
+
+
+def apply_emphasis(hidden: mx.array, weights: mx.array) -> mx.array:
+    """A1111's emphasis: scale each token's state by its weight, then restore the original mean."""
+    if mx.all(weights == 1.0).item():
+        return hidden
+    original_mean = hidden.mean()
+    hidden = hidden * weights
+    return hidden * (original_mean / hidden.mean())

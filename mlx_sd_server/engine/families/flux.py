@@ -15,10 +15,9 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_sd_server.engine.denoiser import Denoiser, model_denoiser
-from mlx_sd_server.engine.families.sd import apply_emphasis
 from mlx_sd_server.engine.flux_transformer import latent_image_ids, pack_latents, unpack_latents
 from mlx_sd_server.engine.model_io import LoadedModel
-from mlx_sd_server.engine.prompt import parse_emphasis
+from mlx_sd_server.engine.prompt import apply_emphasis, parse_emphasis
 from mlx_sd_server.engine.samplers import SAMPLERS
 from mlx_sd_server.engine.schedules import FLOW_SCHEDULES, flow_sigmas
 from mlx_sd_server.job import DEFAULT_GUIDANCE, Capabilities, Job, JobError

@@ -15,7 +15,7 @@ import numpy as np
 
 from mlx_sd_server.engine.denoiser import Denoiser, model_denoiser
 from mlx_sd_server.engine.model_io import LoadedModel
-from mlx_sd_server.engine.prompt import Chunk, chunk_prompt, pad_chunks
+from mlx_sd_server.engine.prompt import Chunk, apply_emphasis, chunk_prompt, pad_chunks
 from mlx_sd_server.engine.schedules import make_sigmas, training_sigmas
 from mlx_sd_server.job import Capabilities, Job, JobError
 
@@ -126,15 +126,6 @@ class StableDiffusionFamily:
             return uncond + job.cfg_scale * (cond - uncond)
 
         return predict
-
-
-def apply_emphasis(hidden: mx.array, weights: mx.array) -> mx.array:
-    """A1111's emphasis: scale each token's state by its weight, then restore the original mean."""
-    if mx.all(weights == 1.0).item():
-        return hidden
-    original_mean = hidden.mean()
-    hidden = hidden * weights
-    return hidden * (original_mean / hidden.mean())
 
 
 def guidance_scale_embedding(w: float, dim: int) -> mx.array:
