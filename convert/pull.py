@@ -7,7 +7,7 @@ import logging
 import sys
 
 from convert.model import convert_model
-from mlx_sd_server.registry import model_dir
+from mlx_sd_server.paths import model_dir
 
 # Only what conversion reads: configs, tokenizers and safetensors weights (never pickles, never fp16 copies
 # of what we already take in full precision, never the single files that many repos also carry: the .ckpt

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from mlx_sd_server.engine.families import capabilities
 from mlx_sd_server.engine.model_io import MANIFEST, ModelFormatError, read_manifest
 from mlx_sd_server.job import Capabilities, ModelDefaults
+from mlx_sd_server.paths import model_dir
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +53,6 @@ class ModelInfo:
 class Pipeline(Protocol):
     def total_steps(self, job: Any) -> int: ...
     def generate(self, job: Any) -> Any: ...
-
-
-def model_dir(override: str | os.PathLike | None = None) -> Path:
-    """--model-dir, else $MLX_SD_MODEL_DIR, else the platform's per-user data directory."""
-    if override:
-        return Path(override).expanduser()
-    if os.environ.get("MLX_SD_MODEL_DIR"):
-        return Path(os.environ["MLX_SD_MODEL_DIR"]).expanduser()
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Application Support" / "mlx-sd-server" / "models"
-    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "mlx-sd-server" / "models"
 
 
 def resolve_spec(spec: str, models: Path) -> Path:
