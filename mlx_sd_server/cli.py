@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> "module:function" taking the parsed arguments; imported lazily so `--help` is instant.
@@ -26,14 +27,42 @@ def add_model_dir(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_split_file_options(parser: argparse.ArgumentParser) -> None:
+    """A model given as separate component files, as stable-diffusion.cpp takes them (FLUX.1)."""
+    split = parser.add_argument_group("split files (FLUX.1, as stable-diffusion.cpp takes them)")
+    split.add_argument("--diffusion-model", metavar="FILE", help="the transformer, e.g. flux1-dev.safetensors or .gguf")
+    split.add_argument("--vae", metavar="FILE", help="the autoencoder, e.g. ae.safetensors")
+    split.add_argument("--clip-l", metavar="FILE", help="CLIP-L, e.g. clip_l.safetensors")
+    split.add_argument("--t5xxl", metavar="FILE", help="T5-XXL, e.g. t5xxl_fp16.safetensors or t5xxl-Q8_0.gguf")
+    split.add_argument("--clip-g", metavar="FILE", help="CLIP-G (SD3; not supported yet: refused)")
+    split.add_argument("--t5-tokenizer", metavar="PATH",
+                       help="T5's tokenizer.json (or its folder); default: downloaded from FLUX.1-schnell's repo")
+
+
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
-    """Options of `serve`, shared with `service install` (which writes them into the service file)."""
+    """Options of `serve`, shared with `service install` (which writes them into the service file). The
+    reference's (sd-api-server's) flags are accepted as it documents them."""
     add_model_dir(parser)
     parser.add_argument("--model", action="append", default=[], metavar="NAME_OR_PATH",
-                        help="a model to serve (repeatable; the first is the default)")
+                        help="a model to serve: a name, a converted folder, a diffusers folder, a .safetensors or "
+                             ".gguf file, a Hugging Face id (repeatable; the first is the default)")
+    parser.add_argument("--model-name", metavar="NAME", help="the API name of the default model (the reference's)")
+    parser.add_argument("--strict-model-names", action="store_true",
+                        help="a request's model must name a served model (default: unknown names and OpenAI's "
+                             "dall-e-*/gpt-image-* are served by the default model while only one is served)")
+    add_split_file_options(parser)
     parser.add_argument("--control-net", metavar="NAME_OR_PATH", help="a ControlNet attached to the default model")
+    parser.add_argument("--lora-model-dir", metavar="DIR",
+                        help="LoRA folder (accepted; LoRAs are not applied yet: prompts with <lora:...> tags get 400)")
+    parser.add_argument("--task", "--context-type", choices=["full", "text2image", "image2image"], default="full",
+                        help="which endpoints are on: both, /v1/images/generations only, or /v1/images/edits only")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--socket-addr", metavar="HOST:PORT", help="host and port in one (the reference's)")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads (Linux: the cores this process uses)")
+    for flag, what in (("--clip-on-cpu", "text encoders"), ("--vae-on-cpu", "VAE"), ("--control-net-cpu", "ControlNet")):
+        parser.add_argument(flag, action="store_true", help=f"the reference's: keep the {what} on the CPU "
+                            "(no effect with MLX: CPU and GPU share unified memory)")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $API_KEY)")
     parser.add_argument("--download-url-prefix", metavar="URL",
                         help="public prefix of image urls (default: the address the request came in on)")
@@ -99,13 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("paths", nargs="+", metavar="SRC DST",
                          help="SRC: a diffusers folder or a single-file .safetensors checkpoint (SD, or an all-in-one "
                               "FLUX file); DST: the output folder. With split files, DST only")
-    split = convert.add_argument_group("split files (FLUX.1, as stable-diffusion.cpp takes them)")
-    split.add_argument("--diffusion-model", metavar="FILE", help="the transformer, e.g. flux1-dev.safetensors")
-    split.add_argument("--vae", metavar="FILE", help="the autoencoder, e.g. ae.safetensors")
-    split.add_argument("--clip-l", metavar="FILE", help="CLIP-L, e.g. clip_l.safetensors")
-    split.add_argument("--t5xxl", metavar="FILE", help="T5-XXL, e.g. t5xxl_fp16.safetensors")
-    split.add_argument("--t5-tokenizer", metavar="PATH",
-                       help="T5's tokenizer.json (or its folder); default: downloaded from FLUX.1-schnell's repo")
+    add_split_file_options(convert)
     convert.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
     convert.add_argument("--quantize", type=int, choices=[4, 8], help="quantize linear layers to N bits")
     convert.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
@@ -129,8 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def limit_threads(threads: int | None) -> None:
+    """--threads N: run on N of this process's cores (Linux), which bounds OpenBLAS, MLX's CPU threads and
+    our numpy kernels alike; it carries over the BLAS re-exec."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise SystemExit("mlx-sd-server: --threads must be at least 1")
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
+    else:
+        print("mlx-sd-server: --threads has no effect on this platform", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    limit_threads(getattr(args, "threads", None))
     if argv is None and args.command in ("serve", "generate"):  # only a real command line is re-executed
         from mlx_sd_server.blas import ensure_fast_blas
 

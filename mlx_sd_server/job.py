@@ -108,13 +108,22 @@ class Job:
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.n)]
 
 
+# OpenAI fields accepted with the values OpenAI documents, and without effect: the model's own settings
+# decide quality and style; `user` is for the client's abuse tracking.
+OPENAI_HINTS = {"quality": ("auto", "standard", "hd", "low", "medium", "high"), "style": ("vivid", "natural"),
+                "user": None}
+# The reference's schedulers that we do not have, and why (stable-diffusion.cpp's names).
+UNSUPPORTED_SCHEDULERS = {"gits": "GITS needs its paper's precomputed per-model step tables, which are not implemented"}
+
 # Fields a request may carry, with the job attribute each feeds. Images arrive separately, decoded.
 JOB_FIELDS = (
     "model", "prompt", "negative_prompt", "n", "steps", "cfg_scale", "sample_method", "scheduler",
     "size", "width", "height", "seed", "strength", "control_strength", "control_preprocess", "guidance",
+    "apply_canny_preprocessor", "style_ratio", *OPENAI_HINTS,
 )
 IMAGE_FIELDS = ("image", "mask", "control_image")
 
+_LORA_TAG_RE = re.compile(r"<lora:[^>]*>", re.IGNORECASE)
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
 
 
@@ -150,6 +159,18 @@ def _as_float(name: str, value: Any) -> float:
     return out
 
 
+def _as_bool(name: str, value: Any) -> bool:
+    """A JSON boolean, or a form field's true/false (also 1/0, yes/no)."""
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise JobError(f"{name} must be true or false, got {value!r}", name, "invalid_type")
+
+
 def _as_str(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise JobError(f"{name} must be a string, got {type(value).__name__}", name, "invalid_type")
@@ -161,8 +182,11 @@ def _in_range(name: str, value: float, lo: float, hi: float) -> None:
         raise JobError(f"{name} must be between {lo} and {hi}, got {value}", name, "out_of_range")
 
 
-def parse_size(value: Any) -> tuple[int, int]:
-    """`WIDTHxHEIGHT` -> (width, height), as the reference documents (not as it parses)."""
+def parse_size(value: Any, defaults: ModelDefaults = _DEFAULTS) -> tuple[int, int]:
+    """`WIDTHxHEIGHT` -> (width, height), as the reference documents (not as it parses); OpenAI's "auto" is
+    the model's native size."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return defaults.width, defaults.height
     match = _SIZE_RE.match(value) if isinstance(value, str) else None
     if not match:
         raise JobError(f"size must be WIDTHxHEIGHT, got {value!r}", "size", "invalid_size")
@@ -220,6 +244,10 @@ def build_job(
         values["model"] = _as_str("model", fields["model"])
     if fields.get("negative_prompt") is not None:
         values["negative_prompt"] = _as_str("negative_prompt", fields["negative_prompt"])
+    for name in ("prompt", "negative_prompt"):
+        if _LORA_TAG_RE.search(values.get(name, "")):  # rather than encode the tag as words
+            raise JobError("LoRA tags (<lora:name:weight>) are not supported by this version", name,
+                           "unsupported_parameter")
 
     n = _as_int("n", fields.get("n", 1))
     _in_range("n", n, 1, limits.max_n)
@@ -238,6 +266,9 @@ def build_job(
         ("scheduler", SCHEDULERS, defaults.scheduler),
     ):
         choice = _as_str(name, fields.get(name, default)).strip().lower()
+        if name == "scheduler" and choice in UNSUPPORTED_SCHEDULERS:
+            raise JobError(f"scheduler {choice!r} is not supported ({UNSUPPORTED_SCHEDULERS[choice]}); "
+                           f"use one of {', '.join(capabilities.schedulers)}", name, "unsupported_scheduler")
         if choice not in choices:
             raise JobError(
                 f"{name} must be one of {', '.join(choices)}; got {choice!r}", name, f"invalid_{name}"
@@ -259,7 +290,7 @@ def build_job(
         values["guidance"] = defaults.guidance if defaults.guidance is not None else DEFAULT_GUIDANCE
 
     if fields.get("size") not in (None, ""):
-        width, height = parse_size(fields["size"])
+        width, height = parse_size(fields["size"], defaults)
         size_param = "size"
     else:
         width = _as_int("width", fields.get("width", defaults.width))
@@ -287,7 +318,22 @@ def build_job(
             f"control_preprocess must be 'none' or 'canny', got {preprocess!r}",
             "control_preprocess", "invalid_value",
         )
+    if "apply_canny_preprocessor" in fields:  # the reference's name for control_preprocess=canny
+        canny = _as_bool("apply_canny_preprocessor", fields["apply_canny_preprocessor"])
+        if "control_preprocess" in fields and (preprocess == "canny") != canny:
+            raise JobError("apply_canny_preprocessor and control_preprocess disagree; send one of them",
+                           "apply_canny_preprocessor", "invalid_value")
+        preprocess = "canny" if canny else preprocess
     values["control_preprocess"] = preprocess
+
+    if "style_ratio" in fields:
+        raise JobError("style_ratio is PhotoMaker's, and this server has no PhotoMaker", "style_ratio",
+                       "unsupported_parameter")
+    for name, choices in OPENAI_HINTS.items():
+        if name in fields:
+            value = _as_str(name, fields[name])
+            if choices is not None and value.strip().lower() not in choices:
+                raise JobError(f"{name} must be one of {', '.join(choices)}; got {value!r}", name, "invalid_value")
 
     unknown_images = set(images) - set(IMAGE_FIELDS)
     if unknown_images:

@@ -8,6 +8,7 @@ Face repo id (pulled on first use); or the built-in `tiny-random-sd` (random wei
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from convert.model import SplitFiles, convert_model
 from mlx_sd_server.engine.families import capabilities
 from mlx_sd_server.engine.model_io import MANIFEST, ModelFormatError, read_manifest
 from mlx_sd_server.job import Capabilities, ModelDefaults
@@ -25,6 +27,9 @@ from mlx_sd_server.paths import model_dir
 log = logging.getLogger(__name__)
 
 TINY_MODEL_NAME = "tiny-random-sd"
+# Model names OpenAI clients send. A request naming one is served by the default model (as is any unknown
+# name while only one model is served, since the reference ignores the field), unless names are strict.
+OPENAI_MODEL_ALIASES = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
 
 
 class ModelNotFoundError(LookupError):
@@ -55,8 +60,11 @@ class Pipeline(Protocol):
     def generate(self, job: Any) -> Any: ...
 
 
-def resolve_spec(spec: str, models: Path) -> Path:
-    """A model spec -> a converted folder, converting or pulling it first if needed."""
+def resolve_spec(spec: str | SplitFiles, models: Path) -> Path:
+    """A model spec -> a converted folder, converting or pulling it first if needed. Conversions of files
+    are cached in the model directory under the file's name, so the next start loads them at once."""
+    if isinstance(spec, SplitFiles):
+        return _converted(spec, spec.diffusion_model, models)
     if spec == TINY_MODEL_NAME:
         from mlx_sd_server.engine.tiny import ensure_tiny_model
 
@@ -67,13 +75,7 @@ def resolve_spec(spec: str, models: Path) -> Path:
     if (path / MANIFEST).exists():
         return path
     if path.exists():
-        from convert.model import convert_model
-
-        dst = models / path.stem.lower()
-        if not (dst / MANIFEST).exists():
-            log.info("converting %s into %s (first use)", path, dst)
-            convert_model(path, dst, progress=False)
-        return dst
+        return _converted(path, path, models)
     if "/" in spec and not spec.startswith((".", "/", "~")):
         from convert.pull import main as pull
 
@@ -83,6 +85,14 @@ def resolve_spec(spec: str, models: Path) -> Path:
 
         return models / name_for(spec)
     raise ModelNotFoundError(f"model {spec!r} not found: not in {models}, not a path, not a Hugging Face id")
+
+
+def _converted(source: Path | SplitFiles, main_file: Path, models: Path) -> Path:
+    dst = models / main_file.stem.lower()
+    if not (dst / MANIFEST).exists():
+        log.info("converting %s into %s (first use; later starts load it from there)", main_file, dst)
+        convert_model(source, dst, progress=False)
+    return dst
 
 
 def read_info(folder: Path, control_net: Path | None = None) -> ModelInfo:
@@ -118,7 +128,7 @@ class ModelRegistry:
 
     def __init__(
         self,
-        specs: list[str],
+        specs: list[str | SplitFiles],
         models: Path,
         *,
         control_net: str | None = None,
@@ -126,7 +136,11 @@ class ModelRegistry:
         engine: str = "mlx",
         max_loaded: int = 1,
         low_memory: bool | None = None,
+        model_name: str | None = None,
+        strict_model_names: bool = False,
     ):
+        """`model_name` renames the default (first) model, as the reference's --model-name; with
+        `strict_model_names` a request must name a served model exactly (see `resolve`)."""
         self.dtype = dtype
         self.low_memory = low_memory if low_memory is not None else physical_memory() <= LOW_MEMORY_MACHINE
         if self.low_memory:
@@ -135,6 +149,7 @@ class ModelRegistry:
                      physical_memory() / 2**30)
         self.engine = engine
         self.max_loaded = max_loaded
+        self.strict_model_names = strict_model_names
         self._lock = threading.Lock()
         self._loaded: OrderedDict[str, Pipeline] = OrderedDict()
         if not specs:
@@ -152,10 +167,13 @@ class ModelRegistry:
         for i, folder in enumerate(folders):
             attached = control_folder if i == 0 else None  # --control-net attaches to the default model
             info = read_info(folder, attached)
+            if i == 0 and model_name:
+                info = dataclasses.replace(info, name=model_name)
+            if i == 0:
+                self.default_name = info.name
             self._infos[info.name] = info
             if attached:
                 self._control[info.name] = attached
-        self.default_name = read_info(folders[0]).name
 
     def names(self) -> list[str]:
         return list(self._infos)
@@ -165,6 +183,16 @@ class ModelRegistry:
             return self._infos[name or self.default_name]
         except KeyError:
             raise ModelNotFoundError(f"model {name!r} not found; this server has: {', '.join(self._infos)}") from None
+
+    def resolve(self, requested: str | None) -> ModelInfo:
+        """The model that serves a request's `model`: that model; else, unless names are strict, the
+        default for an OpenAI model name or for any name while only one model is served; else 404."""
+        if requested and requested not in self._infos and not self.strict_model_names:
+            if requested in OPENAI_MODEL_ALIASES or len(self._infos) == 1:
+                log.info("model %r is not served here: the default model %s serves the request",
+                         requested, self.default_name)
+                return self.info()
+        return self.info(requested)
 
     def loaded(self) -> list[str]:
         return list(self._loaded)

@@ -50,8 +50,13 @@ def serve_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+# Options that may name files: made absolute, since the service does not start in the caller's directory.
+PATH_OPTIONS = ("model", "control_net", "diffusion_model", "vae", "clip_l", "t5xxl", "clip_g", "t5_tokenizer",
+                "lora_model_dir")
+
+
 def _absolute_if_path(dest: str, value: str) -> str:
-    if dest == "store_dir" or (dest in ("model", "control_net") and Path(value).expanduser().exists()):
+    if dest == "store_dir" or (dest in PATH_OPTIONS and Path(value).expanduser().exists()):
         return str(Path(value).expanduser().resolve())
     return value
 

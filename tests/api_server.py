@@ -146,6 +146,8 @@ class FakeRegistry:
         return ModelInfo(name=self.default_name, family="sd1", created=1700000000, defaults=ModelDefaults(),
                          has_controlnet=self.has_controlnet, folder=Path("."))
 
+    resolve = info  # strict: one model, and only its own name
+
     def pipeline(self, name: str | None = None) -> FakePipeline:
         self.info(name)
         return self.pipeline_
@@ -154,8 +156,8 @@ class FakeRegistry:
         return [self.default_name]
 
 
-def tiny_registry(models: Path):
+def tiny_registry(models: Path, **options):
     """The real registry serving the built-in random-weight model (the end-to-end engine)."""
     from mlx_sd_server.registry import TINY_MODEL_NAME, ModelRegistry
 
-    return ModelRegistry([TINY_MODEL_NAME], models)
+    return ModelRegistry([TINY_MODEL_NAME], models, **options)

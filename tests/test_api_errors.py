@@ -72,6 +72,12 @@ CASES = [
     ("width-negative", gen(prompt="a cat", width=-64), 400, "width", "invalid_size"),
     ("unknown-sampler", gen(**GOOD, sample_method="dpm_fast"), 400, "sample_method", "invalid_sample_method"),
     ("unknown-field", gen(**GOOD, sampler="euler"), 400, "sampler", "unknown_field"),
+    ("gits-scheduler", gen(**GOOD, scheduler="gits"), 400, "scheduler", "unsupported_scheduler"),
+    ("style-ratio", gen(**GOOD, style_ratio=20), 400, "style_ratio", "unsupported_parameter"),
+    ("canny-not-bool", gen(**GOOD, apply_canny_preprocessor="maybe"), 400, "apply_canny_preprocessor", "invalid_type"),
+    ("bad-quality", gen(**GOOD, quality="ultra"), 400, "quality", "invalid_value"),
+    ("bad-style", gen(**GOOD, style="noir"), 400, "style", "invalid_value"),
+    ("user-not-string", gen(**GOOD, user=5), 400, "user", "invalid_type"),
     ("unknown-model", gen(**GOOD, model="sd-v9"), 404, "model", "model_not_found"),
     ("model-not-string", gen(**GOOD, model=["a"]), 400, "model", "invalid_type"),
     ("bad-response-format", gen(**GOOD, response_format="jpeg"), 400, "response_format", "invalid_value"),
@@ -125,7 +131,8 @@ CASES = [
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("api_errors")
     settings = Settings(api_key=KEY, max_upload_bytes=MAX_BODY)
-    app = create_app(tiny_registry(root / "models"), FileStore(root / "files"), settings)
+    # strict: an unknown model name is a 404 even with one model served (tests/test_api_dropin.py: the default)
+    app = create_app(tiny_registry(root / "models", strict_model_names=True), FileStore(root / "files"), settings)
     with live_server(app) as url:
         yield url
 

@@ -24,13 +24,26 @@ log = logging.getLogger("mlx_sd_server.api")
 blueprint = Blueprint("images", __name__)
 
 
+# --task: which task each endpoint is, for servers started for one of them only.
+ENDPOINT_TASKS = {"/v1/images/generations": "text2image", "/v1/images/edits": "image2image"}
+
+
+def _check_task() -> None:
+    task = state().settings.task
+    if task not in ("full", ENDPOINT_TASKS[request.path]):
+        raise JobError(f"this server was started with --task {task}: {request.path} is turned off",
+                       None, "task_disabled", 403)
+
+
 @blueprint.post("/v1/images/generations")
 async def generations():
+    _check_task()
     return await _serve(await parse_request(request, ("control_image",)))
 
 
 @blueprint.post("/v1/images/edits")
 async def edits():
+    _check_task()
     parsed = await parse_request(request, ("image", "mask", "control_image"))
     if "image" not in parsed.uploads:
         raise JobError("image is required: the image to edit", "image", "missing_required_parameter")
@@ -42,7 +55,7 @@ async def _serve(parsed: ParsedRequest):
     model = parsed.fields.get("model")
     if model is not None and not isinstance(model, str):
         raise JobError(f"model must be a string, got {type(model).__name__}", "model", "invalid_type")
-    info = server.registry.info(model or None)
+    info = server.registry.resolve(model or None)
     job = await asyncio.to_thread(_build_job, parsed, info, server)  # decoding uploads is CPU work
 
     created = int(time.time())

@@ -17,7 +17,7 @@ from mlx_sd_server.images import OUTPUT_FORMATS, decode_base64_image
 from mlx_sd_server.job import JOB_FIELDS, JobError
 
 # Accepted for OpenAI-SDK compatibility and ignored: nothing here can honour them.
-IGNORED_FIELDS = ("user", "quality", "style", "background", "moderation")
+IGNORED_FIELDS = ("background", "moderation")
 DELIVERY_FIELDS = ("response_format", "output_format", "output_compression")
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 

@@ -10,6 +10,7 @@ import os
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
+from convert.cli import split_files
 from mlx_sd_server.api import Settings, create_app
 from mlx_sd_server.job import Limits
 from mlx_sd_server.registry import ModelRegistry, model_dir
@@ -37,19 +38,48 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         max_queue=args.max_queue,
         limits=Limits(max_n=args.max_n, max_steps=args.max_steps, max_pixels=args.max_pixels),
+        task=args.task,
     )
+
+
+def bind_address(args: argparse.Namespace) -> tuple[str, int]:
+    """--socket-addr HOST:PORT (the reference's; [::1]:8080 for IPv6) wins over --host and --port."""
+    if not args.socket_addr:
+        return args.host, args.port
+    host, _, port = args.socket_addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"mlx-sd-server serve: --socket-addr must be HOST:PORT, got {args.socket_addr!r}")
+    return host.strip("[]"), int(port)
+
+
+def log_reference_flags(args: argparse.Namespace) -> None:
+    """The reference's flags that MLX has no use for are accepted; say so once, at start."""
+    for flag in ("clip_on_cpu", "vae_on_cpu", "control_net_cpu"):
+        if getattr(args, flag):
+            log.info("--%s has no effect: MLX's CPU and GPU share unified memory, so there is no GPU memory "
+                     "to save by moving a component", flag.replace("_", "-"))
+    if args.lora_model_dir:
+        log.warning("--lora-model-dir %s: LoRAs are not applied in this version; prompts with <lora:...> tags "
+                    "are refused (400)", args.lora_model_dir)
 
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host, port = bind_address(args)
+    log_reference_flags(args)
     models = model_dir(args.model_dir)
-    registry = ModelRegistry(args.model, models, control_net=args.control_net, dtype=args.dtype, engine=args.engine,
-                             low_memory=args.low_memory)
+    try:
+        split = split_files(args)
+    except ValueError as exc:
+        raise SystemExit(f"mlx-sd-server serve: {exc}") from None
+    registry = ModelRegistry(([split] if split else []) + args.model, models, control_net=args.control_net,
+                             dtype=args.dtype, engine=args.engine, low_memory=args.low_memory,
+                             model_name=args.model_name, strict_model_names=args.strict_model_names)
     store = FileStore(args.store_dir or models.parent / "files")
     settings = settings_from_args(args)
     app = create_app(registry, store, settings)
-    log.info("models: %s (default %s); engine %s; files in %s; API key %s",
-             ", ".join(registry.names()), registry.default_name, args.engine, store.root,
+    log.info("models: %s (default %s); engine %s; task %s; files in %s; API key %s",
+             ", ".join(registry.names()), registry.default_name, args.engine, args.task, store.root,
              "required" if settings.api_key else "not required")
-    asyncio.run(serve(app, hypercorn_config(args.host, args.port)))
+    asyncio.run(serve(app, hypercorn_config(host, port)))
     return 0

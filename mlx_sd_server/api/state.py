@@ -20,6 +20,7 @@ class Settings:
     max_upload_pixels: int = 6000 * 6000  # decoded size of one uploaded image (phone photos fit)
     max_queue: int = 8
     limits: Limits = field(default_factory=Limits)
+    task: str = "full"  # full | text2image (no edits) | image2image (no generations), the reference's --task
 
 
 @dataclass
