@@ -34,7 +34,7 @@ from convert.source import PickleRefusedError, SourceModel, read_pickle
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-CHECKPOINT_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+CHECKPOINT_SUFFIXES = (".safetensors", ".gguf") + PICKLE_SUFFIXES
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -85,8 +85,13 @@ class DiffusersComponents:
 # --- reading files ------------------------------------------------------------------------------------
 
 def read_state_dict(path: Path, allow_pickle: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
-    """The raw tensors (MLX arrays, or numpy from a pickle) and the safetensors metadata of a checkpoint."""
+    """The raw tensors (MLX arrays, numpy from a pickle, GGUF tensors read when used) and the metadata of a
+    checkpoint (safetensors' metadata, GGUF's string fields)."""
     path = Path(path)
+    if path.suffix == ".gguf":
+        from convert.gguf_source import read_gguf
+
+        return read_gguf(path)
     if path.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise PickleRefusedError(path)
@@ -127,6 +132,8 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
 
 
 def _float32(value: Any) -> np.ndarray:
+    if hasattr(value, "dequantize"):  # a GGUF tensor (convert.gguf_source), read now
+        value = value.dequantize()
     if not isinstance(value, np.ndarray):  # an MLX array
         import mlx.core as mx
 

@@ -131,16 +131,26 @@ def is_bfl_transformer_key(key: str) -> bool:
 
 
 def is_flux_file(path: Path) -> bool:
-    """Whether a .safetensors file holds a FLUX transformer in BFL layout (alone or all-in-one); reads the header only."""
-    if path.suffix != ".safetensors":
-        return False
-    from safetensors import safe_open
+    """Whether a .safetensors or .gguf file holds a FLUX transformer in BFL layout (alone or all-in-one);
+    reads the file's header only."""
+    if path.suffix == ".gguf":
+        from convert.gguf_source import read_gguf
 
-    try:
-        with safe_open(str(path), "numpy") as f:
-            return any(key.removeprefix(BFL_PREFIX).startswith("double_blocks.") for key in f.keys())
-    except Exception:  # not a readable safetensors file: the single-file reader says what is wrong
+        try:
+            names = list(read_gguf(path)[0])
+        except CheckpointError:  # the single-file reader says what is wrong
+            return False
+    elif path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "numpy") as f:
+                names = list(f.keys())
+        except Exception:  # not a readable safetensors file: the single-file reader says what is wrong
+            return False
+    else:
         return False
+    return any(name.removeprefix(BFL_PREFIX).startswith("double_blocks.") for name in names)
 
 
 def map_bfl_transformer_weight(key: str, value: np.ndarray, hidden_size: int) -> list[tuple[str, np.ndarray]]:
@@ -240,11 +250,14 @@ def t5_config(state: dict[str, Any], relative_attention_max_distance: int = 128)
 
 def _open(path: Path) -> dict[str, Any]:
     """A safetensors file's tensors as lazy MLX arrays (nothing is read until a tensor is used). fp8 (e4m3)
-    tensors, which MLX loads as their raw bytes, are decoded (lazily too)."""
+    tensors, which MLX loads as their raw bytes, are decoded (lazily too). A GGUF file's tensors are read
+    when used too (convert.gguf_source)."""
     import mlx.core as mx
 
+    if path.suffix == ".gguf":
+        return read_state_dict(path)[0]
     if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path}: FLUX files are read from .safetensors only")
+        raise CheckpointError(f"{path}: FLUX files are read from .safetensors or .gguf only")
     raw, _ = read_state_dict(path)  # checks the header against the file size first
     if any(k.endswith(("scaled_fp8", ".scale_weight")) for k in raw):
         raise CheckpointError(f"{path} is a ComfyUI 'scaled fp8' file, which is not supported: use the fp16, "

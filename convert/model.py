@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from convert.clip import map_clip_weight
 from convert.controlnet import map_controlnet_weight
 from convert.flux import map_flux_transformer_weight
+from convert.gguf_source import to_mlx
 from convert.source import SourceModel
 from convert.t5 import map_t5_weight
 from convert.unet import map_unet_weight
@@ -132,7 +134,7 @@ def write_model(
         for component, (config, weights) in source.components.items():
             mapper = MAPPERS[component_class(component, config)]
             mapped = (
-                (key, mx.array(value))
+                (key, to_mlx(value))  # an MLX array, or a GGUF tensor's exact MLX-quantized form
                 for k, v in tqdm(weights, desc=component, unit=" tensors", disable=not progress, leave=False)
                 for key, value in mapper(k, v)
             )
@@ -154,7 +156,8 @@ def write_model(
                 for key, default in SCHEDULER_KEYS["flow" if source.prediction_type == "flow" else "beta"].items()
             },
             "dtype": dtype,
-            "quantization": quantization,
+            # As asked; else, if a GGUF's 4/8-bit layers kept their quantization, the setting most of them have.
+            "quantization": quantization or _usual_quantization(entries),
             "components": entries,
         }
         if "unet" in source.components or "transformer" in source.components:
@@ -167,6 +170,11 @@ def write_model(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return dst
+
+
+def _usual_quantization(entries: dict[str, dict[str, Any]]) -> dict[str, int] | None:
+    settings = Counter(tuple(sorted(e["quantization"].items())) for e in entries.values() if "quantization" in e)
+    return dict(settings.most_common(1)[0][0]) if settings else None
 
 
 def convert_model(

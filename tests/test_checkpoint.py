@@ -279,6 +279,6 @@ def test_not_a_stable_diffusion_checkpoint(tmp_path):
 
 
 def test_unknown_suffix(tmp_path):
-    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    (tmp_path / "model.onnx").write_bytes(b"ONNX")  # (not .gguf any more: GGUF files are read, tests/test_gguf.py)
     with pytest.raises(CheckpointError, match="unknown checkpoint format"):
-        load_checkpoint(tmp_path / "model.gguf")
+        load_checkpoint(tmp_path / "model.onnx")

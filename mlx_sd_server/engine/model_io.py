@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -117,40 +118,96 @@ def quantizable(group_size: int) -> Callable[[str, nn.Module], bool]:
     return lambda _path, module: isinstance(module, nn.Linear) and module.weight.shape[-1] % group_size == 0
 
 
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A linear weight that arrives already in MLX's affine quantized layout (a GGUF Q4_0/Q4_1/Q8_0 tensor,
+    repacked exactly by convert.gguf_source). save_component stores it as it is, whatever quantization is
+    asked, if it lands on a Linear layer of its shape; anywhere else it is dequantized."""
+
+    weight: mx.array  # uint32 codes, (out, in * bits / 32)
+    scales: mx.array  # (out, in / group_size)
+    biases: mx.array
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weight.shape[0], self.weight.shape[1] * 32 // self.bits
+
+    def dequantize(self) -> mx.array:
+        return mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits, dtype=mx.float32)
+
+
+def _exactly_in(dtype: mx.Dtype, x: mx.array) -> mx.array:
+    """`x` in `dtype` if that holds it exactly, else as it is (GGUF's float16 scales do not fit bfloat16)."""
+    narrow = x.astype(dtype)
+    return narrow if mx.array_equal(narrow.astype(x.dtype), x).item() else x
+
+
+def quantized_layers(model: nn.Module, weights: dict[str, mx.array]) -> dict[str, dict[str, int]]:
+    """The stored quantized Linear layers (those with `.scales`), each with the group size and bits its arrays
+    say: the packed weight is (out, in * bits / 32) uint32, the scales (out, in / group_size)."""
+    layers = {}
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear) and f"{path}.scales" in weights:
+            in_dims = module.weight.shape[1]
+            layers[path] = {"group_size": in_dims // weights[f"{path}.scales"].shape[1],
+                            "bits": weights[f"{path}.weight"].shape[1] * 32 // in_dims}
+    return layers
+
+
 def save_component(
     folder: Path,
     name: str,
     config: dict,
-    weights: Iterable[tuple[str, mx.array]],
+    weights: Iterable[tuple[str, mx.array | QuantizedWeight]],
     dtype: mx.Dtype,
     quantization: dict | None = None,
 ) -> dict[str, Any]:
     """Build the module, load `weights` (strictly), optionally quantize, save; returns its manifest entry.
 
     Weights are cast (and quantized) one at a time as they arrive, so converting a 12B-parameter FLUX
-    transformer needs its converted size in memory, not four times its float32 size.
+    transformer needs its converted size in memory, not four times its float32 size. `quantization`
+    ({"bits", "group_size"}) quantizes the Linear layers whose input size its group size divides; a
+    `QuantizedWeight` keeps its own bits and group size, so layers may differ (load_component reads each
+    layer's from its arrays). The entry's "quantization" is the setting most of its quantized layers have.
     """
     kind = component_kind(name, config)
     dtype = kind.instead_of_float16 if dtype == mx.float16 and kind.instead_of_float16 else dtype
     model = kind.build(config)  # lazily initialised: its random weights are never computed
-    group_size = quantization["group_size"] if quantization else 0
-    quantized = {path for path, module in model.named_modules() if quantization and quantizable(group_size)(path, module)}
+    linears = {path: module for path, module in model.named_modules() if isinstance(module, nn.Linear)}
+    asked = {"group_size": quantization["group_size"], "bits": quantization["bits"]} if quantization else None
+    layers: dict[str, dict[str, int]] = {}  # the quantized Linear layers: their group size and bits
     params: dict[str, mx.array] = {}
     for key, value in weights:
+        module, _, param = key.rpartition(".")
+        if isinstance(value, QuantizedWeight):
+            if param == "weight" and module in linears and tuple(linears[module].weight.shape) == value.shape:
+                layers[module] = {"group_size": value.group_size, "bits": value.bits}
+                params[key] = value.weight
+                params[f"{module}.scales"] = _exactly_in(dtype, value.scales)
+                params[f"{module}.biases"] = _exactly_in(dtype, value.biases)
+                mx.eval(params[key], params[f"{module}.scales"], params[f"{module}.biases"])
+                continue
+            value = value.dequantize()
         if mx.issubdtype(value.dtype, mx.floating):
             value = value.astype(dtype)
-        module, _, param = key.rpartition(".")
-        if param == "weight" and module in quantized:
-            value, params[f"{module}.scales"], params[f"{module}.biases"] = mx.quantize(value, group_size, quantization["bits"])
+        if param == "weight" and asked and quantizable(asked["group_size"])(module, linears.get(module)):
+            layers[module] = asked
+            value, params[f"{module}.scales"], params[f"{module}.biases"] = mx.quantize(value, **asked)
             mx.eval(params[f"{module}.scales"], params[f"{module}.biases"])
         params[key] = value
         mx.eval(value)  # now, so that the float32 source can be freed
-    if quantized:
-        nn.quantize(model, group_size, quantization["bits"], class_predicate=lambda path, _: path in quantized)
+    if layers:
+        nn.quantize(model, class_predicate=lambda path, _: dict(layers[path]) if path in layers else False)
     model.load_weights(list(params.items()), strict=True)
     filename = f"{name}.safetensors"
     write_atomically(folder / filename, lambda p: mx.save_safetensors(p, dict(tree_flatten(model.parameters()))))
-    return {"config": config, "weights": filename}
+    entry: dict[str, Any] = {"config": config, "weights": filename}
+    if layers:
+        settings = Counter(tuple(sorted(setting.items())) for setting in layers.values())
+        entry["quantization"] = dict(settings.most_common(1)[0][0])
+    return entry
 
 
 @dataclass
@@ -198,14 +255,13 @@ def load_component(folder: Path, name: str, entry: dict, dtype: mx.Dtype, quanti
         dtype = kind.instead_of_float16
     model = kind.build(entry["config"])
     weights = mx.load(str(folder / entry["weights"]))
-    if quantization:
-        group_size = quantization["group_size"]
-        nn.quantize(
-            model, group_size, quantization["bits"],
-            class_predicate=lambda path, m: quantizable(group_size)(path, m) and f"{path}.scales" in weights,
-        )
+    # Each quantized layer's bits and group size come from its arrays (a GGUF's layers keep their own), so
+    # `quantization`, the manifest's usual setting, is not needed to load them.
+    layers = quantized_layers(model, weights)
+    if layers:
+        nn.quantize(model, class_predicate=lambda path, _: dict(layers[path]) if path in layers else False)
     model.load_weights(list(weights.items()), strict=True)
-    if not quantization:
+    if not layers:
         model.set_dtype(dtype)
     else:
         # Quantized weights stay packed; only the float parameters follow the compute dtype.
