@@ -80,3 +80,25 @@ def test_apply_canny_preprocessor_is_control_preprocess_canny():
     assert build_job({"prompt": "x", "apply_canny_preprocessor": "true"}).control_preprocess == "canny"
     assert build_job({"prompt": "x", "apply_canny_preprocessor": True, "control_preprocess": "canny"}).control_preprocess == "canny"
     assert build_job({"prompt": "x", "apply_canny_preprocessor": False}).control_preprocess == "none"
+
+
+def test_the_reference_flags_parse_and_do_what_they_say(caplog):
+    import subprocess
+    import sys
+
+    from mlx_sd_server.api.server import bind_address, log_reference_flags
+    from mlx_sd_server.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model-name", "sd-v1.4", "--model", "x.gguf", "--socket-addr",
+                                      "[::1]:9090", "--threads", "1", "--clip-on-cpu", "--vae-on-cpu",
+                                      "--control-net-cpu", "--lora-model-dir", "loras", "--context-type", "text2image"])
+    assert bind_address(args) == ("::1", 9090) and args.task == "text2image" and args.model_name == "sd-v1.4"
+    assert bind_address(build_parser().parse_args(["serve", "--port", "8081"])) == ("0.0.0.0", 8081)
+    with pytest.raises(SystemExit):
+        bind_address(build_parser().parse_args(["serve", "--socket-addr", "localhost"]))
+    caplog.set_level("INFO", logger="mlx_sd_server.server")
+    log_reference_flags(args)
+    assert caplog.text.count("has no effect") == 3 and "LoRAs are not applied" in caplog.text
+    # --threads N: the process runs on N cores (which bounds BLAS, MLX and the numpy kernels alike)
+    probe = "from mlx_sd_server.cli import limit_threads; import os; limit_threads(1); print(len(os.sched_getaffinity(0)))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "1"

@@ -63,19 +63,24 @@ def log_reference_flags(args: argparse.Namespace) -> None:
                     "are refused (400)", args.lora_model_dir)
 
 
-def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    host, port = bind_address(args)
-    log_reference_flags(args)
-    models = model_dir(args.model_dir)
+def registry_from_args(args: argparse.Namespace) -> ModelRegistry:
+    """The served models: split files (the reference's --diffusion-model ...) first, then each --model."""
     try:
         split = split_files(args)
     except ValueError as exc:
         raise SystemExit(f"mlx-sd-server serve: {exc}") from None
-    registry = ModelRegistry(([split] if split else []) + args.model, models, control_net=args.control_net,
-                             dtype=args.dtype, engine=args.engine, low_memory=args.low_memory,
-                             model_name=args.model_name, strict_model_names=args.strict_model_names)
-    store = FileStore(args.store_dir or models.parent / "files")
+    return ModelRegistry(([split] if split else []) + args.model, model_dir(args.model_dir),
+                         control_net=args.control_net, dtype=args.dtype, engine=args.engine,
+                         low_memory=args.low_memory, model_name=args.model_name,
+                         strict_model_names=args.strict_model_names)
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host, port = bind_address(args)
+    log_reference_flags(args)
+    registry = registry_from_args(args)
+    store = FileStore(args.store_dir or model_dir(args.model_dir).parent / "files")
     settings = settings_from_args(args)
     app = create_app(registry, store, settings)
     log.info("models: %s (default %s); engine %s; task %s; files in %s; API key %s",
