@@ -183,3 +183,55 @@ def test_emphasis_weights_t5_states(flux):
     np.testing.assert_allclose(ratio[:emphasised], 1.5 * restore, rtol=1e-4)
     np.testing.assert_allclose(ratio[emphasised:], restore, rtol=1e-4)
     assert abs(restore - 1) > 1e-4
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_converted_components_match_diffusers(flux, variant):
+    """Each FLUX component as converted from the diffusers folder, against its diffusers/transformers module:
+    CLIP-L's pooled output, T5's states, the transformer's velocity, the 16-channel autoencoder both ways."""
+    import mlx.core as mx
+
+    from mlx_sd_server.engine.flux_transformer import latent_image_ids, pack_latents
+    from parity import max_rel_err, nchw_to_nhwc
+
+    pipe, ours, _ = flux(variant)
+    model = ours.model
+    rng = np.random.default_rng(5)
+    clip_ids = pipe.tokenizer(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    t5_ids = pipe.tokenizer_2(PROMPT, padding="max_length", max_length=32, return_tensors="pt").input_ids
+    with torch.no_grad():
+        pooled = pipe.text_encoder(clip_ids).pooler_output
+        states = pipe.text_encoder_2(t5_ids)[0]
+    clip, t5 = model.text_encoders
+    errors = {"clip pooled": max_rel_err(clip(mx.array(clip_ids.numpy())).pooled_output, pooled),
+              "t5": max_rel_err(t5(mx.array(t5_ids.numpy())), states)}
+
+    latents = rng.standard_normal((2, HEIGHT // 8, WIDTH // 8, 16)).astype(np.float32)
+    context = rng.standard_normal((2, 7, 32)).astype(np.float32)
+    vector = rng.standard_normal((2, 32)).astype(np.float32)
+    sigma = np.array([0.9, 0.35], np.float32)
+    guidance = np.array([3.5, 2.0], np.float32) if variant == "dev" else None
+    image_ids = np.array(latent_image_ids(HEIGHT // 8, WIDTH // 8))
+    packed = np.array(pack_latents(mx.array(latents)))
+    with torch.no_grad():
+        expected = pipe.transformer(
+            hidden_states=torch.from_numpy(packed), encoder_hidden_states=torch.from_numpy(context),
+            pooled_projections=torch.from_numpy(vector), timestep=torch.from_numpy(sigma),
+            img_ids=torch.from_numpy(image_ids), txt_ids=torch.zeros(7, 3),
+            guidance=None if guidance is None else torch.from_numpy(guidance), return_dict=False)[0]
+    got = model.components["transformer"](mx.array(packed), mx.array(context), mx.array(vector), mx.array(sigma),
+                                          mx.array(image_ids), mx.zeros((7, 3)),
+                                          None if guidance is None else mx.array(guidance))
+    errors["transformer"] = max_rel_err(got, expected)
+
+    z = rng.standard_normal((1, 16, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
+    with torch.no_grad():
+        decoded = pipe.vae.decode(torch.from_numpy(z)).sample
+    errors["vae decode"] = max_rel_err(model.vae.decode(mx.array(z.transpose(0, 2, 3, 1))), nchw_to_nhwc(decoded))
+    image = rng.uniform(-1, 1, (1, 3, HEIGHT, WIDTH)).astype(np.float32)
+    with torch.no_grad():
+        encoded = pipe.vae.encode(torch.from_numpy(image)).latent_dist.mean
+    mean, _ = model.vae.encode(mx.array(image.transpose(0, 2, 3, 1)))
+    errors["vae encode"] = max_rel_err(mean, nchw_to_nhwc(encoded))
+    print(f"FLUX {variant} components, max rel err:", ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    assert max(errors.values()) <= 1e-4
