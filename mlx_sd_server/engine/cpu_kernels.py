@@ -1,18 +1,21 @@
-"""numpy kernels for the ops that MLX's CPU backend runs slowly: attention, SiLU, the GELUs, GroupNorm.
+"""numpy kernels for the ops that MLX's CPU backend runs slowly: attention, SiLU, the GELUs, GroupNorm,
+and the dequantization of quantized weights.
 
-MLX's CPU backend evaluates exp, sigmoid and erf with scalar code, one stream on one thread: 14-26 ns per
-element on x86 (numpy's vectorized exp: ~0.9 ns). At SD's shapes that is most of a UNet step — the
+MLX's CPU backend evaluates exp, sigmoid, erf and tanh with scalar code, one stream on one thread: 14-26 ns
+per element on x86 (numpy's vectorized exp: ~0.9 ns). At SD's shapes that is most of a UNet step — the
 softmax over 2 x 8 x 4096 x 4096 attention scores alone takes ~2.7 s per layer. These kernels evaluate
 their MLX inputs, compute in float32 numpy on one thread per core (numpy releases the GIL) in blocks that
 stay in the L2 cache, and write their result straight into an MLX array (returned in the input's dtype).
-bench/kernels.py, bench/attention.py and bench/engine.py measure them against torch. Used only when MLX runs on the CPU (see activations.py and
-attention.py); on Metal and CUDA MLX's own kernels are fast.
+bench/kernels.py, bench/attention.py and bench/engine.py measure them against torch. Used only when MLX
+runs on the CPU (see activations.py, attention.py and layers.py); on Metal and CUDA MLX's own kernels are
+fast.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -27,6 +30,9 @@ ELEMENTS_PER_BLOCK = 256 * 1024
 # absolute error <= 1.5e-7, float32's own resolution near 1.
 ERF_P = 0.3275911
 ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+# The tanh GELU's sqrt(2/pi) (torch's approximate="tanh", transformers' gelu_new).
+GELU_TANH_C = math.sqrt(2 / math.pi)
 
 WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 _pool: ThreadPoolExecutor | None = None
@@ -181,6 +187,27 @@ def gelu(x: mx.array) -> mx.array:
     return _elementwise(_gelu_block, x)
 
 
+def _gelu_tanh_into(x: np.ndarray, out: np.ndarray) -> None:
+    """out = x/2 (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), written as x sigmoid(2u) = x / (1 + exp(-2u)).
+
+    The same value without a tanh (and without the cancellation in 1 + tanh(u) for negative x); `out`
+    is the scratch, so it must not be `x`. Overflow gives x for large positive x and -0 for large negative.
+    """
+    np.multiply(x, x, out=out)
+    out *= -2 * GELU_TANH_C * 0.044715
+    out -= 2 * GELU_TANH_C
+    out *= x  # -2u
+    with np.errstate(over="ignore"):
+        np.exp(out, out=out)
+    out += 1.0
+    np.divide(x, out, out=out)
+
+
+def gelu_tanh(x: mx.array) -> mx.array:
+    """The tanh-approximate GELU: torch's gelu(approximate="tanh"), transformers' gelu_new."""
+    return _elementwise(_gelu_tanh_into, x)
+
+
 def geglu(h: mx.array) -> mx.array:
     """a * gelu(gate) for h = [a, gate] split in halves along the last axis (the UNet's GEGLU)."""
     hidden = h.shape[-1] // 2
@@ -256,3 +283,43 @@ def group_norm(x: mx.array, groups: int, weight: mx.array | None, bias: mx.array
 
     _in_parallel(normalise, len(blocks))
     return result.reshape(x.shape).astype(x.dtype)
+
+
+def dequantize(w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
+               mode: str = "affine") -> mx.array:
+    """`mx.dequantize(w, scales, biases, group_size, bits, mode)` in float32, for a 2-D packed weight.
+
+    MLX's CPU dequantize runs 7-20 ns per weight (a 3072x3072 4-bit weight: 75-190 ms); this unpacks
+    each byte of affine 2/4/8-bit weights with numpy shifts and masks and applies scale and bias per
+    group in one multiply and one add: 1.6-1.8 ns per weight on 2 cores (bench/kernels.py). MLX packs element i of a uint32 into
+    bits [i*bits, (i+1)*bits), so on a little-endian machine byte j holds elements j*8/bits onwards, the
+    first in the low bits. Other modes and bit widths fall back to MLX.
+    """
+    if mode != "affine" or biases is None or bits not in (2, 4, 8) or w.ndim != 2 or sys.byteorder != "little":
+        return mx.dequantize(w, scales, biases, group_size, bits, mode=mode, dtype=mx.float32)
+    per_byte = 8 // bits
+    rows, groups = scales.shape
+    columns = groups * group_size
+    packed = np.ascontiguousarray(np.asarray(w)).view(np.uint8).reshape(rows, groups, group_size // per_byte)
+    scale = _to_numpy(scales).reshape(rows, groups, 1)
+    bias = _to_numpy(biases).reshape(rows, groups, 1)
+    result, out = new_output((rows, columns))
+    out = out.reshape(rows, groups, group_size)
+    block = max(1, ELEMENTS_PER_BLOCK // columns)
+    mask = (1 << bits) - 1
+
+    def work(start: int, stop: int) -> None:
+        scratch = np.empty((block, groups, group_size // per_byte), np.uint8)
+        for r in range(start * block, min(stop * block, rows), block):
+            source, target = packed[r : r + block], out[r : r + block]
+            for j in range(per_byte):
+                values = source
+                if per_byte > 1:
+                    values = scratch[: len(source)]
+                    np.right_shift(source, j * bits, out=values)
+                    values &= mask
+                np.multiply(values, scale[r : r + block], out=target[..., j::per_byte])
+            target += bias[r : r + block]
+
+    _in_parallel(work, -(-rows // block))
+    return result

@@ -11,14 +11,12 @@ attention over all of them, so the result is the same, without two copies of the
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
-from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .activations import silu
+from .activations import gelu_approx, silu
 from .attention import attention
 from .layers import Linear
 from .unet import TimestepEmbedding, timestep_embedding
@@ -110,13 +108,6 @@ def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return mx.stack(rotated, axis=-1).reshape(x.shape)
 
 
-@partial(mx.compile, shapeless=True)
-def gelu_tanh(x: mx.array) -> mx.array:
-    """torch's GELU(approximate="tanh"), evaluated in float32: x^3 overflows float16 for |x| > 40."""
-    y = x.astype(mx.float32)
-    return (0.5 * y * (1 + mx.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y**3)))).astype(x.dtype)
-
-
 def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
     """The adaLN of every block: a LayerNorm without affine (eps 1e-6), scaled and shifted per sample."""
     return mx.fast.layer_norm(x, None, None, 1e-6) * (1 + scale[:, None]) + shift[:, None]
@@ -148,7 +139,7 @@ class GELU(nn.Module):
         self.proj = Linear(dim, hidden_dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return gelu_tanh(self.proj(x))
+        return gelu_approx(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -238,7 +229,7 @@ class FluxSingleTransformerBlock(nn.Module):
     def __call__(self, x: mx.array, cond: mx.array, rope) -> mx.array:
         shift, scale, gate = self.norm(cond)
         h = modulate(x, shift, scale)
-        out = self.proj_out(mx.concatenate([self.attn(h, rope), gelu_tanh(self.proj_mlp(h))], axis=-1))
+        out = self.proj_out(mx.concatenate([self.attn(h, rope), gelu_approx(self.proj_mlp(h))], axis=-1))
         return clip_float16(x + gate[:, None] * out)
 
 

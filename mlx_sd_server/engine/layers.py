@@ -6,6 +6,11 @@ activations in float16 — half the memory — while each product runs in float3
 layer's weight at a time) and is rounded back. On Metal and CUDA, and for float32 weights, these are
 mlx.nn's own layers; parameters and results are the same. On the CPU a 1x1 convolution is a plain
 matmul (see `Conv2d.convolve`).
+
+Quantized linears (`QuantizedLinear`, what `nn.quantize` makes of our `Linear`) likewise compute in
+float32 on the CPU: MLX's CPU `quantized_matmul` runs at ~3 GFLOP/s (~0.07 with a half-precision result), so
+for more than a few rows the weight is dequantized to float32 (a numpy kernel, `cpu_kernels.dequantize`)
+and multiplied by BLAS.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cpu_kernels
 from .cpu_kernels import on_cpu
 
 
@@ -31,6 +37,42 @@ class Linear(nn.Linear):
         if not _half_on_cpu(self.weight):
             return super().__call__(x)
         return _with_bias(self, x.astype(mx.float32) @ self.weight.astype(mx.float32).T, x.dtype)
+
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine",
+                     quantize_input: bool = False) -> nn.Module:
+        """Our `QuantizedLinear` (what `nn.quantize` calls); quantized activations stay mlx.nn's QQLinear."""
+        if quantize_input:
+            return super().to_quantized(group_size, bits, mode, quantize_input)
+        return QuantizedLinear.from_linear(self, group_size, bits, mode)
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear (same parameters, same files) that, on the CPU, multiplies by the dequantized weight.
+
+    A 4608x3072 @ 3072x9216 4-bit product (FLUX's q, k and v together at 1024x1024) takes ~80 s with
+    MLX's CPU `quantized_matmul` and ~0.8 s as a dequantize plus a float32 BLAS matmul (bench/kernels.py).
+    quantized_matmul costs ~0.7 ns per weight per row in float32, a dequantize ~1.7 ns per weight, so up to
+    QMM_MAX_ROWS rows (FLUX's modulations, the embedders) it stays quantized_matmul, on float32 inputs and
+    scales: with a half-precision result MLX's CPU kernel is ~40x slower. The float32 weight lives only for
+    the product; the result is rounded to x's dtype. On Metal and CUDA this is mlx.nn's layer.
+    """
+
+    QMM_MAX_ROWS = 4
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not on_cpu():
+            return super().__call__(x)
+        weight, scales, biases = self["weight"], self["scales"], self.get("biases")
+        if x.size <= self.QMM_MAX_ROWS * x.shape[-1]:
+            y = mx.quantized_matmul(
+                x.astype(mx.float32), weight, scales.astype(mx.float32),
+                None if biases is None else biases.astype(mx.float32),
+                transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
+            )
+        else:
+            weight = cpu_kernels.dequantize(weight, scales, biases, self.group_size, self.bits, self.mode)
+            y = x.astype(mx.float32) @ weight.T
+        return _with_bias(self, y, x.dtype)
 
 
 class Conv2d(nn.Conv2d):

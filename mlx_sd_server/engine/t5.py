@@ -20,11 +20,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .activations import gelu, silu
+from .activations import gelu, gelu_approx, silu
 from .attention import attention
 from .layers import Linear
 
-ACTIVATIONS = {"relu": nn.relu, "gelu_new": nn.gelu_approx, "gelu": gelu, "silu": silu}  # gelu_new: tanh form
+ACTIVATIONS = {"relu": nn.relu, "gelu_new": gelu_approx, "gelu": gelu, "silu": silu}  # gelu_new: tanh form
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
