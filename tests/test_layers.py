@@ -183,7 +183,7 @@ def test_quantized_save_load_round_trip(bits, tmp_path, monkeypatch):
     quantization = {"group_size": 64, "bits": bits}
     entry = model_io.save_component(tmp_path, "text_encoder_3", config, tree_flatten(source.parameters()),
                                     mx.float32, quantization)
-    model = model_io.load_component(tmp_path, "text_encoder_3", entry, mx.float32, quantization)
+    model = model_io.load_component(tmp_path, "text_encoder_3", entry, mx.float32)
     quantized = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
     assert len(quantized) == 7 and all(type(m) is QuantizedLinear and m.bits == bits for m in quantized)
     saved = mx.load(str(tmp_path / entry["weights"]))

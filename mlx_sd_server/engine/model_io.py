@@ -249,14 +249,13 @@ class LoadedModel:
             self.text_encoders = self._build_text_encoders()  # unevaluated: read from disk when next used
 
 
-def load_component(folder: Path, name: str, entry: dict, dtype: mx.Dtype, quantization: dict | None) -> nn.Module:
+def load_component(folder: Path, name: str, entry: dict, dtype: mx.Dtype) -> nn.Module:
     kind = component_kind(name, entry["config"])
     if dtype == mx.float16 and kind.instead_of_float16 is not None:
         dtype = kind.instead_of_float16
     model = kind.build(entry["config"])
     weights = mx.load(str(folder / entry["weights"]))
-    # Each quantized layer's bits and group size come from its arrays (a GGUF's layers keep their own), so
-    # `quantization`, the manifest's usual setting, is not needed to load them.
+    # Each quantized layer's bits and group size come from its arrays (a GGUF's layers keep their own).
     layers = quantized_layers(model, weights)
     if layers:
         nn.quantize(model, class_predicate=lambda path, _: dict(layers[path]) if path in layers else False)
@@ -284,8 +283,8 @@ def load_model(folder: str | os.PathLike, dtype: str | None = None, controlnet: 
     quantization = manifest.get("quantization")
     components = manifest["components"]
 
-    def load(name: str, where: Path = folder, entry: dict | None = None, dt: mx.Dtype = compute_dtype) -> nn.Module:
-        return load_component(where, name, entry or components[name], dt, quantization if where == folder else None)
+    def load(name: str, dt: mx.Dtype = compute_dtype) -> nn.Module:
+        return load_component(folder, name, components[name], dt)
 
     encoder_names = [n for n in TEXT_ENCODERS if n in components]
 
@@ -303,7 +302,7 @@ def load_model(folder: str | os.PathLike, dtype: str | None = None, controlnet: 
         cn_manifest = read_manifest(cn_folder)
         if "controlnet" not in cn_manifest["components"]:
             raise ModelFormatError(f"{cn_folder} has no controlnet component")
-        control = load_component(cn_folder, "controlnet", cn_manifest["components"]["controlnet"], compute_dtype, cn_manifest.get("quantization"))
+        control = load_component(cn_folder, "controlnet", cn_manifest["components"]["controlnet"], compute_dtype)
     elif "controlnet" in components:
         control = load("controlnet")
 
