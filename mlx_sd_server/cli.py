@@ -10,6 +10,8 @@ import importlib
 import os
 import sys
 
+from mlx_sd_server import store
+
 # subcommand -> "module:function" taking the parsed arguments; imported lazily so `--help` is instant.
 HANDLERS = {
     "serve": "mlx_sd_server.api.server:main",
@@ -56,7 +58,11 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
                         help="LoRA folder (accepted; LoRAs are not applied yet: prompts with <lora:...> tags get 400)")
     parser.add_argument("--task", "--context-type", choices=["full", "text2image", "image2image"], default="full",
                         help="which endpoints are on: both, /v1/images/generations only, or /v1/images/edits only")
-    parser.add_argument("--host", default="0.0.0.0")
+    # None, not "127.0.0.1": `service install` writes only options that differ from their defaults, so an
+    # explicit --host 127.0.0.1 stays in the service file.
+    parser.add_argument("--host", default=None,
+                        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every "
+                             "interface: then set --api-key)")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--socket-addr", metavar="HOST:PORT", help="host and port in one (the reference's)")
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads (Linux: the cores this process uses)")
@@ -65,8 +71,17 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
                             "(no effect with MLX: CPU and GPU share unified memory)")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $API_KEY)")
     parser.add_argument("--download-url-prefix", metavar="URL",
-                        help="public prefix of image urls (default: the address the request came in on)")
+                        help="public prefix of image urls, e.g. behind a proxy (default: the address the server "
+                             "listens on)")
+    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API from a browser "
+                             "(repeatable; '*' for any page). Default: none, browsers' cross-origin calls are refused")
     parser.add_argument("--store-dir", help="where generated images are kept")
+    parser.add_argument("--store-max-age", type=_checked(store.max_age), metavar="AGE",
+                        help="remove stored images older than AGE: 90s, 30m, 12h, 7d (a bare number is hours; "
+                             "default: keep until deleted)")
+    parser.add_argument("--store-max-gb", type=_checked(store.max_gb), metavar="GB",
+                        help="keep the stored images under GB in all, removing the oldest first (default: no limit)")
     parser.add_argument("--max-queue", type=int, default=8, help="jobs waiting beyond this get 429")
     parser.add_argument("--max-n", type=int, default=10, help="largest n per request")
     parser.add_argument("--max-steps", type=int, default=150)
@@ -78,6 +93,21 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
                         help="mlx, the diffusers/torch fallback, or auto (torch where MLX cannot load a model)")
     add_low_memory_option(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _checked(convert):
+    """An argparse type that checks a value with `convert` but keeps the text as given, so that `service
+    install` writes back what the user wrote (7d, not 604800.0, which would read back as hours)."""
+
+    def check(text: str) -> str:
+        try:
+            convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    check.__name__ = convert.__name__  # argparse names the option's type in its error messages
+    return check
 
 
 def add_job_options(parser: argparse.ArgumentParser) -> None:

@@ -1,8 +1,10 @@
 """Images in and out of the server: decoding untrusted uploads safely, and encoding results.
 
-Uploads are bounded twice: in bytes before Pillow sees them, and in pixels after Pillow has read only
-the header, so a small file that decodes to a huge canvas (a decompression bomb) is refused before any
-pixel memory is allocated. Only real raster images in a few formats are accepted.
+Uploads are bounded in bytes before Pillow sees them, and in pixels and aspect ratio after Pillow has read
+only the header, so a small file that decodes to a huge canvas (a decompression bomb) or to a thin strip
+(which the pipeline would scale to a giant to cover the output) is refused before any pixel memory is
+allocated. Only real raster images in a few formats are accepted; whatever Pillow makes of a malformed one,
+the client gets a 400. (`build_job` checks the decoded images against the output size.)
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import warnings
 
 from PIL import Image, ImageOps, PngImagePlugin
 
-from mlx_sd_server.job import Job, JobError
+from mlx_sd_server.job import Job, JobError, Limits
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -33,8 +35,10 @@ def decode_base64_image(text: str, param: str) -> bytes:
         raise JobError(f"{param} must be a base64 image or a data URL", param, "invalid_image") from None
 
 
-def open_upload(data: bytes, param: str, *, max_bytes: int, max_pixels: int) -> Image.Image:
-    """Decode an uploaded image, refusing anything too big, not an image, or a decompression bomb.
+def open_upload(data: bytes, param: str, *, max_bytes: int, max_pixels: int,
+                max_aspect: float = Limits.max_upload_aspect) -> Image.Image:
+    """Decode an uploaded image, refusing anything too big, not an image, a decompression bomb, or an
+    aspect ratio (long side / short side) over `max_aspect`.
 
     Returns a loaded image in RGB, RGBA or L mode, rotated upright by its EXIF orientation.
     """
@@ -53,19 +57,25 @@ def open_upload(data: bytes, param: str, *, max_bytes: int, max_pixels: int) -> 
                     f"{param} is {width}x{height} pixels, over the limit of {max_pixels}",
                     param, "image_too_large",
                 )
+            if max(width, height) > max_aspect * min(width, height):
+                raise JobError(f"{param} is {width}x{height}: its aspect ratio is over this server's limit of "
+                               f"{max_aspect:g}:1", param, "invalid_image_dimensions")
             image.load()
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                return image.convert("RGBA")
+            return image.convert("L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB")
         except JobError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise JobError(f"{param} decodes to too many pixels", param, "image_too_large") from None
+        except MemoryError:
+            raise JobError(f"{param} needs more memory to decode than the server has free", param,
+                           "image_too_large") from None
         except Exception:  # Pillow raises many types for malformed files; all mean "not an image"
             raise JobError(
                 f"{param} is not a readable image (accepted: {', '.join(ACCEPTED_FORMATS)})", param, "invalid_image"
             ) from None
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        return image.convert("RGBA")
-    return image.convert("L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB")
 
 
 def has_transparency(image: Image.Image) -> bool:

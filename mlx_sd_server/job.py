@@ -2,7 +2,11 @@
 
 This module is the single place where request defaults and limits live. `build_job` takes raw field
 values (typed JSON values or multipart strings) plus already-decoded images and returns an immutable,
-fully-validated `Job`, or raises `JobError` naming the offending field.
+fully-validated `Job`, or raises `JobError` naming the offending field. Everything that bounds a job's
+work (prompt length, image sizes, the size of what an upload is scaled to) is checked here, before the
+job is queued, so no request can hold the worker for long or take much memory by its shape alone.
+
+Error messages show a client's value through `shown`, which never echoes more than `ECHO_CHARS`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ SAMPLE_METHODS = (
 SCHEDULERS = ("discrete", "karras", "exponential", "ays", "sgm_uniform", "simple", "trailing", "lcm")
 
 MAX_SEED = 2**63 - 1
+ECHO_CHARS = 80  # the most of a client's value an error message repeats
 DEFAULT_GUIDANCE = 3.5  # FLUX.1-dev's, and stable-diffusion.cpp's --guidance default
 
 
@@ -38,13 +43,23 @@ class JobError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Server-configurable bounds on a job."""
+    """Server-configurable bounds on a request, all checked before its job is queued."""
 
     max_n: int = 10
     max_steps: int = 150
-    max_pixels: int = 2048 * 2048
+    max_pixels: int = 2048 * 2048  # output width x height
     min_side: int = 64
     max_side: int = 4096
+    # Prompts (prompt and negative_prompt): characters, and 75-token CLIP windows counted as the SD text
+    # encoders cut them (each BREAK starts a new one). Encoding cost grows with the windows.
+    max_prompt_chars: int = 10_000
+    max_prompt_chunks: int = 16
+    max_field_chars: int = 256  # any other text field (model, size, sample_method, user, ...)
+    max_fields: int = 64  # fields in one request (JSON keys, form parts)
+    # Uploads (image, mask, control_image): long side / short side, and the pixels of the upload scaled to
+    # cover the output size (the intermediate the pipeline crops from); a thin strip would scale to a giant.
+    max_upload_aspect: float = 20.0
+    max_fit_pixels: int = 6000 * 6000
 
 
 @dataclass(frozen=True)
@@ -122,14 +137,57 @@ JOB_FIELDS = (
     "apply_canny_preprocessor", "style_ratio", *OPENAI_HINTS,
 )
 IMAGE_FIELDS = ("image", "mask", "control_image")
+PROMPT_FIELDS = ("prompt", "negative_prompt")
 
 _LORA_TAG_RE = re.compile(r"<lora:[^>]*>", re.IGNORECASE)
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d{1,9})\s*[xX×]\s*(\d{1,9})\s*$")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def shown(value: Any, limit: int = ECHO_CHARS) -> str:
+    """A client's value for an error message: its repr, cut to `limit` characters with an ellipsis.
+    Arrays and objects are named, not shown; a huge string is never copied whole."""
+    if isinstance(value, (str, bytes)):
+        text = repr(value[: limit + 1])
+        cut = len(value) > limit or len(text) > limit
+    elif value is None or isinstance(value, (bool, int, float)):
+        try:
+            text = repr(value)
+        except ValueError:  # an int beyond Python's digit limit for str()
+            return "an integer too large to show"
+        cut = len(text) > limit
+    else:
+        return _kind(value)
+    return text[: limit - 1] + "…" if cut else text
+
+
+def _kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def check_text(name: str, value: str) -> str:
+    """Refuse a string that is not Unicode text: JSON's `\\ud800` escape gives a lone surrogate, which no
+    encoder (tokenizer, PNG text, log) can write."""
+    if not value.isascii() and (surrogate := _SURROGATE_RE.search(value)):
+        raise JobError(f"{name} is not valid Unicode text: it contains a lone surrogate ({shown(surrogate[0])})",
+                       name, "invalid_value")
+    return value
 
 
 def _as_int(name: str, value: Any) -> int:
     if isinstance(value, bool):
-        raise JobError(f"{name} must be an integer, got {value!r}", name, "invalid_type")
+        raise JobError(f"{name} must be an integer, got {shown(value)}", name, "invalid_type")
     if isinstance(value, int):
         return value
     if isinstance(value, float) and value.is_integer():
@@ -137,25 +195,28 @@ def _as_int(name: str, value: Any) -> int:
     if isinstance(value, str):
         try:
             return int(value.strip())
-        except ValueError:
+        except ValueError:  # also more digits than Python converts
             pass
-    raise JobError(f"{name} must be an integer, got {value!r}", name, "invalid_type")
+    raise JobError(f"{name} must be an integer, got {shown(value)}", name, "invalid_type")
 
 
 def _as_float(name: str, value: Any) -> float:
     if isinstance(value, bool):
-        raise JobError(f"{name} must be a number, got {value!r}", name, "invalid_type")
+        raise JobError(f"{name} must be a number, got {shown(value)}", name, "invalid_type")
     if isinstance(value, (int, float)):
-        out = float(value)
+        try:
+            out = float(value)
+        except OverflowError:  # an int beyond a float's range
+            raise JobError(f"{name} must be finite, got {shown(value)}", name, "invalid_value") from None
     elif isinstance(value, str):
         try:
             out = float(value.strip())
         except ValueError:
-            raise JobError(f"{name} must be a number, got {value!r}", name, "invalid_type") from None
+            raise JobError(f"{name} must be a number, got {shown(value)}", name, "invalid_type") from None
     else:
-        raise JobError(f"{name} must be a number, got {value!r}", name, "invalid_type")
+        raise JobError(f"{name} must be a number, got {shown(value)}", name, "invalid_type")
     if not math.isfinite(out):
-        raise JobError(f"{name} must be finite, got {value!r}", name, "invalid_value")
+        raise JobError(f"{name} must be finite, got {shown(value)}", name, "invalid_value")
     return out
 
 
@@ -168,18 +229,18 @@ def _as_bool(name: str, value: Any) -> bool:
         return True
     if text in ("false", "0", "no"):
         return False
-    raise JobError(f"{name} must be true or false, got {value!r}", name, "invalid_type")
+    raise JobError(f"{name} must be true or false, got {shown(value)}", name, "invalid_type")
 
 
 def _as_str(name: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise JobError(f"{name} must be a string, got {type(value).__name__}", name, "invalid_type")
-    return value
+        raise JobError(f"{name} must be a string, got {_kind(value)}", name, "invalid_type")
+    return check_text(name, value)
 
 
 def _in_range(name: str, value: float, lo: float, hi: float) -> None:
     if not lo <= value <= hi:
-        raise JobError(f"{name} must be between {lo} and {hi}, got {value}", name, "out_of_range")
+        raise JobError(f"{name} must be between {lo} and {hi}, got {shown(value)}", name, "out_of_range")
 
 
 def parse_size(value: Any, defaults: ModelDefaults = _DEFAULTS) -> tuple[int, int]:
@@ -189,18 +250,18 @@ def parse_size(value: Any, defaults: ModelDefaults = _DEFAULTS) -> tuple[int, in
         return defaults.width, defaults.height
     match = _SIZE_RE.match(value) if isinstance(value, str) else None
     if not match:
-        raise JobError(f"size must be WIDTHxHEIGHT, got {value!r}", "size", "invalid_size")
+        raise JobError(f"size must be WIDTHxHEIGHT, got {shown(value)}", "size", "invalid_size")
     return int(match.group(1)), int(match.group(2))
 
 
 def _check_dimensions(width: int, height: int, limits: Limits, param: str, multiple: int) -> None:
     for side_name, side in (("width", width), ("height", height)):
         if side % multiple:
-            raise JobError(f"{side_name} must be a multiple of {multiple} for this model, got {side}", param,
+            raise JobError(f"{side_name} must be a multiple of {multiple} for this model, got {shown(side)}", param,
                            "invalid_size")
         if not limits.min_side <= side <= limits.max_side:
             raise JobError(
-                f"{side_name} must be between {limits.min_side} and {limits.max_side}, got {side}",
+                f"{side_name} must be between {limits.min_side} and {limits.max_side}, got {shown(side)}",
                 param, "invalid_size",
             )
     if width * height > limits.max_pixels:
@@ -208,6 +269,50 @@ def _check_dimensions(width: int, height: int, limits: Limits, param: str, multi
             f"{width}x{height} is {width * height} pixels, over this server's limit of {limits.max_pixels}",
             param, "invalid_size",
         )
+
+
+def check_field_sizes(fields: Mapping[str, Any], limits: Limits) -> None:
+    """Text fields within their limits: prompts in `max_prompt_chars`, any other in `max_field_chars`.
+    Cheap (lengths only), so callers may run it before anything else reads the fields."""
+    for name, value in fields.items():
+        if not isinstance(value, str):
+            continue
+        limit = limits.max_prompt_chars if name in PROMPT_FIELDS else limits.max_field_chars
+        if len(value) > limit:
+            raise JobError(f"{shown(name)} is {len(value)} characters, over this server's limit of {limit}",
+                           name, "string_above_max_length")
+
+
+def _check_prompt(name: str, text: str, limits: Limits) -> None:
+    """Emphasis syntax, and at most `max_prompt_chunks` 75-token windows (see engine/prompt.py)."""
+    from mlx_sd_server.engine.prompt import check_prompt  # the engine's own rules; imports this module
+
+    check_prompt(text, name, limits.max_prompt_chunks)
+
+
+def cover_size(size: tuple[int, int], width: int, height: int) -> tuple[int, int]:
+    """The size an image of `size` is resized to before being centre-cropped to width x height (scaled to
+    cover the output): the largest intermediate the pipeline's `fit_image` makes."""
+    scale = max(width / size[0], height / size[1])
+    return max(width, round(size[0] * scale)), max(height, round(size[1] * scale))
+
+
+def _check_images(images: Mapping[str, Image.Image], width: int, height: int, limits: Limits) -> None:
+    """Uploads the pipeline can fit to the output without a giant intermediate; a mask the image's size."""
+    for name, image in images.items():
+        w, h = image.size
+        if max(w, h) > limits.max_upload_aspect * min(w, h):
+            raise JobError(f"{name} is {w}x{h}: its aspect ratio is over this server's limit of "
+                           f"{limits.max_upload_aspect:g}:1", name, "invalid_image_dimensions")
+        cover_w, cover_h = cover_size((w, h), width, height)
+        if cover_w * cover_h > limits.max_fit_pixels:
+            raise JobError(f"{name} ({w}x{h}) would be scaled to {cover_w}x{cover_h} to cover {width}x{height}: "
+                           f"over this server's limit of {limits.max_fit_pixels} pixels; send an image closer "
+                           "to the output's shape", name, "image_too_large")
+    if "mask" in images and "image" in images and images["mask"].size != images["image"].size:
+        (mw, mh), (iw, ih) = images["mask"].size, images["image"].size
+        raise JobError(f"mask is {mw}x{mh} but image is {iw}x{ih}: they must be the same size", "mask",
+                       "invalid_image_dimensions")
 
 
 def build_job(
@@ -228,7 +333,8 @@ def build_job(
     unknown = set(fields) - set(JOB_FIELDS)
     if unknown:
         name = sorted(unknown)[0]
-        raise JobError(f"unknown field {name!r}", name, "unknown_field")
+        raise JobError(f"unknown field {shown(name)}", name, "unknown_field")
+    check_field_sizes(fields, limits)
     images = dict(images or {})
     values: dict[str, Any] = {}
 
@@ -248,6 +354,8 @@ def build_job(
         if _LORA_TAG_RE.search(values.get(name, "")):  # rather than encode the tag as words
             raise JobError("LoRA tags (<lora:name:weight>) are not supported by this version", name,
                            "unsupported_parameter")
+        if name in values:
+            _check_prompt(name, values[name], limits)
 
     n = _as_int("n", fields.get("n", 1))
     _in_range("n", n, 1, limits.max_n)
@@ -267,16 +375,16 @@ def build_job(
     ):
         choice = _as_str(name, fields.get(name, default)).strip().lower()
         if name == "scheduler" and choice in UNSUPPORTED_SCHEDULERS:
-            raise JobError(f"scheduler {choice!r} is not supported ({UNSUPPORTED_SCHEDULERS[choice]}); "
+            raise JobError(f"scheduler {shown(choice)} is not supported ({UNSUPPORTED_SCHEDULERS[choice]}); "
                            f"use one of {', '.join(capabilities.schedulers)}", name, "unsupported_scheduler")
         if choice not in choices:
             raise JobError(
-                f"{name} must be one of {', '.join(choices)}; got {choice!r}", name, f"invalid_{name}"
+                f"{name} must be one of {', '.join(choices)}; got {shown(choice)}", name, f"invalid_{name}"
             )
         supported = capabilities.samplers if name == "sample_method" else capabilities.schedulers
         if choice not in supported:
             raise JobError(f"{model_name} ({capabilities.family}) supports {name} {', '.join(supported)}; "
-                           f"got {choice!r}", name, f"unsupported_{name}")
+                           f"got {shown(choice)}", name, f"unsupported_{name}")
         values[name] = choice
 
     if "guidance" in fields:
@@ -292,6 +400,10 @@ def build_job(
     if fields.get("size") not in (None, ""):
         width, height = parse_size(fields["size"], defaults)
         size_param = "size"
+        for name, side in (("width", width), ("height", height)):  # both given: they must say the same
+            if name in fields and _as_int(name, fields[name]) != side:
+                raise JobError(f"size {shown(fields['size'])} and {name} {shown(fields[name])} disagree; "
+                               f"send one of them", name, "invalid_value")
     else:
         width = _as_int("width", fields.get("width", defaults.width))
         height = _as_int("height", fields.get("height", defaults.height))
@@ -301,9 +413,12 @@ def build_job(
 
     seed = _as_int("seed", fields.get("seed", 42))
     if seed > MAX_SEED:
-        raise JobError(f"seed must be at most {MAX_SEED}, got {seed}", "seed", "out_of_range")
+        raise JobError(f"seed must be at most {MAX_SEED}, got {shown(seed)}", "seed", "out_of_range")
     values["seed"] = secrets.randbelow(2**32) if seed < 0 else seed
 
+    if "strength" in fields and "image" not in images:
+        raise JobError("strength is how much of an image an edit keeps, and this request has no image "
+                       "(send it to /v1/images/edits with one)", "strength", "unsupported_parameter")
     strength = _as_float("strength", fields.get("strength", 0.75))
     _in_range("strength", strength, 0.0, 1.0)
     values["strength"] = strength
@@ -315,7 +430,7 @@ def build_job(
     preprocess = _as_str("control_preprocess", fields.get("control_preprocess", "none")).strip().lower()
     if preprocess not in ("none", "canny"):
         raise JobError(
-            f"control_preprocess must be 'none' or 'canny', got {preprocess!r}",
+            f"control_preprocess must be 'none' or 'canny', got {shown(preprocess)}",
             "control_preprocess", "invalid_value",
         )
     if "apply_canny_preprocessor" in fields:  # the reference's name for control_preprocess=canny
@@ -333,12 +448,13 @@ def build_job(
         if name in fields:
             value = _as_str(name, fields[name])
             if choices is not None and value.strip().lower() not in choices:
-                raise JobError(f"{name} must be one of {', '.join(choices)}; got {value!r}", name, "invalid_value")
+                raise JobError(f"{name} must be one of {', '.join(choices)}; got {shown(value)}", name,
+                               "invalid_value")
 
     unknown_images = set(images) - set(IMAGE_FIELDS)
     if unknown_images:
         name = sorted(unknown_images)[0]
-        raise JobError(f"unknown image field {name!r}", name, "unknown_field")
+        raise JobError(f"unknown image field {shown(name)}", name, "unknown_field")
     if "mask" in images and "image" not in images:
         raise JobError("mask needs an image to edit", "mask", "missing_required_parameter")
     for name, supported, what in (("image", capabilities.img2img, "image-to-image"),
@@ -348,6 +464,7 @@ def build_job(
     if "control_image" in images and not capabilities.controlnet:
         raise JobError(f"model {model_name!r} has no ControlNet attached (serve it with --control-net)",
                        "control_image", "controlnet_unavailable")
+    _check_images(images, width, height, limits)
     values["init_image"] = images.get("image")
     values["mask"] = images.get("mask")
     values["control_image"] = images.get("control_image")

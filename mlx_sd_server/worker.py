@@ -3,13 +3,18 @@
 MLX work is not shared between threads, and one image server saturates the GPU with a single job,
 so a queue in front of one thread is both the simplest and the fastest arrangement. A task can be
 cancelled at any time; the worker notices between denoising steps and delivers nothing.
+
+Stopping (`shutdown`, on SIGTERM) answers every waiting task at once with ServerStopping (HTTP 503), lets
+the running job finish its current step and ends the thread; `stop` does that and waits for the thread.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -24,11 +29,24 @@ log = logging.getLogger("mlx_sd_server.worker")
 
 
 class QueueFullError(RuntimeError):
-    """More jobs are waiting than the server accepts (HTTP 429)."""
+    """More jobs are waiting than the server accepts (HTTP 429). `retry_after`: seconds until the jobs
+    ahead are likely done (the `Retry-After` header), measured from recent jobs."""
+
+    def __init__(self, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class JobCancelled(Exception):
     """The task was cancelled (its client went away) before it finished."""
+
+
+class ServerStopping(RuntimeError):
+    """The server is shutting down: the job was not run, or not finished (HTTP 503)."""
+
+    def __init__(self, message: str = "the server is shutting down: this job was not finished; send it again "
+                                      "once the server is back"):
+        super().__init__(message)
 
 
 class Task:
@@ -43,11 +61,19 @@ class Task:
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self.steps_done = 0
         self.total_steps: int | None = None
+        self.started: float | None = None  # time.monotonic() when the worker took it
+        self.aborted: Exception | None = None  # the error its requester got when the server stopped it
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
         self._cancelled.set()
         self.future.cancel()  # only takes effect while still queued; a running task checks the event
+
+    def abort(self, error: Exception) -> None:
+        """Answer the requester now with `error`; a running job stops after its current step."""
+        self.aborted = error
+        self._cancelled.set()
+        _settle(self.future, error=error)
 
     @property
     def cancelled(self) -> bool:
@@ -61,39 +87,97 @@ class Task:
 class Worker:
     """Runs `registry.pipeline(job.model).generate(job)` for each submitted job, in submission order."""
 
+    RECENT_JOBS = 20  # the Retry-After estimate is the mean duration of this many recent jobs
+    FIRST_GUESS_SECONDS = 10.0  # before any job has finished or made progress
+
     def __init__(self, registry: Any, max_queue: int = 8):
         self.registry = registry
         self.max_queue = max_queue
         self._queue: queue.Queue[Task | None] = queue.Queue(maxsize=max_queue)
         self._running: Task | None = None
+        self._stopping = False
+        self._lock = threading.Lock()  # _running and _stopping, between the worker thread and the rest
+        self._durations: collections.deque[float] = collections.deque(maxlen=self.RECENT_JOBS)
         self._thread = threading.Thread(target=self._loop, name="mlx-sd-worker", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        """Cancel everything queued and running, and wait for the thread to finish its current step."""
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def shutdown(self) -> None:
+        """Stop taking jobs and answer every waiting one with ServerStopping now; the running job stops
+        after its current step. Returns at once (callable from any thread, more than once)."""
+        with self._lock:
+            first = not self._stopping
+            self._stopping = True
+            running = self._running
+        aborted = []
         while True:
             try:
                 task = self._queue.get_nowait()
             except queue.Empty:
                 break
             if task is not None:
-                task.cancel()
-        if self._running is not None:
-            self._running.cancel()
-        self._queue.put(None)
-        self._thread.join()
+                task.abort(ServerStopping())
+                aborted.append(task.id)
+        if running is not None and not running.cancelled:
+            running.abort(ServerStopping())
+        if first and (running is not None or aborted):
+            log.info("stopping: %s; %d waiting job(s) answered that the server is shutting down",
+                     f"job {running.id} ends after its current step" if running is not None else "no job running",
+                     len(aborted))
+        try:
+            self._queue.put_nowait(None)  # wakes the thread, which then ends (again: the drain above may take one)
+        except queue.Full:  # cannot be: submit refuses new tasks once stopping
+            pass
+
+    def stop(self, timeout: float | None = None) -> None:
+        """shutdown(), then wait for the thread to finish its current step (at most `timeout` seconds)."""
+        self.shutdown()
+        if not self._thread.is_alive():
+            return
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("the running step did not finish within %.0f s; exiting without waiting for it", timeout)
 
     def submit(self, job: Job, finish: Callable[[list[Image.Image]], Any] | None = None) -> Task:
         """Queue a job. `finish` runs on the worker thread with the images (e.g. to encode them), and
-        its return value becomes the task's result. Raises QueueFullError when the queue is full."""
+        its return value becomes the task's result. Raises QueueFullError when the queue is full and
+        ServerStopping once the server is shutting down."""
+        if self._stopping:
+            raise ServerStopping("the server is shutting down: send the job again once it is back")
         task = Task(job, finish)
         try:
             self._queue.put_nowait(task)
         except queue.Full:
-            raise QueueFullError(f"{self.max_queue} jobs are already waiting; try again later") from None
+            retry_after = self.estimated_wait()
+            raise QueueFullError(f"{self.max_queue} jobs are already waiting; try again in about "
+                                 f"{retry_after} s", retry_after=retry_after) from None
+        if self._stopping:  # shutdown() drained the queue between the check above and the put
+            task.abort(ServerStopping())
         return task
+
+    def estimated_wait(self) -> int:
+        """Whole seconds until the jobs now running and waiting are likely done: the running job's
+        remaining time (from its progress) plus the mean duration of recent jobs for each waiting one."""
+        durations = list(self._durations)
+        mean = sum(durations) / len(durations) if durations else None
+        running = self._running
+        remaining = 0.0
+        if running is not None and running.started is not None:
+            elapsed = time.monotonic() - running.started
+            if running.steps_done and running.total_steps:
+                expected = elapsed * running.total_steps / running.steps_done
+            else:
+                expected = max(mean or self.FIRST_GUESS_SECONDS, elapsed)
+            remaining = max(expected - elapsed, 0.0)
+            mean = mean if mean is not None else expected
+        waiting = self._queue.qsize()
+        seconds = remaining + waiting * (mean if mean is not None else self.FIRST_GUESS_SECONDS)
+        return min(max(1, math.ceil(seconds)), 24 * 3600)
 
     def status(self) -> dict:
         running = self._running
@@ -102,18 +186,23 @@ class Worker:
 
     def _loop(self) -> None:
         while (task := self._queue.get()) is not None:
-            if not task.future.set_running_or_notify_cancel():
+            if task.future.done() or not task.future.set_running_or_notify_cancel():
                 log.info("task %d cancelled while queued", task.id)
                 continue
-            self._running = task
+            with self._lock:
+                if self._stopping:  # taken from the queue just as shutdown() drained it
+                    task.abort(ServerStopping())
+                    continue
+                self._running = task
             try:
                 self._run(task)
             finally:
-                self._running = None
+                with self._lock:
+                    self._running = None
 
     def _run(self, task: Task) -> None:
         job = task.job
-        started = time.monotonic()
+        started = task.started = time.monotonic()
         engine = "?"
         outcome = "failed"
         try:
@@ -124,16 +213,17 @@ class Worker:
             result = task.finish(images) if task.finish else images
             if task.cancelled:
                 raise JobCancelled()
-            task.future.set_result(result)
+            _settle(task.future, result=result)
             outcome = "done"
+            self._durations.append(time.monotonic() - started)
         except JobCancelled as cancelled:
-            outcome = "cancelled"
-            task.future.set_exception(cancelled)
+            outcome = "stopped (server shutting down)" if task.aborted is not None else "cancelled"
+            _settle(task.future, error=cancelled)  # no-op when abort() already answered
         except JobError as error:  # the model cannot honour a field (e.g. >50 steps on the lcm schedule): a 400
             outcome = f"rejected ({error.param}: {error.message})"
-            task.future.set_exception(error)
+            _settle(task.future, error=error)
         except Exception as error:  # handed to the requester, which maps it to an HTTP status
-            task.future.set_exception(error)
+            _settle(task.future, error=error)
             log.exception("task %d failed", task.id)
         log.info(
             "job %d %s model=%s size=%dx%d n=%d steps=%d/%s sampler=%s engine=%s seconds=%.2f",
@@ -153,3 +243,14 @@ class Worker:
         if task.cancelled:
             raise JobCancelled()
         return drive(pipeline.generate(task.job), on_step)
+
+
+def _settle(future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Set a future's outcome unless it already has one (shutdown may answer a task before it ends)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass

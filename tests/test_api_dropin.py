@@ -93,7 +93,7 @@ def test_the_reference_flags_parse_and_do_what_they_say(caplog):
                                       "[::1]:9090", "--threads", "1", "--clip-on-cpu", "--vae-on-cpu",
                                       "--control-net-cpu", "--lora-model-dir", "loras", "--context-type", "text2image"])
     assert bind_address(args) == ("::1", 9090) and args.task == "text2image" and args.model_name == "sd-v1.4"
-    assert bind_address(build_parser().parse_args(["serve", "--port", "8081"])) == ("0.0.0.0", 8081)
+    assert bind_address(build_parser().parse_args(["serve", "--port", "8081"])) == ("127.0.0.1", 8081)
     with pytest.raises(SystemExit):
         bind_address(build_parser().parse_args(["serve", "--socket-addr", "localhost"]))
     caplog.set_level("INFO", logger="mlx_sd_server.server")

@@ -114,15 +114,15 @@ def test_edit_json_with_data_url(server, engine):
     assert last_job(engine).init_image.size == (80, 48)  # the pipeline fits it to the job's size
 
 
-def test_cors_preflight_and_headers_as_the_reference(engine, tmp_path):
-    app = create_app(engine, FileStore(tmp_path), Settings(api_key="secret"))
+def test_cors_preflight_and_headers_for_a_granted_origin(engine, tmp_path):
+    app = create_app(engine, FileStore(tmp_path), Settings(api_key="secret", cors_origins=("http://app.example",)))
     with live_server(app) as url:
         preflight = request(url, "OPTIONS", "/v1/images/generations",
                             headers={"Origin": "http://app.example", "Access-Control-Request-Method": "POST"})
         assert preflight.status == 204  # answered before the API key check: browsers send none here
         headers = {k.lower(): v for k, v in preflight.headers.items()}
-        assert headers["access-control-allow-origin"] == "*"
+        assert headers["access-control-allow-origin"] == "http://app.example"
         assert "Authorization" in headers["access-control-allow-headers"]
-        refused = request(url, "GET", "/v1/models")
+        refused = request(url, "GET", "/v1/models", headers={"Origin": "http://app.example"})
         assert refused.status == 401
-        assert {k.lower(): v for k, v in refused.headers.items()}["access-control-allow-origin"] == "*"
+        assert {k.lower(): v for k, v in refused.headers.items()}["access-control-allow-origin"] == "http://app.example"

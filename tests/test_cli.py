@@ -44,3 +44,31 @@ def test_generate_img2img_and_bad_input(tmp_path, capsys):
 def test_models_lists_the_builtin(tmp_path, capsys):
     assert main(["models", "--model-dir", str(tmp_path)]) == 0
     assert TINY_MODEL_NAME in capsys.readouterr().out
+
+
+def test_serve_listens_on_loopback_by_default():
+    from mlx_sd_server.api.server import bind_address
+    from mlx_sd_server.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert args.host is None and args.cors_origin == []
+    assert bind_address(args) == ("127.0.0.1", 8080)
+    assert bind_address(build_parser().parse_args(["serve", "--host", "0.0.0.0"])) == ("0.0.0.0", 8080)
+
+
+def test_store_retention_options_are_checked_and_kept_as_written(tmp_path, monkeypatch):
+    import pytest
+
+    from mlx_sd_server import service
+    from mlx_sd_server.api.server import store_from_args
+    from mlx_sd_server.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--store-max-age", "7d", "--store-max-gb", "0.5",
+                                      "--store-dir", str(tmp_path / "files")])
+    store = store_from_args(args)
+    assert (store.max_age, store.max_bytes) == (7 * 86400, 2**29)
+    monkeypatch.setenv("MLX_SD_MODEL_DIR", str(tmp_path))
+    argv = service.serve_argv(build_parser().parse_args(["service", "install", "--store-max-age", "7d"]))
+    assert argv[argv.index("--store-max-age") + 1] == "7d"  # not 604800.0, which would read back as hours
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--store-max-age", "0"])

@@ -177,6 +177,7 @@ def test_emphasis_weights_t5_states(flux):
 
     plain = context("a photo of a cat")
     assert np.array_equal(context("(a photo:1.0) of a cat"), plain)
+    assert np.array_equal(context("a photo BREAK of a cat"), plain)  # T5 reads one sequence: a word break
     ratio = context("(a photo:1.5) of a cat") / plain
     emphasised = len(ours.model.tokenizers[1].tokenize("a photo"))
     restore = ratio[-1, 0]  # the mean correction every token gets

@@ -1,5 +1,6 @@
 import base64
 import io
+import time
 import zlib
 import struct
 
@@ -62,6 +63,40 @@ def test_refuses_decompression_bomb_before_decoding(side):
 
 def test_refuses_image_over_pixel_limit():
     expect_error(png_bytes(Image.new("RGB", (64, 64))), "image_too_large", max_pixels=63 * 64)
+
+
+@pytest.mark.parametrize("width, height", [(1, 100_000), (100_000, 1), (1, 36_000_000), (2, 41)])
+def test_refuses_thin_strips_from_the_header(width, height):
+    """A thin strip would be scaled to a giant to cover the output; it is refused before decoding."""
+    data = png_header_only(width, height)
+    started = time.monotonic()
+    error = expect_error(data, "invalid_image_dimensions", max_pixels=36_000_000)
+    assert f"{width}x{height}" in error.message and time.monotonic() - started < 0.5
+
+
+def test_aspect_limit_is_a_parameter():
+    assert open_upload(png_bytes(Image.new("RGB", (2, 40))), "image", **LIMITS).size == (2, 40)
+    expect_error(png_bytes(Image.new("RGB", (2, 40))), "invalid_image_dimensions", max_aspect=19.9)
+    assert open_upload(png_bytes(Image.new("RGB", (1, 50))), "image", **LIMITS, max_aspect=50).size == (1, 50)
+
+
+def test_sixteen_bit_and_cmyk_images_decode():
+    gray16 = Image.new("I;16", (8, 8), 40000)
+    assert open_upload(png_bytes(gray16), "image", **LIMITS).mode == "L"
+    buffer = io.BytesIO()
+    Image.new("CMYK", (8, 8), (0, 255, 0, 0)).save(buffer, "JPEG")
+    assert open_upload(buffer.getvalue(), "image", **LIMITS).mode == "RGB"
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_broken_exif_is_an_invalid_image_or_ignored_never_a_crash():
+    image = Image.new("RGB", (8, 4))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\xff\xff\xff\xff")
+    try:
+        assert open_upload(buffer.getvalue(), "image", **LIMITS).size in ((8, 4), (4, 8))
+    except JobError as error:
+        assert error.code == "invalid_image"
 
 
 @pytest.mark.parametrize("data", [

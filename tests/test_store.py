@@ -1,6 +1,8 @@
+import time
+
 import pytest
 
-from mlx_sd_server.store import FileStore, InvalidFileIdError
+from mlx_sd_server.store import FileStore, InvalidFileIdError, max_age, max_gb
 
 
 def test_save_get_list_delete(tmp_path):
@@ -54,3 +56,26 @@ def test_interrupted_writes_leave_nothing_visible(tmp_path):
     (leftover / "half.png").write_bytes(b"partial")
     store = FileStore(tmp_path)  # a restart cleans up after a crash mid-write
     assert store.list() == [] and not leftover.exists()
+
+
+def test_new_ids_are_time_ordered_and_carry_their_creation_time(tmp_path):
+    store = FileStore(tmp_path)
+    saved = store.save_batch([(b"1", "a.png"), (b"2", "b.png")]) + [store.save(b"3", "c.png")]
+    assert [f.id for f in saved] == sorted(f.id for f in saved)  # creation order, also within a batch
+    assert [f.id for f in store.list()] == [f.id for f in saved]
+    assert all(abs(f.created_at - time.time()) < 5 for f in saved)
+    assert [f.to_dict() for f in FileStore(tmp_path).list()] == [f.to_dict() for f in saved]  # after a restart
+
+
+def test_retention_options():
+    assert max_age("90s") == 90 and max_age("30m") == 1800 and max_age("12h") == max_age("12") == 43200
+    assert max_age("7d") == 7 * 86400 and max_age("1.5h") == 5400
+    assert max_gb("10") == 10 * 2**30 and max_gb("0.5") == 2**29
+    for bad in ("0", "-1h", "1w", "", "h", "nan"):
+        with pytest.raises(ValueError):
+            max_age(bad)
+    for bad in ("0", "-2", "x", "", "nan", "1e-12"):
+        with pytest.raises(ValueError):
+            max_gb(bad)
+    with pytest.raises(ValueError):
+        FileStore("/nonexistent-never-created", max_bytes=0)

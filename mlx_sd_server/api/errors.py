@@ -1,26 +1,35 @@
 """Every error leaves the server as OpenAI's JSON envelope, mapped here and nowhere else.
 
 `{"error": {"message", "type", "param", "code"}}` with the matching status. Unexpected exceptions are
-logged with their traceback and answered with a bare 500: a traceback never reaches a client.
+logged with their traceback and answered with a bare 500: a traceback never reaches a client. Messages
+show client values through `job.shown` where they are made; here, as a last guard for messages made
+elsewhere (a model name in a 404), no message is longer than MAX_MESSAGE and no `param` than ECHO_CHARS.
+A 429 says when to retry (`Retry-After`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 from quart import Quart, jsonify
 from werkzeug.exceptions import HTTPException
 
-from mlx_sd_server.job import JobError
+from mlx_sd_server.job import ECHO_CHARS, JobError
 from mlx_sd_server.registry import ModelLoadError, ModelNotFoundError
 from mlx_sd_server.worker import QueueFullError
 
 log = logging.getLogger("mlx_sd_server.api")
 
 # OpenAI's error `type` for each status we send.
-_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error",
+                507: "server_error"}
 # `code` for errors raised by routing and body handling rather than by our own code.
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
+MAX_MESSAGE = 1000
+# Seconds a client is told to wait when the queue is full, unless the QueueFullError carries its own
+# `retry_after` (an estimate from the worker): about the time a typical job takes to free a place.
+DEFAULT_RETRY_AFTER = 10
 
 
 class APIError(Exception):
@@ -32,10 +41,27 @@ class APIError(Exception):
         self.code = code
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None):
-    body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
-    return jsonify(body), status
+def _clip(text: str | None, limit: int) -> str | None:
+    return text if text is None or len(text) <= limit else text[: limit - 1] + "…"
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None):
+    body = {"error": {"message": _clip(message, MAX_MESSAGE), "type": _ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": _clip(param, ECHO_CHARS), "code": code}}
+    response = jsonify(body)
+    response.headers.update(headers or {})
+    return response, status
+
+
+def retry_after(error: Exception) -> int:
+    """Whole seconds (at least 1) for `Retry-After`: the error's own `retry_after`, else the default."""
+    seconds = getattr(error, "retry_after", None)
+    try:
+        seconds = float(seconds)
+    except (TypeError, ValueError):
+        return DEFAULT_RETRY_AFTER
+    return max(1, math.ceil(seconds)) if math.isfinite(seconds) else DEFAULT_RETRY_AFTER
 
 
 def register_error_handlers(app: Quart) -> None:
@@ -58,7 +84,7 @@ def register_error_handlers(app: Quart) -> None:
 
     @app.errorhandler(QueueFullError)
     async def queue_full(error: QueueFullError):
-        return error_response(429, str(error), None, "queue_full")
+        return error_response(429, str(error), None, "queue_full", {"Retry-After": str(retry_after(error))})
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException):

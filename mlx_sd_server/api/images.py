@@ -18,6 +18,7 @@ from mlx_sd_server.images import (
 )
 from mlx_sd_server.job import Job, JobError, build_job
 from mlx_sd_server.registry import ModelInfo
+from mlx_sd_server.store import StoredFile, StoreFullError
 
 log = logging.getLogger("mlx_sd_server.api")
 
@@ -67,24 +68,56 @@ async def _serve(parsed: ParsedRequest):
         log.info("client disconnected: cancelled task %d", task.id)
         raise
 
-    data = []
     extension = parsed.delivery.output_format
-    for image_bytes, seed in zip(encoded, job.seeds()):
-        item = {"prompt": job.prompt, "seed": seed}
-        if parsed.delivery.response_format == "b64_json":
-            item["b64_json"] = base64.b64encode(image_bytes).decode("ascii")
-        else:
-            stored = server.store.save(image_bytes, f"image_{seed}.{extension}")
-            item["url"] = f"{_url_prefix(server)}/v1/files/download/{stored.id}/{stored.filename}"
-        data.append(item)
+    images = list(zip(encoded, job.seeds()))
+    if parsed.delivery.response_format == "b64_json":
+        data = [{"prompt": job.prompt, "seed": seed, "b64_json": base64.b64encode(image_bytes).decode("ascii")}
+                for image_bytes, seed in images]
+    else:  # one batch: every image is kept, or none is
+        stored = await _save_batch(server, [(image_bytes, f"image_{seed}.{extension}") for image_bytes, seed in images])
+        prefix = _url_prefix(server)
+        data = [{"prompt": job.prompt, "seed": seed, "url": f"{prefix}/v1/files/download/{item.id}/{item.filename}"}
+                for item, (_, seed) in zip(stored, images)]
     return jsonify({"created": created, "data": data, "model": info.name, "output_format": extension})
+
+
+async def _save_batch(server: ServerState, items: list[tuple[bytes, str]]) -> list[StoredFile]:
+    """Save the request's images all-or-nothing, off the event loop. A full disk is a 507 with nothing
+    kept; a client gone while saving gets nothing, and nothing is kept for it either."""
+    saving = asyncio.ensure_future(asyncio.to_thread(server.store.save_batch, items))
+    try:
+        return await asyncio.shield(saving)
+    except asyncio.CancelledError:
+        saving.add_done_callback(lambda done: _discard(server, done))
+        raise
+    except StoreFullError as error:
+        log.error("%s", error.strerror)
+        raise JobError(f"{error.strerror}; free some disk space or delete files (DELETE /v1/files/{{id}})",
+                       None, "insufficient_storage", 507) from None
+
+
+def _discard(server: ServerState, done: asyncio.Future) -> None:
+    """A batch saved for a client that went away: nobody has its urls, so remove it (in a thread)."""
+    if done.cancelled() or done.exception() is not None:
+        return
+    ids = [item.id for item in done.result()]
+
+    def remove() -> None:
+        for file_id in ids:
+            try:
+                server.store.delete(file_id)
+            except OSError:
+                log.warning("could not remove undelivered file %s", file_id)
+
+    asyncio.get_running_loop().run_in_executor(None, remove)
 
 
 def _build_job(parsed: ParsedRequest, info: ModelInfo, server: ServerState) -> Job:
     """Decode the uploads and validate everything into one Job (the pipeline fits images to its size)."""
     settings = server.settings
     uploads = {
-        name: open_upload(data, name, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_upload_pixels)
+        name: open_upload(data, name, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_upload_pixels,
+                          max_aspect=settings.limits.max_upload_aspect)
         for name, data in parsed.uploads.items()
     }
     images: dict[str, Image.Image] = {name: flatten(image) for name, image in uploads.items() if name != "mask"}
@@ -107,4 +140,17 @@ def _encode(images: list[Image.Image], job: Job, info: ModelInfo, delivery: Deli
 
 
 def _url_prefix(server: ServerState) -> str:
-    return (server.settings.download_url_prefix or request.host_url).rstrip("/")
+    """Where image urls point: --download-url-prefix, else the address the server is bound to, else the
+    address this connection was accepted on. Never the request's Host header (a client could make the
+    urls point anywhere)."""
+    settings = server.settings
+    prefix = settings.download_url_prefix or getattr(settings, "bound_url", None)
+    if not prefix:
+        scheme = "https" if request.scope.get("scheme") in ("https", "wss") else "http"
+        host, port = (request.scope.get("server") or ("127.0.0.1", None))[:2]
+        if host in (None, "", "0.0.0.0", "::"):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        prefix = f"{scheme}://{host}" + (f":{port}" if port else "")
+    return prefix.rstrip("/")

@@ -3,23 +3,38 @@
 The two encodings are normalised here, so the routes see one shape: `fields` holds job fields (typed
 JSON values or form strings, validated later by `build_job`), `uploads` holds the bytes of each image
 field, and `delivery` says how the results go back to the client.
+
+A body is read strictly, as the flat set of fields it must be, so its shape cannot cost more than its
+bytes: a JSON body is one object of plain values (strings, numbers, booleans, null; an array or object
+value is refused before it is built, so nesting cannot recurse), with at most `Limits.max_fields` keys,
+each once; a form has at most `max_fields` parts, each named and sent once, and must end with its
+closing boundary; text is UTF-8. Anything else is a 400 (413 for too many fields) naming what is wrong.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 from quart import Request
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.http import parse_options_header
+from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData, State
 
+from mlx_sd_server.api.state import state
 from mlx_sd_server.images import OUTPUT_FORMATS, decode_base64_image
-from mlx_sd_server.job import JOB_FIELDS, JobError
+from mlx_sd_server.job import JOB_FIELDS, JobError, Limits, check_field_sizes, check_text, shown
 
 # Accepted for OpenAI-SDK compatibility and ignored: nothing here can honour them.
 IGNORED_FIELDS = ("background", "moderation")
 DELIVERY_FIELDS = ("response_format", "output_format", "output_compression")
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+MAX_BOUNDARY = 200  # RFC 2046 allows 70 characters
+MAX_PART_HEADERS = 16 * 1024  # bytes of one part's headers (a long file name fits many times over)
+TEXT_CHARSETS = ("utf-8", "ascii", "us-ascii", "iso-8859-1")  # a form part may declare one of these
 
 
 @dataclass(frozen=True)
@@ -36,17 +51,28 @@ class ParsedRequest:
     delivery: Delivery = Delivery()
 
 
-async def parse_request(request: Request, image_fields: tuple[str, ...]) -> ParsedRequest:
-    """Read and sort a request body. `image_fields` are the image fields this route accepts."""
+async def parse_request(request: Request, image_fields: tuple[str, ...], limits: Limits | None = None) -> ParsedRequest:
+    """Read and sort a request body. `image_fields` are the image fields this route accepts; `limits`
+    default to the server's."""
+    limits = limits or state().settings.limits
     if request.mimetype == "application/json":
-        raw = await _read_json(request)
+        raw = read_json(await request.get_data(), limits)
+    elif request.mimetype == "multipart/form-data":
+        raw = read_multipart(await request.get_data(), request.mimetype_params.get("boundary"), limits)
     elif request.mimetype in FORM_TYPES:
-        raw = await _read_form(request, image_fields)
+        raw = read_urlencoded(await request.get_data(), limits)
     else:
         raise JobError(
-            f"Content-Type must be application/json or multipart/form-data, got {request.mimetype or 'none'!r}",
+            f"Content-Type must be application/json or multipart/form-data, got {shown(request.mimetype or 'none')}",
             None, "unsupported_media_type", 415,
         )
+    for name, value in raw.items():
+        if name not in image_fields and name not in (*JOB_FIELDS, *DELIVERY_FIELDS, *IGNORED_FIELDS):
+            raise JobError(f"unknown field {shown(name)}", name, "unknown_field")
+        if name not in image_fields and isinstance(value, bytes):  # a text field sent as a file (curl -F x=@f)
+            raw[name] = _text(name, value)
+    # Sizes before anything reads them: `model` is resolved, and delivery fields read, before build_job runs.
+    check_field_sizes({name: value for name, value in raw.items() if name not in image_fields}, limits)
     parsed = ParsedRequest()
     delivery: dict[str, Any] = {}
     for name, value in raw.items():
@@ -56,40 +82,196 @@ async def parse_request(request: Request, image_fields: tuple[str, ...]) -> Pars
             parsed.fields[name] = value
         elif name in DELIVERY_FIELDS:
             delivery[name] = value
-        elif name not in IGNORED_FIELDS:
-            raise JobError(f"unknown field {name!r}", name, "unknown_field")
     parsed.delivery = _parse_delivery(delivery)
     return parsed
 
 
-async def _read_json(request: Request) -> dict[str, Any]:
-    body = await request.get_data()
+# --- JSON ------------------------------------------------------------------------------------------
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+def read_json(body: bytes, limits: Limits) -> dict[str, Any]:
+    """One JSON object of plain values -> {name: value}, null values dropped (absent, as OpenAI treats them).
+
+    Read key by key with the standard decoder's scanner, so an array or object value is refused on sight
+    (never built: no recursion, no memory beyond the body), as are duplicate keys, NaN/Infinity, lone
+    surrogates and more than `max_fields` keys."""
     try:
-        raw = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise JobError(f"request body is not valid JSON: {error}", None, "invalid_json") from None
-    if not isinstance(raw, dict):
-        raise JobError("request body must be a JSON object", None, "invalid_json")
-    return {name: value for name, value in raw.items() if value is not None}  # null = absent, as OpenAI
-
-
-async def _read_form(request: Request, image_fields: tuple[str, ...]) -> dict[str, Any]:
-    form = await request.form
-    files = await request.files
+        text = body.decode(json.detect_encoding(body))
+    except UnicodeDecodeError as error:
+        raise JobError(f"request body is not valid JSON: not UTF-8 text ({error.reason} at byte {error.start})",
+                       None, "invalid_json") from None
     raw: dict[str, Any] = {}
-    for name in form:
-        raw[_field_name(name)] = form[name]
-    for name in files:
-        uploads = files.getlist(name)
-        field_name = _field_name(name)
-        if len(uploads) > 1 or field_name in raw:
-            raise JobError(f"only one {field_name} may be sent", field_name, "invalid_value")
-        raw[field_name] = uploads[0].read() if field_name in image_fields else uploads[0].read().decode("utf-8", "replace")
+    seen: set[str] = set()
+    end = len(text)
+
+    def skip(at: int) -> int:
+        return _WHITESPACE.match(text, at).end()
+
+    def expect(at: int, char: str, what: str) -> int:
+        if at >= end or text[at] != char:
+            raise JobError(f"request body is not valid JSON: expected {what} at character {at}", None,
+                           "invalid_json")
+        return at + 1
+
+    at = skip(0)
+    if at >= end or text[at] != "{":
+        if at < end and text[at] in "[\"-0123456789tfn":  # a JSON value, but not an object
+            raise JobError("request body must be a JSON object", None, "invalid_json")
+        raise JobError(f"request body is not valid JSON: expected an object at character {at}", None, "invalid_json")
+    at = skip(at + 1)
+    if at < end and text[at] == "}":
+        at += 1
+    else:
+        while True:
+            if at >= end or text[at] != '"':
+                raise JobError(f"request body is not valid JSON: expected a field name in double quotes at "
+                               f"character {at}", None, "invalid_json")
+            name, at = _scan(text, at)
+            try:
+                check_text("a field name", name)
+            except JobError as error:  # about no field: no param
+                raise JobError(error.message, None, error.code) from None
+            if name in seen:
+                raise JobError(f"only one {shown(name)} may be sent", name, "invalid_value")
+            if len(seen) >= limits.max_fields:
+                raise JobError(f"the request has more than {limits.max_fields} fields", None, "too_many_fields", 413)
+            seen.add(name)
+            at = skip(expect(skip(at), ":", "':'"))
+            if at < end and text[at] in "[{":
+                kind = "an array" if text[at] == "[" else "an object"
+                raise JobError(f"{shown(name)} must be a single value (a string, number or boolean), not {kind}",
+                               name, "invalid_type")
+            value, at = _scan(text, at)
+            if isinstance(value, str):
+                check_text(name, value)
+            if value is not None:  # null = absent
+                raw[name] = value
+            at = skip(at)
+            if at < end and text[at] == ",":
+                at = skip(at + 1)
+                continue
+            at = expect(at, "}", "',' or '}'")
+            break
+    if skip(at) != end:
+        raise JobError(f"request body is not valid JSON: extra data at character {skip(at)}", None, "invalid_json")
     return raw
 
 
-def _field_name(name: str) -> str:
-    return name.removesuffix("[]")  # OpenAI clients send image lists as `image[]`
+def _scan(text: str, at: int) -> tuple[Any, int]:
+    """One JSON scalar at `at` -> (value, end)."""
+    try:
+        return _DECODER.raw_decode(text, at)
+    except json.JSONDecodeError as error:
+        raise JobError(f"request body is not valid JSON: {error}", None, "invalid_json") from None
+    except ValueError as error:  # NaN/Infinity, or an integer with more digits than Python converts
+        message = str(error) if "JSON number" in str(error) else "a number too long to read"
+        raise JobError(f"request body is not valid JSON: {message}", None, "invalid_json") from None
+
+
+# --- forms -----------------------------------------------------------------------------------------
+
+
+class _Decoder(MultipartDecoder):
+    """Werkzeug's decoder, refusing a part's headers over MAX_PART_HEADERS before parsing them (megabytes of
+    header take its header parser seconds)."""
+
+    def _parse_headers(self, data: bytes | bytearray):
+        if len(data) > MAX_PART_HEADERS:
+            raise ValueError(f"a part's headers are over {MAX_PART_HEADERS} bytes")
+        return super()._parse_headers(data)
+
+
+def read_multipart(body: bytes, boundary: str | None, limits: Limits) -> dict[str, Any]:
+    """A multipart/form-data body -> {name: bytes (a file part) or str (a text part)}. Every part must be
+    named and sent once, text must be UTF-8 (or a charset the part declares), and the body must end with
+    its closing boundary: a truncated upload is refused, not read as far as it got."""
+    if not boundary:
+        raise JobError("multipart/form-data needs a boundary parameter in its Content-Type", None, "invalid_form")
+    if len(boundary) > MAX_BOUNDARY:
+        raise JobError(f"the multipart boundary is over {MAX_BOUNDARY} characters", None, "invalid_form")
+    decoder = _Decoder(boundary.encode("latin-1", "replace"), max_parts=limits.max_fields)
+    decoder.receive_data(body)
+    decoder.receive_data(None)  # all of it: the decoder must find the closing boundary in what it has
+    raw: dict[str, Any] = {}
+    part: Field | File | None = None
+    chunks: list[bytes] = []
+    try:
+        while not isinstance(event := decoder.next_event(), Epilogue):
+            if isinstance(event, (Field, File)):
+                part, chunks = event, []
+            elif isinstance(event, Data) and part is not None:
+                chunks.append(event.data)
+                if not event.more_data:
+                    name = _part_name(part, raw)
+                    data = b"".join(chunks)
+                    raw[name] = data if isinstance(part, File) else _text(name, data, part.headers.get("content-type"))
+                    part = None
+            elif isinstance(event, NeedData):  # not reached: the decoder raises once all data is in
+                raise ValueError("the body ended early")
+    except JobError:  # a ValueError too
+        raise
+    except RequestEntityTooLarge:
+        raise JobError(f"the form has more than {limits.max_fields} parts", None, "too_many_fields", 413) from None
+    except ValueError as error:  # the decoder's word for a malformed body (UnicodeDecodeError included)
+        if decoder.state == State.PREAMBLE:
+            raise JobError("the multipart body has no part opening with the boundary its Content-Type names",
+                           None, "invalid_form") from None
+        if "parse beyond" in str(error):  # all data in, and the decoder still wanted more
+            raise JobError("the multipart body ends before its closing boundary (--boundary--): the upload is "
+                           "incomplete", None, "invalid_form") from None
+        raise JobError(f"the multipart body is malformed: {shown(str(error))}", None, "invalid_form") from None
+    return raw
+
+
+def _part_name(part: Field | File, raw: dict[str, Any]) -> str:
+    if not part.name:
+        raise JobError("a form part has no name (Content-Disposition: form-data; name=\"...\")", None, "invalid_form")
+    name = part.name.removesuffix("[]")  # OpenAI clients send image lists as `image[]`
+    if name in raw:
+        raise JobError(f"only one {shown(name)} may be sent", name, "invalid_value")
+    return name
+
+
+def _text(name: str, data: bytes, content_type: str | None = None) -> str:
+    """A text field's bytes, in the charset its part declares (UTF-8 unless one of TEXT_CHARSETS)."""
+    charset = parse_options_header(content_type or "")[1].get("charset", "utf-8").lower()
+    charset = charset if charset in TEXT_CHARSETS else "utf-8"
+    try:
+        return data.decode(charset)
+    except UnicodeDecodeError:
+        raise JobError(f"{shown(name)} is not valid {charset} text", name, "invalid_value") from None
+
+
+def read_urlencoded(body: bytes, limits: Limits) -> dict[str, str]:
+    """An application/x-www-form-urlencoded body -> {name: str}, each name once, UTF-8."""
+    try:
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, encoding="utf-8", errors="strict",
+                          max_num_fields=limits.max_fields)
+    except UnicodeDecodeError:
+        raise JobError("the form is not valid UTF-8 text", None, "invalid_form") from None
+    except ValueError:  # max_num_fields
+        raise JobError(f"the form has more than {limits.max_fields} fields", None, "too_many_fields", 413) from None
+    raw: dict[str, str] = {}
+    for name, value in pairs:
+        name = name.removesuffix("[]")
+        if not name:
+            raise JobError("a form field has no name", None, "invalid_form")
+        if name in raw:
+            raise JobError(f"only one {shown(name)} may be sent", name, "invalid_value")
+        raw[name] = value
+    return raw
+
+
+# --- the rest --------------------------------------------------------------------------------------
 
 
 def _image_from_text(name: str, value: Any) -> bytes:
@@ -99,14 +281,17 @@ def _image_from_text(name: str, value: Any) -> bytes:
 
 
 def _parse_delivery(values: dict[str, Any]) -> Delivery:
+    for name, value in values.items():
+        if name != "output_compression" and not isinstance(value, str):
+            raise JobError(f"{name} must be a string, got {shown(value)}", name, "invalid_type")
     response_format = values.get("response_format", "url")
     if response_format not in ("url", "b64_json"):
-        raise JobError(f"response_format must be 'url' or 'b64_json', got {response_format!r}",
+        raise JobError(f"response_format must be 'url' or 'b64_json', got {shown(response_format)}",
                        "response_format", "invalid_value")
     output_format = values.get("output_format", "png")
     output_format = "jpeg" if output_format == "jpg" else output_format
     if output_format not in OUTPUT_FORMATS:
-        raise JobError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}",
+        raise JobError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {shown(output_format)}",
                        "output_format", "invalid_value")
     compression = values.get("output_compression")
     if compression is not None:
@@ -115,7 +300,9 @@ def _parse_delivery(values: dict[str, Any]) -> Delivery:
                 raise TypeError(compression)
             compression = int(compression)
         except (TypeError, ValueError):
-            raise JobError("output_compression must be an integer 0..100", "output_compression", "invalid_type") from None
+            raise JobError(f"output_compression must be an integer 0..100, got {shown(compression)}",
+                           "output_compression", "invalid_type") from None
         if not 0 <= compression <= 100:
-            raise JobError("output_compression must be between 0 and 100", "output_compression", "out_of_range")
+            raise JobError(f"output_compression must be between 0 and 100, got {shown(compression)}",
+                           "output_compression", "out_of_range")
     return Delivery(response_format, output_format, compression)

@@ -15,7 +15,16 @@ from mlx_sd_server.worker import Worker
 @dataclass(frozen=True)
 class Settings:
     api_key: str | None = None
-    download_url_prefix: str | None = None  # None: the scheme and host the request came in on
+    download_url_prefix: str | None = None  # public prefix of image urls (--download-url-prefix)
+    # The address the server listens on, as a url ("http://127.0.0.1:8080"), set by `serve` from the bound
+    # socket: image urls are built from download_url_prefix or this, never from the request's Host header.
+    bound_url: str | None = None
+    # Origins (scheme://host[:port], normalised) that browsers may call the API from; "*" for any. Empty:
+    # CORS is off, and browsers' cross-origin POST/DELETE requests are refused.
+    cors_origins: tuple[str, ...] = ()
+    # Host header names (lower case, no port) the server answers; empty: any. `serve` sets the loopback
+    # names when it listens on loopback, so a DNS-rebound web page cannot reach it by another name.
+    allowed_hosts: tuple[str, ...] = ()
     max_upload_bytes: int = 20 * 2**20  # whole request body
     max_upload_pixels: int = 6000 * 6000  # decoded size of one uploaded image (phone photos fit)
     max_queue: int = 8

@@ -4,44 +4,82 @@
 bracket; `BREAK` starts a new 75-token chunk. Long prompts are split into chunks of 75 tokens (at the
 last comma when one is near the boundary), each encoded as its own 77-token window, and the windows'
 embeddings are concatenated.
+
+A prompt is client input, so its syntax is checked rather than trusted: a malformed weight (`(cat:1.2.3)`),
+brackets nested deeper than `MAX_NESTING` or a weight beyond `MAX_WEIGHT` is a `JobError`, and
+`check_prompt` (called by `build_job`, before a job is queued) bounds the number of windows.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import mlx.core as mx
+from mlx_sd_server.engine.tokenizer import CLIPTokenizer, default_vocab_path
+from mlx_sd_server.job import JobError, shown
 
-from mlx_sd_server.engine.tokenizer import CLIPTokenizer
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 CHUNK_TOKENS = 75  # 77 minus <|startoftext|> and <|endoftext|>
 COMMA_LOOKBACK = 20  # split at a comma this close to the chunk boundary, as A1111 does
+MIN_CHUNK_TOKENS = CHUNK_TOKENS - COMMA_LOOKBACK + 1  # a chunk cut before the end of its text holds at least this
 ROUND_UP, SQUARE_DOWN = 1.1, 1 / 1.1
+MAX_NESTING = 32  # brackets open at once; nobody means more, and it keeps parsing linear
+MAX_WEIGHT = 1000.0  # |weight| after nesting multiplies; beyond it the text encoder's states overflow
 
+# A weight is matched loosely (as A1111 does) so that a malformed one is refused rather than read as text.
 _TOKEN_RE = re.compile(r"\\[\\()\[\]]|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:|\\")
+_NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _BREAK_RE = re.compile(r"\s*\bBREAK\b\s*")
 
 
+class Break(str):
+    """The BREAK marker in `parse_emphasis`'s output: ("BREAK", -1.0), as A1111 writes it, but told apart from
+    text by its type, so that neither brackets around it nor a (text:-1) weight can change what it is."""
+
+
+BREAK = Break("BREAK")
+
+
+class PromptSyntaxError(JobError):
+    def __init__(self, message: str):
+        super().__init__(message, "prompt", "invalid_prompt")
+
+
 def parse_emphasis(text: str) -> list[tuple[str, float]]:
-    """Split `text` into (fragment, weight) pairs; unbalanced brackets are closed at the end."""
+    """Split `text` into (fragment, weight) pairs; unbalanced brackets are closed at the end. A BREAK is
+    (`BREAK`, -1.0), its fragment a `Break`. Raises PromptSyntaxError for a weight that is not a number,
+    brackets nested deeper than MAX_NESTING, or a weight beyond MAX_WEIGHT."""
     pieces: list[list] = []
     round_open: list[int] = []
     square_open: list[int] = []
 
     def scale_from(start: int, factor: float) -> None:
-        for piece in pieces[start:]:
-            piece[1] *= factor
+        for piece in pieces[start:]:  # at most MAX_NESTING ranges cover a piece: linear overall
+            if not isinstance(piece[0], Break):
+                piece[1] *= factor
+
+    def open_at(brackets: list[int], token: str) -> None:
+        if len(round_open) + len(square_open) >= MAX_NESTING:
+            raise PromptSyntaxError(f"brackets are nested more than {MAX_NESTING} deep (escape a literal one "
+                                    f"as \\{token})")
+        brackets.append(len(pieces))
 
     for match in _TOKEN_RE.finditer(text):
         token, weight = match.group(0), match.group(1)
         if token.startswith("\\") and len(token) == 2:
             pieces.append([token[1], 1.0])
         elif token == "(":
-            round_open.append(len(pieces))
+            open_at(round_open, "(")
         elif token == "[":
-            square_open.append(len(pieces))
+            open_at(square_open, "[")
         elif weight is not None and round_open:
+            if not _NUMBER_RE.fullmatch(weight):
+                raise PromptSyntaxError(f"emphasis weight {shown(weight)} is not a number (write (text:1.2))")
             scale_from(round_open.pop(), float(weight))
         elif token == ")" and round_open:
             scale_from(round_open.pop(), ROUND_UP)
@@ -50,7 +88,7 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
         else:
             for i, part in enumerate(_BREAK_RE.split(token)):
                 if i:
-                    pieces.append(["BREAK", -1.0])
+                    pieces.append([BREAK, -1.0])
                 pieces.append([part, 1.0])
     for start in round_open:
         scale_from(start, ROUND_UP)
@@ -58,12 +96,54 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
         scale_from(start, SQUARE_DOWN)
 
     merged: list[tuple[str, float]] = []
+    run: list[str] = []  # fragments of equal weight, joined once (no quadratic concatenation)
+    run_weight = 1.0
     for fragment, weight in pieces:
-        if merged and merged[-1][1] == weight and weight != -1.0:
-            merged[-1] = (merged[-1][0] + fragment, weight)
-        else:
+        if fragment and not isinstance(fragment, Break) and abs(weight) > MAX_WEIGHT:
+            raise PromptSyntaxError(f"emphasis weight {weight:g} (after nesting) is beyond ±{MAX_WEIGHT:g}")
+        if run and (isinstance(fragment, Break) or weight != run_weight):
+            merged.append(("".join(run), run_weight))
+            run = []
+        if isinstance(fragment, Break):
             merged.append((fragment, weight))
+        else:
+            run.append(fragment)
+            run_weight = weight
+    if run:
+        merged.append(("".join(run), run_weight))
     return [(f, w) for f, w in merged if f] or [("", 1.0)]
+
+
+def check_prompt(text: str, param: str, max_chunks: int) -> None:
+    """Refuse (JobError on `param`) a prompt with bad emphasis syntax or more than `max_chunks` windows as
+    `chunk_prompt` cuts them with CLIP's tokenizer (the vocabulary every SD model's text encoders share).
+    Short prompts are passed on an upper bound (a token holds at least one byte of the normalised text)
+    without tokenizing; only a long one is tokenized, with the packaged vocabulary."""
+    try:
+        pieces = parse_emphasis(text)
+    except PromptSyntaxError as error:
+        raise JobError(f"{param}: {error.message}", param, error.code) from None
+    breaks = sum(isinstance(fragment, Break) for fragment, _ in pieces)
+    if breaks > max_chunks:  # every BREAK ends a window
+        raise JobError(f"{param} has {breaks} BREAKs, so at least {breaks} chunks of {CHUNK_TOKENS} tokens: over "
+                       f"this server's limit of {max_chunks}", param, "prompt_too_long")
+    bound, tokens = 0, 0
+    for fragment, _ in pieces:
+        if isinstance(fragment, Break):
+            bound, tokens = bound + tokens // MIN_CHUNK_TOKENS + 1, 0
+        else:
+            tokens += len(unicodedata.normalize("NFC", fragment).lower().encode("utf-8"))
+    if bound + tokens // MIN_CHUNK_TOKENS + 1 <= max_chunks:
+        return
+    chunks = len(chunk_prompt(_counting_tokenizer(), text))
+    if chunks > max_chunks:
+        raise JobError(f"{param} is {chunks} chunks of {CHUNK_TOKENS} tokens, over this server's limit of "
+                       f"{max_chunks} (each BREAK starts a new chunk)", param, "prompt_too_long")
+
+
+@lru_cache(maxsize=1)
+def _counting_tokenizer() -> CLIPTokenizer:
+    return CLIPTokenizer.from_bpe_file(default_vocab_path())
 
 
 @dataclass(frozen=True)
@@ -97,7 +177,7 @@ def chunk_prompt(tokenizer: CLIPTokenizer, text: str) -> list[Chunk]:
         ids, weights = ids[cut:], weights[cut:]
 
     for fragment, weight in parse_emphasis(text):
-        if weight == -1.0:  # BREAK
+        if isinstance(fragment, Break):
             flush()
             continue
         for token in tokenizer.tokenize(fragment):
@@ -119,6 +199,7 @@ def pad_chunks(chunks: list[Chunk], count: int, empty: Chunk) -> list[Chunk]:
 
 def apply_emphasis(hidden: mx.array, weights: mx.array) -> mx.array:
     """A1111's emphasis: scale each token's state by its weight, then restore the original mean."""
+    import mlx.core as mx  # here, so that checking a prompt (build_job) needs no MLX
     if mx.all(weights == 1.0).item():
         return hidden
     original_mean = hidden.mean()

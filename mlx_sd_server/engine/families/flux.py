@@ -17,7 +17,7 @@ import numpy as np
 from mlx_sd_server.engine.denoiser import Denoiser, model_denoiser
 from mlx_sd_server.engine.flux_transformer import latent_image_ids, pack_latents, unpack_latents
 from mlx_sd_server.engine.model_io import LoadedModel
-from mlx_sd_server.engine.prompt import apply_emphasis, parse_emphasis
+from mlx_sd_server.engine.prompt import BREAK, apply_emphasis, parse_emphasis
 from mlx_sd_server.engine.samplers import SAMPLERS
 from mlx_sd_server.engine.schedules import FLOW_SCHEDULES, flow_sigmas
 from mlx_sd_server.job import DEFAULT_GUIDANCE, Capabilities, Job, JobError
@@ -69,7 +69,9 @@ class FluxFamily:
         texts = [job.negative_prompt, job.prompt] if guided else [job.prompt]
         clip_tokenizer, t5_tokenizer = self.model.tokenizers
         clip, t5 = self.model.text_encoders
-        pieces = [parse_emphasis(text) for text in texts]
+        # BREAK starts a new CLIP window on SD; T5 reads one sequence, so here it is a word break.
+        pieces = [[(" ", 1.0) if fragment is BREAK else (fragment, weight) for fragment, weight in parse_emphasis(text)]
+                  for text in texts]
         plain = ["".join(fragment for fragment, _ in p) for p in pieces]
         pooled = clip(mx.array([clip_tokenizer.encode(text) for text in plain])).pooled_output
         ids, weights = zip(*(self._t5_tokens(t5_tokenizer, p) for p in pieces))
