@@ -238,7 +238,41 @@ def _as_str(name: str, value: Any) -> str:
     return check_text(name, value)
 
 
-def _in_range(name: str, value: float, lo: float, hi: float) -> None:
+def request_schema(limits: Limits = Limits()) -> dict[str, dict[str, Any]]:
+    """Every job field a request may carry as JSON Schema. build_job checks values against these bounds
+    and choices, and /openapi.json publishes them (api/openapi.py): one description, so they cannot drift."""
+    text = {"type": "string", "maxLength": limits.max_field_chars}
+    prompt = {"type": "string", "maxLength": limits.max_prompt_chars}
+    side = {"type": "integer", "minimum": limits.min_side, "maximum": limits.max_side, "multipleOf": 8}
+    return {
+        "prompt": {**prompt, "minLength": 1, "description": "what the image shows; A1111 emphasis syntax"},
+        "negative_prompt": {**prompt, "description": "what it should not show"},
+        "model": {**text, "description": "a served model's name (default: the server's default model)"},
+        "n": {"type": "integer", "minimum": 1, "maximum": limits.max_n, "default": 1},
+        "steps": {"type": "integer", "minimum": 1, "maximum": limits.max_steps,
+                  "description": "default: the model's (20; turbo/LCM/FLUX fewer)"},
+        "cfg_scale": {"type": "number", "minimum": 0, "maximum": 50,
+                      "description": "classifier-free guidance; <= 1 is off (default: the model's)"},
+        "guidance": {"type": "number", "minimum": 0, "maximum": 100,
+                     "description": "distilled guidance of models with a guidance embedding (FLUX.1-dev)"},
+        "sample_method": {"type": "string", "enum": list(SAMPLE_METHODS)},
+        "scheduler": {"type": "string", "enum": list(SCHEDULERS)},
+        "size": {**text, "description": "WIDTHxHEIGHT, or auto (the model's size)"},
+        "width": side,
+        "height": side,
+        "seed": {"type": "integer", "maximum": MAX_SEED, "default": 42, "description": "negative: random"},
+        "strength": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.75,
+                     "description": "edits: how much of the schedule is re-run"},
+        "control_strength": {"type": "number", "minimum": 0, "maximum": 10, "default": 0.9},
+        "control_preprocess": {"type": "string", "enum": ["none", "canny"], "default": "none"},
+        "apply_canny_preprocessor": {"type": "boolean", "description": "the reference's control_preprocess=canny"},
+        "style_ratio": {"type": "number", "description": "PhotoMaker's: refused (400), there is none here"},
+        **{name: ({**text, "enum": list(choices)} if choices else text) for name, choices in OPENAI_HINTS.items()},
+    }
+
+
+def _in_range(name: str, value: float, schema: dict[str, dict[str, Any]]) -> None:
+    lo, hi = schema[name].get("minimum", -math.inf), schema[name].get("maximum", math.inf)
     if not lo <= value <= hi:
         raise JobError(f"{name} must be between {lo} and {hi}, got {shown(value)}", name, "out_of_range")
 
@@ -335,6 +369,7 @@ def build_job(
         name = sorted(unknown)[0]
         raise JobError(f"unknown field {shown(name)}", name, "unknown_field")
     check_field_sizes(fields, limits)
+    schema = request_schema(limits)
     images = dict(images or {})
     values: dict[str, Any] = {}
 
@@ -358,15 +393,15 @@ def build_job(
             _check_prompt(name, values[name], limits)
 
     n = _as_int("n", fields.get("n", 1))
-    _in_range("n", n, 1, limits.max_n)
+    _in_range("n", n, schema)
     values["n"] = n
 
     steps = _as_int("steps", fields.get("steps", defaults.steps))
-    _in_range("steps", steps, 1, limits.max_steps)
+    _in_range("steps", steps, schema)
     values["steps"] = steps
 
     cfg_scale = _as_float("cfg_scale", fields.get("cfg_scale", defaults.cfg_scale))
-    _in_range("cfg_scale", cfg_scale, 0.0, 50.0)
+    _in_range("cfg_scale", cfg_scale, schema)
     values["cfg_scale"] = cfg_scale
 
     for name, choices, default in (
@@ -392,7 +427,7 @@ def build_job(
             raise JobError(f"{model_name} has no guidance embedding, so guidance cannot be honoured; "
                            "cfg_scale sets classifier-free guidance", "guidance", "unsupported_parameter")
         guidance = _as_float("guidance", fields["guidance"])
-        _in_range("guidance", guidance, 0.0, 100.0)
+        _in_range("guidance", guidance, schema)
         values["guidance"] = guidance
     elif capabilities.guidance:
         values["guidance"] = defaults.guidance if defaults.guidance is not None else DEFAULT_GUIDANCE
@@ -412,7 +447,7 @@ def build_job(
     values["width"], values["height"] = width, height
 
     seed = _as_int("seed", fields.get("seed", 42))
-    if seed > MAX_SEED:
+    if seed > schema["seed"]["maximum"]:
         raise JobError(f"seed must be at most {MAX_SEED}, got {shown(seed)}", "seed", "out_of_range")
     values["seed"] = secrets.randbelow(2**32) if seed < 0 else seed
 
@@ -420,15 +455,15 @@ def build_job(
         raise JobError("strength is how much of an image an edit keeps, and this request has no image "
                        "(send it to /v1/images/edits with one)", "strength", "unsupported_parameter")
     strength = _as_float("strength", fields.get("strength", 0.75))
-    _in_range("strength", strength, 0.0, 1.0)
+    _in_range("strength", strength, schema)
     values["strength"] = strength
 
     control_strength = _as_float("control_strength", fields.get("control_strength", 0.9))
-    _in_range("control_strength", control_strength, 0.0, 10.0)
+    _in_range("control_strength", control_strength, schema)
     values["control_strength"] = control_strength
 
     preprocess = _as_str("control_preprocess", fields.get("control_preprocess", "none")).strip().lower()
-    if preprocess not in ("none", "canny"):
+    if preprocess not in schema["control_preprocess"]["enum"]:
         raise JobError(
             f"control_preprocess must be 'none' or 'canny', got {shown(preprocess)}",
             "control_preprocess", "invalid_value",

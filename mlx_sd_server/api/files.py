@@ -19,6 +19,7 @@ from quart import Blueprint, Response, current_app, jsonify, request
 from mlx_sd_server.api.errors import APIError
 from mlx_sd_server.api.state import state
 from mlx_sd_server.images import MIME_TYPES
+from mlx_sd_server.job import shown
 from mlx_sd_server.store import FileStore, InvalidFileIdError
 
 log = logging.getLogger("mlx_sd_server.api")
@@ -57,7 +58,7 @@ async def list_files():
     after = request.args.get("after") or None
     order = request.args.get("order", "desc")
     if order not in ("asc", "desc"):
-        raise APIError(400, f"order must be 'asc' or 'desc', got {_shown(order)}", param="order",
+        raise APIError(400, f"order must be 'asc' or 'desc', got {shown(order)}", param="order",
                        code="invalid_value")
     purpose = request.args.get("purpose")
     store = state().store
@@ -75,10 +76,10 @@ async def list_files():
     try:
         body = await asyncio.to_thread(page_json)
     except InvalidFileIdError:
-        raise APIError(400, f"after must be a file id (file_<uuid>), got {_shown(after)}", param="after",
+        raise APIError(400, f"after must be a file id (file_<uuid>), got {shown(after)}", param="after",
                        code="invalid_value") from None
     except FileNotFoundError:
-        raise APIError(400, f"after: no file {_shown(after)} (deleted?); list again without after",
+        raise APIError(400, f"after: no file {shown(after)} (deleted?); list again without after",
                        param="after", code="invalid_value") from None
     return Response(body, mimetype="application/json")
 
@@ -111,21 +112,16 @@ def _limit(value: str | None) -> int:
     except ValueError:
         limit = 0
     if not 1 <= limit <= MAX_LIST_LIMIT:
-        raise APIError(400, f"limit must be an integer from 1 to {MAX_LIST_LIMIT}, got {_shown(value)}",
+        raise APIError(400, f"limit must be an integer from 1 to {MAX_LIST_LIMIT}, got {shown(value)}",
                        param="limit", code="invalid_value")
     return limit
-
-
-def _shown(value: str, limit: int = 80) -> str:
-    """A client's value in an error message: its repr, at most `limit` characters of it."""
-    return repr(value) if len(value) <= limit else repr(value[:limit]) + "…"
 
 
 async def _lookup(action, file_id: str, *args):
     try:
         return await asyncio.to_thread(action, file_id, *args)
     except InvalidFileIdError:
-        raise APIError(400, f"{_shown(file_id)} is not a file id (file_<uuid>)", param="file_id",
+        raise APIError(400, f"{shown(file_id)} is not a file id (file_<uuid>)", param="file_id",
                        code="invalid_file_id") from None
     except FileNotFoundError:
-        raise APIError(404, f"no file {_shown(file_id)}", param="file_id", code="file_not_found") from None
+        raise APIError(404, f"no file {shown(file_id)}", param="file_id", code="file_not_found") from None

@@ -30,7 +30,13 @@ from mlx_sd_server.job import JOB_FIELDS, JobError, Limits, check_field_sizes, c
 
 # Accepted for OpenAI-SDK compatibility and ignored: nothing here can honour them.
 IGNORED_FIELDS = ("background", "moderation")
-DELIVERY_FIELDS = ("response_format", "output_format", "output_compression")
+# How results go back: validated here, published in /openapi.json (api/openapi.py).
+DELIVERY_SCHEMA: dict[str, dict[str, Any]] = {
+    "response_format": {"type": "string", "enum": ["url", "b64_json"], "default": "url"},
+    "output_format": {"type": "string", "enum": [*OUTPUT_FORMATS, "jpg"], "default": "png"},
+    "output_compression": {"type": "integer", "minimum": 0, "maximum": 100, "description": "jpeg/webp quality"},
+}
+DELIVERY_FIELDS = tuple(DELIVERY_SCHEMA)
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 MAX_BOUNDARY = 200  # RFC 2046 allows 70 characters
 MAX_PART_HEADERS = 16 * 1024  # bytes of one part's headers (a long file name fits many times over)
@@ -284,15 +290,14 @@ def _parse_delivery(values: dict[str, Any]) -> Delivery:
     for name, value in values.items():
         if name != "output_compression" and not isinstance(value, str):
             raise JobError(f"{name} must be a string, got {shown(value)}", name, "invalid_type")
-    response_format = values.get("response_format", "url")
-    if response_format not in ("url", "b64_json"):
-        raise JobError(f"response_format must be 'url' or 'b64_json', got {shown(response_format)}",
-                       "response_format", "invalid_value")
-    output_format = values.get("output_format", "png")
+    for name in ("response_format", "output_format"):
+        choices = DELIVERY_SCHEMA[name]["enum"]
+        if values.get(name, DELIVERY_SCHEMA[name]["default"]) not in choices:
+            raise JobError(f"{name} must be one of {', '.join(choices)}, got {shown(values[name])}", name,
+                           "invalid_value")
+    response_format = values.get("response_format", DELIVERY_SCHEMA["response_format"]["default"])
+    output_format = values.get("output_format", DELIVERY_SCHEMA["output_format"]["default"])
     output_format = "jpeg" if output_format == "jpg" else output_format
-    if output_format not in OUTPUT_FORMATS:
-        raise JobError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {shown(output_format)}",
-                       "output_format", "invalid_value")
     compression = values.get("output_compression")
     if compression is not None:
         try:
@@ -302,7 +307,8 @@ def _parse_delivery(values: dict[str, Any]) -> Delivery:
         except (TypeError, ValueError):
             raise JobError(f"output_compression must be an integer 0..100, got {shown(compression)}",
                            "output_compression", "invalid_type") from None
-        if not 0 <= compression <= 100:
+        bounds = DELIVERY_SCHEMA["output_compression"]
+        if not bounds["minimum"] <= compression <= bounds["maximum"]:
             raise JobError(f"output_compression must be between 0 and 100, got {shown(compression)}",
                            "output_compression", "out_of_range")
     return Delivery(response_format, output_format, compression)
