@@ -20,7 +20,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from api_server import FakePipeline, FakeRegistry, live_server, multipart, request, tiny_registry
+from api_server import live_server, multipart, request, tiny_registry
 from mlx_sd_server.api import Settings, create_app
 from mlx_sd_server.api.parsing import read_json, read_multipart, read_urlencoded
 from mlx_sd_server.job import ECHO_CHARS, JobError, Limits, build_job, cover_size, shown
@@ -460,32 +460,6 @@ def test_long_prompt_counted_exactly_is_fast(server):
     reply = request(server, *gen(**GOOD | {"prompt": "a, " * 3300}))
     assert reply.status == 400 and reply.json()["error"]["code"] == "prompt_too_long"
     assert time.monotonic() - started < 2.0  # includes loading the tokenizer the first time
-
-
-# --- 429: Retry-After --------------------------------------------------------------------------------
-
-
-def test_full_queue_answer_says_when_to_retry(tmp_path):
-    pipeline = FakePipeline()
-    pipeline.gate.clear()
-    app = create_app(FakeRegistry(pipeline), FileStore(tmp_path), Settings(max_queue=1))
-    body = json.dumps({"prompt": "x", "size": "64x64", "steps": 1}).encode()
-    headers = {"Content-Type": "application/json"}
-    with live_server(app) as url:
-        threads = [threading.Thread(target=request, args=(url, "POST", GEN, body, headers)) for _ in range(2)]
-        threads[0].start()
-        assert pipeline.started.wait(30)
-        threads[1].start()
-        deadline = time.monotonic() + 30
-        while request(url, "GET", "/health").json()["queue"]["waiting"] < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        reply = request(url, "POST", GEN, body, headers)
-        pipeline.gate.set()
-        for thread in threads:
-            thread.join(30)
-    assert reply.status == 429 and reply.json()["error"]["code"] == "queue_full"
-    assert int(reply.headers["retry-after"]) >= 1
 
 
 @pytest.mark.parametrize("given, expected", [(None, None), (0.2, 1), (7, 7), (12.1, 13), ("soon", None),
