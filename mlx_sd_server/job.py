@@ -124,9 +124,10 @@ class Job:
 
 
 # OpenAI fields accepted with the values OpenAI documents, and without effect: the model's own settings
-# decide quality and style; `user` is for the client's abuse tracking.
+# decide quality and style; `user` is for the client's abuse tracking; no moderation is performed;
+# images are opaque (`background: transparent` is refused: no model here makes an alpha channel).
 OPENAI_HINTS = {"quality": ("auto", "standard", "hd", "low", "medium", "high"), "style": ("vivid", "natural"),
-                "user": None}
+                "user": None, "moderation": ("auto", "low"), "background": ("auto", "opaque", "transparent")}
 # The reference's schedulers that we do not have, and why (stable-diffusion.cpp's names).
 UNSUPPORTED_SCHEDULERS = {"gits": "GITS needs its paper's precomputed per-model step tables, which are not implemented"}
 
@@ -485,6 +486,9 @@ def build_job(
             if choices is not None and value.strip().lower() not in choices:
                 raise JobError(f"{name} must be one of {', '.join(choices)}; got {shown(value)}", name,
                                "invalid_value")
+    if str(fields.get("background", "")).strip().lower() == "transparent":
+        raise JobError("background 'transparent' cannot be honoured: no model here makes transparent images; "
+                       "use auto or opaque", "background", "unsupported_parameter")
 
     unknown_images = set(images) - set(IMAGE_FIELDS)
     if unknown_images:

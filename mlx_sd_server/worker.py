@@ -4,6 +4,10 @@ MLX work is not shared between threads, and one image server saturates the GPU w
 so a queue in front of one thread is both the simplest and the fastest arrangement. A task can be
 cancelled at any time; the worker notices between denoising steps and delivers nothing.
 
+Every task has an id (the client's `X-Request-Id`, else a generated one): `tasks()` lists the queued and
+running ones, `describe(id)` gives one's state (also for the last FINISHED_KEPT finished ones), and
+`cancel_task(id)` stops it whether queued or running, answering its requester with TaskCancelled.
+
 Stopping (`shutdown`, on SIGTERM) answers every waiting task at once with ServerStopping (HTTP 503), lets
 the running job finish its current step and ends the thread; `stop` does that and waits for the thread.
 """
@@ -12,10 +16,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import itertools
 import logging
 import math
 import queue
+import re
+import secrets
 import threading
 import time
 from typing import Any, Callable
@@ -41,6 +46,27 @@ class JobCancelled(Exception):
     """The task was cancelled (its client went away) before it finished."""
 
 
+class TaskCancelled(JobCancelled):
+    """The task was cancelled through the tasks API (DELETE /v1/images/tasks/{id}): its requester gets a 409."""
+
+    def __init__(self, task_id: str):
+        super().__init__(f"task {task_id} was cancelled (DELETE /v1/images/tasks/{task_id}) before it finished; "
+                         "nothing was kept")
+        self.task_id = task_id
+
+
+# A client-chosen task id (X-Request-Id): short, and safe in a url path, a header and a log line.
+TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~:-]{0,63}")
+
+
+def valid_task_id(value: str) -> bool:
+    return TASK_ID_PATTERN.fullmatch(value) is not None
+
+
+def new_task_id() -> str:
+    return "task_" + secrets.token_hex(8)
+
+
 class ServerStopping(RuntimeError):
     """The server is shutting down: the job was not run, or not finished (HTTP 503)."""
 
@@ -50,18 +76,28 @@ class ServerStopping(RuntimeError):
 
 
 class Task:
-    """A submitted job: its progress, its result (a concurrent Future) and a way to cancel it."""
+    """A submitted job: its progress, its result (a concurrent Future) and a way to cancel it.
 
-    _ids = itertools.count(1)
+    `on_step(step, pipeline)`, when given, runs on the worker thread after each denoising step (partial
+    images for streaming); it may raise to fail the job."""
 
-    def __init__(self, job: Job, finish: Callable[[list[Image.Image]], Any] | None):
-        self.id = next(self._ids)
+    def __init__(self, job: Job, finish: Callable[[list[Image.Image]], Any] | None, task_id: str | None = None,
+                 on_step: Callable[[Step, Any], None] | None = None):
+        self.id = task_id or new_task_id()
         self.job = job
         self.finish = finish
+        self.on_step = on_step
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self.steps_done = 0
         self.total_steps: int | None = None
+        self.created_at = time.time()
         self.started: float | None = None  # time.monotonic() when the worker took it
+        self.started_at: float | None = None  # the same, as wall-clock time
+        self.first_step_at: float | None = None  # time.monotonic() of the first and the latest finished step
+        self.last_step_at: float | None = None
+        self.finished_at: float | None = None
+        self.state = "queued"  # -> running -> done | cancelled | failed
+        self.error: str | None = None  # a failed task's message
         self.aborted: Exception | None = None  # the error its requester got when the server stopped it
         self._cancelled = threading.Event()
 
@@ -83,12 +119,42 @@ class Task:
         return {"task": self.id, "model": self.job.model, "steps_done": self.steps_done,
                 "total_steps": self.total_steps}
 
+    def seconds_per_step(self) -> float | None:
+        """Measured: between the first and the latest step, else from the start to the first step."""
+        if self.last_step_at is None or not self.steps_done:
+            return None
+        if self.steps_done >= 2 and self.first_step_at is not None and self.last_step_at > self.first_step_at:
+            return (self.last_step_at - self.first_step_at) / (self.steps_done - 1)
+        return (self.last_step_at - (self.started or self.last_step_at)) / self.steps_done
+
+    def describe(self, position: int | None = None) -> dict:
+        """The task's state for GET /v1/images/tasks/{id}."""
+        job = self.job
+        info: dict[str, Any] = {
+            "id": self.id, "object": "image.task", "state": self.state, "model": job.model,
+            "created_at": int(self.created_at), "n": job.n, "size": f"{job.width}x{job.height}",
+            "step": self.steps_done, "total_steps": self.total_steps,
+            "started_at": int(self.started_at) if self.started_at is not None else None,
+            "finished_at": int(self.finished_at) if self.finished_at is not None else None,
+        }
+        if self.state == "queued":
+            info["position"] = position
+        if self.state == "running":
+            per_step = self.seconds_per_step()
+            remaining = (self.total_steps or 0) - self.steps_done
+            info["seconds_per_step"] = round(per_step, 3) if per_step is not None else None
+            info["eta_seconds"] = round(max(remaining, 0) * per_step, 1) if per_step is not None else None
+        if self.state == "failed":
+            info["error"] = self.error
+        return info
+
 
 class Worker:
     """Runs `registry.pipeline(job.model).generate(job)` for each submitted job, in submission order."""
 
     RECENT_JOBS = 20  # the Retry-After estimate is the mean duration of this many recent jobs
     FIRST_GUESS_SECONDS = 10.0  # before any job has finished or made progress
+    FINISHED_KEPT = 100  # finished tasks whose state GET /v1/images/tasks/{id} still answers
 
     def __init__(self, registry: Any, max_queue: int = 8):
         self.registry = registry
@@ -98,6 +164,8 @@ class Worker:
         self._stopping = False
         self._lock = threading.Lock()  # _running and _stopping, between the worker thread and the rest
         self._durations: collections.deque[float] = collections.deque(maxlen=self.RECENT_JOBS)
+        self._live: dict[str, Task] = {}  # queued and running tasks, in submission order (under _lock)
+        self._finished: collections.OrderedDict[str, dict] = collections.OrderedDict()  # id -> describe()
         self._thread = threading.Thread(target=self._loop, name="mlx-sd-worker", daemon=True)
 
     def start(self) -> None:
@@ -122,6 +190,8 @@ class Worker:
                 break
             if task is not None:
                 task.abort(ServerStopping())
+                with self._lock:
+                    self._retire(task, "cancelled")
                 aborted.append(task.id)
         if running is not None and not running.cancelled:
             running.abort(ServerStopping())
@@ -143,22 +213,90 @@ class Worker:
         if self._thread.is_alive():
             log.warning("the running step did not finish within %.0f s; exiting without waiting for it", timeout)
 
-    def submit(self, job: Job, finish: Callable[[list[Image.Image]], Any] | None = None) -> Task:
+    def submit(self, job: Job, finish: Callable[[list[Image.Image]], Any] | None = None, task_id: str | None = None,
+               on_step: Callable[[Step, Any], None] | None = None) -> Task:
         """Queue a job. `finish` runs on the worker thread with the images (e.g. to encode them), and
-        its return value becomes the task's result. Raises QueueFullError when the queue is full and
-        ServerStopping once the server is shutting down."""
+        its return value becomes the task's result; `on_step` see Task. `task_id`: the client's choice
+        (already checked by valid_task_id), refused with a 400 while a live task has it. Raises
+        QueueFullError when the queue is full and ServerStopping once the server is shutting down."""
         if self._stopping:
             raise ServerStopping("the server is shutting down: send the job again once it is back")
-        task = Task(job, finish)
-        try:
-            self._queue.put_nowait(task)
-        except queue.Full:
-            retry_after = self.estimated_wait()
-            raise QueueFullError(f"{self.max_queue} jobs are already waiting; try again in about "
-                                 f"{retry_after} s", retry_after=retry_after) from None
+        task = Task(job, finish, task_id, on_step)
+        with self._lock:
+            self._prune()
+            if task.id in self._live:
+                raise JobError(f"X-Request-Id {task.id} is already the id of a queued or running task; choose "
+                               "another", "X-Request-Id", "duplicate_request_id")
+            try:
+                self._queue.put_nowait(task)
+            except queue.Full:
+                retry_after = self.estimated_wait()
+                raise QueueFullError(f"{self.max_queue} jobs are already waiting; try again in about "
+                                     f"{retry_after} s", retry_after=retry_after) from None
+            self._live[task.id] = task
         if self._stopping:  # shutdown() drained the queue between the check above and the put
             task.abort(ServerStopping())
+            with self._lock:
+                self._retire(task, "cancelled")
         return task
+
+    # --- tasks -------------------------------------------------------------------------------------
+
+    def _prune(self) -> None:
+        """(Under _lock.) Queued tasks whose requester went away (task.cancel()) leave the live list now,
+        not when the worker reaches them."""
+        for task in [t for t in self._live.values() if t.state == "queued" and t.future.done()]:
+            self._retire(task, "cancelled")
+
+    def _retire(self, task: Task, state: str) -> None:
+        """(Under _lock, or on the worker thread.) The task is finished: keep its description only."""
+        if task.finished_at is None or state != task.state:
+            task.state = state
+            task.finished_at = time.time()
+        self._live.pop(task.id, None)
+        self._finished[task.id] = task.describe()
+        self._finished.move_to_end(task.id)
+        while len(self._finished) > self.FINISHED_KEPT:
+            self._finished.popitem(last=False)
+
+    def tasks(self) -> list[dict]:
+        """The queued and running tasks, running first, then in queue order."""
+        with self._lock:
+            self._prune()
+            live = [task for task in self._live.values() if task.state in ("queued", "running")]
+        running = [task.describe() for task in live if task.state == "running"]
+        queued = [task for task in live if task.state == "queued"]
+        return running + [task.describe(position) for position, task in enumerate(queued, 1)]
+
+    def describe(self, task_id: str) -> dict | None:
+        """One task's state, live or among the last FINISHED_KEPT finished; None when unknown."""
+        with self._lock:
+            self._prune()
+            task = self._live.get(task_id)
+            if task is None:
+                found = self._finished.get(task_id)
+                return dict(found) if found is not None else None
+            position = None
+            if task.state == "queued":
+                queued = [t for t in self._live.values() if t.state == "queued"]
+                position = queued.index(task) + 1
+        return task.describe(position)
+
+    def cancel_task(self, task_id: str) -> dict | None:
+        """Cancel a queued or running task: its requester is answered TaskCancelled now; a running job
+        stops after its current step. Returns its description (None: unknown id); a task that already
+        finished is left as it is (its state says how it ended)."""
+        with self._lock:
+            self._prune()
+            task = self._live.get(task_id)
+            if task is None:
+                found = self._finished.get(task_id)
+                return dict(found) if found is not None else None
+            was = task.state
+            task.abort(TaskCancelled(task.id))
+            self._retire(task, "cancelled")
+        log.info("task %s cancelled through the API while %s", task.id, was)
+        return task.describe()
 
     def estimated_wait(self) -> int:
         """Whole seconds until the jobs now running and waiting are likely done: the running job's
@@ -187,13 +325,18 @@ class Worker:
     def _loop(self) -> None:
         while (task := self._queue.get()) is not None:
             if task.future.done() or not task.future.set_running_or_notify_cancel():
-                log.info("task %d cancelled while queued", task.id)
+                log.info("task %s cancelled while queued", task.id)
+                with self._lock:
+                    if task.state == "queued":
+                        self._retire(task, "cancelled")
                 continue
             with self._lock:
                 if self._stopping:  # taken from the queue just as shutdown() drained it
                     task.abort(ServerStopping())
+                    self._retire(task, "cancelled")
                     continue
                 self._running = task
+                task.state = "running"
             try:
                 self._run(task)
             finally:
@@ -203,6 +346,7 @@ class Worker:
     def _run(self, task: Task) -> None:
         job = task.job
         started = task.started = time.monotonic()
+        task.started_at = time.time()
         engine = "?"
         outcome = "failed"
         try:
@@ -217,16 +361,28 @@ class Worker:
             outcome = "done"
             self._durations.append(time.monotonic() - started)
         except JobCancelled as cancelled:
-            outcome = "stopped (server shutting down)" if task.aborted is not None else "cancelled"
+            outcome = ("stopped (server shutting down)" if isinstance(task.aborted, ServerStopping)
+                       else "cancelled")
             _settle(task.future, error=cancelled)  # no-op when abort() already answered
         except JobError as error:  # the model cannot honour a field (e.g. >50 steps on the lcm schedule): a 400
             outcome = f"rejected ({error.param}: {error.message})"
             _settle(task.future, error=error)
         except Exception as error:  # handed to the requester, which maps it to an HTTP status
             _settle(task.future, error=error)
-            log.exception("task %d failed", task.id)
+            log.exception("task %s failed", task.id)
+            task.error = "internal error (details are in the server log)"
+        with self._lock:
+            if outcome == "done":
+                state = "done"
+            elif task.cancelled and not outcome.startswith("rejected"):
+                state = "cancelled"
+            else:
+                state = "failed"
+                if outcome.startswith("rejected"):
+                    task.error = outcome
+            self._retire(task, state)
         log.info(
-            "job %d %s model=%s size=%dx%d n=%d steps=%d/%s sampler=%s engine=%s seconds=%.2f",
+            "job %s %s model=%s size=%dx%d n=%d steps=%d/%s sampler=%s engine=%s seconds=%.2f",
             task.id, outcome, job.model, job.width, job.height, job.n, task.steps_done, task.total_steps,
             job.sample_method, engine, time.monotonic() - started,
         )
@@ -236,9 +392,15 @@ class Worker:
         """Drive the pipeline's step generator, stopping between steps when the task is cancelled."""
 
         def on_step(step: Step) -> None:
+            now = time.monotonic()
+            if task.first_step_at is None:
+                task.first_step_at = now
+            task.last_step_at = now
             task.steps_done = step.index + 1
             if task.cancelled:
                 raise JobCancelled()
+            if task.on_step is not None:
+                task.on_step(step, pipeline)
 
         if task.cancelled:
             raise JobCancelled()

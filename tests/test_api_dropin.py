@@ -51,8 +51,11 @@ def test_with_several_models_only_openai_names_fall_back(models):
 
 def test_reference_and_openai_fields(models, tmp_path):
     with serve(models, tmp_path) as url:
-        reply = post(url, prompt="a cat", quality="hd", style="natural", user="user-1234", **FAST)
+        reply = post(url, prompt="a cat", quality="hd", style="natural", user="user-1234", background="opaque",
+                     moderation="low", **FAST)
         assert reply.status == 200, reply.body
+        reply = post(url, prompt="a cat", background="transparent", **FAST)
+        assert (reply.status, reply.json()["error"]["param"]) == (400, "background")
         reply = post(url, prompt="a cat", apply_canny_preprocessor=False, **FAST)
         assert reply.status == 200, reply.body
         reply = post(url, prompt="a cat", size="auto", steps=1, response_format="b64_json")

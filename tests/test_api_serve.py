@@ -1,6 +1,7 @@
 """`mlx-sd-server serve` as an operator runs it: a subprocess, real options, readable log lines."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -38,7 +39,9 @@ def test_serve_command_serves_and_logs(tmp_path):
         server.wait(timeout=30)
     log = log_path.read_text()
     assert "POST /v1/images/generations 200 " in log  # one line per request: method, path, status, time
-    job_line = next(line for line in log.splitlines() if " job 1 done " in line)
+    job_line = next(line for line in log.splitlines() if re.search(r" job task_[0-9a-f]{16} done ", line))
+    task_id = re.search(r" job (task_[0-9a-f]{16}) done ", job_line)[1]
+    assert re.search(rf"POST /v1/images/generations 200 .* {task_id}$", log, re.MULTILINE)  # one id, both lines
     for part in ("model=tiny-random-sd", "size=64x64", "steps=2/2", "sampler=euler", "engine=DiffusionPipeline", "seconds="):
         assert part in job_line
     assert "Traceback" not in log
@@ -116,7 +119,7 @@ def test_sigterm_during_a_job_answers_503_and_exits_cleanly(tmp_path):
     log = log_path.read_text()
     assert "Traceback" not in log, log
     assert f"Running on {base} " in log  # no --host: 127.0.0.1
-    assert "job 1 stopped (server shutting down)" in log and log.rstrip().endswith("stopped")
+    assert re.search(r"job task_[0-9a-f]{16} stopped \(server shutting down\)", log) and log.rstrip().endswith("stopped")
 
 
 def test_a_busy_port_is_one_line_and_a_nonzero_exit(tmp_path):

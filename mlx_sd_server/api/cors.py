@@ -27,7 +27,7 @@ from quart import Response, current_app, request
 from mlx_sd_server.api.errors import APIError
 
 ALLOW_HEADERS = "Authorization, Content-Type"
-EXPOSE_HEADERS = "Retry-After"  # a 429's; not readable by a page unless exposed
+EXPOSE_HEADERS = "Retry-After, X-Task-Id"  # a 429's, and a request's task; not readable by a page unless exposed
 MAX_AGE = "600"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # no side effects: answered, but not readable cross-origin
 DEFAULT_PORTS = {"http": 80, "https": 443}

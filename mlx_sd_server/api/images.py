@@ -1,15 +1,25 @@
-"""POST /v1/images/generations and /v1/images/edits: request -> Job -> worker -> urls or base64."""
+"""POST /v1/images/generations and /v1/images/edits: request -> Job -> worker -> urls or base64.
+
+Every job is a task with an id (the client's `X-Request-Id`, else a generated one), answered in the
+`X-Task-Id` header and the body's `task_id`; see api/tasks.py. With `stream: true` the answer is OpenAI's
+image streaming: Server-Sent Events, `partial_images` (0-3) real decodes of the current latents at evenly
+spaced steps, then one `*.completed` event per image carrying the same bytes a non-streamed request gets.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
+import json
 import logging
 import time
+from typing import Any, AsyncIterator
 
 from PIL import Image
-from quart import Blueprint, jsonify, request
+from quart import Blueprint, Response, jsonify, request
 
+from mlx_sd_server.api.errors import _ERROR_TYPES, MAX_MESSAGE, _clip
 from mlx_sd_server.api.parsing import Delivery, ParsedRequest, parse_request
 from mlx_sd_server.api.state import ServerState, state
 from mlx_sd_server.images import (
@@ -17,8 +27,10 @@ from mlx_sd_server.images import (
     open_upload,
 )
 from mlx_sd_server.job import Job, JobError, build_job
-from mlx_sd_server.registry import ModelInfo
+from mlx_sd_server.engine.pipeline import Step
+from mlx_sd_server.registry import ModelInfo, ModelLoadError, ModelNotFoundError
 from mlx_sd_server.store import StoredFile, StoreFullError
+from mlx_sd_server.worker import JobCancelled, ServerStopping, TaskCancelled, valid_task_id
 
 log = logging.getLogger("mlx_sd_server.api")
 
@@ -59,13 +71,16 @@ async def _serve(parsed: ParsedRequest):
     info = server.registry.resolve(model or None)
     job = await asyncio.to_thread(_build_job, parsed, info, server)  # decoding uploads is CPU work
 
+    task_id = _requested_task_id()
     created = int(time.time())
-    task = server.worker.submit(job, lambda images: _encode(images, job, info, parsed.delivery))
+    if parsed.delivery.stream:
+        return _stream(server, job, info, parsed.delivery, task_id, created)
+    task = server.worker.submit(job, lambda images: _encode(images, job, info, parsed.delivery), task_id=task_id)
     try:
         encoded = await asyncio.wrap_future(task.future)
     except asyncio.CancelledError:  # the client went away: stop the job, deliver nothing
         task.cancel()
-        log.info("client disconnected: cancelled task %d", task.id)
+        log.info("client disconnected: cancelled task %s", task.id)
         raise
 
     extension = parsed.delivery.output_format
@@ -78,7 +93,126 @@ async def _serve(parsed: ParsedRequest):
         prefix = _url_prefix(server)
         data = [{"prompt": job.prompt, "seed": seed, "url": f"{prefix}/v1/files/download/{item.id}/{item.filename}"}
                 for item, (_, seed) in zip(stored, images)]
-    return jsonify({"created": created, "data": data, "model": info.name, "output_format": extension})
+    response = jsonify({"created": created, "data": data, "model": info.name, "output_format": extension,
+                        "task_id": task.id})
+    response.headers["X-Task-Id"] = task.id
+    return response
+
+
+def _requested_task_id() -> str | None:
+    """The client's own task id (`X-Request-Id`), checked; None: the worker makes one."""
+    value = request.headers.get("X-Request-Id")
+    if value is None:
+        return None
+    if not valid_task_id(value):
+        raise JobError("X-Request-Id must be 1 to 64 characters: letters, digits and . _ ~ : - (not first)",
+                       "X-Request-Id", "invalid_request_id")
+    return value
+
+
+# --- streaming -------------------------------------------------------------------------------------
+
+
+def partial_steps(total: int, partials: int) -> list[int]:
+    """After which steps (counted from 1) partial images are sent: evenly spaced, round(T*(i+1)/(k+1)),
+    kept within 1..T; fewer than asked when the job has too few steps to space them."""
+    return sorted({min(max(round(total * (i + 1) / (partials + 1)), 1), total) for i in range(partials)}) if total else []
+
+
+def _sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _error_envelope(error: BaseException | None) -> dict:
+    """An exception raised after the stream started -> OpenAI's error envelope (the `error` event)."""
+    if isinstance(error, JobError):
+        status, message, param, code = error.status, error.message, error.param, error.code
+    elif isinstance(error, TaskCancelled):
+        status, message, param, code = 409, str(error), None, "task_cancelled"
+    elif isinstance(error, ServerStopping):
+        status, message, param, code = 503, str(error), None, "server_shutting_down"
+    elif isinstance(error, JobCancelled) or error is None:
+        status, message, param, code = 503, "the job was cancelled before it finished", None, "job_cancelled"
+    elif isinstance(error, ModelNotFoundError):
+        status, message, param, code = 404, str(error), "model", "model_not_found"
+    elif isinstance(error, ModelLoadError):
+        status, message, param, code = 503, str(error), "model", "model_unavailable"
+    else:
+        status, message, param, code = 500, "internal server error (details are in the server log)", None, \
+            "internal_error"
+    return {"error": {"message": _clip(message, MAX_MESSAGE), "type": _ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def _stream(server: ServerState, job: Job, info: ModelInfo, delivery: Delivery, task_id: str | None,
+            created: int) -> Response:
+    """Submit the job and answer with its events as they come. Partial images are decoded and encoded
+    on the worker thread (the task's step callback) and handed to the event loop; a client that goes
+    away cancels the task."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    kind = "image_edit" if request.path.endswith("/edits") else "image_generation"
+    common = {"created_at": created, "size": f"{job.width}x{job.height}", "quality": "auto",
+              "background": "opaque", "output_format": delivery.output_format}
+
+    def post(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    marks: list[int] = []
+
+    def on_step(step: Step, pipeline: Any) -> None:  # the worker thread
+        if not marks and delivery.partial_images:
+            marks.extend(partial_steps(pipeline.total_steps(job), delivery.partial_images) or [0])
+        if step.index + 1 not in marks or step.denoised is None or not hasattr(pipeline, "decode_latents"):
+            return
+        index = marks.index(step.index + 1)
+        for image_index, image in enumerate(pipeline.decode_latents(step.denoised)):
+            data = encode_image(image, delivery.output_format, quality=delivery.output_compression)
+            post(("partial", index, image_index, data))
+
+    task = server.worker.submit(job, lambda images: _encode(images, job, info, delivery), task_id=task_id,
+                                on_step=on_step if delivery.partial_images else None)
+    task.future.add_done_callback(lambda future: post(("end", future)))
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                item = await events.get()
+                if item[0] == "partial":
+                    _, index, image_index, data = item
+                    yield _sse(f"{kind}.partial_image", {
+                        "type": f"{kind}.partial_image", "b64_json": base64.b64encode(data).decode("ascii"),
+                        **common, "partial_image_index": index, "image_index": image_index,
+                    })
+                    continue
+                future: concurrent.futures.Future = item[1]
+                error = JobCancelled() if future.cancelled() else future.exception()
+                if error is not None:
+                    yield _sse("error", _error_envelope(error))
+                    return
+                for image_index, (data, seed) in enumerate(zip(future.result(), job.seeds())):
+                    yield _sse(f"{kind}.completed", {
+                        "type": f"{kind}.completed", "b64_json": base64.b64encode(data).decode("ascii"),
+                        **common, "usage": USAGE, "image_index": image_index, "seed": seed, "task_id": task.id,
+                    })
+                return
+        finally:
+            if not task.future.done():  # the client went away (or the server is closing the stream)
+                task.cancel()
+                log.info("client disconnected: cancelled streamed task %s", task.id)
+
+    response = Response(body(), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Task-Id": task.id, "X-Accel-Buffering": "no"})
+    response.timeout = None  # a stream lasts as long as its job, not Quart's RESPONSE_TIMEOUT
+    return response
+
+
+# Token usage: OpenAI reports it for its GPT image models; a local server has none to count.
+USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0,
+         "total_tokens": 0}
 
 
 async def _save_batch(server: ServerState, items: list[tuple[bytes, str]]) -> list[StoredFile]:

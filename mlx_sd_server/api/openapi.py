@@ -9,7 +9,7 @@ from typing import Any
 
 from quart import Blueprint, jsonify
 
-from mlx_sd_server.api.parsing import DELIVERY_SCHEMA, IGNORED_FIELDS
+from mlx_sd_server.api.parsing import DELIVERY_SCHEMA
 from mlx_sd_server.api.state import state
 from mlx_sd_server.job import IMAGE_FIELDS, Limits, request_schema
 
@@ -27,7 +27,9 @@ IMAGES = {"type": "object", "required": ["created", "data"], "properties": {
 FILE = {"type": "object", "properties": {"id": {"type": "string"}, "object": {"type": "string"},
                                           "bytes": {"type": "integer"}, "created_at": {"type": "integer"},
                                           "filename": {"type": "string"}, "purpose": {"type": "string"}}}
-ERROR_STATUSES = {"400": "bad input", "401": "missing or wrong API key", "404": "no such model or file",
+TASK = {"type": "object", "properties": {"id": {"type": "string"}, "object": {"type": "string"},
+                                          "state": {"type": "string"}}}
+ERROR_STATUSES = {"400": "bad input", "401": "missing or wrong API key", "404": "no such model, file or task", "409": "the task was cancelled, or had finished",
                   "413": "request too large", "415": "wrong content type", "429": "queue full (see Retry-After)",
                   "503": "model unavailable or server stopping", "507": "the image store is full"}
 
@@ -42,8 +44,7 @@ def _errors(*statuses: str) -> dict[str, Any]:
 
 def _image_request(limits: Limits, images: tuple[str, ...], required: tuple[str, ...]) -> dict[str, Any]:
     """The request body of an images route: JSON (images as base64 or data urls) or a multipart form."""
-    fields = {**request_schema(limits), **DELIVERY_SCHEMA,
-              **{name: {"description": "accepted; has no effect"} for name in IGNORED_FIELDS}}
+    fields = {**request_schema(limits), **DELIVERY_SCHEMA}
     as_json = {"type": "object", "required": list(required), "additionalProperties": False,
                "properties": {**fields, **{name: {"type": "string", "description": "base64 or a data: url"}
                                            for name in images}}}
@@ -56,6 +57,7 @@ def _image_request(limits: Limits, images: tuple[str, ...], required: tuple[str,
 def openapi_document(limits: Limits = Limits(), api_key: bool = False) -> dict[str, Any]:
     image_errors = _errors("400", "401", "404", "413", "415", "429", "503", "507")
     file_id = {"name": "file_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    task_id = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "mlx-sd-server", "version": "1",
@@ -89,6 +91,16 @@ def openapi_document(limits: Limits = Limits(), api_key: bool = False) -> dict[s
                 "parameters": [file_id, {"name": "filename", "in": "path", "required": True,
                                          "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "the image's bytes"}, **_errors("401", "404")}}},
+            "/v1/images/tasks": {"get": {"operationId": "listTasks",
+                                         "responses": {"200": _json({"type": "object"}), **_errors("401")}}},
+            "/v1/images/tasks/{task_id}": {
+                "get": {"operationId": "retrieveTask", "parameters": [task_id],
+                        "responses": {"200": _json(TASK), **_errors("401", "404")}},
+                "delete": {"operationId": "cancelTask", "parameters": [task_id],
+                           "responses": {"200": _json(TASK), **_errors("401", "404", "409")}}},
+            "/v1/images/tasks/{task_id}/cancel": {"post": {
+                "operationId": "cancelTaskPost", "parameters": [task_id],
+                "responses": {"200": _json(TASK), **_errors("401", "404", "409")}}},
             "/v1/models": {"get": {"operationId": "listModels",
                                    "responses": {"200": _json({"type": "object"}), **_errors("401")}}},
             "/health": {"get": {"operationId": "health", "security": [],

@@ -26,15 +26,18 @@ from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDeco
 
 from mlx_sd_server.api.state import state
 from mlx_sd_server.images import OUTPUT_FORMATS, decode_base64_image
-from mlx_sd_server.job import JOB_FIELDS, JobError, Limits, check_field_sizes, check_text, shown
+from mlx_sd_server.job import JOB_FIELDS, JobError, Limits, _as_bool, check_field_sizes, check_text, shown
 
 # Accepted for OpenAI-SDK compatibility and ignored: nothing here can honour them.
-IGNORED_FIELDS = ("background", "moderation")
 # How results go back: validated here, published in /openapi.json (api/openapi.py).
 DELIVERY_SCHEMA: dict[str, dict[str, Any]] = {
     "response_format": {"type": "string", "enum": ["url", "b64_json"], "default": "url"},
     "output_format": {"type": "string", "enum": [*OUTPUT_FORMATS, "jpg"], "default": "png"},
     "output_compression": {"type": "integer", "minimum": 0, "maximum": 100, "description": "jpeg/webp quality"},
+    "stream": {"type": "boolean", "default": False,
+               "description": "answer with Server-Sent Events as OpenAI does (image_generation.* / image_edit.*)"},
+    "partial_images": {"type": "integer", "minimum": 0, "maximum": 3, "default": 0,
+                       "description": "partial images sent while streaming (needs stream: true)"},
 }
 DELIVERY_FIELDS = tuple(DELIVERY_SCHEMA)
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -48,6 +51,8 @@ class Delivery:
     response_format: str = "url"  # or "b64_json"
     output_format: str = "png"  # png | jpeg | webp
     output_compression: int | None = None  # jpeg/webp quality, 0..100
+    stream: bool = False  # Server-Sent Events, OpenAI's image streaming
+    partial_images: int = 0  # 0..3, only with stream
 
 
 @dataclass
@@ -73,7 +78,7 @@ async def parse_request(request: Request, image_fields: tuple[str, ...], limits:
             None, "unsupported_media_type", 415,
         )
     for name, value in raw.items():
-        if name not in image_fields and name not in (*JOB_FIELDS, *DELIVERY_FIELDS, *IGNORED_FIELDS):
+        if name not in image_fields and name not in (*JOB_FIELDS, *DELIVERY_FIELDS):
             raise JobError(f"unknown field {shown(name)}", name, "unknown_field")
         if name not in image_fields and isinstance(value, bytes):  # a text field sent as a file (curl -F x=@f)
             raw[name] = _text(name, value)
@@ -287,6 +292,8 @@ def _image_from_text(name: str, value: Any) -> bytes:
 
 
 def _parse_delivery(values: dict[str, Any]) -> Delivery:
+    stream = _as_bool("stream", values.pop("stream")) if "stream" in values else False
+    partial_images = _parse_partial_images(values.pop("partial_images", None), stream)
     for name, value in values.items():
         if name != "output_compression" and not isinstance(value, str):
             raise JobError(f"{name} must be a string, got {shown(value)}", name, "invalid_type")
@@ -311,4 +318,23 @@ def _parse_delivery(values: dict[str, Any]) -> Delivery:
         if not bounds["minimum"] <= compression <= bounds["maximum"]:
             raise JobError(f"output_compression must be between 0 and 100, got {shown(compression)}",
                            "output_compression", "out_of_range")
-    return Delivery(response_format, output_format, compression)
+    return Delivery(response_format, output_format, compression, stream, partial_images)
+
+
+def _parse_partial_images(value: Any, stream: bool) -> int:
+    if value is None:
+        return 0
+    bounds = DELIVERY_SCHEMA["partial_images"]
+    number = value
+    if isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    if isinstance(number, bool) or not isinstance(number, int):
+        raise JobError(f"partial_images must be an integer {bounds['minimum']}..{bounds['maximum']}, got "
+                       f"{shown(value)}", "partial_images", "invalid_type")
+    if not bounds["minimum"] <= number <= bounds["maximum"]:
+        raise JobError(f"partial_images must be between {bounds['minimum']} and {bounds['maximum']}, got "
+                       f"{shown(value)}", "partial_images", "out_of_range")
+    if not stream:
+        raise JobError("partial_images needs stream: true (partial images are only sent while streaming)",
+                       "partial_images", "invalid_value")
+    return number

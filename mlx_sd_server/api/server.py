@@ -42,7 +42,7 @@ GRACEFUL_SECONDS = 5.0  # after a stop signal, how long open connections get to 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # One line per request: method, path (as sent, control characters percent-encoded), status, seconds, client.
-ACCESS_LOG_FORMAT = "%(m)s %(U)s %(s)s %(L)ss %(h)s"
+ACCESS_LOG_FORMAT = "%(m)s %(U)s %(s)s %(L)ss %(h)s %(task)s"  # task: the X-Task-Id it answered with, or -
 
 # Control characters (C0, DEL, C1) and the Unicode line separators, as backslash escapes.
 _ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
@@ -80,7 +80,9 @@ class AccessLogger(HypercornLogger):
         path_with_query = path + ("?" + query if query else "")
         method = one_line(atoms["m"])
         protocol = one_line(atoms["H"])
+        headers = {name.lower(): value for name, value in (response or {}).get("headers", [])}
         atoms.update({"U": path, "q": query, "Uq": path_with_query, "m": method,
+                      "task": escape_bytes(headers.get(b"x-task-id", b"-")),
                       "r": f"{method} {path} {protocol}", "R": f"{method} {path_with_query} {protocol}"})
         return atoms
 
