@@ -159,3 +159,30 @@ def test_finished_tasks_kept_are_bounded(tmp_path):
         assert request(url, "GET", f"/v1/images/tasks/{ids[0]}").status == 404
         assert request(url, "GET", f"/v1/images/tasks/{ids[2]}").status == 200
         assert Worker.FINISHED_KEPT == 100
+
+
+def test_a_task_can_be_followed_as_server_sent_events(held):
+    """progress events while it runs (each a change of state), then one event named by how it ended."""
+    url, pipeline, _ = held
+    replies = {}
+    sender = send_in_background(url, replies, "followed", **{"X-Request-Id": "job-followed"})
+    assert pipeline.started.wait(30)
+    events = []
+
+    def follow():
+        stream = request(url, "GET", "/v1/images/tasks/job-followed/events")
+        events.append((stream.status, stream.body.decode()))
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    time.sleep(0.3)  # the follower sees the task held at its first step
+    pipeline.gate.set()
+    sender.join(30)
+    follower.join(30)
+    assert replies["followed"].status == 200
+    status, body = events[0]
+    names = [line.removeprefix("event: ") for line in body.splitlines() if line.startswith("event: ")]
+    assert status == 200 and names[0] == "progress" and names[-1] == "done" and names.count("done") == 1
+    last = json.loads([line for line in body.splitlines() if line.startswith("data: ")][-1].removeprefix("data: "))
+    assert last["state"] == "done" and last["id"] == "job-followed"
+    assert request(url, "GET", "/v1/images/tasks/no-such-task/events").status == 404

@@ -98,6 +98,11 @@ def openapi_document(limits: Limits = Limits(), api_key: bool = False) -> dict[s
                         "responses": {"200": _json(TASK), **_errors("401", "404")}},
                 "delete": {"operationId": "cancelTask", "parameters": [task_id],
                            "responses": {"200": _json(TASK), **_errors("401", "404", "409")}}},
+            "/v1/images/tasks/{task_id}/events": {"get": {
+                "operationId": "followTask", "parameters": [task_id],
+                "responses": {"200": {"description": "progress events, then done, cancelled or failed",
+                                      "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                              **_errors("401", "404")}}},
             "/v1/images/tasks/{task_id}/cancel": {"post": {
                 "operationId": "cancelTaskPost", "parameters": [task_id],
                 "responses": {"200": _json(TASK), **_errors("401", "404", "409")}}},

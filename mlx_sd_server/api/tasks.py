@@ -6,11 +6,16 @@ ended: done, cancelled, failed; the last 100 finished are kept); DELETE /v1/imag
 /v1/images/tasks/{id}/cancel) cancels it, queued or running. The requester of a cancelled task gets a 409
 `task_cancelled` in OpenAI's error envelope (as an SSE `error` event when it is streaming), and nothing is
 kept. An unknown id is a 404; cancelling a task that already ended is a 409 `task_finished`.
+GET /v1/images/tasks/{id}/events follows one as Server-Sent Events, for UIs: a `progress` event (the task's
+state, as GET gives it) whenever it changes, then one named by how it ended (`done`, `cancelled`, `failed`).
 """
 
 from __future__ import annotations
 
-from quart import Blueprint, jsonify
+import asyncio
+import json
+
+from quart import Blueprint, Response, jsonify
 
 from mlx_sd_server.api.errors import error_response
 from mlx_sd_server.api.state import state
@@ -33,6 +38,32 @@ async def list_tasks():
 async def get_task(task_id: str):
     found = state().worker.describe(task_id)
     return jsonify(found) if found is not None else _not_found(task_id)
+
+
+ENDED = ("done", "cancelled", "failed")
+POLL_SECONDS = 0.1  # how often the event stream looks at the task: well under a step of any model
+
+
+@blueprint.get("/v1/images/tasks/<task_id>/events")
+async def follow_task(task_id: str):
+    worker = state().worker
+    if worker.describe(task_id) is None:
+        return _not_found(task_id)
+
+    async def events():
+        last = None
+        while (found := worker.describe(task_id)) is not None:
+            if found != last:
+                name = found["state"] if found["state"] in ENDED else "progress"
+                yield f"event: {name}\ndata: {json.dumps(found)}\n\n".encode()
+                if name != "progress":
+                    return
+                last = found
+            await asyncio.sleep(POLL_SECONDS)
+
+    response = Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+    response.timeout = None  # as long as the task runs
+    return response
 
 
 @blueprint.delete("/v1/images/tasks/<task_id>")
