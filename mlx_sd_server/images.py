@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
+import json
+import os
 import re
+import struct
 import warnings
+from pathlib import Path
 
 from PIL import Image, ImageOps, PngImagePlugin
 
@@ -102,15 +107,78 @@ def flatten(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def a1111_parameters(job: Job, seed: int, model_name: str) -> str:
-    """Generation settings in the AUTOMATIC1111 'parameters' text form that image tools read back."""
+# AUTOMATIC1111's display names (its infotext "Sampler:" and "Schedule type:" values), so that its PNG Info tab
+# and tools that read its format (Civitai, image browsers) recognize our settings. dpm++2mv2 is
+# stable-diffusion.cpp's variant of DPM++ 2M (a different step-size ratio for the second-order correction);
+# A1111 has no such sampler, and "DPM++ 2M" is the closest. iPNDM and LCM scheduling have no A1111
+# counterpart: they keep a readable name of their own, which A1111 ignores (falling back to its default).
+A1111_SAMPLERS = {
+    "euler_a": "Euler a", "euler": "Euler", "heun": "Heun", "dpm2": "DPM2", "dpm++2s_a": "DPM++ 2S a",
+    "dpm++2m": "DPM++ 2M", "dpm++2mv2": "DPM++ 2M", "ipndm": "iPNDM", "ipndm_v": "iPNDM_V", "lcm": "LCM",
+}
+# "discrete" is the model's own timestep spacing: A1111's "Uniform" (k-diffusion's get_sigmas), not its
+# "Automatic", which means "the sampler's default" and is Karras for some of its samplers.
+A1111_SCHEDULES = {
+    "discrete": "Uniform", "karras": "Karras", "exponential": "Exponential", "ays": "Align Your Steps",
+    "sgm_uniform": "SGM Uniform", "simple": "Simple", "trailing": "Trailing", "lcm": "LCM",
+}
+
+_hash_cache: dict[tuple[str, int, int], str] = {}
+
+
+def model_hash(folder: str | os.PathLike) -> str | None:
+    """The 'Model hash' of a converted model folder: 10 hex digits, the length of A1111's short hash.
+
+    A1111's is the start of the sha256 of the checkpoint file. A converted folder has no such single file,
+    so this is the source checkpoint's hash when the converter recorded one in the manifest
+    (`source_sha256`), else the start of the sha256 of the manifest itself (`model.json`: the components'
+    configs and weight file names): it then identifies this conversion, not the original checkpoint.
+    None when the folder has no manifest.
+    """
+    path = Path(folder) / "model.json"
+    try:
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if key not in _hash_cache:
+            data = path.read_bytes()
+            try:
+                source = json.loads(data).get("source_sha256")
+            except (ValueError, AttributeError):
+                source = None
+            if isinstance(source, str) and re.fullmatch(r"[0-9a-fA-F]{10,64}", source):
+                _hash_cache[key] = source[:10].lower()
+            else:
+                _hash_cache[key] = hashlib.sha256(data).hexdigest()[:10]
+        return _hash_cache[key]
+    except OSError:
+        return None
+
+
+def _a1111_quote(value: str) -> str:
+    """A1111's `quote`: a value with a comma, colon or newline is written as a JSON string."""
+    if "," not in value and "\n" not in value and ":" not in value:
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def a1111_parameters(job: Job, seed: int, model_name: str, *, model_hash: str | None = None) -> str:
+    """Generation settings in the AUTOMATIC1111 'parameters' text form that image tools read back.
+
+    The prompt, a "Negative prompt: " line, and one line of "Key: value" settings, as A1111 writes them
+    (its `parse_generation_parameters` reads this back; tests/test_metadata.py applies its rules).
+    """
     lines = [job.prompt]
     if job.negative_prompt:
         lines.append(f"Negative prompt: {job.negative_prompt}")
     settings = [
-        f"Steps: {job.steps}", f"Sampler: {job.sample_method}", f"Schedule type: {job.scheduler}",
-        f"CFG scale: {job.cfg_scale:g}", f"Seed: {seed}", f"Size: {job.width}x{job.height}", f"Model: {model_name}",
+        f"Steps: {job.steps}",
+        f"Sampler: {A1111_SAMPLERS.get(job.sample_method, job.sample_method)}",
+        f"Schedule type: {A1111_SCHEDULES.get(job.scheduler, job.scheduler)}",
+        f"CFG scale: {job.cfg_scale:g}", f"Seed: {seed}", f"Size: {job.width}x{job.height}",
     ]
+    if model_hash:
+        settings.append(f"Model hash: {model_hash}")
+    settings.append(f"Model: {_a1111_quote(model_name)}")
     if job.guidance is not None:
         settings.append(f"Distilled CFG Scale: {job.guidance:g}")  # Forge's name for FLUX's guidance
     if job.init_image is not None:
@@ -121,9 +189,31 @@ def a1111_parameters(job: Job, seed: int, model_name: str) -> str:
     return "\n".join(lines)
 
 
+# EXIF UserComment (tag 0x9286 in the Exif IFD 0x8769), as A1111 writes it with piexif for JPEG and WebP:
+# an 8-byte character-code prefix, then the text in UTF-16 big-endian.
+EXIF_IFD = 0x8769
+USER_COMMENT = 0x9286
+UNICODE_PREFIX = b"UNICODE\0"
+
+
+def user_comment_exif(text: str) -> bytes:
+    """EXIF with only a UserComment, laid out as piexif.dump lays it out (big-endian TIFF: IFD0 holding
+    the pointer to the Exif IFD, which holds the comment as type UNDEFINED, as the EXIF standard and
+    piexif's reader expect; Pillow's own Exif writer would type it BYTE)."""
+    comment = UNICODE_PREFIX + text.encode("utf_16_be")
+    ifd0 = struct.pack(">H", 1) + struct.pack(">HHII", EXIF_IFD, 4, 1, 8 + 18) + struct.pack(">I", 0)
+    exif_ifd = struct.pack(">H", 1) + struct.pack(">HHII", USER_COMMENT, 7, len(comment), 8 + 18 + 18)
+    exif_ifd += struct.pack(">I", 0)
+    return b"Exif\0\0" + b"MM\0*" + struct.pack(">I", 8) + ifd0 + exif_ifd + comment
+
+
 def encode_image(image: Image.Image, output_format: str = "png", *, quality: int | None = None,
                  parameters: str | None = None) -> bytes:
-    """Encode an output image. PNG carries `parameters` as a text chunk; `quality` applies to jpeg/webp."""
+    """Encode an output image; `quality` applies to jpeg/webp.
+
+    `parameters` goes where A1111 puts it: a PNG `parameters` text chunk, or the EXIF UserComment of a JPEG
+    or WebP (UTF-16BE with the "UNICODE\\0" prefix).
+    """
     buffer = io.BytesIO()
     pil_format = OUTPUT_FORMATS[output_format]
     options: dict = {}
@@ -131,7 +221,10 @@ def encode_image(image: Image.Image, output_format: str = "png", *, quality: int
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", parameters)  # tEXt, or iTXt when not Latin-1
         options["pnginfo"] = info
-    elif pil_format != "PNG" and quality is not None:
-        options["quality"] = quality
+    elif pil_format != "PNG":
+        if quality is not None:
+            options["quality"] = quality
+        if parameters is not None:
+            options["exif"] = user_comment_exif(parameters)
     image.convert("RGB").save(buffer, pil_format, **options)
     return buffer.getvalue()

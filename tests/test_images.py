@@ -172,7 +172,7 @@ def test_base64_and_data_url():
 def test_png_carries_a1111_parameters():
     job = build_job({"prompt": "a cat", "negative_prompt": "dogs", "steps": 4, "size": "64x64", "seed": 7})
     text = a1111_parameters(job, 7, "tiny")
-    assert text == ("a cat\nNegative prompt: dogs\nSteps: 4, Sampler: euler_a, Schedule type: discrete, "
+    assert text == ("a cat\nNegative prompt: dogs\nSteps: 4, Sampler: Euler a, Schedule type: Uniform, "
                     "CFG scale: 7, Seed: 7, Size: 64x64, Model: tiny")
     data = encode_image(Image.new("RGB", (64, 64)), "png", parameters=text)
     assert Image.open(io.BytesIO(data)).info["parameters"] == text

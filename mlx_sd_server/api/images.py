@@ -23,7 +23,7 @@ from mlx_sd_server.api.errors import _ERROR_TYPES, MAX_MESSAGE, _clip
 from mlx_sd_server.api.parsing import Delivery, ParsedRequest, parse_request
 from mlx_sd_server.api.state import ServerState, state
 from mlx_sd_server.images import (
-    a1111_parameters, encode_image, flatten, has_transparency, mask_from_upload,
+    a1111_parameters, encode_image, flatten, has_transparency, mask_from_upload, model_hash,
     open_upload,
 )
 from mlx_sd_server.job import Job, JobError, build_job
@@ -268,7 +268,7 @@ def _encode(images: list[Image.Image], job: Job, info: ModelInfo, delivery: Deli
     """Runs on the worker thread, so encoding never blocks the event loop."""
     return [
         encode_image(image, delivery.output_format, quality=delivery.output_compression,
-                     parameters=a1111_parameters(job, seed, info.name))
+                     parameters=a1111_parameters(job, seed, info.name, model_hash=model_hash(info.folder)))
         for image, seed in zip(images, job.seeds())
     ]
 
