@@ -1,13 +1,15 @@
-"""`mlx-sd-server convert SRC DST`."""
+"""`mlx-sd-server convert SRC [NAME]`: into the model directory by name, or to a folder given as a path."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from convert.model import SplitFiles, convert_model
+from mlx_sd_server.paths import model_dir
 
 SPLIT_OPTIONS = ("diffusion_model", "vae", "clip_l", "t5xxl", "t5_tokenizer")
 
@@ -22,6 +24,23 @@ def split_files(args: argparse.Namespace) -> SplitFiles | None:
     return SplitFiles(**split) if split else None
 
 
+def is_path(text: str) -> bool:
+    """A DST that names a folder (`./out`, `~/models/x`, `out/`) rather than a model name (`dreamshaper`)."""
+    return "/" in text or os.sep in text or text.startswith((".", "~"))
+
+
+def destination(args: argparse.Namespace, source: Path, given: str | None) -> tuple[Path, str | None]:
+    """(the output folder, the manifest name or None for the folder's name). A bare NAME goes into the model
+    directory; a path is the folder itself; --output DIR is the folder, and NAME then only names the model."""
+    output = getattr(args, "output", None)
+    if output:
+        return Path(output).expanduser(), args.name or (given if given and not is_path(given) else None)
+    if given and is_path(given):
+        return Path(given).expanduser(), args.name
+    name = given or (source.stem if source.is_file() else source.name).lower()
+    return model_dir(getattr(args, "model_dir", None)) / name, args.name or name
+
+
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
@@ -29,16 +48,18 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mlx-sd-server convert: {exc}", file=sys.stderr)
         return 2
-    if len(args.paths) != (1 if split else 2):
-        usage = "--diffusion-model FILE [--vae FILE --clip-l FILE --t5xxl FILE] DST" if split else "SRC DST"
+    least = 0 if split else 1  # SRC, unless split files are the source; then an optional NAME or DST
+    if not least <= len(args.paths) <= least + 1:
+        usage = "--diffusion-model FILE [--vae FILE --clip-l FILE --t5xxl FILE] [NAME]" if split else "SRC [NAME]"
         print(f"mlx-sd-server convert: expected {usage}", file=sys.stderr)
         return 2
     src = split or args.paths[0]
-    dst = args.paths[-1]
+    source_path = Path(split.diffusion_model if split else args.paths[0]).expanduser()
+    dst, name = destination(args, source_path, args.paths[least] if len(args.paths) > least else None)
     try:
         out = convert_model(
             src, dst, dtype=args.dtype, quantize=args.quantize, prediction_type=args.prediction_type,
-            allow_pickle=args.allow_pickle, name=args.name, progress=sys.stderr.isatty(),
+            allow_pickle=args.allow_pickle, name=name, progress=sys.stderr.isatty(),
         )
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"mlx-sd-server convert: {exc}", file=sys.stderr)

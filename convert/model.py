@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,8 +125,10 @@ def write_model(
     dtype: str = "float16",
     quantize: int | None = None,
     progress: bool = True,
+    origin: str | None = None,
 ) -> Path:
-    """Write `source` as a converted folder at `dst`, atomically: a failed conversion leaves nothing."""
+    """Write `source` as a converted folder at `dst`, atomically: a failed conversion leaves nothing.
+    `origin` (the source path or Hugging Face repo id) goes into the manifest's `source`, with the time."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
     quantization = {"bits": quantize, "group_size": QUANTIZE_GROUP_SIZE} if quantize else None
@@ -160,6 +163,8 @@ def write_model(
             "quantization": quantization or _usual_quantization(entries),
             "components": entries,
         }
+        if origin:
+            manifest["source"] = {"from": origin, "converted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if "unet" in source.components or "transformer" in source.components:
             manifest["defaults"] = model_defaults(source, name)
         write_manifest(work, manifest)
@@ -187,10 +192,15 @@ def convert_model(
     allow_pickle: bool = False,
     name: str | None = None,
     progress: bool = True,
+    origin: str | None = None,
 ) -> Path:
-    """Convert a diffusers folder, single-file checkpoint or split files at `src` into a model folder at `dst`."""
+    """Convert a diffusers folder, single-file checkpoint or split files at `src` into a model folder at `dst`.
+    The manifest records where it came from: `origin` (e.g. a repo id), else `src`'s absolute path."""
     src, dst = src if isinstance(src, SplitFiles) else Path(src), Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} already exists and is not empty")
     source = read_source(src, allow_pickle=allow_pickle, prediction_type=prediction_type)
-    return write_model(source, dst, name=name or dst.name, dtype=dtype, quantize=quantize, progress=progress)
+    if origin is None:
+        origin = str((src.diffusion_model if isinstance(src, SplitFiles) else src).expanduser().resolve())
+    return write_model(source, dst, name=name or dst.name, dtype=dtype, quantize=quantize, progress=progress,
+                       origin=origin)

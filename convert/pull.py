@@ -21,6 +21,34 @@ ALLOW_PATTERNS = [
     "transformer/diffusion_pytorch_model*.safetensors", "text_encoder_2/model-*-of-*.safetensors",
 ]
 
+# Single-file weights that diffusers repositories often also carry as `*.fp16.safetensors` (half the size).
+# (Sharded weights keep full precision: their fp16 index files are named in a way the reader does not take.)
+SINGLE_WEIGHTS = [p for p in ALLOW_PATTERNS if p.endswith(".safetensors") and "*" not in p]
+
+
+def allow_patterns(repo_files: list[str], dtype: str) -> list[str]:
+    """What to download of a repository holding `repo_files`: ALLOW_PATTERNS, except that for float16 each
+    single-file weight with an fp16 variant beside it (`unet/diffusion_pytorch_model.fp16.safetensors`) is
+    taken instead of the full-precision file, which conversion would only halve."""
+    if dtype != "float16":
+        return list(ALLOW_PATTERNS)
+    present = set(repo_files)
+    patterns = []
+    for pattern in ALLOW_PATTERNS:
+        variant = pattern.removesuffix(".safetensors") + ".fp16.safetensors"
+        patterns.append(variant if pattern in SINGLE_WEIGHTS and variant in present else pattern)
+    return patterns
+
+
+def repo_files(repo_id: str) -> list[str] | None:
+    """The repository's file names, or None when the hub cannot say (offline): then full precision is asked."""
+    from huggingface_hub import list_repo_files
+
+    try:
+        return list_repo_files(repo_id)
+    except Exception:  # offline, gated, unknown: snapshot_download reports it (or serves the cache)
+        return None
+
 
 def name_for(repo_id: str) -> str:
     return repo_id.rstrip("/").split("/")[-1].lower()
@@ -37,7 +65,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"{name} is already in {dst.parent}")
         return 0
     try:
-        src = snapshot_download(args.repo_id, allow_patterns=ALLOW_PATTERNS)
+        files = repo_files(args.repo_id)
+        patterns = allow_patterns(files, args.dtype) if files is not None else ALLOW_PATTERNS
+        src = snapshot_download(args.repo_id, allow_patterns=patterns)
     except LocalEntryNotFoundError:
         print(
             f"mlx-sd-server pull: cannot download {args.repo_id}: offline (HF_HUB_OFFLINE is set or the hub is "
@@ -48,6 +78,7 @@ def main(args: argparse.Namespace) -> int:
     except Exception as exc:  # the hub's errors (404, gated repo, network) all end the command the same way
         print(f"mlx-sd-server pull: cannot download {args.repo_id}: {exc}", file=sys.stderr)
         return 1
-    convert_model(src, dst, dtype=args.dtype, quantize=args.quantize, name=name, progress=sys.stderr.isatty())
+    convert_model(src, dst, dtype=args.dtype, quantize=args.quantize, name=name, progress=sys.stderr.isatty(),
+                  origin=f"huggingface:{args.repo_id}")
     print(f"pulled {args.repo_id} as {name} ({dst})")
     return 0

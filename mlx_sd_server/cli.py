@@ -11,6 +11,10 @@ import os
 import sys
 
 from mlx_sd_server import store
+from mlx_sd_server.job import SAMPLE_METHODS, SCHEDULERS
+
+DESCRIPTION = ("Generate images with Stable Diffusion and FLUX.1 models on Apple silicon (MLX): serve an "
+               "OpenAI-compatible image API, generate from the command line, and download, convert and manage models.")
 
 # subcommand -> "module:function" taking the parsed arguments; imported lazily so `--help` is instant.
 HANDLERS = {
@@ -19,8 +23,29 @@ HANDLERS = {
     "convert": "convert.cli:main",
     "pull": "convert.pull:main",
     "models": "mlx_sd_server.registry:print_models",
+    "rm": "mlx_sd_server.registry:remove_model",
     "service": "mlx_sd_server.service:main",
 }
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has a meaningful one (not None, False or an empty list) and its
+    help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mlx-sd-server")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def add_model_dir(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +88,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=None,
                         help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every "
                              "interface: then set --api-key)")
-    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on")
     parser.add_argument("--socket-addr", metavar="HOST:PORT", help="host and port in one (the reference's)")
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads (Linux: the cores this process uses)")
     for flag, what in (("--clip-on-cpu", "text encoders"), ("--vae-on-cpu", "VAE"), ("--control-net-cpu", "ControlNet")):
@@ -84,7 +109,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
                         help="keep the stored images under GB in all, removing the oldest first (default: no limit)")
     parser.add_argument("--max-queue", type=int, default=8, help="jobs waiting beyond this get 429")
     parser.add_argument("--max-n", type=int, default=10, help="largest n per request")
-    parser.add_argument("--max-steps", type=int, default=150)
+    parser.add_argument("--max-steps", type=int, default=150, help="most steps per request")
     parser.add_argument("--max-pixels", type=int, default=2048 * 2048, help="largest width*height")
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
@@ -92,7 +117,8 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=["mlx", "torch", "auto"], default="mlx",
                         help="mlx, the diffusers/torch fallback, or auto (torch where MLX cannot load a model)")
     add_low_memory_option(parser)
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="how much the server logs")
 
 
 def _checked(convert):
@@ -113,28 +139,39 @@ def _checked(convert):
 def add_job_options(parser: argparse.ArgumentParser) -> None:
     """Options of `generate`: one per job field."""
     add_model_dir(parser)
-    parser.add_argument("--model", required=True, metavar="NAME_OR_PATH")
-    parser.add_argument("--control-net", metavar="NAME_OR_PATH")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative-prompt")
-    parser.add_argument("-n", "--n", type=int)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--cfg-scale", type=float)
+    parser.add_argument("--model", required=True, metavar="NAME_OR_PATH",
+                        help="a model name (see `mlx-sd-server models`), a converted folder, a diffusers folder, a "
+                             ".safetensors file or a Hugging Face id")
+    parser.add_argument("--control-net", metavar="NAME_OR_PATH", help="a ControlNet to attach")
+    parser.add_argument("--prompt", required=True, help="what to draw")
+    parser.add_argument("--negative-prompt", help="what not to draw")
+    parser.add_argument("-n", "--n", type=int, help="how many images (default: 1)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default: the model's)")
     parser.add_argument("--guidance", type=float, help="distilled guidance (FLUX.1-dev; default: the model's)")
-    parser.add_argument("--sample-method")
-    parser.add_argument("--scheduler")
-    parser.add_argument("--size", metavar="WxH")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--sample-method", metavar="METHOD",
+                        help=f"one of {', '.join(SAMPLE_METHODS)} (default: the model's)")
+    parser.add_argument("--scheduler", metavar="SCHEDULE", help=f"one of {', '.join(SCHEDULERS)} (default: the model's)")
+    parser.add_argument("--size", metavar="WxH", help="image size, e.g. 512x768 (default: the model's)")
+    parser.add_argument("--width", type=int, help="image width (default: the model's)")
+    parser.add_argument("--height", type=int, help="image height (default: the model's)")
+    parser.add_argument("--seed", type=int, help="the first image's seed; image i gets seed+i (default: random)")
     parser.add_argument("--image", metavar="PATH", help="image to edit (img2img)")
-    parser.add_argument("--strength", type=float)
+    parser.add_argument("--strength", type=float, help="how much of --image to repaint, 0..1")
     parser.add_argument("--mask", metavar="PATH", help="inpainting mask (white or transparent = repaint)")
-    parser.add_argument("--control-image", metavar="PATH")
-    parser.add_argument("--control-strength", type=float)
-    parser.add_argument("--control-preprocess", choices=["none", "canny"])
+    parser.add_argument("--control-image", metavar="PATH", help="the ControlNet's input image")
+    parser.add_argument("--control-strength", type=float, help="how strongly the ControlNet steers")
+    parser.add_argument("--control-preprocess", choices=["none", "canny"], help="prepare --control-image first")
     parser.add_argument("--output", "-o", default=".", metavar="PATH_OR_DIR",
-                        help="a file name (.png/.jpg/.webp) or a directory")
-    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--engine", choices=["mlx", "torch", "auto"], default="mlx")
+                        help="a directory (each image gets a new file, <model>-<seed>.<ext>, never replacing one) "
+                             "or a file name (.png/.jpg/.webp; with -n 2 or more, NAME-1.png, NAME-2.png...)")
+    parser.add_argument("--force", action="store_true", help="let --output FILE replace an existing file")
+    parser.add_argument("--output-format", choices=["png", "jpeg", "webp"],
+                        help="image format (default: from --output's suffix, else png)")
+    parser.add_argument("--output-compression", type=int, metavar="0-100", help="jpeg/webp quality")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="compute dtype")
+    parser.add_argument("--engine", choices=["mlx", "torch", "auto"], default="mlx",
+                        help="mlx, the diffusers/torch fallback, or auto (torch where MLX cannot load a model)")
     add_low_memory_option(parser)
 
 
@@ -145,39 +182,54 @@ def add_low_memory_option(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlx-sd-server", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mlx-sd-server", description=DESCRIPTION, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    add_serve_options(sub.add_parser("serve", help="run the HTTP server"))
-    add_job_options(sub.add_parser("generate", help="generate images from the command line"))
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
 
-    convert = sub.add_parser(
-        "convert", help="convert Hugging Face weights to this server's MLX format",
-        usage="%(prog)s [options] SRC DST\n       %(prog)s [options] --diffusion-model FILE --vae FILE --clip-l FILE "
-              "--t5xxl FILE DST")
-    convert.add_argument("paths", nargs="+", metavar="SRC DST",
+    add_serve_options(command("serve", help="run the HTTP server"))
+    add_job_options(command("generate", help="generate images from the command line"))
+
+    convert = command(
+        "convert", help="convert Hugging Face weights into a model (by default into the model directory)",
+        usage="%(prog)s [options] SRC [NAME | DST/]\n       %(prog)s [options] --diffusion-model FILE --vae FILE "
+              "--clip-l FILE --t5xxl FILE [NAME | DST/]")
+    convert.add_argument("paths", nargs="*", metavar="SRC NAME",
                          help="SRC: a diffusers folder or a single-file .safetensors checkpoint (SD, or an all-in-one "
-                              "FLUX file); DST: the output folder. With split files, DST only")
+                              "FLUX file). NAME: the model's name, written into the model directory (default: SRC's "
+                              "file or folder name); a path with a slash (./out, ~/models/x) is the output folder "
+                              "itself. With split files, NAME only")
     add_split_file_options(convert)
-    convert.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
+    add_model_dir(convert)
+    convert.add_argument("--output", metavar="DIR", help="write the model folder at DIR instead of the model directory")
+    convert.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"],
+                         help="weight dtype")
     convert.add_argument("--quantize", type=int, choices=[4, 8], help="quantize linear layers to N bits")
     convert.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                          help="override what the checkpoint says (single-file SD 2.x checkpoints do not say)")
     convert.add_argument("--allow-pickle", action="store_true",
                          help="accept .ckpt/.bin pickle files (they can run arbitrary code: trusted files only)")
-    convert.add_argument("--name", help="model name in the manifest (default: the folder name)")
+    convert.add_argument("--name", help="model name in the manifest (default: NAME, else the output folder's name)")
 
-    pull = sub.add_parser("pull", help="download a model from Hugging Face and convert it")
-    pull.add_argument("repo_id", metavar="HF_REPO_ID_OR_NAME")
+    pull = command("pull", help="download a model from Hugging Face and convert it into the model directory")
+    pull.add_argument("repo_id", metavar="HF_REPO_ID", help="e.g. stabilityai/sd-turbo")
     add_model_dir(pull)
-    pull.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
-    pull.add_argument("--quantize", type=int, choices=[4, 8])
+    pull.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"],
+                      help="weight dtype (float16 downloads a repository's .fp16 files where it has them)")
+    pull.add_argument("--quantize", type=int, choices=[4, 8], help="quantize linear layers to N bits")
     pull.add_argument("--name", help="name to save it under (default: derived from the repo id)")
 
-    add_model_dir(sub.add_parser("models", help="list the models this machine can serve"))
+    add_model_dir(command("models", help="list the models this machine can serve"))
 
-    service = sub.add_parser("service", help="run the server as a login service (launchd / systemd --user)")
-    service.add_argument("action", choices=["install", "uninstall", "status"])
+    rm = command("rm", help="delete a model from the model directory")
+    rm.add_argument("name", metavar="NAME", help="a name `mlx-sd-server models` lists")
+    add_model_dir(rm)
+
+    service = command("service", help="run the server as a login service (launchd / systemd --user)")
+    service.add_argument("action", choices=["install", "uninstall", "status", "logs"])
+    service.add_argument("-f", "--follow", action="store_true", help="logs: keep following")
     add_serve_options(service)
     return parser
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -12,7 +14,9 @@ from tqdm import tqdm
 
 from mlx_sd_server.engine.model_io import write_atomically
 from mlx_sd_server.engine.pipeline import drive
-from mlx_sd_server.images import a1111_parameters, encode_image, flatten, mask_from_upload, open_upload
+from mlx_sd_server.images import (
+    a1111_parameters, encode_image, flatten, mask_from_upload, model_hash, open_upload,
+)
 from mlx_sd_server.job import JOB_FIELDS, Job, JobError, build_job
 from mlx_sd_server.registry import ModelLoadError, ModelNotFoundError, ModelRegistry, model_dir
 
@@ -21,6 +25,25 @@ log = logging.getLogger(__name__)
 MAX_INPUT_BYTES = 200 * 2**20
 MAX_INPUT_PIXELS = 64 * 2**20
 SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+FORMAT_SUFFIXES = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+# API field -> this command's option, where the option is not simply `--` + the field with dashes.
+FLAG_NAMES = {"n": "-n", "image[]": "--image"}
+
+
+def flag_for(param: str) -> str:
+    return FLAG_NAMES.get(param, "--" + param.replace("_", "-"))
+
+
+def cli_message(exc: JobError) -> str:
+    """A job error as the command line says it: naming `--cfg-scale`, not the API's `cfg_scale`."""
+    if not exc.param:
+        return str(exc)
+    flag = flag_for(exc.param)
+    if len(exc.param) > 1:
+        message, found = re.subn(rf"(?<![\w\-\[]){re.escape(exc.param)}(?![\w\-])", flag, str(exc))
+    else:  # a one-letter field (n) only where it starts the message
+        message, found = re.subn(rf"^{re.escape(exc.param)}(?=\W)", flag, str(exc))
+    return message if found else f"{flag}: {message}"
 
 
 def _read_image(path: str, param: str) -> Image.Image:
@@ -45,33 +68,91 @@ def job_from_args(args: argparse.Namespace, registry: ModelRegistry) -> Job:
     return build_job(fields, images, defaults=info.defaults, capabilities=info.capabilities, model_name=info.name)
 
 
-def output_paths(output: str, job: Job, model_name: str) -> list[Path]:
-    """A directory gets `<model>-<seed>.png` files; a file name gets `-1`, `-2`... suffixes when n > 1."""
+def output_format(args: argparse.Namespace) -> str:
+    """--output-format, else --output's suffix, else png; a suffix that disagrees with --output-format is an error."""
+    suffix_format = SUFFIX_FORMATS.get(Path(args.output).suffix.lower())
+    chosen = getattr(args, "output_format", None)
+    if chosen and suffix_format and chosen != suffix_format and not Path(args.output).is_dir():
+        raise JobError(f"--output {args.output} is a .{suffix_format} name but --output-format is {chosen}")
+    return chosen or suffix_format or "png"
+
+
+def is_directory_output(output: str) -> bool:
     target = Path(output)
-    if target.is_dir() or target.suffix.lower() not in SUFFIX_FORMATS:
-        target.mkdir(parents=True, exist_ok=True)
-        return [target / f"{model_name}-{seed}.png" for seed in job.seeds()]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if job.n == 1:
+    return target.is_dir() or target.suffix.lower() not in SUFFIX_FORMATS
+
+
+def file_outputs(output: str, n: int) -> list[Path]:
+    """--output FILE: that name, or with n > 1 `NAME-1.png`, `NAME-2.png`..."""
+    target = Path(output)
+    if n == 1:
         return [target]
-    return [target.with_name(f"{target.stem}-{i + 1}{target.suffix}") for i in range(job.n)]
+    return [target.with_name(f"{target.stem}-{i + 1}{target.suffix}") for i in range(n)]
+
+
+def claim_new_file(folder: Path, stem: str, suffix: str) -> Path:
+    """A path in `folder` that did not exist, created empty (exclusively, so that two runs at once cannot pick the
+    same one): `stem.png`, else `stem-2.png`, `stem-3.png`..."""
+    for i in range(1, 100000):
+        path = folder / (f"{stem}{suffix}" if i == 1 else f"{stem}-{i}{suffix}")
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free file name for {stem}{suffix} in {folder}")
+
+
+def output_paths(output: str, job: Job, model_name: str, fmt: str = "png", force: bool = False) -> list[Path]:
+    """Where a job's images go. A directory gets a new `<model>-<seed>.<ext>` file per image (`-2`, `-3`...
+    added when that name is taken: nothing is ever replaced); a file name is used as given (`-1`, `-2`...
+    suffixes when n > 1) and an existing file is replaced only with `force`."""
+    if is_directory_output(output):
+        folder = Path(output)
+        folder.mkdir(parents=True, exist_ok=True)
+        return [claim_new_file(folder, f"{model_name}-{seed}", FORMAT_SUFFIXES[fmt]) for seed in job.seeds()]
+    paths = file_outputs(output, job.n)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise FileExistsError(f"{', '.join(existing)} already exists (--force replaces it; a directory as --output "
+                              "gets new file names)")
+    return paths
 
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    force = getattr(args, "force", False)
     try:
+        fmt = output_format(args)
+        quality = getattr(args, "output_compression", None)
+        if quality is not None and not 0 <= quality <= 100:
+            raise JobError(f"--output-compression must be 0..100, got {quality}")
+        if not is_directory_output(args.output) and not force:
+            existing = [str(p) for p in file_outputs(args.output, args.n or 1) if p.exists()]
+            if existing:  # checked before loading the model, and again once the images are made
+                raise FileExistsError(f"{', '.join(existing)} already exists (--force replaces it; a directory as "
+                                      "--output gets new file names)")
         registry = ModelRegistry([args.model], model_dir(args.model_dir), control_net=args.control_net,
                                  dtype=args.dtype, engine=args.engine, low_memory=args.low_memory)
         job = job_from_args(args, registry)
         pipeline = registry.pipeline()
         with tqdm(total=pipeline.total_steps(job), unit="step", disable=not sys.stderr.isatty()) as bar:
             images = drive(pipeline.generate(job), lambda step: bar.update())
-    except (JobError, ModelNotFoundError, ModelLoadError) as exc:
+        name = registry.default_name
+        paths = output_paths(args.output, job, name, fmt, force)
+    except JobError as exc:
+        print(f"mlx-sd-server generate: {cli_message(exc)}", file=sys.stderr)
+        return 2
+    except (ModelNotFoundError, ModelLoadError) as exc:
         print(f"mlx-sd-server generate: {exc}", file=sys.stderr)
         return 2
-    name = registry.default_name
-    for image, seed, path in zip(images, job.seeds(), output_paths(args.output, job, name)):
-        data = encode_image(image, SUFFIX_FORMATS.get(path.suffix.lower(), "png"), parameters=a1111_parameters(job, seed, name))
+    except FileExistsError as exc:
+        print(f"mlx-sd-server generate: {exc}", file=sys.stderr)
+        return 1
+    hashed = model_hash(registry.info().folder)
+    for image, seed, path in zip(images, job.seeds(), paths):
+        data = encode_image(image, fmt, quality=quality, parameters=a1111_parameters(job, seed, name, model_hash=hashed))
         write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
         print(path)
     return 0

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import shutil
 import sys
 import threading
 from collections import OrderedDict
@@ -49,6 +50,7 @@ class ModelInfo:
     has_controlnet: bool
     folder: Path
     capabilities: Capabilities | None = None  # None: Stable Diffusion's
+    random_weights: bool = False  # the built-in test model: it draws noise
 
     def __post_init__(self) -> None:
         if self.capabilities is None:
@@ -87,6 +89,24 @@ def resolve_spec(spec: str | SplitFiles, models: Path) -> Path:
     raise ModelNotFoundError(f"model {spec!r} not found: not in {models}, not a path, not a Hugging Face id")
 
 
+def is_random(folder: Path) -> bool:
+    """The built-in test model (random weights), by its manifest or its name."""
+    if folder.name == TINY_MODEL_NAME:
+        return True
+    try:
+        return bool(read_manifest(folder).get("random_weights"))
+    except (OSError, ValueError, ModelFormatError):
+        return False
+
+
+def installed_models(models: Path) -> list[Path]:
+    """The converted models in the model directory, newest first (by when their manifest was written), the
+    built-in random-weights model left out."""
+    found = [p for p in models.glob("*") if not p.name.startswith(".") and (p / MANIFEST).exists()]
+    return sorted((p for p in found if not is_random(p)), key=lambda p: ((p / MANIFEST).stat().st_mtime, p.name),
+                  reverse=True)
+
+
 def _converted(source: Path | SplitFiles, main_file: Path, models: Path) -> Path:
     dst = models / main_file.stem.lower()
     if not (dst / MANIFEST).exists():
@@ -111,6 +131,7 @@ def read_info(folder: Path, control_net: Path | None = None) -> ModelInfo:
         has_controlnet=can_do.controlnet,
         folder=folder,
         capabilities=can_do,
+        random_weights=bool(manifest.get("random_weights")),
     )
 
 
@@ -153,8 +174,11 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._loaded: OrderedDict[str, Pipeline] = OrderedDict()
         if not specs:
-            specs = sorted(p.name for p in models.glob("*") if (p / MANIFEST).exists())
-            if not specs:
+            specs = [folder.name for folder in installed_models(models)]
+            if specs:
+                log.info("default model: %s, the most recently converted of %s (choose with --model NAME)",
+                         specs[0], models)
+            else:
                 log.warning(
                     "no models in %s: serving the built-in %s (random weights, it draws noise). "
                     "Get a real one with: mlx-sd-server pull stabilityai/sd-turbo", models, TINY_MODEL_NAME,
@@ -236,13 +260,67 @@ class ModelRegistry:
         return TorchPipeline.from_folder(info.folder, control_net=control, dtype=self.dtype)
 
 
+def disk_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def human_size(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size} GB"  # not reached
+
+
+def _precision(manifest: dict[str, Any]) -> str:
+    quantization = manifest.get("quantization")
+    bits = f" q{quantization['bits']}" if quantization else ""
+    return f"{manifest.get('dtype', '?')}{bits}"
+
+
+def _source(manifest: dict[str, Any]) -> str:
+    source = manifest.get("source")
+    if not isinstance(source, dict):
+        return "-"
+    when = str(source.get("converted", ""))[:10]
+    return f"{source.get('from', '?')}" + (f" ({when})" if when else "")
+
+
 def print_models(args: argparse.Namespace) -> int:
-    """`mlx-sd-server models`: one servable name a line, then where they live."""
+    """`mlx-sd-server models`: a table of the installed models, newest first (the first is what `serve` picks
+    without --model), then the built-in random-weights model, then where they live."""
     models = model_dir(args.model_dir)
-    found = sorted(p for p in models.glob("*") if (p / MANIFEST).exists())
-    for folder in found:
-        info = read_info(folder)
-        print(f"{info.name}\t{info.family}\t{folder}")
-    print(f"{TINY_MODEL_NAME}\tsd1\t(built in: random weights, for testing clients)")
+    rows = [("NAME", "FAMILY", "SIZE", "DTYPE", "SOURCE")]
+    for folder in installed_models(models):
+        try:
+            manifest = read_manifest(folder)
+        except (OSError, ValueError, ModelFormatError) as exc:
+            rows.append((folder.name, "?", human_size(disk_size(folder)), "?", f"unreadable: {exc}"))
+            continue
+        rows.append((folder.name, manifest.get("family", "?"), human_size(disk_size(folder)), _precision(manifest),
+                     _source(manifest)))
+    rows.append((TINY_MODEL_NAME, "sd1", "-", "float32", "built in: RANDOM WEIGHTS, draws noise (for testing clients)"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
     print(f"# model directory: {models}", file=sys.stderr)
+    return 0
+
+
+def remove_model(args: argparse.Namespace) -> int:
+    """`mlx-sd-server rm NAME`: delete a model's folder from the model directory."""
+    models = model_dir(args.model_dir)
+    name = args.name
+    if name == TINY_MODEL_NAME:
+        print(f"mlx-sd-server rm: {TINY_MODEL_NAME} is built in (it is rebuilt when asked for); nothing to remove",
+              file=sys.stderr)
+        return 1
+    folder = models / name
+    if name in ("", ".", "..") or Path(name).name != name or not (folder / MANIFEST).exists():
+        known = ", ".join(p.name for p in installed_models(models)) or "none"
+        print(f"mlx-sd-server rm: no model named {name!r} in {models} (installed: {known})", file=sys.stderr)
+        return 1
+    size = disk_size(folder)
+    shutil.rmtree(folder)
+    print(f"removed {name} ({human_size(size)} freed)")
     return 0

@@ -84,6 +84,14 @@ if [ "$(uname -s)" = Linux ] && ! ls /usr/lib/*/openblas-pthread/libopenblas*.so
     fi
 fi
 
+# The test extra: the playground's browser test drives Debian's chromium (headless; skipped without it).
+if [[ ",$extras," == *,test,* ]] && [ "$(uname -s)" = Linux ] && [ ! -x /usr/bin/chromium ] \
+        && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "bootstrap: installing chromium (for the playground's browser test)" >&2
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        chromium >/dev/null 2>&1 || echo "bootstrap: note: could not install chromium; the browser test will be skipped" >&2
+fi
+
 if [ ! -e "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
     "$venv/bin/python" -m pip install -q --upgrade pip
     if [ -n "$extras" ] && [ "$(uname -s)" = Linux ]; then

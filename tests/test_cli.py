@@ -37,7 +37,7 @@ def test_generate_img2img_and_bad_input(tmp_path, capsys):
     with Image.open(out) as image:
         assert image.format == "JPEG" and image.size == (64, 64)
     assert main(["generate", "--model-dir", models, *ARGS, "--sample-method", "nope", "-o", str(tmp_path)]) == 2
-    assert "sample_method must be one of" in capsys.readouterr().err
+    assert "--sample-method must be one of" in capsys.readouterr().err
     assert main(["generate", "--model-dir", models, *ARGS, "--image", str(tmp_path / "missing.png")]) == 2
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from quart import Quart
 
-from mlx_sd_server.api import files, health, images, models, openapi, tasks
+from mlx_sd_server.api import files, health, images, models, openapi, playground, tasks
 from mlx_sd_server.api.auth import require_api_key
 from mlx_sd_server.api.cors import CorsPolicy, require_allowed_host
 from mlx_sd_server.api.errors import error_response, register_error_handlers
@@ -42,7 +42,7 @@ def create_app(registry: ModelRegistry, store: FileStore, settings: Settings = S
     app.after_request(cors.add_headers)
     if settings.api_key:
         app.before_request(require_api_key(settings.api_key))
-    for module in (images, tasks, files, models, health, openapi):
+    for module in (images, tasks, files, models, health, openapi, playground):
         app.register_blueprint(module.blueprint)
     register_error_handlers(app)
 

@@ -101,7 +101,7 @@ class CorsPolicy:
         if request.method in SAFE_METHODS:
             return
         origin = request.headers.get("Origin")
-        if origin is not None and not self.allows(origin):
+        if origin is not None and not self.allows(origin) and not _same_origin(origin):
             raise _refused(origin)
 
     async def add_headers(self, response: Response) -> Response:
@@ -158,6 +158,18 @@ def _allowed_request_headers() -> str:
     if names and all(name.replace("-", "").replace("_", "").isalnum() for name in names):
         return ", ".join(names)
     return ALLOW_HEADERS
+
+
+def _same_origin(origin: str) -> bool:
+    """Whether `Origin` names this server as the request reached it (its `Host`): browsers send `Origin` with
+    a same-origin POST too, e.g. the playground's. The scheme is not compared (a TLS proxy in front speaks
+    http to us). A DNS-rebound page also looks same-origin; on loopback the Host check refuses it first."""
+    host = request.headers.get("Host")
+    try:
+        origin = normalise_origin(origin)
+    except ValueError:
+        return False
+    return bool(host) and origin != "*" and origin.partition("://")[2] == host.strip().lower()
 
 
 def _refused(origin: str | None) -> APIError:

@@ -1,0 +1,300 @@
+// The playground: plain JS, no build step, no third-party code. Every request is same-origin and relative
+// (works behind a path prefix too) and carries the API key from localStorage as a Bearer token.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const KEY_STORAGE = "mlx-sd-server.api-key";
+let controller = null;  // the running request's AbortController (closing the stream cancels the job)
+let painting = null;    // {x, y} while the mouse/pen is down on the mask
+
+function headers(extra) {
+  const result = Object.assign({}, extra || {});
+  const key = $("api-key").value.trim();
+  if (key) result["Authorization"] = "Bearer " + key;
+  return result;
+}
+
+function setStatus(text, isError) {
+  const status = $("status");
+  status.textContent = text;
+  status.classList.toggle("error", !!isError);
+}
+
+async function errorMessage(response) {
+  let message = response.status + " " + response.statusText;
+  try {
+    const body = await response.json();
+    if (body && body.error && body.error.message) message = response.status + ": " + body.error.message;
+  } catch (e) { /* not JSON */ }
+  if (response.status === 401) message += " (set the API key at the top right)";
+  return message;
+}
+
+async function loadModels() {
+  const select = $("model");
+  try {
+    const response = await fetch("v1/models", {headers: headers()});
+    if (!response.ok) throw new Error(await errorMessage(response));
+    const body = await response.json();
+    const previous = select.value;
+    select.textContent = "";
+    for (const model of body.data) {
+      const option = document.createElement("option");
+      option.value = model.id;
+      option.textContent = model.id + (model.family ? " (" + model.family + ")" : "");
+      if (previous ? model.id === previous : model.default) option.selected = true;
+      select.appendChild(option);
+    }
+    if (!select.options.length) setStatus("the server serves no models", true);
+    else if ($("status").dataset.models) setStatus("");
+    delete $("status").dataset.models;
+  } catch (error) {
+    setStatus("could not list the models: " + error.message, true);
+    $("status").dataset.models = "1";
+  }
+}
+
+// --- the mask painter: a canvas at the uploaded image's own size, laid over it ---------------------------
+
+function loadImage(file) {
+  const source = $("source");
+  if (source.src) URL.revokeObjectURL(source.src);
+  source.onload = () => {
+    const canvas = $("mask");
+    canvas.width = source.naturalWidth;
+    canvas.height = source.naturalHeight;
+    canvas.dataset.painted = "";
+    $("painter").hidden = false;
+    $("mask-hint").hidden = false;
+  };
+  source.src = URL.createObjectURL(file);
+}
+
+function removeImage() {
+  $("image").value = "";
+  $("painter").hidden = true;
+  $("mask-hint").hidden = true;
+  const source = $("source");
+  if (source.src) URL.revokeObjectURL(source.src);
+  source.removeAttribute("src");
+}
+
+function clearMask() {
+  const canvas = $("mask");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  canvas.dataset.painted = "";
+}
+
+function canvasPoint(event) {
+  const canvas = $("mask");
+  const rect = canvas.getBoundingClientRect();
+  return {x: (event.clientX - rect.left) * canvas.width / rect.width,
+          y: (event.clientY - rect.top) * canvas.height / rect.height,
+          scale: canvas.width / rect.width};
+}
+
+function paint(event) {
+  const canvas = $("mask");
+  const point = canvasPoint(event);
+  const context = canvas.getContext("2d");
+  context.strokeStyle = context.fillStyle = "#ff2060";
+  context.lineCap = "round";
+  context.lineWidth = Number($("brush").value) * point.scale;
+  context.beginPath();
+  context.moveTo((painting || point).x, (painting || point).y);
+  context.lineTo(point.x, point.y);
+  context.stroke();
+  canvas.dataset.painted = "1";
+  painting = point;
+}
+
+// The mask as the API takes it: an opaque PNG of the image's size, white = repaint, black = keep.
+function maskBlob() {
+  const canvas = $("mask");
+  const out = document.createElement("canvas");
+  out.width = canvas.width;
+  out.height = canvas.height;
+  const painted = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
+  const pixels = painted.data;
+  for (let i = 0; i < pixels.length; i += 4) {
+    const value = pixels[i + 3] > 0 ? 255 : 0;
+    pixels[i] = pixels[i + 1] = pixels[i + 2] = value;
+    pixels[i + 3] = 255;
+  }
+  out.getContext("2d").putImageData(painted, 0, 0);
+  return new Promise((resolve) => out.toBlob(resolve, "image/png"));
+}
+
+// --- a request: Server-Sent Events read from the response body ---------------------------------------
+
+function settings() {
+  const values = {
+    prompt: $("prompt").value,
+    model: $("model").value || undefined,
+    size: $("size").value.trim() || undefined,
+    steps: Number($("steps").value),
+    seed: Number($("seed").value),
+    n: Number($("n").value),
+    stream: true,
+    partial_images: Number($("partials").value),
+  };
+  if ($("negative").value.trim()) values.negative_prompt = $("negative").value;
+  if ($("sampler").value) values.sample_method = $("sampler").value;
+  return values;
+}
+
+async function requestBody(values) {
+  const file = $("image").files[0];
+  if (!file) return {url: "v1/images/generations", body: JSON.stringify(values), type: "application/json"};
+  values.strength = Number($("strength").value);
+  const form = new FormData();
+  for (const [name, value] of Object.entries(values)) {
+    if (value !== undefined) form.append(name, String(value));
+  }
+  form.append("image", file, file.name || "image.png");
+  if ($("mask").dataset.painted) form.append("mask", await maskBlob(), "mask.png");
+  return {url: "v1/images/edits", body: form, type: null};
+}
+
+async function* serverSentEvents(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, {stream: true}).replace(/\r\n?/g, "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let event = "message", data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) event = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+      }
+      if (data.length) yield {event, data: JSON.parse(data.join("\n"))};
+    }
+  }
+}
+
+// Step progress: the task's state, polled by the id this page chose for it (X-Request-Id).
+function followTask(taskId, signal) {
+  const progress = $("progress");
+  let stopped = false;
+  const timer = setInterval(async () => {
+    try {
+      const response = await fetch("v1/images/tasks/" + encodeURIComponent(taskId), {headers: headers(), signal});
+      if (!response.ok || stopped) return;  // not queued yet, or already finished
+      const task = await response.json();
+      if (stopped) return;  // the request ended meanwhile: its own status stands
+      if (task.state === "queued") setStatus("queued (position " + task.position + ")");
+      else if (task.state === "running" && task.total_steps) {
+        progress.max = task.total_steps;
+        progress.value = task.step;
+        let text = "step " + task.step + " of " + task.total_steps;
+        if (task.eta_seconds != null) text += ", about " + Math.ceil(task.eta_seconds) + " s left";
+        setStatus(text);
+      }
+    } catch (e) { /* aborted or offline: the stream reports it */ }
+  }, 400);
+  return () => { stopped = true; clearInterval(timer); };
+}
+
+function showPartial(data) {
+  const view = $("partials-view");
+  const img = document.createElement("img");
+  img.src = "data:image/" + (data.output_format || "png") + ";base64," + data.b64_json;
+  img.alt = "partial image " + data.partial_image_index;
+  img.title = "partial " + data.partial_image_index + " of image " + (data.image_index || 0);
+  view.appendChild(img);
+}
+
+function showResult(data, values, seconds) {
+  const card = document.createElement("div");
+  card.className = "result";
+  const img = document.createElement("img");
+  img.className = "result-image";
+  img.src = "data:image/" + (data.output_format || "png") + ";base64," + data.b64_json;
+  img.alt = values.prompt;
+  const link = document.createElement("a");
+  link.href = img.src;
+  link.download = (data.task_id || "image") + "-" + (data.image_index || 0) + "." + (data.output_format || "png");
+  link.appendChild(img);
+  const shown = {prompt: values.prompt, negative_prompt: values.negative_prompt, model: values.model,
+                 size: data.size || values.size, steps: values.steps, sample_method: values.sample_method || "(default)",
+                 seed: data.seed, strength: values.strength, task_id: data.task_id, seconds: seconds.toFixed(1)};
+  const pre = document.createElement("pre");
+  pre.textContent = Object.entries(shown).filter(([, v]) => v !== undefined && v !== "")
+    .map(([k, v]) => k + ": " + v).join("\n");
+  card.appendChild(link);
+  card.appendChild(pre);
+  $("results").prepend(card);
+}
+
+async function generate(event) {
+  event.preventDefault();
+  if (controller) return;
+  const values = settings();
+  const taskId = "pg-" + Date.now().toString(36) + Math.random().toString(36).slice(2, 10);
+  controller = new AbortController();
+  $("generate").disabled = true;
+  $("cancel").disabled = false;
+  $("partials-view").textContent = "";
+  const progress = $("progress");
+  progress.hidden = false;
+  progress.removeAttribute("value");  // indeterminate until the task reports steps
+  setStatus("sending…");
+  const started = performance.now();
+  const stopFollowing = followTask(taskId, controller.signal);
+  let completed = 0;
+  try {
+    const {url, body, type} = await requestBody(values);
+    const extra = {"X-Request-Id": taskId, "Accept": "text/event-stream"};
+    if (type) extra["Content-Type"] = type;
+    const response = await fetch(url, {method: "POST", headers: headers(extra), body, signal: controller.signal});
+    if (!response.ok) throw new Error(await errorMessage(response));
+    for await (const {event: name, data} of serverSentEvents(response)) {
+      if (name.endsWith(".partial_image")) showPartial(data);
+      else if (name.endsWith(".completed")) {
+        completed += 1;
+        showResult(data, values, (performance.now() - started) / 1000);
+      } else if (name === "error") throw new Error((data.error && data.error.message) || "the job failed");
+    }
+    if (!completed) throw new Error("the stream ended without an image");
+    setStatus("done: " + completed + " image" + (completed > 1 ? "s" : "") + " in " +
+              ((performance.now() - started) / 1000).toFixed(1) + " s");
+  } catch (error) {
+    setStatus(error.name === "AbortError" ? "cancelled" : error.message, error.name !== "AbortError");
+  } finally {
+    stopFollowing();
+    progress.hidden = true;
+    controller = null;
+    $("generate").disabled = false;
+    $("cancel").disabled = true;
+  }
+}
+
+function init() {
+  const key = $("api-key");
+  key.value = localStorage.getItem(KEY_STORAGE) || "";
+  key.addEventListener("change", () => {
+    if (key.value.trim()) localStorage.setItem(KEY_STORAGE, key.value.trim());
+    else localStorage.removeItem(KEY_STORAGE);
+    loadModels();
+  });
+  $("form").addEventListener("submit", generate);
+  $("cancel").addEventListener("click", () => controller && controller.abort());
+  $("image").addEventListener("change", () => $("image").files[0] ? loadImage($("image").files[0]) : removeImage());
+  $("remove-image").addEventListener("click", removeImage);
+  $("clear-mask").addEventListener("click", clearMask);
+  const canvas = $("mask");
+  canvas.addEventListener("pointerdown", (e) => { canvas.setPointerCapture(e.pointerId); painting = null; paint(e); });
+  canvas.addEventListener("pointermove", (e) => { if (painting) paint(e); });
+  const stop = () => { painting = null; };
+  canvas.addEventListener("pointerup", stop);
+  canvas.addEventListener("pointercancel", stop);
+  loadModels();
+}
+
+document.addEventListener("DOMContentLoaded", init);

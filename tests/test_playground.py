@@ -1,0 +1,194 @@
+"""The playground page at `/`: served by the app, self-contained (no other host), public even with an API
+key, and working end to end in a real headless Chromium against a live server with the tiny model."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from api_server import live_server, request, tiny_registry
+from mlx_sd_server.api import Settings, create_app
+from mlx_sd_server.store import FileStore
+
+CHROMIUM = "/usr/bin/chromium"
+KEY = "secret-key"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A live server with the tiny model and an API key."""
+    app = create_app(tiny_registry(tmp_path_factory.mktemp("models")), FileStore(tmp_path_factory.mktemp("files")),
+                     Settings(api_key=KEY))
+    with live_server(app) as url:
+        yield url
+
+
+def linked_urls(html: str) -> list[str]:
+    return re.findall(r"""(?:src|href|action)\s*=\s*["']([^"']*)["']""", html, flags=re.IGNORECASE)
+
+
+def test_page_is_served_without_the_key(server):
+    reply = request(server, "GET", "/")
+    assert reply.status == 200
+    assert reply.headers["content-type"].startswith("text/html")
+    html = reply.body.decode()
+    assert "<title>mlx-sd-server playground</title>" in html
+    for url in linked_urls(html):  # relative, same-origin urls only: no CDN, no other host
+        assert not re.match(r"^(?:[a-z][a-z0-9+.-]*:)?//", url, flags=re.IGNORECASE), url
+    assert "default-src 'self'" in reply.headers["content-security-policy"]
+    for asset, kind in (("/playground/playground.js", "text/javascript"), ("/playground/playground.css", "text/css")):
+        reply = request(server, "GET", asset)
+        assert reply.status == 200 and reply.headers["content-type"].startswith(kind)
+        text = reply.body.decode()
+        assert not re.search(r"https?://", text), f"{asset} names another host"
+        assert "import(" not in text and "@import" not in text
+
+
+def test_the_page_calls_the_api_same_origin_with_the_key(server):
+    script = request(server, "GET", "/playground/playground.js").body.decode()
+    for url in re.findall(r"""fetch\(\s*["'`]([^"'`]*)""", script):
+        assert url.startswith("v1/"), url  # relative: the page's own origin (and any path prefix)
+    assert '"Bearer "' in script and "localStorage" in script
+    assert "getReader()" in script and "partial_images" in script
+    # the API itself still needs the key
+    assert request(server, "GET", "/v1/models").status == 401
+    assert request(server, "GET", "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status == 200
+
+
+def test_no_other_file_is_served(server):
+    for path in ("/playground/", "/playground/../api/auth.py", "/playground/playground.py", "/static/playground.js",
+                 "/playground/playground.html.bak"):
+        assert request(server, "GET", path).status == 404, path
+
+
+# --- in a browser ----------------------------------------------------------------------------------------
+
+
+def chromium() -> str:
+    """Debian's chromium, installed here if missing and we may (root with apt); else the test is skipped."""
+    if not os.path.exists(CHROMIUM) and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"],
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, capture_output=True, timeout=600)
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no {CHROMIUM} (Debian's chromium package; install it, as root: apt-get install chromium)")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package (the test extra)")
+    executable = chromium()
+    # Without ./run-tests' LD_PRELOAD (OpenBLAS is for MLX, not for the browser), and a generous start-up
+    # timeout: a loaded 2-core machine can take a while to start chromium.
+    env = {name: value for name, value in os.environ.items() if name != "LD_PRELOAD"}
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=executable, env=env, timeout=120_000, args=[
+            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    """Where the screenshot goes: $MLX_SD_TEST_ARTIFACTS, else pytest's temporary folder (never the checkout)."""
+    folder = Path(os.environ["MLX_SD_TEST_ARTIFACTS"]) if os.environ.get("MLX_SD_TEST_ARTIFACTS") else \
+        tmp_path_factory.getbasetemp() / "artifacts"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_generate_in_the_browser(server, browser, artifacts):
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    errors, outside = [], []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("request", lambda r: None if r.url.startswith((server, "data:", "blob:")) else outside.append(r.url))
+    started = time.monotonic()
+    page.goto(server + "/")
+    page.fill("#api-key", KEY)
+    page.dispatch_event("#api-key", "change")  # stored in localStorage, the models reloaded with it
+    page.wait_for_selector("#model option", state="attached", timeout=20_000)
+    assert page.evaluate("localStorage.getItem('mlx-sd-server.api-key')") == KEY
+    page.fill("#prompt", "a lovely cat")
+    page.fill("#size", "64x64")
+    page.fill("#steps", "2")
+    page.fill("#seed", "7")
+    page.fill("#partials", "1")
+    page.click("#generate")
+    # (locator waits: the page's Content-Security-Policy forbids the eval that wait_for_function uses)
+    page.wait_for_selector("#results img.result-image, #status.error", timeout=45_000)
+    assert page.locator("#status.error").count() == 0, page.inner_text("#status")
+    page.wait_for_selector("#generate:not([disabled])", timeout=10_000)  # the stream has ended
+    size = page.evaluate("[...document.querySelectorAll('#results img.result-image')].map(i => [i.naturalWidth, i.naturalHeight])")
+    assert size == [[64, 64]]
+    settings = page.inner_text("#results pre")
+    assert "prompt: a lovely cat" in settings and "seed: 7" in settings and "steps: 2" in settings
+    assert page.inner_text("#status").startswith("done: 1 image")
+    assert page.locator("#partials-view img").count() == 1  # the partial image, streamed before the result
+    screenshot = artifacts / "playground.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    print(f"screenshot: {screenshot}")
+    assert Image.open(screenshot).size[0] >= 1100
+    assert errors == [] and outside == []
+    assert time.monotonic() - started < 60
+    page.close()
+
+
+def test_edit_with_a_painted_mask_in_the_browser(server, browser, tmp_path):
+    source = tmp_path / "source.png"
+    Image.new("RGB", (64, 64), (30, 160, 220)).save(source)
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    errors, posts = [], []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("request", lambda r: posts.append((r.url, r.headers.get("content-type", ""), r.post_data_buffer))
+            if r.method == "POST" else None)
+    page.goto(server + "/")
+    page.fill("#api-key", KEY)
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_selector("#model option", state="attached", timeout=20_000)
+    page.set_input_files("#image", str(source))
+    page.wait_for_selector("#painter:not([hidden])", timeout=10_000)
+    box = page.locator("#mask").bounding_box()
+    page.mouse.move(box["x"] + 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=5)
+    page.mouse.up()
+    page.fill("#prompt", "a red ball")
+    page.fill("#size", "64x64")
+    page.fill("#steps", "2")
+    page.fill("#partials", "0")
+    page.click("#generate")
+    page.wait_for_selector("#results img.result-image, #status.error", timeout=45_000)
+    assert page.locator("#status.error").count() == 0, page.inner_text("#status")
+    page.wait_for_selector("#generate:not([disabled])", timeout=10_000)
+    assert page.evaluate("[...document.querySelectorAll('#results img.result-image')].map(i => i.naturalWidth)") == [64]
+    (url, content_type, _), = [post for post in posts if "/v1/images/" in post[0]]
+    assert url == server + "/v1/images/edits" and content_type.startswith("multipart/form-data")
+    # the mask the page sent (Chromium does not hand multipart bodies with files to the driver): rebuilt
+    mask = bytes(page.evaluate("async () => [...new Uint8Array(await (await maskBlob()).arrayBuffer())]"))
+    mask = Image.open(io.BytesIO(mask))
+    assert mask.format == "PNG" and mask.size == (64, 64)
+    gray = mask.convert("L")
+    assert gray.getpixel((10, 32)) == 255 and gray.getpixel((60, 5)) == 0  # painted: repaint; elsewhere: keep
+    assert errors == []
+    page.close()
+
+
+def test_same_origin_writes_pass_and_other_origins_are_refused(server):
+    """Browsers send `Origin` with a same-origin POST: the page's own origin passes, another is still a 403."""
+    port = server.rsplit(":", 1)[1]
+    body = b'{"prompt": "x", "size": "64x64", "steps": 1}'
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    own = request(server, "POST", "/v1/images/generations", body, {**auth, "Origin": server})
+    assert own.status == 200
+    for origin in ("http://evil.example", f"http://evil.example:{port}", "null", f"http://localhost:{port}"):
+        reply = request(server, "POST", "/v1/images/generations", body, {**auth, "Origin": origin})
+        assert reply.status == 403, origin
