@@ -6,6 +6,7 @@ layout; each component's weights then go through that component's pure key/value
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -126,9 +127,11 @@ def write_model(
     quantize: int | None = None,
     progress: bool = True,
     origin: str | None = None,
+    source_sha256: str | None = None,
 ) -> Path:
     """Write `source` as a converted folder at `dst`, atomically: a failed conversion leaves nothing.
-    `origin` (the source path or Hugging Face repo id) goes into the manifest's `source`, with the time."""
+    `origin` (the source path or Hugging Face repo id) goes into the manifest's `source`, with the time;
+    `source_sha256` (a single file's) is what A1111 shortens into the images' `Model hash`."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
     quantization = {"bits": quantize, "group_size": QUANTIZE_GROUP_SIZE} if quantize else None
@@ -165,6 +168,8 @@ def write_model(
         }
         if origin:
             manifest["source"] = {"from": origin, "converted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if source_sha256:
+            manifest["source_sha256"] = source_sha256
         if "unet" in source.components or "transformer" in source.components:
             manifest["defaults"] = model_defaults(source, name)
         write_manifest(work, manifest)
@@ -202,5 +207,15 @@ def convert_model(
     source = read_source(src, allow_pickle=allow_pickle, prediction_type=prediction_type)
     if origin is None:
         origin = str((src.diffusion_model if isinstance(src, SplitFiles) else src).expanduser().resolve())
+    single_file = isinstance(src, Path) and src.is_file()
     return write_model(source, dst, name=name or dst.name, dtype=dtype, quantize=quantize, progress=progress,
-                       origin=origin)
+                       origin=origin, source_sha256=file_sha256(src) if single_file else None)
+
+
+def file_sha256(path: Path) -> str:
+    """A file's sha256, read in 16 MB pieces (A1111 hashes checkpoints the same way)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(16 * 2**20):
+            digest.update(piece)
+    return digest.hexdigest()

@@ -166,3 +166,19 @@ def test_user_comment_has_exifs_undefined_type(fmt):
     data = encode_image(Image.new("RGB", (8, 8)), fmt, parameters="abc")
     _, exif_ifd = _exif_entries(Image.open(io.BytesIO(data)).info["exif"])
     assert [(tag, typ, count) for tag, typ, count, _ in exif_ifd] == [(USER_COMMENT, 7, 8 + 6)]
+
+
+def test_model_hash_of_a_single_file_conversion_is_a1111s(tmp_path):
+    """A converted single-file checkpoint records its sha256; the images' Model hash is its first 10 hex
+    digits, as A1111 shortens the hash of the same file."""
+    import hashlib
+
+    import tiny_diffusers
+    from convert.model import convert_model
+    from ldm_layout import write_checkpoint
+    from mlx_sd_server.images import model_hash
+
+    pipe = tiny_diffusers.make_pipeline(tmp_path / "src", "sd1")
+    checkpoint = write_checkpoint(pipe, "sd1", tmp_path / "tiny.safetensors")
+    folder = convert_model(checkpoint, tmp_path / "models" / "tiny", dtype="float32", progress=False)
+    assert model_hash(folder) == hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:10]
