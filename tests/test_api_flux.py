@@ -46,7 +46,7 @@ def test_flux_generates_with_its_defaults(server):
     assert body["model"] == "flux-dev-tiny"
     image = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
     parameters = image.text["parameters"]
-    assert "CFG scale: 1" in parameters and "Distilled CFG Scale: 3.5" in parameters and "Sampler: euler" in parameters
+    assert "CFG scale: 1" in parameters and "Distilled CFG Scale: 3.5" in parameters and "Sampler: Euler," in parameters
     reply = post(server, model="flux-dev-tiny", prompt="a cat", size="64x64", steps=1, guidance=5.5, cfg_scale=2.0,
                  negative_prompt="a dog", response_format="b64_json")
     assert reply.status == 200, reply.body
