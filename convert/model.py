@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import mlx.core as mx
 from tqdm import tqdm
 
 from convert.clip import map_clip_weight
