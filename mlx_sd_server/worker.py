@@ -268,14 +268,19 @@ class Worker:
         queued = [task for task in live if task.state == "queued"]
         return running + [task.describe(position) for position, task in enumerate(queued, 1)]
 
+    def _lookup(self, task_id: str) -> tuple[Task | None, dict | None]:
+        """(the live task, None) or (None, a finished one's description, or None when unknown); with the lock."""
+        self._prune()
+        task = self._live.get(task_id)
+        finished = self._finished.get(task_id) if task is None else None
+        return task, dict(finished) if finished is not None else None
+
     def describe(self, task_id: str) -> dict | None:
         """One task's state, live or among the last FINISHED_KEPT finished; None when unknown."""
         with self._lock:
-            self._prune()
-            task = self._live.get(task_id)
+            task, finished = self._lookup(task_id)
             if task is None:
-                found = self._finished.get(task_id)
-                return dict(found) if found is not None else None
+                return finished
             position = None
             if task.state == "queued":
                 queued = [t for t in self._live.values() if t.state == "queued"]
@@ -287,11 +292,9 @@ class Worker:
         stops after its current step. Returns its description (None: unknown id); a task that already
         finished is left as it is (its state says how it ended)."""
         with self._lock:
-            self._prune()
-            task = self._live.get(task_id)
+            task, finished = self._lookup(task_id)
             if task is None:
-                found = self._finished.get(task_id)
-                return dict(found) if found is not None else None
+                return finished
             was = task.state
             task.abort(TaskCancelled(task.id))
             self._retire(task, "cancelled")
