@@ -106,27 +106,41 @@ def artifacts(tmp_path_factory) -> Path:
     return folder
 
 
-def test_generate_in_the_browser(server, browser, artifacts):
+def open_playground(browser, server: str, errors: list[str], on_request=None):
+    """The page, with the API key entered (stored, the models reloaded with it); page errors go to `errors`,
+    and every request from the first on to `on_request`."""
     page = browser.new_page(viewport={"width": 1100, "height": 800})
-    errors, outside = [], []
     page.on("pageerror", lambda error: errors.append(str(error)))
-    page.on("request", lambda r: None if r.url.startswith((server, "data:", "blob:")) else outside.append(r.url))
-    started = time.monotonic()
+    if on_request is not None:
+        page.on("request", on_request)
     page.goto(server + "/")
     page.fill("#api-key", KEY)
-    page.dispatch_event("#api-key", "change")  # stored in localStorage, the models reloaded with it
+    page.dispatch_event("#api-key", "change")
     page.wait_for_selector("#model option", state="attached", timeout=20_000)
-    assert page.evaluate("localStorage.getItem('mlx-sd-server.api-key')") == KEY
-    page.fill("#prompt", "a lovely cat")
+    return page
+
+
+def generate_and_wait(page, prompt: str, partials: int) -> None:
+    """Fill the form (64x64, 2 steps), press Generate, wait until the stream has ended without an error."""
+    page.fill("#prompt", prompt)
     page.fill("#size", "64x64")
     page.fill("#steps", "2")
-    page.fill("#seed", "7")
-    page.fill("#partials", "1")
+    page.fill("#partials", str(partials))
     page.click("#generate")
     # (locator waits: the page's Content-Security-Policy forbids the eval that wait_for_function uses)
     page.wait_for_selector("#results img.result-image, #status.error", timeout=45_000)
     assert page.locator("#status.error").count() == 0, page.inner_text("#status")
     page.wait_for_selector("#generate:not([disabled])", timeout=10_000)  # the stream has ended
+
+
+def test_generate_in_the_browser(server, browser, artifacts):
+    errors, outside = [], []
+    started = time.monotonic()
+    page = open_playground(browser, server, errors, on_request=lambda r: None if r.url.startswith(
+        (server, "data:", "blob:")) else outside.append(r.url))
+    assert page.evaluate("localStorage.getItem('mlx-sd-server.api-key')") == KEY
+    page.fill("#seed", "7")
+    generate_and_wait(page, "a lovely cat", partials=1)
     size = page.evaluate("[...document.querySelectorAll('#results img.result-image')].map(i => [i.naturalWidth, i.naturalHeight])")
     assert size == [[64, 64]]
     settings = page.inner_text("#results pre")
@@ -145,15 +159,9 @@ def test_generate_in_the_browser(server, browser, artifacts):
 def test_edit_with_a_painted_mask_in_the_browser(server, browser, tmp_path):
     source = tmp_path / "source.png"
     Image.new("RGB", (64, 64), (30, 160, 220)).save(source)
-    page = browser.new_page(viewport={"width": 1100, "height": 800})
     errors, posts = [], []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.on("request", lambda r: posts.append((r.url, r.headers.get("content-type", ""), r.post_data_buffer))
-            if r.method == "POST" else None)
-    page.goto(server + "/")
-    page.fill("#api-key", KEY)
-    page.dispatch_event("#api-key", "change")
-    page.wait_for_selector("#model option", state="attached", timeout=20_000)
+    page = open_playground(browser, server, errors, on_request=lambda r: posts.append(
+        (r.url, r.headers.get("content-type", ""), r.post_data_buffer)) if r.method == "POST" else None)
     page.set_input_files("#image", str(source))
     page.wait_for_selector("#painter:not([hidden])", timeout=10_000)
     box = page.locator("#mask").bounding_box()
@@ -161,14 +169,7 @@ def test_edit_with_a_painted_mask_in_the_browser(server, browser, tmp_path):
     page.mouse.down()
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=5)
     page.mouse.up()
-    page.fill("#prompt", "a red ball")
-    page.fill("#size", "64x64")
-    page.fill("#steps", "2")
-    page.fill("#partials", "0")
-    page.click("#generate")
-    page.wait_for_selector("#results img.result-image, #status.error", timeout=45_000)
-    assert page.locator("#status.error").count() == 0, page.inner_text("#status")
-    page.wait_for_selector("#generate:not([disabled])", timeout=10_000)
+    generate_and_wait(page, "a red ball", partials=0)
     assert page.evaluate("[...document.querySelectorAll('#results img.result-image')].map(i => i.naturalWidth)") == [64]
     (url, content_type, _), = [post for post in posts if "/v1/images/" in post[0]]
     assert url == server + "/v1/images/edits" and content_type.startswith("multipart/form-data")
