@@ -54,14 +54,21 @@ def add_model_dir(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_lora_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lora-model-dir", metavar="DIR",
+                        help="where LoRAs (.safetensors) are, named in prompts as <lora:NAME:WEIGHT> (default: "
+                             "the loras folder in the model directory)")
+
+
 def add_split_file_options(parser: argparse.ArgumentParser) -> None:
-    """A model given as separate component files, as stable-diffusion.cpp takes them (FLUX.1)."""
-    split = parser.add_argument_group("split files (FLUX.1, as stable-diffusion.cpp takes them)")
-    split.add_argument("--diffusion-model", metavar="FILE", help="the transformer, e.g. flux1-dev.safetensors or .gguf")
+    """A model given as separate component files, as stable-diffusion.cpp takes them (FLUX.1, SD3/SD3.5)."""
+    split = parser.add_argument_group("split files (FLUX.1, SD3/SD3.5, as stable-diffusion.cpp takes them)")
+    split.add_argument("--diffusion-model", metavar="FILE",
+                       help="the transformer, e.g. flux1-dev.safetensors or .gguf, or sd3.5_large.safetensors")
     split.add_argument("--vae", metavar="FILE", help="the autoencoder, e.g. ae.safetensors")
     split.add_argument("--clip-l", metavar="FILE", help="CLIP-L, e.g. clip_l.safetensors")
     split.add_argument("--t5xxl", metavar="FILE", help="T5-XXL, e.g. t5xxl_fp16.safetensors or t5xxl-Q8_0.gguf")
-    split.add_argument("--clip-g", metavar="FILE", help="CLIP-G (SD3; not supported yet: refused)")
+    split.add_argument("--clip-g", metavar="FILE", help="CLIP-G (SD3/SD3.5), e.g. clip_g.safetensors")
     split.add_argument("--t5-tokenizer", metavar="PATH",
                        help="T5's tokenizer.json (or its folder); default: downloaded from FLUX.1-schnell's repo")
 
@@ -79,8 +86,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
                              "dall-e-*/gpt-image-* are served by the default model while only one is served)")
     add_split_file_options(parser)
     parser.add_argument("--control-net", metavar="NAME_OR_PATH", help="a ControlNet attached to the default model")
-    parser.add_argument("--lora-model-dir", metavar="DIR",
-                        help="LoRA folder (accepted; LoRAs are not applied yet: prompts with <lora:...> tags get 400)")
+    add_lora_dir(parser)
     parser.add_argument("--task", "--context-type", choices=["full", "text2image", "image2image"], default="full",
                         help="which endpoints are on: both, /v1/images/generations only, or /v1/images/edits only")
     # None, not "127.0.0.1": `service install` writes only options that differ from their defaults, so an
@@ -143,6 +149,9 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
                         help="a model name (see `mlx-sd-server models`), a converted folder, a diffusers folder, a "
                              ".safetensors file or a Hugging Face id")
     parser.add_argument("--control-net", metavar="NAME_OR_PATH", help="a ControlNet to attach")
+    add_lora_dir(parser)
+    parser.add_argument("--lora", action="append", metavar="NAME[:WEIGHT]",
+                        help="a LoRA to apply (repeatable), as a <lora:NAME:WEIGHT> prompt tag would")
     parser.add_argument("--prompt", required=True, help="what to draw")
     parser.add_argument("--negative-prompt", help="what not to draw")
     parser.add_argument("-n", "--n", type=int, help="how many images (default: 1)")
@@ -195,12 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert = command(
         "convert", help="convert Hugging Face weights into a model (by default into the model directory)",
         usage="%(prog)s [options] SRC [NAME | DST/]\n       %(prog)s [options] --diffusion-model FILE --vae FILE "
-              "--clip-l FILE --t5xxl FILE [NAME | DST/]")
+              "--clip-l FILE [--clip-g FILE] --t5xxl FILE [NAME | DST/]")
     convert.add_argument("paths", nargs="*", metavar="SRC NAME",
-                         help="SRC: a diffusers folder or a single-file .safetensors checkpoint (SD, or an all-in-one "
-                              "FLUX file). NAME: the model's name, written into the model directory (default: SRC's "
-                              "file or folder name); a path with a slash (./out, ~/models/x) is the output folder "
-                              "itself. With split files, NAME only")
+                         help="SRC: a diffusers folder or a single-file .safetensors checkpoint (SD, SD3/SD3.5, or an "
+                              "all-in-one FLUX file). NAME: the model's name, written into the model directory "
+                              "(default: SRC's file or folder name); a path with a slash (./out, ~/models/x) is the "
+                              "output folder itself. With split files, NAME only")
     add_split_file_options(convert)
     add_model_dir(convert)
     convert.add_argument("--output", metavar="DIR", help="write the model folder at DIR instead of the model directory")

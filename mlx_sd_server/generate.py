@@ -57,6 +57,9 @@ def _read_image(path: str, param: str) -> Image.Image:
 def job_from_args(args: argparse.Namespace, registry: ModelRegistry) -> Job:
     fields = {name: getattr(args, name) for name in JOB_FIELDS if getattr(args, name, None) is not None}
     fields["model"] = registry.default_name
+    if args.lora:  # NAME[:WEIGHT]; build_job reads the weight
+        named = [lora.rpartition(":") if ":" in lora else (lora, "", "1") for lora in args.lora]
+        fields["loras"] = [{"name": name, "scale": weight} for name, _, weight in named]
     images = {}
     if args.image:
         images["image"] = flatten(_read_image(args.image, "image"))
@@ -65,7 +68,8 @@ def job_from_args(args: argparse.Namespace, registry: ModelRegistry) -> Job:
     if args.control_image:
         images["control_image"] = flatten(_read_image(args.control_image, "control_image"))
     info = registry.info()
-    return build_job(fields, images, defaults=info.defaults, capabilities=info.capabilities, model_name=info.name)
+    return build_job(fields, images, defaults=info.defaults, capabilities=info.capabilities, model_name=info.name,
+                     lora_family=registry.loras.family)
 
 
 def output_format(args: argparse.Namespace) -> str:
@@ -134,7 +138,8 @@ def main(args: argparse.Namespace) -> int:
                 raise FileExistsError(f"{', '.join(existing)} already exists (--force replaces it; a directory as "
                                       "--output gets new file names)")
         registry = ModelRegistry([args.model], model_dir(args.model_dir), control_net=args.control_net,
-                                 dtype=args.dtype, engine=args.engine, low_memory=args.low_memory)
+                                 dtype=args.dtype, engine=args.engine, low_memory=args.low_memory,
+                                 lora_dir=args.lora_model_dir)
         job = job_from_args(args, registry)
         pipeline = registry.pipeline()
         with tqdm(total=pipeline.total_steps(job), unit="step", disable=not sys.stderr.isatty()) as bar:
@@ -151,8 +156,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"mlx-sd-server generate: {exc}", file=sys.stderr)
         return 1
     hashed = model_hash(registry.info().folder)
+    lora_hashes = {lora: registry.loras.short_hash(lora) for lora, _ in job.loras}
     for image, seed, path in zip(images, job.seeds(), paths):
-        data = encode_image(image, fmt, quality=quality, parameters=a1111_parameters(job, seed, name, model_hash=hashed))
+        parameters = a1111_parameters(job, seed, name, model_hash=hashed, lora_hashes=lora_hashes)
+        data = encode_image(image, fmt, quality=quality, parameters=parameters)
         write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
         print(path)
     return 0

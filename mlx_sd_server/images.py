@@ -161,13 +161,16 @@ def _a1111_quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def a1111_parameters(job: Job, seed: int, model_name: str, *, model_hash: str | None = None) -> str:
+def a1111_parameters(job: Job, seed: int, model_name: str, *, model_hash: str | None = None,
+                     lora_hashes: dict[str, str] | None = None) -> str:
     """Generation settings in the AUTOMATIC1111 'parameters' text form that image tools read back.
 
     The prompt, a "Negative prompt: " line, and one line of "Key: value" settings, as A1111 writes them
-    (its `parse_generation_parameters` reads this back; tests/test_metadata.py applies its rules).
+    (its `parse_generation_parameters` reads this back; tests/test_metadata.py applies its rules). The job's
+    LoRAs, wherever the request gave them, are `<lora:name:weight>` tags at the end of the prompt (pasting
+    the text back applies them) and `Lora hashes` (A1111's: the first 12 hex digits of each file's sha256).
     """
-    lines = [job.prompt]
+    lines = [job.prompt + "".join(f" <lora:{name}:{weight:g}>" for name, weight in job.loras)]
     if job.negative_prompt:
         lines.append(f"Negative prompt: {job.negative_prompt}")
     settings = [
@@ -185,6 +188,8 @@ def a1111_parameters(job: Job, seed: int, model_name: str, *, model_hash: str | 
         settings.append(f"Denoising strength: {job.strength:g}")
     if job.control_image is not None:
         settings.append(f"ControlNet strength: {job.control_strength:g}")
+    if job.loras and lora_hashes:
+        settings.append("Lora hashes: " + _a1111_quote(", ".join(f"{name}: {lora_hashes[name]}" for name, _ in job.loras)))
     lines.append(", ".join(settings))
     return "\n".join(lines)
 

@@ -12,11 +12,12 @@ Error messages show a client's value through `shown`, which never echoes more th
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from PIL import Image
 
@@ -60,6 +61,7 @@ class Limits:
     # cover the output size (the intermediate the pipeline crops from); a thin strip would scale to a giant.
     max_upload_aspect: float = 20.0
     max_fit_pixels: int = 6000 * 6000
+    max_loras: int = 8  # LoRAs in one request (tags and the `loras` field together)
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,9 @@ class Job:
     control_image: Image.Image | None = field(default=None, repr=False)
     control_strength: float = 0.9
     control_preprocess: str = "none"  # "none" (an edge map / pose already) or "canny" (a photo)
+    # LoRAs (name in the LoRA folder, weight), from `<lora:name:weight>` tags (stripped from the prompts
+    # above) and the `loras` field
+    loras: tuple[tuple[str, float], ...] = ()
 
     def seeds(self) -> list[int]:
         """Image i of the batch uses seed + i, so any single image can be reproduced with n=1."""
@@ -135,12 +140,13 @@ UNSUPPORTED_SCHEDULERS = {"gits": "GITS needs its paper's precomputed per-model 
 JOB_FIELDS = (
     "model", "prompt", "negative_prompt", "n", "steps", "cfg_scale", "sample_method", "scheduler",
     "size", "width", "height", "seed", "strength", "control_strength", "control_preprocess", "guidance",
-    "apply_canny_preprocessor", "style_ratio", *OPENAI_HINTS,
+    "apply_canny_preprocessor", "style_ratio", "loras", *OPENAI_HINTS,
 )
 IMAGE_FIELDS = ("image", "mask", "control_image")
 PROMPT_FIELDS = ("prompt", "negative_prompt")
 
-_LORA_TAG_RE = re.compile(r"<lora:[^>]*>", re.IGNORECASE)
+_LORA_TAG_RE = re.compile(r"<lora:([^>]*)>", re.IGNORECASE)
+LORA_SCALE_LIMIT = 10.0  # |weight|: A1111's LoRAs are used from about -2 to 2
 _SIZE_RE = re.compile(r"^\s*(\d{1,9})\s*[xX×]\s*(\d{1,9})\s*$")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
@@ -268,6 +274,12 @@ def request_schema(limits: Limits = Limits()) -> dict[str, dict[str, Any]]:
         "control_preprocess": {"type": "string", "enum": ["none", "canny"], "default": "none"},
         "apply_canny_preprocessor": {"type": "boolean", "description": "the reference's control_preprocess=canny"},
         "style_ratio": {"type": "number", "description": "PhotoMaker's: refused (400), there is none here"},
+        "loras": {"type": "array", "maxItems": limits.max_loras,
+                  "description": "LoRAs to apply (GET /v1/loras lists them), besides <lora:name:weight> prompt tags",
+                  "items": {"type": "object", "required": ["name"], "additionalProperties": False,
+                            "properties": {"name": {**text, "minLength": 1},
+                                           "scale": {"type": "number", "minimum": -LORA_SCALE_LIMIT,
+                                                     "maximum": LORA_SCALE_LIMIT, "default": 1.0}}}},
         **{name: ({**text, "enum": list(choices)} if choices else text) for name, choices in OPENAI_HINTS.items()},
     }
 
@@ -350,6 +362,71 @@ def _check_images(images: Mapping[str, Image.Image], width: int, height: int, li
                        "invalid_image_dimensions")
 
 
+def strip_lora_tags(field_name: str, text: str) -> tuple[str, list[tuple[str, float]]]:
+    """A prompt without its `<lora:name>` / `<lora:name:weight>` tags (A1111's syntax), and the tags."""
+    tags = []
+    for match in _LORA_TAG_RE.finditer(text):
+        name, _, weight = match[1].partition(":")
+        if not name.strip() or ":" in weight:
+            raise JobError(f"LoRA tag {shown(match[0])} must be <lora:name> or <lora:name:weight>", field_name,
+                           "invalid_value")
+        tags.append((name.strip(), _as_float(field_name, weight) if weight.strip() else 1.0))
+    return _LORA_TAG_RE.sub("", text), tags
+
+
+def _parse_loras(value: Any) -> list[tuple[str, float]]:
+    """The `loras` field: [{"name": ..., "scale": ...}] (a form sends it as JSON text)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise JobError("loras must be a JSON array of {\"name\": ..., \"scale\": ...}", "loras",
+                           "invalid_type") from None
+    if not isinstance(value, list):
+        raise JobError(f"loras must be an array of {{name, scale}} objects, got {_kind(value)}", "loras",
+                       "invalid_type")
+    loras = []
+    for item in value:
+        if not isinstance(item, dict) or "name" not in item:
+            raise JobError(f"each of loras must be an object with a name (and a scale), got {_kind(item)}", "loras",
+                           "invalid_type")
+        if unknown := set(item) - {"name", "scale"}:
+            raise JobError(f"loras: unknown key {shown(sorted(unknown)[0])} (an item has name and scale)", "loras",
+                           "unknown_field")
+        name = _as_str("loras", item["name"]).strip()
+        if not name:
+            raise JobError("loras: a name must not be empty", "loras", "invalid_value")
+        loras.append((name, _as_float("loras", item.get("scale", 1.0))))
+    return loras
+
+
+def _check_loras(loras: list[tuple[str, float, str]], limits: Limits, lora_family: Callable[[str], str] | None,
+                 capabilities: Capabilities, model_name: str) -> tuple[tuple[str, float], ...]:
+    """Each LoRA named once, weights in range, at most `max_loras`, and each one this model's family's."""
+    if len(loras) > limits.max_loras:
+        raise JobError(f"{len(loras)} LoRAs: over this server's limit of {limits.max_loras}", loras[-1][2],
+                       "out_of_range")
+    seen: set[str] = set()
+    for name, weight, param in loras:
+        if name in seen:
+            raise JobError(f"LoRA {shown(name)} is given twice; give it once, with the weight you want", param,
+                           "invalid_value")
+        seen.add(name)
+        if not -LORA_SCALE_LIMIT <= weight <= LORA_SCALE_LIMIT:
+            raise JobError(f"LoRA {shown(name)}: weight must be between {-LORA_SCALE_LIMIT:g} and "
+                           f"{LORA_SCALE_LIMIT:g}, got {shown(weight)}", param, "out_of_range")
+        if lora_family is None:
+            raise JobError("LoRAs cannot be used here: no LoRA folder is configured", param, "unsupported_parameter")
+        try:
+            family = lora_family(name)
+        except JobError as error:  # unknown, or not a usable LoRA: name the field it came from
+            raise JobError(error.message, param, error.code) from None
+        if family != capabilities.family:
+            raise JobError(f"LoRA {shown(name)} is for {family} models, and {model_name} is {capabilities.family}",
+                           param, "lora_family_mismatch")
+    return tuple((name, weight) for name, weight, _ in loras)
+
+
 def build_job(
     fields: Mapping[str, Any],
     images: Mapping[str, Image.Image] | None = None,
@@ -358,9 +435,11 @@ def build_job(
     defaults: ModelDefaults = ModelDefaults(),
     capabilities: Capabilities = Capabilities(),
     model_name: str = "this model",
+    lora_family: Callable[[str], str] | None = None,
 ) -> Job:
     """Validate raw request fields into a Job. Absent fields take the model's defaults; anything the model
-    cannot do (per its `capabilities`) is refused here, before the job is queued.
+    cannot do (per its `capabilities`) is refused here, before the job is queued. `lora_family(name)` is the
+    family of LoRA `name`, or a JobError when there is no usable one of that name.
 
     `fields` must contain only JOB_FIELDS (callers reject or strip others first); values may be typed
     (JSON) or strings (multipart, command line). `images` maps IMAGE_FIELDS to decoded images.
@@ -386,12 +465,17 @@ def build_job(
         values["model"] = _as_str("model", fields["model"])
     if fields.get("negative_prompt") is not None:
         values["negative_prompt"] = _as_str("negative_prompt", fields["negative_prompt"])
+    loras: list[tuple[str, float, str]] = []  # (name, weight, the field it came from)
     for name in ("prompt", "negative_prompt"):
-        if _LORA_TAG_RE.search(values.get(name, "")):  # rather than encode the tag as words
-            raise JobError("LoRA tags (<lora:name:weight>) are not supported by this version", name,
-                           "unsupported_parameter")
         if name in values:
+            values[name], tags = strip_lora_tags(name, values[name])
+            loras += [(lora, weight, name) for lora, weight in tags]
             _check_prompt(name, values[name], limits)
+    if not values["prompt"].strip():
+        raise JobError("prompt must not be empty: it has only LoRA tags", "prompt", "invalid_value")
+    if fields.get("loras") not in (None, ""):
+        loras += [(lora, weight, "loras") for lora, weight in _parse_loras(fields["loras"])]
+    values["loras"] = _check_loras(loras, limits, lora_family, capabilities, model_name)
 
     n = _as_int("n", fields.get("n", 1))
     _in_range("n", n, schema)

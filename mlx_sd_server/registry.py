@@ -23,6 +23,7 @@ from convert.model import SplitFiles, convert_model
 from mlx_sd_server.engine.families import capabilities
 from mlx_sd_server.engine.model_io import MANIFEST, ModelFormatError, read_manifest
 from mlx_sd_server.job import Capabilities, ModelDefaults
+from mlx_sd_server.loras import LORA_FOLDER, LoRALibrary
 from mlx_sd_server.paths import model_dir
 
 log = logging.getLogger(__name__)
@@ -159,9 +160,12 @@ class ModelRegistry:
         low_memory: bool | None = None,
         model_name: str | None = None,
         strict_model_names: bool = False,
+        lora_dir: str | os.PathLike | None = None,
     ):
         """`model_name` renames the default (first) model, as the reference's --model-name; with
-        `strict_model_names` a request must name a served model exactly (see `resolve`)."""
+        `strict_model_names` a request must name a served model exactly (see `resolve`). LoRAs come from
+        `lora_dir`, default the `loras` folder in the model folder."""
+        self.loras = LoRALibrary(Path(lora_dir).expanduser() if lora_dir else models / LORA_FOLDER)
         self.dtype = dtype
         self.low_memory = low_memory if low_memory is not None else physical_memory() <= LOW_MEMORY_MACHINE
         if self.low_memory:
@@ -247,7 +251,7 @@ class ModelRegistry:
                 from mlx_sd_server.engine.pipeline import DiffusionPipeline
 
                 pipeline = DiffusionPipeline(load_model(info.folder, dtype=self.dtype, controlnet=control,
-                                                        low_memory=self.low_memory))
+                                                        low_memory=self.low_memory), loras=self.loras.bound)
                 log.info("engine: MLX for %s", info.name)
                 return pipeline
             except (ImportError, RuntimeError, MemoryError, ValueError) as exc:

@@ -20,6 +20,7 @@ from PIL import Image
 from mlx_sd_server.engine.pipeline import Step
 from mlx_sd_server.api.server import hypercorn_config
 from mlx_sd_server.job import ModelDefaults
+from mlx_sd_server.loras import LoRALibrary
 from mlx_sd_server.registry import ModelInfo, ModelNotFoundError
 
 
@@ -136,6 +137,7 @@ class FakeRegistry:
     pipeline_: FakePipeline = field(default_factory=FakePipeline)
     has_controlnet: bool = False
     default_name: str = "fake-model"
+    loras: LoRALibrary = field(default_factory=lambda: LoRALibrary(None))  # none
 
     def names(self) -> list[str]:
         return [self.default_name]

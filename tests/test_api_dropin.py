@@ -62,8 +62,9 @@ def test_reference_and_openai_fields(models, tmp_path):
         assert reply.status == 200, reply.body  # the model's own size (the tiny model's: 512x512)
         reply = post(url, prompt="a cat", apply_canny_preprocessor=True, control_preprocess="none", **FAST)
         assert (reply.status, reply.json()["error"]["param"]) == (400, "apply_canny_preprocessor")
-        reply = post(url, prompt="a <lora:add_detail:0.8> cat", **FAST)
-        assert (reply.status, reply.json()["error"]["code"]) == (400, "unsupported_parameter")
+        reply = post(url, prompt="a <lora:add_detail:0.8> cat", **FAST)  # (test_api_lora.py: with the LoRA)
+        assert (reply.status, reply.json()["error"]["code"]) == (400, "lora_not_found")
+        assert "add_detail" in reply.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("task, allowed, refused", [("text2image", "/v1/images/generations", "/v1/images/edits"),
@@ -101,7 +102,7 @@ def test_the_reference_flags_parse_and_do_what_they_say(caplog):
         bind_address(build_parser().parse_args(["serve", "--socket-addr", "localhost"]))
     caplog.set_level("INFO", logger="mlx_sd_server.server")
     log_reference_flags(args)
-    assert caplog.text.count("has no effect") == 3 and "LoRAs are not applied" in caplog.text
+    assert caplog.text.count("has no effect") == 3 and args.lora_model_dir == "loras"
     # --threads N: the process runs on N cores (which bounds BLAS, MLX and the numpy kernels alike)
     probe = "from mlx_sd_server.cli import limit_threads; import os; limit_threads(1); print(len(os.sched_getaffinity(0)))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "1"

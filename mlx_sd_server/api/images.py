@@ -28,6 +28,7 @@ from mlx_sd_server.images import (
 )
 from mlx_sd_server.job import Job, JobError, build_job
 from mlx_sd_server.engine.pipeline import Step
+from mlx_sd_server.loras import LoRALibrary
 from mlx_sd_server.registry import ModelInfo, ModelLoadError, ModelNotFoundError
 from mlx_sd_server.store import StoredFile, StoreFullError
 from mlx_sd_server.worker import JobCancelled, ServerStopping, TaskCancelled, valid_task_id
@@ -75,7 +76,7 @@ async def _serve(parsed: ParsedRequest):
     created = int(time.time())
     if parsed.delivery.stream:
         return _stream(server, job, info, parsed.delivery, task_id, created)
-    task = server.worker.submit(job, lambda images: _encode(images, job, info, parsed.delivery), task_id=task_id)
+    task = server.worker.submit(job, lambda images: _encode(images, job, info, parsed.delivery, server.registry.loras), task_id=task_id)
     try:
         encoded = await asyncio.wrap_future(task.future)
     except asyncio.CancelledError:  # the client went away: stop the job, deliver nothing
@@ -173,7 +174,7 @@ def _stream(server: ServerState, job: Job, info: ModelInfo, delivery: Delivery, 
             data = encode_image(image, delivery.output_format, quality=delivery.output_compression)
             post(("partial", index, image_index, data))
 
-    task = server.worker.submit(job, lambda images: _encode(images, job, info, delivery), task_id=task_id,
+    task = server.worker.submit(job, lambda images: _encode(images, job, info, delivery, server.registry.loras), task_id=task_id,
                                 on_step=on_step if delivery.partial_images else None)
     task.future.add_done_callback(lambda future: post(("end", future)))
 
@@ -261,14 +262,16 @@ def _build_job(parsed: ParsedRequest, info: ModelInfo, server: ServerState) -> J
         images["mask"] = mask_from_upload(uploads["image"])  # OpenAI: no mask = the image's own transparency
     fields = {**parsed.fields, "model": info.name}
     return build_job(fields, images, limits=settings.limits, defaults=info.defaults,
-                     capabilities=info.capabilities, model_name=info.name)
+                     capabilities=info.capabilities, model_name=info.name, lora_family=server.registry.loras.family)
 
 
-def _encode(images: list[Image.Image], job: Job, info: ModelInfo, delivery: Delivery) -> list[bytes]:
+def _encode(images: list[Image.Image], job: Job, info: ModelInfo, delivery: Delivery, loras: LoRALibrary) -> list[bytes]:
     """Runs on the worker thread, so encoding never blocks the event loop."""
+    lora_hashes = {name: loras.short_hash(name) for name, _ in job.loras}
     return [
         encode_image(image, delivery.output_format, quality=delivery.output_compression,
-                     parameters=a1111_parameters(job, seed, info.name, model_hash=model_hash(info.folder)))
+                     parameters=a1111_parameters(job, seed, info.name, model_hash=model_hash(info.folder),
+                                                 lora_hashes=lora_hashes))
         for image, seed in zip(images, job.seeds())
     ]
 

@@ -1,4 +1,4 @@
-"""GET /v1/models in OpenAI's list shape."""
+"""GET /v1/models and GET /v1/loras, in OpenAI's list shape."""
 
 from __future__ import annotations
 
@@ -18,4 +18,13 @@ async def list_models():
         data.append({"id": info.name, "object": "model", "created": info.created, "owned_by": "mlx-sd-server",
                      "family": info.family, "has_controlnet": info.has_controlnet,
                      "default": info.name == registry.default_name})
+    return jsonify({"object": "list", "data": data})
+
+
+@blueprint.get("/v1/loras")
+async def list_loras():
+    """The LoRAs a request may name (`<lora:id:weight>` or `loras`), with the model family each fits."""
+    loras = state().registry.loras
+    data = [{"id": info.name, "object": "lora", "family": info.family, "created": int(info.modified),
+             "bytes": info.size} for info in loras.available()]
     return jsonify({"object": "list", "data": data})

@@ -26,7 +26,7 @@ from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDeco
 
 from mlx_sd_server.api.state import state
 from mlx_sd_server.images import OUTPUT_FORMATS, decode_base64_image
-from mlx_sd_server.job import JOB_FIELDS, JobError, Limits, _as_bool, check_field_sizes, check_text, shown
+from mlx_sd_server.job import JOB_FIELDS, JobError, Limits, _as_bool, check_field_sizes, check_text, request_schema, shown
 
 # Accepted for OpenAI-SDK compatibility and ignored: nothing here can honour them.
 # How results go back: validated here, published in /openapi.json (api/openapi.py).
@@ -113,8 +113,9 @@ def read_json(body: bytes, limits: Limits) -> dict[str, Any]:
     """One JSON object of plain values -> {name: value}, null values dropped (absent, as OpenAI treats them).
 
     Read key by key with the standard decoder's scanner, so an array or object value is refused on sight
-    (never built: no recursion, no memory beyond the body), as are duplicate keys, NaN/Infinity, lone
-    surrogates and more than `max_fields` keys."""
+    (never built), as are duplicate keys, NaN/Infinity, lone surrogates and more than `max_fields` keys.
+    Only the fields whose schema is an array (`loras`) take one; build_job checks its items."""
+    structured = {name for name, schema in request_schema(limits).items() if schema["type"] == "array"}
     try:
         text = body.decode(json.detect_encoding(body))
     except UnicodeDecodeError as error:
@@ -157,7 +158,7 @@ def read_json(body: bytes, limits: Limits) -> dict[str, Any]:
                 raise JobError(f"the request has more than {limits.max_fields} fields", None, "too_many_fields", 413)
             seen.add(name)
             at = skip(expect(skip(at), ":", "':'"))
-            if at < end and text[at] in "[{":
+            if at < end and text[at] in "[{" and not (text[at] == "[" and name in structured):
                 kind = "an array" if text[at] == "[" else "an object"
                 raise JobError(f"{shown(name)} must be a single value (a string, number or boolean), not {kind}",
                                name, "invalid_type")
@@ -178,9 +179,11 @@ def read_json(body: bytes, limits: Limits) -> dict[str, Any]:
 
 
 def _scan(text: str, at: int) -> tuple[Any, int]:
-    """One JSON scalar at `at` -> (value, end)."""
+    """One JSON value at `at` -> (value, end)."""
     try:
         return _DECODER.raw_decode(text, at)
+    except RecursionError:
+        raise JobError("request body is not valid JSON: nested too deeply", None, "invalid_json") from None
     except json.JSONDecodeError as error:
         raise JobError(f"request body is not valid JSON: {error}", None, "invalid_json") from None
     except ValueError as error:  # NaN/Infinity, or an integer with more digits than Python converts

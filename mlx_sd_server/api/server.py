@@ -141,9 +141,6 @@ def log_reference_flags(args: argparse.Namespace) -> None:
         if getattr(args, flag):
             log.info("--%s has no effect: MLX's CPU and GPU share unified memory, so there is no GPU memory "
                      "to save by moving a component", flag.replace("_", "-"))
-    if args.lora_model_dir:
-        log.warning("--lora-model-dir %s: LoRAs are not applied in this version; prompts with <lora:...> tags "
-                    "are refused (400)", args.lora_model_dir)
 
 
 def registry_from_args(args: argparse.Namespace) -> ModelRegistry:
@@ -155,7 +152,7 @@ def registry_from_args(args: argparse.Namespace) -> ModelRegistry:
     return ModelRegistry(([split] if split else []) + args.model, model_dir(args.model_dir),
                          control_net=args.control_net, dtype=args.dtype, engine=args.engine,
                          low_memory=args.low_memory, model_name=args.model_name,
-                         strict_model_names=args.strict_model_names)
+                         strict_model_names=args.strict_model_names, lora_dir=args.lora_model_dir)
 
 
 def store_from_args(args: argparse.Namespace) -> FileStore:

@@ -17,6 +17,7 @@ from PIL import Image, ImageFilter
 
 from mlx_sd_server.engine.denoiser import NOISING
 from mlx_sd_server.engine.families import Family, family_class
+from mlx_sd_server.engine.lora import BoundLoRA, applied
 from mlx_sd_server.engine.model_io import LoadedModel
 from mlx_sd_server.engine.samplers import SAMPLERS
 from mlx_sd_server.engine.schedules import img2img_sigmas
@@ -95,9 +96,12 @@ def _to_image(pixels: mx.array) -> Image.Image:
 class DiffusionPipeline:
     """A loaded model turned into a job runner. `generate(job)` yields a `Step` per step, returns the images."""
 
-    def __init__(self, model: LoadedModel, paste_back: bool = True):
+    def __init__(self, model: LoadedModel, paste_back: bool = True,
+                 loras: Callable[[str, LoadedModel], BoundLoRA] | None = None):
+        """`loras(name, model)`: LoRA `name` bound to the model (loras.LoRALibrary.bound)."""
         self.model = model
         self.paste_back = paste_back
+        self.loras = loras
         self.family: Family = family_class(model.family)(model)
         self.noising = NOISING[self.family.prediction_type]
 
@@ -139,8 +143,15 @@ class DiffusionPipeline:
     # --- the job -----------------------------------------------------------------------------------
 
     def generate(self, job: Job, noise: NoiseSource | None = None) -> Generator[Step, None, list[Image.Image]]:
-        """Yield a `Step` after each denoising step; return the n images."""
-        noise = noise or SeededNoise(job.seeds())
+        """Yield a `Step` after each denoising step; return the n images. The job's LoRAs are on the model
+        for exactly this long."""
+        if job.loras and self.loras is None:
+            raise JobError("LoRAs cannot be used here: no LoRA folder is configured", "loras", "unsupported_parameter")
+        loras = [(self.loras(name, self.model), weight) for name, weight in job.loras]
+        with applied(self.model, loras):
+            return (yield from self._generate(job, noise or SeededNoise(job.seeds())))
+
+    def _generate(self, job: Job, noise: NoiseSource) -> Generator[Step, None, list[Image.Image]]:
         vae = self.model.vae
         scale = vae.latent_scale
         h, w = job.height // scale, job.width // scale

@@ -1,0 +1,245 @@
+"""LoRAs end to end against diffusers' `load_lora_weights` + `set_adapters`, on tiny random models.
+
+Each LoRA file (tests/lora_files.py: random factors in one of the formats people have) is read by the server's
+LoRA folder, bound to our converted model and put on it as side branches for a job; diffusers loads the same
+file with PEFT. With identical injected noise the images must agree within 1/255 mean absolute difference,
+and the LoRA'd denoiser's output within 1e-4 max relative error. Then: switching LoRAs between requests leaks
+nothing and loads the base model once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+import lora_files
+import tiny_diffusers
+import tiny_flux
+from convert.model import convert_model
+from mlx_sd_server.engine.families import capabilities
+from mlx_sd_server.engine.flux_transformer import latent_image_ids
+from mlx_sd_server.engine.lora import applied
+from mlx_sd_server.engine.model_io import load_model, read_manifest
+from mlx_sd_server.engine.pipeline import DiffusionPipeline
+from mlx_sd_server.job import ModelDefaults, build_job
+from mlx_sd_server.loras import LoRALibrary
+from mlx_sd_server.registry import ModelRegistry
+from parity import max_rel_err
+from test_flux_pipeline import packed
+from test_pipeline import ReplayNoise, make_noise, mean_abs_diff, ours_image, use_scheduler
+
+SIZE = 64
+PROMPT = "a photo of a cat"
+NEGATIVE = "dog"
+TOLERANCE = 1 / 255
+# diffusers' limits (tests/lora_files.py): its LDM-name converter misplaces upsamplers after resnets (and reads LDM
+# names for SDXL only); its kohya FLUX converter splits single blocks at FLUX.1's widths and drops the layers
+# outside the blocks. Our reader is checked on all of those against what the files mean (test_lora_formats.py).
+NO_UPSAMPLERS = r"^(?!.*upsamplers)"
+DOUBLE_BLOCKS_AND_CLIP = r"^(transformer_blocks|text_model)[.]"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """family -> (diffusers pipeline, our loaded model, its manifest), built once per module."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            src = tmp_path_factory.mktemp(f"{family}-src")
+            pipe = tiny_flux.make_pipeline(src, "dev") if family == "flux" else tiny_diffusers.make_pipeline(src, family)
+            pipe.set_progress_bar_config(disable=True)
+            dst = tmp_path_factory.mktemp(f"{family}-dst") / "model"
+            convert_model(src, dst, dtype="float32", progress=False)
+            cache[family] = (pipe, load_model(dst, dtype="float32"), read_manifest(dst))
+        return cache[family]
+
+    return get
+
+
+def components(pipe) -> dict:
+    return {name: getattr(pipe, name) for name in ("unet", "transformer", "text_encoder", "text_encoder_2")
+            if getattr(pipe, name, None) is not None and name != "text_encoder_2" or
+            name == "text_encoder_2" and type(getattr(pipe, name, None)).__name__.startswith("CLIP")}
+
+
+@contextlib.contextmanager
+def diffusers_loras(pipe, files: dict, weights: dict):
+    """The pipeline with LoRA files loaded (adapter name = LoRA name) at their weights; unloaded after."""
+    for name, path in files.items():
+        pipe.load_lora_weights(str(path), adapter_name=name)
+    pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
+    try:
+        yield
+    finally:
+        pipe.unload_lora_weights()
+
+
+def write(tmp_path, name: str, fmt: str, pipe, seed: int, targets: str | None = None, alpha=None,
+          text_encoders: bool = True):
+    modules = components(pipe) if text_encoders else {k: v for k, v in components(pipe).items() if "text" not in k}
+    path = tmp_path / "loras" / f"{name}.safetensors"
+    path.parent.mkdir(exist_ok=True)
+    lora_files.write_lora(path, fmt, modules, rank=4, alpha=alpha, seed=seed, targets=targets)
+    return path
+
+
+def sd_image(pipe, model, manifest, library, weights: dict, sample_method: str = "euler") -> tuple[float, np.ndarray]:
+    module = use_scheduler(pipe, sample_method)
+    initial, steps = make_noise()
+    from test_pipeline import diffusers_noise
+
+    with diffusers_noise(steps, module):
+        expected = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=5.0, height=SIZE,
+                        width=SIZE, latents=torch.from_numpy(initial), output_type="np").images
+    job = build_job({"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": 6, "cfg_scale": 5.0,
+                     "sample_method": sample_method, "size": f"{SIZE}x{SIZE}",
+                     "loras": [{"name": n, "scale": w} for n, w in weights.items()]},
+                    capabilities=capabilities(manifest), lora_family=library.family)
+    ours = ours_image(DiffusionPipeline(model, paste_back=False, loras=library.bound), job, ReplayNoise(initial, steps))
+    return mean_abs_diff(ours, expected), ours
+
+
+def unet_error(pipe, model, library, weights: dict) -> float:
+    """The LoRA'd UNet's output (diffusers' adapters already set) against ours, one call."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 4, SIZE // 8, SIZE // 8)).astype(np.float32)
+    context = rng.standard_normal((2, 77, pipe.unet.config.cross_attention_dim)).astype(np.float32)
+    t = np.array([500.0, 120.0], np.float32)
+    extra, ours_extra = {}, {}
+    if pipe.unet.config.addition_embed_type == "text_time":
+        pooled = rng.standard_normal((2, pipe.text_encoder_2.config.projection_dim)).astype(np.float32)
+        time_ids = np.array([[SIZE, SIZE, 0, 0, SIZE, SIZE]] * 2, np.float32)
+        extra = {"added_cond_kwargs": {"text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(time_ids)}}
+        ours_extra = {"text_embeds": mx.array(pooled), "time_ids": mx.array(time_ids)}
+    with torch.no_grad():
+        reference = pipe.unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(context), **extra).sample.numpy()
+    bound = [(library.bound(name, model), weight) for name, weight in weights.items()]
+    with applied(model, bound):
+        ours = model.unet(mx.array(x.transpose(0, 2, 3, 1)), mx.array(t), mx.array(context), **ours_extra)
+    return max_rel_err(np.array(ours).transpose(0, 3, 1, 2), reference)
+
+
+@pytest.mark.parametrize("family, fmt, targets", [
+    ("sd1", "kohya", None),  # LoCon convolutions and the text encoder too
+    ("sd1", "peft", None),
+    ("sdxl", "kohya_ldm", NO_UPSAMPLERS),  # both text encoders (lora_te1_, lora_te2_)
+    ("sdxl", "peft", None),
+])
+@pytest.mark.parametrize("weight", [1.0, 0.6])
+def test_sd_loras_match_diffusers(models, tmp_path, family, fmt, targets, weight):
+    pipe, model, manifest = models(family)
+    write(tmp_path, "style", fmt, pipe, seed=1, targets=targets, alpha=8.0 if fmt != "peft" else None)
+    library = LoRALibrary(tmp_path / "loras")
+    assert library.family("style") == family
+    with diffusers_loras(pipe, {"style": library.info("style").path}, {"style": weight}):
+        diff, ours = sd_image(pipe, model, manifest, library, {"style": weight})
+        err = unet_error(pipe, model, library, {"style": weight})
+    base_diff, base = sd_image(pipe, model, manifest, library, {})
+    moved = float(np.abs(ours - base).mean())
+    print(f"{family} {fmt} LoRA at {weight}: image mean abs diff {diff:.2e} (the LoRA moves it {moved:.3f}), "
+          f"UNet max rel err {err:.2e}")
+    assert moved > TOLERANCE  # the LoRA matters, so agreeing with diffusers says something
+    assert diff <= TOLERANCE and err <= 1e-4 and base_diff <= TOLERANCE
+
+
+def test_two_loras_one_negative_match_diffusers(models, tmp_path):
+    pipe, model, manifest = models("sd1")
+    write(tmp_path, "detail", "kohya", pipe, seed=2, alpha=4.0)
+    write(tmp_path, "ink", "peft", pipe, seed=3, targets=r"attn|proj_|ff\.")
+    library = LoRALibrary(tmp_path / "loras")
+    files = {name: library.info(name).path for name in ("detail", "ink")}
+    weights = {"detail": 1.0, "ink": -0.6}
+    with diffusers_loras(pipe, files, weights):
+        diff, _ = sd_image(pipe, model, manifest, library, weights, sample_method="euler_a")
+        err = unet_error(pipe, model, library, weights)
+    print(f"sd1 two LoRAs (1.0, -0.6): image mean abs diff {diff:.2e}, UNet max rel err {err:.2e}")
+    assert diff <= TOLERANCE and err <= 1e-4
+
+
+def flux_image(pipe, model, manifest, library, weights: dict) -> tuple[float, np.ndarray]:
+    height, width = 64, 80
+    initial = np.random.default_rng(0).standard_normal((1, 16, height // 8, width // 8)).astype(np.float32)
+    expected = pipe(PROMPT, num_inference_steps=3, height=height, width=width, latents=packed(initial),
+                    guidance_scale=3.5, max_sequence_length=manifest["components"]["text_encoder_2"]["max_length"],
+                    output_type="np").images
+    job = build_job({"prompt": PROMPT, "steps": 3, "sample_method": "euler", "width": width, "height": height,
+                     "loras": [{"name": n, "scale": w} for n, w in weights.items()]},
+                    defaults=ModelDefaults(**manifest["defaults"]), capabilities=capabilities(manifest),
+                    lora_family=library.family)
+    ours = ours_image(DiffusionPipeline(model, paste_back=False, loras=library.bound), job, ReplayNoise(initial, []))
+    return mean_abs_diff(ours, expected), ours
+
+
+def transformer_error(pipe, model, library, weights: dict) -> float:
+    rng = np.random.default_rng(6)
+    h, w = 6, 4
+    inputs = {"hidden_states": rng.standard_normal((2, h * w // 4, 64)), "encoder_hidden_states":
+              rng.standard_normal((2, 5, 32)), "pooled_projections": rng.standard_normal((2, 32)),
+              "timestep": np.array([1.0, 0.3]), "img_ids": np.array(latent_image_ids(h, w)),
+              "txt_ids": np.zeros((5, 3)), "guidance": np.array([3.5, 2.0])}
+    inputs = {k: v.astype(np.float32) for k, v in inputs.items()}
+    with torch.no_grad():
+        reference = pipe.transformer(**{k: torch.from_numpy(v) for k, v in inputs.items()}, return_dict=False)[0].numpy()
+    bound = [(library.bound(name, model), weight) for name, weight in weights.items()]
+    with applied(model, bound):
+        ours = model.components["transformer"](*(mx.array(inputs[k]) for k in (
+            "hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
+            "guidance")))
+    return max_rel_err(np.array(ours), reference)
+
+
+@pytest.mark.parametrize("fmt, targets", [
+    ("peft", None),  # transformer and CLIP-L
+    ("flux_kohya", DOUBLE_BLOCKS_AND_CLIP),
+    ("flux_comfy", DOUBLE_BLOCKS_AND_CLIP),  # the reference's example: an XLabs LoRA converted by ComfyUI
+    ("flux_xlabs", None),
+])
+@pytest.mark.parametrize("weight", [1.0, 0.6])
+def test_flux_loras_match_diffusers(models, tmp_path, fmt, targets, weight):
+    pipe, model, manifest = models("flux")
+    write(tmp_path, "realism", fmt, pipe, seed=4, targets=targets, alpha=None if fmt in ("peft", "flux_xlabs") else 8.0)
+    library = LoRALibrary(tmp_path / "loras")
+    assert library.family("realism") == "flux"
+    with diffusers_loras(pipe, {"realism": library.info("realism").path}, {"realism": weight}):
+        diff, ours = flux_image(pipe, model, manifest, library, {"realism": weight})
+        err = transformer_error(pipe, model, library, {"realism": weight})
+    _, base = flux_image(pipe, model, manifest, library, {})
+    moved = float(np.abs(ours - base).mean())
+    print(f"flux {fmt} LoRA at {weight}: image mean abs diff {diff:.2e} (the LoRA moves it {moved:.3f}), "
+          f"transformer max rel err {err:.2e}")
+    assert moved > TOLERANCE
+    assert diff <= TOLERANCE and err <= 1e-4
+
+
+def test_switching_loras_leaks_nothing_and_loads_the_model_once(models, tmp_path, monkeypatch):
+    pipe, model, manifest = models("sd1")
+    write(tmp_path, "a", "kohya", pipe, seed=7, alpha=2.0)
+    write(tmp_path, "b", "peft", pipe, seed=8)
+    registry = ModelRegistry([str(model.folder)], tmp_path / "models", lora_dir=tmp_path / "loras")
+    loads = []
+    load = registry._load
+    monkeypatch.setattr(registry, "_load", lambda info: loads.append(info.name) or load(info))
+    info = registry.info()
+
+    def run(pipeline, loras: list[dict]) -> np.ndarray:
+        job = build_job({"prompt": PROMPT, "steps": 3, "sample_method": "euler", "size": f"{SIZE}x{SIZE}",
+                         "loras": loras}, capabilities=info.capabilities, lora_family=registry.loras.family)
+        initial, steps = make_noise()
+        return ours_image(pipeline, job, ReplayNoise(initial, steps))
+
+    def fresh(loras: list[dict]) -> np.ndarray:
+        return run(DiffusionPipeline(load_model(model.folder, dtype="float32"), loras=LoRALibrary(tmp_path / "loras").bound),
+                   loras)
+
+    requests = [[{"name": "a", "scale": 0.8}], [], [{"name": "b", "scale": 1.0}], [],
+                [{"name": "a", "scale": 0.8}, {"name": "b", "scale": -0.5}]]
+    served = [run(registry.pipeline(), loras) for loras in requests]
+    assert loads == [info.name]  # the base model, once
+    for loras, image in zip(requests, served):
+        assert np.array_equal(image, fresh(loras)), loras
+    assert not np.array_equal(served[0], served[1]) and np.array_equal(served[1], served[3])
