@@ -47,9 +47,9 @@ CONTROLNET_MARKER = "input_hint_block.0.weight"  # the control image's first con
 
 # The training schedule every SD 1.x/2.x/XL model shares (single files do not carry it).
 SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-DEFAULT_IMAGE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "flux": 1024}
-VAE_SCALING_FACTOR = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025, "flux": 0.3611}
-VAE_SHIFT_FACTOR = {"flux": 0.1159}  # latents = (mean - shift) * scale; SD's VAEs have no shift
+DEFAULT_IMAGE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "flux": 1024, "sd3": 1024}
+VAE_SCALING_FACTOR = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025, "flux": 0.3611, "sd3": 1.5305}
+VAE_SHIFT_FACTOR = {"flux": 0.1159, "sd3": 0.0609}  # latents = (mean - shift) * scale; SD's VAEs have no shift
 PREDICTION_TYPES = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction",
                     "v-prediction": "v_prediction"}
 

@@ -11,13 +11,11 @@ from pathlib import Path
 from convert.model import SplitFiles, convert_model
 from mlx_sd_server.paths import model_dir
 
-SPLIT_OPTIONS = ("diffusion_model", "vae", "clip_l", "t5xxl", "t5_tokenizer")
+SPLIT_OPTIONS = ("diffusion_model", "vae", "clip_l", "clip_g", "t5xxl", "t5_tokenizer")
 
 
 def split_files(args: argparse.Namespace) -> SplitFiles | None:
     """The split-file options (`--diffusion-model`, `--vae`, ...) as one source, or None when none is given."""
-    if getattr(args, "clip_g", None):
-        raise ValueError("--clip-g: SD3 models are not supported yet")
     split = {name: Path(getattr(args, name)).expanduser() for name in SPLIT_OPTIONS if getattr(args, name, None)}
     if split and "diffusion_model" not in split:
         raise ValueError("split files need --diffusion-model (the transformer file)")
@@ -50,7 +48,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     least = 0 if split else 1  # SRC, unless split files are the source; then an optional NAME or DST
     if not least <= len(args.paths) <= least + 1:
-        usage = "--diffusion-model FILE [--vae FILE --clip-l FILE --t5xxl FILE] [NAME]" if split else "SRC [NAME]"
+        usage = ("--diffusion-model FILE [--vae FILE --clip-l FILE --clip-g FILE --t5xxl FILE] [NAME]" if split
+                 else "SRC [NAME]")
         print(f"mlx-sd-server convert: expected {usage}", file=sys.stderr)
         return 2
     src = split or args.paths[0]

@@ -14,7 +14,9 @@ from convert.source import PickleRefusedError, SourceModel, family_of
 
 log = logging.getLogger(__name__)
 
-WEIGHT_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "transformer", "vae", "controlnet")
+WEIGHT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae", "controlnet")
+# SD3's T5 (~9.5 GB in float16) is optional: the SD3 pipelines read zeros in its place, and users leave it out.
+OPTIONAL_COMPONENTS = ("text_encoder_3",)
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
@@ -64,6 +66,9 @@ def read_diffusers_folder(path: Path, allow_pickle: bool = False, prediction_typ
     if (path / "model_index.json").exists():
         index = json.loads((path / "model_index.json").read_text())
         names = [n for n in WEIGHT_COMPONENTS if n in index and index[n] and index[n][0] is not None]
+        for name in [n for n in names if n in OPTIONAL_COMPONENTS and not (path / n).is_dir()]:
+            log.warning("%s has no %s folder: converting without it", path, name)
+            names.remove(name)
     else:  # a lone ControlNet folder
         names = ["controlnet"]
     components = {}
@@ -80,7 +85,8 @@ def read_diffusers_folder(path: Path, allow_pickle: bool = False, prediction_typ
         scheduler = json.loads(scheduler_file.read_text())
     tokenizers = {
         encoder: path / folder
-        for encoder, folder in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+        for encoder, folder in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"),
+                                ("text_encoder_3", "tokenizer_3"))
         if encoder in components
     }
     flow = scheduler.get("_class_name") in FLOW_SCHEDULERS

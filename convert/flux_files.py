@@ -50,20 +50,22 @@ T5_TOKENIZER_FILE = "tokenizer_2/tokenizer.json"
 DEFAULT_AXES_DIMS_ROPE = [16, 56, 56]  # the rotary embedding's (index, height, width) split of FLUX's 128 head dims
 
 # Per component: what it is (for messages), a key only it has, where it may sit in a file (split files have
-# it at the top, ComfyUI's bundles under a prefix), and which keys under that prefix are its weights.
+# it at the top, ComfyUI's bundles under a prefix), and which keys under that prefix are its weights (their
+# beginnings, or a test of the key). CLIP-L and T5-XXL are SD3's too (convert.sd3_files).
+# CLIP: the prefix ends where transformers' `text_model.` does, so a text_projection beside it is left out.
+CLIP_L = ("the CLIP-L text encoder (clip_l.safetensors)", "embeddings.token_embedding.weight",
+          ("text_model.", "", "text_encoders.clip_l.transformer.text_model."),
+          ("embeddings.", "encoder.", "final_layer_norm."))
+T5_XXL = ("the T5-XXL text encoder (t5xxl_fp16.safetensors)", "encoder.block.0.layer.0.SelfAttention.q.weight",
+          ("", "text_encoders.t5xxl.transformer."), ("shared.", "encoder."))
 COMPONENTS = {
     "transformer": ("the FLUX transformer (flux1-dev.safetensors or flux1-schnell.safetensors)",
-                    "double_blocks.0.img_attn.qkv.weight", ("", "model.diffusion_model."), None),
+                    "double_blocks.0.img_attn.qkv.weight", ("", "model.diffusion_model."),
+                    lambda rest: is_bfl_transformer_key(rest)),
     "vae": ("the FLUX autoencoder (ae.safetensors)",
             "encoder.down.0.block.0.conv1.weight", ("", "vae.", "first_stage_model."), None),
-    # CLIP: the prefix ends where transformers' `text_model.` does, so a text_projection beside it is left out.
-    "text_encoder": ("the CLIP-L text encoder (clip_l.safetensors)",
-                     "embeddings.token_embedding.weight",
-                     ("text_model.", "", "text_encoders.clip_l.transformer.text_model."),
-                     ("embeddings.", "encoder.", "final_layer_norm.")),
-    "text_encoder_2": ("the T5-XXL text encoder (t5xxl_fp16.safetensors)",
-                       "encoder.block.0.layer.0.SelfAttention.q.weight", ("", "text_encoders.t5xxl.transformer."),
-                       ("shared.", "encoder.")),
+    "text_encoder": CLIP_L,
+    "text_encoder_2": T5_XXL,
 }
 
 # The command-line option (stable-diffusion.cpp's) that gives each component as its own file.
@@ -130,27 +132,31 @@ def is_bfl_transformer_key(key: str) -> bool:
     return _bfl_target(key.removeprefix(BFL_PREFIX).rpartition(".")[0]) is not None
 
 
-def is_flux_file(path: Path) -> bool:
-    """Whether a .safetensors or .gguf file holds a FLUX transformer in BFL layout (alone or all-in-one);
-    reads the file's header only."""
+def tensor_names(path: Path) -> list[str]:
+    """The tensor names in a .safetensors or .gguf file's header; none if it is not one or is unreadable (the
+    single-file reader then says what is wrong)."""
     if path.suffix == ".gguf":
         from convert.gguf_source import read_gguf
 
         try:
-            names = list(read_gguf(path)[0])
-        except CheckpointError:  # the single-file reader says what is wrong
-            return False
-    elif path.suffix == ".safetensors":
+            return list(read_gguf(path)[0])
+        except CheckpointError:
+            return []
+    if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         try:
             with safe_open(str(path), "numpy") as f:
-                names = list(f.keys())
-        except Exception:  # not a readable safetensors file: the single-file reader says what is wrong
-            return False
-    else:
-        return False
-    return any(name.removeprefix(BFL_PREFIX).startswith("double_blocks.") for name in names)
+                return list(f.keys())
+        except Exception:
+            return []
+    return []
+
+
+def is_flux_file(path: Path) -> bool:
+    """Whether a .safetensors or .gguf file holds a FLUX transformer in BFL layout (alone or all-in-one);
+    reads the file's header only."""
+    return any(name.removeprefix(BFL_PREFIX).startswith("double_blocks.") for name in tensor_names(path))
 
 
 def map_bfl_transformer_weight(key: str, value: np.ndarray, hidden_size: int) -> list[tuple[str, np.ndarray]]:
@@ -257,7 +263,7 @@ def _open(path: Path) -> dict[str, Any]:
     if path.suffix == ".gguf":
         return read_state_dict(path)[0]
     if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path}: FLUX files are read from .safetensors or .gguf only")
+        raise CheckpointError(f"{path}: FLUX and SD3 files are read from .safetensors or .gguf only")
     raw, _ = read_state_dict(path)  # checks the header against the file size first
     if any(k.endswith(("scaled_fp8", ".scale_weight")) for k in raw):
         raise CheckpointError(f"{path} is a ComfyUI 'scaled fp8' file, which is not supported: use the fp16, "
@@ -284,21 +290,23 @@ class LazyWeights:
             yield from self.convert(key, _float32(raw.pop(key)))
 
 
-def _find(name: str, raw: dict[str, Any]) -> str | None:
-    """Where component `name` sits in a file: its key prefix, or None if the file does not hold it."""
-    _, marker, prefixes, _ = COMPONENTS[name]
+def _find(component: tuple, raw: dict[str, Any]) -> str | None:
+    """Where a component (a COMPONENTS entry) sits in a file: its key prefix, or None if the file does not
+    hold it."""
+    _, marker, prefixes, _ = component
     return next((p for p in prefixes if p + marker in raw), None)
 
 
-def _component_keys(name: str, raw: dict[str, Any], prefix: str) -> list[str]:
-    """The keys under `prefix` that are component `name`'s weights. Others are skipped, with a warning unless
-    they are extras these files are known to carry (CLIP's projection, logit scale and position ids)."""
-    accepted = COMPONENTS[name][3]
+def _component_keys(name: str, component: tuple, raw: dict[str, Any], prefix: str) -> list[str]:
+    """The keys under `prefix` that are the component's weights. Others are skipped, with a warning (naming
+    the component `name`) unless they are extras these files are known to carry (CLIP's projection, logit
+    scale and position ids)."""
+    accepted = component[3]
     keys, unknown = [], []
     for key in (k for k in raw if k.startswith(prefix)):
         rest = key[len(prefix):]
-        if name == "transformer":
-            ok = is_bfl_transformer_key(rest)
+        if callable(accepted):
+            ok = accepted(rest)
         else:
             ok = rest.startswith(accepted) and not rest.endswith("position_ids")
         (keys if ok else unknown).append(key)
@@ -308,21 +316,51 @@ def _component_keys(name: str, raw: dict[str, Any], prefix: str) -> list[str]:
     return keys
 
 
+def locate_components(files: dict[str, Path | None], main: Path, table: dict[str, tuple], options: dict[str, str],
+                      model: str) -> dict[str, tuple[Path, dict[str, Any], str]]:
+    """Per component of `table`: (file, its lazily opened tensors, the component's key prefix in it). A
+    component is read from the file given for it, else from `main` (an all-in-one checkpoint); a given file
+    that does not hold it, and components found nowhere, are errors naming the files and options to give."""
+    opened: dict[Path, dict[str, Any]] = {}  # lazily loaded: only shapes are read here
+    found: dict[str, tuple[Path, dict[str, Any], str]] = {}
+    missing = []
+    for name, given in files.items():
+        path = Path(given if given is not None else main)
+        if path not in opened:
+            if not path.is_file():
+                raise CheckpointError(f"{path} does not exist")
+            opened[path] = _open(path)
+        raw = opened[path]
+        prefix = _find(table[name], raw)
+        if prefix is not None:
+            found[name] = (path, raw, prefix)
+            log.info("reading %s from %s", name, path.name)
+        elif given is not None:
+            description, marker, prefixes, _ = table[name]
+            raise CheckpointError(f"{path} is not {description}: it has no {prefixes[0] + marker}; it has keys "
+                                  f"like {sorted(raw)[:3]}")
+        else:
+            missing.append(f"{options[name]} ({table[name][0]})")
+    if missing:
+        raise CheckpointError(f"{main} does not hold all of {model}: also give " + ", ".join(missing))
+    return found
+
+
 def _read_transformer(path: Path, raw: dict[str, Any], prefix: str, axes_dims_rope) -> tuple[dict, LazyWeights]:
-    keys = _component_keys("transformer", raw, prefix)
+    keys = _component_keys("transformer", COMPONENTS["transformer"], raw, prefix)
     config = flux_transformer_config(_strip_prefix(raw, prefix), axes_dims_rope)
     hidden_size = config["num_attention_heads"] * config["attention_head_dim"]
     return config, LazyWeights(path, keys, partial(map_bfl_transformer_weight, hidden_size=hidden_size))
 
 
-def _read_vae(raw: dict[str, Any], prefix: str, hints: ArchitectureHints) -> tuple[dict, Any]:
-    config, state = convert_vae(_strip_prefix(raw, prefix), "flux", hints)  # 84M parameters: read at once
+def _read_vae(raw: dict[str, Any], prefix: str, hints: ArchitectureHints, family: str = "flux") -> tuple[dict, Any]:
+    config, state = convert_vae(_strip_prefix(raw, prefix), family, hints)  # 84M parameters: read at once
     return config, state.items()
 
 
 def _read_clip(path: Path, raw: dict[str, Any], prefix: str, hints: ArchitectureHints) -> tuple[dict, LazyWeights]:
     """CLIP-L in transformers names under `text_model.`; its text_projection (unused by FLUX) is left out."""
-    keys = _component_keys("text_encoder", raw, prefix)
+    keys = _component_keys("CLIP-L", CLIP_L, raw, prefix)
     shapes = {"text_model." + k[len(prefix):]: raw[k] for k in keys}
     config = _text_config(shapes, "quick_gelu", None, with_projection=False, hints=hints)
     return config, LazyWeights(path, keys, lambda k, v: [("text_model." + k[len(prefix):], v)])
@@ -331,7 +369,7 @@ def _read_clip(path: Path, raw: dict[str, Any], prefix: str, hints: Architecture
 def _read_t5(path: Path, raw: dict[str, Any], prefix: str, max_distance: int) -> tuple[dict, LazyWeights]:
     """T5's encoder in transformers names. The token embedding is `shared.weight`; files that also hold its
     tied copy `encoder.embed_tokens.weight` have it dropped, those holding only the copy have it renamed."""
-    keys = _component_keys("text_encoder_2", raw, prefix)
+    keys = _component_keys("T5", T5_XXL, raw, prefix)
     tied = prefix + "encoder.embed_tokens.weight"
     if prefix + "shared.weight" in raw and tied in keys:
         keys.remove(tied)
@@ -346,7 +384,8 @@ def _strip_prefix(raw: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 def t5_tokenizer_folder(t5_tokenizer: Path | str | None) -> Path:
     """A folder holding T5's tokenizer.json: the one given (a folder, or the file itself), else the one in
-    FLUX.1-schnell's repo, downloaded once into the Hugging Face cache (HF_HUB_OFFLINE uses only the cache)."""
+    FLUX.1-schnell's repo (SD3's is the same T5 v1.1 tokenizer), downloaded once into the Hugging Face cache
+    (HF_HUB_OFFLINE uses only the cache)."""
     if t5_tokenizer is None:
         try:
             from huggingface_hub import hf_hub_download
@@ -354,10 +393,10 @@ def t5_tokenizer_folder(t5_tokenizer: Path | str | None) -> Path:
             return Path(hf_hub_download(T5_TOKENIZER_REPO, T5_TOKENIZER_FILE)).parent
         except Exception as err:
             raise CheckpointError(
-                "FLUX's T5 text encoder needs its tokenizer, which the FLUX files do not include, and it could "
+                "The T5 text encoder needs its tokenizer, which the FLUX and SD3 files do not include, and it could "
                 f"not be downloaded from {T5_TOKENIZER_REPO} ({type(err).__name__}: {err}). Pass it with "
                 "--t5-tokenizer: a tokenizer.json, or a folder holding one (e.g. the tokenizer_2 folder of a "
-                "FLUX.1 diffusers repo)."
+                "FLUX.1 diffusers repo, or the tokenizer_3 folder of an SD3 one)."
             ) from err
     path = Path(t5_tokenizer)
     if path.is_dir():
@@ -382,28 +421,7 @@ def read_flux_files(diffusion_model: Path, vae: Path | None = None, clip_l: Path
     component inside the all-in-one. dev (guidance-distilled) and schnell are told apart by the guidance
     embedding. `hints`: CLIP's head size and the VAE's group count, for tests' tiny models."""
     files = {"transformer": diffusion_model, "vae": vae, "text_encoder": clip_l, "text_encoder_2": t5xxl}
-    opened: dict[Path, dict[str, Any]] = {}  # lazily loaded: only shapes are read here
-    found: dict[str, tuple[Path, dict[str, Any], str]] = {}
-    missing = []
-    for name, given in files.items():
-        path = Path(given if given is not None else diffusion_model)
-        if path not in opened:
-            if not path.is_file():
-                raise CheckpointError(f"{path} does not exist")
-            opened[path] = _open(path)
-        raw = opened[path]
-        prefix = _find(name, raw)
-        if prefix is not None:
-            found[name] = (path, raw, prefix)
-            log.info("reading %s from %s", name, path.name)
-        elif given is not None:
-            description, marker, prefixes, _ = COMPONENTS[name]
-            raise CheckpointError(f"{path} is not {description}: it has no {prefixes[0] + marker}; it has keys "
-                                  f"like {sorted(raw)[:3]}")
-        else:
-            missing.append(f"{OPTIONS[name]} ({COMPONENTS[name][0]})")
-    if missing:
-        raise CheckpointError(f"{diffusion_model} does not hold all of FLUX: also give " + ", ".join(missing))
+    found = locate_components(files, diffusion_model, COMPONENTS, OPTIONS, "FLUX")
 
     components = {
         "transformer": _read_transformer(*found["transformer"], axes_dims_rope),

@@ -23,10 +23,12 @@ from convert.clip import map_clip_weight
 from convert.controlnet import map_controlnet_weight
 from convert.flux import map_flux_transformer_weight
 from convert.gguf_source import to_mlx
+from convert.sd3 import map_sd3_transformer_weight
 from convert.source import SourceModel
 from convert.t5 import map_t5_weight
 from convert.unet import map_unet_weight
 from convert.vae import map_vae_weight
+from mlx_sd_server.engine.families.sd3 import T5_MAX_LENGTH as SD3_T5_MAX_LENGTH
 from mlx_sd_server.engine.model_io import (
     DTYPES, TEXT_ENCODERS, component_class, component_kind, save_component, write_manifest,
 )
@@ -41,6 +43,7 @@ MAPPERS: dict[str, Callable] = {
     "T5EncoderModel": map_t5_weight,
     "UNet2DConditionModel": map_unet_weight,
     "FluxTransformer2DModel": map_flux_transformer_weight,
+    "SD3Transformer2DModel": map_sd3_transformer_weight,
     "AutoencoderKL": map_vae_weight,
     "ControlNetModel": map_controlnet_weight,
 }
@@ -53,16 +56,27 @@ SCHEDULER_KEYS = {
 }
 # T5 tokens FLUX.1 reads: dev (with a guidance embedding) was trained on 512, schnell on 256.
 FLUX_T5_MAX_LENGTH = {True: 512, False: 256}
+# SD3/SD3.5 defaults from the model cards' examples. The transformer's config tells the releases apart (SD3.5
+# normalises queries and keys, only SD3.5-medium has MMDiT-X dual attention); large-turbo, whose config is
+# large's, only by its name.
+SD3_DEFAULTS = {
+    "sd3-medium": {"steps": 28, "cfg_scale": 7.0},
+    "sd3.5-medium": {"steps": 40, "cfg_scale": 4.5},
+    "sd3.5-large": {"steps": 28, "cfg_scale": 3.5},
+    "sd3.5-large-turbo": {"steps": 4, "cfg_scale": 1.0},
+}
 
 
 @dataclass(frozen=True)
 class SplitFiles:
     """A model as the separate component files users have (FLUX.1: the BFL transformer, `ae.safetensors`,
-    `clip_l.safetensors`, a `t5xxl` file; T5's tokenizer is not among them, see convert.flux_files)."""
+    `clip_l.safetensors`, a `t5xxl` file; SD3/SD3.5: the checkpoint, `clip_l`, `clip_g` and `t5xxl` files; T5's
+    tokenizer is not among them, see convert.flux_files)."""
 
     diffusion_model: Path
     vae: Path | None = None
     clip_l: Path | None = None
+    clip_g: Path | None = None
     t5xxl: Path | None = None
     t5_tokenizer: Path | None = None
 
@@ -71,13 +85,22 @@ def read_source(src: Path | SplitFiles, allow_pickle: bool = False, prediction_t
     """A diffusers folder, a single-file checkpoint or split files, read into diffusers layout."""
     from convert.diffusers_folder import is_diffusers_folder, read_diffusers_folder
     from convert.flux_files import is_flux_file, read_flux_files
+    from convert.sd3_files import is_sd3_file, read_sd3_files
 
     if isinstance(src, SplitFiles):
+        if src.clip_g is not None and is_flux_file(src.diffusion_model):
+            raise ValueError(f"--clip-g is for SD3/SD3.5, and {src.diffusion_model} is a FLUX.1 transformer, which "
+                             "takes --clip-l and --t5xxl only")
+        if src.clip_g is not None or is_sd3_file(src.diffusion_model):
+            return read_sd3_files(src.diffusion_model, src.vae, src.clip_l, src.clip_g, src.t5xxl,
+                                  t5_tokenizer=src.t5_tokenizer)
         return read_flux_files(src.diffusion_model, src.vae, src.clip_l, src.t5xxl, t5_tokenizer=src.t5_tokenizer)
     if is_diffusers_folder(src):
         return read_diffusers_folder(src, allow_pickle=allow_pickle, prediction_type=prediction_type)
     if src.is_file() and is_flux_file(src):  # an all-in-one FLUX file, or a clear error naming the missing parts
         return read_flux_files(src)
+    if src.is_file() and is_sd3_file(src):  # SD3/SD3.5, with its text encoders or a clear error naming them
+        return read_sd3_files(src)
     if src.is_file():
         from convert.checkpoint import read_checkpoint
 
@@ -87,7 +110,14 @@ def read_source(src: Path | SplitFiles, allow_pickle: bool = False, prediction_t
 
 def model_defaults(source: SourceModel, name: str) -> dict[str, Any]:
     """Generation defaults that suit the model: turbo and LCM models need few steps and little guidance;
-    FLUX.1-dev ~28 steps with distilled guidance 3.5, schnell 4 steps, both without CFG."""
+    FLUX.1-dev ~28 steps with distilled guidance 3.5, schnell 4 steps, both without CFG; SD3/SD3.5 as
+    `SD3_DEFAULTS`."""
+    if source.family == "sd3":
+        config = source.components["transformer"][0]
+        release = ("sd3.5-large-turbo" if "turbo" in name.lower() else "sd3-medium" if not config.get("qk_norm")
+                   else "sd3.5-medium" if config.get("dual_attention_layers") else "sd3.5-large")
+        return {**SD3_DEFAULTS[release], "sample_method": "euler", "scheduler": "discrete",
+                "width": 1024, "height": 1024}
     if source.family == "flux":
         if source.components["transformer"][0].get("guidance_embeds"):
             flux = {"steps": 28, "cfg_scale": 1.0, "guidance": 3.5}
@@ -112,8 +142,9 @@ def _tokenizer_for(source: SourceModel, encoder: str, config: dict[str, Any]) ->
     folder = source.tokenizers.get(encoder)
     if folder is not None and Path(folder).exists():
         return component_kind(encoder, config).tokenizer_class.from_dir(folder)
-    # Single files carry no tokenizer: all SD and FLUX CLIPs use CLIP's vocabulary, padded by family.
-    pad = "<|endoftext|>" if (source.family == "sd1" or encoder == "text_encoder" and source.family in ("sdxl", "flux")) else "!"
+    # Single files carry no tokenizer: all SD, SD3 and FLUX CLIPs use CLIP's vocabulary, padded by family.
+    clip_l = encoder == "text_encoder" and source.family in ("sdxl", "flux", "sd3")
+    pad = "<|endoftext|>" if source.family == "sd1" or clip_l else "!"
     return CLIPTokenizer.from_bpe_file(default_vocab_path(), pad_token=pad)
 
 
@@ -151,6 +182,8 @@ def write_model(
             if source.family == "flux" and component == "text_encoder_2":
                 guidance = bool(source.components["transformer"][0].get("guidance_embeds"))
                 entries[component]["max_length"] = FLUX_T5_MAX_LENGTH[guidance]
+            if source.family == "sd3" and component == "text_encoder_3":
+                entries[component]["max_length"] = SD3_T5_MAX_LENGTH
             log.info("converted %s", component)
         manifest: dict[str, Any] = {
             "name": name,

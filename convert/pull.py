@@ -11,14 +11,17 @@ from mlx_sd_server.paths import model_dir
 
 # Only what conversion reads: configs, tokenizers and safetensors weights (never pickles, never fp16 copies
 # of what we already take in full precision, never the single files that many repos also carry: the .ckpt
-# of SD repos, FLUX repos' flux1-*.safetensors and ae.safetensors beside their diffusers folders).
+# of SD repos, FLUX repos' flux1-*.safetensors and ae.safetensors, SD3.5 repos' sd3.5_*.safetensors and
+# text_encoders/ folder, beside their diffusers folders).
 ALLOW_PATTERNS = [
     "model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*", "*/*.safetensors.index.json",
-    "text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
+    "text_encoder/model.safetensors", "text_encoder_2/model.safetensors", "text_encoder_3/model.safetensors",
     "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-    "config.json", "diffusion_pytorch_model.safetensors",
-    # FLUX: the transformer (~24 GB) and T5 (~9.5 GB) are sharded
-    "transformer/diffusion_pytorch_model*.safetensors", "text_encoder_2/model-*-of-*.safetensors",
+    "transformer/diffusion_pytorch_model.safetensors", "config.json", "diffusion_pytorch_model.safetensors",
+    # FLUX's and SD3.5-large's transformer (~24 GB, ~16 GB) and T5 (~9.5 GB: FLUX's text_encoder_2, SD3's
+    # text_encoder_3) are sharded
+    "transformer/diffusion_pytorch_model-*-of-*.safetensors", "text_encoder_2/model-*-of-*.safetensors",
+    "text_encoder_3/model-*-of-*.safetensors",
 ]
 
 # Single-file weights that diffusers repositories often also carry as `*.fp16.safetensors` (half the size).

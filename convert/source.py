@@ -23,7 +23,7 @@ class PickleRefusedError(ValueError):
 class SourceModel:
     """A model in diffusers layout: per component, its diffusers/transformers config.json and weights."""
 
-    family: str  # sd1 | sd2 | sdxl | flux | controlnet (a lone ControlNet)
+    family: str  # sd1 | sd2 | sdxl | flux | sd3 | controlnet (a lone ControlNet)
     prediction_type: str  # epsilon | v_prediction | flow
     scheduler: dict[str, Any]  # the diffusers scheduler_config.json (betas, prediction type)
     components: dict[str, tuple[dict[str, Any], Weights]]
@@ -31,13 +31,14 @@ class SourceModel:
 
 
 def family_of(components: dict[str, tuple[dict[str, Any], Weights]]) -> str:
-    """FLUX has a FluxTransformer2DModel; SDXL has text-time conditioning; SD 2.x has OpenCLIP's gelu text
-    encoder; SD 1.x the rest."""
+    """FLUX has a FluxTransformer2DModel, SD3/SD3.5 an SD3Transformer2DModel; SDXL has text-time conditioning;
+    SD 2.x has OpenCLIP's gelu text encoder; SD 1.x the rest."""
     if "transformer" in components:
         class_name = components["transformer"][0].get("_class_name")
-        if class_name != "FluxTransformer2DModel":
-            raise ValueError(f"unsupported transformer {class_name!r} (this version converts FLUX.1)")
-        return "flux"
+        families = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+        if class_name not in families:
+            raise ValueError(f"unsupported transformer {class_name!r} (this version converts FLUX.1 and SD3/SD3.5)")
+        return families[class_name]
     unet_config = components["unet"][0]
     if unet_config.get("addition_embed_type") == "text_time":
         return "sdxl"

@@ -179,6 +179,8 @@ class TorchPipeline:
         folder = Path(folder)
         manifest = read_manifest(folder)
         _check_unquantized(manifest, folder)
+        if manifest["family"] not in ("sd1", "sd2", "sdxl", "flux"):
+            raise ValueError(f"{folder.name}: the torch engine does not run {manifest['family']} models (MLX does)")
         components = manifest["components"]
         flux = manifest["family"] == "flux"
         device = device or default_device()
@@ -347,6 +349,9 @@ class TorchPipeline:
         diffusers runs its loop on a helper thread that waits after each step until the next one is asked
         for, so closing this generator (a cancelled job) stops it between steps.
         """
+        if job.loras:
+            raise JobError("LoRAs are applied by the MLX engine only, and the diffusers/torch fallback serves "
+                           "this model", "loras", "unsupported_parameter")
         pipeline = self._pipeline(job)
         pipeline.scheduler = self.scheduler(job)
         args = self._arguments(job, noise)

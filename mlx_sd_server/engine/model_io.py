@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten
 from mlx_sd_server.engine.clip import CLIPTextConfig, CLIPTextModel
 from mlx_sd_server.engine.controlnet import ControlNetConfig, ControlNetModel
 from mlx_sd_server.engine.flux_transformer import FluxTransformer2DModel, FluxTransformerConfig
+from mlx_sd_server.engine.sd3_transformer import SD3Transformer2DModel, SD3TransformerConfig
 from mlx_sd_server.engine.t5 import T5Config, T5EncoderModel
 from mlx_sd_server.engine.t5_tokenizer import T5Tokenizer
 from mlx_sd_server.engine.tokenizer import CLIPTokenizer
@@ -57,6 +58,7 @@ COMPONENT_KINDS = {
     "T5EncoderModel": ComponentKind(T5Config, T5EncoderModel, T5Tokenizer, instead_of_float16=mx.bfloat16),
     "UNet2DConditionModel": ComponentKind(UNetConfig, UNetModel),
     "FluxTransformer2DModel": ComponentKind(FluxTransformerConfig, FluxTransformer2DModel),
+    "SD3Transformer2DModel": ComponentKind(SD3TransformerConfig, SD3Transformer2DModel),
     "AutoencoderKL": ComponentKind(VAEConfig, Autoencoder),
     "ControlNetModel": ComponentKind(ControlNetConfig, ControlNetModel),
 }

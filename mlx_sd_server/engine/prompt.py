@@ -16,7 +16,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Sequence
 
 from mlx_sd_server.engine.tokenizer import CLIPTokenizer, default_vocab_path
 from mlx_sd_server.job import JobError, shown
@@ -205,3 +205,34 @@ def apply_emphasis(hidden: mx.array, weights: mx.array) -> mx.array:
     original_mean = hidden.mean()
     hidden = hidden * weights
     return hidden * (original_mean / hidden.mean())
+
+
+def sequence_pieces(text: str) -> list[tuple[str, float]]:
+    """A prompt's (fragment, weight) pieces for an encoder that reads it as one sequence (T5, and SD3's CLIPs):
+    BREAK starts a new CLIP window on SD; here it is a word break."""
+    return [(" ", 1.0) if fragment is BREAK else (fragment, weight) for fragment, weight in parse_emphasis(text)]
+
+
+def weighted_ids(tokenizer: Any, pieces: list[tuple[str, float]], length: int) -> tuple[list[int], list[float]]:
+    """`length` ids with a weight each: the text's, truncated to leave room for the end token, then the end
+    token and padding (T5's framing; CLIP's after its start token). Unweighted text is tokenized whole,
+    exactly as diffusers; weighted text fragment by fragment."""
+    if all(weight == 1.0 for _, weight in pieces):
+        ids = tokenizer.tokenize("".join(fragment for fragment, _ in pieces))
+        weights = [1.0] * len(ids)
+    else:
+        ids, weights = [], []
+        for fragment, weight in pieces:
+            tokens = tokenizer.tokenize(fragment)
+            ids += tokens
+            weights += [weight] * len(tokens)
+    ids, weights = ids[: length - 1], weights[: length - 1]
+    padding = length - 1 - len(ids)
+    return ids + [tokenizer.eos_id] + [tokenizer.pad_id] * padding, weights + [1.0] * (padding + 1)
+
+
+def emphasised(states: mx.array, weights: Sequence[list[float]]) -> mx.array:
+    """A1111 emphasis on each prompt's token states (B, L, D), with that prompt's weight per token."""
+    import mlx.core as mx
+
+    return mx.stack([apply_emphasis(s, mx.array(w)[:, None]) for s, w in zip(states, weights)])

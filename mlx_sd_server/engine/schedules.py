@@ -153,18 +153,27 @@ def flow_shift(config: dict, image_seq_len: int) -> tuple[str, float]:
     return "fixed", float(config.get("shift", 1.0))
 
 
-def flow_sigmas(scheduler: str, steps: int, config: dict, image_seq_len: int) -> np.ndarray:
-    """`steps + 1` sigmas in (0, 1] then 0, as diffusers' FlowMatchEulerDiscreteScheduler with the FLUX/SD3
-    pipelines' default sigmas (evenly from 1 to 1/steps, then shifted); karras and exponential respace
-    between the shifted schedule's ends, as that scheduler's use_karras_sigmas/use_exponential_sigmas."""
+def flow_sigmas(scheduler: str, steps: int, config: dict, image_seq_len: int,
+                scheduler_spacing: bool = False) -> np.ndarray:
+    """`steps + 1` sigmas in (0, 1] then 0, as diffusers' FlowMatchEulerDiscreteScheduler: evenly spaced, then
+    shifted; karras and exponential respace between the shifted schedule's ends, as that scheduler's
+    use_karras_sigmas/use_exponential_sigmas. Evenly from 1 to 1/steps, as the FLUX pipelines pass them; with
+    `scheduler_spacing`, as the scheduler spaces them when given none (the SD3 pipelines): from 1 to its
+    smallest training sigma, 1/num_train_timesteps (shifted, for a fixed shift)."""
     if scheduler not in FLOW_SCHEDULES:
         raise ValueError(f"flow models support the {', '.join(FLOW_SCHEDULES)} schedules; got {scheduler!r}")
-    sigmas = np.linspace(1.0, 1.0 / steps, steps)
     kind, amount = flow_shift(config, image_seq_len)
-    if kind == "exponential":
-        sigmas = math.exp(amount) / (math.exp(amount) + (1 / sigmas - 1))
-    else:
-        sigmas = amount * sigmas / (1 + (amount - 1) * sigmas)
+
+    def shifted(sigmas):
+        if kind == "exponential":
+            return math.exp(amount) / (math.exp(amount) + (1 / sigmas - 1))
+        return amount * sigmas / (1 + (amount - 1) * sigmas)
+
+    last = 1.0 / steps
+    if scheduler_spacing:
+        smallest = 1.0 / config.get("num_train_timesteps", 1000)
+        last = shifted(smallest) if kind == "fixed" else smallest
+    sigmas = shifted(np.linspace(1.0, last, steps))
     if scheduler == "discrete":
         return _append_zero(sigmas)
     ends = np.array([sigmas[-1], sigmas[0]])  # as an ascending "table" of the extremes

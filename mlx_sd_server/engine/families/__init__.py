@@ -37,8 +37,9 @@ def family_class(family: str) -> type:
     """The class serving a manifest's `family`."""
     from mlx_sd_server.engine.families.flux import FluxFamily
     from mlx_sd_server.engine.families.sd import StableDiffusionFamily
+    from mlx_sd_server.engine.families.sd3 import SD3Family
 
-    for cls in (StableDiffusionFamily, FluxFamily):
+    for cls in (StableDiffusionFamily, FluxFamily, SD3Family):
         if family in cls.names:
             return cls
     raise ValueError(f"unsupported model family {family!r}")

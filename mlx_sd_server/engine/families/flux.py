@@ -17,15 +17,12 @@ import numpy as np
 from mlx_sd_server.engine.denoiser import Denoiser, model_denoiser
 from mlx_sd_server.engine.flux_transformer import latent_image_ids, pack_latents, unpack_latents
 from mlx_sd_server.engine.model_io import LoadedModel
-from mlx_sd_server.engine.prompt import BREAK, apply_emphasis, parse_emphasis
-from mlx_sd_server.engine.samplers import SAMPLERS
+from mlx_sd_server.engine.prompt import emphasised, sequence_pieces, weighted_ids
+from mlx_sd_server.engine.samplers import FLOW_SAMPLERS
 from mlx_sd_server.engine.schedules import FLOW_SCHEDULES, flow_sigmas
 from mlx_sd_server.job import DEFAULT_GUIDANCE, Capabilities, Job, JobError
 
 PATCH = 2  # the transformer sees 2x2 patches of latent pixels
-# dpm++2mv2's step rule does not converge on flow schedules (their last steps, 3/n -> 2/n -> 1/n, always differ
-# in log length): ~22% error at any step count (tests/test_flow_samplers.py). The rest converge.
-FLOW_SAMPLERS = tuple(name for name in SAMPLERS if name != "dpm++2mv2")
 T5_MAX_LENGTH = 512  # dev's; schnell's manifest says 256
 
 
@@ -69,30 +66,12 @@ class FluxFamily:
         texts = [job.negative_prompt, job.prompt] if guided else [job.prompt]
         clip_tokenizer, t5_tokenizer = self.model.tokenizers
         clip, t5 = self.model.text_encoders
-        # BREAK starts a new CLIP window on SD; T5 reads one sequence, so here it is a word break.
-        pieces = [[(" ", 1.0) if fragment is BREAK else (fragment, weight) for fragment, weight in parse_emphasis(text)]
-                  for text in texts]
+        pieces = [sequence_pieces(text) for text in texts]
         plain = ["".join(fragment for fragment, _ in p) for p in pieces]
         pooled = clip(mx.array([clip_tokenizer.encode(text) for text in plain])).pooled_output
-        ids, weights = zip(*(self._t5_tokens(t5_tokenizer, p) for p in pieces))
-        states = t5(mx.array(ids)).astype(mx.float32)
-        states = mx.stack([apply_emphasis(s, mx.array(w)[:, None]) for s, w in zip(states, weights)])
+        ids, weights = zip(*(weighted_ids(t5_tokenizer, p, self.t5_max_length) for p in pieces))
+        states = emphasised(t5(mx.array(ids)).astype(mx.float32), weights)
         return FluxConditioning(states, pooled.astype(mx.float32))
-
-    def _t5_tokens(self, tokenizer: Any, pieces: list[tuple[str, float]]) -> tuple[list[int], list[float]]:
-        """Padded T5 ids with a weight per token. Unweighted text is tokenized whole, exactly as diffusers."""
-        length = self.t5_max_length
-        if all(weight == 1.0 for _, weight in pieces):
-            return tokenizer.encode("".join(fragment for fragment, _ in pieces), length), [1.0] * length
-        ids: list[int] = []
-        weights: list[float] = []
-        for fragment, weight in pieces:
-            tokens = tokenizer.tokenize(fragment)
-            ids += tokens
-            weights += [weight] * len(tokens)
-        ids, weights = ids[: length - 1], weights[: length - 1]
-        padding = length - 1 - len(ids)
-        return ids + [tokenizer.eos_id] + [tokenizer.pad_id] * padding, weights + [1.0] * (padding + 1)
 
     # --- the denoiser ------------------------------------------------------------------------------
 
