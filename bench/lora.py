@@ -7,12 +7,14 @@ The model is bench/models.py's real-size random-weight SD 1.5 (built and convert
 LoRA is a random diffusers/PEFT file adapting every attention and feed-forward linear of the UNet (what
 kohya's trainer targets by default), read through the server's own LoRA folder (mlx_sd_server.loras). Rows:
 
-  UNet step          one UNet call with classifier-free guidance (batch 2) at the size's latent; median of
-                     --runs after a warm-up. "fused" adds scale * up @ down into each adapted weight (the
-                     weights restored after), which is what baking a LoRA into a model costs at run time.
+  UNet step          one UNet call with classifier-free guidance (batch 2) at the size's latent, the LoRA on
+                     as engine/lora.py puts it on: as side branches (fuse budget 0, what quantized layers always
+                     get) or fused into copies of the layers. Median of 2 x --runs steps, taken as a job takes
+                     them (LoRA on, a first step, --runs steps, LoRA off) in two passes over the rows, forward
+                     and backward, so that drift on a shared machine falls on all rows alike
   bind (first use)   reading a LoRA file and mapping it onto the model's layers (once per LoRA; kept after)
-  apply + remove     putting a bound LoRA's branches on and taking them off (every request that uses one)
-  fuse + unfuse      adding each delta into its weight and taking it out again (what switching costs if fused)
+  on + off           putting a bound LoRA on and taking it off again, side branches or fused (every request
+                     that uses a LoRA pays this once)
   model load         loading the base model: what switching would cost if a LoRA needed a reload
   MLX peak           mx.get_peak_memory() over that row's work, weights included
 
@@ -23,6 +25,7 @@ The script re-execs itself with OpenBLAS preloaded (mlx_sd_server.blas), as the 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +40,7 @@ from common import load_average, median_seconds, print_table  # noqa: E402
 from engine import unet_inputs  # noqa: E402
 from models import DEFAULT_CACHE, converted_model  # noqa: E402
 
+ALL = 2**62  # a fuse budget every layer fits
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 
 
@@ -55,18 +59,6 @@ def write_peft_lora(unet, path: Path, rank: int, seed: int) -> int:
             tensors[f"unet.{name}.lora_B.weight"] = (rng.standard_normal((out_dims, rank)) * 0.01).astype(np.float32)
     save_file(tensors, str(path))
     return len(tensors) // 2
-
-
-def fuse(unet, bound: dict, sign: float) -> None:
-    """Add (sign=1) or take out (sign=-1) each branch's delta from its layer's weight."""
-    import mlx.core as mx
-
-    from mlx_sd_server.engine.lora import get_layer
-
-    for path, adapter in bound["unet"].items():
-        layer = get_layer(unet, path)
-        layer.weight = layer.weight + sign * adapter.scale * (adapter.up @ adapter.down).astype(layer.weight.dtype)
-        mx.eval(layer.weight)
 
 
 def main() -> None:
@@ -99,40 +91,45 @@ def main() -> None:
     def step() -> None:
         mx.eval(unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]))
 
-    def measured(run, runs: int = args.runs) -> tuple[float, float]:
-        mx.reset_peak_memory()
-        seconds = median_seconds(run, runs)
-        return seconds, mx.get_peak_memory() / 2**30
-
     lora_dir = Path(tempfile.mkdtemp(prefix="bench-lora-"))
     layers = {rank: write_peft_lora(unet, lora_dir / f"rank{rank}.safetensors", rank, seed=rank) for rank in ranks}
     library = LoRALibrary(lora_dir)
 
-    none_seconds, none_peak = measured(step)
-    step_rows = [("UNet step, no LoRA", [none_seconds, 1.0, none_peak], ".3f")]
-    switch_rows = [("model load", [load_seconds, 1.0, None], ".3f")]
+    bound, bind_seconds = {}, {}
     for rank in ranks:
-        name = f"rank{rank}"
         start = time.perf_counter()
-        bound = library.bound(name, model)
-        bind_seconds = time.perf_counter() - start
-        with applied(model, [(bound, 0.8)]):
-            side_seconds, side_peak = measured(step)
-        fuse(unet, bound, 1.0)
-        fused_seconds, fused_peak = measured(step)
-        fuse(unet, bound, -1.0)
-
-        def apply_and_remove() -> None:
-            with applied(model, [(bound, 0.8)]):
+        bound[rank] = library.bound(f"rank{rank}", model)
+        bind_seconds[rank] = time.perf_counter() - start
+    # (label, LoRAs, fuse budget). Each is timed as a job runs: LoRAs on, a first step (not timed: it warms
+    # what new weights or branches touch first), --runs steps, LoRAs off; in two passes, forward then
+    # backward, so that drift on a shared machine falls on every row alike.
+    setups = [("no LoRA", [], 0)] + [(f"r{rank} {way}", [(bound[rank], 0.8)], budget)
+                                     for rank in ranks for way, budget in (("side branch", 0), ("fused", ALL))]
+    times: dict[str, list[float]] = {label: [] for label, _, _ in setups}
+    peaks: dict[str, float] = {label: 0.0 for label, _, _ in setups}
+    for order in (setups, setups[::-1]):
+        for label, loras, budget in order:
+            with applied(model, loras, budget):
+                mx.reset_peak_memory()
+                step()
+                for _ in range(args.runs):
+                    start = time.perf_counter()
+                    step()
+                    times[label].append(time.perf_counter() - start)
+                peaks[label] = max(peaks[label], mx.get_peak_memory() / 2**30)
+    none_seconds = statistics.median(times["no LoRA"])
+    step_rows = [(f"UNet step, {label}", [statistics.median(times[label]), statistics.median(times[label]) / none_seconds,
+                                          peaks[label]], ".3f") for label, _, _ in setups]
+    switch_rows = [("model load", [load_seconds, 1.0, None], ".3f")]
+    for label, loras, budget in setups[1:]:
+        def on_and_off() -> None:
+            with applied(model, loras, budget):
                 pass
 
-        apply_seconds = median_seconds(apply_and_remove, args.runs * 3)
-        fuse_seconds = median_seconds(lambda: (fuse(unet, bound, 1.0), fuse(unet, bound, -1.0)), args.runs)
-        step_rows += [(f"UNet step, r{rank} side branch", [side_seconds, side_seconds / none_seconds, side_peak], ".3f"),
-                      (f"UNet step, r{rank} fused", [fused_seconds, fused_seconds / none_seconds, fused_peak], ".3f")]
-        switch_rows += [(f"r{rank} bind (first use)", [bind_seconds, bind_seconds / load_seconds, None], ".4f"),
-                        (f"r{rank} apply + remove", [apply_seconds, apply_seconds / load_seconds, None], ".4f"),
-                        (f"r{rank} fuse + unfuse", [fuse_seconds, fuse_seconds / load_seconds, None], ".4f")]
+        switch = median_seconds(on_and_off, args.runs)
+        switch_rows.append((f"{label} on + off", [switch, switch / load_seconds, None], ".4f"))
+    switch_rows += [(f"r{rank} bind (first use)", [bind_seconds[rank], bind_seconds[rank] / load_seconds, None], ".4f")
+                    for rank in ranks]
     print(f"{args.model} {args.dtype} {width}x{height}, LoRAs on {layers[ranks[0]]} UNet layers; {load_average()}")
     print_table("denoiser step (seconds, ratio to no LoRA, MLX peak GB)", ["seconds", "ratio", "peak GB"], step_rows)
     print_table("switching LoRAs (seconds, ratio to a model load)", ["seconds", "ratio", ""], switch_rows)

@@ -58,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         out = convert_model(
             src, dst, dtype=args.dtype, quantize=args.quantize, prediction_type=args.prediction_type,
-            allow_pickle=args.allow_pickle, name=name, progress=sys.stderr.isatty(),
+            allow_pickle=args.allow_pickle, name=name, progress=sys.stderr.isatty(), with_t5=not args.no_t5,
         )
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"mlx-sd-server convert: {exc}", file=sys.stderr)

@@ -81,8 +81,20 @@ class SplitFiles:
     t5_tokenizer: Path | None = None
 
 
-def read_source(src: Path | SplitFiles, allow_pickle: bool = False, prediction_type: str | None = None) -> SourceModel:
-    """A diffusers folder, a single-file checkpoint or split files, read into diffusers layout."""
+def read_source(src: Path | SplitFiles, allow_pickle: bool = False, prediction_type: str | None = None,
+                with_t5: bool = True) -> SourceModel:
+    """A diffusers folder, a single-file checkpoint or split files, read into diffusers layout. `with_t5=False`
+    leaves SD3's T5 out (the model then reads zeros in its place, as diffusers' pipeline allows)."""
+    source = _read_source(src, allow_pickle, prediction_type, with_t5)
+    if not with_t5:
+        if source.family != "sd3":
+            raise ValueError(f"only SD3/SD3.5 models run without T5; this is a {source.family} model")
+        source.components.pop("text_encoder_3", None)  # (a diffusers folder's: its weights are never read)
+        source.tokenizers.pop("text_encoder_3", None)
+    return source
+
+
+def _read_source(src: Path | SplitFiles, allow_pickle: bool, prediction_type: str | None, with_t5: bool) -> SourceModel:
     from convert.diffusers_folder import is_diffusers_folder, read_diffusers_folder
     from convert.flux_files import is_flux_file, read_flux_files
     from convert.sd3_files import is_sd3_file, read_sd3_files
@@ -93,14 +105,14 @@ def read_source(src: Path | SplitFiles, allow_pickle: bool = False, prediction_t
                              "takes --clip-l and --t5xxl only")
         if src.clip_g is not None or is_sd3_file(src.diffusion_model):
             return read_sd3_files(src.diffusion_model, src.vae, src.clip_l, src.clip_g, src.t5xxl,
-                                  t5_tokenizer=src.t5_tokenizer)
+                                  t5_tokenizer=src.t5_tokenizer, with_t5=with_t5)
         return read_flux_files(src.diffusion_model, src.vae, src.clip_l, src.t5xxl, t5_tokenizer=src.t5_tokenizer)
     if is_diffusers_folder(src):
         return read_diffusers_folder(src, allow_pickle=allow_pickle, prediction_type=prediction_type)
     if src.is_file() and is_flux_file(src):  # an all-in-one FLUX file, or a clear error naming the missing parts
         return read_flux_files(src)
     if src.is_file() and is_sd3_file(src):  # SD3/SD3.5, with its text encoders or a clear error naming them
-        return read_sd3_files(src)
+        return read_sd3_files(src, with_t5=with_t5)
     if src.is_file():
         from convert.checkpoint import read_checkpoint
 
@@ -230,13 +242,15 @@ def convert_model(
     name: str | None = None,
     progress: bool = True,
     origin: str | None = None,
+    with_t5: bool = True,
 ) -> Path:
     """Convert a diffusers folder, single-file checkpoint or split files at `src` into a model folder at `dst`.
-    The manifest records where it came from: `origin` (e.g. a repo id), else `src`'s absolute path."""
+    The manifest records where it came from: `origin` (e.g. a repo id), else `src`'s absolute path.
+    `with_t5=False`: an SD3 model without T5 (see read_source)."""
     src, dst = src if isinstance(src, SplitFiles) else Path(src), Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} already exists and is not empty")
-    source = read_source(src, allow_pickle=allow_pickle, prediction_type=prediction_type)
+    source = read_source(src, allow_pickle=allow_pickle, prediction_type=prediction_type, with_t5=with_t5)
     if origin is None:
         origin = str((src.diffusion_model if isinstance(src, SplitFiles) else src).expanduser().resolve())
     single_file = isinstance(src, Path) and src.is_file()

@@ -24,6 +24,8 @@ ALLOW_PATTERNS = [
     "text_encoder_3/model-*-of-*.safetensors",
 ]
 
+T5_FOLDERS = ("text_encoder_3/*", "tokenizer_3/*")  # SD3's
+
 # Single-file weights that diffusers repositories often also carry as `*.fp16.safetensors` (half the size).
 # (Sharded weights keep full precision: their fp16 index files are named in a way the reader does not take.)
 SINGLE_WEIGHTS = [p for p in ALLOW_PATTERNS if p.endswith(".safetensors") and "*" not in p]
@@ -70,7 +72,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         files = repo_files(args.repo_id)
         patterns = allow_patterns(files, args.dtype) if files is not None else ALLOW_PATTERNS
-        src = snapshot_download(args.repo_id, allow_patterns=patterns)
+        # --no-t5: SD3's T5 (text_encoder_3, ~9.5 GB) is neither downloaded nor converted
+        ignore = list(T5_FOLDERS) if args.no_t5 else None
+        src = snapshot_download(args.repo_id, allow_patterns=patterns, ignore_patterns=ignore)
     except LocalEntryNotFoundError:
         print(
             f"mlx-sd-server pull: cannot download {args.repo_id}: offline (HF_HUB_OFFLINE is set or the hub is "
@@ -82,6 +86,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"mlx-sd-server pull: cannot download {args.repo_id}: {exc}", file=sys.stderr)
         return 1
     convert_model(src, dst, dtype=args.dtype, quantize=args.quantize, name=name, progress=sys.stderr.isatty(),
-                  origin=f"huggingface:{args.repo_id}")
+                  origin=f"huggingface:{args.repo_id}", with_t5=not args.no_t5)
     print(f"pulled {args.repo_id} as {name} ({dst})")
     return 0

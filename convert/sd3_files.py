@@ -215,26 +215,26 @@ def _read_clip_g(path: Path, raw: dict[str, Any], prefix: str, hints: Architectu
 
 
 def read_sd3_files(model: Path, vae: Path | None = None, clip_l: Path | None = None, clip_g: Path | None = None,
-                   t5xxl: Path | None = None, *, t5_tokenizer: Path | None = None,
+                   t5xxl: Path | None = None, *, t5_tokenizer: Path | None = None, with_t5: bool = True,
                    attention_head_dim: int = DEFAULT_HEAD_DIM, t5_max_distance: int = 128,
                    hints: ArchitectureHints = ArchitectureHints()) -> SourceModel:
     """An SD3/SD3.5 single file (with or without its text encoders) and any split files as the conversion
-    pipeline's `SourceModel` in diffusers layout. `attention_head_dim` (SD3 medium has no qk-norm to read it
-    from), `t5_max_distance` and `hints` (CLIP's head size, the VAE's group count) are for tests' tiny models."""
-    files = {"transformer": model, "vae": vae, "text_encoder": clip_l, "text_encoder_2": clip_g,
-             "text_encoder_3": t5xxl}
+    pipeline's `SourceModel` in diffusers layout; without T5 (`with_t5=False`) none is needed or read.
+    `attention_head_dim` (SD3 medium has no qk-norm to read it from), `t5_max_distance` and `hints` (CLIP's
+    head size, the VAE's group count) are for tests' tiny models."""
+    files = {"transformer": model, "vae": vae, "text_encoder": clip_l, "text_encoder_2": clip_g}
+    if with_t5:
+        files["text_encoder_3"] = t5xxl
     found = locate_components(files, model, COMPONENTS, OPTIONS, "SD3")
     components = {
         "transformer": _read_transformer(*found["transformer"], attention_head_dim),
         "vae": _read_vae(*found["vae"][1:], hints, family="sd3"),
         "text_encoder": _read_clip_l(*found["text_encoder"], hints),
         "text_encoder_2": _read_clip_g(*found["text_encoder_2"], hints),
-        "text_encoder_3": _read_t5(*found["text_encoder_3"], t5_max_distance),
     }
-    return SourceModel(
-        family="sd3",
-        prediction_type="flow",
-        scheduler=dict(SD3_SCHEDULER),
-        components=components,
-        tokenizers={"text_encoder": None, "text_encoder_2": None, "text_encoder_3": t5_tokenizer_folder(t5_tokenizer)},
-    )
+    tokenizers = {"text_encoder": None, "text_encoder_2": None}
+    if with_t5:
+        components["text_encoder_3"] = _read_t5(*found["text_encoder_3"], t5_max_distance)
+        tokenizers["text_encoder_3"] = t5_tokenizer_folder(t5_tokenizer)
+    return SourceModel(family="sd3", prediction_type="flow", scheduler=dict(SD3_SCHEDULER), components=components,
+                       tokenizers=tokenizers)

@@ -54,10 +54,19 @@ def add_model_dir(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_no_t5(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-t5", action="store_true",
+                        help="SD3/SD3.5: leave T5-XXL out (4.7B parameters less to download, store and run; prompts "
+                             "then reach the model through the CLIPs alone, as diffusers allows)")
+
+
 def add_lora_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-model-dir", metavar="DIR",
                         help="where LoRAs (.safetensors) are, named in prompts as <lora:NAME:WEIGHT> (default: "
                              "the loras folder in the model directory)")
+    parser.add_argument("--lora-fuse-gb", type=float, default=0.0, metavar="GB",
+                        help="fuse a job's LoRAs into copies of the float layers they adapt, up to GB of weights "
+                             "(default 0: low-rank side branches, no copies; bench/lora.py measures both)")
 
 
 def add_split_file_options(parser: argparse.ArgumentParser) -> None:
@@ -221,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--allow-pickle", action="store_true",
                          help="accept .ckpt/.bin pickle files (they can run arbitrary code: trusted files only)")
     convert.add_argument("--name", help="model name in the manifest (default: NAME, else the output folder's name)")
+    add_no_t5(convert)
 
     pull = command("pull", help="download a model from Hugging Face and convert it into the model directory")
     pull.add_argument("repo_id", metavar="HF_REPO_ID", help="e.g. stabilityai/sd-turbo")
@@ -229,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="weight dtype (float16 downloads a repository's .fp16 files where it has them)")
     pull.add_argument("--quantize", type=int, choices=[4, 8], help="quantize linear layers to N bits")
     pull.add_argument("--name", help="name to save it under (default: derived from the repo id)")
+    add_no_t5(pull)
 
     add_model_dir(command("models", help="list the models this machine can serve"))
 

@@ -139,7 +139,7 @@ def main(args: argparse.Namespace) -> int:
                                       "--output gets new file names)")
         registry = ModelRegistry([args.model], model_dir(args.model_dir), control_net=args.control_net,
                                  dtype=args.dtype, engine=args.engine, low_memory=args.low_memory,
-                                 lora_dir=args.lora_model_dir)
+                                 lora_dir=args.lora_model_dir, lora_fuse_budget=int(args.lora_fuse_gb * 2**30))
         job = job_from_args(args, registry)
         pipeline = registry.pipeline()
         with tqdm(total=pipeline.total_steps(job), unit="step", disable=not sys.stderr.isatty()) as bar:

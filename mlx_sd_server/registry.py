@@ -82,7 +82,8 @@ def resolve_spec(spec: str | SplitFiles, models: Path) -> Path:
     if "/" in spec and not spec.startswith((".", "/", "~")):
         from convert.pull import main as pull
 
-        if pull(argparse.Namespace(repo_id=spec, model_dir=str(models), dtype="float16", quantize=None, name=None)):
+        if pull(argparse.Namespace(repo_id=spec, model_dir=str(models), dtype="float16", quantize=None, name=None,
+                                   no_t5=False)):
             raise ModelNotFoundError(f"could not pull {spec} (see the log above)")
         from convert.pull import name_for
 
@@ -161,11 +162,15 @@ class ModelRegistry:
         model_name: str | None = None,
         strict_model_names: bool = False,
         lora_dir: str | os.PathLike | None = None,
+        lora_fuse_budget: int = 0,
     ):
         """`model_name` renames the default (first) model, as the reference's --model-name; with
         `strict_model_names` a request must name a served model exactly (see `resolve`). LoRAs come from
-        `lora_dir`, default the `loras` folder in the model folder."""
+        `lora_dir`, default the `loras` folder in the model folder; a job's LoRAs are fused into copies of the
+        float layers they adapt up to `lora_fuse_budget` bytes of weights (never in low-memory mode), side
+        branches elsewhere (engine/lora.py)."""
         self.loras = LoRALibrary(Path(lora_dir).expanduser() if lora_dir else models / LORA_FOLDER)
+        self.lora_fuse_budget = lora_fuse_budget
         self.dtype = dtype
         self.low_memory = low_memory if low_memory is not None else physical_memory() <= LOW_MEMORY_MACHINE
         if self.low_memory:
@@ -251,7 +256,8 @@ class ModelRegistry:
                 from mlx_sd_server.engine.pipeline import DiffusionPipeline
 
                 pipeline = DiffusionPipeline(load_model(info.folder, dtype=self.dtype, controlnet=control,
-                                                        low_memory=self.low_memory), loras=self.loras.bound)
+                                                        low_memory=self.low_memory), loras=self.loras.bound,
+                                             lora_fuse_budget=0 if self.low_memory else self.lora_fuse_budget)
                 log.info("engine: MLX for %s", info.name)
                 return pipeline
             except (ImportError, RuntimeError, MemoryError, ValueError) as exc:

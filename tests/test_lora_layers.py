@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlx_sd_server.engine.layers import Conv2d, Linear
-from mlx_sd_server.engine.lora import Adapter, LoRALayer, applied, get_layer
+from mlx_sd_server.engine.lora import Adapter, LoRALayer, applied, fused, get_layer
 
 rng = np.random.default_rng(0)
 
@@ -60,6 +60,17 @@ def test_a_locon_branch_on_a_conv_equals_the_fused_kernel(kernel, stride, paddin
     assert max_rel_err(LoRALayer(layer, [a])(x), fused(x)) < 1e-5
 
 
+@pytest.mark.parametrize("layer, in_shape", [(Linear(48, 40), (48,)), (Conv2d(6, 40, 3, padding=1), (3, 3, 6))])
+def test_a_fused_copy_equals_the_side_branch_and_leaves_the_layer_alone(layer, in_shape):
+    a, b = adapter(40, in_shape), adapter(40, in_shape, rank=2, scale=-1.3)
+    x = randn(2, 5, 7, in_shape[-1]) if len(in_shape) == 3 else randn(3, 48)
+    weight, before = layer.weight, layer(x)
+    copied = fused(layer, [a, b])
+    assert type(copied) is type(layer) and copied.bias is layer.bias and layer.weight is weight
+    assert max_rel_err(copied(x), LoRALayer(layer, [a, b])(x)) < 1e-5
+    assert mx.array_equal(layer(x), before)
+
+
 def test_half_precision_layers_keep_their_dtype():
     layer = Linear(32, 16)
     layer.set_dtype(mx.float16)
@@ -103,6 +114,32 @@ def test_applied_wraps_for_the_duration_and_restores_the_very_same_layers():
         assert float(mx.max(mx.abs(tiny(x) - base))) > 1e-3
     assert [tiny.blocks[0], tiny.blocks[1], tiny.out] == before
     assert mx.array_equal(tiny(x), base)
+
+
+def test_applied_fuses_float_layers_within_the_budget_and_branches_the_rest():
+    model = Loaded()
+    model.components["unet"] = tiny = Tiny()
+    tiny.blocks, tiny.out = [Linear(8, 8), Linear(8, 64)], Linear(64, 4)
+    bound = {"unet": {"blocks.0": adapter(8, (8,)), "blocks.1": adapter(64, (8,)), "out": adapter(4, (64,))}}
+    x = randn(3, 8)
+    with applied(model, [(bound, 1.0)], fuse_budget=10**9):
+        everything_fused = tiny(x)
+        assert not any(isinstance(layer, LoRALayer) for layer in (*tiny.blocks, tiny.out))
+    budget = tiny.blocks[0].weight.nbytes + tiny.out.weight.nbytes  # not blocks.1 as well
+    with applied(model, [(bound, 1.0)], fuse_budget=budget):
+        assert isinstance(tiny.blocks[1], LoRALayer) and not isinstance(tiny.out, LoRALayer)
+        assert max_rel_err(tiny(x), everything_fused) < 1e-5
+    with applied(model, [(bound, 1.0)]):
+        assert all(isinstance(layer, LoRALayer) for layer in (*tiny.blocks, tiny.out))
+        assert max_rel_err(tiny(x), everything_fused) < 1e-5
+
+
+def test_quantized_layers_always_take_a_side_branch():
+    model = Loaded()
+    model.components["unet"] = tiny = Tiny()
+    tiny.blocks, tiny.out = [Linear(8, 8), Linear(8, 64)], Linear(64, 4).to_quantized(group_size=64, bits=8)
+    with applied(model, [({"unet": {"out": adapter(4, (64,))}}, 1.0)], fuse_budget=10**9):
+        assert isinstance(tiny.out, LoRALayer)
 
 
 def test_applied_restores_on_failure():

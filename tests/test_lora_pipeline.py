@@ -94,7 +94,11 @@ def write(tmp_path, name: str, fmt: str, pipe, seed: int, targets: str | None = 
     return path
 
 
-def sd_image(pipe, model, manifest, library, weights: dict, sample_method: str = "euler") -> tuple[float, np.ndarray]:
+FUSED = 2**40  # a fuse budget every layer fits (engine/lora.py); 0: side branches only
+
+
+def sd_image(pipe, model, manifest, library, weights: dict, sample_method: str = "euler",
+             budget: int = 0) -> tuple[float, np.ndarray]:
     module = use_scheduler(pipe, sample_method)
     initial, steps = make_noise()
     from test_pipeline import diffusers_noise
@@ -106,7 +110,8 @@ def sd_image(pipe, model, manifest, library, weights: dict, sample_method: str =
                      "sample_method": sample_method, "size": f"{SIZE}x{SIZE}",
                      "loras": [{"name": n, "scale": w} for n, w in weights.items()]},
                     capabilities=capabilities(manifest), lora_family=library.family)
-    ours = ours_image(DiffusionPipeline(model, paste_back=False, loras=library.bound), job, ReplayNoise(initial, steps))
+    ours = ours_image(DiffusionPipeline(model, paste_back=False, loras=library.bound, lora_fuse_budget=budget), job,
+                      ReplayNoise(initial, steps))
     return mean_abs_diff(ours, expected), ours
 
 
@@ -144,13 +149,14 @@ def test_sd_loras_match_diffusers(models, tmp_path, family, fmt, targets, weight
     assert library.family("style") == family
     with diffusers_loras(pipe, {"style": library.info("style").path}, {"style": weight}):
         diff, ours = sd_image(pipe, model, manifest, library, {"style": weight})
+        fused_diff, _ = sd_image(pipe, model, manifest, library, {"style": weight}, budget=FUSED)
         err = unet_error(pipe, model, library, {"style": weight})
     base_diff, base = sd_image(pipe, model, manifest, library, {})
     moved = float(np.abs(ours - base).mean())
-    print(f"{family} {fmt} LoRA at {weight}: image mean abs diff {diff:.2e} (the LoRA moves it {moved:.3f}), "
-          f"UNet max rel err {err:.2e}")
+    print(f"{family} {fmt} LoRA at {weight}: image mean abs diff {diff:.2e} (fused {fused_diff:.2e}; the LoRA moves "
+          f"it {moved:.3f}), UNet max rel err {err:.2e}")
     assert moved > TOLERANCE  # the LoRA matters, so agreeing with diffusers says something
-    assert diff <= TOLERANCE and err <= 1e-4 and base_diff <= TOLERANCE
+    assert diff <= TOLERANCE and fused_diff <= TOLERANCE and err <= 1e-4 and base_diff <= TOLERANCE
 
 
 def test_two_loras_one_negative_match_diffusers(models, tmp_path):
@@ -167,7 +173,7 @@ def test_two_loras_one_negative_match_diffusers(models, tmp_path):
     assert diff <= TOLERANCE and err <= 1e-4
 
 
-def flux_image(pipe, model, manifest, library, weights: dict) -> tuple[float, np.ndarray]:
+def flux_image(pipe, model, manifest, library, weights: dict, budget: int = 0) -> tuple[float, np.ndarray]:
     height, width = 64, 80
     initial = np.random.default_rng(0).standard_normal((1, 16, height // 8, width // 8)).astype(np.float32)
     expected = pipe(PROMPT, num_inference_steps=3, height=height, width=width, latents=packed(initial),
@@ -177,7 +183,8 @@ def flux_image(pipe, model, manifest, library, weights: dict) -> tuple[float, np
                      "loras": [{"name": n, "scale": w} for n, w in weights.items()]},
                     defaults=ModelDefaults(**manifest["defaults"]), capabilities=capabilities(manifest),
                     lora_family=library.family)
-    ours = ours_image(DiffusionPipeline(model, paste_back=False, loras=library.bound), job, ReplayNoise(initial, []))
+    ours = ours_image(DiffusionPipeline(model, paste_back=False, loras=library.bound, lora_fuse_budget=budget), job,
+                      ReplayNoise(initial, []))
     return mean_abs_diff(ours, expected), ours
 
 
@@ -213,13 +220,14 @@ def test_flux_loras_match_diffusers(models, tmp_path, fmt, targets, weight):
     assert library.family("realism") == "flux"
     with diffusers_loras(pipe, {"realism": library.info("realism").path}, {"realism": weight}):
         diff, ours = flux_image(pipe, model, manifest, library, {"realism": weight})
+        fused_diff, _ = flux_image(pipe, model, manifest, library, {"realism": weight}, budget=FUSED)
         err = transformer_error(pipe, model, library, {"realism": weight})
     _, base = flux_image(pipe, model, manifest, library, {})
     moved = float(np.abs(ours - base).mean())
-    print(f"flux {fmt} LoRA at {weight}: image mean abs diff {diff:.2e} (the LoRA moves it {moved:.3f}), "
-          f"transformer max rel err {err:.2e}")
+    print(f"flux {fmt} LoRA at {weight}: image mean abs diff {diff:.2e} (fused {fused_diff:.2e}; the LoRA moves "
+          f"it {moved:.3f}), transformer max rel err {err:.2e}")
     assert moved > TOLERANCE
-    assert diff <= TOLERANCE and err <= 1e-4
+    assert diff <= TOLERANCE and fused_diff <= TOLERANCE and err <= 1e-4
 
 
 @pytest.mark.parametrize("weight", [1.0, -0.6])
@@ -245,11 +253,13 @@ def test_sd3_lora_matches_diffusers(models, tmp_path, weight):
     assert moved > TOLERANCE and diff <= TOLERANCE
 
 
-def test_switching_loras_leaks_nothing_and_loads_the_model_once(models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("budget", [0, FUSED])  # side branches, fused copies
+def test_switching_loras_leaks_nothing_and_loads_the_model_once(models, tmp_path, monkeypatch, budget):
     pipe, model, manifest = models("sd1")
     write(tmp_path, "a", "kohya", pipe, seed=7, alpha=2.0)
     write(tmp_path, "b", "peft", pipe, seed=8)
-    registry = ModelRegistry([str(model.folder)], tmp_path / "models", lora_dir=tmp_path / "loras")
+    registry = ModelRegistry([str(model.folder)], tmp_path / "models", lora_dir=tmp_path / "loras",
+                             lora_fuse_budget=budget, low_memory=False)
     loads = []
     load = registry._load
     monkeypatch.setattr(registry, "_load", lambda info: loads.append(info.name) or load(info))
@@ -261,9 +271,9 @@ def test_switching_loras_leaks_nothing_and_loads_the_model_once(models, tmp_path
         initial, steps = make_noise()
         return ours_image(pipeline, job, ReplayNoise(initial, steps))
 
-    def fresh(loras: list[dict]) -> np.ndarray:
-        return run(DiffusionPipeline(load_model(model.folder, dtype="float32"), loras=LoRALibrary(tmp_path / "loras").bound),
-                   loras)
+    def fresh(loras: list[dict]) -> np.ndarray:  # a new model and LoRA folder, the server's way of applying LoRAs
+        return run(DiffusionPipeline(load_model(model.folder, dtype="float32"), loras=LoRALibrary(tmp_path / "loras").bound,
+                                     lora_fuse_budget=registry.pipeline().lora_fuse_budget), loras)
 
     requests = [[{"name": "a", "scale": 0.8}], [], [{"name": "b", "scale": 1.0}], [],
                 [{"name": "a", "scale": 0.8}, {"name": "b", "scale": -0.5}]]

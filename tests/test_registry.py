@@ -49,7 +49,8 @@ def test_unknown_spec_and_offline_pull_fail_clearly(tmp_path, monkeypatch, capsy
         ModelRegistry(["no-such-model"], tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    args = argparse.Namespace(repo_id="someone/some-model", model_dir=str(tmp_path), dtype="float16", quantize=None, name=None)
+    args = argparse.Namespace(repo_id="someone/some-model", model_dir=str(tmp_path), dtype="float16", quantize=None,
+                              name=None, no_t5=False)
     assert pull(args) == 1
     err = capsys.readouterr().err
     assert "offline" in err and "mlx-sd-server convert" in err

@@ -261,6 +261,10 @@ def test_transformer_alone_names_the_missing_files(sd3):
         read_sd3_files(files["sd35-medium"], None, files["text_encoder"], files["text_encoder_2"],
                        t5_tokenizer=files["tokenizer"])
     assert "--clip" not in str(error.value)
+    # without T5 (convert --no-t5) none is asked for, nor its tokenizer
+    source = read_sd3_files(files["sd35-medium"], None, files["text_encoder"], files["text_encoder_2"], with_t5=False)
+    assert sorted(source.components) == ["text_encoder", "text_encoder_2", "transformer", "vae"]
+    assert "text_encoder_3" not in source.tokenizers
 
 
 def test_a_file_in_the_wrong_place(sd3, tmp_path):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+import tiny_flux
 import tiny_sd3
 from convert.model import convert_model
 from mlx_sd_server.engine.families import capabilities
@@ -124,6 +125,36 @@ def test_a_folder_missing_its_t5_converts_without_it(sd3, tmp_path):
     assert json.loads((src / "model_index.json").read_text())["text_encoder_3"][0] is not None
     manifest = read_manifest(convert_model(src, tmp_path / "model", dtype="float32", progress=False))
     assert [n for n in manifest["components"] if n.startswith("text_encoder")] == ["text_encoder", "text_encoder_2"]
+
+
+def test_no_t5_leaves_a_models_t5_out(sd3, tmp_path):
+    """`convert --no-t5` (for small machines): the full model converts without T5, and generates as diffusers'
+    pipeline does with text_encoder_3=None; a model that needs its T5 (FLUX) refuses it."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from mlx_sd_server.cli import main
+
+    pipe, _, _ = sd3("sd3")
+    src = tmp_path / "src"
+    pipe.save_pretrained(str(src), safe_serialization=True)
+    models = tmp_path / "models"
+    assert main(["convert", str(src), "no-t5", "--no-t5", "--dtype", "float32", "--model-dir", str(models)]) == 0
+    manifest = read_manifest(models / "no-t5")
+    assert "text_encoder_3" not in manifest["components"] and not (models / "no-t5" / "tokenizer_3").exists()
+    reference = StableDiffusion3Pipeline(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None})
+    reference.set_progress_bar_config(disable=True)
+    initial = noise(seed=4)
+    expected = reference(PROMPT, guidance_scale=3.0, num_inference_steps=3, height=HEIGHT, width=WIDTH,
+                         latents=torch.from_numpy(initial), output_type="np").images
+    ours = DiffusionPipeline(load_model(models / "no-t5", dtype="float32"), paste_back=False)
+    job = make_job(manifest, {"steps": 3, "cfg_scale": 3.0, "width": WIDTH, "height": HEIGHT})
+    diff = mean_abs_diff(ours_image(ours, job, ReplayNoise(initial, [])), expected)
+    print(f"SD3 converted with --no-t5: mean abs diff {diff:.2e}")
+    assert diff <= TOLERANCE
+    flux_src = tmp_path / "flux"
+    tiny_flux.make_pipeline(flux_src, "schnell")
+    with pytest.raises(ValueError, match="only SD3"):
+        convert_model(flux_src, tmp_path / "flux-out", with_t5=False, progress=False)
 
 
 def test_img2img_matches_diffusers(sd3):

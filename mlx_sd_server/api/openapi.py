@@ -108,6 +108,9 @@ def openapi_document(limits: Limits = Limits(), api_key: bool = False) -> dict[s
                 "responses": {"200": _json(TASK), **_errors("401", "404", "409")}}},
             "/v1/models": {"get": {"operationId": "listModels",
                                    "responses": {"200": _json({"type": "object"}), **_errors("401")}}},
+            "/v1/loras": {"get": {"operationId": "listLoras", "description": "the LoRAs a request may name, with "
+                                  "the model family each fits",
+                                  "responses": {"200": _json({"type": "object"}), **_errors("401")}}},
             "/health": {"get": {"operationId": "health", "security": [],
                                 "responses": {"200": _json({"type": "object"})}}},
         },

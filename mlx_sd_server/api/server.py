@@ -152,7 +152,8 @@ def registry_from_args(args: argparse.Namespace) -> ModelRegistry:
     return ModelRegistry(([split] if split else []) + args.model, model_dir(args.model_dir),
                          control_net=args.control_net, dtype=args.dtype, engine=args.engine,
                          low_memory=args.low_memory, model_name=args.model_name,
-                         strict_model_names=args.strict_model_names, lora_dir=args.lora_model_dir)
+                         strict_model_names=args.strict_model_names, lora_dir=args.lora_model_dir,
+                         lora_fuse_budget=int(args.lora_fuse_gb * 2**30))
 
 
 def store_from_args(args: argparse.Namespace) -> FileStore:

@@ -97,11 +97,13 @@ class DiffusionPipeline:
     """A loaded model turned into a job runner. `generate(job)` yields a `Step` per step, returns the images."""
 
     def __init__(self, model: LoadedModel, paste_back: bool = True,
-                 loras: Callable[[str, LoadedModel], BoundLoRA] | None = None):
-        """`loras(name, model)`: LoRA `name` bound to the model (loras.LoRALibrary.bound)."""
+                 loras: Callable[[str, LoadedModel], BoundLoRA] | None = None, lora_fuse_budget: int = 0):
+        """`loras(name, model)`: LoRA `name` bound to the model (loras.LoRALibrary.bound); LoRAs are fused into
+        copies of the layers they adapt up to `lora_fuse_budget` bytes of weights (engine/lora.py)."""
         self.model = model
         self.paste_back = paste_back
         self.loras = loras
+        self.lora_fuse_budget = lora_fuse_budget
         self.family: Family = family_class(model.family)(model)
         self.noising = NOISING[self.family.prediction_type]
 
@@ -148,7 +150,7 @@ class DiffusionPipeline:
         if job.loras and self.loras is None:
             raise JobError("LoRAs cannot be used here: no LoRA folder is configured", "loras", "unsupported_parameter")
         loras = [(self.loras(name, self.model), weight) for name, weight in job.loras]
-        with applied(self.model, loras):
+        with applied(self.model, loras, self.lora_fuse_budget):
             return (yield from self._generate(job, noise or SeededNoise(job.seeds())))
 
     def _generate(self, job: Job, noise: NoiseSource) -> Generator[Step, None, list[Image.Image]]:
