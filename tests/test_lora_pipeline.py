@@ -138,6 +138,7 @@ def unet_error(pipe, model, library, weights: dict) -> float:
 @pytest.mark.parametrize("family, fmt, targets", [
     ("sd1", "kohya", None),  # LoCon convolutions and the text encoder too
     ("sd1", "peft", None),
+    ("sd2v", "kohya", None),  # v-prediction, linear proj_in
     ("sdxl", "kohya_ldm", NO_UPSAMPLERS),  # both text encoders (lora_te1_, lora_te2_)
     ("sdxl", "peft", None),
 ])
@@ -146,7 +147,7 @@ def test_sd_loras_match_diffusers(models, tmp_path, family, fmt, targets, weight
     pipe, model, manifest = models(family)
     write(tmp_path, "style", fmt, pipe, seed=1, targets=targets, alpha=8.0 if fmt != "peft" else None)
     library = LoRALibrary(tmp_path / "loras")
-    assert library.family("style") == family
+    assert library.family("style") == manifest["family"]
     with diffusers_loras(pipe, {"style": library.info("style").path}, {"style": weight}):
         diff, ours = sd_image(pipe, model, manifest, library, {"style": weight})
         fused_diff, _ = sd_image(pipe, model, manifest, library, {"style": weight}, budget=FUSED)
@@ -228,6 +229,19 @@ def test_flux_loras_match_diffusers(models, tmp_path, fmt, targets, weight):
           f"it {moved:.3f}), transformer max rel err {err:.2e}")
     assert moved > TOLERANCE
     assert diff <= TOLERANCE and fused_diff <= TOLERANCE and err <= 1e-4
+
+
+def test_two_flux_loras_one_negative_match_diffusers(models, tmp_path):
+    pipe, model, manifest = models("flux")
+    write(tmp_path, "realism", "flux_comfy", pipe, seed=10, targets=DOUBLE_BLOCKS_AND_CLIP, alpha=8.0)
+    write(tmp_path, "style", "peft", pipe, seed=11)
+    library = LoRALibrary(tmp_path / "loras")
+    weights = {"realism": 0.8, "style": -0.5}
+    with diffusers_loras(pipe, {name: library.info(name).path for name in weights}, weights):
+        diff, _ = flux_image(pipe, model, manifest, library, weights)
+        err = transformer_error(pipe, model, library, weights)
+    print(f"flux two LoRAs (0.8, -0.5): image mean abs diff {diff:.2e}, transformer max rel err {err:.2e}")
+    assert diff <= TOLERANCE and err <= 1e-4
 
 
 @pytest.mark.parametrize("weight", [1.0, -0.6])
