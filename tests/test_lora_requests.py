@@ -85,3 +85,19 @@ def test_without_a_lora_folder_tags_are_refused_not_read_as_words():
     with pytest.raises(JobError) as caught:
         build_job({"prompt": "<lora:detail:1> a cat"})
     assert caught.value.code == "unsupported_parameter"
+
+
+def test_generate_takes_lora_options_as_the_loras_field():
+    from types import SimpleNamespace
+
+    from mlx_sd_server.cli import build_parser
+    from mlx_sd_server.generate import job_from_args
+    from mlx_sd_server.job import ModelDefaults
+    from mlx_sd_server.registry import ModelInfo
+
+    args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "a cat <lora:styles/film:0.3>",
+                                      "--lora", "detail:0.5", "--lora", "ink"])
+    info = ModelInfo(name="m", family="sd1", created=0, defaults=ModelDefaults(), has_controlnet=False, folder=None)
+    registry = SimpleNamespace(default_name="m", info=lambda: info, loras=SimpleNamespace(family=lora_family))
+    job = job_from_args(args, registry)
+    assert job.prompt == "a cat " and job.loras == (("styles/film", 0.3), ("detail", 0.5), ("ink", 1.0))
