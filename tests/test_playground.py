@@ -24,9 +24,15 @@ KEY = "secret-key"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A live server with the tiny model and an API key."""
-    app = create_app(tiny_registry(tmp_path_factory.mktemp("models")), FileStore(tmp_path_factory.mktemp("files")),
-                     Settings(api_key=KEY))
+    """A live server with the tiny model (sd1), an sd1 and an sdxl LoRA, and an API key."""
+    import lora_files
+    import tiny_diffusers
+
+    loras = tmp_path_factory.mktemp("loras")
+    lora_files.write_lora(loras / "detail.safetensors", "kohya", {"unet": tiny_diffusers.unet("sd1")})
+    lora_files.write_lora(loras / "xl-style.safetensors", "peft", {"unet": tiny_diffusers.unet("sdxl")})
+    app = create_app(tiny_registry(tmp_path_factory.mktemp("models"), lora_dir=loras),
+                     FileStore(tmp_path_factory.mktemp("files")), Settings(api_key=KEY))
     with live_server(app) as url:
         yield url
 
@@ -179,6 +185,18 @@ def test_edit_with_a_painted_mask_in_the_browser(server, browser, tmp_path):
     assert mask.format == "PNG" and mask.size == (64, 64)
     gray = mask.convert("L")
     assert gray.getpixel((10, 32)) == 255 and gray.getpixel((60, 5)) == 0  # painted: repaint; elsewhere: keep
+    assert errors == []
+    page.close()
+
+
+def test_the_lora_picker_offers_the_models_loras_and_tags_the_prompt(server, browser):
+    errors = []
+    page = open_playground(browser, server, errors)
+    page.wait_for_selector("#lora option[value=detail]", state="attached", timeout=20_000)
+    assert page.locator("#lora option[value=xl-style]").count() == 0  # an SDXL LoRA, and the model is SD 1.x
+    page.fill("#prompt", "a lovely cat")
+    page.select_option("#lora", "detail")
+    assert page.input_value("#prompt") == "a lovely cat <lora:detail:1>" and page.input_value("#lora") == ""
     assert errors == []
     page.close()
 

@@ -45,6 +45,10 @@ async function loadModels() {
       if (previous ? model.id === previous : model.default) option.selected = true;
       select.appendChild(option);
     }
+    for (const option of select.options) {
+      const model = body.data.find((m) => m.id === option.value);
+      option.dataset.family = (model && model.family) || "";
+    }
     if (!select.options.length) setStatus("the server serves no models", true);
     else if ($("status").dataset.models) setStatus("");
     delete $("status").dataset.models;
@@ -52,6 +56,33 @@ async function loadModels() {
     setStatus("could not list the models: " + error.message, true);
     $("status").dataset.models = "1";
   }
+}
+
+// The LoRAs that fit the chosen model's family (GET v1/loras); picking one adds its tag to the prompt.
+async function loadLoras() {
+  const select = $("lora");
+  const chosen = $("model").selectedOptions[0];
+  const family = chosen ? chosen.dataset.family : "";
+  while (select.options.length > 1) select.remove(1);
+  try {
+    const response = await fetch("v1/loras", {headers: headers()});
+    if (!response.ok) return;  // the models' status line already says what is wrong
+    for (const lora of (await response.json()).data) {
+      if (family && lora.family !== family) continue;
+      const option = document.createElement("option");
+      option.value = option.textContent = lora.id;
+      select.appendChild(option);
+    }
+  } catch (e) { /* offline: no LoRAs to offer */ }
+  select.disabled = select.options.length < 2;
+}
+
+function addLora() {
+  const name = $("lora").value;
+  if (!name) return;
+  const prompt = $("prompt");
+  prompt.value = prompt.value.trimEnd() + " <lora:" + name + ":1>";
+  $("lora").value = "";
 }
 
 // --- the mask painter: a canvas at the uploaded image's own size, laid over it ---------------------------
@@ -281,8 +312,10 @@ function init() {
   key.addEventListener("change", () => {
     if (key.value.trim()) localStorage.setItem(KEY_STORAGE, key.value.trim());
     else localStorage.removeItem(KEY_STORAGE);
-    loadModels();
+    loadModels().then(loadLoras);
   });
+  $("model").addEventListener("change", loadLoras);
+  $("lora").addEventListener("change", addLora);
   $("form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", () => controller && controller.abort());
   $("image").addEventListener("change", () => $("image").files[0] ? loadImage($("image").files[0]) : removeImage());
@@ -294,7 +327,7 @@ function init() {
   const stop = () => { painting = null; };
   canvas.addEventListener("pointerup", stop);
   canvas.addEventListener("pointercancel", stop);
-  loadModels();
+  loadModels().then(loadLoras);
 }
 
 document.addEventListener("DOMContentLoaded", init);
