@@ -24,20 +24,17 @@ import torch
 import tiny_flux
 import tiny_sd3
 from convert.model import convert_model
-from mlx_sd_server.engine.families import capabilities
 from mlx_sd_server.engine.model_io import load_model, read_manifest
 from mlx_sd_server.engine.pipeline import DiffusionPipeline
 from mlx_sd_server.engine.schedules import flow_sigmas
-from mlx_sd_server.job import JobError, ModelDefaults, build_job
+from mlx_sd_server.job import JobError
 from parity import max_rel_err, nchw_to_nhwc
+# the same 16-channel latents, sizes (80x64: 10x8 latents, 5x4 patches), prompts and job defaults as FLUX's tests
+from test_flux_pipeline import HEIGHT, NEGATIVE, PROMPT, TOLERANCE, WIDTH, make_job, noise
 from test_pipeline import (
     ReplayNoise, diffusers_noise, mean_abs_diff, ours_image, posterior_mode, sample_image, sample_mask,
 )
 
-PROMPT = "a photo of a cat"
-NEGATIVE = "a dog"
-TOLERANCE = 1 / 255
-WIDTH, HEIGHT = 80, 64  # non-square: 10x8 latents, 5x4 patches
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +55,6 @@ def sd3(tmp_path_factory):
         return cache[variant]
 
     return get
-
-
-def make_job(manifest: dict, fields: dict, images: dict | None = None):
-    return build_job({"prompt": PROMPT, "sample_method": "euler", **fields}, images,
-                     defaults=ModelDefaults(**manifest["defaults"]), capabilities=capabilities(manifest))
-
-
-def noise(n: int = 1, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, 16, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
 
 
 @pytest.mark.parametrize("variant", ["sd3", "sd35-medium", "sd35-large"])
