@@ -71,12 +71,17 @@ OTHER_ADAPTERS = ((r"\.hada_", "a LyCORIS LoHa"), (r"\.lokr_", "a LyCORIS LoKr")
                   (r"\.dora_scale$|lora_magnitude_vector", "a DoRA"),
                   (r"\.lora_mid\.", "a LyCORIS LoCon with CP-decomposed convolutions (lora_mid)"),
                   (r"\.diff(_b)?$", "a full-weight difference (LyCORIS 'full' / 'diff')"),
-                  (r"^lora_unet_joint_blocks_|^lora_te3_", "a kohya SD3 LoRA"))
-KOHYA_TEXT_ENCODERS = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+                  (r"^lora_unet_joint_blocks_", "a kohya SD3 LoRA"))
+# kohya's text encoder prefixes: CLIP (SD 1.x/2.x; SDXL's two; FLUX's CLIP-L) and sd-scripts' FLUX T5 (`lora_te3_`,
+# FLUX's text_encoder_2; kohya SD3 LoRAs, whose T5 it also is, are refused above by their joint blocks)
+KOHYA_TEXT_ENCODERS = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
+                       "lora_te3_": "text_encoder_2"}
 KOHYA_PREFIXES = ("lora_unet_", *KOHYA_TEXT_ENCODERS)
 PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2",
+            "text_encoder_3.": "text_encoder_3",  # SD3's T5
             "transformer.": "transformer", "diffusion_model.": "transformer", "model.diffusion_model.": "transformer",
-            "text_encoders.clip_l.transformer.": "text_encoder"}  # the last two: ComfyUI's
+            "text_encoders.clip_l.transformer.": "text_encoder",
+            "text_encoders.t5xxl.transformer.": "text_encoder_2"}  # the last three: ComfyUI's (FLUX)
 # XLabs' attention processors' LoRAs -> the BFL layer each adapts. A single block's qkv_lora adapts linear1's
 # q, k and v rows only (the MLP input's part of the split comes out empty).
 XLABS_NAMES = {"qkv_lora1": "img_attn.qkv", "proj_lora1": "img_attn.proj", "qkv_lora2": "txt_attn.qkv",
@@ -89,6 +94,9 @@ TRANSFORMER_BLOCK_LAYERS = tuple(f"{attn}.{proj}" for attn in ("attn1", "attn2")
                                  for proj in ("to_q", "to_k", "to_v", "to_out.0")) + ("ff.net.0.proj", "ff.net.2")
 CLIP_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
                "mlp.fc2")
+T5_LAYERS = ("layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAttention.v", "layer.0.SelfAttention.o",
+             "layer.1.DenseReluDense.wi", "layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi_1",
+             "layer.1.DenseReluDense.wo")
 TRANSFORMER_DEPTH, CLIP_DEPTH, FLUX_DEPTH = 10, 48, 64  # SDXL's deepest attention has 10 blocks, bigG 32 layers
 
 
@@ -142,9 +150,12 @@ def _kohya_names() -> dict[str, tuple[str, str, bool]]:
     """kohya's flattened names (prefix included) -> (component, layer, whether the layer is a BFL name)."""
     clip = {name: name for name in (f"text_model.encoder.layers.{i}.{layer}" for i in range(CLIP_DEPTH)
                                     for layer in CLIP_LAYERS)}
+    t5 = {name: name for name in (f"encoder.block.{i}.{layer}" for i in range(CLIP_DEPTH) for layer in T5_LAYERS)}
     tables = [("lora_unet_", "unet", False, {name: name for name in _unet_layers()} | _ldm_unet_layers()),
               ("lora_unet_", "transformer", True, {name: name for name in _bfl_layers()}),
-              *((prefix, component, False, clip) for prefix, component in KOHYA_TEXT_ENCODERS.items())]
+              ("lora_te3_", "text_encoder_2", False, t5),
+              *((prefix, component, False, clip) for prefix, component in KOHYA_TEXT_ENCODERS.items()
+                if prefix != "lora_te3_")]
     return {prefix + source.replace(".", "_"): (component, layer, bfl)
             for prefix, component, bfl, names in tables for source, layer in names.items()}
 
@@ -173,7 +184,7 @@ def _resolve(stem: str) -> tuple[str, str, bool] | None:
     if component is None:  # no prefix: diffusers' first format, which held the UNet's attention processors
         name = _old_attention("unet", name)
         return ("unet", name, False) if name in _unet_layers() else None
-    if component.startswith("text_encoder") and name.startswith("encoder."):  # saved from transformers 5's CLIP
+    if component.startswith("text_encoder") and name.startswith("encoder.layers."):  # transformers 5's CLIP
         name = "text_model." + name
     return component, _old_attention(component, name), False
 
@@ -253,6 +264,8 @@ def _family(entries: list[_Entry], shapes: dict[str, tuple[int, ...]]) -> str:
           structure: add_embedding, attention in up_blocks.0, more than one transformer block per attention
     sd2   cross-attention from 1024 wide, a linear proj_in (SD 1.x has a 1x1 conv), a 1024-wide text encoder
     sd1   the rest. A LoRA of CLIP-L alone could be FLUX's as well: it is taken as SD 1.x's.
+    (Before sdxl: SD3's T5 is its text_encoder_3; T5 layers otherwise, kohya's `lora_te3_` or ComfyUI's
+    `text_encoders.t5xxl.`, are FLUX's text_encoder_2.)
     Released models' widths decide; the structural rules also place LoRAs of narrow test models."""
     def in_dim(entry: _Entry) -> int:
         return shapes[entry.down][1]
@@ -263,6 +276,10 @@ def _family(entries: list[_Entry], shapes: dict[str, tuple[int, ...]]) -> str:
     if transformer:
         flux = any(e.layer.startswith(FLUX_LAYERS) or in_dim(e) == FLUX_WIDTH for e in transformer)
         return "flux" if flux else "sd3"
+    if any(e.component == "text_encoder_3" for e in entries):
+        return "sd3"
+    if any(e.layer.startswith("encoder.block.") for e in entries):
+        return "flux"
     if any(e.component == "text_encoder_2" or e.down.startswith("lora_te1_") for e in entries):
         return "sdxl"
     unet = [e for e in entries if e.component == "unet"]

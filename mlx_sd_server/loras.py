@@ -20,7 +20,7 @@ import mlx.nn as nn
 from convert.lora import LoRAFile, LoRAFormatError, lora_family, read_lora
 from convert.model import MAPPERS, file_sha256
 from mlx_sd_server.engine.lora import Adapter, BoundLoRA, component_module, get_layer
-from mlx_sd_server.engine.model_io import LoadedModel, component_class
+from mlx_sd_server.engine.model_io import TEXT_ENCODERS, LoadedModel, component_class
 from mlx_sd_server.job import JobError
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,10 @@ def bind(lora: LoRAFile, model: LoadedModel, name: str) -> BoundLoRA:
     bound: BoundLoRA = {}
     for component, layers in lora.layers.items():
         entry = model.manifest["components"].get(component)
+        if entry is None and component in TEXT_ENCODERS:  # an SD3 model converted without T5: nothing to adapt
+            log.info("LoRA %s: %s has no %s, so that part of the LoRA has nothing to adapt", name, model_name,
+                     component)
+            continue
         if entry is None:
             raise JobError(f"LoRA {name!r} adapts a {component}, which {model_name} does not have", "loras",
                            "lora_mismatch")

@@ -267,6 +267,57 @@ def test_sd3_lora_matches_diffusers(models, tmp_path, weight):
     assert moved > TOLERANCE and diff <= TOLERANCE
 
 
+def write_t5_lora(path, t5: torch.nn.Module, fmt: str, seed: int) -> dict[str, np.ndarray]:
+    """A random LoRA of a T5 encoder's linears in `fmt` (diffusers reads none of these: its FLUX and SD3 loaders
+    drop T5 layers); returns each layer's delta (alpha = 2 * rank: scale 2)."""
+    from safetensors.numpy import save_file
+
+    rng, rank = np.random.default_rng(seed), 4
+    tensors, deltas = {}, {}
+    prefix, down_name, up_name = {"kohya": ("lora_te3_", ".lora_down.weight", ".lora_up.weight"),
+                                  "comfy": ("text_encoders.t5xxl.transformer.", ".lora_down.weight", ".lora_up.weight"),
+                                  "peft_sd3": ("text_encoder_3.", ".lora_A.weight", ".lora_B.weight")}[fmt]
+    for name, module in t5.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("encoder.block."):
+            down = (rng.standard_normal((rank, module.in_features)) / module.in_features**0.5).astype(np.float32)
+            up = (rng.standard_normal((module.out_features, rank)) * 0.1).astype(np.float32)
+            stem = prefix + (name.replace(".", "_") if fmt == "kohya" else name)
+            tensors[stem + down_name], tensors[stem + up_name] = down, up
+            if fmt != "peft_sd3":
+                tensors[stem + ".alpha"] = np.array(2.0 * rank, np.float32)
+            deltas[name] = (2.0 if fmt != "peft_sd3" else 1.0) * up @ down
+    save_file(tensors, str(path))
+    return deltas
+
+
+@pytest.mark.parametrize("family, fmt", [("flux", "kohya"), ("flux", "comfy"), ("sd3", "peft_sd3")])
+def test_t5_loras_apply_as_their_deltas(models, tmp_path, family, fmt):
+    """FLUX's T5 LoRA layers (sd-scripts' lora_te3_, ComfyUI's t5xxl) and SD3's (text_encoder_3): T5's states
+    with the LoRA at 0.7 equal transformers' T5 with W + 0.7 * delta (diffusers cannot load these)."""
+    import copy
+
+    pipe, model, _ = models(family)
+    t5 = pipe.text_encoder_3 if family == "sd3" else pipe.text_encoder_2
+    (tmp_path / "loras").mkdir()
+    deltas = write_t5_lora(tmp_path / "loras" / "t5.safetensors", t5, fmt, seed=12)
+    library = LoRALibrary(tmp_path / "loras")
+    assert library.family("t5") == family
+    reference = copy.deepcopy(t5)
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            reference.get_submodule(name).weight += 0.7 * torch.from_numpy(delta)
+        ids = torch.tensor([[3, 17, 5, 42, 9, 1, 0, 0]])
+        expected = reference(ids).last_hidden_state.numpy()
+        base = t5(ids).last_hidden_state.numpy()
+    ours_t5 = model.text_encoders[-1]
+    with applied(model, [(library.bound("t5", model), 0.7)]):
+        ours = np.array(model.text_encoders[-1](mx.array(ids.numpy())))
+    assert model.text_encoders[-1] is ours_t5
+    err, moved = max_rel_err(ours, expected), max_rel_err(base, expected)
+    print(f"{family} T5 LoRA ({fmt}) at 0.7: T5 states max rel err {err:.2e} (the LoRA moves them {moved:.2f})")
+    assert err <= 1e-4 and moved > 1e-2
+
+
 @pytest.mark.parametrize("budget", [0, FUSED])  # side branches, fused copies
 def test_switching_loras_leaks_nothing_and_loads_the_model_once(models, tmp_path, monkeypatch, budget):
     pipe, model, manifest = models("sd1")
