@@ -7,6 +7,7 @@ difference. Also: the capabilities a FLUX model declares are enforced before a j
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 import pytest
 import torch
@@ -17,6 +18,7 @@ from mlx_sd_server.engine.families import capabilities
 from mlx_sd_server.engine.model_io import load_model, read_manifest
 from mlx_sd_server.engine.pipeline import DiffusionPipeline
 from mlx_sd_server.job import JobError, ModelDefaults, build_job
+from parity import max_rel_err, nchw_to_nhwc
 from test_pipeline import (
     ReplayNoise, diffusers_noise, mean_abs_diff, ours_image, posterior_mode, sample_image, sample_mask,
 )
@@ -59,6 +61,18 @@ def packed(initial: np.ndarray) -> torch.Tensor:
 
     n, c, h, w = initial.shape
     return FluxPipeline._pack_latents(torch.from_numpy(initial), n, c, h, w)
+
+
+def vae_errors(pipe, model, rng: np.random.Generator) -> dict[str, float]:
+    """Our 16-channel autoencoder against diffusers' (FLUX's and SD3's): decode and encode, max rel err."""
+    z = rng.standard_normal((1, 16, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
+    image = rng.uniform(-1, 1, (1, 3, HEIGHT, WIDTH)).astype(np.float32)
+    with torch.no_grad():
+        decoded = pipe.vae.decode(torch.from_numpy(z)).sample
+        encoded = pipe.vae.encode(torch.from_numpy(image)).latent_dist.mean
+    mean, _ = model.vae.encode(mx.array(image.transpose(0, 2, 3, 1)))
+    return {"vae decode": max_rel_err(model.vae.decode(mx.array(z.transpose(0, 2, 3, 1))), nchw_to_nhwc(decoded)),
+            "vae encode": max_rel_err(mean, nchw_to_nhwc(encoded))}
 
 
 def t5_length(manifest: dict) -> int:
@@ -190,10 +204,7 @@ def test_emphasis_weights_t5_states(flux):
 def test_converted_components_match_diffusers(flux, variant):
     """Each FLUX component as converted from the diffusers folder, against its diffusers/transformers module:
     CLIP-L's pooled output, T5's states, the transformer's velocity, the 16-channel autoencoder both ways."""
-    import mlx.core as mx
-
     from mlx_sd_server.engine.flux_transformer import latent_image_ids, pack_latents
-    from parity import max_rel_err, nchw_to_nhwc
 
     pipe, ours, _ = flux(variant)
     model = ours.model
@@ -225,14 +236,6 @@ def test_converted_components_match_diffusers(flux, variant):
                                           None if guidance is None else mx.array(guidance))
     errors["transformer"] = max_rel_err(got, expected)
 
-    z = rng.standard_normal((1, 16, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
-    with torch.no_grad():
-        decoded = pipe.vae.decode(torch.from_numpy(z)).sample
-    errors["vae decode"] = max_rel_err(model.vae.decode(mx.array(z.transpose(0, 2, 3, 1))), nchw_to_nhwc(decoded))
-    image = rng.uniform(-1, 1, (1, 3, HEIGHT, WIDTH)).astype(np.float32)
-    with torch.no_grad():
-        encoded = pipe.vae.encode(torch.from_numpy(image)).latent_dist.mean
-    mean, _ = model.vae.encode(mx.array(image.transpose(0, 2, 3, 1)))
-    errors["vae encode"] = max_rel_err(mean, nchw_to_nhwc(encoded))
+    errors.update(vae_errors(pipe, model, rng))
     print(f"FLUX {variant} components, max rel err:", ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     assert max(errors.values()) <= 1e-4

@@ -30,7 +30,7 @@ from mlx_sd_server.engine.schedules import flow_sigmas
 from mlx_sd_server.job import JobError
 from parity import max_rel_err, nchw_to_nhwc
 # the same 16-channel latents, sizes (80x64: 10x8 latents, 5x4 patches), prompts and job defaults as FLUX's tests
-from test_flux_pipeline import HEIGHT, NEGATIVE, PROMPT, TOLERANCE, WIDTH, make_job, noise
+from test_flux_pipeline import HEIGHT, NEGATIVE, PROMPT, TOLERANCE, WIDTH, make_job, noise, vae_errors
 from test_pipeline import (
     ReplayNoise, diffusers_noise, mean_abs_diff, ours_image, posterior_mode, sample_image, sample_mask,
 )
@@ -276,15 +276,7 @@ def test_converted_components_match_diffusers(sd3):
                                           mx.array(pooled), mx.array(sigma))
     errors["transformer"] = max_rel_err(got, nchw_to_nhwc(expected))
 
-    z = rng.standard_normal((1, 16, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
-    with torch.no_grad():
-        decoded = pipe.vae.decode(torch.from_numpy(z)).sample
-    errors["vae decode"] = max_rel_err(model.vae.decode(mx.array(z.transpose(0, 2, 3, 1))), nchw_to_nhwc(decoded))
-    image = rng.uniform(-1, 1, (1, 3, HEIGHT, WIDTH)).astype(np.float32)
-    with torch.no_grad():
-        encoded = pipe.vae.encode(torch.from_numpy(image)).latent_dist.mean
-    mean, _ = model.vae.encode(mx.array(image.transpose(0, 2, 3, 1)))
-    errors["vae encode"] = max_rel_err(mean, nchw_to_nhwc(encoded))
+    errors.update(vae_errors(pipe, model, rng))
     assert (model.vae.scaling_factor, model.vae.shift_factor) == (1.5305, 0.0609)
     print("SD3.5-medium components, max rel err:", ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     assert max(errors.values()) <= 1e-4
