@@ -28,7 +28,7 @@ SHAPES = [
 def mlx_variants():
     import mlx.core as mx
 
-    from mlx_sd_server.engine.attention import attention
+    from mlx_sd_server.engine.ops.attention import attention
 
     def explicit(q, k, v):
         scores = (q * q.shape[-1] ** -0.5) @ k.swapaxes(-1, -2)

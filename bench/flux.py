@@ -197,7 +197,7 @@ def dequantize_transient(model, tiny_step) -> int:
     import mlx.core as mx
     import mlx.nn as nn
 
-    from mlx_sd_server.engine.cpu_kernels import on_cpu
+    from mlx_sd_server.engine.ops.cpu_kernels import on_cpu
 
     ours = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear) and type(m) is not nn.QuantizedLinear]
     if not ours or not on_cpu():
@@ -223,7 +223,7 @@ def measure_transformer(args) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from mlx_sd_server.engine.flux_transformer import (
+    from mlx_sd_server.engine.families.flux.transformer import (
         FluxTransformer2DModel, FluxTransformerConfig, latent_image_ids)
 
     double, single = args.blocks
@@ -277,12 +277,12 @@ def measure_t5(args) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from mlx_sd_server.engine.model_io import COMPONENT_KINDS
-    from mlx_sd_server.engine.t5 import T5Config, T5EncoderModel
+    from mlx_sd_server.engine.text.t5 import T5_ENCODER
+    from mlx_sd_server.engine.text.t5 import T5Config, T5EncoderModel
 
     dtype = getattr(mx, args.dtype)
     if dtype == mx.float16:
-        dtype = COMPONENT_KINDS["T5EncoderModel"].instead_of_float16  # as load_model: bfloat16
+        dtype = T5_ENCODER.instead_of_float16  # as load_model: bfloat16
 
     def build(layers: int):
         return prepare(T5EncoderModel(T5Config.from_dict({**T5_XXL, "num_layers": layers})), dtype, args.bits,
@@ -315,7 +315,7 @@ def measure_t5(args) -> dict:
 
 
 def clip_model():
-    from mlx_sd_server.engine.clip import CLIPTextConfig, CLIPTextModel
+    from mlx_sd_server.engine.text.clip import CLIPTextConfig, CLIPTextModel
 
     return CLIPTextModel(CLIPTextConfig.from_dict(CLIP_L))
 

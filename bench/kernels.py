@@ -52,7 +52,7 @@ def activations(repeats: int) -> None:
     import numpy as np
     import torch
 
-    from mlx_sd_server.engine import cpu_kernels
+    from mlx_sd_server.engine.ops import cpu_kernels
 
     F = torch.nn.functional
     print(f"{'shape':19} {'op':11} {'mlx ms':>9} {'ours ms':>9} {'torch ms':>9} {'mlx/torch':>10} {'ours/torch':>11}")
@@ -87,8 +87,8 @@ def activations(repeats: int) -> None:
 def quantized(repeats: int) -> None:
     import mlx.core as mx
 
-    from mlx_sd_server.engine import cpu_kernels
-    from mlx_sd_server.engine.layers import Linear
+    from mlx_sd_server.engine.ops import cpu_kernels
+    from mlx_sd_server.engine.ops.layers import Linear
 
     print(f"{'shape':25} {'bits':>4} {'x':>7} {'qmm ms':>10} {'mx deq+mm':>10} {'ours ms':>9} {'deq ms':>8} "
           f"{'ours GFLOP/s':>13} {'qmm/ours':>9}")

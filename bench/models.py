@@ -41,7 +41,7 @@ def build_diffusers_folder(name: str, dst: Path) -> Path:
     import torch
     import transformers
 
-    from mlx_sd_server.engine.tokenizer import CLIPTokenizer, default_vocab_path
+    from mlx_sd_server.engine.text.clip_tokenizer import CLIPTokenizer, default_vocab_path
     from tiny_diffusers import scheduler_config
 
     model: Model = MODELS[name]

@@ -184,9 +184,9 @@ def check_text_encoder(config: dict, pad_token: str) -> list[Row]:
     import torch
     import transformers
 
-    from convert.clip import map_clip_weight
-    from mlx_sd_server.engine.clip import CLIPTextConfig, CLIPTextModel
-    from mlx_sd_server.engine.tokenizer import CLIPTokenizer, default_vocab_path
+    from mlx_sd_server.engine.text.mapping import map_clip_weight
+    from mlx_sd_server.engine.text.clip import CLIPTextConfig, CLIPTextModel
+    from mlx_sd_server.engine.text.clip_tokenizer import CLIPTokenizer, default_vocab_path
 
     tokenizer = CLIPTokenizer.from_bpe_file(default_vocab_path(), pad_token=pad_token)
     ids = [tokenizer.encode(prompt) for prompt in PROMPTS]
@@ -240,8 +240,8 @@ def check_unet(config: dict, latent_size: int) -> list[Row]:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from convert.unet import map_unet_weight
-    from mlx_sd_server.engine.unet import UNetConfig, UNetModel
+    from mlx_sd_server.engine.families.sd.mapping import map_unet_weight
+    from mlx_sd_server.engine.families.sd.unet import UNetConfig, UNetModel
 
     inputs = unet_inputs(config, latent_size)
     added = {k: inputs[k] for k in ("text_embeds", "time_ids") if k in inputs}
@@ -276,7 +276,7 @@ def check_vae(config: dict, latent_size: int) -> list[Row]:
     import torch
     from diffusers import AutoencoderKL
 
-    from convert.vae import map_vae_weight
+    from mlx_sd_server.engine.vae import map_vae_weight
     from mlx_sd_server.engine.vae import Autoencoder, VAEConfig
 
     g = torch.Generator().manual_seed(2)

@@ -50,7 +50,7 @@ RELEASED = {
 def build(release: str, blocks: int, dtype, bits: int, group_size: int):
     """Our transformer with the release's widths and `blocks` blocks (the release's dual-attention ones among
     them keep it), cast and quantized lazily."""
-    from mlx_sd_server.engine.sd3_transformer import SD3Transformer2DModel, SD3TransformerConfig
+    from mlx_sd_server.engine.families.sd3.transformer import SD3Transformer2DModel, SD3TransformerConfig
 
     config = RELEASED[release]
     config = {**config, "num_layers": blocks,

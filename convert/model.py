@@ -6,6 +6,7 @@ layout; each component's weights then go through that component's pure key/value
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -15,56 +16,19 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tqdm import tqdm
 
-from convert.clip import map_clip_weight
-from convert.controlnet import map_controlnet_weight
-from convert.flux import map_flux_transformer_weight
 from convert.gguf_source import to_mlx
-from convert.sd3 import map_sd3_transformer_weight
 from convert.source import SourceModel
-from convert.t5 import map_t5_weight
-from convert.unet import map_unet_weight
-from convert.vae import map_vae_weight
-from mlx_sd_server.engine.families.sd3 import T5_MAX_LENGTH as SD3_T5_MAX_LENGTH
-from mlx_sd_server.engine.model_io import (
-    DTYPES, TEXT_ENCODERS, component_class, component_kind, save_component, write_manifest,
-)
-from mlx_sd_server.engine.tokenizer import CLIPTokenizer, default_vocab_path
+from mlx_sd_server.engine.families import spec_for
+from mlx_sd_server.engine.model_io import DTYPES, component_kind, save_component, write_manifest
+from mlx_sd_server.engine.text.clip_tokenizer import CLIPTokenizer, default_vocab_path
 
 log = logging.getLogger(__name__)
 
-# By the class the component's config names (see model_io.component_kind).
-MAPPERS: dict[str, Callable] = {
-    "CLIPTextModel": map_clip_weight,
-    "CLIPTextModelWithProjection": map_clip_weight,
-    "T5EncoderModel": map_t5_weight,
-    "UNet2DConditionModel": map_unet_weight,
-    "FluxTransformer2DModel": map_flux_transformer_weight,
-    "SD3Transformer2DModel": map_sd3_transformer_weight,
-    "AutoencoderKL": map_vae_weight,
-    "ControlNetModel": map_controlnet_weight,
-}
 QUANTIZE_GROUP_SIZE = 64
-# The scheduler settings a manifest keeps, by parameterization: the beta table, or the flow shift.
-SCHEDULER_KEYS = {
-    "beta": {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"},
-    "flow": {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5,
-             "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096},
-}
-# T5 tokens FLUX.1 reads: dev (with a guidance embedding) was trained on 512, schnell on 256.
-FLUX_T5_MAX_LENGTH = {True: 512, False: 256}
-# SD3/SD3.5 defaults from the model cards' examples. The transformer's config tells the releases apart (SD3.5
-# normalises queries and keys, only SD3.5-medium has MMDiT-X dual attention); large-turbo, whose config is
-# large's, only by its name.
-SD3_DEFAULTS = {
-    "sd3-medium": {"steps": 28, "cfg_scale": 7.0},
-    "sd3.5-medium": {"steps": 40, "cfg_scale": 4.5},
-    "sd3.5-large": {"steps": 28, "cfg_scale": 3.5},
-    "sd3.5-large-turbo": {"steps": 4, "cfg_scale": 1.0},
-}
 
 
 @dataclass(frozen=True)
@@ -121,43 +85,21 @@ def _read_source(src: Path | SplitFiles, allow_pickle: bool, prediction_type: st
 
 
 def model_defaults(source: SourceModel, name: str) -> dict[str, Any]:
-    """Generation defaults that suit the model: turbo and LCM models need few steps and little guidance;
-    FLUX.1-dev ~28 steps with distilled guidance 3.5, schnell 4 steps, both without CFG; SD3/SD3.5 as
-    `SD3_DEFAULTS`."""
-    if source.family == "sd3":
-        config = source.components["transformer"][0]
-        release = ("sd3.5-large-turbo" if "turbo" in name.lower() else "sd3-medium" if not config.get("qk_norm")
-                   else "sd3.5-medium" if config.get("dual_attention_layers") else "sd3.5-large")
-        return {**SD3_DEFAULTS[release], "sample_method": "euler", "scheduler": "discrete",
-                "width": 1024, "height": 1024}
-    if source.family == "flux":
-        if source.components["transformer"][0].get("guidance_embeds"):
-            flux = {"steps": 28, "cfg_scale": 1.0, "guidance": 3.5}
-        else:
-            flux = {"steps": 4, "cfg_scale": 1.0}
-        return {**flux, "sample_method": "euler", "scheduler": "discrete", "width": 1024, "height": 1024}
-    lowered = name.lower()
-    unet_config = source.components.get("unet", ({}, ()))[0]
-    size = {"sdxl": 1024, "sd2": 768 if source.prediction_type == "v_prediction" else 512}.get(source.family, 512)
-    defaults: dict[str, Any] = {"steps": 20, "cfg_scale": 7.0, "sample_method": "euler_a", "scheduler": "discrete"}
-    if "turbo" in lowered:
-        defaults = {"steps": 1, "cfg_scale": 1.0, "sample_method": "euler_a", "scheduler": "trailing"}
-        size = 512
-    elif unet_config.get("time_cond_proj_dim"):  # LCM-distilled: guidance is an input, not a second pass
-        defaults = {"steps": 4, "cfg_scale": 8.5, "sample_method": "lcm", "scheduler": "lcm"}
-    elif "lcm" in lowered:  # e.g. LCM-LoRA fused into a base model
-        defaults = {"steps": 4, "cfg_scale": 1.5, "sample_method": "lcm", "scheduler": "lcm"}
-    return {**defaults, "width": size, "height": size}
+    """The generation defaults of the model's family variant (turbo, LCM, dev, schnell, ...; see its spec)."""
+    configs = {component: config for component, (config, _) in source.components.items()}
+    variant = spec_for(source.family).variant_of(source.family, source.prediction_type, configs, name)
+    defaults = dataclasses.asdict(variant.defaults)
+    if defaults["guidance"] is None:  # only models with a guidance embedding have one
+        del defaults["guidance"]
+    return defaults
 
 
 def _tokenizer_for(source: SourceModel, encoder: str, config: dict[str, Any]) -> Any:
     folder = source.tokenizers.get(encoder)
     if folder is not None and Path(folder).exists():
         return component_kind(encoder, config).tokenizer_class.from_dir(folder)
-    # Single files carry no tokenizer: all SD, SD3 and FLUX CLIPs use CLIP's vocabulary, padded by family.
-    clip_l = encoder == "text_encoder" and source.family in ("sdxl", "flux", "sd3")
-    pad = "<|endoftext|>" if source.family == "sd1" or clip_l else "!"
-    return CLIPTokenizer.from_bpe_file(default_vocab_path(), pad_token=pad)
+    # Single files carry no tokenizer: every CLIP here uses CLIP's vocabulary, padded as its spec says.
+    return CLIPTokenizer.from_bpe_file(default_vocab_path(), pad_token=spec_for(source.family).clip_pad_token(source.family, encoder))
 
 
 def write_model(
@@ -177,25 +119,25 @@ def write_model(
     dst.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
     quantization = {"bits": quantize, "group_size": QUANTIZE_GROUP_SIZE} if quantize else None
+    spec = spec_for(source.family)
+    configs = {component: config for component, (config, _) in source.components.items()}
+    variant = spec.variant_of(source.family, source.prediction_type, configs, name) if spec.denoiser in configs else None
     try:
         entries: dict[str, Any] = {}
         for component, (config, weights) in source.components.items():
-            mapper = MAPPERS[component_class(component, config)]
+            kind = component_kind(component, config)
             mapped = (
                 (key, to_mlx(value))  # an MLX array, or a GGUF tensor's exact MLX-quantized form
                 for k, v in tqdm(weights, desc=component, unit=" tensors", disable=not progress, leave=False)
-                for key, value in mapper(k, v)
+                for key, value in kind.mapper(k, v)
             )
             entries[component] = save_component(work, component, config, mapped, DTYPES[dtype], quantization)
-            if component in TEXT_ENCODERS:  # each text encoder carries its tokenizer
+            if kind.tokenizer_class is not None:  # each text encoder carries its tokenizer
                 folder = component.replace("text_encoder", "tokenizer")
                 _tokenizer_for(source, component, config).save(work / folder)
                 entries[component]["tokenizer"] = folder
-            if source.family == "flux" and component == "text_encoder_2":
-                guidance = bool(source.components["transformer"][0].get("guidance_embeds"))
-                entries[component]["max_length"] = FLUX_T5_MAX_LENGTH[guidance]
-            if source.family == "sd3" and component == "text_encoder_3":
-                entries[component]["max_length"] = SD3_T5_MAX_LENGTH
+            if variant is not None and component in variant.text_lengths:
+                entries[component]["max_length"] = variant.text_lengths[component]
             log.info("converted %s", component)
         manifest: dict[str, Any] = {
             "name": name,
@@ -203,7 +145,7 @@ def write_model(
             "prediction_type": source.prediction_type,
             "scheduler": {
                 key: source.scheduler.get(key, default)
-                for key, default in SCHEDULER_KEYS["flow" if source.prediction_type == "flow" else "beta"].items()
+                for key, default in spec.scheduler.items()
             },
             "dtype": dtype,
             # As asked; else, if a GGUF's 4/8-bit layers kept their quantization, the setting most of them have.
@@ -214,7 +156,7 @@ def write_model(
             manifest["source"] = {"from": origin, "converted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if source_sha256:
             manifest["source_sha256"] = source_sha256
-        if "unet" in source.components or "transformer" in source.components:
+        if variant is not None:
             manifest["defaults"] = model_defaults(source, name)
         write_manifest(work, manifest)
         if dst.exists():

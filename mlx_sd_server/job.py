@@ -21,25 +21,13 @@ from typing import Any, Callable, Mapping
 
 from PIL import Image
 
-SAMPLE_METHODS = (
-    "euler", "euler_a", "heun", "dpm2", "dpm++2s_a", "dpm++2m", "dpm++2mv2", "ipndm", "ipndm_v", "lcm",
-)
-SCHEDULERS = ("discrete", "karras", "exponential", "ays", "sgm_uniform", "simple", "trailing", "lcm")
+from mlx_sd_server.engine.errors import ECHO_CHARS, JobError, kind_of, shown
+from mlx_sd_server.engine.families.spec import DEFAULT_GUIDANCE, Capabilities, ModelDefaults
+from mlx_sd_server.engine.sampling.samplers import SAMPLE_METHODS
+from mlx_sd_server.engine.sampling.schedules import SCHEDULERS
+
 
 MAX_SEED = 2**63 - 1
-ECHO_CHARS = 80  # the most of a client's value an error message repeats
-DEFAULT_GUIDANCE = 3.5  # FLUX.1-dev's, and stable-diffusion.cpp's --guidance default
-
-
-class JobError(ValueError):
-    """A request field is invalid. Carries what the HTTP layer needs for OpenAI's error envelope."""
-
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value", status: int = 400):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -62,34 +50,6 @@ class Limits:
     max_upload_aspect: float = 20.0
     max_fit_pixels: int = 6000 * 6000
     max_loras: int = 8  # LoRAs in one request (tags and the `loras` field together)
-
-
-@dataclass(frozen=True)
-class ModelDefaults:
-    """Per-model defaults (turbo/LCM models need few steps and little guidance; FLUX.1-dev has `guidance`)."""
-
-    steps: int = 20
-    cfg_scale: float = 7.0
-    sample_method: str = "euler_a"
-    scheduler: str = "discrete"
-    width: int = 512
-    height: int = 512
-    guidance: float | None = None  # distilled guidance, for models with a guidance embedding
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What a model can do, declared by its family (engine/families) and checked before a job is queued.
-    The defaults constrain nothing beyond Stable Diffusion's rules."""
-
-    family: str = "sd1"
-    samplers: tuple[str, ...] = SAMPLE_METHODS
-    schedulers: tuple[str, ...] = SCHEDULERS
-    guidance: bool = False  # has a distilled guidance embedding (the `guidance` field)
-    img2img: bool = True
-    inpainting: bool = True
-    controlnet: bool = True  # a ControlNet is attached
-    size_multiple: int = 8  # image sides must be multiples of this (VAE factor x patch size)
 
 
 _DEFAULTS = ModelDefaults()  # what a model without its own defaults uses
@@ -151,38 +111,6 @@ _SIZE_RE = re.compile(r"^\s*(\d{1,9})\s*[xX×]\s*(\d{1,9})\s*$")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
-def shown(value: Any, limit: int = ECHO_CHARS) -> str:
-    """A client's value for an error message: its repr, cut to `limit` characters with an ellipsis.
-    Arrays and objects are named, not shown; a huge string is never copied whole."""
-    if isinstance(value, (str, bytes)):
-        text = repr(value[: limit + 1])
-        cut = len(value) > limit or len(text) > limit
-    elif value is None or isinstance(value, (bool, int, float)):
-        try:
-            text = repr(value)
-        except ValueError:  # an int beyond Python's digit limit for str()
-            return "an integer too large to show"
-        cut = len(text) > limit
-    else:
-        return _kind(value)
-    return text[: limit - 1] + "…" if cut else text
-
-
-def _kind(value: Any) -> str:
-    """What a JSON value is, in JSON's words."""
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, (list, tuple)):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return "null" if value is None else f"a {type(value).__name__}"
-
-
 def check_text(name: str, value: str) -> str:
     """Refuse a string that is not Unicode text: JSON's `\\ud800` escape gives a lone surrogate, which no
     encoder (tokenizer, PNG text, log) can write."""
@@ -241,7 +169,7 @@ def _as_bool(name: str, value: Any) -> bool:
 
 def _as_str(name: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise JobError(f"{name} must be a string, got {_kind(value)}", name, "invalid_type")
+        raise JobError(f"{name} must be a string, got {kind_of(value)}", name, "invalid_type")
     return check_text(name, value)
 
 
@@ -332,7 +260,7 @@ def check_field_sizes(fields: Mapping[str, Any], limits: Limits) -> None:
 
 def _check_prompt(name: str, text: str, limits: Limits) -> None:
     """Emphasis syntax, and at most `max_prompt_chunks` 75-token windows (see engine/prompt.py)."""
-    from mlx_sd_server.engine.prompt import check_prompt  # the engine's own rules; imports this module
+    from mlx_sd_server.engine.text.prompt import check_prompt  # the engine's own rules; imports this module
 
     check_prompt(text, name, limits.max_prompt_chunks)
 
@@ -383,12 +311,12 @@ def _parse_loras(value: Any) -> list[tuple[str, float]]:
             raise JobError("loras must be a JSON array of {\"name\": ..., \"scale\": ...}", "loras",
                            "invalid_type") from None
     if not isinstance(value, list):
-        raise JobError(f"loras must be an array of {{name, scale}} objects, got {_kind(value)}", "loras",
+        raise JobError(f"loras must be an array of {{name, scale}} objects, got {kind_of(value)}", "loras",
                        "invalid_type")
     loras = []
     for item in value:
         if not isinstance(item, dict) or "name" not in item:
-            raise JobError(f"each of loras must be an object with a name (and a scale), got {_kind(item)}", "loras",
+            raise JobError(f"each of loras must be an object with a name (and a scale), got {kind_of(item)}", "loras",
                            "invalid_type")
         if unknown := set(item) - {"name", "scale"}:
             raise JobError(f"loras: unknown key {shown(sorted(unknown)[0])} (an item has name and scale)", "loras",

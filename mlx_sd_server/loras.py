@@ -18,10 +18,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from convert.lora import LoRAFile, LoRAFormatError, lora_family, read_lora
-from convert.model import MAPPERS, file_sha256
+from convert.model import file_sha256
 from mlx_sd_server.engine.lora import Adapter, BoundLoRA, component_module, get_layer
-from mlx_sd_server.engine.model_io import TEXT_ENCODERS, LoadedModel, component_class
-from mlx_sd_server.job import JobError
+from mlx_sd_server.engine.model_io import TEXT_ENCODERS, LoadedModel, component_kind
+from mlx_sd_server.engine.errors import JobError
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def bind(lora: LoRAFile, model: LoadedModel, name: str) -> BoundLoRA:
         if entry is None:
             raise JobError(f"LoRA {name!r} adapts a {component}, which {model_name} does not have", "loras",
                            "lora_mismatch")
-        mapper = MAPPERS[component_class(component, entry["config"])]
+        mapper = component_kind(component, entry["config"]).mapper
         root = component_module(model, component)
         bound[component] = {}
         for path, layer in layers.items():

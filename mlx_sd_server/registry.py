@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from convert.model import SplitFiles, convert_model
 from mlx_sd_server.engine.families import capabilities
 from mlx_sd_server.engine.model_io import MANIFEST, ModelFormatError, read_manifest
-from mlx_sd_server.job import Capabilities, ModelDefaults
+from mlx_sd_server.engine.families.spec import Capabilities, ModelDefaults
 from mlx_sd_server.loras import LORA_FOLDER, LoRALibrary
 from mlx_sd_server.paths import model_dir
 
@@ -50,7 +50,7 @@ class ModelInfo:
     defaults: ModelDefaults
     has_controlnet: bool
     folder: Path
-    capabilities: Capabilities | None = None  # None: Stable Diffusion's
+    capabilities: Capabilities | None = None  # None (test doubles): the generic rules, under the family's name
     random_weights: bool = False  # the built-in test model: it draws noise
 
     def __post_init__(self) -> None:

@@ -32,11 +32,12 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from convert.model import MAPPERS
-from mlx_sd_server.engine.flux_transformer import pack_latents, unpack_latents
-from mlx_sd_server.engine.model_io import component_class, read_manifest
+from mlx_sd_server.engine.families.flux.transformer import pack_latents, unpack_latents
+from mlx_sd_server.engine.model_io import component_class, component_kind, read_manifest
 from mlx_sd_server.engine.pipeline import NoiseSource, Step, paste_outside_mask, fit_image
-from mlx_sd_server.job import DEFAULT_GUIDANCE, Job, JobError
+from mlx_sd_server.engine.errors import JobError
+from mlx_sd_server.engine.families.spec import DEFAULT_GUIDANCE
+from mlx_sd_server.job import Job
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def _build_component(name: str, entry: dict, folder: Path):
         module = getattr(diffusers, class_name).from_config(config)
     # Not strict: the state dict leaves out only what our format does not keep (constant buffers, T5's
     # second copy of its embedding, tied to the first).
-    state = _torch_state_dict(module, folder / entry["weights"], MAPPERS[class_name])
+    state = _torch_state_dict(module, folder / entry["weights"], component_kind(name, entry["config"]).mapper)
     if class_name == "T5EncoderModel":  # (tied in transformers' T5 anyway; copied in case a version unties it)
         state["encoder.embed_tokens.weight"] = state["shared.weight"]
     module.load_state_dict(state, strict=False)

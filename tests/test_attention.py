@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from parity import max_rel_err
 
-from mlx_sd_server.engine import cpu_kernels
-from mlx_sd_server.engine.attention import attention, causal_mask
+from mlx_sd_server.engine.ops import cpu_kernels
+from mlx_sd_server.engine.ops.attention import attention, causal_mask
 
 TOLERANCE = {mx.float32: 5e-6, mx.float16: 4e-3, mx.bfloat16: 3e-2}
 

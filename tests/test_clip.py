@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from convert.clip import map_clip_weight
-from mlx_sd_server.engine.clip import CLIPTextConfig, CLIPTextModel
-from mlx_sd_server.engine.tokenizer import CLIPTokenizer
+from mlx_sd_server.engine.text.mapping import map_clip_weight
+from mlx_sd_server.engine.text.clip import CLIPTextConfig, CLIPTextModel
+from mlx_sd_server.engine.text.clip_tokenizer import CLIPTokenizer
 from parity import load_torch_weights, max_rel_err
 from tiny_diffusers import text_encoder, tokenizer_vocab_size, write_tokenizer
 

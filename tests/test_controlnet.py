@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import tiny_diffusers
-from convert.controlnet import map_controlnet_weight
-from mlx_sd_server.engine.controlnet import ControlNetConfig, ControlNetModel
+from mlx_sd_server.engine.families.sd.mapping import map_controlnet_weight
+from mlx_sd_server.engine.families.sd.controlnet import ControlNetConfig, ControlNetModel
 from parity import load_torch_weights, max_rel_err, nchw_to_nhwc
 from test_unet import TOLERANCE, mlx_unet, random_inputs, run_mlx, run_reference
 

@@ -19,8 +19,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_sd_server.engine import activations, cpu_kernels
-from mlx_sd_server.engine.group_norm import GroupNorm
+from mlx_sd_server.engine.ops import activations, cpu_kernels
+from mlx_sd_server.engine.ops.group_norm import GroupNorm
 
 
 def sample(shape=(2, 9, 11, 24), scale=6.0, seed=0) -> np.ndarray:

@@ -17,9 +17,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_sd_server.engine.denoiser import RectifiedFlow, VarianceExploding
-from mlx_sd_server.engine.samplers import SAMPLERS
-from mlx_sd_server.engine.schedules import flow_sigmas, karras, training_sigmas
+from mlx_sd_server.engine.sampling.denoiser import RectifiedFlow, VarianceExploding
+from mlx_sd_server.engine.sampling.samplers import SAMPLERS
+from mlx_sd_server.engine.sampling.schedules import flow_sigmas, karras, training_sigmas
 
 DATA_STD = 0.8
 FLOW = RectifiedFlow()

@@ -204,7 +204,7 @@ def test_emphasis_weights_t5_states(flux):
 def test_converted_components_match_diffusers(flux, variant):
     """Each FLUX component as converted from the diffusers folder, against its diffusers/transformers module:
     CLIP-L's pooled output, T5's states, the transformer's velocity, the 16-channel autoencoder both ways."""
-    from mlx_sd_server.engine.flux_transformer import latent_image_ids, pack_latents
+    from mlx_sd_server.engine.families.flux.transformer import latent_image_ids, pack_latents
 
     pipe, ours, _ = flux(variant)
     model = ours.model

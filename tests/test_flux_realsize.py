@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 import torch
 
-from convert.clip import map_clip_weight
-from convert.flux import map_flux_transformer_weight
-from convert.t5 import map_t5_weight
-from convert.vae import map_vae_weight
+from mlx_sd_server.engine.text.mapping import map_clip_weight
+from mlx_sd_server.engine.families.flux.mapping import map_flux_transformer_weight
+from mlx_sd_server.engine.text.mapping import map_t5_weight
+from mlx_sd_server.engine.vae import map_vae_weight
 from parity import load_torch_weights, max_rel_err, nchw_to_nhwc
 
 pytestmark = pytest.mark.realsize
@@ -116,7 +116,7 @@ def test_flux_transformer_released_widths_match_diffusers(variant, text_tokens):
     embedding takes sinusoids of 3.5 x 1000, where one float32 rounding of a frequency moves the angle by
     ~1e-4 rad. Both diffusers' float32 sinusoids and ours are ~1.2e-4 off the exact ones there, and ~2e-4
     apart (their exp()s round a few frequencies differently); the rest of the model carries that through."""
-    from mlx_sd_server.engine.flux_transformer import FluxTransformer2DModel, FluxTransformerConfig, latent_image_ids
+    from mlx_sd_server.engine.families.flux.transformer import FluxTransformer2DModel, FluxTransformerConfig, latent_image_ids
 
     guidance = variant == "dev"
     reference = flux_reference(guidance)
@@ -158,7 +158,7 @@ def test_t5_xxl_widths_match_transformers():
     from transformers import T5Config as TransformersConfig
     from transformers import T5EncoderModel as Reference
 
-    from mlx_sd_server.engine.t5 import T5Config, T5EncoderModel
+    from mlx_sd_server.engine.text.t5 import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     reference = Reference(TransformersConfig(**{**T5_XXL, "num_layers": 2})).eval()
@@ -196,7 +196,7 @@ def test_clip_l_matches_transformers():
     from transformers import CLIPTextConfig as TransformersConfig
     from transformers import CLIPTextModel as Reference
 
-    from mlx_sd_server.engine.clip import CLIPTextConfig, CLIPTextModel
+    from mlx_sd_server.engine.text.clip import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
     reference = Reference(TransformersConfig(**CLIP_L)).eval()

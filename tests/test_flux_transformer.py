@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import tiny_diffusers
-from convert.flux import map_flux_transformer_weight
-from mlx_sd_server.engine.flux_transformer import (
+from mlx_sd_server.engine.families.flux.mapping import map_flux_transformer_weight
+from mlx_sd_server.engine.families.flux.transformer import (
     FluxTransformer2DModel,
     FluxTransformerConfig,
     latent_image_ids,

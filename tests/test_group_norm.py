@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_sd_server.engine.group_norm import GroupNorm
+from mlx_sd_server.engine.ops.group_norm import GroupNorm
 from parity import max_rel_err
 
 

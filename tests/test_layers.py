@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_sd_server.engine import cpu_kernels, layers, model_io
-from mlx_sd_server.engine.layers import Conv2d, Linear, QuantizedLinear
+from mlx_sd_server.engine import model_io
+from mlx_sd_server.engine.ops import cpu_kernels, layers
+from mlx_sd_server.engine.ops.layers import Conv2d, Linear, QuantizedLinear
 from mlx_sd_server.engine.vae import BandedConv2d
 
 ULP = {mx.float16: 2.0**-10, mx.bfloat16: 2.0**-7}

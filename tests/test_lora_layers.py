@@ -8,7 +8,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_sd_server.engine.layers import Conv2d, Linear
+from mlx_sd_server.engine.ops.layers import Conv2d, Linear
 from mlx_sd_server.engine.lora import Adapter, LoRALayer, applied, fused, get_layer
 
 rng = np.random.default_rng(0)

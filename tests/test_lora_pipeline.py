@@ -22,7 +22,7 @@ import tiny_flux
 import tiny_sd3
 from convert.model import convert_model
 from mlx_sd_server.engine.families import capabilities
-from mlx_sd_server.engine.flux_transformer import latent_image_ids
+from mlx_sd_server.engine.families.flux.transformer import latent_image_ids
 from mlx_sd_server.engine.lora import applied
 from mlx_sd_server.engine.model_io import load_model, read_manifest
 from mlx_sd_server.engine.pipeline import DiffusionPipeline

@@ -15,7 +15,7 @@ def lora_family(name: str) -> str:
     return FAMILIES[name]
 
 
-def job(capabilities: Capabilities = Capabilities(), **fields):
+def job(capabilities: Capabilities = Capabilities(family="sd1"), **fields):
     return build_job({"prompt": "a cat", **fields}, capabilities=capabilities, lora_family=lora_family)
 
 

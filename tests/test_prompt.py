@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from mlx_sd_server.engine.prompt import (
+from mlx_sd_server.engine.text.prompt import (
     BREAK, CHUNK_TOKENS, MAX_NESTING, Break, check_prompt, chunk_prompt, parse_emphasis,
 )
-from mlx_sd_server.engine.tokenizer import CLIPTokenizer, default_vocab_path
+from mlx_sd_server.engine.text.clip_tokenizer import CLIPTokenizer, default_vocab_path
 from mlx_sd_server.job import JobError
 
 

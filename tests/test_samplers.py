@@ -14,9 +14,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_sd_server.engine.denoiser import model_denoiser
-from mlx_sd_server.engine.samplers import SAMPLERS, ancestral_step
-from mlx_sd_server.engine.schedules import exponential, karras, training_sigmas
+from mlx_sd_server.engine.sampling.denoiser import model_denoiser
+from mlx_sd_server.engine.sampling.samplers import SAMPLERS, ancestral_step
+from mlx_sd_server.engine.sampling.schedules import exponential, karras, training_sigmas
 from mlx_sd_server.job import SAMPLE_METHODS
 from parity import max_rel_err
 
@@ -242,7 +242,7 @@ def test_dpmpp_2m_matches_diffusers_dpm_solver_multistep(prediction_type, monkey
 def test_lcm_matches_diffusers_lcm_scheduler(steps, monkeypatch):
     """LCMScheduler's boundary condition c_skip = 0.25/((10 t)^2 + 0.25) is ~1e-6 at the timesteps the
     lcm schedule visits; sd.cpp (and we) take D as is, hence an error of that order."""
-    from mlx_sd_server.engine.schedules import lcm
+    from mlx_sd_server.engine.sampling.schedules import lcm
 
     scheduler = diffusers.LCMScheduler(**SD_BETAS)
     scheduler.set_timesteps(steps)

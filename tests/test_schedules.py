@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlx_sd_server.engine.schedules import (
+from mlx_sd_server.engine.sampling.schedules import (
     AYS_SIGMAS, SCHEDULES, ays, discrete, img2img_sigmas, lcm, make_sigmas, sgm_uniform, sigma_to_t, simple,
     t_to_sigma, training_sigmas,
 )

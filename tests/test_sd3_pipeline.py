@@ -26,7 +26,7 @@ import tiny_sd3
 from convert.model import convert_model
 from mlx_sd_server.engine.model_io import load_model, read_manifest
 from mlx_sd_server.engine.pipeline import DiffusionPipeline
-from mlx_sd_server.engine.schedules import flow_sigmas
+from mlx_sd_server.engine.sampling.schedules import flow_sigmas
 from mlx_sd_server.job import JobError
 from parity import max_rel_err, nchw_to_nhwc
 # the same 16-channel latents, sizes (80x64: 10x8 latents, 5x4 patches), prompts and job defaults as FLUX's tests

@@ -10,7 +10,7 @@ rounding.
 
 The weights take a single file's way: diffusers' state dict in Stability's original layout
 (tests/sd3_layout.py), its config inferred from those shapes and its weights mapped back by
-`convert.sd3_files`, then into ours by `convert.sd3`, so the single-file reader is checked at the released
+`convert.sd3_files`, then into ours by `mlx_sd_server.engine.families.sd3.mapping`, so the single-file reader is checked at the released
 widths too (the swapped halves of the 2 x 2432 modulations, the fused 3 x 2432 projections).
 
 Marked `realsize` (excluded from the default run):
@@ -29,7 +29,7 @@ import mlx.core as mx
 import pytest
 import torch
 
-from convert.sd3 import map_sd3_transformer_weight as map_to_mlx
+from mlx_sd_server.engine.families.sd3.mapping import map_sd3_transformer_weight as map_to_mlx
 from convert.sd3_files import map_sd3_transformer_weight as map_from_file, sd3_transformer_config
 from parity import max_rel_err, nchw_to_nhwc
 from sd3_layout import sd3_state
@@ -81,7 +81,7 @@ def reference_model(release: str, num_layers: int, seed: int = 0):
 def mlx_model_from_file_layout(reference):
     """Ours, built as a converted sd3.5_*.safetensors would be: config from the original layout's shapes,
     weights through both mappings."""
-    from mlx_sd_server.engine.sd3_transformer import SD3Transformer2DModel, SD3TransformerConfig
+    from mlx_sd_server.engine.families.sd3.transformer import SD3Transformer2DModel, SD3TransformerConfig
 
     original = {k: v.detach().numpy() for k, v in sd3_state(reference.state_dict()).items()}
     config = sd3_transformer_config(original)

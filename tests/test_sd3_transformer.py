@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import tiny_sd3
-from convert.sd3 import map_sd3_transformer_weight
-from mlx_sd_server.engine.layers import QuantizedLinear
-from mlx_sd_server.engine.sd3_transformer import SD3Transformer2DModel, SD3TransformerConfig
+from mlx_sd_server.engine.families.sd3.mapping import map_sd3_transformer_weight
+from mlx_sd_server.engine.ops.layers import QuantizedLinear
+from mlx_sd_server.engine.families.sd3.transformer import SD3Transformer2DModel, SD3TransformerConfig
 from parity import load_torch_weights, max_rel_err, nchw_to_nhwc
 
 TOLERANCE = 1e-4

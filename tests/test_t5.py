@@ -10,9 +10,9 @@ import pytest
 import torch
 from mlx.utils import tree_flatten, tree_map
 
-from convert.t5 import map_t5_weight
-from mlx_sd_server.engine.t5 import T5Config, T5EncoderModel, clamp_float16, relative_position_buckets
-from mlx_sd_server.engine.t5_tokenizer import T5Tokenizer
+from mlx_sd_server.engine.text.mapping import map_t5_weight
+from mlx_sd_server.engine.text.t5 import T5Config, T5EncoderModel, clamp_float16, relative_position_buckets
+from mlx_sd_server.engine.text.t5_tokenizer import T5Tokenizer
 from parity import load_torch_weights, max_rel_err
 from tiny_t5 import t5_config, t5_encoder, t5_vocab_size, write_t5_tokenizer
 

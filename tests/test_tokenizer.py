@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from mlx_sd_server.engine.tokenizer import CLIPTokenizer, default_vocab_path
+from mlx_sd_server.engine.text.clip_tokenizer import CLIPTokenizer, default_vocab_path
 from tiny_diffusers import bytes_to_unicode, write_tokenizer
 
 REAL_VOCAB_GZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "bpe_simple_vocab_16e6.txt.gz"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import tiny_diffusers
-from convert.unet import map_unet_weight
-from mlx_sd_server.engine.unet import UNetConfig, UNetModel
+from mlx_sd_server.engine.families.sd.mapping import map_unet_weight
+from mlx_sd_server.engine.families.sd.unet import UNetConfig, UNetModel
 from parity import load_torch_weights, max_rel_err, nchw_to_nhwc
 
 TOLERANCE = 1e-4

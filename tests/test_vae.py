@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tiny_diffusers
-from convert.vae import map_vae_weight
+from mlx_sd_server.engine.vae import map_vae_weight
 from mlx_sd_server.engine.vae import Autoencoder, VAEConfig, _run_tiled, should_tile
 from parity import max_rel_err, nchw_to_nhwc
 

@@ -20,15 +20,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_sd_server.engine.clip import CLIPTextConfig, CLIPTextModel
-from mlx_sd_server.engine.controlnet import ControlNetConfig, ControlNetModel
-from mlx_sd_server.engine.flux_transformer import FluxTransformer2DModel, FluxTransformerConfig
-from mlx_sd_server.engine.sd3_transformer import SD3Transformer2DModel, SD3TransformerConfig
-from mlx_sd_server.engine.t5 import T5Config, T5EncoderModel
-from mlx_sd_server.engine.t5_tokenizer import T5Tokenizer
-from mlx_sd_server.engine.tokenizer import CLIPTokenizer
-from mlx_sd_server.engine.unet import UNetConfig, UNetModel
-from mlx_sd_server.engine.vae import Autoencoder, VAEConfig
+from mlx_sd_server.engine.components import ComponentKind
+from mlx_sd_server.engine.families import component_kinds
 
 log = logging.getLogger(__name__)
 
@@ -37,48 +30,23 @@ MANIFEST = "model.json"
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
-@dataclass(frozen=True)
-class ComponentKind:
-    """How to build one kind of component from its config dict."""
-
-    config_class: type
-    model_class: type
-    tokenizer_class: type | None = None  # text encoders: the tokenizer saved beside them
-    # Components that overflow in float16 (T5) run in this dtype instead when float16 is asked for.
-    instead_of_float16: mx.Dtype | None = None
-
-    def build(self, config: dict) -> nn.Module:
-        return self.model_class(self.config_class.from_dict(config))
-
-
-# By the diffusers/transformers class name in the component's config (`_class_name` or `architectures`).
-COMPONENT_KINDS = {
-    "CLIPTextModel": ComponentKind(CLIPTextConfig, CLIPTextModel, CLIPTokenizer),
-    "CLIPTextModelWithProjection": ComponentKind(CLIPTextConfig, CLIPTextModel, CLIPTokenizer),
-    "T5EncoderModel": ComponentKind(T5Config, T5EncoderModel, T5Tokenizer, instead_of_float16=mx.bfloat16),
-    "UNet2DConditionModel": ComponentKind(UNetConfig, UNetModel),
-    "FluxTransformer2DModel": ComponentKind(FluxTransformerConfig, FluxTransformer2DModel),
-    "SD3Transformer2DModel": ComponentKind(SD3TransformerConfig, SD3Transformer2DModel),
-    "AutoencoderKL": ComponentKind(VAEConfig, Autoencoder),
-    "ControlNetModel": ComponentKind(ControlNetConfig, ControlNetModel),
-}
 # Manifests written before components named their class: every component was one of these.
 CLASS_BY_COMPONENT = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModel",
                       "unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "controlnet": "ControlNetModel"}
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # the manifest names text encoders take
 
 
 def component_class(name: str, config: dict) -> str:
     """The diffusers/transformers class of component `name`, as its config.json names it."""
     class_name = config.get("_class_name") or next(iter(config.get("architectures") or []), None)
     class_name = class_name or CLASS_BY_COMPONENT.get(name)
-    if class_name not in COMPONENT_KINDS:
+    if class_name not in component_kinds():
         raise ModelFormatError(f"component {name}: unsupported class {class_name!r}")
     return class_name
 
 
 def component_kind(name: str, config: dict) -> ComponentKind:
-    return COMPONENT_KINDS[component_class(name, config)]
+    return component_kinds()[component_class(name, config)]
 
 
 class ModelFormatError(ValueError):

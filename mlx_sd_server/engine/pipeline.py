@@ -15,14 +15,16 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageFilter
 
-from mlx_sd_server.engine.denoiser import NOISING
-from mlx_sd_server.engine.families import Family, family_class
+from mlx_sd_server.engine.sampling.denoiser import NOISING
+from mlx_sd_server.engine.errors import JobError
+from mlx_sd_server.engine.families import spec_for
+from mlx_sd_server.engine.families.runtime import Family
 from mlx_sd_server.engine.lora import BoundLoRA, applied
 from mlx_sd_server.engine.model_io import LoadedModel
-from mlx_sd_server.engine.samplers import SAMPLERS
-from mlx_sd_server.engine.schedules import img2img_sigmas
+from mlx_sd_server.engine.sampling.samplers import SAMPLERS
+from mlx_sd_server.engine.sampling.schedules import img2img_sigmas
 from mlx_sd_server.engine.vae import should_tile
-from mlx_sd_server.job import Job, JobError
+from mlx_sd_server.engine.request import Request
 
 log = logging.getLogger(__name__)
 
@@ -104,21 +106,21 @@ class DiffusionPipeline:
         self.paste_back = paste_back
         self.loras = loras
         self.lora_fuse_budget = lora_fuse_budget
-        self.family: Family = family_class(model.family)(model)
+        self.family: Family = spec_for(model.family).runtime(model)
         self.noising = NOISING[self.family.prediction_type]
 
     # --- schedule ----------------------------------------------------------------------------------
 
-    def sigmas(self, job: Job) -> np.ndarray:
+    def sigmas(self, job: Request) -> np.ndarray:
         sigmas = self.family.sigmas(job)
         if job.init_image is not None:
             sigmas = img2img_sigmas(sigmas, job.steps, job.strength)
         return sigmas
 
-    def total_steps(self, job: Job) -> int:
+    def total_steps(self, job: Request) -> int:
         return len(self.sigmas(job)) - 1
 
-    def encode_prompts(self, job: Job, guided: bool):
+    def encode_prompts(self, job: Request, guided: bool):
         """The family's conditioning for [negative, prompt] (or the prompt alone)."""
         return self.family.encode_prompts(job, guided)
 
@@ -144,7 +146,7 @@ class DiffusionPipeline:
 
     # --- the job -----------------------------------------------------------------------------------
 
-    def generate(self, job: Job, noise: NoiseSource | None = None) -> Generator[Step, None, list[Image.Image]]:
+    def generate(self, job: Request, noise: NoiseSource | None = None) -> Generator[Step, None, list[Image.Image]]:
         """Yield a `Step` after each denoising step; return the n images. The job's LoRAs are on the model
         for exactly this long."""
         if job.loras and self.loras is None:
@@ -153,7 +155,7 @@ class DiffusionPipeline:
         with applied(self.model, loras, self.lora_fuse_budget):
             return (yield from self._generate(job, noise or SeededNoise(job.seeds())))
 
-    def _generate(self, job: Job, noise: NoiseSource) -> Generator[Step, None, list[Image.Image]]:
+    def _generate(self, job: Request, noise: NoiseSource) -> Generator[Step, None, list[Image.Image]]:
         vae = self.model.vae
         scale = vae.latent_scale
         h, w = job.height // scale, job.width // scale

@@ -16,7 +16,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_sd_server.engine.model_io import MANIFEST, component_kind, save_component, write_manifest
-from mlx_sd_server.engine.tokenizer import CLIPTokenizer, default_vocab_path
+from mlx_sd_server.engine.text.clip_tokenizer import CLIPTokenizer, default_vocab_path
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_sd_server.engine import cpu_kernels
-from mlx_sd_server.engine.attention import attention
-from mlx_sd_server.engine.group_norm import GroupNorm
-from mlx_sd_server.engine.layers import Conv2d, Linear
+from mlx_sd_server.engine.components import ComponentKind
+from mlx_sd_server.engine.ops import cpu_kernels
+from mlx_sd_server.engine.ops.attention import attention
+from mlx_sd_server.engine.ops.group_norm import GroupNorm
+from mlx_sd_server.engine.ops.layers import Conv2d, Linear
 
 # Above this many latent pixels (a 1024x1024 image at f=8) decoding switches to tiles: the full-size
 # decoder's activations (128 channels at full image resolution) and its mid-block attention (one head over
@@ -366,3 +367,36 @@ def _run_tiled(
             weight_sum[oy : oy + tile_h * out_step, ox : ox + tile_w * out_step, :] += weight
             mx.eval(total, weight_sum)
     return (total / weight_sum).astype(out.dtype)
+
+
+# --- weights: diffusers' names are ours; only old-style attention names (diffusers < 0.14) and layouts change
+
+# Old diffusers names of the mid-block attention's projections -> current names.
+LEGACY_ATTENTION_NAMES = {
+    ".query.": ".to_q.",
+    ".key.": ".to_k.",
+    ".value.": ".to_v.",
+    ".proj_attn.": ".to_out.0.",
+}
+ATTENTION_PROJECTIONS = (".to_q.", ".to_k.", ".to_v.", ".to_out.0.")
+
+
+def map_vae_weight(key: str, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """One diffusers VAE state-dict entry as our (key, value) pairs (conv weights OIHW -> OHWI)."""
+    for old, new in LEGACY_ATTENTION_NAMES.items():
+        key = key.replace(old, new)
+    if value.ndim == 4:
+        if any(name in key for name in ATTENTION_PROJECTIONS):
+            # Some checkpoints store the attention projections as 1x1 convolutions.
+            value = value[:, :, 0, 0]
+        else:
+            value = value.transpose(0, 2, 3, 1)
+    return [(key, value)]
+
+
+AUTOENCODER_KL = ComponentKind(("AutoencoderKL",), VAEConfig, Autoencoder, map_vae_weight)
+
+
+def downscale_factor(config: dict) -> int:
+    """How many image pixels a latent pixel spans along a side, from the VAE's config (8 for SD's four levels)."""
+    return 2 ** (len(config.get("block_out_channels", VAEConfig.block_out_channels)) - 1)

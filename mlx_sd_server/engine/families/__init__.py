@@ -1,49 +1,50 @@
-"""Model families: the little that differs between Stable Diffusion, FLUX, ... behind one pipeline.
+"""Model families: one folder each (its networks, weight mappers, LoRA rules and `SPEC`), listed once here.
 
-A family (one small class per family, `../shared/families.md`) says what its model can do
-(`capabilities`, read from the manifest alone, before anything is loaded), its schedule (`sigmas`), how
-prompts become conditioning (`encode_prompts`) and how its network becomes a denoiser D(x, sigma) with
-guidance applied (`denoiser`). The shared loop in `pipeline.py` does the rest. The manifest's `family`
-picks the class; nothing else in the server names a family.
+`FAMILIES` is the one list detection iterates: the specific families first, since a ComfyUI file of a DiT
+family shares SD's `model.diffusion_model.` prefix. Adding a family is a folder and a line here
+(docs/architecture.md). Nothing outside the families branches on a family's name; everything asks its spec.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Iterable, Mapping
 
-import mlx.core as mx
-import numpy as np
+from mlx_sd_server.engine.components import ComponentKind
+from mlx_sd_server.engine.families.flux.spec import SPEC as FLUX
+from mlx_sd_server.engine.families.sd3.spec import SPEC as SD3
+from mlx_sd_server.engine.families.sd.spec import SPEC as SD
+from mlx_sd_server.engine.families.spec import Capabilities, FamilySpec
 
-from mlx_sd_server.engine.denoiser import Denoiser
-from mlx_sd_server.job import Capabilities, Job
-
-
-class Family(Protocol):
-    """A family's behaviour for one loaded model (see the module docstring)."""
-
-    prediction_type: str  # epsilon | v_prediction | flow: picks the denoiser wrapper and the noising rule
-    inpainting_model: bool  # takes [mask, masked-image latents] as extra input channels (SD's 9-channel UNets)
-
-    @classmethod
-    def capabilities(cls, manifest: dict[str, Any], has_controlnet: bool) -> Capabilities: ...
-    def sigmas(self, job: Job) -> np.ndarray: ...
-    def guided(self, job: Job) -> bool: ...
-    def encode_prompts(self, job: Job, guided: bool) -> Any: ...
-    def denoiser(self, job: Job, conditioning: Any, guided: bool, extra_channels: mx.array | None,
-                 control: mx.array | None) -> Denoiser: ...
+FAMILIES: tuple[FamilySpec, ...] = (FLUX, SD3, SD)
 
 
-def family_class(family: str) -> type:
-    """The class serving a manifest's `family`."""
-    from mlx_sd_server.engine.families.flux import FluxFamily
-    from mlx_sd_server.engine.families.sd import StableDiffusionFamily
-    from mlx_sd_server.engine.families.sd3 import SD3Family
-
-    for cls in (StableDiffusionFamily, FluxFamily, SD3Family):
-        if family in cls.names:
-            return cls
-    raise ValueError(f"unsupported model family {family!r}")
+class UnknownFamilyError(ValueError):
+    """A manifest or file names no family this version serves."""
 
 
-def capabilities(manifest: dict[str, Any], has_controlnet: bool = False) -> Capabilities:
-    return family_class(manifest["family"]).capabilities(manifest, has_controlnet)
+def spec_for(family: str) -> FamilySpec:
+    """The spec serving a manifest's `family` (sd1, sdxl, flux, ...)."""
+    for spec in FAMILIES:
+        if family in spec.manifest_names:
+            return spec
+    raise UnknownFamilyError(f"unsupported model family {family!r}")
+
+
+def capabilities(manifest: Mapping[str, Any], has_controlnet: bool = False) -> Capabilities:
+    return spec_for(manifest["family"]).capabilities(manifest, has_controlnet)
+
+
+def family_of_denoiser(class_name: str | None) -> FamilySpec | None:
+    """The family whose diffusers denoiser class this is."""
+    return next((spec for spec in FAMILIES if class_name in spec.detect.diffusers_classes), None)
+
+
+def family_of_single_file(names: Iterable[str]) -> FamilySpec | None:
+    """The family whose original-layout denoiser a single file's tensor names show, first match in FAMILIES."""
+    names = list(names)
+    return next((spec for spec in FAMILIES if spec.detect.single_file(names)), None)
+
+
+def component_kinds() -> dict[str, ComponentKind]:
+    """Every network any family has, by the class names configs give them."""
+    return {name: kind for spec in FAMILIES for kind in spec.kinds() for name in kind.class_names}

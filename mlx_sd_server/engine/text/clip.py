@@ -12,9 +12,12 @@ from typing import NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from .activations import gelu, quick_gelu
-from .attention import attention
-from .layers import Linear
+from mlx_sd_server.engine.ops.activations import gelu, quick_gelu
+from mlx_sd_server.engine.ops.attention import attention
+from mlx_sd_server.engine.ops.layers import Linear
+from mlx_sd_server.engine.components import ComponentKind
+from mlx_sd_server.engine.text.clip_tokenizer import CLIPTokenizer
+from mlx_sd_server.engine.text.mapping import map_clip_weight
 
 ACTIVATIONS = {
     "quick_gelu": quick_gelu,  # OpenAI CLIP (SD1, SDXL's first encoder)
@@ -147,3 +150,7 @@ class CLIPTextModel(nn.Module):
         # no match gives `length`, which wraps to 0.
         first = mx.where(is_end, mx.arange(length), length).min(axis=1)
         return first % length
+
+
+CLIP_TEXT = ComponentKind(("CLIPTextModel", "CLIPTextModelWithProjection"), CLIPTextConfig, CLIPTextModel,
+                          map_clip_weight, CLIPTokenizer)

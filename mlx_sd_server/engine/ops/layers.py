@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import cpu_kernels
-from .cpu_kernels import on_cpu
+from mlx_sd_server.engine.ops.cpu_kernels import on_cpu
 
 
 def _half_on_cpu(weight: mx.array) -> bool:

@@ -8,20 +8,22 @@ over the training beta table; classifier-free guidance as a second batch half, o
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd_server.engine.denoiser import Denoiser, model_denoiser
-from mlx_sd_server.engine.model_io import LoadedModel
-from mlx_sd_server.engine.prompt import Chunk, apply_emphasis, chunk_prompt, pad_chunks
-from mlx_sd_server.engine.schedules import make_sigmas, training_sigmas
-from mlx_sd_server.job import Capabilities, Job, JobError
+from mlx_sd_server.engine.sampling.denoiser import Denoiser, model_denoiser
+from mlx_sd_server.engine.text.prompt import Chunk, apply_emphasis, chunk_prompt, pad_chunks
+from mlx_sd_server.engine.sampling.schedules import make_sigmas, training_sigmas
+from mlx_sd_server.engine.errors import JobError
+from mlx_sd_server.engine.request import Request
+
+if TYPE_CHECKING:
+    from mlx_sd_server.engine.model_io import LoadedModel
 
 
 class StableDiffusionFamily:
-    names = ("sd1", "sd2", "sdxl")
 
     def __init__(self, model: LoadedModel):
         self.model = model
@@ -33,17 +35,13 @@ class StableDiffusionFamily:
         self.guidance_embedding_dim = unet_config.get("time_cond_proj_dim")
         self.inpainting_model = unet_config.get("in_channels", 4) == 9
 
-    @classmethod
-    def capabilities(cls, manifest: dict[str, Any], has_controlnet: bool) -> Capabilities:
-        return Capabilities(family=manifest["family"], controlnet=has_controlnet)
-
-    def sigmas(self, job: Job) -> np.ndarray:
+    def sigmas(self, job: Request) -> np.ndarray:
         try:
             return make_sigmas(job.scheduler, job.steps, self.table, self.model.family)
         except ValueError as exc:  # e.g. the lcm schedule has at most 50 steps
             raise JobError(str(exc), "steps", "invalid_value") from None
 
-    def guided(self, job: Job) -> bool:
+    def guided(self, job: Request) -> bool:
         # LCM-distilled UNets take guidance as an input; otherwise guidance needs a second (uncond) pass.
         return job.cfg_scale > 1.0 and not self.guidance_embedding_dim
 
@@ -63,7 +61,7 @@ class StableDiffusionFamily:
                 pooled = out.text_embeds[:1].astype(mx.float32)
         return mx.concatenate(embeddings, axis=-1), pooled
 
-    def encode_prompts(self, job: Job, guided: bool) -> tuple[mx.array, mx.array | None]:
+    def encode_prompts(self, job: Request, guided: bool) -> tuple[mx.array, mx.array | None]:
         """Context (B, L, D) for [uncond, cond] (or [cond] alone), and pooled (B, P) for SDXL."""
         tokenizers = self.model.tokenizers
         cond = [chunk_prompt(tok, job.prompt) for tok in tokenizers]
@@ -84,12 +82,12 @@ class StableDiffusionFamily:
 
     # --- the denoiser ------------------------------------------------------------------------------
 
-    def denoiser(self, job: Job, conditioning: tuple[mx.array, mx.array | None], guided: bool,
+    def denoiser(self, job: Request, conditioning: tuple[mx.array, mx.array | None], guided: bool,
                  extra_channels: mx.array | None, control: mx.array | None) -> Denoiser:
         predict = self._predictor(job, guided, *conditioning, extra_channels, control)
         return model_denoiser(predict, self.prediction_type, self.table)
 
-    def _predictor(self, job: Job, guided: bool,
+    def _predictor(self, job: Request, guided: bool,
                    context: mx.array, pooled: mx.array | None, extra_channels: mx.array | None,
                    control: mx.array | None) -> Callable[[mx.array, float], mx.array]:
         """predict(x_in, t) -> the UNet's output for the batch, with classifier-free guidance applied."""

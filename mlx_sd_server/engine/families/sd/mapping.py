@@ -1,4 +1,4 @@
-"""diffusers UNet2DConditionModel weights -> `mlx_sd_server.engine.unet.UNetModel` weights."""
+"""diffusers UNet2DConditionModel weights -> `mlx_sd_server.engine.families.sd.unet.UNetModel` weights."""
 
 from __future__ import annotations
 
@@ -16,3 +16,8 @@ def map_unet_weight(key: str, value: np.ndarray) -> list[tuple[str, np.ndarray]]
             return [(key, value[:, :, 0, 0])]
         return [(key, value.transpose(0, 2, 3, 1))]
     return [(key, value)]
+
+
+def map_controlnet_weight(key: str, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """A ControlNet is the UNet's down half plus plain convs, so the UNet's mapping applies unchanged."""
+    return map_unet_weight(key, value)

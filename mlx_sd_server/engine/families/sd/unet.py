@@ -14,10 +14,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_sd_server.engine.activations import geglu, silu
-from mlx_sd_server.engine.attention import attention
-from mlx_sd_server.engine.group_norm import GroupNorm
-from mlx_sd_server.engine.layers import Conv2d, Linear
+from mlx_sd_server.engine.ops.activations import geglu, silu
+from mlx_sd_server.engine.ops.attention import attention
+from mlx_sd_server.engine.ops.group_norm import GroupNorm
+from mlx_sd_server.engine.ops.layers import Conv2d, Linear
 
 
 # --- config -----------------------------------------------------------------------------------------

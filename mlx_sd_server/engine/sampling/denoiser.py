@@ -20,7 +20,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .schedules import sigma_to_t
+from mlx_sd_server.engine.sampling.schedules import sigma_to_t
 
 Denoiser = Callable[[mx.array, float], mx.array]
 # predict(x_in, t): the network's raw output for input x_in at time t (training timestep, or sigma for flow).

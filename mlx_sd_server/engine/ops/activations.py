@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import cpu_kernels
-from .cpu_kernels import on_cpu
+from mlx_sd_server.engine.ops.cpu_kernels import on_cpu
 
 
 def silu(x: mx.array) -> mx.array:

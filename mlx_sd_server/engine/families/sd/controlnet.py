@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from .activations import silu
-from .layers import Conv2d
-from .unet import UNetConfig, UNetEncoder
+from mlx_sd_server.engine.ops.activations import silu
+from mlx_sd_server.engine.ops.layers import Conv2d
+from mlx_sd_server.engine.families.sd.unet import UNetConfig, UNetEncoder
 
 
 @dataclass

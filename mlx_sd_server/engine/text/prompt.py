@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Sequence
 
-from mlx_sd_server.engine.tokenizer import CLIPTokenizer, default_vocab_path
-from mlx_sd_server.job import JobError, shown
+from mlx_sd_server.engine.text.clip_tokenizer import CLIPTokenizer, default_vocab_path
+from mlx_sd_server.engine.errors import JobError, shown
 
 if TYPE_CHECKING:
     import mlx.core as mx

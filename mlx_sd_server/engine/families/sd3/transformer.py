@@ -19,10 +19,10 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from .activations import silu
-from .attention import attention
-from .flux_transformer import FeedForward, Modulation, TimeTextEmbedding, modulate
-from .layers import Conv2d, Linear
+from mlx_sd_server.engine.ops.activations import silu
+from mlx_sd_server.engine.ops.attention import attention
+from mlx_sd_server.engine.families.flux.transformer import FeedForward, Modulation, TimeTextEmbedding, modulate
+from mlx_sd_server.engine.ops.layers import Conv2d, Linear
 
 QK_NORMS = (None, "rms_norm")  # SD3's and SD3.5's
 

@@ -1,4 +1,4 @@
-"""diffusers SD3Transformer2DModel weights -> `mlx_sd_server.engine.sd3_transformer.SD3Transformer2DModel`."""
+"""diffusers SD3Transformer2DModel weights -> `mlx_sd_server.engine.families.sd3.transformer.SD3Transformer2DModel`."""
 
 from __future__ import annotations
 

@@ -126,6 +126,7 @@ SCHEDULES: dict[str, Schedule] = {
     "trailing": trailing,
     "lcm": lcm,
 }
+SCHEDULERS = tuple(SCHEDULES)  # the `scheduler` names (stable-diffusion.cpp's)
 
 
 def make_sigmas(scheduler: str, steps: int, table: np.ndarray, family: str = "sd1") -> np.ndarray:
@@ -140,6 +141,9 @@ def make_sigmas(scheduler: str, steps: int, table: np.ndarray, family: str = "sd
 # The schedules a flow model can use: its training covers sigma in (0, 1] continuously, so the
 # table-bound schedules (ays, lcm, simple, sgm_uniform, trailing) have no meaning there.
 FLOW_SCHEDULES = ("discrete", "karras", "exponential")
+# The flow-schedule settings a manifest keeps, with diffusers' FlowMatchEulerDiscreteScheduler defaults.
+FLOW_SCHEDULER_SETTINGS = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5,
+                           "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
 
 
 def flow_shift(config: dict, image_seq_len: int) -> tuple[str, float]:

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
-from .denoiser import Denoiser, Noising, VarianceExploding
+from mlx_sd_server.engine.sampling.denoiser import Denoiser, Noising, VarianceExploding
 
 NoiseFn = Callable[[], mx.array]
 Sampler = Callable[..., Iterator[mx.array]]
@@ -239,6 +239,7 @@ SAMPLERS: dict[str, Sampler] = {
     "ipndm_v": sample_ipndm_v,
     "lcm": sample_lcm,
 }
+SAMPLE_METHODS = tuple(SAMPLERS)  # the `sample_method` names (stable-diffusion.cpp's)
 # dpm++2mv2's step rule does not converge on flow schedules (their last steps, 3/n -> 2/n -> 1/n, always differ
 # in log length): ~22% error at any step count (tests/test_flow_samplers.py). The rest converge.
 FLOW_SAMPLERS = tuple(name for name in SAMPLERS if name != "dpm++2mv2")

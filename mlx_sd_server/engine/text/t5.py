@@ -20,9 +20,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .activations import gelu, gelu_approx, silu
-from .attention import attention
-from .layers import Linear
+from mlx_sd_server.engine.ops.activations import gelu, gelu_approx, silu
+from mlx_sd_server.engine.ops.attention import attention
+from mlx_sd_server.engine.ops.layers import Linear
+from mlx_sd_server.engine.components import ComponentKind
+from mlx_sd_server.engine.text.mapping import map_t5_weight
+from mlx_sd_server.engine.text.t5_tokenizer import T5Tokenizer
 
 ACTIVATIONS = {"relu": nn.relu, "gelu_new": gelu_approx, "gelu": gelu, "silu": silu}  # gelu_new: tanh form
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -207,3 +210,8 @@ class T5EncoderModel(nn.Module):
     def __call__(self, input_ids: mx.array) -> mx.array:
         """input_ids: (B, L) integer ids -> (B, L, d_model) last hidden state (after the final norm)."""
         return self.encoder(self.shared(input_ids))
+
+
+# T5 overflows in float16: it runs in bfloat16 when float16 is asked for.
+T5_ENCODER = ComponentKind(("T5EncoderModel",), T5Config, T5EncoderModel, map_t5_weight, T5Tokenizer,
+                           instead_of_float16=mx.bfloat16)

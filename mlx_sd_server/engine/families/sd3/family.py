@@ -13,17 +13,19 @@ negative prompt ("" when none is given, as diffusers encodes it).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd_server.engine.denoiser import Denoiser, model_denoiser
-from mlx_sd_server.engine.model_io import LoadedModel
-from mlx_sd_server.engine.prompt import emphasised, sequence_pieces, weighted_ids
-from mlx_sd_server.engine.samplers import FLOW_SAMPLERS
-from mlx_sd_server.engine.schedules import FLOW_SCHEDULES, flow_sigmas
-from mlx_sd_server.job import Capabilities, Job, JobError
+from mlx_sd_server.engine.sampling.denoiser import Denoiser, model_denoiser
+from mlx_sd_server.engine.text.prompt import emphasised, sequence_pieces, weighted_ids
+from mlx_sd_server.engine.sampling.schedules import flow_sigmas
+from mlx_sd_server.engine.errors import JobError
+from mlx_sd_server.engine.request import Request
+
+if TYPE_CHECKING:
+    from mlx_sd_server.engine.model_io import LoadedModel
 
 T5_MAX_LENGTH = 256  # the SD3 pipelines' max_sequence_length default; also the length of the zeros without T5
 VAE_SCALE = 8
@@ -35,7 +37,6 @@ class SD3Conditioning(NamedTuple):
 
 
 class SD3Family:
-    names = ("sd3",)
     prediction_type = "flow"
     inpainting_model = False
 
@@ -46,13 +47,7 @@ class SD3Family:
         t5_entry = model.manifest["components"].get("text_encoder_3", {})
         self.t5_max_length = t5_entry.get("max_length", T5_MAX_LENGTH)
 
-    @classmethod
-    def capabilities(cls, manifest: dict[str, Any], has_controlnet: bool) -> Capabilities:
-        patch = manifest["components"]["transformer"]["config"].get("patch_size", 2)
-        return Capabilities(family="sd3", samplers=FLOW_SAMPLERS, schedulers=FLOW_SCHEDULES, guidance=False,
-                            controlnet=False, size_multiple=VAE_SCALE * patch)
-
-    def sigmas(self, job: Job) -> np.ndarray:
+    def sigmas(self, job: Request) -> np.ndarray:
         # Checked here, before the job runs (its step count is asked first): the transformer has position
         # embeddings for at most pos_embed_max_size patches a side.
         config = self.transformer.config
@@ -67,12 +62,12 @@ class SD3Family:
         except ValueError as exc:
             raise JobError(str(exc), "scheduler", "unsupported_scheduler") from None
 
-    def guided(self, job: Job) -> bool:
+    def guided(self, job: Request) -> bool:
         return job.cfg_scale > 1.0
 
     # --- text --------------------------------------------------------------------------------------
 
-    def encode_prompts(self, job: Job, guided: bool) -> SD3Conditioning:
+    def encode_prompts(self, job: Request, guided: bool) -> SD3Conditioning:
         """Context and pooled vector for [negative, prompt] (or the prompt alone)."""
         texts = [job.negative_prompt, job.prompt] if guided else [job.prompt]
         pieces = [sequence_pieces(text) for text in texts]
@@ -95,7 +90,7 @@ class SD3Family:
 
     # --- the denoiser ------------------------------------------------------------------------------
 
-    def denoiser(self, job: Job, conditioning: SD3Conditioning, guided: bool, extra_channels: mx.array | None,
+    def denoiser(self, job: Request, conditioning: SD3Conditioning, guided: bool, extra_channels: mx.array | None,
                  control: mx.array | None) -> Denoiser:
         dtype, n = self.model.dtype, job.n
         copies = 2 if guided else 1

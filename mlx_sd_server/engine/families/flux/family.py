@@ -9,18 +9,21 @@ classifier-free guidance with the negative prompt, as on every family.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd_server.engine.denoiser import Denoiser, model_denoiser
-from mlx_sd_server.engine.flux_transformer import latent_image_ids, pack_latents, unpack_latents
-from mlx_sd_server.engine.model_io import LoadedModel
-from mlx_sd_server.engine.prompt import emphasised, sequence_pieces, weighted_ids
-from mlx_sd_server.engine.samplers import FLOW_SAMPLERS
-from mlx_sd_server.engine.schedules import FLOW_SCHEDULES, flow_sigmas
-from mlx_sd_server.job import DEFAULT_GUIDANCE, Capabilities, Job, JobError
+from mlx_sd_server.engine.sampling.denoiser import Denoiser, model_denoiser
+from mlx_sd_server.engine.families.flux.transformer import latent_image_ids, pack_latents, unpack_latents
+from mlx_sd_server.engine.text.prompt import emphasised, sequence_pieces, weighted_ids
+from mlx_sd_server.engine.sampling.schedules import flow_sigmas
+from mlx_sd_server.engine.errors import JobError
+from mlx_sd_server.engine.families.spec import DEFAULT_GUIDANCE
+from mlx_sd_server.engine.request import Request
+
+if TYPE_CHECKING:
+    from mlx_sd_server.engine.model_io import LoadedModel
 
 PATCH = 2  # the transformer sees 2x2 patches of latent pixels
 T5_MAX_LENGTH = 512  # dev's; schnell's manifest says 256
@@ -32,7 +35,6 @@ class FluxConditioning(NamedTuple):
 
 
 class FluxFamily:
-    names = ("flux",)
     prediction_type = "flow"
     inpainting_model = False
 
@@ -42,25 +44,19 @@ class FluxFamily:
         self.scheduler_config = model.manifest["scheduler"]
         self.t5_max_length = model.manifest["components"]["text_encoder_2"].get("max_length", T5_MAX_LENGTH)
 
-    @classmethod
-    def capabilities(cls, manifest: dict[str, Any], has_controlnet: bool) -> Capabilities:
-        guidance = bool(manifest["components"]["transformer"]["config"].get("guidance_embeds"))
-        return Capabilities(family="flux", samplers=FLOW_SAMPLERS, schedulers=FLOW_SCHEDULES, guidance=guidance,
-                            controlnet=False, size_multiple=8 * PATCH)
-
-    def sigmas(self, job: Job) -> np.ndarray:
+    def sigmas(self, job: Request) -> np.ndarray:
         image_tokens = (job.height // (8 * PATCH)) * (job.width // (8 * PATCH))
         try:
             return flow_sigmas(job.scheduler, job.steps, self.scheduler_config, image_tokens)
         except ValueError as exc:
             raise JobError(str(exc), "scheduler", "unsupported_scheduler") from None
 
-    def guided(self, job: Job) -> bool:
+    def guided(self, job: Request) -> bool:
         return job.cfg_scale > 1.0
 
     # --- text --------------------------------------------------------------------------------------
 
-    def encode_prompts(self, job: Job, guided: bool) -> FluxConditioning:
+    def encode_prompts(self, job: Request, guided: bool) -> FluxConditioning:
         """T5 states and CLIP pooled output for [negative, prompt] (or the prompt alone). A1111 emphasis
         weights T5's states, as stable-diffusion.cpp does; CLIP's pooled vector sees the plain text."""
         texts = [job.negative_prompt, job.prompt] if guided else [job.prompt]
@@ -75,7 +71,7 @@ class FluxFamily:
 
     # --- the denoiser ------------------------------------------------------------------------------
 
-    def denoiser(self, job: Job, conditioning: FluxConditioning, guided: bool, extra_channels: mx.array | None,
+    def denoiser(self, job: Request, conditioning: FluxConditioning, guided: bool, extra_channels: mx.array | None,
                  control: mx.array | None) -> Denoiser:
         dtype, n = self.model.dtype, job.n
         copies = 2 if guided else 1

@@ -16,10 +16,10 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from .activations import gelu_approx, silu
-from .attention import attention
-from .layers import Linear
-from .unet import TimestepEmbedding, timestep_embedding
+from mlx_sd_server.engine.ops.activations import gelu_approx, silu
+from mlx_sd_server.engine.ops.attention import attention
+from mlx_sd_server.engine.ops.layers import Linear
+from mlx_sd_server.engine.families.sd.unet import TimestepEmbedding, timestep_embedding
 
 ROPE_THETA = 10000
 TIME_CHANNELS = 256  # sinusoidal channels of the timestep and guidance embeddings

@@ -1,0 +1,138 @@
+"""The FamilySpec: everything true of a model family, declared once, in the family's folder.
+
+A family folder (`families/sd/`, `families/flux/`, ...) holds its networks, its weight mappers and one
+`SPEC`: its names and variants, how to recognise its files, its component table, its latent format, its
+parameterization and schedule, its per-variant defaults and what its models can do. The converter, the
+registry, job validation, the LoRA reader, `pull` and the torch engine read specs; none of them names a
+family. `families/__init__.py` lists the specs in `FAMILIES`; detection iterates that list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+
+from mlx_sd_server.engine.components import ComponentKind
+from mlx_sd_server.engine.sampling.samplers import SAMPLE_METHODS
+from mlx_sd_server.engine.sampling.schedules import SCHEDULERS
+
+if TYPE_CHECKING:
+    from mlx_sd_server.engine.families.runtime import Family
+    from mlx_sd_server.engine.model_io import LoadedModel
+
+DEFAULT_GUIDANCE = 3.5  # distilled guidance when a guidance-embedding model's manifest names none (FLUX.1-dev's)
+
+# A component's config dicts by manifest name (text_encoder, unet, transformer, vae, ...).
+Configs = Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """A model's generation defaults (a manifest's `defaults` overlay its family variant's)."""
+
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sample_method: str = "euler_a"
+    scheduler: str = "discrete"
+    width: int = 512
+    height: int = 512
+    guidance: float | None = None  # distilled guidance, for models with a guidance embedding
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a model can do, declared by its family's spec and checked before a job is queued. Built without
+    a family (no model known), it constrains nothing beyond the generic rules."""
+
+    family: str = ""
+    samplers: tuple[str, ...] = SAMPLE_METHODS
+    schedulers: tuple[str, ...] = SCHEDULERS
+    guidance: bool = False  # has a distilled guidance embedding (the `guidance` field)
+    img2img: bool = True
+    inpainting: bool = True
+    controlnet: bool = True  # a ControlNet is attached
+    lora: bool = True
+    size_multiple: int = 8  # image sides must be multiples of this (the VAE's downscale x the patch size)
+    largest_side: int | None = None  # the network's own bound on a side (SD3's position embeddings), if any
+    max_text_tokens: Mapping[str, int] = field(default_factory=dict)  # a T5's most tokens, by encoder name
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """The autoencoder's latent space as the denoiser sees it. The VAE's downscale factor is not here: it
+    is read from the VAE's config (`vae.downscale_factor`), never assumed."""
+
+    channels: int
+    scaling_factor: float
+    shift_factor: float = 0.0  # latents = (posterior mean - shift) * scale
+    patch_size: int = 1  # the denoiser takes patch x patch latent pixels as one token
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One release of a family (dev, schnell, turbo...), told apart by `FamilySpec.variant_of`."""
+
+    name: str
+    defaults: ModelDefaults
+    text_lengths: Mapping[str, int] = field(default_factory=dict)  # T5 tokens by encoder name, where fixed
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One row of a family's component table."""
+
+    name: str  # the manifest's (and the diffusers folder's) name: text_encoder, unet, transformer, vae, ...
+    kinds: tuple[ComponentKind, ...]  # the networks it may be
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class Detection:
+    """How to recognise a family's files. Each test is a pure function of what a file's header shows."""
+
+    diffusers_classes: tuple[str, ...]  # the denoiser's `_class_name` in a diffusers folder
+    # Whether a single file (.safetensors or .gguf) with these tensor names holds this family's denoiser
+    # in its original layout (alone or all-in-one)
+    single_file: Callable[[Iterable[str]], bool]
+    # A LoRA's family, from its entries' (component, layer) names and factor shapes: a manifest family
+    # name, or None when the LoRA is not this family's. Families are asked in FAMILIES' order.
+    lora: Callable[[Any], str | None] | None = None
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Everything true of a family (see the module docstring)."""
+
+    name: str  # its folder's name
+    manifest_names: tuple[str, ...]  # the manifest `family` values it serves (SD: sd1, sd2, sdxl)
+    runtime: type[Family]  # prompts -> conditioning, schedule, network -> denoiser (families/runtime.py)
+    denoiser: str  # the denoising network's component name: unet or transformer
+    components: tuple[ComponentSpec, ...]
+    parameterization: str | None  # "flow"; None: the model says (epsilon or v_prediction)
+    scheduler: Mapping[str, Any]  # the scheduler settings a manifest keeps, with their defaults
+    latent: Mapping[str, LatentFormat]  # by manifest family name
+    # (manifest family, prediction type, component configs, model name) -> the variant those describe
+    variant_of: Callable[[str, str, Configs, str], Variant]
+    capabilities: Callable[[Mapping[str, Any], bool], Capabilities]  # (manifest, has ControlNet)
+    detect: Detection
+    # The OpenCLIP text encoders by manifest family: a tokenizer made for them (single files carry none) pads
+    # with "!", OpenAI CLIP's with its end token.
+    open_clip_encoders: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    optional_text_encoders: tuple[str, ...] = ()  # text encoders a model may be converted without (SD3's T5)
+    # diffusers' txt2img pipeline class by manifest family, for --engine torch (absent: MLX only)
+    torch_pipelines: Mapping[str, str] = field(default_factory=dict)
+
+    def component(self, name: str) -> ComponentSpec | None:
+        return next((c for c in self.components if c.name == name), None)
+
+    def kinds(self) -> Iterable[ComponentKind]:
+        return (kind for c in self.components for kind in c.kinds)
+
+    def clip_pad_token(self, family: str, encoder: str) -> str:
+        return "!" if encoder in self.open_clip_encoders.get(family, ()) else "<|endoftext|>"
+
+    def text_encoders(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.components if any(k.tokenizer_class for k in c.kinds))
+
+    def family_for(self, model: LoadedModel) -> Family:
+        return self.runtime(model)

@@ -1,0 +1,33 @@
+"""What the engine reads of a job: the settings of one generation, validated before it reaches the engine.
+
+`mlx_sd_server.job.Job` (built and checked by `job.build_job`) is one; the engine names only this protocol, so
+it never imports the request layer above it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from PIL import Image
+
+
+class Request(Protocol):
+    prompt: str
+    negative_prompt: str
+    n: int
+    steps: int
+    cfg_scale: float
+    sample_method: str
+    scheduler: str
+    width: int
+    height: int
+    guidance: float | None
+    init_image: Image.Image | None
+    strength: float
+    mask: Image.Image | None
+    control_image: Image.Image | None
+    control_strength: float
+    control_preprocess: str
+    loras: tuple[tuple[str, float], ...]
+
+    def seeds(self) -> list[int]: ...
