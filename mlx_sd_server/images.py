@@ -17,8 +17,10 @@ import json
 import os
 import re
 import struct
+import tempfile
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, PngImagePlugin
 
@@ -40,31 +42,119 @@ def decode_base64_image(text: str, param: str) -> bytes:
         raise JobError(f"{param} must be a base64 image or a data URL", param, "invalid_image") from None
 
 
-def open_upload(data: bytes, param: str, *, max_bytes: int, max_pixels: int,
+# An upload is kept in memory up to this size, in a temporary file beyond (until it is decoded).
+SPOOL_BYTES = 1 << 20
+_BASE64 = re.compile(rb"[A-Za-z0-9+/]*={0,2}")
+_DATA_URL_BYTES = re.compile(rb"data:image/[A-Za-z0-9_.+-]+;base64,", re.IGNORECASE)
+_BASE64_SLICE = 4 * 64 * 1024  # characters decoded at a time (a multiple of 4)
+
+
+def spooled_upload() -> BinaryIO:
+    """Where an upload is kept while it arrives: memory up to SPOOL_BYTES, then an unnamed temporary file."""
+    return tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
+
+
+def decode_base64_upload(data: bytes | bytearray | memoryview, param: str, *, max_pixels: int,
+                         max_aspect: float = Limits.max_upload_aspect) -> BinaryIO:
+    """A base64 image or data URL held as bytes (a long JSON string, set aside unread) -> a spooled file of
+    the image's bytes, as decode_base64_image would decode it, but a slice at a time and without copying
+    the text: its first slice is judged (check_upload_head) before the rest is decoded."""
+    view = memoryview(data)
+    start, end = 0, len(view)
+    while start < end and view[start] in b" \t\n\r\x0b\x0c":
+        start += 1
+    while end > start and view[end - 1] in b" \t\n\r\x0b\x0c":
+        end -= 1
+    prefix = _DATA_URL_BYTES.match(view, start, end)
+    payload = view[prefix.end() if prefix else start:end]
+    invalid = JobError(f"{param} must be a base64 image or a data URL", param, "invalid_image")
+    if _BASE64.fullmatch(payload) is None:
+        raise invalid
+    out = spooled_upload()
+    try:
+        for at in range(0, len(payload), _BASE64_SLICE):
+            piece = binascii.a2b_base64(payload[at:at + _BASE64_SLICE])
+            if at == 0:
+                check_upload_head(piece[:HEADER_BYTES], param, max_pixels=max_pixels, max_aspect=max_aspect)
+            out.write(piece)
+    except binascii.Error:
+        out.close()
+        raise invalid from None
+    except BaseException:
+        out.close()
+        raise
+    return out
+
+
+# How many of an upload's first bytes tell its format (what Image.open reads to choose a decoder), and how
+# many are read for a lazy open's header (width, height) while an upload is still arriving.
+SIGNATURE_BYTES = 16
+HEADER_BYTES = 64 * 1024
+
+
+def _not_an_image(param: str) -> JobError:
+    return JobError(f"{param} is not a readable image (accepted: {', '.join(ACCEPTED_FORMATS)})", param,
+                    "invalid_image")
+
+
+def _check_dimensions(width: int, height: int, param: str, max_pixels: int, max_aspect: float) -> None:
+    if width * height > max_pixels:
+        raise JobError(f"{param} is {width}x{height} pixels, over the limit of {max_pixels}", param, "image_too_large")
+    if max(width, height) > max_aspect * min(width, height):
+        raise JobError(f"{param} is {width}x{height}: its aspect ratio is over this server's limit of "
+                       f"{max_aspect:g}:1", param, "invalid_image_dimensions")
+
+
+def check_upload_head(head: bytes, param: str, *, max_pixels: int,
+                      max_aspect: float = Limits.max_upload_aspect) -> None:
+    """Judge an upload by its first bytes while the rest is still arriving, so a refused one is never
+    kept whole: from SIGNATURE_BYTES on, it must start as one of ACCEPTED_FORMATS does (Pillow's own test,
+    as Image.open makes it); from HEADER_BYTES on, a header Pillow can read (most formats' fits in the
+    first bytes; a JPEG behind large metadata may not, and is judged whole by open_upload) must give a
+    size within the limits. Fewer bytes than SIGNATURE_BYTES: nothing to judge yet."""
+    if len(head) < SIGNATURE_BYTES:
+        return
+    Image.init()
+    prefix = bytes(head[:SIGNATURE_BYTES])
+    if not any(Image.OPEN[name][1] is None or Image.OPEN[name][1](prefix)
+               for name in ACCEPTED_FORMATS if name in Image.OPEN):
+        raise _not_an_image(param)
+    if len(head) < HEADER_BYTES:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with Image.open(io.BytesIO(bytes(head)), formats=ACCEPTED_FORMATS) as image:
+                width, height = image.size  # the header only
+        except Exception:  # a header beyond these bytes, or a malformed one: open_upload decides
+            return
+    _check_dimensions(width, height, param, max_pixels, max_aspect)
+
+
+def open_upload(data: bytes | BinaryIO, param: str, *, max_bytes: int, max_pixels: int,
                 max_aspect: float = Limits.max_upload_aspect) -> Image.Image:
-    """Decode an uploaded image, refusing anything too big, not an image, a decompression bomb, or an
-    aspect ratio (long side / short side) over `max_aspect`.
+    """Decode an uploaded image (its bytes, or a seekable binary file holding them), refusing anything too
+    big, not an image, a decompression bomb, or an aspect ratio (long side / short side) over `max_aspect`.
 
     Returns a loaded image in RGB, RGBA or L mode, rotated upright by its EXIF orientation.
     """
-    if len(data) > max_bytes:
-        raise JobError(f"{param} is {len(data)} bytes, over the limit of {max_bytes}", param, "image_too_large", 413)
-    if not data:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        size, stream = len(data), io.BytesIO(data)
+    else:
+        stream = data
+        size = stream.seek(0, os.SEEK_END)
+        stream.seek(0)
+    if size > max_bytes:
+        raise JobError(f"{param} is {size} bytes, over the limit of {max_bytes}", param, "image_too_large", 413)
+    if not size:
         raise JobError(f"{param} is empty", param, "invalid_image")
     with warnings.catch_warnings():
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; our own bound below is stricter.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            image = Image.open(stream, formats=ACCEPTED_FORMATS)
             width, height = image.size  # from the header: nothing decoded yet
-            if width * height > max_pixels:
-                raise JobError(
-                    f"{param} is {width}x{height} pixels, over the limit of {max_pixels}",
-                    param, "image_too_large",
-                )
-            if max(width, height) > max_aspect * min(width, height):
-                raise JobError(f"{param} is {width}x{height}: its aspect ratio is over this server's limit of "
-                               f"{max_aspect:g}:1", param, "invalid_image_dimensions")
+            _check_dimensions(width, height, param, max_pixels, max_aspect)
             image.load()
             image = ImageOps.exif_transpose(image)
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
@@ -78,9 +168,7 @@ def open_upload(data: bytes, param: str, *, max_bytes: int, max_pixels: int,
             raise JobError(f"{param} needs more memory to decode than the server has free", param,
                            "image_too_large") from None
         except Exception:  # Pillow raises many types for malformed files; all mean "not an image"
-            raise JobError(
-                f"{param} is not a readable image (accepted: {', '.join(ACCEPTED_FORMATS)})", param, "invalid_image"
-            ) from None
+            raise _not_an_image(param) from None
 
 
 def has_transparency(image: Image.Image) -> bool:

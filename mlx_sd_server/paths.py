@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,3 +17,27 @@ def model_dir(override: str | os.PathLike | None = None) -> Path:
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Application Support" / "mlx-sd-server" / "models"
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "mlx-sd-server" / "models"
+
+
+# An absolute (or home-relative) path in a message: within quotes, all of it (`'/Users/me/Library/Application
+# Support/...'`); else from a `/` at the start or after a space, bracket or `=`, up to the next space or
+# quote (punctuation that ends a sentence or a clause is left outside it). This server's own url paths
+# (`/v1/...`) are not file paths.
+_PATH_IN_TEXT = re.compile(r"""(?P<q>['"])(?P<quoted>~?/(?!v1/)[^'"\n]*)(?P=q)"""
+                           r"""|(?:^|(?<=[\s(\[=]))(?P<bare>~?/(?!v1/)[^\s'"]*?)(?=[:,;.)\]]*(?:\s|$|['"]))""")
+
+
+def _last_part(path: str) -> str:
+    return path.rstrip("/").rpartition("/")[2] or "…"
+
+
+def without_paths(text: str) -> str:
+    """`text` (a message for a client, e.g. an OSError's) with every absolute path cut to its last part
+    (`/Users/me/models/x/unet.safetensors` -> `unet.safetensors`): where the server keeps its files is
+    not a client's business. Logs keep the whole path."""
+    def cut(match: re.Match) -> str:
+        if match.group("quoted") is not None:
+            return match.group("q") + _last_part(match.group("quoted")) + match.group("q")
+        return _last_part(match.group("bare"))
+
+    return _PATH_IN_TEXT.sub(cut, text)

@@ -14,6 +14,11 @@ Its invariants:
   at once; a full disk is `StoreFullError`.
 - Retention: files older than `max_age` seconds are not listed or served and are removed; beyond
   `max_bytes` in all, the oldest files are removed first (never the batch being saved).
+- The reply gap: a committed batch is the store's, whether or not its urls reached a client. If the process
+  is killed outright (SIGKILL, power loss) after the commit but before the HTTP reply is sent, its files
+  stay: complete, listed, served, and removed by `delete` or by retention like every other file (nothing
+  marks them apart, and nothing needs to). While the process lives, a batch whose client went away during
+  the save is deleted at once (api/images.py `_discard`).
 - Listing reads an in-memory index (built once at start, kept up to date by this store), so a page of
   `list_page` costs its own length, not the store's size.
 

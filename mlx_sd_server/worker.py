@@ -93,6 +93,7 @@ class Task:
         self.created_at = time.time()
         self.started: float | None = None  # time.monotonic() when the worker took it
         self.started_at: float | None = None  # the same, as wall-clock time
+        self.ready: float | None = None  # time.monotonic() when its model was loaded (loading is no step)
         self.first_step_at: float | None = None  # time.monotonic() of the first and the latest finished step
         self.last_step_at: float | None = None
         self.finished_at: float | None = None
@@ -120,12 +121,13 @@ class Task:
                 "total_steps": self.total_steps}
 
     def seconds_per_step(self) -> float | None:
-        """Measured: between the first and the latest step, else from the start to the first step."""
+        """Measured: between the first and the latest step, else from the model being ready (or the start)
+        to the first step."""
         if self.last_step_at is None or not self.steps_done:
             return None
         if self.steps_done >= 2 and self.first_step_at is not None and self.last_step_at > self.first_step_at:
             return (self.last_step_at - self.first_step_at) / (self.steps_done - 1)
-        return (self.last_step_at - (self.started or self.last_step_at)) / self.steps_done
+        return (self.last_step_at - (self.ready or self.started or self.last_step_at)) / self.steps_done
 
     def describe(self, position: int | None = None) -> dict:
         """The task's state for GET /v1/images/tasks/{id}."""
@@ -153,7 +155,11 @@ class Worker:
     """Runs `registry.pipeline(job.model).generate(job)` for each submitted job, in submission order."""
 
     RECENT_JOBS = 20  # the Retry-After estimate is the mean duration of this many recent jobs
-    FIRST_GUESS_SECONDS = 10.0  # before any job has finished or made progress
+    # Retry-After before anything is measured (see estimated_wait): a job whose time is unknown counts
+    # FIRST_GUESS_SECONDS, and all such guesses together at most FIRST_GUESS_CAP.
+    FIRST_GUESS_SECONDS = 1.0
+    FIRST_GUESS_CAP = 5.0
+    MAX_RETRY_AFTER = 600  # seconds: the most Retry-After ever says, however long the jobs ahead take
     FINISHED_KEPT = 100  # finished tasks whose state GET /v1/images/tasks/{id} still answers
 
     def __init__(self, registry: Any, max_queue: int = 8):
@@ -302,23 +308,46 @@ class Worker:
         return task.describe()
 
     def estimated_wait(self) -> int:
-        """Whole seconds until the jobs now running and waiting are likely done: the running job's
-        remaining time (from its progress) plus the mean duration of recent jobs for each waiting one."""
+        """Whole seconds until the jobs now running and waiting are likely done (a 429's Retry-After).
+
+        The rule: only what this server measured counts at face value, a guess stays small, and the
+        whole is capped.
+        - The running job: its remaining steps times its measured step time; else (nothing per step to
+          read) its elapsed time scaled by its progress; else the mean of recent jobs less its elapsed time.
+        - Each waiting job: the mean duration of the last RECENT_JOBS jobs (timed from their model being
+          ready: loading a model once is no job's duration); else the running job's expected duration
+          (its step time times its steps).
+        - A job with nothing measured to go by (a fresh server whose first job has not finished a step)
+          counts FIRST_GUESS_SECONDS, and such guesses add up to at most FIRST_GUESS_CAP: a client told
+          too little asks again and gets a measured answer; one told too much waits for nothing (it was
+          90 s, 10 s per job, for a queue that emptied in 0.66 s).
+        - At most MAX_RETRY_AFTER in all."""
         durations = list(self._durations)
         mean = sum(durations) / len(durations) if durations else None
         running = self._running
-        remaining = 0.0
+        measured = guessed = 0.0
+        expected = None  # the running job's whole duration, when it can be told
         if running is not None and running.started is not None:
-            elapsed = time.monotonic() - running.started
-            if running.steps_done and running.total_steps:
+            elapsed = time.monotonic() - (getattr(running, "ready", None) or running.started)
+            per_step = running.seconds_per_step() if hasattr(running, "seconds_per_step") else None
+            if per_step is not None and running.total_steps:
+                expected = per_step * running.total_steps
+                measured += max(running.total_steps - running.steps_done, 0) * per_step
+            elif running.steps_done and running.total_steps:
                 expected = elapsed * running.total_steps / running.steps_done
+                measured += max(expected - elapsed, 0.0)
+            elif mean is not None:
+                measured += max(mean - elapsed, 0.0)
             else:
-                expected = max(mean or self.FIRST_GUESS_SECONDS, elapsed)
-            remaining = max(expected - elapsed, 0.0)
-            mean = mean if mean is not None else expected
+                guessed += self.FIRST_GUESS_SECONDS
+        each = mean if mean is not None else expected
         waiting = self._queue.qsize()
-        seconds = remaining + waiting * (mean if mean is not None else self.FIRST_GUESS_SECONDS)
-        return min(max(1, math.ceil(seconds)), 24 * 3600)
+        if each is not None:
+            measured += waiting * each
+        else:
+            guessed += waiting * self.FIRST_GUESS_SECONDS
+        seconds = measured + min(guessed, self.FIRST_GUESS_CAP)
+        return min(max(1, math.ceil(seconds)), self.MAX_RETRY_AFTER)
 
     def status(self) -> dict:
         running = self._running
@@ -354,6 +383,7 @@ class Worker:
         outcome = "failed"
         try:
             pipeline = self.registry.pipeline(job.model)
+            ready = task.ready = time.monotonic()  # a model loaded for this job: no part of its duration
             engine = type(pipeline).__name__  # DiffusionPipeline (MLX) or TorchPipeline
             task.total_steps = pipeline.total_steps(job)
             images = self._denoise(task, pipeline)
@@ -362,7 +392,7 @@ class Worker:
                 raise JobCancelled()
             _settle(task.future, result=result)
             outcome = "done"
-            self._durations.append(time.monotonic() - started)
+            self._durations.append(time.monotonic() - ready)
         except JobCancelled as cancelled:
             outcome = ("stopped (server shutting down)" if isinstance(task.aborted, ServerStopping)
                        else "cancelled")

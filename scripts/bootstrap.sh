@@ -92,12 +92,18 @@ if [[ ",$extras," == *,test,* ]] && [ "$(uname -s)" = Linux ] && [ ! -x /usr/bin
         chromium >/dev/null 2>&1 || echo "bootstrap: note: could not install chromium; the browser test will be skipped" >&2
 fi
 
-if [ ! -e "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
-    "$venv/bin/python" -m pip install -q --upgrade pip
+# Every install is held to constraints.txt, the versions the test suite passed with (that file says how to
+# update it); a change to it, as to pyproject.toml, installs again.
+constraints=()
+if [ -f "$root/constraints.txt" ]; then
+    constraints=(-c "$root/constraints.txt")
+fi
+if [ ! -e "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ] || [ "$root/constraints.txt" -nt "$stamp" ]; then
+    "$venv/bin/python" -m pip install -q --upgrade pip ${constraints[@]+"${constraints[@]}"}
     if [ -n "$extras" ] && [ "$(uname -s)" = Linux ]; then
         # The references need torch; this exact version is a CPU wheel. Unpinned, pip fetches a CUDA build.
-        "$venv/bin/python" -m pip install -q "torch==2.13.0"
+        "$venv/bin/python" -m pip install -q "torch==2.13.0" ${constraints[@]+"${constraints[@]}"}
     fi
-    "$venv/bin/python" -m pip install -q -e "$root${extras:+[$extras]}"
+    "$venv/bin/python" -m pip install -q -e "$root${extras:+[$extras]}" ${constraints[@]+"${constraints[@]}"}
     touch "$stamp"
 fi

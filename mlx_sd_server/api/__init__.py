@@ -10,9 +10,10 @@ from quart import Quart
 
 from mlx_sd_server.api import files, health, images, models, openapi, playground, tasks
 from mlx_sd_server.api.auth import require_api_key
-from mlx_sd_server.api.cors import CorsPolicy, require_allowed_host
+from mlx_sd_server.api.cors import CorsPolicy, HostHeaderGuard, require_allowed_host
 from mlx_sd_server.api.errors import error_response, register_error_handlers
 from mlx_sd_server.api.state import ServerState, Settings
+from mlx_sd_server.api.writes import WriteTimeoutGuard
 from mlx_sd_server.registry import ModelRegistry
 from mlx_sd_server.store import FileStore
 from mlx_sd_server.worker import JobCancelled, ServerStopping, Worker
@@ -56,6 +57,9 @@ def create_app(registry: ModelRegistry, store: FileStore, settings: Settings = S
     async def job_cancelled(error: JobCancelled):  # its client is gone; should one still be waiting: a 503
         return error_response(503, "the job was cancelled before it finished", None, "job_cancelled")
 
+    # A Host header that is no host name makes the router raise before any hook runs: refused in front.
+    # A client that stops reading an answer is given up on after settings.write_timeout seconds.
+    app.asgi_app = WriteTimeoutGuard(HostHeaderGuard(app.asgi_app), settings.write_timeout)
     app.before_serving(worker.start)
     app.after_serving(lambda: worker.stop(timeout=STOP_TIMEOUT_SECONDS))
     return app

@@ -19,12 +19,18 @@ Clients outside a browser (curl, the SDKs) send no `Origin` and are not affected
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import logging
+import re
 from typing import Iterable
 from urllib.parse import urlsplit
 
 from quart import Response, current_app, request
 
 from mlx_sd_server.api.errors import APIError
+
+log = logging.getLogger("mlx_sd_server.api")
 
 ALLOW_HEADERS = "Authorization, Content-Type"
 EXPOSE_HEADERS = "Retry-After, X-Task-Id"  # a 429's, and a request's task; not readable by a page unless exposed
@@ -125,8 +131,10 @@ def require_allowed_host(allowed_hosts: Iterable[str]):
 
     async def check() -> None:
         sent = request.headers.get("Host")
-        if sent is None:
-            return  # HTTP/1.0 without Host: not a browser
+        if not sent:
+            # No Host at all (HTTP/1.0, which Quart gives an empty one): browsers always send Host, and a
+            # DNS-rebinding attack needs a browser, so this is a local client (curl -0, a script): answered.
+            return
         name = host_name(sent)
         if name not in allowed:
             raise APIError(403, f"this server does not answer for host {name!r}: it listens on loopback and answers "
@@ -134,6 +142,84 @@ def require_allowed_host(allowed_hosts: Iterable[str]):
                            "--download-url-prefix)", code="host_not_allowed")
 
     return check
+
+
+# The longest Host value that can name a host: a DNS name is at most 253 characters; the rest is room for a
+# port, brackets and a trailing dot.
+MAX_HOST = 270
+_IPV6_HOST = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::[0-9]*)?")
+
+
+def host_problem(value: str) -> str | None:
+    """What is wrong with a Host header's value as `host[:port]` (None: nothing). Empty is fine (no Host).
+
+    Werkzeug's router raises while Quart builds the request context (before any hook or error handler)
+    for a name it cannot IDNA-encode: a label over 63 characters, or an empty one (`a..b`, `.a`, `.`). Such
+    a name, and any other that is not a host name, an IPv4 or a bracketed IPv6 address with an optional
+    numeric port, is refused here first."""
+    value = value.strip()
+    if not value:
+        return None
+    if len(value) > MAX_HOST:
+        return f"it is {len(value)} characters long (a host name has at most 253)"
+    if value.startswith("["):
+        match = _IPV6_HOST.fullmatch(value)
+        try:
+            ipaddress.IPv6Address(match.group(1) if match else "")
+        except ValueError:
+            return "it is not [IPv6 address] or [IPv6 address]:port"
+        return None
+    name, _, port = value.partition(":")
+    if port and not port.isdigit():
+        return "its port is not a number"
+    if not name:
+        return None  # `:8080`: no name, nothing to encode
+    labels = name.split(".")
+    if len(labels) > 1 and labels[-1] == "":
+        labels.pop()  # `localhost.`: a fully qualified name
+    if any(not label for label in labels):
+        return "it has an empty label (`..`, or a dot at the start)"
+    if any(len(label) > 63 for label in labels):
+        return "it has a label over 63 characters"
+    try:
+        name.lower().encode("idna")  # what the router does with it
+    except UnicodeError:
+        return "it is not a valid host name"
+    return None
+
+
+class HostHeaderGuard:
+    """ASGI middleware in front of Quart: a request whose Host header is no host name is answered 400 in
+    OpenAI's error envelope here, before Quart builds its request context (whose router would raise on
+    it, before any hook: an empty 500 and a traceback in the log, and a 500 instead of the 401 when an
+    API key is required)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            for name, value in scope.get("headers") or ():
+                if name.lower() == b"host":
+                    problem = host_problem(value.decode("latin-1"))
+                    if problem is not None:
+                        return await self._refuse(scope, receive, send, problem)
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(scope, receive, send, problem: str) -> None:
+        log.info("refused a request whose Host header is not a host name: %s", problem)
+        if scope["type"] == "websocket":
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1008})  # before accepting: an HTTP 403
+            return
+        body = json.dumps({"error": {"message": f"the Host header is not a host name: {problem}",
+                                     "type": "invalid_request_error", "param": "Host",
+                                     "code": "invalid_host_header"}}).encode()
+        await send({"type": "http.response.start", "status": 400,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
 
 
 def host_name(host: str) -> str:

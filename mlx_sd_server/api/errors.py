@@ -16,6 +16,7 @@ from quart import Quart, jsonify
 from werkzeug.exceptions import HTTPException
 
 from mlx_sd_server.job import ECHO_CHARS, JobError
+from mlx_sd_server.paths import without_paths
 from mlx_sd_server.registry import ModelLoadError, ModelNotFoundError
 from mlx_sd_server.worker import QueueFullError
 
@@ -79,8 +80,8 @@ def register_error_handlers(app: Quart) -> None:
 
     @app.errorhandler(ModelLoadError)
     async def model_load_error(error: ModelLoadError):
-        log.error("%s", error)
-        return error_response(503, str(error), "model", "model_unavailable")
+        log.error("%s", error)  # the whole of it; the client's copy names no server path
+        return error_response(503, without_paths(str(error)), "model", "model_unavailable")
 
     @app.errorhandler(QueueFullError)
     async def queue_full(error: QueueFullError):

@@ -30,6 +30,7 @@ from convert.cli import split_files
 from mlx_sd_server import store as store_module
 from mlx_sd_server.api import Settings, create_app
 from mlx_sd_server.api.cors import normalise_origin
+from mlx_sd_server.api.writes import DEFAULT_WRITE_TIMEOUT
 from mlx_sd_server.job import Limits
 from mlx_sd_server.registry import ModelRegistry, model_dir
 from mlx_sd_server.store import FileStore
@@ -121,6 +122,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_queue=args.max_queue,
         limits=Limits(max_n=args.max_n, max_steps=args.max_steps, max_pixels=args.max_pixels),
         task=args.task,
+        # --write-timeout SECONDS where the command line has it (0: no limit), else the default
+        write_timeout=DEFAULT_WRITE_TIMEOUT if getattr(args, "write_timeout", None) is None else args.write_timeout or None,
     )
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from quart import current_app
 
+from mlx_sd_server.api.writes import DEFAULT_WRITE_TIMEOUT
 from mlx_sd_server.job import Limits
 from mlx_sd_server.registry import ModelRegistry
 from mlx_sd_server.store import FileStore
@@ -30,6 +31,9 @@ class Settings:
     max_queue: int = 8
     limits: Limits = field(default_factory=Limits)
     task: str = "full"  # full | text2image (no edits) | image2image (no generations), the reference's --task
+    # Seconds a response write may make no progress (the client reads nothing) before the connection is
+    # aborted (api/writes.py); None: no limit.
+    write_timeout: float | None = DEFAULT_WRITE_TIMEOUT
 
 
 @dataclass
