@@ -5,10 +5,10 @@ fused into the weights and against no LoRA, and the cost of switching LoRAs betw
 
 The model is bench/models.py's real-size random-weight SD 1.5 (built and converted once into --cache). Each
 LoRA is a random diffusers/PEFT file adapting every attention and feed-forward linear of the UNet (what
-kohya's trainer targets by default), read through the server's own LoRA folder (mlx_sd_server.loras). Rows:
+kohya's trainer targets by default), read through the server's own LoRA folder (mlx_sd_server.lora.library). Rows:
 
   UNet step          one UNet call with classifier-free guidance (batch 2) at the size's latent, the LoRA on
-                     as engine/lora.py puts it on: as side branches (fuse budget 0, what quantized layers always
+                     as engine/adapters.py puts it on: as side branches (fuse budget 0, what quantized layers always
                      get) or fused into copies of the layers. Median of 2 x --runs steps, taken as a job takes
                      them (LoRA on, a first step, --runs steps, LoRA off) in two passes over the rows, forward
                      and backward, so that drift on a shared machine falls on all rows alike
@@ -73,9 +73,9 @@ def main() -> None:
     ensure_fast_blas()
     import mlx.core as mx
 
-    from mlx_sd_server.engine.lora import applied
+    from mlx_sd_server.engine.adapters import applied
     from mlx_sd_server.engine.model_io import load_model
-    from mlx_sd_server.loras import LoRALibrary
+    from mlx_sd_server.lora.library import LoRALibrary
 
     width, height = (int(v) for v in args.size.split("x"))
     ranks = [int(r) for r in args.ranks.split(",")]

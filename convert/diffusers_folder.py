@@ -5,20 +5,30 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
 
-from convert.source import PickleRefusedError, SourceModel, family_of
+from convert.source import PICKLE_SUFFIXES, PickleRefusedError, read_pickle
+from mlx_sd_server.engine.families import FAMILIES, family_of_denoiser
+from mlx_sd_server.engine.families.spec import FamilySpec
+from mlx_sd_server.engine.source import SourceModel
 
 log = logging.getLogger(__name__)
 
-WEIGHT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae", "controlnet")
-# SD3's T5 (~9.5 GB in float16) is optional: the SD3 pipelines read zeros in its place, and users leave it out.
-OPTIONAL_COMPONENTS = ("text_encoder_3",)
-FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+# Every component any family has, in the families' order (text encoders, denoiser, VAE, ...).
+WEIGHT_COMPONENTS = tuple(dict.fromkeys(c.name for spec in FAMILIES for c in spec.components))
+# Text encoders a model may be converted without (SD3's T5, ~9.5 GB in float16: its pipelines read zeros in
+# its place, and users leave it out).
+OPTIONAL_COMPONENTS = tuple(name for spec in FAMILIES for name in spec.optional_text_encoders)
+CONTROLNET = "controlnet"  # a lone ControlNet's component, and its manifest family
+
+
+def tokenizer_folder(encoder: str) -> str:
+    """The folder of a text encoder's tokenizer: text_encoder_2 -> tokenizer_2 (diffusers' and ours)."""
+    return encoder.replace("text_encoder", "tokenizer")
 
 
 def is_diffusers_folder(path: Path) -> bool:
@@ -54,11 +64,10 @@ def read_weights(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
     """Key/value pairs as float32 numpy, one file at a time (mx.load reads bfloat16 too)."""
     for path in files:
         if path.suffix == ".safetensors":
-            for key, value in mx.load(str(path)).items():
-                yield key, np.array(value.astype(mx.float32)) if mx.issubdtype(value.dtype, mx.floating) else np.array(value)
+            for key, value in cast(dict[str, mx.array], mx.load(str(path))).items():
+                floating = mx.issubdtype(value.dtype, mx.floating)
+                yield key, np.array(value.astype(mx.float32)) if floating else np.array(value)
         else:
-            from convert.source import read_pickle
-
             yield from read_pickle(path).items()
 
 
@@ -70,7 +79,7 @@ def read_diffusers_folder(path: Path, allow_pickle: bool = False, prediction_typ
             log.warning("%s has no %s folder: converting without it", path, name)
             names.remove(name)
     else:  # a lone ControlNet folder
-        names = ["controlnet"]
+        names = [CONTROLNET]
     components = {}
     for name in names:
         folder = path / name if (path / "model_index.json").exists() else path
@@ -83,17 +92,24 @@ def read_diffusers_folder(path: Path, allow_pickle: bool = False, prediction_typ
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     if scheduler_file.exists():
         scheduler = json.loads(scheduler_file.read_text())
-    tokenizers = {
-        encoder: path / folder
-        for encoder, folder in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"),
-                                ("text_encoder_3", "tokenizer_3"))
-        if encoder in components
-    }
-    flow = scheduler.get("_class_name") in FLOW_SCHEDULERS
+    spec, family = family_of({name: config for name, (config, _) in components.items()})
     return SourceModel(
-        family=family_of(components) if "unet" in components or "transformer" in components else "controlnet",
-        prediction_type="flow" if flow else prediction_type or scheduler.get("prediction_type", "epsilon"),
+        family=family,
+        prediction_type=spec.parameterization or prediction_type or scheduler.get("prediction_type", "epsilon"),
         scheduler=scheduler,
-        components=components,
-        tokenizers=tokenizers,
+        components={c.name: components[c.name] for c in spec.components if c.name in components},
+        tokenizers={name: path / tokenizer_folder(name) for name in spec.text_encoders() if name in components},
     )
+
+
+def family_of(configs: dict[str, dict[str, Any]]) -> tuple[FamilySpec, str]:
+    """The family whose denoiser class a folder's components have, and the manifest family their configs show
+    (a lone ControlNet: its own)."""
+    classes = [config.get("_class_name") for config in configs.values()]
+    spec = next((s for s in map(family_of_denoiser, classes) if s is not None), None)
+    if spec is None and list(configs) == [CONTROLNET]:
+        spec = next(s for s in FAMILIES if s.component(CONTROLNET) is not None)
+        return spec, CONTROLNET
+    if spec is None:
+        raise ValueError(f"unsupported model: none of {classes} is a denoiser this version converts")
+    return spec, spec.detect.diffusers_family(configs) if spec.detect.diffusers_family else spec.manifest_names[0]

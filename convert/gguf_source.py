@@ -2,9 +2,9 @@
 
 stable-diffusion.cpp writes (`sd-cli -M convert`) and reads GGUF files that keep each tensor's original name
 (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`, BFL's FLUX names ...),
-so the single-file SD reader (convert.checkpoint) and the FLUX split-file reader (convert.flux_files) take them
-unchanged. ggml lists a tensor's dimensions fastest first (the reverse of torch's); its data is laid out like
-torch's, row-major, so a tensor is its data read in the reversed shape. T5 files made by llama.cpp's converter
+so the original-layout reader (convert.checkpoint) takes them unchanged. ggml lists a tensor's dimensions
+fastest first (the reverse of torch's); its data is laid out like torch's, row-major, so a tensor is its data
+read in the reversed shape. T5 files made by llama.cpp's converter
 (e.g. `t5-v1_1-xxl-encoder-Q8_0.gguf`) use llama.cpp's names, which are renamed to transformers' as
 stable-diffusion.cpp does.
 
@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from mlx_sd_server.engine.source import CheckpointError
+
 log = logging.getLogger(__name__)
 
 GGUF_SUFFIX = ".gguf"
@@ -56,12 +58,6 @@ LLAMA_CPP_T5_NAMES = (
     ("ffn_gate.", "layer.1.DenseReluDense.wi_0."),
     ("attn_rel_b.", "layer.0.SelfAttention.relative_attention_bias."), ("token_embd.", "shared."),
 )
-
-
-def _checkpoint_error(message: str) -> Exception:
-    from convert.checkpoint import CheckpointError  # (convert.checkpoint imports this module when it reads)
-
-    return CheckpointError(message)
 
 
 # --- MLX's quantized layout -------------------------------------------------------------------------------
@@ -123,7 +119,7 @@ class QuantizedArray(np.ndarray):
         if source is None or self.ndim != 2 or self.shape[1] != parent.shape[1] or self.strides != parent.strides:
             return
         start, rest = divmod(self.ctypes.data - parent.ctypes.data, parent.strides[0])
-        if rest == 0 and 0 <= start and start + self.shape[0] <= parent.shape[0]:
+        if rest == 0 and start >= 0 and start + self.shape[0] <= parent.shape[0]:
             self.packed = source.rows(start, start + self.shape[0])
 
 
@@ -165,7 +161,7 @@ class GGUFTensor:
         try:
             values = quants.dequantize(data, self.tensor.tensor_type).astype(np.float32, copy=False)
         except Exception as err:
-            raise _checkpoint_error(f"{self.path}: cannot read tensor {self.tensor.name} ({self.type}): {err}") from err
+            raise CheckpointError(f"{self.path}: cannot read tensor {self.tensor.name} ({self.type}): {err}") from err
         values = values.reshape(self.shape)
         if self.type in MLX_BITS and len(self.shape) == 2:
             return QuantizedArray.of(values, pack_for_mlx(np.asarray(data), self.type))
@@ -184,12 +180,12 @@ def read_gguf(path: Path) -> tuple[dict[str, GGUFTensor], dict[str, str]]:
     try:
         reader = GGUFReader(path)
     except Exception as err:  # the reader's errors for short or foreign files are numpy reshape errors and the like
-        raise _checkpoint_error(f"cannot read {path} as a GGUF file (corrupt or truncated? {err}). "
+        raise CheckpointError(f"cannot read {path} as a GGUF file (corrupt or truncated? {err}). "
                                 "Download it again.") from err
     tensors = {t.name: GGUFTensor(path, t) for t in reader.tensors}
     unknown = sorted({t.type for t in tensors.values()} - set(FLOAT_TYPES + QUANTIZED_TYPES + INTEGER_TYPES))
     if unknown:
-        raise _checkpoint_error(f"{path} holds tensors of ggml type {', '.join(unknown)}, which are not read here "
+        raise CheckpointError(f"{path} holds tensors of ggml type {', '.join(unknown)}, which are not read here "
                                 f"(these are: {', '.join(FLOAT_TYPES + QUANTIZED_TYPES)})")
     tensors = {_llama_cpp_t5_name(name): tensor for name, tensor in tensors.items()}
     metadata = {name: str(bytes(field.parts[field.data[0]]), "utf-8", "replace")

@@ -20,10 +20,12 @@ from typing import Any
 
 from tqdm import tqdm
 
+from convert.checkpoint import read_checkpoint
+from convert.diffusers_folder import is_diffusers_folder, read_diffusers_folder, tokenizer_folder
 from convert.gguf_source import to_mlx
-from convert.source import SourceModel
-from mlx_sd_server.engine.families import spec_for
+from mlx_sd_server.engine.families import FAMILIES, spec_for
 from mlx_sd_server.engine.model_io import DTYPES, component_kind, save_component, write_manifest
+from mlx_sd_server.engine.source import CheckpointError, SourceModel
 from mlx_sd_server.engine.text.clip_tokenizer import CLIPTokenizer, default_vocab_path
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ QUANTIZE_GROUP_SIZE = 64
 class SplitFiles:
     """A model as the separate component files users have (FLUX.1: the BFL transformer, `ae.safetensors`,
     `clip_l.safetensors`, a `t5xxl` file; SD3/SD3.5: the checkpoint, `clip_l`, `clip_g` and `t5xxl` files; T5's
-    tokenizer is not among them, see convert.flux_files)."""
+    tokenizer is not among them, see convert.checkpoint), as stable-diffusion.cpp's options name them."""
 
     diffusion_model: Path
     vae: Path | None = None
@@ -44,43 +46,37 @@ class SplitFiles:
     t5xxl: Path | None = None
     t5_tokenizer: Path | None = None
 
+    def given(self) -> dict[str, Path]:
+        """The component files given, by their `convert` option (`--vae`, `--clip-l`, ...)."""
+        files = {"--vae": self.vae, "--clip-l": self.clip_l, "--clip-g": self.clip_g, "--t5xxl": self.t5xxl}
+        return {option: path for option, path in files.items() if path is not None}
+
 
 def read_source(src: Path | SplitFiles, allow_pickle: bool = False, prediction_type: str | None = None,
                 with_t5: bool = True) -> SourceModel:
     """A diffusers folder, a single-file checkpoint or split files, read into diffusers layout. `with_t5=False`
-    leaves SD3's T5 out (the model then reads zeros in its place, as diffusers' pipeline allows)."""
+    leaves the family's optional text encoders out (SD3's T5: the model then reads zeros in its place, as
+    diffusers' pipeline allows)."""
     source = _read_source(src, allow_pickle, prediction_type, with_t5)
     if not with_t5:
-        if source.family != "sd3":
-            raise ValueError(f"only SD3/SD3.5 models run without T5; this is a {source.family} model")
-        source.components.pop("text_encoder_3", None)  # (a diffusers folder's: its weights are never read)
-        source.tokenizers.pop("text_encoder_3", None)
+        optional = spec_for(source.family).optional_text_encoders
+        if not optional:
+            titles = " and ".join(spec.title for spec in FAMILIES if spec.optional_text_encoders)
+            raise ValueError(f"only {titles} models run without T5; this is a {source.family} model")
+        for name in optional:
+            source.components.pop(name, None)  # (a diffusers folder's: its weights are never read)
+            source.tokenizers.pop(name, None)
     return source
 
 
 def _read_source(src: Path | SplitFiles, allow_pickle: bool, prediction_type: str | None, with_t5: bool) -> SourceModel:
-    from convert.diffusers_folder import is_diffusers_folder, read_diffusers_folder
-    from convert.flux_files import is_flux_file, read_flux_files
-    from convert.sd3_files import is_sd3_file, read_sd3_files
-
     if isinstance(src, SplitFiles):
-        if src.clip_g is not None and is_flux_file(src.diffusion_model):
-            raise ValueError(f"--clip-g is for SD3/SD3.5, and {src.diffusion_model} is a FLUX.1 transformer, which "
-                             "takes --clip-l and --t5xxl only")
-        if src.clip_g is not None or is_sd3_file(src.diffusion_model):
-            return read_sd3_files(src.diffusion_model, src.vae, src.clip_l, src.clip_g, src.t5xxl,
-                                  t5_tokenizer=src.t5_tokenizer, with_t5=with_t5)
-        return read_flux_files(src.diffusion_model, src.vae, src.clip_l, src.t5xxl, t5_tokenizer=src.t5_tokenizer)
+        return read_checkpoint(src.diffusion_model, given=src.given(), allow_pickle=allow_pickle,
+                               prediction_type=prediction_type, with_t5=with_t5, t5_tokenizer=src.t5_tokenizer)
     if is_diffusers_folder(src):
         return read_diffusers_folder(src, allow_pickle=allow_pickle, prediction_type=prediction_type)
-    if src.is_file() and is_flux_file(src):  # an all-in-one FLUX file, or a clear error naming the missing parts
-        return read_flux_files(src)
-    if src.is_file() and is_sd3_file(src):  # SD3/SD3.5, with its text encoders or a clear error naming them
-        return read_sd3_files(src, with_t5=with_t5)
-    if src.is_file():
-        from convert.checkpoint import read_checkpoint
-
-        return read_checkpoint(src, allow_pickle=allow_pickle, prediction_type=prediction_type)
+    if src.is_file():  # a single file of any family, or a clear error naming what it lacks
+        return read_checkpoint(src, allow_pickle=allow_pickle, prediction_type=prediction_type, with_t5=with_t5)
     raise FileNotFoundError(f"{src} is neither a diffusers folder nor a checkpoint file")
 
 
@@ -99,7 +95,20 @@ def _tokenizer_for(source: SourceModel, encoder: str, config: dict[str, Any]) ->
     if folder is not None and Path(folder).exists():
         return component_kind(encoder, config).tokenizer_class.from_dir(folder)
     # Single files carry no tokenizer: every CLIP here uses CLIP's vocabulary, padded as its spec says.
-    return CLIPTokenizer.from_bpe_file(default_vocab_path(), pad_token=spec_for(source.family).clip_pad_token(source.family, encoder))
+    pad_token = spec_for(source.family).clip_pad_token(source.family, encoder)
+    return CLIPTokenizer.from_bpe_file(default_vocab_path(), pad_token=pad_token)
+
+
+def check_vocabulary(encoder: str, config: dict[str, Any], tokenizer: Any) -> None:
+    """Refuse a text encoder whose token embedding has fewer rows than its tokenizer has ids: every id past
+    them would be read out of bounds at run time (a single file's CLIP with 536 rows for CLIP's 49,408
+    tokens gave NaN images and crashes)."""
+    rows = config["vocab_size"]  # the embedding's rows (a single file's config is read off its shape)
+    if tokenizer.max_id >= rows:
+        raise CheckpointError(
+            f"{encoder}: its token embedding has {rows} rows, but its tokenizer has {tokenizer.vocab_size} tokens "
+            f"(ids up to {tokenizer.max_id}): this text encoder does not fit its tokenizer (for a single file, "
+            "CLIP's own vocabulary; a damaged or cut-down checkpoint?)")
 
 
 def write_model(
@@ -116,12 +125,18 @@ def write_model(
     """Write `source` as a converted folder at `dst`, atomically: a failed conversion leaves nothing.
     `origin` (the source path or Hugging Face repo id) goes into the manifest's `source`, with the time;
     `source_sha256` (a single file's) is what A1111 shortens into the images' `Model hash`."""
+    tokenizers = {component: _tokenizer_for(source, component, config)
+                  for component, (config, _) in source.components.items()
+                  if component_kind(component, config).tokenizer_class is not None}
+    for component, tokenizer in tokenizers.items():  # before anything is written
+        check_vocabulary(component, source.components[component][0], tokenizer)
     dst.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
     quantization = {"bits": quantize, "group_size": QUANTIZE_GROUP_SIZE} if quantize else None
     spec = spec_for(source.family)
     configs = {component: config for component, (config, _) in source.components.items()}
-    variant = spec.variant_of(source.family, source.prediction_type, configs, name) if spec.denoiser in configs else None
+    variant = (spec.variant_of(source.family, source.prediction_type, configs, name) if spec.denoiser in configs
+               else None)
     try:
         entries: dict[str, Any] = {}
         for component, (config, weights) in source.components.items():
@@ -132,9 +147,9 @@ def write_model(
                 for key, value in kind.mapper(k, v)
             )
             entries[component] = save_component(work, component, config, mapped, DTYPES[dtype], quantization)
-            if kind.tokenizer_class is not None:  # each text encoder carries its tokenizer
-                folder = component.replace("text_encoder", "tokenizer")
-                _tokenizer_for(source, component, config).save(work / folder)
+            if component in tokenizers:  # each text encoder carries its tokenizer
+                folder = tokenizer_folder(component)
+                tokenizers[component].save(work / folder)
                 entries[component]["tokenizer"] = folder
             if variant is not None and component in variant.text_lengths:
                 entries[component]["max_length"] = variant.text_lengths[component]
@@ -195,9 +210,9 @@ def convert_model(
     source = read_source(src, allow_pickle=allow_pickle, prediction_type=prediction_type, with_t5=with_t5)
     if origin is None:
         origin = str((src.diffusion_model if isinstance(src, SplitFiles) else src).expanduser().resolve())
-    single_file = isinstance(src, Path) and src.is_file()
+    single_file = src if isinstance(src, Path) and src.is_file() else None
     return write_model(source, dst, name=name or dst.name, dtype=dtype, quantize=quantize, progress=progress,
-                       origin=origin, source_sha256=file_sha256(src) if single_file else None)
+                       origin=origin, source_sha256=file_sha256(single_file) if single_file else None)
 
 
 def file_sha256(path: Path) -> str:

@@ -6,25 +6,34 @@ import argparse
 import logging
 import sys
 
+from convert.diffusers_folder import tokenizer_folder
 from convert.model import convert_model
+from mlx_sd_server.engine.families import FAMILIES
 from mlx_sd_server.paths import model_dir
+
+
+def _weight_patterns() -> list[str]:
+    """Every family's components' weights: transformers' `model.safetensors` for the text encoders (which carry
+    tokenizers), diffusers' `diffusion_pytorch_model.safetensors` for the rest; large ones are sharded."""
+    patterns = []
+    for spec in FAMILIES:
+        for component in spec.components:
+            stem = "model" if component.name in spec.text_encoders() else "diffusion_pytorch_model"
+            patterns += [f"{component.name}/{stem}.safetensors", f"{component.name}/{stem}-*-of-*.safetensors"]
+    return list(dict.fromkeys(patterns))
+
 
 # Only what conversion reads: configs, tokenizers and safetensors weights (never pickles, never fp16 copies
 # of what we already take in full precision, never the single files that many repos also carry: the .ckpt
 # of SD repos, FLUX repos' flux1-*.safetensors and ae.safetensors, SD3.5 repos' sd3.5_*.safetensors and
-# text_encoders/ folder, beside their diffusers folders).
-ALLOW_PATTERNS = [
-    "model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*", "*/*.safetensors.index.json",
-    "text_encoder/model.safetensors", "text_encoder_2/model.safetensors", "text_encoder_3/model.safetensors",
-    "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-    "transformer/diffusion_pytorch_model.safetensors", "config.json", "diffusion_pytorch_model.safetensors",
-    # FLUX's and SD3.5-large's transformer (~24 GB, ~16 GB) and T5 (~9.5 GB: FLUX's text_encoder_2, SD3's
-    # text_encoder_3) are sharded
-    "transformer/diffusion_pytorch_model-*-of-*.safetensors", "text_encoder_2/model-*-of-*.safetensors",
-    "text_encoder_3/model-*-of-*.safetensors",
-]
+# text_encoders/ folder, beside their diffusers folders). A repo of one component (a ControlNet) has its
+# config and weights at the top.
+ALLOW_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*", "*/*.safetensors.index.json",
+                  "config.json", "diffusion_pytorch_model.safetensors", *_weight_patterns()]
 
-T5_FOLDERS = ("text_encoder_3/*", "tokenizer_3/*")  # SD3's
+# The text encoders a model may go without (SD3's T5, ~9.5 GB), and their tokenizers: what --no-t5 leaves out.
+OPTIONAL_FOLDERS = [f"{folder}/*" for spec in FAMILIES for name in spec.optional_text_encoders
+                    for folder in (name, tokenizer_folder(name))]
 
 # Single-file weights that diffusers repositories often also carry as `*.fp16.safetensors` (half the size).
 # (Sharded weights keep full precision: their fp16 index files are named in a way the reader does not take.)
@@ -72,8 +81,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         files = repo_files(args.repo_id)
         patterns = allow_patterns(files, args.dtype) if files is not None else ALLOW_PATTERNS
-        # --no-t5: SD3's T5 (text_encoder_3, ~9.5 GB) is neither downloaded nor converted
-        ignore = list(T5_FOLDERS) if args.no_t5 else None
+        # --no-t5: the optional text encoders (SD3's T5, ~9.5 GB) are neither downloaded nor converted
+        ignore = OPTIONAL_FOLDERS if args.no_t5 else None
         src = snapshot_download(args.repo_id, allow_patterns=patterns, ignore_patterns=ignore)
     except LocalEntryNotFoundError:
         print(

@@ -1,14 +1,19 @@
-"""What every input format is read into before conversion: diffusers-layout configs and weights."""
+"""Reading a file's tensors: safetensors (fp8 decoded), GGUF (convert.gguf_source) and torch pickles (refused
+unless allowed), by name, read lazily where the format allows."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, cast
 
 import numpy as np
 
-Weights = Iterable[tuple[str, np.ndarray]]
+from convert.gguf_source import read_gguf
+from mlx_sd_server.engine.source import CheckpointError
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+CHECKPOINT_SUFFIXES = (".safetensors", ".gguf") + PICKLE_SUFFIXES
 
 
 class PickleRefusedError(ValueError):
@@ -19,31 +24,61 @@ class PickleRefusedError(ValueError):
         )
 
 
-@dataclass
-class SourceModel:
-    """A model in diffusers layout: per component, its diffusers/transformers config.json and weights."""
+def read_state_dict(path: Path, allow_pickle: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
+    """A checkpoint's tensors by name (lazy MLX arrays, numpy from a pickle, GGUF tensors read when used) and
+    its metadata (safetensors' metadata, GGUF's string fields)."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return read_gguf(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise PickleRefusedError(path)
+        try:
+            return read_pickle(path), {}
+        except Exception as err:  # torch's errors for corrupt or non-tensor pickles are long and deep
+            raise CheckpointError(f"cannot read {path} as a torch checkpoint: {err}") from err
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: unknown checkpoint format (expected one of {', '.join(CHECKPOINT_SUFFIXES)})")
+    header = safetensors_header(path)
+    import mlx.core as mx  # reads bfloat16, which numpy cannot
 
-    family: str  # sd1 | sd2 | sdxl | flux | sd3 | controlnet (a lone ControlNet)
-    prediction_type: str  # epsilon | v_prediction | flow
-    scheduler: dict[str, Any]  # the diffusers scheduler_config.json (betas, prediction type)
-    components: dict[str, tuple[dict[str, Any], Weights]]
-    tokenizers: dict[str, Path | None] = field(default_factory=dict)  # encoder name -> tokenizer folder
+    try:
+        tensors = cast(dict[str, Any], mx.load(str(path)))  # (a .safetensors file loads as a dict)
+    except Exception as err:
+        raise CheckpointError(f"cannot read {path} as safetensors: {err}") from err
+    if any(k.endswith(("scaled_fp8", ".scale_weight")) for k in tensors):
+        raise CheckpointError(f"{path} is a ComfyUI 'scaled fp8' file, which is not supported: use the fp16, "
+                              "bf16 or plain fp8 (e4m3fn) version")
+    for key, entry in header.items():  # fp8 (e4m3) tensors, which MLX loads as their raw bytes, decoded lazily
+        if key != "__metadata__" and entry["dtype"] == "F8_E4M3":
+            tensors[key] = mx.from_fp8(tensors[key], mx.float32)
+    return tensors, header.get("__metadata__") or {}
 
 
-def family_of(components: dict[str, tuple[dict[str, Any], Weights]]) -> str:
-    """FLUX has a FluxTransformer2DModel, SD3/SD3.5 an SD3Transformer2DModel; SDXL has text-time conditioning;
-    SD 2.x has OpenCLIP's gelu text encoder; SD 1.x the rest."""
-    if "transformer" in components:
-        class_name = components["transformer"][0].get("_class_name")
-        families = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
-        if class_name not in families:
-            raise ValueError(f"unsupported transformer {class_name!r} (this version converts FLUX.1 and SD3/SD3.5)")
-        return families[class_name]
-    unet_config = components["unet"][0]
-    if unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    encoder_config = components.get("text_encoder", ({}, ()))[0]
-    return "sd2" if encoder_config.get("hidden_act") == "gelu" else "sd1"
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's header, checked against the file's size (a partial download is common)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < header_len <= size - 8:
+            raise CheckpointError(f"{path} is not a safetensors file (corrupt or truncated header)")
+        try:
+            header = json.loads(f.read(header_len))
+            data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+            raise CheckpointError(f"{path} is not a safetensors file (unreadable header: {err})") from None
+    if 8 + header_len + data_end > size:
+        raise CheckpointError(
+            f"{path} is truncated: its header describes {8 + header_len + data_end} bytes, the file has {size}. "
+            "Download it again."
+        )
+    return header
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata, its header checked first."""
+    return safetensors_header(path).get("__metadata__") or {}
 
 
 def read_pickle(path: Path) -> dict[str, np.ndarray]:
@@ -54,4 +89,5 @@ def read_pickle(path: Path) -> dict[str, np.ndarray]:
         raise RuntimeError(f"reading {path} needs torch (pip install torch), or use a .safetensors file") from None
     state = torch.load(str(path), map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
-    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items() if hasattr(v, "numpy")}
+    return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+            for k, v in state.items() if hasattr(v, "numpy")}

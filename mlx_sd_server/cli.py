@@ -11,7 +11,7 @@ import os
 import sys
 
 from mlx_sd_server import store
-from mlx_sd_server.job import SAMPLE_METHODS, SCHEDULERS
+from mlx_sd_server.job.fields import FIELDS, IMAGE_FIELDS, MODEL_FIELDS, Field, Limits
 
 DESCRIPTION = ("Generate images with Stable Diffusion and FLUX.1 models on Apple silicon (MLX): serve an "
                "OpenAI-compatible image API, generate from the command line, and download, convert and manage models.")
@@ -36,7 +36,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
             return text
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or ""
 
 
 def package_version() -> str:
@@ -123,10 +123,13 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store-max-gb", type=_checked(store.max_gb), metavar="GB",
                         help="keep the stored images under GB in all, removing the oldest first (default: no limit)")
     parser.add_argument("--max-queue", type=int, default=8, help="jobs waiting beyond this get 429")
-    parser.add_argument("--max-n", type=int, default=10, help="largest n per request")
-    parser.add_argument("--max-steps", type=int, default=150, help="most steps per request")
-    parser.add_argument("--max-pixels", type=int, default=2048 * 2048, help="largest width*height")
+    parser.add_argument("--max-n", type=int, default=Limits.max_n, help="largest n per request")
+    parser.add_argument("--max-steps", type=int, default=Limits.max_steps, help="most steps per request")
+    parser.add_argument("--max-pixels", type=int, default=Limits.max_pixels, help="largest width*height")
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body")
+    parser.add_argument("--write-timeout", type=float, metavar="SECONDS",
+                        help="give up on a client that has read nothing of its answer for this long: a stalled "
+                             "stream (default: 30; 0: never)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                         help="compute dtype (default: float16 on GPU, float32 on CPU)")
     parser.add_argument("--engine", choices=["mlx", "torch", "auto"], default="mlx",
@@ -151,8 +154,24 @@ def _checked(convert):
     return check
 
 
+# API field -> this command's option, where the option is not simply `--` + the field with dashes.
+FLAG_NAMES = {"n": "-n", "image[]": "--image"}
+OPTION_TYPES = {"integer": int, "number": float}  # by the field's JSON type; any other is taken as text
+
+
+def flag_for(param: str) -> str:
+    return FLAG_NAMES.get(param, "--" + param.replace("_", "-"))
+
+
+def field_help(field: Field) -> str:
+    """A job field's help with its choices and its default, as the API's schema says them."""
+    choices = f"; one of {', '.join(field.choices)}" if field.choices else ""
+    default = "the model's" if field.name in MODEL_FIELDS else field.default
+    return field.help + choices + (f" (default: {default})" if default not in (None, "") else "")
+
+
 def add_job_options(parser: argparse.ArgumentParser) -> None:
-    """Options of `generate`: one per job field."""
+    """Options of `generate`: one per job field the command line takes (job/fields.py), and its images."""
     add_model_dir(parser)
     parser.add_argument("--model", required=True, metavar="NAME_OR_PATH",
                         help="a model name (see `mlx-sd-server models`), a converted folder, a diffusers folder, a "
@@ -161,25 +180,12 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     add_lora_dir(parser)
     parser.add_argument("--lora", action="append", metavar="NAME[:WEIGHT]",
                         help="a LoRA to apply (repeatable), as a <lora:NAME:WEIGHT> prompt tag would")
-    parser.add_argument("--prompt", required=True, help="what to draw")
-    parser.add_argument("--negative-prompt", help="what not to draw")
-    parser.add_argument("-n", "--n", type=int, help="how many images (default: 1)")
-    parser.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default: the model's)")
-    parser.add_argument("--guidance", type=float, help="distilled guidance (FLUX.1-dev; default: the model's)")
-    parser.add_argument("--sample-method", metavar="METHOD",
-                        help=f"one of {', '.join(SAMPLE_METHODS)} (default: the model's)")
-    parser.add_argument("--scheduler", metavar="SCHEDULE", help=f"one of {', '.join(SCHEDULERS)} (default: the model's)")
-    parser.add_argument("--size", metavar="WxH", help="image size, e.g. 512x768 (default: the model's)")
-    parser.add_argument("--width", type=int, help="image width (default: the model's)")
-    parser.add_argument("--height", type=int, help="image height (default: the model's)")
-    parser.add_argument("--seed", type=int, help="the first image's seed; image i gets seed+i (default: random)")
-    parser.add_argument("--image", metavar="PATH", help="image to edit (img2img)")
-    parser.add_argument("--strength", type=float, help="how much of --image to repaint, 0..1")
-    parser.add_argument("--mask", metavar="PATH", help="inpainting mask (white or transparent = repaint)")
-    parser.add_argument("--control-image", metavar="PATH", help="the ControlNet's input image")
-    parser.add_argument("--control-strength", type=float, help="how strongly the ControlNet steers")
-    parser.add_argument("--control-preprocess", choices=["none", "canny"], help="prepare --control-image first")
+    for field in FIELDS:
+        if field.cli:  # no default here: build_job applies the model's, and knows what was given
+            parser.add_argument(*dict.fromkeys((flag_for(field.name), "--" + field.name.replace("_", "-"))),
+                                type=OPTION_TYPES.get(field.type, str), required=field.required, help=field_help(field))
+    for name, help_text in IMAGE_FIELDS.items():
+        parser.add_argument(flag_for(name), metavar="PATH", help=help_text)
     parser.add_argument("--output", "-o", default=".", metavar="PATH_OR_DIR",
                         help="a directory (each image gets a new file, <model>-<seed>.<ext>, never replacing one) "
                              "or a file name (.png/.jpg/.webp; with -n 2 or more, NAME-1.png, NAME-2.png...)")

@@ -12,12 +12,13 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from mlx_sd_server.cli import flag_for
 from mlx_sd_server.engine.model_io import write_atomically
 from mlx_sd_server.engine.pipeline import drive
 from mlx_sd_server.images import (
     a1111_parameters, encode_image, flatten, mask_from_upload, model_hash, open_upload,
 )
-from mlx_sd_server.job import JOB_FIELDS, Job, JobError, build_job
+from mlx_sd_server.job import IMAGE_FIELDS, JOB_FIELDS, Job, JobError, build_job
 from mlx_sd_server.registry import ModelLoadError, ModelNotFoundError, ModelRegistry, model_dir
 
 log = logging.getLogger(__name__)
@@ -26,13 +27,6 @@ MAX_INPUT_BYTES = 200 * 2**20
 MAX_INPUT_PIXELS = 64 * 2**20
 SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 FORMAT_SUFFIXES = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
-# API field -> this command's option, where the option is not simply `--` + the field with dashes.
-FLAG_NAMES = {"n": "-n", "image[]": "--image"}
-
-
-def flag_for(param: str) -> str:
-    return FLAG_NAMES.get(param, "--" + param.replace("_", "-"))
-
 
 def cli_message(exc: JobError) -> str:
     """A job error as the command line says it: naming `--cfg-scale`, not the API's `cfg_scale`."""
@@ -60,13 +54,8 @@ def job_from_args(args: argparse.Namespace, registry: ModelRegistry) -> Job:
     if args.lora:  # NAME[:WEIGHT]; build_job reads the weight
         named = [lora.rpartition(":") if ":" in lora else (lora, "", "1") for lora in args.lora]
         fields["loras"] = [{"name": name, "scale": weight} for name, _, weight in named]
-    images = {}
-    if args.image:
-        images["image"] = flatten(_read_image(args.image, "image"))
-    if args.mask:
-        images["mask"] = mask_from_upload(_read_image(args.mask, "mask"))
-    if args.control_image:
-        images["control_image"] = flatten(_read_image(args.control_image, "control_image"))
+    images = {name: (mask_from_upload if name == "mask" else flatten)(_read_image(path, name))
+              for name in IMAGE_FIELDS if (path := getattr(args, name))}
     info = registry.info()
     return build_job(fields, images, defaults=info.defaults, capabilities=info.capabilities, model_name=info.name,
                      lora_family=registry.loras.family)

@@ -23,8 +23,9 @@ from convert.model import SplitFiles, convert_model
 from mlx_sd_server.engine.families import capabilities
 from mlx_sd_server.engine.model_io import MANIFEST, ModelFormatError, read_manifest
 from mlx_sd_server.engine.families.spec import Capabilities, ModelDefaults
-from mlx_sd_server.loras import LORA_FOLDER, LoRALibrary
+from mlx_sd_server.lora.library import LORA_FOLDER, LoRALibrary
 from mlx_sd_server.paths import model_dir
+from mlx_sd_server.torch_engine import capabilities as torch_capabilities
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +118,16 @@ def _converted(source: Path | SplitFiles, main_file: Path, models: Path) -> Path
     return dst
 
 
-def read_info(folder: Path, control_net: Path | None = None) -> ModelInfo:
+def read_info(folder: Path, control_net: Path | None = None, engine: str = "mlx") -> ModelInfo:
+    """The model's name, defaults and capabilities; the torch engine's narrower ones when it serves the
+    model (with "auto", MLX serves it unless it cannot load it, and the fallback refuses what it cannot do
+    when the job runs)."""
     manifest = read_manifest(folder)
     defaults = ModelDefaults(**manifest.get("defaults", {}))
     attached = control_net is not None or "controlnet" in manifest["components"]
     can_do = capabilities(manifest, attached)
+    if engine == "torch":
+        can_do = torch_capabilities(manifest, can_do)
     if control_net is not None and not can_do.controlnet:
         raise ModelFormatError(f"--control-net: {manifest['family']} models take no ControlNet "
                                f"({folder.name} cannot use {control_net.name})")
@@ -168,7 +174,7 @@ class ModelRegistry:
         `strict_model_names` a request must name a served model exactly (see `resolve`). LoRAs come from
         `lora_dir`, default the `loras` folder in the model folder; a job's LoRAs are fused into copies of the
         float layers they adapt up to `lora_fuse_budget` bytes of weights (never in low-memory mode), side
-        branches elsewhere (engine/lora.py)."""
+        branches elsewhere (engine/adapters.py)."""
         self.loras = LoRALibrary(Path(lora_dir).expanduser() if lora_dir else models / LORA_FOLDER)
         self.lora_fuse_budget = lora_fuse_budget
         self.dtype = dtype
@@ -199,7 +205,7 @@ class ModelRegistry:
         self._control: dict[str, Path] = {}
         for i, folder in enumerate(folders):
             attached = control_folder if i == 0 else None  # --control-net attaches to the default model
-            info = read_info(folder, attached)
+            info = read_info(folder, attached, engine)
             if i == 0 and model_name:
                 info = dataclasses.replace(info, name=model_name)
             if i == 0:

@@ -7,18 +7,23 @@ inverse of our conversion mapping (see `_torch_state_dict`). It speaks the MLX p
 `total_steps(job)`, and `generate(job)` yielding a `Step` per loop iteration (diffusers'
 `callback_on_step_end`; its latents, no denoised estimate) and returning PIL images, cancellable between steps.
 
-Stable Diffusion (1.x, 2.x, XL; ControlNet) runs on diffusers' StableDiffusion* pipelines; FLUX.1 on
-FluxPipeline / FluxImg2ImgPipeline / FluxInpaintPipeline with FlowMatchEulerDiscreteScheduler, so a flow
-model gets the samplers that scheduler has: euler, and lcm (its stochastic sampling: jump to the clean
-estimate, re-noise to the next sigma, as our lcm sampler), on the discrete, karras and exponential
-schedules (the same sigmas as `schedules.flow_sigmas`). One difference from the MLX engine: FLUX img2img
-and inpainting keep diffusers' Flux rule for strength, steps - int(steps - steps * strength) steps, which
-rounds a fractional steps * strength up where ours (and diffusers' SD pipelines) round down; with
-steps * strength whole both run the same steps, and strength 0 (no step at all) is refused.
+A family runs here when its spec names its diffusers pipeline (`FamilySpec.torch_pipelines`: Stable Diffusion
+1.x, 2.x, XL with ControlNet on the StableDiffusion* pipelines, FLUX.1 on the Flux* ones); the img2img,
+inpainting and ControlNet pipelines are found by name from it. A flow model runs on
+FlowMatchEulerDiscreteScheduler, so it gets the samplers that scheduler has: euler, and lcm (its stochastic
+sampling: jump to the clean estimate, re-noise to the next sigma, as our lcm sampler), on the discrete, karras
+and exponential schedules (the same sigmas as `schedules.flow_sigmas`). What differs between the pipelines
+is read off them: whether they take a size for img2img, true CFG (`true_cfg_scale`, with distilled
+guidance as `guidance_scale`), packed latents. `capabilities` narrows a model's samplers and schedules to
+these, so build_job refuses the others before a job is queued. One difference from the MLX engine: flow
+img2img and inpainting keep diffusers' flow pipelines' rule for strength, steps - int(steps - steps *
+strength) steps, which rounds a fractional steps * strength up where ours (and diffusers' SD pipelines)
+round down; with steps * strength whole both run the same steps, and strength 0 (no step at all) is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -32,11 +37,11 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlx_sd_server.engine.families.flux.transformer import pack_latents, unpack_latents
-from mlx_sd_server.engine.model_io import component_class, component_kind, read_manifest
-from mlx_sd_server.engine.pipeline import NoiseSource, Step, paste_outside_mask, fit_image
 from mlx_sd_server.engine.errors import JobError
-from mlx_sd_server.engine.families.spec import DEFAULT_GUIDANCE
+from mlx_sd_server.engine.families import spec_for
+from mlx_sd_server.engine.families.spec import DEFAULT_GUIDANCE, Capabilities
+from mlx_sd_server.engine.model_io import component_class, component_kind, read_manifest
+from mlx_sd_server.engine.pipeline import NoiseSource, Step, fit_image, paste_outside_mask
 from mlx_sd_server.job import Job
 
 log = logging.getLogger(__name__)
@@ -59,7 +64,7 @@ SCHEDULE_OPTIONS: dict[str, dict[str, Any]] = {
     "exponential": {"use_exponential_sigmas": True},
     "lcm": {},
 }
-# Flow models (FLUX): FlowMatchEulerDiscreteScheduler's samplers and schedules ("discrete" is its default).
+# Flow models: FlowMatchEulerDiscreteScheduler's samplers and schedules ("discrete" is its default).
 FLOW_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("FlowMatchEulerDiscreteScheduler", {}),
     "lcm": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
@@ -137,7 +142,7 @@ def _check_unquantized(manifest: dict, folder: Path) -> None:
 
 
 def _is_flow(manifest: dict) -> bool:
-    return manifest["prediction_type"] == "flow"
+    return spec_for(manifest["family"]).parameterization == "flow"
 
 
 def _scheduler_config(manifest: dict) -> dict[str, Any]:
@@ -153,6 +158,19 @@ def _samplers(manifest: dict) -> tuple[dict[str, tuple[str, dict[str, Any]]], di
     return (FLOW_SCHEDULERS, FLOW_SCHEDULE_OPTIONS) if _is_flow(manifest) else (DIFFUSERS_SCHEDULERS, SCHEDULE_OPTIONS)
 
 
+def capabilities(manifest: dict, can_do: Capabilities) -> Capabilities:
+    """What a model can do (`can_do`, its family's) narrowed to what this engine runs: the samplers and
+    schedules diffusers has equivalents of, and no LoRAs. (Which sampler goes with which schedule is
+    checked when the job runs: `TorchPipeline.scheduler`.)"""
+    samplers, schedules = _samplers(manifest)
+    return dataclasses.replace(can_do, samplers=tuple(s for s in can_do.samplers if s in samplers),
+                               schedulers=tuple(s for s in can_do.schedulers if s in schedules), lora=False)
+
+
+def _accepts(method: Callable, name: str) -> bool:
+    return name in inspect.signature(method).parameters
+
+
 class TorchPipeline:
     """A converted model run by diffusers. Build with `from_folder`."""
 
@@ -160,9 +178,13 @@ class TorchPipeline:
         self.base = base  # the txt2img diffusers pipeline; the other modes' pipelines share its modules
         self.manifest = manifest
         self.controlnet = controlnet
-        self.is_sdxl = manifest["family"] == "sdxl"
-        self.is_flux = manifest["family"] == "flux"
-        self.inpainting_unet = not self.is_flux and base.unet.config.in_channels == 9
+        spec = spec_for(manifest["family"])
+        self.flow = _is_flow(manifest)
+        self.takes_controlnet = spec.component("controlnet") is not None
+        # An inpainting model takes the mask and the masked image's latents as input channels beside its own
+        denoiser = getattr(base, spec.denoiser).config
+        self.inpainting_model = denoiser.in_channels == 2 * base.vae.config.latent_channels + 1
+        self.packed = hasattr(type(base), "_pack_latents")  # the pipeline takes latents as tokens of patches
         self._pipelines: dict[str, Any] = {}
 
     @classmethod
@@ -170,8 +192,9 @@ class TorchPipeline:
                     device: str | None = None, dtype: str | None = None) -> "TorchPipeline":
         """Load a converted folder (and optionally a converted ControlNet folder) into diffusers.
 
-        `device` defaults to cuda, then mps, then cpu; `dtype` to float16 on a GPU, float32 on the CPU. FLUX
-        takes bfloat16 for float16 (the MLX engine keeps only T5 in bfloat16; diffusers' Flux pipelines cannot).
+        `device` defaults to cuda, then mps, then cpu; `dtype` to float16 on a GPU, float32 on the CPU. A model
+        with a component that overflows float16 (FLUX's T5) runs wholly in that component's dtype (bfloat16)
+        instead: the MLX engine keeps only that component in it, diffusers' pipelines cannot.
         """
         import diffusers
         import torch
@@ -180,15 +203,22 @@ class TorchPipeline:
         folder = Path(folder)
         manifest = read_manifest(folder)
         _check_unquantized(manifest, folder)
-        if manifest["family"] not in ("sd1", "sd2", "sdxl", "flux"):
-            raise ValueError(f"{folder.name}: the torch engine does not run {manifest['family']} models (MLX does)")
+        family = manifest["family"]
+        spec = spec_for(family)
+        pipeline_class = spec.torch_pipelines.get(family)
+        if pipeline_class is None:
+            raise ValueError(f"{folder.name}: the torch engine does not run {family} models (MLX does)")
+        if control_net is not None and spec.component("controlnet") is None:
+            raise ValueError(f"{folder.name} is a {family.upper()} model: {family.upper()} models take no ControlNet")
         components = manifest["components"]
-        flux = manifest["family"] == "flux"
         device = device or default_device()
         torch_dtype = getattr(torch, dtype or ("float32" if device == "cpu" else "float16"))
-        if flux and torch_dtype == torch.float16:  # (diffusers' Flux pipelines cannot keep T5 alone in bfloat16)
-            log.warning("torch engine: FLUX runs in bfloat16, not float16 (its T5 and activations overflow float16)")
-            torch_dtype = torch.bfloat16
+        instead = {name: kind.instead_of_float16 for name, entry in components.items()
+                   if (kind := component_kind(name, entry["config"])).instead_of_float16 is not None}
+        if instead and torch_dtype == torch.float16:  # (diffusers' pipelines cannot keep T5 alone in bfloat16)
+            torch_dtype = getattr(torch, str(next(iter(instead.values()))).rpartition(".")[2])
+            log.warning("torch engine: %s runs in %s, not float16 (%s and its activations overflow float16)",
+                        folder.name, torch_dtype, ", ".join(instead))
         modules = {name: _build_component(name, components[name], folder)
                    for name in ("text_encoder", "text_encoder_2", "unet", "transformer", "vae") if name in components}
         for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
@@ -199,15 +229,10 @@ class TorchPipeline:
                 modules[tokenizer] = tokenizer_class.from_pretrained(str(tokenizer_folder))
         scheduler_class, _ = _samplers(manifest)[0]["euler"]
         modules["scheduler"] = getattr(diffusers, scheduler_class)(**_scheduler_config(manifest))  # replaced per job
-        if flux:
-            if control_net is not None:
-                raise ValueError(f"{folder.name} is a FLUX model: FLUX takes no ControlNet")
-            base = diffusers.FluxPipeline(**modules)
-        elif manifest["family"] == "sdxl":
-            base = diffusers.StableDiffusionXLPipeline(**modules)
-        else:
-            base = diffusers.StableDiffusionPipeline(**modules, safety_checker=None, feature_extractor=None,
-                                                     requires_safety_checker=False)
+        base_class = getattr(diffusers, pipeline_class)
+        offered = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        base = base_class(**modules, **{key: value for key, value in offered.items()
+                                        if _accepts(base_class.__init__, key)})
         controlnet = None
         if control_net is not None:
             cn_folder = Path(control_net)
@@ -230,7 +255,7 @@ class TorchPipeline:
     # --- what a job needs ----------------------------------------------------------------------------
 
     def _mode(self, job: Job) -> str:
-        if job.mask is not None or self.inpainting_unet:
+        if job.mask is not None or self.inpainting_model:
             return "inpaint"
         return "img2img" if job.init_image is not None else "txt2img"
 
@@ -240,15 +265,15 @@ class TorchPipeline:
 
         controlled = job.control_image is not None
         if controlled and self.controlnet is None:
-            why = "FLUX models take no ControlNet" if self.is_flux else "this model has no ControlNet attached"
+            why = ("this model has no ControlNet attached" if self.takes_controlnet
+                   else f"{self.manifest['family'].upper()} models take no ControlNet")
             raise JobError(f"{why}, so control_image cannot be honoured", "control_image", "controlnet_unavailable")
-        kind = "Flux" if self.is_flux else f"StableDiffusion{'XL' if self.is_sdxl else ''}"
+        kind = type(self.base).__name__.removesuffix("Pipeline")  # StableDiffusionXL: StableDiffusionXLImg2Img...
         name = f"{kind}{'ControlNet' if controlled else ''}{MODE_NAMES[self._mode(job)]}Pipeline"
         if name not in self._pipelines:
             cls = getattr(diffusers, name)
-            accepted = inspect.signature(cls.__init__).parameters
             offered = {**self.base.components, "controlnet": self.controlnet, "requires_safety_checker": False}
-            pipeline = cls(**{key: value for key, value in offered.items() if key in accepted})
+            pipeline = cls(**{key: value for key, value in offered.items() if _accepts(cls.__init__, key)})
             pipeline.set_progress_bar_config(disable=True)
             self._pipelines[name] = pipeline
         return self._pipelines[name]
@@ -265,9 +290,8 @@ class TorchPipeline:
         class_name, extra = samplers[job.sample_method]
         cls = getattr(diffusers, class_name)
         options = schedules.get(job.scheduler)
-        accepted = inspect.signature(cls.__init__).parameters
-        lcm_mismatch = not self.is_flux and (job.scheduler == "lcm") != (job.sample_method == "lcm")
-        if options is None or lcm_mismatch or not set(options) <= set(accepted):
+        lcm_mismatch = not self.flow and (job.scheduler == "lcm") != (job.sample_method == "lcm")
+        if options is None or lcm_mismatch or not all(_accepts(cls.__init__, option) for option in options):
             raise JobError(f"scheduler {job.scheduler!r} is not available with sample_method {job.sample_method!r} "
                            "on the torch engine", "scheduler", "unsupported_scheduler")
         return cls(**_scheduler_config(self.manifest), **extra, **options)
@@ -276,21 +300,21 @@ class TorchPipeline:
         """diffusers' denoising loop length for the job (Heun and DPM2 take two iterations per step)."""
         scheduler = self.scheduler(job)
         try:  # (a flow schedule's length does not depend on its shift, mu)
-            scheduler.set_timesteps(job.steps, **({"mu": 0.0} if self.is_flux else {}))
+            scheduler.set_timesteps(job.steps, **({"mu": 0.0} if self.flow else {}))
         except ValueError as exc:  # e.g. LCM's 50-step limit
             raise JobError(str(exc), "steps", "invalid_value") from None
         if job.init_image is None:
             return len(scheduler.timesteps)
-        if self.is_flux:  # diffusers' Flux img2img/inpaint rule (see the module docstring)
+        if self.flow:  # diffusers' flow pipelines' img2img/inpaint rule (see the module docstring)
             kept = job.steps - int(max(job.steps - min(job.steps * job.strength, job.steps), 0))
             if kept < 1:
-                raise JobError(f"strength {job.strength} leaves no step of {job.steps} to run; diffusers' FLUX "
+                raise JobError(f"strength {job.strength} leaves no step of {job.steps} to run; diffusers' flow "
                                "pipelines need at least one", "strength", "invalid_value")
         else:
             kept = min(int(job.steps * job.strength), job.steps)  # diffusers' img2img rule
         return len(scheduler.timesteps) - (job.steps - kept) * scheduler.order
 
-    def _arguments(self, job: Job, noise: NoiseSource | None) -> dict[str, Any]:
+    def _arguments(self, pipeline, job: Job, noise: NoiseSource | None) -> dict[str, Any]:
         import torch
 
         size = (job.width, job.height)
@@ -304,12 +328,16 @@ class TorchPipeline:
             generator=[torch.Generator().manual_seed(seed) for seed in job.seeds()],
             output_type="pil",
         )
-        if self.is_flux:  # cfg_scale is true CFG (FluxPipeline runs it only with a negative prompt, "" included)
+        if _accepts(pipeline.__call__, "true_cfg_scale"):
+            # cfg_scale is true CFG (FluxPipeline runs it only with a negative prompt, "" included), and
+            # guidance_scale the distilled guidance
             args.update(negative_prompt=job.negative_prompt, true_cfg_scale=job.cfg_scale,
-                        guidance_scale=job.guidance if job.guidance is not None else DEFAULT_GUIDANCE,
-                        max_sequence_length=self.manifest["components"]["text_encoder_2"].get("max_length", 512))
-        if mode != "img2img" or job.control_image is not None or self.is_flux:
-            args.update(height=job.height, width=job.width)  # (SD img2img takes the size of its image)
+                        guidance_scale=job.guidance if job.guidance is not None else DEFAULT_GUIDANCE)
+        lengths = [entry["max_length"] for entry in self.manifest["components"].values() if "max_length" in entry]
+        if lengths and _accepts(pipeline.__call__, "max_sequence_length"):  # T5's, as trained
+            args["max_sequence_length"] = lengths[0]
+        if _accepts(pipeline.__call__, "height"):  # (SD img2img takes the size of its image)
+            args.update(height=job.height, width=job.width)
         if mode != "txt2img":  # an inpainting UNet with nothing to edit repaints a blank grey image
             blank = Image.new("RGB", size, (128, 128, 128))
             args["image"] = _fit(job.init_image, size) if job.init_image is not None else blank
@@ -321,18 +349,19 @@ class TorchPipeline:
             args["controlnet_conditioning_scale"] = job.control_strength
         if noise is not None and mode == "txt2img":  # tests inject the starting latents (step noise: the seeds)
             h, w = self._latent_size(job)
-            initial = noise.initial((job.n, h, w, self.base.vae.config.latent_channels))
-            args["latents"] = torch.from_numpy(np.array(pack_latents(initial) if self.is_flux
-                                                        else initial.transpose(0, 3, 1, 2)))
+            channels = self.base.vae.config.latent_channels
+            latents = torch.from_numpy(np.array(noise.initial((job.n, h, w, channels)).transpose(0, 3, 1, 2)))
+            args["latents"] = self.base._pack_latents(latents, job.n, channels, h, w) if self.packed else latents
         return args
 
     def _latent_size(self, job: Job) -> tuple[int, int]:
         return job.height // self.base.vae_scale_factor, job.width // self.base.vae_scale_factor
 
     def _our_latents(self, latents, job: Job) -> mx.array:
-        """diffusers' latents (NCHW, or FLUX's packed tokens) as ours: (B, h, w, C)."""
-        array = mx.array(latents.float().cpu().numpy())
-        return unpack_latents(array, *self._latent_size(job)) if self.is_flux else array.transpose(0, 2, 3, 1)
+        """diffusers' latents (NCHW, or packed tokens) as ours: (B, h, w, C)."""
+        if self.packed:
+            latents = self.base._unpack_latents(latents, job.height, job.width, self.base.vae_scale_factor)
+        return mx.array(latents.float().cpu().numpy()).transpose(0, 2, 3, 1)
 
     def _control_image(self, job: Job) -> Image.Image:
         pixels = fit_image(job.control_image, job.width, job.height)
@@ -355,7 +384,7 @@ class TorchPipeline:
                            "this model", "loras", "unsupported_parameter")
         pipeline = self._pipeline(job)
         pipeline.scheduler = self.scheduler(job)
-        args = self._arguments(job, noise)
+        args = self._arguments(pipeline, job, noise)
         log.info("torch engine: %s, %d steps of %s/%s",
                  type(pipeline).__name__, job.steps, job.sample_method, job.scheduler)
         progress: queue.Queue[Step | None] = queue.Queue()
@@ -365,7 +394,7 @@ class TorchPipeline:
 
         def on_step_end(_pipeline, step: int, timestep, tensors: dict) -> dict:
             # (a flow scheduler's timestep is sigma * num_train_timesteps; SD's is the training timestep)
-            sigma = float(timestep) / (pipeline.scheduler.config.num_train_timesteps if self.is_flux else 1)
+            sigma = float(timestep) / (pipeline.scheduler.config.num_train_timesteps if self.flow else 1)
             progress.put(Step(step, sigma, self._our_latents(tensors["latents"], job), None))
             resume.acquire()
             if stop.is_set():

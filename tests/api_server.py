@@ -20,7 +20,7 @@ from PIL import Image
 from mlx_sd_server.engine.pipeline import Step
 from mlx_sd_server.api.server import hypercorn_config
 from mlx_sd_server.job import ModelDefaults
-from mlx_sd_server.loras import LoRALibrary
+from mlx_sd_server.lora.library import LoRALibrary
 from mlx_sd_server.registry import ModelInfo, ModelNotFoundError
 
 

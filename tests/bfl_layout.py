@@ -1,7 +1,7 @@
 """diffusers FluxTransformer2DModel -> Black Forest Labs' original FLUX transformer layout (flux1-*.safetensors).
 
-The inverse of `convert.flux_files`' mapping, written from the layout's description so that tests can make tiny
-BFL files; the tests check it against diffusers' own converter (convert_flux_transformer_checkpoint_to_diffusers).
+The inverse of `engine.families.flux.single_file`'s mapping, written from the layout's description so that tests
+can make tiny BFL files; the tests check it against diffusers' own converter (convert_flux_transformer_checkpoint_to_diffusers).
 Works on torch tensors, meta tensors included (real-size shapes without memory).
 """
 

@@ -1,8 +1,8 @@
 """diffusers pipeline -> single-file checkpoint in the original layout (CompVis/LDM for SD 1.x/2.x, SGM for SDXL);
 diffusers ControlNetModel -> single-file ControlNet in lllyasviel's layout (`control_model.*`).
 
-The inverse of `convert.checkpoint`, written independently from the layout's description so that tests can
-make tiny single-file checkpoints; the tests check it against diffusers' own single-file converters.
+The inverse of `engine.families.sd.single_file`, written independently from the layout's description so that
+tests can make tiny single-file checkpoints; the tests check it against diffusers' own single-file converters.
 """
 
 from __future__ import annotations
@@ -166,3 +166,22 @@ def write_checkpoint(pipe, family: str, path: Path, metadata: dict[str, str] | N
 
     save_file(checkpoint_state(pipe, family, vae_attention_as_conv), str(path), metadata=metadata)
     return Path(path)
+
+
+CLIP_VOCABULARY = 49408  # CLIP's own tokenizer's tokens: what a converted single file's CLIP gets
+
+
+def with_clip_vocabulary(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`state` with its CLIP token embeddings grown to CLIP's vocabulary (zero rows after the tiny ones), as
+    real single files have them: their conversion gives them CLIP's own tokenizer."""
+    def grown(value: np.ndarray) -> np.ndarray:
+        return np.concatenate([value, np.zeros((CLIP_VOCABULARY - len(value), value.shape[1]), value.dtype)])
+
+    return {k: grown(v) if k.endswith("token_embedding.weight") else v for k, v in state.items()}
+
+
+def with_tokenizers(source, folder: Path):
+    """A model read from single files, given the tokenizers of the diffusers folder its tiny text encoders came
+    from: single files carry none, and CLIP's own has more ids than the tiny embeddings have rows."""
+    source.tokenizers = {name: folder / name.replace("text_encoder", "tokenizer") for name in source.tokenizers}
+    return source

@@ -1,4 +1,4 @@
-"""Random LoRA files in every format convert.lora reads (and a few it refuses), made for torch models' own layers.
+"""Random LoRA files in every format lora.formats reads (and a few it refuses), made for torch models' own layers.
 
     write_lora(path, fmt, models, *, rank=4, alpha=None, seed=0, targets=None) -> layers
 
@@ -20,7 +20,7 @@ fmt      peft        diffusers/PEFT: <component>.<layer>.lora_A.weight / .lora_B
          flux_bfl    the same names with .lora_A/.lora_B/.alpha (diffusers cannot load this one)
          flux_xlabs  FLUX by XLabs: double_blocks.N.processor.{qkv,proj}_lora{1,2}.down/.up, single_blocks.N.
                      processor.{qkv,proj}_lora (attention layers only, transformer only, no alpha)
-         loha, lokr, dora   not LoRAs convert.lora reads: kohya-named LyCORIS LoHa and LoKr factors, a kohya LoRA
+         loha, lokr, dora   not LoRAs lora.formats reads: kohya-named LyCORIS LoHa and LoKr factors, a kohya LoRA
                      with dora_scale (a few UNet/transformer layers, for error messages)
 targets  a regex searched in each diffusers layer name (a fused FLUX layer is kept when one of its parts
          matches); default: every nn.Linear and nn.Conv2d (text encoders: their encoder layers), convolutions as
@@ -28,14 +28,14 @@ targets  a regex searched in each diffusers layer name (a fused FLUX layer is ke
 alpha    None (the file has none: scale 1), a number, or a function (component, layer in the file: a diffusers
          name, or a BFL one in the FLUX formats) -> alpha. scale = alpha / rank.
 
-Returns what the file means, as convert.lora reads it: {component: {diffusers layer: LoRALayer(down, up,
+Returns what the file means, as lora.formats reads it: {component: {diffusers layer: LoRALayer(down, up,
 scale)}} (fused layers' `up` split by rows, FLUX's final shift/scale rows swapped); {} for loha, lokr and dora.
 Values: down ~ N(0, 1/fan_in), up ~ N(0, 0.1^2), so a LoRA changes outputs visibly but not absurdly. Each
 (component, layer in the file) draws from its own seed: a layer gets the same factors in every format and
 with any `targets`.
 
 What diffusers 0.42's `load_lora_weights` gets wrong or cannot read, for parity tests through it (found by
-tests/test_lora_formats.py; convert.lora reads all of these):
+tests/test_lora_formats.py; lora.formats reads all of these):
   - kohya FLUX (flux_kohya, flux_comfy): single blocks' linear1 is split at FLUX.1's widths (an AssertionError
     on a narrow model), and the layers outside the blocks (img_in, txt_in, time_in, vector_in, guidance_in,
     final_layer) are dropped: use targets="^(transformer_blocks|text_model)[.]" on tiny models;
@@ -58,8 +58,8 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from convert.flux_files import BLOCKS, FLUX_NAMES, SHIFT_SCALE_MODULES
-from convert.lora import LoRALayer
+from mlx_sd_server.engine.families.flux.single_file import BLOCKS, FLUX_NAMES, SHIFT_SCALE_MODULES
+from mlx_sd_server.lora.formats import LoRALayer
 
 FORMATS = ("peft", "peft_old", "kohya", "kohya_ldm", "flux_kohya", "flux_comfy", "flux_bfl", "flux_xlabs",
            "loha", "lokr", "dora")

@@ -1,7 +1,7 @@
 """diffusers SD3Transformer2DModel -> Stability's original MMDiT layout (sd3_medium.safetensors, sd3.5_*.safetensors).
 
-The inverse of `convert.sd3_files`' mapping, written from the layout's description so that tests can make tiny
-SD3 single files; the tests check it against diffusers' own converter (convert_sd3_transformer_checkpoint_to_diffusers).
+The inverse of `engine.families.sd3.single_file`'s mapping, written from the layout's description so that tests
+can make tiny SD3 single files; the tests check it against diffusers' own converter (convert_sd3_transformer_checkpoint_to_diffusers).
 Works on torch tensors, meta tensors included (real-size shapes without memory).
 """
 

@@ -14,10 +14,12 @@ import pytest
 import torch
 from diffusers.loaders import single_file_utils
 
-from convert.checkpoint import (
-    ArchitectureHints, CheckpointError, PickleRefusedError, load_checkpoint, read_checkpoint, unet_config_from_ldm,
-    vae_config_from_ldm,
-)
+from convert.checkpoint import load_checkpoint, read_checkpoint
+from convert.source import PickleRefusedError
+from mlx_sd_server.engine.families.sd.single_file import unet_config_from_ldm
+from mlx_sd_server.engine.families.sd.spec import SPEC as SD
+from mlx_sd_server.engine.ldm_vae import vae_config_from_ldm
+from mlx_sd_server.engine.source import ArchitectureHints, CheckpointError
 from ldm_layout import checkpoint_state, unet_key, vae_key, write_checkpoint
 from tiny_diffusers import make_pipeline
 
@@ -173,9 +175,9 @@ def test_real_size_configs_from_shapes(family):
     ldm_unet = {unet_key(k, unet.config): v for k, v in unet.state_dict().items()}
     ldm_vae = {vae_key(k, vae.config): v for k, v in vae.state_dict().items()}
     text_projection_dim = 1280 if family == "sdxl" else None  # OpenCLIP bigG's
-    unet_config = unet_config_from_ldm(ldm_unet, family, text_projection_dim, ArchitectureHints())
+    unet_config = unet_config_from_ldm(ldm_unet, family, text_projection_dim, ArchitectureHints(), image_size // 8)
     assert_config_matches(unet_config, json.loads(unet.to_json_string()), {"_diffusers_version"})
-    assert_config_matches(vae_config_from_ldm(ldm_vae, family, ArchitectureHints()),
+    assert_config_matches(vae_config_from_ldm(ldm_vae, SD.latent[family], image_size, ArchitectureHints()),
                           json.loads(vae.to_json_string()), {"_diffusers_version"})
 
 
@@ -209,7 +211,7 @@ def test_read_checkpoint_is_a_source_model(tiny):
 
 def test_sd2_without_a_signal_assumes_v_prediction_and_says_how_to_override(tiny, caplog):
     _, _, path = tiny("sd2v")
-    with caplog.at_level(logging.WARNING, logger="convert.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="mlx_sd_server.engine.families.sd.single_file"):
         assert load_checkpoint(path, hints=TINY).prediction_type == "v_prediction"
     assert "--prediction-type epsilon" in caplog.text
 

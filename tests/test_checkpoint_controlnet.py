@@ -16,9 +16,11 @@ from diffusers.loaders import single_file_utils
 from safetensors.numpy import save_file
 
 import tiny_diffusers
-from convert.checkpoint import ArchitectureHints, controlnet_config_from_ldm, load_checkpoint, read_checkpoint
+from convert.checkpoint import load_checkpoint, read_checkpoint
 from convert.model import convert_model, write_model
 from ldm_layout import checkpoint_state, controlnet_key, controlnet_state, write_controlnet
+from mlx_sd_server.engine.families.sd.single_file import controlnet_config_from_ldm
+from mlx_sd_server.engine.source import ArchitectureHints
 from mlx_sd_server.engine.model_io import load_model, read_manifest
 from parity import max_rel_err, nchw_to_nhwc
 from test_checkpoint import TINY, assert_config_matches, assert_same_weights, numpy_state

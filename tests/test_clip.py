@@ -114,6 +114,18 @@ def test_end_token_positions():
     assert model.end_token_positions(ids).tolist() == [2, 1, 0]
 
 
+def test_ids_outside_the_embedding_raise_instead_of_reading_past_it():
+    """MLX's gather does not check bounds: an id past the table would read whatever memory follows it."""
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1,
+                                         num_attention_heads=2, eos_token_id=EOS))
+    assert model.token_rows == VOCAB
+    model(mx.array([[BOS, 0, VOCAB - 1, EOS]]))
+    for bad in (VOCAB, VOCAB + 1000, -1):
+        with pytest.raises(ValueError, match=f"token id {bad} is outside this text encoder's embedding "
+                                             rf"\({VOCAB} rows\)"):
+            model(mx.array([[BOS, bad, EOS]]))
+
+
 # Real shapes (random weights): SD1's ViT-L/14 and SDXL's OpenCLIP bigG/14 (SD2's H/14 sits between).
 REAL_SIZE = {
     "sd1": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,

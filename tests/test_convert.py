@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import tiny_diffusers
-from convert.checkpoint import ArchitectureHints, read_checkpoint
+from convert.checkpoint import read_checkpoint
 from convert.model import convert_model, write_model
-from ldm_layout import write_checkpoint
+from ldm_layout import CLIP_VOCABULARY, checkpoint_state, with_clip_vocabulary, with_tokenizers, write_checkpoint
 from mlx_sd_server.engine.model_io import load_model, read_manifest
+from mlx_sd_server.engine.source import ArchitectureHints, CheckpointError
 from parity import max_rel_err, nchw_to_nhwc
 
 TOLERANCE = 1e-4
@@ -35,7 +36,8 @@ def converted(request, tmp_path_factory):
         convert_model(src, dst, dtype="float32", progress=False)
     else:
         checkpoint = write_checkpoint(pipe, family, src / "model.safetensors")
-        write_model(read_checkpoint(checkpoint, hints=TINY_HINTS), dst, name="model", dtype="float32", progress=False)
+        write_model(with_tokenizers(read_checkpoint(checkpoint, hints=TINY_HINTS), src), dst, name="model",
+                    dtype="float32", progress=False)
     return family, pipe, dst
 
 
@@ -59,7 +61,7 @@ def test_components_match_reference(converted):
     # text encoders: same ids through both
     ids = pipe.tokenizer(["a photo of a cat", "dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     torch_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
-    for ours, ref in zip(model.text_encoders, torch_encoders):
+    for ours, ref in zip(model.text_encoders.values(), torch_encoders):
         with torch.no_grad():
             expected = ref(ids, output_hidden_states=True)
         got = ours(mx.array(ids.numpy()))
@@ -123,9 +125,28 @@ def test_refuses_pickle_and_existing_output(tmp_path):
         convert_model(src, tmp_path / "busy", progress=False)
 
 
+def test_a_text_embedding_shorter_than_the_tokenizers_vocabulary_is_refused(tmp_path):
+    """A single file carries no tokenizer, so its CLIP gets CLIP's own (49,408 tokens). A CLIP whose embedding
+    has fewer rows (here the tiny pipeline's) would be read past its end at run time: conversion refuses it,
+    naming both sizes, and leaves nothing behind."""
+    from safetensors.numpy import save_file
+
+    pipe = tiny_diffusers.make_pipeline(tmp_path / "src", "sd1")
+    checkpoint = write_checkpoint(pipe, "sd1", tmp_path / "short-vocabulary.safetensors")
+    rows = tiny_diffusers.tokenizer_vocab_size()
+    with pytest.raises(CheckpointError, match=rf"text_encoder: its token embedding has {rows} rows, but its "
+                                              r"tokenizer has 49408 tokens"):
+        convert_model(checkpoint, tmp_path / "models" / "short", progress=False)
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+    full = tmp_path / "full-vocabulary.safetensors"  # the same model with CLIP's rows converts
+    save_file(with_clip_vocabulary(checkpoint_state(pipe, "sd1")), str(full))
+    manifest = read_manifest(convert_model(full, tmp_path / "models" / "full", progress=False))
+    assert manifest["components"]["text_encoder"]["config"]["vocab_size"] == CLIP_VOCABULARY
+
+
 def test_turbo_and_lcm_models_get_their_own_defaults():
     from convert.model import model_defaults
-    from convert.source import SourceModel
+    from mlx_sd_server.engine.source import SourceModel
 
     def source(family="sd1", prediction="epsilon", **unet):
         return SourceModel(family, prediction, {}, {"unet": (unet, ())})

@@ -16,9 +16,11 @@ import tiny_diffusers
 from convert.pull import ALLOW_PATTERNS, allow_patterns
 from mlx_sd_server.cli import build_parser, main
 from mlx_sd_server.engine.model_io import MANIFEST
-from mlx_sd_server.generate import cli_message
-from mlx_sd_server.job import SAMPLE_METHODS, SCHEDULERS, JobError
-from mlx_sd_server.registry import TINY_MODEL_NAME, ModelRegistry
+from mlx_sd_server.engine.sampling.samplers import SAMPLE_METHODS
+from mlx_sd_server.engine.sampling.schedules import SCHEDULERS
+from mlx_sd_server.generate import cli_message, job_from_args
+from mlx_sd_server.job import FIELDS, Capabilities, JobError, ModelDefaults, request_schema
+from mlx_sd_server.registry import TINY_MODEL_NAME, ModelInfo, ModelRegistry
 
 ARGS = ["--model", TINY_MODEL_NAME, "--prompt", "a cat", "--size", "64x64", "--steps", "1"]
 
@@ -76,6 +78,46 @@ def test_generate_errors_name_the_flags(tmp_path, capsys):
     assert "--sample-method" in err and "sample_method" not in err
     assert cli_message(JobError("n must be at most 10", "n")) == "-n must be at most 10"
     assert cli_message(JobError("bad value", "control_image")) == "--control-image: bad value"
+
+
+def test_generate_options_are_the_job_fields():
+    options = build_parser()._subparsers._group_actions[0].choices["generate"]._option_string_actions
+    schema = request_schema()
+    for field in FIELDS:
+        if not field.cli:  # (--model names a model to load, not the API's served-model name)
+            assert "--" + field.name.replace("_", "-") not in options or field.name == "model", field.name
+            continue
+        action = options["--" + field.name.replace("_", "-")]
+        assert action.default is None and action.required == (field.name == "prompt"), field.name
+        if "default" in schema[field.name] and schema[field.name]["default"] != "":  # the table's
+            assert action.help.endswith(f"(default: {schema[field.name]['default']})"), field.name
+        elif schema[field.name]["description"].endswith("(default: the model's)"):
+            assert action.help.endswith("(default: the model's)"), field.name
+        assert all(choice in action.help for choice in schema[field.name].get("enum", ())), field.name
+    assert options["-n"] is options["--n"]
+    args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "-n", "2", "--strength", "0.5",
+                                      "--control-preprocess", "Canny"])
+    assert (args.n, args.strength, args.control_preprocess, args.steps, args.seed) == (2, 0.5, "Canny", None, None)
+
+
+def test_generate_refuses_what_the_model_cannot_do_before_loading_it(tmp_path):
+    from types import SimpleNamespace
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "edges.png")
+    sd3_like = Capabilities("sd3", controlnet=False, size_multiple=16, largest_side=1536)
+    info = ModelInfo(name="m", family="sd3", created=0, defaults=ModelDefaults(), has_controlnet=False, folder=None,
+                     capabilities=sd3_like)
+    registry = SimpleNamespace(default_name="m", info=lambda: info, loras=SimpleNamespace(family=lambda name: "flux"))
+    base = ["generate", "--model", "m", "--prompt", "a cat", "--size", "512x512"]
+    for extra, param, code in [(["--control-image", str(tmp_path / "edges.png")], "control_image",
+                                "controlnet_unavailable"),
+                               (["--lora", "realism:0.5"], "loras", "lora_family_mismatch"),
+                               (["--steps", "60", "--scheduler", "lcm"], "steps", "out_of_range"),
+                               (["--size", "2048x2048"], "size", "invalid_size")]:
+        with pytest.raises(JobError) as caught:
+            job_from_args(build_parser().parse_args([*base, *extra]), registry)
+        assert (caught.value.param, caught.value.code) == (param, code)
+        assert "--" + param.replace("_", "-") in cli_message(caught.value)
 
 
 def test_the_random_model_is_not_the_default_beside_real_ones(tmp_path, sd1_folder, caplog, capsys):

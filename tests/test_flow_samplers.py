@@ -85,7 +85,8 @@ DETERMINISTIC = [
 def ode_error(name: str, sigmas: np.ndarray) -> float:
     """Relative error at sigma 0 of a run from sigma 1 (float64), against x(0) = x(1) sqrt(V(0)/V(1)) = s x(1)."""
     x1 = mx.array(np.linspace(-3, 3, 16), dtype=mx.float64)
-    *_, x = SAMPLERS[name](posterior_mean, x1, sigmas, noising=FLOW)
+    *_, last = SAMPLERS[name](posterior_mean, x1, sigmas, noising=FLOW)
+    x = last.x
     exact = np.array(x1) * math.sqrt(marginal_var(sigmas[-1]) / marginal_var(sigmas[0]))
     return float(np.abs(np.array(x) - exact).max() / np.abs(exact).max())
 
@@ -109,7 +110,8 @@ def exact_variances(name, sigmas, denoise=posterior_mean, noising=FLOW) -> np.nd
     draws = iter(basis[1:])
     x = mx.array(basis[0] * math.sqrt(marginal_var(sigmas[0])), dtype=mx.float64)
     noise = lambda: mx.array(next(draws), dtype=mx.float64)  # noqa: E731
-    return np.array([float(mx.sum(x * x)) for x in SAMPLERS[name](denoise, x, sigmas, noise, noising=noising)])
+    steps = SAMPLERS[name](denoise, x, sigmas, noise, noising=noising)
+    return np.array([float(mx.sum(step.x * step.x)) for step in steps])
 
 
 def marginal_error(variances, sigmas) -> float:
@@ -158,7 +160,8 @@ def test_ancestral_sampler_variance_with_random_noise(name, schedule, steps, sam
     sigmas = SCHEDULES[schedule](steps)
     x = mx.random.normal((samples,), dtype=mx.float64)  # V(1) = 1
     noise = lambda: mx.random.normal((samples,), dtype=mx.float64)  # noqa: E731
-    *_, x = SAMPLERS[name](posterior_mean, x, sigmas, noise, noising=FLOW)
+    *_, last = SAMPLERS[name](posterior_mean, x, sigmas, noise, noising=FLOW)
+    x = last.x
     ratio = float(mx.var(x)) / DATA_STD**2
     print(f"\n[sampled] {name} {schedule} {steps} steps: Var/s^2 = {ratio:.4f}", end="")
     assert abs(ratio - 1) < 0.05
@@ -181,7 +184,8 @@ def test_lcm_with_a_consistency_function_is_exact_on_the_flow_marginal(schedule)
     # The same check, sampled: 20000 elements through 4 steps.
     mx.random.seed(3)
     noise = lambda: mx.random.normal((20000,), dtype=mx.float64)  # noqa: E731
-    *_, x = SAMPLERS["lcm"](consistency_function, noise(), SCHEDULES[schedule](4), noise, noising=FLOW)
+    *_, last = SAMPLERS["lcm"](consistency_function, noise(), SCHEDULES[schedule](4), noise, noising=FLOW)
+    x = last.x
     assert abs(float(mx.var(x)) / DATA_STD**2 - 1) < 0.04
 
 
@@ -222,7 +226,7 @@ def test_default_noising_matches_explicit_variance_exploding(name):
     def ve_denoiser(x, sigma):
         return x * (DATA_STD**2 / (DATA_STD**2 + sigma**2))
 
-    default, explicit = (list(SAMPLERS[name](ve_denoiser, x, sigmas, iter(noises).__next__, **kwargs))[-1]
+    default, explicit = (list(SAMPLERS[name](ve_denoiser, x, sigmas, iter(noises).__next__, **kwargs))[-1].x
                          for kwargs in ({}, {"noising": VarianceExploding()}))
     assert np.array_equal(np.array(default), np.array(explicit))
     if name == "euler_a":  # and the pre-flow euler_a, written out from ../shared/samplers.md

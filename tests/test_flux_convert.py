@@ -9,15 +9,15 @@ from safetensors.numpy import save_file
 
 import tiny_flux
 from bfl_layout import write_bfl
-from convert.flux_files import read_flux_files
 from convert.model import convert_model, write_model
 from convert.pull import ALLOW_PATTERNS
+from ldm_layout import with_tokenizers
 from mlx_sd_server.cli import main as cli
 from mlx_sd_server.engine.families import capabilities
 from mlx_sd_server.engine.model_io import load_model, read_manifest
 from mlx_sd_server.engine.pipeline import DiffusionPipeline, drive
 from mlx_sd_server.job import ModelDefaults, build_job
-from test_flux_files import TINY, clip_file_state, t5_file_state, vae_file_state
+from test_flux_files import TINY, clip_file_state, read_flux_files, t5_file_state, vae_file_state
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +35,10 @@ def dev(tmp_path_factory):
 
 
 def read_split(root, files):
-    return read_flux_files(files["diffusion_model"], files["vae"], files["clip_l"], files["t5xxl"],
-                           t5_tokenizer=root / "diffusers" / "tokenizer_2", axes_dims_rope=list(tiny_flux.AXES),
-                           t5_max_distance=20, hints=TINY)
+    source = read_flux_files(files["diffusion_model"], files["vae"], files["clip_l"], files["t5xxl"],
+                             t5_tokenizer=root / "diffusers" / "tokenizer_2", axes_dims_rope=list(tiny_flux.AXES),
+                             t5_max_distance=20, hints=TINY)
+    return with_tokenizers(source, root / "diffusers")
 
 
 def test_split_files_convert_to_the_same_weights_as_the_diffusers_folder(dev):

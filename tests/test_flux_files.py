@@ -2,11 +2,13 @@
 
 Tiny random diffusers/transformers FLUX components are written as the files users have (the transformer by
 `bfl_layout`, checked against diffusers' own converter; the autoencoder by `ldm_layout`), read back by
-`convert.flux_files`, and must give back the exact weights and the configs that define the architecture.
+`convert.checkpoint` as FLUX's (`engine.families.flux.single_file`), and must give back the exact weights and
+the configs that define the architecture.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -17,12 +19,15 @@ from diffusers.loaders import single_file_utils
 from torch.overrides import TorchFunctionMode
 
 from bfl_layout import bfl_state, write_bfl
-from convert.checkpoint import ArchitectureHints, CheckpointError
-from convert.flux_files import (
-    FLUX_DEV_SCHEDULER, FLUX_SCHNELL_SCHEDULER, T5_TOKENIZER_FILE, T5_TOKENIZER_REPO, LazyWeights,
-    flux_transformer_config, map_bfl_transformer_weight, read_flux_files, t5_config,
-)
+from convert.checkpoint import T5_TOKENIZER_FILE, T5_TOKENIZER_REPO, LazyWeights, read_original
 from ldm_layout import vae_key
+from mlx_sd_server.engine.families.flux.single_file import (
+    DEV_SCHEDULER as FLUX_DEV_SCHEDULER, SCHNELL_SCHEDULER as FLUX_SCHNELL_SCHEDULER, flux_transformer_config,
+    map_bfl_transformer_weight,
+)
+from mlx_sd_server.engine.families.flux.spec import SPEC as FLUX
+from mlx_sd_server.engine.source import ArchitectureHints, CheckpointError
+from mlx_sd_server.engine.text.single_file import t5_config
 import tiny_flux
 from tiny_diffusers import text_encoder as tiny_clip
 from tiny_flux import AXES, randomize
@@ -34,6 +39,15 @@ T5_ARCHITECTURE = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_h
                    "layer_norm_epsilon")
 CLIP_ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "max_position_embeddings", "hidden_act", "layer_norm_eps")
+
+
+def read_flux_files(diffusion_model, vae=None, clip_l=None, t5xxl=None, *, t5_tokenizer=None, axes_dims_rope=None,
+                    t5_max_distance=128, hints=None):
+    """FLUX.1's files read as FLUX's, as `convert --diffusion-model FILE --vae FILE ...` reads them."""
+    given = {option: path for option, path in (("--vae", vae), ("--clip-l", clip_l), ("--t5xxl", t5xxl)) if path}
+    hints = dataclasses.replace(hints or ArchitectureHints(), axes_dims_rope=axes_dims_rope,
+                                t5_max_distance=t5_max_distance)
+    return read_original(FLUX, diffusion_model, given, t5_tokenizer=t5_tokenizer, hints=hints)
 
 
 # --- tiny components ----------------------------------------------------------------------------------
@@ -363,7 +377,7 @@ def test_unknown_transformer_keys_are_skipped_with_a_warning(flux, tmp_path, cap
     models, references, files = flux
     state = numpy_state(bfl_state(models["dev"].state_dict()))
     save_file({**state, "double_blocks.0.extra.weight": np.zeros(2, np.float32)}, str(tmp_path / "t.safetensors"))
-    with caplog.at_level(logging.WARNING, logger="convert.flux_files"):
+    with caplog.at_level(logging.WARNING, logger="mlx_sd_server.engine.source"):
         source = read({**files, "dev": tmp_path / "t.safetensors"})
     assert "double_blocks.0.extra.weight" in caplog.text
     assert_same_weights(source.components["transformer"][1], references["dev"])

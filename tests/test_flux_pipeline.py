@@ -11,12 +11,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import tiny_diffusers
 import tiny_flux
 from convert.model import convert_model
 from mlx_sd_server.engine.families import capabilities
 from mlx_sd_server.engine.model_io import load_model, read_manifest
-from mlx_sd_server.engine.pipeline import DiffusionPipeline
+from mlx_sd_server.engine.pipeline import DiffusionPipeline, drive
 from mlx_sd_server.job import JobError, ModelDefaults, build_job
 from parity import max_rel_err, nchw_to_nhwc
 from test_pipeline import (
@@ -193,7 +195,7 @@ def test_emphasis_weights_t5_states(flux):
     assert np.array_equal(context("(a photo:1.0) of a cat"), plain)
     assert np.array_equal(context("a photo BREAK of a cat"), plain)  # T5 reads one sequence: a word break
     ratio = context("(a photo:1.5) of a cat") / plain
-    emphasised = len(ours.model.tokenizers[1].tokenize("a photo"))
+    emphasised = len(ours.model.tokenizers["text_encoder_2"].tokenize("a photo"))
     restore = ratio[-1, 0]  # the mean correction every token gets
     np.testing.assert_allclose(ratio[:emphasised], 1.5 * restore, rtol=1e-4)
     np.testing.assert_allclose(ratio[emphasised:], restore, rtol=1e-4)
@@ -214,7 +216,7 @@ def test_converted_components_match_diffusers(flux, variant):
     with torch.no_grad():
         pooled = pipe.text_encoder(clip_ids).pooler_output
         states = pipe.text_encoder_2(t5_ids)[0]
-    clip, t5 = model.text_encoders
+    clip, t5 = model.text_encoders["text_encoder"], model.text_encoders["text_encoder_2"]
     errors = {"clip pooled": max_rel_err(clip(mx.array(clip_ids.numpy())).pooled_output, pooled),
               "t5": max_rel_err(t5(mx.array(t5_ids.numpy())), states)}
 
@@ -239,3 +241,44 @@ def test_converted_components_match_diffusers(flux, variant):
     errors.update(vae_errors(pipe, model, rng))
     print(f"FLUX {variant} components, max rel err:", ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     assert max(errors.values()) <= 1e-4
+
+
+def test_three_level_autoencoder_sets_the_latent_geometry(tmp_path_factory, tmp_path):
+    """An autoencoder with three levels downscales by 4, not 8: sides are multiples of 8 (4 x the 2x2 patch),
+    and the latents, token count (dev's shift) and position ids follow it. This crashed at 96x64 with
+    `[broadcast_shapes] Shapes (1,2,352,12) and (280,12)` when the geometry was assumed to be 1/8."""
+    from diffusers import AutoencoderKL, FluxPipeline
+
+    src = tmp_path_factory.mktemp("flux-vae4-src")
+    base = tiny_flux.make_pipeline(src, "dev")
+    torch.manual_seed(3)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
+        latent_channels=16, norm_num_groups=8, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False,
+    ).eval()
+    tiny_diffusers._randomize_zero_init(vae)
+    vae.save_pretrained(str(src / "vae"), safe_serialization=True)
+    pipe = FluxPipeline(**{**base.components, "vae": vae})
+    pipe.set_progress_bar_config(disable=True)
+    dst = tmp_path_factory.mktemp("flux-vae4-dst") / "model"
+    convert_model(src, dst, dtype="float32", progress=False)
+    manifest = read_manifest(dst)
+    assert capabilities(manifest).size_multiple == 8
+    ours = DiffusionPipeline(load_model(dst, dtype="float32"), paste_back=False)
+
+    width, height = 96, 64  # 24x16 latents, 12x8 packed tokens
+    initial = np.random.default_rng(6).standard_normal((1, 16, height // 4, width // 4)).astype(np.float32)
+    expected = pipe(PROMPT, num_inference_steps=3, height=height, width=width, latents=packed(initial),
+                    guidance_scale=3.5, max_sequence_length=t5_length(manifest), output_type="np").images
+    job = make_job(manifest, {"steps": 3, "width": width, "height": height})
+    steps = []
+    images = drive(ours.generate(job, ReplayNoise(initial, [])), steps.append)
+    assert len(steps) == 3 and all(np.isfinite(np.array(step.x)).all() for step in steps)
+    images[0].save(tmp_path / "flux.png")
+    with Image.open(tmp_path / "flux.png") as png:
+        assert png.size == (width, height)
+    diff = mean_abs_diff(np.asarray(images[0], dtype=np.float64)[None] / 255, expected)
+    print(f"FLUX dev, three-level autoencoder, 96x64: mean abs diff {diff:.2e}")
+    assert diff <= TOLERANCE

@@ -9,7 +9,7 @@ must be those same weights, bit for bit.
 
 from __future__ import annotations
 
-import shutil
+import re
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,18 +20,19 @@ from safetensors.numpy import load_file, save_file
 import tiny_diffusers
 import tiny_flux
 from bfl_layout import bfl_state
-from convert.checkpoint import ArchitectureHints, CheckpointError, load_checkpoint, read_checkpoint, read_state_dict
-from convert.flux_files import read_flux_files
+from convert.checkpoint import load_checkpoint, read_checkpoint
 from convert.gguf_source import MLX_BITS, QuantizedArray
 from convert.model import write_model
+from convert.source import read_state_dict
 from gguf_layout import TYPES, dequantized, llama_cpp_t5_name, types_in, write_gguf
-from ldm_layout import checkpoint_state
+from ldm_layout import checkpoint_state, with_tokenizers
 from mlx_sd_server.engine import model_io
 from mlx_sd_server.engine.families import capabilities
 from mlx_sd_server.engine.model_io import component_kind, load_model, read_manifest
 from mlx_sd_server.engine.pipeline import DiffusionPipeline, drive
 from mlx_sd_server.job import ModelDefaults, build_job
-from test_flux_files import TINY as FLUX_TINY, clip_file_state, vae_file_state
+from mlx_sd_server.engine.source import ArchitectureHints, CheckpointError
+from test_flux_files import TINY as FLUX_TINY, clip_file_state, read_flux_files, vae_file_state
 from test_pipeline import mean_abs_diff
 
 TINY = ArchitectureHints(unet_head_dim=16, text_head_dim=8, norm_num_groups=8)
@@ -63,8 +64,9 @@ def sd(tmp_path_factory):
 
 
 def convert(path, dst, **options):
-    return write_model(read_checkpoint(path, hints=TINY), dst, name=dst.name, dtype=options.pop("dtype", "float32"),
-                       progress=False, **options)
+    """Every file `sd` builds is named after the family, whose tiny pipeline folder holds its tokenizers."""
+    source = with_tokenizers(read_checkpoint(path, hints=TINY), path.parent / re.match(r"[a-z0-9]+", path.name)[0])
+    return write_model(source, dst, name=dst.name, dtype=options.pop("dtype", "float32"), progress=False, **options)
 
 
 def stored(folder, component: str) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int]]]:
@@ -183,14 +185,6 @@ def test_quantize_option_quantizes_the_rest_and_keeps_the_files_layers(sd, tmp_p
 
 # --- generating -----------------------------------------------------------------------------------------
 
-def with_tokenizer(converted, diffusers_folder):
-    """Single files carry no tokenizer, so conversion saves CLIP's real one, whose ids are out of the tiny
-    text encoders' range: give the converted folder the tiny pipeline's own."""
-    shutil.rmtree(converted / "tokenizer")
-    shutil.copytree(diffusers_folder / "tokenizer", converted / "tokenizer")
-    return converted
-
-
 def generate(folder, **fields) -> np.ndarray:
     manifest = read_manifest(folder)
     job = build_job({"prompt": "a photo of a cat", "steps": 4, "size": "64x64", **fields},
@@ -201,9 +195,8 @@ def generate(folder, **fields) -> np.ndarray:
 
 def test_q8_0_generation_stays_within_its_quantization_error(sd, tmp_path):
     path, _, source = sd("sd1", "Q8_0")
-    tokenizer = source.parent / "sd1"
-    reference = generate(with_tokenizer(convert(source, tmp_path / "f32"), tokenizer))
-    error = mean_abs_diff(generate(with_tokenizer(convert(path, tmp_path / "q8"), tokenizer)), reference)
+    reference = generate(convert(source, tmp_path / "f32"))
+    error = mean_abs_diff(generate(convert(path, tmp_path / "q8")), reference)
     assert 0 < error < Q8_0_IMAGE_ERROR, error
 
 
@@ -231,9 +224,10 @@ def bfl_numpy(transformer, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 def read_flux(root, files, diffusion_model, t5xxl=None):
-    return read_flux_files(diffusion_model, files["vae"], files["clip_l"], t5xxl or files["t5xxl"],
-                           t5_tokenizer=root / "diffusers" / "tokenizer_2", axes_dims_rope=list(tiny_flux.AXES),
-                           t5_max_distance=20, hints=FLUX_TINY)
+    source = read_flux_files(diffusion_model, files["vae"], files["clip_l"], t5xxl or files["t5xxl"],
+                             t5_tokenizer=root / "diffusers" / "tokenizer_2", axes_dims_rope=list(tiny_flux.AXES),
+                             t5_max_distance=20, hints=FLUX_TINY)
+    return with_tokenizers(source, root / "diffusers")
 
 
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q8_0"])
@@ -260,7 +254,7 @@ def test_flux_transformer_gguf_with_safetensors_beside_it_converts_exactly_and_r
     assert "x_embedder" not in layers and "proj_out" not in layers  # stable-diffusion.cpp keeps these float
     assert read_manifest(ours)["quantization"] == {"bits": bits, "group_size": 32}
 
-    manifest = read_manifest(with_tokenizer(ours, root / "diffusers"))
+    manifest = read_manifest(ours)
     job = build_job({"prompt": "a cat", "steps": 2, "size": "64x64"}, defaults=ModelDefaults(**manifest["defaults"]),
                     capabilities=capabilities(manifest))
     images = drive(DiffusionPipeline(load_model(ours, dtype="float32")).generate(job))

@@ -23,7 +23,7 @@ from PIL import Image
 from api_server import live_server, multipart, request, tiny_registry
 from mlx_sd_server.api import Settings, create_app
 from mlx_sd_server.api.parsing import read_json, read_multipart, read_urlencoded
-from mlx_sd_server.job import ECHO_CHARS, JobError, Limits, build_job, cover_size, shown
+from mlx_sd_server.job import ECHO_CHARS, Capabilities, JobError, Limits, ModelDefaults, build_job, cover_size, shown
 from mlx_sd_server.store import FileStore
 
 KEY = "sk-test-key"
@@ -326,6 +326,17 @@ CASES = [
                                            EDIT), 400, "image", "invalid_image"),
     ("upload-base64-junk", raw_json(json.dumps({"prompt": "x", "image": "!!!" * 1000}), EDIT), 400, "image",
      "invalid_image"),
+    # --- what failed in the pipeline, after queueing: each path (JSON, form) refuses it before ------------------
+    ("lcm-over-its-steps", gen(**{**GOOD, "scheduler": "lcm", "steps": 51}), 400, "steps", "out_of_range"),
+    ("form-lcm-over-its-steps", form(GEN, prompt="x", size="64x64", steps="60", scheduler="lcm"), 400, "steps",
+     "out_of_range"),
+    ("form-control-image-without-controlnet", form(GEN, prompt="x", size="64x64", steps="1",
+                                                   control_image=("c.png", png())), 400, "control_image",
+     "controlnet_unavailable"),
+    ("form-lora-tag-unknown", form(GEN, prompt="<lora:x:1> cat", size="64x64", steps="1"), 400, "prompt",
+     "lora_not_found"),
+    ("form-loras-unknown", form(GEN, prompt="cat", size="64x64", steps="1", loras='[{"name": "x"}]'), 400, "loras",
+     "lora_not_found"),
     # --- headers -----------------------------------------------------------------------------------------
     ("content-type-5k", ("POST", GEN, json.dumps(GOOD).encode(), {**AUTH, "Content-Type": "text/" + "x" * 5000}),
      415, None, "unsupported_media_type"),
@@ -547,6 +558,30 @@ def test_mask_must_match_the_image():
     error = job_error({"prompt": "a"}, {"image": image, "mask": Image.new("L", (48, 64))})
     assert (error.param, error.code) == ("mask", "invalid_image_dimensions")
     assert "48x64" in error.message and "64x48" in error.message
+
+
+def test_the_networks_largest_side_is_refused_before_the_queue():
+    sd3_like = Capabilities("sd3", size_multiple=16, largest_side=1536)  # position embeddings for 96 patches
+    error = job_error({"prompt": "a", "size": "2048x2048"}, capabilities=sd3_like)
+    assert (error.param, error.code, error.status) == ("size", "invalid_size", 400) and "1536" in error.message
+    error = job_error({"prompt": "a", "width": 1024, "height": 2048}, capabilities=sd3_like)
+    assert error.code == "invalid_size" and "1024x2048" in error.message
+    assert build_job({"prompt": "a", "size": "1536x1024"}, capabilities=sd3_like).width == 1536
+    assert build_job({"prompt": "a", "size": "2048x2048"}).width == 2048  # no such bound without one
+    # what the model cannot do at all is said first, whatever the size
+    no_controlnet = Capabilities("sd3", controlnet=False, size_multiple=16, largest_side=192)
+    assert job_error({"prompt": "a"}, {"control_image": Image.new("RGB", (8, 8))},
+                     capabilities=no_controlnet).param == "control_image"
+
+
+def test_a_schedules_step_limit_is_refused_before_the_queue():
+    error = job_error({"prompt": "a", "scheduler": "lcm", "steps": 60})
+    assert (error.param, error.code, error.status) == ("steps", "out_of_range", 400)
+    assert "50" in error.message and "lcm" in error.message
+    error = job_error({"prompt": "a", "steps": "51"}, defaults=ModelDefaults(steps=4, scheduler="lcm"))
+    assert error.param == "steps"  # the model's default schedule counts too
+    assert build_job({"prompt": "a", "scheduler": "lcm", "steps": 50}).steps == 50
+    assert build_job({"prompt": "a", "scheduler": "karras", "steps": 60}).steps == 60
 
 
 def test_surrogates_are_refused_in_every_text_field():

@@ -1,4 +1,4 @@
-"""convert.lora: LoRA files in every common format read into diffusers layer names, checked against diffusers.
+"""mlx_sd_server.lora.formats: LoRA files in every common format read into diffusers layer names, checked against diffusers.
 
 The reference is diffusers' own loading: a random LoRA (tests/lora_files.py) for a tiny model is loaded with
 `<Pipeline>.lora_state_dict` + `load_lora_into_*` into fresh torch modules, and every PEFT layer's
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file as save_torch
 
 import tiny_diffusers
 import tiny_flux
-from convert.lora import LoRAFile, LoRAFormatError, LoRALayer, lora_family, read_lora
+from mlx_sd_server.lora.formats import LoRAFile, LoRAFormatError, LoRALayer, lora_family, read_lora
 from lora_files import TEXT_ENCODERS, write_lora
 
 VARIED = lambda component, layer: 2.0 + len(layer) % 3  # noqa: E731 (alphas of 2, 3 and 4 at rank 4)

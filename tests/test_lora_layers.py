@@ -1,4 +1,4 @@
-"""LoRA branches (engine/lora.py): a wrapped layer equals the layer with the fused weight W + scale * up @ down,
+"""LoRA branches (engine/adapters.py): a wrapped layer equals the layer with the fused weight W + scale * up @ down,
 for plain, quantized and convolutional layers; `applied` puts them on a model and always takes them off."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlx_sd_server.engine.ops.layers import Conv2d, Linear
-from mlx_sd_server.engine.lora import Adapter, LoRALayer, applied, fused, get_layer
+from mlx_sd_server.engine.adapters import Adapter, AdaptedLayer as LoRALayer, applied, fused, get_layer
 
 rng = np.random.default_rng(0)
 
@@ -96,7 +96,7 @@ class Loaded:
     def __init__(self):
         self.manifest = {"components": {"unet": {}}}
         self.components = {"unet": Tiny()}
-        self.text_encoders = []
+        self.text_encoders = {}
 
 
 def test_applied_wraps_for_the_duration_and_restores_the_very_same_layers():

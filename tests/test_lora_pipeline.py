@@ -23,11 +23,11 @@ import tiny_sd3
 from convert.model import convert_model
 from mlx_sd_server.engine.families import capabilities
 from mlx_sd_server.engine.families.flux.transformer import latent_image_ids
-from mlx_sd_server.engine.lora import applied
+from mlx_sd_server.engine.adapters import applied
 from mlx_sd_server.engine.model_io import load_model, read_manifest
 from mlx_sd_server.engine.pipeline import DiffusionPipeline
 from mlx_sd_server.job import ModelDefaults, build_job
-from mlx_sd_server.loras import LoRALibrary
+from mlx_sd_server.lora.library import LoRALibrary
 from mlx_sd_server.registry import ModelRegistry
 from parity import max_rel_err
 from test_flux_pipeline import packed
@@ -94,7 +94,7 @@ def write(tmp_path, name: str, fmt: str, pipe, seed: int, targets: str | None = 
     return path
 
 
-FUSED = 2**40  # a fuse budget every layer fits (engine/lora.py); 0: side branches only
+FUSED = 2**40  # a fuse budget every layer fits (engine/adapters.py); 0: side branches only
 
 
 def sd_image(pipe, model, manifest, library, weights: dict, sample_method: str = "euler",
@@ -309,10 +309,11 @@ def test_t5_loras_apply_as_their_deltas(models, tmp_path, family, fmt):
         ids = torch.tensor([[3, 17, 5, 42, 9, 1, 0, 0]])
         expected = reference(ids).last_hidden_state.numpy()
         base = t5(ids).last_hidden_state.numpy()
-    ours_t5 = model.text_encoders[-1]
+    t5_name = list(model.text_encoders)[-1]  # FLUX's text_encoder_2, SD3's text_encoder_3
+    ours_t5 = model.text_encoders[t5_name]
     with applied(model, [(library.bound("t5", model), 0.7)]):
-        ours = np.array(model.text_encoders[-1](mx.array(ids.numpy())))
-    assert model.text_encoders[-1] is ours_t5
+        ours = np.array(model.text_encoders[t5_name](mx.array(ids.numpy())))
+    assert model.text_encoders[t5_name] is ours_t5
     err, moved = max_rel_err(ours, expected), max_rel_err(base, expected)
     print(f"{family} T5 LoRA ({fmt}) at 0.7: T5 states max rel err {err:.2e} (the LoRA moves them {moved:.2f})")
     assert err <= 1e-4 and moved > 1e-2

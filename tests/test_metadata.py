@@ -12,7 +12,9 @@ from PIL import Image
 from mlx_sd_server.images import (
     A1111_SAMPLERS, A1111_SCHEDULES, EXIF_IFD, USER_COMMENT, a1111_parameters, encode_image, model_hash,
 )
-from mlx_sd_server.job import SAMPLE_METHODS, SCHEDULERS, Capabilities, build_job
+from mlx_sd_server.engine.sampling.samplers import SAMPLE_METHODS
+from mlx_sd_server.engine.sampling.schedules import SCHEDULERS
+from mlx_sd_server.job import Capabilities, build_job
 
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 RE_IMAGESIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -175,10 +177,13 @@ def test_model_hash_of_a_single_file_conversion_is_a1111s(tmp_path):
 
     import tiny_diffusers
     from convert.model import convert_model
-    from ldm_layout import write_checkpoint
+    from safetensors.numpy import save_file
+
+    from ldm_layout import checkpoint_state, with_clip_vocabulary
     from mlx_sd_server.images import model_hash
 
     pipe = tiny_diffusers.make_pipeline(tmp_path / "src", "sd1")
-    checkpoint = write_checkpoint(pipe, "sd1", tmp_path / "tiny.safetensors")
+    checkpoint = tmp_path / "tiny.safetensors"  # its CLIP with the rows of CLIP's tokenizer, which conversion gives it
+    save_file(with_clip_vocabulary(checkpoint_state(pipe, "sd1")), str(checkpoint))
     folder = convert_model(checkpoint, tmp_path / "models" / "tiny", dtype="float32", progress=False)
     assert model_hash(folder) == hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:10]

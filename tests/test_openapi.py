@@ -11,7 +11,7 @@ from schemathesis.checks import not_a_server_error
 from api_server import FakeRegistry
 from mlx_sd_server.api import Settings, create_app
 from mlx_sd_server.api.openapi import openapi_document
-from mlx_sd_server.job import JOB_FIELDS, Limits, request_schema
+from mlx_sd_server.job import JOB_FIELDS, Job, Limits, ModelDefaults, build_job, request_schema
 from mlx_sd_server.store import FileStore
 
 EXAMPLES = 40  # per operation: enough to reach every field and status, quick enough for every run
@@ -26,6 +26,22 @@ def test_the_document_covers_every_field_the_parser_takes():
     assert properties["sample_method"]["enum"] == request_schema()["sample_method"]["enum"]
     edits = document["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert edits["schema"]["properties"]["image"]["format"] == "binary"
+
+
+def test_one_table_makes_the_job_defaults_the_schema_and_the_model_overlay():
+    schema = request_schema()
+    plain = build_job({"prompt": "x"})
+    assert plain == Job(prompt="x")  # the Job's defaults are build_job's
+    for name, value in vars(plain).items():
+        if "default" in schema.get(name, {}):
+            assert value == schema[name]["default"], name
+    lcm = ModelDefaults(steps=4, cfg_scale=1.5, sample_method="lcm", scheduler="lcm", width=768, height=512)
+    made = build_job({"prompt": "x"}, defaults=lcm)  # a manifest's defaults over the table's
+    assert (made.steps, made.cfg_scale, made.sample_method, made.scheduler, made.width, made.height) == \
+        (4, 1.5, "lcm", "lcm", 768, 512)
+    assert (made.n, made.seed, made.strength) == (plain.n, plain.seed, plain.strength)
+    assert build_job({"prompt": "x", "steps": "6", "size": "auto"}, defaults=lcm).steps == 6
+    assert "default" not in schema["steps"] and schema["steps"]["description"].endswith("(default: the model's)")
 
 
 @pytest.fixture(scope="module")

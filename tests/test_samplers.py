@@ -53,6 +53,22 @@ def test_sampler_yields_once_per_step(name):
     assert calls[0] == sigmas[0]
 
 
+
+@pytest.mark.parametrize("name", SAMPLE_METHODS)
+def test_steps_carry_the_estimate_at_their_sigma_and_resume_from_what_is_sent(name):
+    """Step i holds (i, sigma_i, x after it, D(x_i, sigma_i)); an x sent back is where the next step starts."""
+    sigmas = karras(4, TABLE)
+    steps = SAMPLERS[name](lambda x, sigma: x * 0.5, mx.full((2, 3), 3.0), sigmas, lambda: mx.ones((2, 3)))
+    x = mx.full((2, 3), 3.0)
+    for i in range(4):
+        step = steps.send(None if i == 0 else x)
+        assert (step.index, step.sigma) == (i, float(sigmas[i]))
+        assert np.array_equal(np.array(step.denoised), np.array(x * 0.5))
+        assert step.x.shape == (2, 3) and not np.array_equal(np.array(step.x), np.array(x))
+        x = step.x + float(i + 1)  # what an inpainting blend would send back
+    with pytest.raises(StopIteration):
+        steps.send(x)
+
 # --- (a) analytic Gaussian data --------------------------------------------------------------------------
 
 DATA_STD = 0.8
@@ -64,8 +80,8 @@ def gaussian_denoiser(x: mx.array, sigma: float) -> mx.array:
 
 
 def run(name: str, denoise, x: mx.array, sigmas, noise=None) -> mx.array:
-    *_, x = SAMPLERS[name](denoise, x, sigmas, noise)
-    return x
+    *_, last = SAMPLERS[name](denoise, x, sigmas, noise)
+    return last.x
 
 
 def ode_error(name: str, sigmas: np.ndarray) -> float:

@@ -6,12 +6,16 @@ differs from our float64 table by up to 1.3e-5 relative; that is checked separat
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
+from mlx_sd_server.engine.families.runtime import Settings
+from mlx_sd_server.engine.families.sd.family import AYS_SIGMAS, StableDiffusionFamily
 from mlx_sd_server.engine.sampling.schedules import (
-    AYS_SIGMAS, SCHEDULES, ays, discrete, img2img_sigmas, lcm, make_sigmas, sgm_uniform, sigma_to_t, simple,
-    t_to_sigma, training_sigmas,
+    SCHEDULES, ays, discrete, img2img_sigmas, lcm, make_sigmas, sgm_uniform, sigma_to_t, simple, t_to_sigma,
+    training_sigmas,
 )
 from mlx_sd_server.job import SCHEDULERS
 
@@ -48,12 +52,22 @@ def test_img2img_keeps_the_tail_of_the_schedule():
 
 
 def test_ays_stretches_the_published_levels_log_linearly():
-    np.testing.assert_allclose(ays(10, TABLE)[:-1], AYS_SIGMAS["sd1"][:-1], rtol=1e-12)
-    np.testing.assert_allclose(make_sigmas("ays", 10, TABLE, family="sdxl")[:-1], AYS_SIGMAS["sdxl"][:-1], rtol=1e-12)
+    sd1, sdxl = np.array(AYS_SIGMAS["sd1"]), np.array(AYS_SIGMAS["sdxl"])
+    np.testing.assert_allclose(ays(10, sd1)[:-1], AYS_SIGMAS["sd1"][:-1], rtol=1e-12)
+    np.testing.assert_allclose(make_sigmas("ays", 10, TABLE, sdxl)[:-1], AYS_SIGMAS["sdxl"][:-1], rtol=1e-12)
     # 20 steps put a new level at the log-midpoint between each pair of published ones.
-    sd1 = np.array(AYS_SIGMAS["sd1"])
-    np.testing.assert_allclose(ays(20, TABLE)[:-1:2], sd1[:-1], rtol=1e-12)
-    np.testing.assert_allclose(ays(20, TABLE)[1::2], np.sqrt(sd1[:-1] * sd1[1:]), rtol=1e-12)
+    np.testing.assert_allclose(ays(20, sd1)[:-1:2], sd1[:-1], rtol=1e-12)
+    np.testing.assert_allclose(ays(20, sd1)[1::2], np.sqrt(sd1[:-1] * sd1[1:]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("family, levels", [("sd1", "sd1"), ("sd2", "sd1"), ("sdxl", "sdxl")])
+def test_sd_family_gives_ays_its_variants_levels(family, levels):
+    """SDXL has its own AYS levels; SD 2.x takes SD 1.5's (AYS publishes none for it)."""
+    model = SimpleNamespace(family=family, manifest={"scheduler": {}, "prediction_type": "epsilon",
+                                                     "components": {"unet": {"config": {}}}})
+    settings = Settings("", "", 1, 10, "ays", 7.0, None, 512, 512, 0.9)
+    sigmas = StableDiffusionFamily(model).sigmas(settings)
+    np.testing.assert_allclose(sigmas[:-1], AYS_SIGMAS[levels][:-1], rtol=1e-12)
 
 
 def test_sgm_uniform_and_simple():

@@ -2,12 +2,14 @@
 files (clip_l, clip_g, t5xxl) -> diffusers layout.
 
 Tiny random diffusers/transformers SD3 components are written as the files users have (the MMDiT by `sd3_layout`,
-checked against diffusers' own converter; the VAE by `ldm_layout`), read back by `convert.sd3_files`, and must
-give back the exact weights and the configs that define the architecture.
+checked against diffusers' own converter; the VAE by `ldm_layout`), read back by `convert.checkpoint` as SD3's
+(`engine.families.sd3.single_file`), and must give back the exact weights and the configs that define the
+architecture.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -16,12 +18,17 @@ import pytest
 import torch
 from diffusers.loaders import single_file_utils
 
-from convert.checkpoint import CheckpointError
+from convert.checkpoint import LazyWeights, read_original
 from convert.model import SplitFiles, convert_model, read_source, write_model
 from convert.pull import allow_patterns
-from convert.sd3_files import (
-    SD3_SCHEDULER, LazyWeights, is_sd3_file, map_sd3_transformer_weight, read_sd3_files, sd3_transformer_config,
+from convert.source import read_state_dict
+from ldm_layout import with_clip_vocabulary, with_tokenizers
+from mlx_sd_server.engine.families import family_of_single_file
+from mlx_sd_server.engine.families.sd3.single_file import (
+    SD3_SCHEDULER, map_sd3_transformer_weight, sd3_transformer_config,
 )
+from mlx_sd_server.engine.families.sd3.spec import SPEC as SD3
+from mlx_sd_server.engine.source import ArchitectureHints, CheckpointError
 from sd3_layout import sd3_state, write_sd3
 from test_flux_files import (
     CLIP_ARCHITECTURE, T5_ARCHITECTURE, T5_MAX_DISTANCE, TINY, assert_config_matches, assert_same_weights,
@@ -36,6 +43,24 @@ from tiny_diffusers import TEXT_DIM, text_encoder as tiny_clip
 HEAD_DIM = 16  # tiny_sd3's; SD3 medium has no qk-norm to read it from, so it is said
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 READ_VARIANTS = ("sd3", "sd35-medium")  # without qk-norm; with qk-norm and MMDiT-X dual attention
+
+
+def read_sd3_files(model, vae=None, clip_l=None, clip_g=None, t5xxl=None, *, t5_tokenizer=None, with_t5=True,
+                   attention_head_dim=64, t5_max_distance=128, hints=None):
+    """SD3's files read as SD3's, as `convert --diffusion-model FILE --clip-l FILE ...` reads them."""
+    given = {option: path for option, path in (("--vae", vae), ("--clip-l", clip_l), ("--clip-g", clip_g),
+                                               ("--t5xxl", t5xxl)) if path}
+    hints = dataclasses.replace(hints or ArchitectureHints(), attention_head_dim=attention_head_dim,
+                                t5_max_distance=t5_max_distance)
+    return read_original(SD3, model, given, t5_tokenizer=t5_tokenizer, with_t5=with_t5, hints=hints)
+
+
+def is_sd3_file(path) -> bool:
+    """Whether the families read a file's tensor names as SD3's."""
+    try:
+        return family_of_single_file(read_state_dict(path)[0]) is SD3
+    except (CheckpointError, OSError):
+        return False
 
 
 # --- tiny components ----------------------------------------------------------------------------------
@@ -294,7 +319,7 @@ def test_unknown_transformer_keys_are_skipped_with_a_warning(sd3, tmp_path, capl
     state = load_file(str(files["sd3"]))
     state["model.diffusion_model.joint_blocks.0.extra.weight"] = np.zeros(2, np.float32)
     save_file(state, str(tmp_path / "extra.safetensors"))
-    with caplog.at_level(logging.WARNING, logger="convert.flux_files"):
+    with caplog.at_level(logging.WARNING, logger="mlx_sd_server.engine.source"):
         source = read({**files, "sd3": tmp_path / "extra.safetensors"}, "sd3")
     assert "joint_blocks.0.extra.weight" in caplog.text
     assert_same_weights(source.components["transformer"][1], references["sd3"])
@@ -368,8 +393,8 @@ def test_files_convert_to_the_diffusers_folders_model(pipeline, layout):
     source = read_sd3_files(files["model" if layout == "split-files" else "all-in-one"], None, *text,
                             t5_tokenizer=root / "diffusers" / "tokenizer_3", attention_head_dim=HEAD_DIM,
                             t5_max_distance=T5_MAX_DISTANCE, hints=TINY)
-    assert_same_model(write_model(source, root / layout, name="from-files", dtype="float32", progress=False),
-                      from_folder)
+    assert_same_model(write_model(with_tokenizers(source, root / "diffusers"), root / layout, name="from-files",
+                                  dtype="float32", progress=False), from_folder)
 
 
 def skip_without_qk_norm(converted) -> None:
@@ -378,9 +403,15 @@ def skip_without_qk_norm(converted) -> None:
 
 
 def test_the_command_line_converts_split_files(pipeline, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
     root, files, from_folder = pipeline
     skip_without_qk_norm(from_folder)
-    split = ["--clip-l", str(files["clip_l"]), "--clip-g", str(files["clip_g"]), "--t5xxl", str(files["t5xxl"]),
+    clips = {}
+    for name in ("clip_l", "clip_g"):  # with CLIP's vocabulary: a converted file gets CLIP's own tokenizer
+        clips[name] = tmp_path / f"{name}.safetensors"
+        save_file(with_clip_vocabulary(load_file(str(files[name]))), str(clips[name]))
+    split = ["--clip-l", str(clips["clip_l"]), "--clip-g", str(clips["clip_g"]), "--t5xxl", str(files["t5xxl"]),
              "--t5-tokenizer", str(root / "diffusers" / "tokenizer_3")]
     assert cli(["convert", "--diffusion-model", str(files["model"]), *split, "--dtype", "float32",
                 str(tmp_path / "sd3")]) == 0
@@ -443,7 +474,8 @@ def test_a_gguf_checkpoint_converts_to_exactly_its_weights(pipeline, tmp_path):
         source = read_sd3_files(checkpoint, None, files["clip_l"], files["clip_g"], files["t5xxl"],
                                 t5_tokenizer=root / "diffusers" / "tokenizer_3", attention_head_dim=HEAD_DIM,
                                 t5_max_distance=T5_MAX_DISTANCE, hints=TINY)
-        return write_model(source, tmp_path / name, name=name, dtype="float32", progress=False)
+        return write_model(with_tokenizers(source, root / "diffusers"), tmp_path / name, name=name,
+                           dtype="float32", progress=False)
 
     weights, layers = stored(convert(path, "gguf"), "transformer")
     expected, _ = stored(convert(twin, "twin"), "transformer")

@@ -24,6 +24,7 @@ import torch
 import tiny_flux
 import tiny_sd3
 from convert.model import convert_model
+from mlx_sd_server.engine.families.runtime import Settings
 from mlx_sd_server.engine.model_io import load_model, read_manifest
 from mlx_sd_server.engine.pipeline import DiffusionPipeline
 from mlx_sd_server.engine.sampling.schedules import flow_sigmas
@@ -78,13 +79,13 @@ def test_txt2img_without_cfg_and_long_prompts_match_diffusers(sd3, prompt, cfg_s
     """cfg 1 runs the prompt alone; CFG with no negative prompt encodes "" (as diffusers); a prompt beyond
     CLIP's 77 tokens is cut to them, whole in T5's 256."""
     pipe, ours, manifest = sd3("sd35-large")
-    assert prompt == PROMPT or len(ours.model.tokenizers[0].tokenize(prompt)) > 77
+    assert prompt == PROMPT or len(ours.model.tokenizers["text_encoder"].tokenize(prompt)) > 77
     initial = noise(n=2, seed=1)
     expected = pipe(prompt, guidance_scale=cfg_scale, num_inference_steps=3, num_images_per_prompt=2, height=HEIGHT,
                     width=WIDTH, latents=torch.from_numpy(initial), output_type="np").images
     job = make_job(manifest, {"prompt": prompt, "steps": 3, "cfg_scale": cfg_scale, "n": 2, "width": WIDTH,
                               "height": HEIGHT})
-    assert ours.family.guided(job) == (cfg_scale > 1)
+    assert ours.family.guided(Settings.of(job)) == (cfg_scale > 1)
     diff = mean_abs_diff(ours_image(ours, job, ReplayNoise(initial, [])), expected)
     print(f"SD3.5-large txt2img cfg {cfg_scale}, {len(prompt)} characters: mean abs diff {diff:.2e}")
     assert diff <= TOLERANCE
@@ -234,7 +235,7 @@ def test_emphasis_weights_clip_and_t5_states(sd3):
     assert np.array_equal(context("(a photo:1.0) of a cat"), plain)
     assert np.array_equal(context("a photo BREAK of a cat"), plain)
     ratio = context("(a photo:1.5) of a cat") / np.where(plain == 0, 1, plain)
-    clip_l, t5 = ours.model.tokenizers[0], ours.model.tokenizers[2]
+    clip_l, t5 = ours.model.tokenizers["text_encoder"], ours.model.tokenizers["text_encoder_3"]
     for start, count, width in ((1, len(clip_l.tokenize("a photo")), 32), (77, len(t5.tokenize("a photo")), 80)):
         restore = ratio[start + count, 0]  # the mean correction every token of this encoder gets
         np.testing.assert_allclose(ratio[start : start + count, :width], 1.5 * restore, rtol=1e-4)
@@ -248,20 +249,21 @@ def test_converted_components_match_diffusers(sd3):
     model = ours.model
     rng = np.random.default_rng(6)
     errors = {}
-    clips = ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))
-    for i, (tokenizer, encoder) in enumerate(clips):
+    clips = (("text_encoder", pipe.tokenizer, pipe.text_encoder),
+             ("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2))
+    for i, (name, tokenizer, encoder) in enumerate(clips):
         ids = tokenizer(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
-        assert ids[0].tolist() == model.tokenizers[i].encode(PROMPT)
+        assert ids[0].tolist() == model.tokenizers[name].encode(PROMPT)
         with torch.no_grad():
             expected = encoder(ids, output_hidden_states=True)
-        got = model.text_encoders[i](mx.array(ids.numpy()))
+        got = model.text_encoders[name](mx.array(ids.numpy()))
         errors[f"clip {i + 1} states"] = max_rel_err(got.hidden_states[-2], expected.hidden_states[-2])
         errors[f"clip {i + 1} projection"] = max_rel_err(got.text_embeds, expected.text_embeds)
     t5_ids = pipe.tokenizer_3(PROMPT, padding="max_length", max_length=256, return_tensors="pt").input_ids
-    assert t5_ids[0].tolist() == model.tokenizers[2].encode(PROMPT, 256)
+    assert t5_ids[0].tolist() == model.tokenizers["text_encoder_3"].encode(PROMPT, 256)
     with torch.no_grad():
         expected = pipe.text_encoder_3(t5_ids)[0]
-    errors["t5"] = max_rel_err(model.text_encoders[2](mx.array(t5_ids.numpy())), expected)
+    errors["t5"] = max_rel_err(model.text_encoders["text_encoder_3"](mx.array(t5_ids.numpy())), expected)
 
     latents = rng.standard_normal((2, 16, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
     context = rng.standard_normal((2, 9, tiny_sd3.T5_WIDTH)).astype(np.float32)
@@ -290,7 +292,7 @@ def test_converted_components_match_diffusers(sd3):
 ])
 def test_defaults_follow_the_release(variant, name, expected):
     from convert.model import model_defaults
-    from convert.source import SourceModel
+    from mlx_sd_server.engine.source import SourceModel
 
     config = dict(tiny_sd3.transformer(variant).config)
     source = SourceModel(family="sd3", prediction_type="flow", scheduler={}, components={"transformer": (config, ())})
@@ -308,15 +310,14 @@ def test_manifest_and_capabilities(sd3):
         ({"width": 72, "height": 64}, None, "width"),  # 2x2 patches of 8-pixel latents: multiples of 16
         ({"scheduler": "ays"}, None, "scheduler"),
         ({"sample_method": "dpm++2mv2"}, None, "sample_method"),  # does not converge on flow schedules
-        ({}, {"control_image": sample_image()}, "control_image"),
+        ({"width": WIDTH, "height": HEIGHT}, {"control_image": sample_image()}, "control_image"),
     ]:
         with pytest.raises(JobError) as error:
             make_job(manifest, fields, images)
         assert error.value.param == param
     # The position table covers 12 patches a side: 192 pixels here (3072 on the released models).
-    too_large = make_job(manifest, {"width": 208, "height": 64})
-    with pytest.raises(JobError) as error:
-        ours.total_steps(too_large)
+    with pytest.raises(JobError) as error:  # refused by build_job, before the queue
+        ours.total_steps(make_job(manifest, {"width": 208, "height": 64}))
     assert error.value.param == "size" and "192" in error.value.message
 
 

@@ -10,8 +10,8 @@ rounding.
 
 The weights take a single file's way: diffusers' state dict in Stability's original layout
 (tests/sd3_layout.py), its config inferred from those shapes and its weights mapped back by
-`convert.sd3_files`, then into ours by `mlx_sd_server.engine.families.sd3.mapping`, so the single-file reader is checked at the released
-widths too (the swapped halves of the 2 x 2432 modulations, the fused 3 x 2432 projections).
+`engine.families.sd3.single_file`, then into ours by `engine.families.sd3.mapping`, so the single-file reader is
+checked at the released widths too (the swapped halves of the 2 x 2432 modulations, the fused 3 x 2432 projections).
 
 Marked `realsize` (excluded from the default run):
 
@@ -30,7 +30,9 @@ import pytest
 import torch
 
 from mlx_sd_server.engine.families.sd3.mapping import map_sd3_transformer_weight as map_to_mlx
-from convert.sd3_files import map_sd3_transformer_weight as map_from_file, sd3_transformer_config
+from mlx_sd_server.engine.families.sd3.single_file import (
+    map_sd3_transformer_weight as map_from_file, sd3_transformer_config,
+)
 from parity import max_rel_err, nchw_to_nhwc
 from sd3_layout import sd3_state
 

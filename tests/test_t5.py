@@ -170,6 +170,15 @@ def test_config_from_dict():
         T5EncoderModel(T5Config(feed_forward_proj="gated-swish", num_layers=1))
 
 
+def test_ids_outside_the_embedding_raise_instead_of_reading_past_it():
+    model = T5EncoderModel(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=4))
+    assert model.token_rows == 50
+    model(mx.array([[0, 49, 1]]))
+    for bad in (50, 32128, -3):
+        with pytest.raises(ValueError, match=rf"token id {bad} is outside this text encoder's embedding \(50 rows\)"):
+            model(mx.array([[5, bad, 1]]))
+
+
 # --- half precision -----------------------------------------------------------------------------------
 
 def test_clamp_float16():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -9,7 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from api_server import live_server, request
+from mlx_sd_server.api import Settings, create_app
 from mlx_sd_server.job import JobError, build_job
+from mlx_sd_server.registry import ModelRegistry
+from mlx_sd_server.store import FileStore
 from mlx_sd_server.torch_engine import TorchPipeline
 from test_controlnet_pipeline import CONTROL_STRENGTH, control_image, controlled  # noqa: F401 - fixture
 from test_pipeline import (  # noqa: F401 - `models` is a fixture
@@ -123,6 +128,27 @@ def test_what_diffusers_cannot_do_is_a_job_error(engines, fields, param):
     with pytest.raises(JobError) as error:
         fallback.total_steps(job(**fields))
     assert error.value.param == param and error.value.status == 400
+
+
+def test_what_the_torch_engine_cannot_run_is_a_400_before_queueing(models, tmp_path):
+    """--engine torch narrows the model's capabilities to what diffusers can run: ipndm (no diffusers
+    equivalent) is refused by the HTTP API before any job is queued, the engine not even loaded; the MLX
+    engine serving the same model takes it."""
+    folder = str(models("sd1")[1].model.folder)
+    registry = ModelRegistry([folder], tmp_path / "models", engine="torch")
+    can_do = registry.info().capabilities
+    assert "ipndm" not in can_do.samplers and "euler" in can_do.samplers and not can_do.lora
+    assert "ipndm" in ModelRegistry([folder], tmp_path / "models").info().capabilities.samplers
+    with pytest.raises(JobError) as error:
+        build_job({"prompt": PROMPT, "sample_method": "ipndm"}, capabilities=can_do)
+    assert error.value.param == "sample_method" and error.value.status == 400
+    with live_server(create_app(registry, FileStore(tmp_path / "files"), Settings())) as url:
+        body = {"prompt": PROMPT, "sample_method": "ipndm", "steps": 2, "size": f"{SIZE}x{SIZE}"}
+        reply = request(url, "POST", "/v1/images/generations", json.dumps(body).encode(),
+                        {"Content-Type": "application/json"})
+    assert reply.status == 400, reply.body
+    assert reply.json()["error"]["param"] == "sample_method"
+    assert registry.loaded() == []  # no job reached the worker, which would have loaded the model
 
 
 def test_img2img_and_inpaint_run_and_keep_the_unmasked_area(engines):

@@ -164,7 +164,7 @@ def test_registry_serves_flux_on_the_torch_engine(engines, tmp_path):
     _, mlx, _, manifest = engines("dev")
     registry = ModelRegistry([str(mlx.model.folder)], tmp_path, engine="torch")
     pipeline = registry.pipeline()
-    assert isinstance(pipeline, TorchPipeline) and pipeline.is_flux
+    assert isinstance(pipeline, TorchPipeline) and type(pipeline.base).__name__ == "FluxPipeline"
     job = make_job(manifest, {"steps": 3, "n": 2, "width": WIDTH, "height": HEIGHT})
     gen, sigmas = pipeline.generate(job), []
     try:

@@ -15,7 +15,9 @@ import torch
 
 import tiny_diffusers
 import tiny_t5
-from convert.flux_files import FLUX_DEV_SCHEDULER, FLUX_SCHNELL_SCHEDULER
+from mlx_sd_server.engine.families.flux.single_file import (
+    DEV_SCHEDULER as FLUX_DEV_SCHEDULER, SCHNELL_SCHEDULER as FLUX_SCHNELL_SCHEDULER,
+)
 
 AXES = (4, 6, 6)  # the rotary split of the tiny transformer's 16-dim heads
 VARIANTS = {"dev": dict(guidance=True, num_layers=1, num_single_layers=3),

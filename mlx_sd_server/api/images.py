@@ -28,7 +28,8 @@ from mlx_sd_server.images import (
 )
 from mlx_sd_server.job import Job, JobError, build_job
 from mlx_sd_server.engine.pipeline import Step
-from mlx_sd_server.loras import LoRALibrary
+from mlx_sd_server.lora.library import LoRALibrary
+from mlx_sd_server.paths import without_paths
 from mlx_sd_server.registry import ModelInfo, ModelLoadError, ModelNotFoundError
 from mlx_sd_server.store import StoredFile, StoreFullError
 from mlx_sd_server.worker import JobCancelled, ServerStopping, TaskCancelled, valid_task_id
@@ -60,17 +61,21 @@ async def edits():
     _check_task()
     parsed = await parse_request(request, ("image", "mask", "control_image"))
     if "image" not in parsed.uploads:
+        parsed.close()
         raise JobError("image is required: the image to edit", "image", "missing_required_parameter")
     return await _serve(parsed)
 
 
 async def _serve(parsed: ParsedRequest):
     server = state()
-    model = parsed.fields.get("model")
-    if model is not None and not isinstance(model, str):
-        raise JobError(f"model must be a string, got {type(model).__name__}", "model", "invalid_type")
-    info = server.registry.resolve(model or None)
-    job = await asyncio.to_thread(_build_job, parsed, info, server)  # decoding uploads is CPU work
+    try:
+        model = parsed.fields.get("model")
+        if model is not None and not isinstance(model, str):
+            raise JobError(f"model must be a string, got {type(model).__name__}", "model", "invalid_type")
+        info = server.registry.resolve(model or None)
+        job = await asyncio.to_thread(_build_job, parsed, info, server)  # decoding uploads is CPU work
+    finally:
+        parsed.close()  # the uploads are decoded (or refused): their spooled files go
 
     task_id = _requested_task_id()
     created = int(time.time())
@@ -137,7 +142,7 @@ def _error_envelope(error: BaseException | None) -> dict:
     elif isinstance(error, ModelNotFoundError):
         status, message, param, code = 404, str(error), "model", "model_not_found"
     elif isinstance(error, ModelLoadError):
-        status, message, param, code = 503, str(error), "model", "model_unavailable"
+        status, message, param, code = 503, without_paths(str(error)), "model", "model_unavailable"
     else:
         status, message, param, code = 500, "internal server error (details are in the server log)", None, \
             "internal_error"

@@ -1,5 +1,6 @@
 """GET /openapi.json: the HTTP contract as an OpenAPI 3.1 document, built from the schemas the parsers
-validate with (`job.request_schema`, `parsing.DELIVERY_SCHEMA`), so what it says is what the server checks.
+validate with (`job.request_schema`, made from the job's field table, and `parsing.DELIVERY_SCHEMA`), so
+what it says is what the server checks.
 Tools fuzz it (tests/test_openapi.py runs schemathesis against it) and generate clients from it.
 """
 
@@ -46,10 +47,12 @@ def _image_request(limits: Limits, images: tuple[str, ...], required: tuple[str,
     """The request body of an images route: JSON (images as base64 or data urls) or a multipart form."""
     fields = {**request_schema(limits), **DELIVERY_SCHEMA}
     as_json = {"type": "object", "required": list(required), "additionalProperties": False,
-               "properties": {**fields, **{name: {"type": "string", "description": "base64 or a data: url"}
+               "properties": {**fields, **{name: {"type": "string",
+                                                  "description": f"{IMAGE_FIELDS[name]}: base64 or a data: url"}
                                            for name in images}}}
     as_form = {"type": "object", "required": list(required), "additionalProperties": False,
-               "properties": {**fields, **{name: {"type": "string", "format": "binary"} for name in images}}}
+               "properties": {**fields, **{name: {"type": "string", "format": "binary",
+                                                  "description": IMAGE_FIELDS[name]} for name in images}}}
     return {"required": True, "content": {"application/json": {"schema": as_json},
                                           "multipart/form-data": {"schema": as_form}}}
 
@@ -68,7 +71,7 @@ def openapi_document(limits: Limits = Limits(), api_key: bool = False) -> dict[s
                 "responses": {"200": _json(IMAGES), **image_errors}}},
             "/v1/images/edits": {"post": {
                 "operationId": "createImageEdit",
-                "requestBody": _image_request(limits, IMAGE_FIELDS, ("prompt", "image")),
+                "requestBody": _image_request(limits, tuple(IMAGE_FIELDS), ("prompt", "image")),
                 "responses": {"200": _json(IMAGES), **image_errors}}},
             "/v1/files": {"get": {
                 "operationId": "listFiles",

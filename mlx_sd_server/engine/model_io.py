@@ -182,20 +182,21 @@ def save_component(
 
 @dataclass
 class LoadedModel:
-    """A converted model's modules, ready for the pipeline: its text encoders (with their tokenizers) and
-    the rest by manifest name (`unet` or `transformer`, `vae`, maybe `controlnet`)."""
+    """A converted model's modules, ready for the pipeline, by manifest name: its text encoders and their
+    tokenizers (`text_encoder`, `text_encoder_2`, ...: those the model has, in that order), and the rest
+    (`unet` or `transformer`, `vae`, maybe `controlnet`)."""
 
     folder: Path
     manifest: dict[str, Any]
     components: dict[str, nn.Module]
-    text_encoders: list[nn.Module]
-    tokenizers: list[Any]
+    text_encoders: dict[str, nn.Module]
+    tokenizers: dict[str, Any]
     dtype: mx.Dtype = mx.float32
     vae_dtype: mx.Dtype = mx.float32
     # Low-memory mode: text encoders are read from disk for each job and dropped once the prompts are
     # encoded, and large images are decoded in tiles.
     low_memory: bool = False
-    _build_text_encoders: Callable[[], list[nn.Module]] | None = None
+    _build_text_encoders: Callable[[], dict[str, nn.Module]] | None = None
 
     @property
     def family(self) -> str:
@@ -239,6 +240,16 @@ def load_component(folder: Path, name: str, entry: dict, dtype: mx.Dtype) -> nn.
     return model
 
 
+def check_vocabulary(name: str, encoder: nn.Module, tokenizer: Any) -> None:
+    """Refuse a text encoder whose token embedding has no row for some of its tokenizer's ids: the lookup
+    would read past the table (single files have come with 536 rows for CLIP's 49,408 tokens)."""
+    rows = encoder.token_rows
+    if tokenizer.max_id >= rows:
+        raise ModelFormatError(
+            f"component {name}: its token embedding has {rows} rows, but its tokenizer has {tokenizer.vocab_size} "
+            f"tokens (ids up to {tokenizer.max_id}); the text encoder's weights do not fit its tokenizer")
+
+
 def load_model(folder: str | os.PathLike, dtype: str | None = None, controlnet: str | os.PathLike | None = None,
                low_memory: bool = False) -> LoadedModel:
     """Load a converted model folder. `dtype` defaults to float16 on a GPU, float32 on the CPU.
@@ -258,11 +269,14 @@ def load_model(folder: str | os.PathLike, dtype: str | None = None, controlnet: 
 
     encoder_names = [n for n in TEXT_ENCODERS if n in components]
 
-    def build_text_encoders() -> list[nn.Module]:
-        return [load(n) for n in encoder_names]
+    def build_text_encoders() -> dict[str, nn.Module]:
+        return {n: load(n) for n in encoder_names}
 
-    tokenizers = [component_kind(n, components[n]["config"]).tokenizer_class.from_dir(folder / components[n]["tokenizer"])
-                  for n in encoder_names]
+    tokenizers = {n: component_kind(n, components[n]["config"]).tokenizer_class.from_dir(
+        folder / components[n]["tokenizer"]) for n in encoder_names}
+    text_encoders = build_text_encoders()
+    for name in encoder_names:
+        check_vocabulary(name, text_encoders[name], tokenizers[name])
     # VAEs that overflow in float16 (SDXL's) say so with force_upcast; they run in float32.
     vae_dtype = mx.float32 if components["vae"]["config"].get("force_upcast") and compute_dtype == mx.float16 else compute_dtype
 
@@ -284,7 +298,7 @@ def load_model(folder: str | os.PathLike, dtype: str | None = None, controlnet: 
         folder=folder,
         manifest=manifest,
         components=modules,
-        text_encoders=build_text_encoders(),
+        text_encoders=text_encoders,
         tokenizers=tokenizers,
         dtype=compute_dtype,
         vae_dtype=vae_dtype,

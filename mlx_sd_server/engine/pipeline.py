@@ -1,4 +1,4 @@
-"""The generation pipeline: a Job in, images out, one `Step` per denoising step.
+"""The generation pipeline: a job in, images out, one `Step` per denoising step.
 
 The loop every model family shares: encode the prompt, make noise (img2img and inpainting noise the encoded
 image to the first sigma), run a sampler over the family's denoiser, blend the known latents back after
@@ -9,35 +9,26 @@ decode, paste the untouched pixels back. What differs per family lives in `famil
 from __future__ import annotations
 
 import logging
-from typing import Callable, Generator, NamedTuple, Protocol, TypeVar
+from dataclasses import replace
+from typing import Callable, Generator, Protocol, TypeVar
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageFilter
 
-from mlx_sd_server.engine.sampling.denoiser import NOISING
-from mlx_sd_server.engine.errors import JobError
+from mlx_sd_server.engine.adapters import Adapters, applied
 from mlx_sd_server.engine.families import spec_for
-from mlx_sd_server.engine.families.runtime import Family
-from mlx_sd_server.engine.lora import BoundLoRA, applied
+from mlx_sd_server.engine.families.runtime import Family, Settings
 from mlx_sd_server.engine.model_io import LoadedModel
-from mlx_sd_server.engine.sampling.samplers import SAMPLERS
+from mlx_sd_server.engine.request import Request
+from mlx_sd_server.engine.sampling.denoiser import NOISING
+from mlx_sd_server.engine.sampling.samplers import SAMPLERS, Step
 from mlx_sd_server.engine.sampling.schedules import img2img_sigmas
 from mlx_sd_server.engine.vae import should_tile
-from mlx_sd_server.engine.request import Request
 
 log = logging.getLogger(__name__)
 
 MASK_FEATHER_PX = 4  # paste-back blends within 3x this many pixels of the mask, so no seam shows
-
-
-class Step(NamedTuple):
-    """One finished denoising step: what progress, previews, partial images and cancellation read."""
-
-    index: int  # 0-based; index + 1 steps are done
-    sigma: float  # the noise level the step started from
-    x: mx.array  # the latents after the step (evaluated)
-    denoised: mx.array | None  # the model's estimate of the clean latents at `sigma` (None: not known)
 
 
 T = TypeVar("T")
@@ -55,6 +46,8 @@ def drive(steps: Generator[Step, None, T], on_step: Callable[[Step], None] | Non
         return finished.value
     finally:
         steps.close()
+
+
 class NoiseSource(Protocol):
     """Where the pipeline's randomness comes from: the job's seeds, or (in tests) injected arrays."""
 
@@ -96,12 +89,13 @@ def _to_image(pixels: mx.array) -> Image.Image:
 
 
 class DiffusionPipeline:
-    """A loaded model turned into a job runner. `generate(job)` yields a `Step` per step, returns the images."""
+    """A loaded model turned into a job runner. `generate(job)` yields a `Step` per step (its latents
+    evaluated), returns the images."""
 
     def __init__(self, model: LoadedModel, paste_back: bool = True,
-                 loras: Callable[[str, LoadedModel], BoundLoRA] | None = None, lora_fuse_budget: int = 0):
-        """`loras(name, model)`: LoRA `name` bound to the model (loras.LoRALibrary.bound); LoRAs are fused into
-        copies of the layers they adapt up to `lora_fuse_budget` bytes of weights (engine/lora.py)."""
+                 loras: Callable[[str, LoadedModel], Adapters] | None = None, lora_fuse_budget: int = 0):
+        """`loras(name, model)`: LoRA `name` bound to the model (lora.library.LoRALibrary.bound); LoRAs are
+        fused into copies of the layers they adapt up to `lora_fuse_budget` bytes of weights (engine/adapters.py)."""
         self.model = model
         self.paste_back = paste_back
         self.loras = loras
@@ -112,7 +106,7 @@ class DiffusionPipeline:
     # --- schedule ----------------------------------------------------------------------------------
 
     def sigmas(self, job: Request) -> np.ndarray:
-        sigmas = self.family.sigmas(job)
+        sigmas = self.family.sigmas(Settings.of(job))
         if job.init_image is not None:
             sigmas = img2img_sigmas(sigmas, job.steps, job.strength)
         return sigmas
@@ -122,7 +116,7 @@ class DiffusionPipeline:
 
     def encode_prompts(self, job: Request, guided: bool):
         """The family's conditioning for [negative, prompt] (or the prompt alone)."""
-        return self.family.encode_prompts(job, guided)
+        return self.family.encode_prompts(Settings.of(job), guided)
 
     # --- images ------------------------------------------------------------------------------------
 
@@ -149,8 +143,7 @@ class DiffusionPipeline:
     def generate(self, job: Request, noise: NoiseSource | None = None) -> Generator[Step, None, list[Image.Image]]:
         """Yield a `Step` after each denoising step; return the n images. The job's LoRAs are on the model
         for exactly this long."""
-        if job.loras and self.loras is None:
-            raise JobError("LoRAs cannot be used here: no LoRA folder is configured", "loras", "unsupported_parameter")
+        assert not job.loras or self.loras is not None, "build_job takes LoRAs only where a LoRA folder is"
         loras = [(self.loras(name, self.model), weight) for name, weight in job.loras]
         with applied(self.model, loras, self.lora_fuse_budget):
             return (yield from self._generate(job, noise or SeededNoise(job.seeds())))
@@ -160,8 +153,9 @@ class DiffusionPipeline:
         scale = vae.latent_scale
         h, w = job.height // scale, job.width // scale
         shape = (job.n, h, w, vae.config.latent_channels)
-        guided = self.family.guided(job)
-        conditioning = self.family.encode_prompts(job, guided)
+        settings = Settings.of(job)
+        guided = self.family.guided(settings)
+        conditioning = self.family.encode_prompts(settings, guided)
         mx.eval(conditioning)
         self.model.text_encoding_done()
         sigmas = [float(s) for s in self.sigmas(job)]
@@ -181,9 +175,7 @@ class DiffusionPipeline:
             blank = self.encode_image(np.full((job.height, job.width, 3), 0.5, np.float32))
             extra = mx.repeat(mx.concatenate([mx.ones((1, h, w, 1)), blank], axis=-1), job.n, axis=0)
         if job.control_image is not None:
-            if self.model.controlnet is None:
-                raise JobError("this model has no ControlNet attached, so control_image cannot be honoured",
-                               "control_image", "controlnet_unavailable")
+            assert self.model.controlnet is not None, "build_job takes control_image only with a ControlNet attached"
             from mlx_sd_server.engine.canny import canny
 
             control_pixels = fit_image(job.control_image, job.width, job.height)
@@ -196,25 +188,17 @@ class DiffusionPipeline:
         start = mx.zeros(shape) if from_scratch else mx.repeat(init_latents, job.n, axis=0)
         x = self.noising.add_noise(start, initial_noise, sigmas[0])
 
-        denoise = self.family.denoiser(job, conditioning, guided, extra, control)
-        first_estimate: list[mx.array] = []  # every sampler's first evaluation in a step is D(x, sigma_i)
-
-        def recording(x_in: mx.array, sigma: float) -> mx.array:
-            denoised = denoise(x_in, sigma)
-            if not first_estimate:
-                first_estimate.append(denoised)
-            return denoised
-
+        denoise = self.family.denoiser(settings, conditioning, guided, extra, control)
         blend = mask_latents is not None and not self.family.inpainting_model
-        steps = SAMPLERS[job.sample_method](recording, x, sigmas, lambda: noise.step(shape), noising=self.noising)
+        steps = SAMPLERS[job.sample_method](denoise, x, sigmas, lambda: noise.step(shape), noising=self.noising)
         for i in range(len(sigmas) - 1):
-            first_estimate.clear()
-            x = steps.send(x if i else None)
+            step = steps.send(x if i else None)  # the sampler goes on from the x sent back
+            x = step.x
             if blend:  # keep what is outside the mask: the original, noised to where the sampler is now
                 known = self.noising.add_noise(init_latents, initial_noise, sigmas[i + 1])
                 x = x * mask_latents + known * (1 - mask_latents)
-            mx.eval(x, first_estimate[0])
-            yield Step(i, sigmas[i], x, first_estimate[0])
+            mx.eval(x, step.denoised)
+            yield replace(step, x=x)
         images = self.decode_latents(x)
         if job.mask is not None and self.paste_back:
             images = [paste_outside_mask(img, job.init_image, job.mask) for img in images]

@@ -2,11 +2,13 @@
 
 A runtime class says its schedule (`sigmas`), whether a job runs classifier-free guidance (`guided`), how
 prompts become conditioning (`encode_prompts`) and how its network becomes a denoiser D(x, sigma) with
-guidance applied (`denoiser`). What is true of the family before a model is loaded is in its spec.
+guidance applied (`denoiser`). It reads a job's `Settings`, not the job. What is true of the family before a
+model is loaded is in its spec.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import mlx.core as mx
@@ -16,13 +18,35 @@ from mlx_sd_server.engine.request import Request
 from mlx_sd_server.engine.sampling.denoiser import Denoiser
 
 
+@dataclass(frozen=True)
+class Settings:
+    """The generation settings a family reads, taken from a job once by the pipeline (its images, seeds,
+    sampler and LoRAs are the pipeline's business)."""
+
+    prompt: str
+    negative_prompt: str
+    n: int
+    steps: int
+    scheduler: str
+    cfg_scale: float
+    guidance: float | None  # distilled guidance, for models with a guidance embedding (None: the default)
+    width: int
+    height: int
+    control_strength: float
+
+    @classmethod
+    def of(cls, job: Request) -> Settings:
+        return cls(job.prompt, job.negative_prompt, job.n, job.steps, job.scheduler, job.cfg_scale, job.guidance,
+                   job.width, job.height, job.control_strength)
+
+
 class Family(Protocol):
     prediction_type: str  # epsilon | v_prediction | flow: picks the denoiser wrapper and the noising rule
     inpainting_model: bool  # takes [mask, masked-image latents] as extra input channels (SD's 9-channel UNets)
 
     def __init__(self, model: Any) -> None: ...
-    def sigmas(self, job: Request) -> np.ndarray: ...
-    def guided(self, job: Request) -> bool: ...
-    def encode_prompts(self, job: Request, guided: bool) -> Any: ...
-    def denoiser(self, job: Request, conditioning: Any, guided: bool, extra_channels: mx.array | None,
+    def sigmas(self, settings: Settings) -> np.ndarray: ...
+    def guided(self, settings: Settings) -> bool: ...
+    def encode_prompts(self, settings: Settings, guided: bool) -> Any: ...
+    def denoiser(self, settings: Settings, conditioning: Any, guided: bool, extra_channels: mx.array | None,
                  control: mx.array | None) -> Denoiser: ...

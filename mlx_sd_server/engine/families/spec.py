@@ -10,11 +10,12 @@ family. `families/__init__.py` lists the specs in `FAMILIES`; detection iterates
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Mapping
 
 from mlx_sd_server.engine.components import ComponentKind
 from mlx_sd_server.engine.sampling.samplers import SAMPLE_METHODS
 from mlx_sd_server.engine.sampling.schedules import SCHEDULERS
+from mlx_sd_server.engine.source import ArchitectureHints, FilePart, OriginalModel, Tensors
 
 if TYPE_CHECKING:
     from mlx_sd_server.engine.families.runtime import Family
@@ -94,9 +95,31 @@ class Detection:
     # Whether a single file (.safetensors or .gguf) with these tensor names holds this family's denoiser
     # in its original layout (alone or all-in-one)
     single_file: Callable[[Iterable[str]], bool]
+    # The manifest family a diffusers folder's component configs show, where the family serves several
+    # (SD: sd1, sd2 or sdxl, by their text encoders); None: its only one
+    diffusers_family: Callable[[Configs], str] | None = None
     # A LoRA's family, from its entries' (component, layer) names and factor shapes: a manifest family
     # name, or None when the LoRA is not this family's. Families are asked in FAMILIES' order.
     lora: Callable[[Any], str | None] | None = None
+
+
+# (the family's spec, per component the file's tensors and the component's prefix in it, the prediction type
+# the file states or None, hints) -> the model those tensors hold
+OriginalReader = Callable[["FamilySpec", Mapping[str, tuple[Tensors, str]], str | None, ArchitectureHints],
+                          OriginalModel]
+
+
+@dataclass(frozen=True)
+class OriginalLayout:
+    """How a family's original-layout files (single files, split files, ComfyUI bundles) map to diffusers'.
+    A file is recognised by `Detection.single_file`; `parts` then says which components a file with these
+    tensor names holds and where (raising CheckpointError for one it cannot convert), and `read` gives their
+    configs (from shapes) and weight mappings (`families/<family>/single_file.py`)."""
+
+    parts: Callable[[Collection[str]], Mapping[str, FilePart]]
+    read: OriginalReader
+    expects: str  # what its files hold, for a file no family recognises
+    options: tuple[str, ...] = ()  # the `convert` options its components' own files are given with
 
 
 @dataclass(frozen=True)
@@ -121,6 +144,8 @@ class FamilySpec:
     optional_text_encoders: tuple[str, ...] = ()  # text encoders a model may be converted without (SD3's T5)
     # diffusers' txt2img pipeline class by manifest family, for --engine torch (absent: MLX only)
     torch_pipelines: Mapping[str, str] = field(default_factory=dict)
+    title: str = ""  # for messages: "FLUX.1"
+    original: OriginalLayout | None = None  # its single files, if it has a layout of its own
 
     def component(self, name: str) -> ComponentSpec | None:
         return next((c for c in self.components if c.name == name), None)

@@ -8,7 +8,8 @@ wrapper per parameterization instead of branches in the pipeline:
   predicts v = noise - x0 at t = sigma and D = x - sigma * v.
 Both give the same probability-flow ODE dx/dsigma = (x - D)/sigma, so the deterministic samplers run
 unchanged on either; only re-noising (ancestral samplers, LCM, img2img, inpainting) differs.
-Classifier-free guidance is the caller's business, inside `predict`.
+Classifier-free guidance is the caller's business, inside `predict` (`classifier_free_guidance` combines the
+two halves of its batch).
 """
 
 from __future__ import annotations
@@ -78,6 +79,13 @@ class RectifiedFlow:
 Noising = VarianceExploding | RectifiedFlow
 NOISING: dict[str, Noising] = {"epsilon": VarianceExploding(), "v_prediction": VarianceExploding(),
                                "flow": RectifiedFlow()}
+
+
+def classifier_free_guidance(output: mx.array, scale: float) -> mx.array:
+    """Classifier-free guidance over a batch of [negative]*n + [prompt]*n predictions: the prediction moved
+    from the negative prompt's towards (and, for scale > 1, past) the prompt's."""
+    negative, positive = mx.split(output, 2)
+    return negative + scale * (positive - negative)
 
 
 def model_denoiser(predict: Predictor, prediction_type: str, table: np.ndarray | None = None) -> Denoiser:

@@ -1,9 +1,10 @@
 """The ten samplers of stable-diffusion.cpp, as plain generator functions in k-diffusion's style.
 
 Each sampler walks a descending sigma list (ending in 0) with a denoiser D(x, sigma) -> x0 estimate and
-yields x after every step, so the caller can evaluate MLX's lazy graph once per step, report progress,
-stream previews and cancel; the last value yielded is the sample. A caller may `send()` back a modified x
-to continue from (inpainting re-imposes the known region after every step). Ancestral samplers (euler_a,
+yields a `Step` after every step (x after it, and D at the sigma it started from, as k-diffusion's callback
+gets them), so the caller can evaluate MLX's lazy graph once per step, report progress, stream previews and
+cancel; the last step's x is the sample. A caller may `send()` back a modified x to continue from
+(inpainting re-imposes the known region after every step). Ancestral samplers (euler_a,
 dpm++2s_a, lcm) draw standard normal noise shaped like x from `noise()`, which the pipeline backs with
 the job's seeded RNG, and re-noise by the model's `noising` rule (`denoiser.py`: variance-exploding for
 epsilon/v models, rectified flow for flow models; the deterministic samplers need neither, the ODE is the
@@ -14,14 +15,28 @@ t = -ln sigma the log-SNR-like time DPM-Solver++ steps in.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Generator, Iterator, Sequence
 
 import mlx.core as mx
 
 from mlx_sd_server.engine.sampling.denoiser import Denoiser, Noising, VarianceExploding
 
+
+@dataclass(frozen=True)
+class Step:
+    """One finished denoising step: what progress, previews, partial images and cancellation read."""
+
+    index: int  # 0-based; index + 1 steps are done
+    sigma: float  # the noise level the step started from
+    x: mx.array  # the latents after the step
+    denoised: mx.array | None  # the model's estimate of the clean latents at `sigma` (None: not known)
+
+
 NoiseFn = Callable[[], mx.array]
-Sampler = Callable[..., Iterator[mx.array]]
+# Yields a Step per step; a value sent back is the x to continue from (None: the step's own).
+Steps = Generator[Step, mx.array | None, None]
+Sampler = Callable[..., Steps]
 
 
 def to_d(x: mx.array, sigma: float, denoised: mx.array) -> mx.array:
@@ -56,34 +71,37 @@ def _steps(sigmas: Sequence[float]) -> Iterator[tuple[int, float, float]]:
 def sample_euler(
     denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
     noising: Noising = VE,
-) -> Iterator[mx.array]:
+) -> Steps:
     """Euler's method on the probability-flow ODE (first order)."""
-    for _, sigma, sigma_next in _steps(sigmas):
-        x = x + to_d(x, sigma, denoise(x, sigma)) * (sigma_next - sigma)
-        x = resume(x, (yield x))
+    for i, sigma, sigma_next in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        x = x + to_d(x, sigma, denoised) * (sigma_next - sigma)
+        x = resume(x, (yield Step(i, sigma, x, denoised)))
 
 
 def sample_euler_a(
     denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
     noising: Noising = VE,
-) -> Iterator[mx.array]:
+) -> Steps:
     """Ancestral Euler: an Euler step down to sigma_down, then fresh noise up to sigma_next."""
     noise = _noise_fn(x, noise)
-    for _, sigma, sigma_next in _steps(sigmas):
+    for i, sigma, sigma_next in _steps(sigmas):
         split = noising.ancestral_step(sigma, sigma_next)
-        x = x + to_d(x, sigma, denoise(x, sigma)) * (split.sigma_down - sigma)
+        denoised = denoise(x, sigma)
+        x = x + to_d(x, sigma, denoised) * (split.sigma_down - sigma)
         if sigma_next > 0:
             x = split.x_scale * x + noise() * split.sigma_up
-        x = resume(x, (yield x))
+        x = resume(x, (yield Step(i, sigma, x, denoised)))
 
 
 def sample_heun(
     denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
     noising: Noising = VE,
-) -> Iterator[mx.array]:
+) -> Steps:
     """Heun's method (second order; the final step to sigma 0 is plain Euler)."""
-    for _, sigma, sigma_next in _steps(sigmas):
-        d = to_d(x, sigma, denoise(x, sigma))
+    for i, sigma, sigma_next in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        d = to_d(x, sigma, denoised)
         dt = sigma_next - sigma
         if sigma_next == 0:
             x = x + d * dt
@@ -91,32 +109,33 @@ def sample_heun(
             x_euler = x + d * dt
             d_next = to_d(x_euler, sigma_next, denoise(x_euler, sigma_next))
             x = x + (d + d_next) * (dt / 2)
-        x = resume(x, (yield x))
+        x = resume(x, (yield Step(i, sigma, x, denoised)))
 
 
 def sample_dpm2(
     denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
     noising: Noising = VE,
-) -> Iterator[mx.array]:
+) -> Steps:
     """DPM-Solver-2 (Karras et al.'s variant): the midpoint method with the midpoint at the geometric mean sigma."""
-    for _, sigma, sigma_next in _steps(sigmas):
-        d = to_d(x, sigma, denoise(x, sigma))
+    for i, sigma, sigma_next in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        d = to_d(x, sigma, denoised)
         if sigma_next == 0:
             x = x + d * (sigma_next - sigma)
         else:
             sigma_mid = math.sqrt(sigma * sigma_next)
             x_mid = x + d * (sigma_mid - sigma)
             x = x + to_d(x_mid, sigma_mid, denoise(x_mid, sigma_mid)) * (sigma_next - sigma)
-        x = resume(x, (yield x))
+        x = resume(x, (yield Step(i, sigma, x, denoised)))
 
 
 def sample_dpmpp_2s_a(
     denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
     noising: Noising = VE,
-) -> Iterator[mx.array]:
+) -> Steps:
     """Ancestral DPM-Solver++(2S): a two-stage exponential-integrator step down to sigma_down, then noise."""
     noise = _noise_fn(x, noise)
-    for _, sigma, sigma_next in _steps(sigmas):
+    for i, sigma, sigma_next in _steps(sigmas):
         denoised = denoise(x, sigma)
         split = noising.ancestral_step(sigma, sigma_next)
         sigma_down = split.sigma_down
@@ -129,13 +148,13 @@ def sample_dpmpp_2s_a(
             x = (sigma_down / sigma) * x - math.expm1(-h) * denoise(x_mid, sigma_mid)
         if sigma_next > 0:
             x = split.x_scale * x + noise() * split.sigma_up
-        x = resume(x, (yield x))
+        x = resume(x, (yield Step(i, sigma, x, denoised)))
 
 
 def sample_dpmpp_2m(
     denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
     noising: Noising = VE, v2: bool = False,
-) -> Iterator[mx.array]:
+) -> Steps:
     """DPM-Solver++(2M): second-order multistep, extrapolating D linearly in t = -ln sigma.
 
     With v2 (stable-diffusion.cpp's dpm++2mv2, a heuristic from A1111 discussion #8457), the multistep
@@ -161,13 +180,13 @@ def sample_dpmpp_2m(
             extrapolated = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * previous
             x = ratio * x - math.expm1(-h_eff) * extrapolated
         previous = denoised
-        x = resume(x, (yield x))
+        x = resume(x, (yield Step(i, sigma, x, denoised)))
 
 
 def sample_dpmpp_2mv2(
     denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
     noising: Noising = VE,
-) -> Iterator[mx.array]:
+) -> Steps:
     """DPM-Solver++(2M) with stable-diffusion.cpp's "v2" step-size rule (see sample_dpmpp_2m)."""
     yield from sample_dpmpp_2m(denoise, x, sigmas, noise, noising=noising, v2=True)
 
@@ -184,7 +203,7 @@ def sample_ipndm(
     *,
     noising: Noising = VE,
     variable_step: bool = False,
-) -> Iterator[mx.array]:
+) -> Steps:
     """Improved PNDM: Adams-Bashforth on d in sigma, with up to three past derivatives (order up to 4).
 
     With variable_step (ipndm_v), the second-order step uses the exact variable-step Adams-Bashforth
@@ -193,7 +212,8 @@ def sample_ipndm(
     sigma_list = [float(s) for s in sigmas]
     history: list[mx.array] = []  # past derivatives, newest last
     for i, sigma, sigma_next in _steps(sigma_list):
-        d = to_d(x, sigma, denoise(x, sigma))
+        denoised = denoise(x, sigma)
+        d = to_d(x, sigma, denoised)
         dt = sigma_next - sigma
         if variable_step and len(history) == 1:
             step_ratio = dt / (sigma - sigma_list[i - 1])
@@ -203,13 +223,13 @@ def sample_ipndm(
             slope = sum(w * di for w, di in zip(weights, [d, *reversed(history)]))
         x = x + slope * dt
         history = (history + [d])[-3:]
-        x = resume(x, (yield x))
+        x = resume(x, (yield Step(i, sigma, x, denoised)))
 
 
 def sample_ipndm_v(
     denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
     noising: Noising = VE,
-) -> Iterator[mx.array]:
+) -> Steps:
     """iPNDM with a variable-step second order (see sample_ipndm)."""
     yield from sample_ipndm(denoise, x, sigmas, noise, noising=noising, variable_step=True)
 
@@ -217,14 +237,13 @@ def sample_ipndm_v(
 def sample_lcm(
     denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
     noising: Noising = VE,
-) -> Iterator[mx.array]:
+) -> Steps:
     """Latent Consistency Model sampling: jump to the x0 estimate, then re-noise to the next sigma."""
     noise = _noise_fn(x, noise)
-    for _, sigma, sigma_next in _steps(sigmas):
-        x = denoise(x, sigma)
-        if sigma_next > 0:
-            x = noising.add_noise(x, noise(), sigma_next)
-        x = resume(x, (yield x))
+    for i, sigma, sigma_next in _steps(sigmas):
+        denoised = denoise(x, sigma)
+        x = noising.add_noise(denoised, noise(), sigma_next) if sigma_next > 0 else denoised
+        x = resume(x, (yield Step(i, sigma, x, denoised)))
 
 
 SAMPLERS: dict[str, Sampler] = {

@@ -2,7 +2,8 @@
 
 Everything here is plain numpy float64 over the model's *training table*: the sigma of each of the
 (usually 1000) training timesteps, ascending with t. A schedule maps a step count to `steps + 1`
-descending sigmas ending in 0; samplers (`samplers.py`) walk that list. The names and maths follow
+descending sigmas ending in 0 (`ays` takes the model's published levels in place of the table); samplers
+(`samplers.py`) walk that list. The names and maths follow
 stable-diffusion.cpp; where diffusers has the same schedule the values agree (see tests/test_schedules.py).
 """
 
@@ -64,22 +65,11 @@ def exponential(steps: int, table: np.ndarray) -> np.ndarray:
     return _append_zero(np.exp(np.linspace(np.log(table[-1]), np.log(table[0]), steps)))
 
 
-# Align Your Steps (Sabour et al., 2024): NVIDIA's optimised 10-step sigmas for the standard SD table.
-AYS_SIGMAS = {
-    "sd1": [14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
-            0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582],
-    "sdxl": [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
-             0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582],
-}
-
-
-def ays(steps: int, table: np.ndarray, family: str = "sd1") -> np.ndarray:
-    """The AYS 10-step levels, log-linearly stretched to `steps`; the last level is replaced by 0.
-
-    The levels are fixed numbers tuned for the standard SD table, so `table` is unused; SD 2.x uses the
-    SD1 levels (AYS publishes none for it), as stable-diffusion.cpp does.
-    """
-    log_levels = np.log(AYS_SIGMAS["sdxl" if family == "sdxl" else "sd1"])
+def ays(steps: int, levels: np.ndarray) -> np.ndarray:
+    """Align Your Steps (Sabour et al., 2024): a model's published levels (in either order; AYS tunes them
+    per model, so the family gives them in place of a table), log-linearly stretched to `steps`; the last
+    level is replaced by 0."""
+    log_levels = np.log(np.sort(levels)[::-1])
     positions = np.linspace(0, 1, len(log_levels))
     sigmas = np.exp(np.interp(np.linspace(0, 1, steps + 1), positions, log_levels))
     sigmas[-1] = 0.0
@@ -129,11 +119,9 @@ SCHEDULES: dict[str, Schedule] = {
 SCHEDULERS = tuple(SCHEDULES)  # the `scheduler` names (stable-diffusion.cpp's)
 
 
-def make_sigmas(scheduler: str, steps: int, table: np.ndarray, family: str = "sd1") -> np.ndarray:
-    """The named schedule for a model family (only `ays` depends on the family)."""
-    if scheduler == "ays":
-        return ays(steps, table, family)
-    return SCHEDULES[scheduler](steps, table)
+def make_sigmas(scheduler: str, steps: int, table: np.ndarray, ays_levels: np.ndarray) -> np.ndarray:
+    """The named schedule over a model's training table; `ays` stretches the model's AYS levels instead."""
+    return SCHEDULES[scheduler](steps, ays_levels if scheduler == "ays" else table)
 
 
 # --- flow models (FLUX, SD3) ----------------------------------------------------------------------------
@@ -193,3 +181,9 @@ def img2img_sigmas(sigmas: np.ndarray, steps: int, strength: float) -> np.ndarra
     """
     kept = min(int(steps * strength), steps)
     return np.asarray(sigmas)[steps - kept:]
+
+
+def step_limit(scheduler: str) -> int | None:
+    """The most steps the named schedule can make (lcm: its models' 50-step distillation grid), None for no
+    limit; job validation refuses more before a job is queued."""
+    return LCM_ORIGINAL_STEPS if scheduler == "lcm" else None

@@ -17,6 +17,7 @@ from mlx_sd_server.engine.ops.attention import attention
 from mlx_sd_server.engine.ops.layers import Linear
 from mlx_sd_server.engine.components import ComponentKind
 from mlx_sd_server.engine.text.clip_tokenizer import CLIPTokenizer
+from mlx_sd_server.engine.text.embedding import TokenEmbedding
 from mlx_sd_server.engine.text.mapping import map_clip_weight
 
 ACTIVATIONS = {
@@ -115,16 +116,21 @@ class CLIPTextModel(nn.Module):
         if config.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported CLIP activation {config.hidden_act!r}")
         self.config = config
-        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.token_embedding = TokenEmbedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.layers = [CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)]
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         if config.with_projection:
             self.text_projection = Linear(config.hidden_size, config.projection_dim, bias=False)
 
+    @property
+    def token_rows(self) -> int:
+        """The token ids this encoder embeds: 0 to token_rows - 1."""
+        return self.token_embedding.rows
+
     def __call__(self, input_ids: mx.array) -> CLIPOutput:
-        """input_ids: (B, L) integer ids, L <= max_position_embeddings. No padding mask: SD attends to
-        padding tokens too (causally), as the diffusers pipelines do."""
+        """input_ids: (B, L) integer ids below `token_rows` (else ValueError), L <= max_position_embeddings.
+        No padding mask: SD attends to padding tokens too (causally), as the diffusers pipelines do."""
         length = input_ids.shape[1]
         x = self.token_embedding(input_ids) + self.position_embedding.weight[:length]
         hidden_states = [x]

@@ -111,6 +111,15 @@ class CLIPTokenizer:
         (path / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n")
 
     @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+    @property
+    def max_id(self) -> int:
+        """The largest id `encode` can give: the text encoder's embedding needs more rows than this."""
+        return max(self._tokenizer.get_vocab().values())
+
+    @property
     def bos_id(self) -> int:
         return self._tokenizer.token_to_id(BOS_TOKEN)
 

@@ -24,6 +24,7 @@ from mlx_sd_server.engine.ops.activations import gelu, gelu_approx, silu
 from mlx_sd_server.engine.ops.attention import attention
 from mlx_sd_server.engine.ops.layers import Linear
 from mlx_sd_server.engine.components import ComponentKind
+from mlx_sd_server.engine.text.embedding import TokenEmbedding
 from mlx_sd_server.engine.text.mapping import map_t5_weight
 from mlx_sd_server.engine.text.t5_tokenizer import T5Tokenizer
 
@@ -204,11 +205,17 @@ class T5EncoderModel(nn.Module):
     def __init__(self, config: T5Config):
         super().__init__()
         self.config = config
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.shared = TokenEmbedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config)
 
+    @property
+    def token_rows(self) -> int:
+        """The token ids this encoder embeds: 0 to token_rows - 1."""
+        return self.shared.rows
+
     def __call__(self, input_ids: mx.array) -> mx.array:
-        """input_ids: (B, L) integer ids -> (B, L, d_model) last hidden state (after the final norm)."""
+        """input_ids: (B, L) integer ids below `token_rows` (else ValueError) -> (B, L, d_model) last hidden
+        state (after the final norm)."""
         return self.encoder(self.shared(input_ids))
 
 

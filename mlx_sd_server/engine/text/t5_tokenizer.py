@@ -47,6 +47,11 @@ class T5Tokenizer:
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size()
 
+    @property
+    def max_id(self) -> int:
+        """The largest id `encode` can give: the text encoder's embedding needs more rows than this."""
+        return max(self._tokenizer.get_vocab().values())
+
     def tokenize(self, text: str) -> list[int]:
         """The prompt's ids: no end token, no truncation, no padding."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids

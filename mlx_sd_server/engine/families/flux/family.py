@@ -2,25 +2,25 @@
 
 Conditioning is T5's hidden states (256 tokens for schnell, 512 for dev: the manifest's `max_length`) and
 CLIP-L's pooled output; latents are the 16-channel autoencoder's, packed into 2x2 patches for the
-transformer (so image sides are multiples of 16). The schedule is the shifted flow schedule (dev: shifted
-by the image's token count). `guidance` feeds dev's distilled guidance embedding; `cfg_scale` > 1 is true
-classifier-free guidance with the negative prompt, as on every family.
+transformer (so image sides are multiples of twice the VAE's downscale: 16 for FLUX.1's autoencoder). The
+schedule is the shifted flow schedule (dev: shifted by the image's token count). `guidance` feeds dev's
+distilled guidance embedding; `cfg_scale` > 1 is true classifier-free guidance with the negative prompt, as
+on every family.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd_server.engine.sampling.denoiser import Denoiser, model_denoiser
 from mlx_sd_server.engine.families.flux.transformer import latent_image_ids, pack_latents, unpack_latents
-from mlx_sd_server.engine.text.prompt import emphasised, sequence_pieces, weighted_ids
-from mlx_sd_server.engine.sampling.schedules import flow_sigmas
-from mlx_sd_server.engine.errors import JobError
+from mlx_sd_server.engine.families.runtime import Settings
 from mlx_sd_server.engine.families.spec import DEFAULT_GUIDANCE
-from mlx_sd_server.engine.request import Request
+from mlx_sd_server.engine.sampling.denoiser import Denoiser, classifier_free_guidance, model_denoiser
+from mlx_sd_server.engine.sampling.schedules import flow_sigmas
+from mlx_sd_server.engine.text.prompt import emphasised, sequence_pieces, weighted_ids
 
 if TYPE_CHECKING:
     from mlx_sd_server.engine.model_io import LoadedModel
@@ -41,27 +41,26 @@ class FluxFamily:
     def __init__(self, model: LoadedModel):
         self.model = model
         self.transformer = model.components["transformer"]
+        self.latent_scale = model.vae.latent_scale  # image pixels per latent pixel (the VAE's downscale)
         self.scheduler_config = model.manifest["scheduler"]
         self.t5_max_length = model.manifest["components"]["text_encoder_2"].get("max_length", T5_MAX_LENGTH)
 
-    def sigmas(self, job: Request) -> np.ndarray:
-        image_tokens = (job.height // (8 * PATCH)) * (job.width // (8 * PATCH))
-        try:
-            return flow_sigmas(job.scheduler, job.steps, self.scheduler_config, image_tokens)
-        except ValueError as exc:
-            raise JobError(str(exc), "scheduler", "unsupported_scheduler") from None
+    def sigmas(self, settings: Settings) -> np.ndarray:
+        token_pixels = self.latent_scale * PATCH
+        image_tokens = (settings.height // token_pixels) * (settings.width // token_pixels)
+        return flow_sigmas(settings.scheduler, settings.steps, self.scheduler_config, image_tokens)
 
-    def guided(self, job: Request) -> bool:
-        return job.cfg_scale > 1.0
+    def guided(self, settings: Settings) -> bool:
+        return settings.cfg_scale > 1.0
 
     # --- text --------------------------------------------------------------------------------------
 
-    def encode_prompts(self, job: Request, guided: bool) -> FluxConditioning:
+    def encode_prompts(self, settings: Settings, guided: bool) -> FluxConditioning:
         """T5 states and CLIP pooled output for [negative, prompt] (or the prompt alone). A1111 emphasis
         weights T5's states, as stable-diffusion.cpp does; CLIP's pooled vector sees the plain text."""
-        texts = [job.negative_prompt, job.prompt] if guided else [job.prompt]
-        clip_tokenizer, t5_tokenizer = self.model.tokenizers
-        clip, t5 = self.model.text_encoders
+        texts = [settings.negative_prompt, settings.prompt] if guided else [settings.prompt]
+        clip_tokenizer, t5_tokenizer = self.model.tokenizers["text_encoder"], self.model.tokenizers["text_encoder_2"]
+        clip, t5 = self.model.text_encoders["text_encoder"], self.model.text_encoders["text_encoder_2"]
         pieces = [sequence_pieces(text) for text in texts]
         plain = ["".join(fragment for fragment, _ in p) for p in pieces]
         pooled = clip(mx.array([clip_tokenizer.encode(text) for text in plain])).pooled_output
@@ -71,18 +70,18 @@ class FluxFamily:
 
     # --- the denoiser ------------------------------------------------------------------------------
 
-    def denoiser(self, job: Request, conditioning: FluxConditioning, guided: bool, extra_channels: mx.array | None,
-                 control: mx.array | None) -> Denoiser:
-        dtype, n = self.model.dtype, job.n
+    def denoiser(self, settings: Settings, conditioning: FluxConditioning, guided: bool,
+                 extra_channels: mx.array | None, control: mx.array | None) -> Denoiser:
+        dtype, n = self.model.dtype, settings.n
         copies = 2 if guided else 1
         context = mx.repeat(conditioning.context, n, axis=0).astype(dtype)  # [negative]*n + [prompt]*n
         pooled = mx.repeat(conditioning.pooled, n, axis=0).astype(dtype)
-        h, w = job.height // 8, job.width // 8
+        h, w = settings.height // self.latent_scale, settings.width // self.latent_scale
         image_ids = latent_image_ids(h, w)
         text_ids = mx.zeros((context.shape[1], 3))
         guidance = None
         if self.transformer.config.guidance_embeds:
-            value = job.guidance if job.guidance is not None else DEFAULT_GUIDANCE
+            value = settings.guidance if settings.guidance is not None else DEFAULT_GUIDANCE
             guidance = mx.full((copies * n,), value, dtype=mx.float32)
 
         def predict(x: mx.array, sigma: float) -> mx.array:
@@ -90,9 +89,6 @@ class FluxFamily:
             timestep = mx.full((packed.shape[0],), sigma, dtype=mx.float32)
             out = self.transformer(packed, context, pooled, timestep, image_ids, text_ids, guidance)
             velocity = unpack_latents(out.astype(mx.float32), h, w)
-            if not guided:
-                return velocity
-            negative, positive = velocity[:n], velocity[n:]
-            return negative + job.cfg_scale * (positive - negative)
+            return classifier_free_guidance(velocity, settings.cfg_scale) if guided else velocity
 
         return model_denoiser(predict, self.prediction_type)

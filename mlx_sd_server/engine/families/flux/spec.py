@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from mlx_sd_server.engine.components import ComponentKind
 from mlx_sd_server.engine.families.flux.family import PATCH, FluxFamily
+from mlx_sd_server.engine.families.flux import single_file
+from mlx_sd_server.engine.families.flux.lora import LORA
 from mlx_sd_server.engine.families.flux.mapping import map_flux_transformer_weight
 from mlx_sd_server.engine.families.flux.transformer import FluxTransformer2DModel, FluxTransformerConfig
 from mlx_sd_server.engine.families.spec import (
     DEFAULT_GUIDANCE, Capabilities, ComponentSpec, Configs, Detection, FamilySpec, LatentFormat, ModelDefaults,
-    Variant,
+    OriginalLayout, Variant,
 )
 from mlx_sd_server.engine.sampling.samplers import FLOW_SAMPLERS
 from mlx_sd_server.engine.sampling.schedules import FLOW_SCHEDULER_SETTINGS, FLOW_SCHEDULES
@@ -20,7 +22,6 @@ from mlx_sd_server.engine.vae import AUTOENCODER_KL, downscale_factor
 
 TRANSFORMER = ComponentKind(("FluxTransformer2DModel",), FluxTransformerConfig, FluxTransformer2DModel,
                             map_flux_transformer_weight)
-BFL_PREFIX = "model.diffusion_model."  # ComfyUI's all-in-one files; BFL's own files have none
 
 
 def variant_of(family: str, prediction_type: str, configs: Configs, name: str) -> Variant:
@@ -32,14 +33,10 @@ def variant_of(family: str, prediction_type: str, configs: Configs, name: str) -
     return Variant("schnell", ModelDefaults(4, 1.0, "euler", "discrete", 1024, 1024), {"text_encoder_2": 256})
 
 
-def is_single_file(names: Iterable[str]) -> bool:
-    return any(name.removeprefix(BFL_PREFIX).startswith("double_blocks.") for name in names)
-
-
 def capabilities(manifest: Mapping[str, Any], has_controlnet: bool) -> Capabilities:
     components = manifest["components"]
     return Capabilities(family="flux", samplers=FLOW_SAMPLERS, schedulers=FLOW_SCHEDULES,
-                        guidance=bool(components["transformer"]["config"].get("guidance_embeds")),
+                        guidance=bool(components["transformer"]["config"].get("guidance_embeds")), controlnet=False,
                         size_multiple=downscale_factor(components["vae"]["config"]) * PATCH)
 
 
@@ -59,6 +56,8 @@ SPEC = FamilySpec(
     latent={"flux": LatentFormat(16, 0.3611, 0.1159, patch_size=PATCH)},
     variant_of=variant_of,
     capabilities=capabilities,
-    detect=Detection(diffusers_classes=("FluxTransformer2DModel",), single_file=is_single_file),
+    detect=Detection(diffusers_classes=("FluxTransformer2DModel",), single_file=single_file.is_single_file, lora=LORA),
     torch_pipelines={"flux": "FluxPipeline"},
+    title="FLUX.1",
+    original=OriginalLayout(single_file.parts, single_file.read, single_file.EXPECTS, single_file.OPTIONS),
 )

@@ -1,6 +1,6 @@
 """The FLUX.1 transformer (schnell and dev) in MLX: diffusers' FluxTransformer2DModel.
 
-Parameter names are diffusers' state-dict names, so `convert/flux.py` is the identity. The model works on
+Parameter names are diffusers' state-dict names, so `mapping.py` is the identity. The model works on
 packed latents: 2x2 patches of the 16-channel latent as 64-channel tokens (`pack_latents`), positioned by
 3-axis rotary embeddings over (0, row, col) ids (`latent_image_ids`); text tokens have all-zero ids.
 
@@ -16,13 +16,12 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_sd_server.engine.blocks.embeddings import TimeTextEmbedding, apply_rope, rope_angles
+from mlx_sd_server.engine.blocks.transformer import FeedForward, Modulation, modulate
 from mlx_sd_server.engine.ops.activations import gelu_approx, silu
 from mlx_sd_server.engine.ops.attention import attention
 from mlx_sd_server.engine.ops.layers import Linear
-from mlx_sd_server.engine.families.sd.unet import TimestepEmbedding, timestep_embedding
 
-ROPE_THETA = 10000
-TIME_CHANNELS = 256  # sinusoidal channels of the timestep and guidance embeddings
 FLOAT16_MAX = 65504.0
 
 
@@ -86,73 +85,12 @@ def latent_image_ids(h: int, w: int) -> mx.array:
 
 # --- helpers -----------------------------------------------------------------------------------------
 
-def rope_angles(ids: mx.array, axes_dims: tuple[int, ...]) -> tuple[mx.array, mx.array]:
-    """cos and sin (L, head_dim/2), float32, of the rotation angles of each token's pairs of channels:
-    per axis i, ids[:, i] * theta^(-2k/dim_i) for k < dim_i/2 (diffusers' FluxPosEmbed, without the
-    repeat-interleave: `apply_rope` uses each angle for both channels of its pair)."""
-    angles = []
-    for axis, dim in enumerate(axes_dims):
-        freqs = ROPE_THETA ** (-mx.arange(0, dim, 2, dtype=mx.float32) / dim)
-        angles.append(ids[:, axis : axis + 1].astype(mx.float32) * freqs)
-    angles = mx.concatenate(angles, axis=-1)
-    return mx.cos(angles), mx.sin(angles)
-
-
-@mx.compile
-def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate the channel pairs (2i, 2i+1) of x (B, heads, L, D) by the angles of `rope_angles`, in float32
-    (as diffusers' apply_rotary_emb); compiled, so each half is one fused kernel with no float32 copy of x."""
-    pairs = x.reshape(*x.shape[:-1], -1, 2).astype(mx.float32)
-    a, b = pairs[..., 0], pairs[..., 1]
-    rotated = [(a * cos - b * sin).astype(x.dtype), (b * cos + a * sin).astype(x.dtype)]
-    return mx.stack(rotated, axis=-1).reshape(x.shape)
-
-
-def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
-    """The adaLN of every block: a LayerNorm without affine (eps 1e-6), scaled and shifted per sample."""
-    return mx.fast.layer_norm(x, None, None, 1e-6) * (1 + scale[:, None]) + shift[:, None]
-
-
 def clip_float16(x: mx.array) -> mx.array:
     """diffusers clips the residual streams of float16 models to float16's range (inf -> finite)."""
     return mx.clip(x, -FLOAT16_MAX, FLOAT16_MAX) if x.dtype == mx.float16 else x
 
 
 # --- blocks ------------------------------------------------------------------------------------------
-
-class Modulation(nn.Module):
-    """The `linear` of diffusers' AdaLayerNormZero(-Single) and AdaLayerNormContinuous: n vectors per sample
-    from silu(temb), which the model computes once for all blocks."""
-
-    def __init__(self, dim: int, n: int):
-        super().__init__()
-        self.linear = Linear(dim, n * dim)
-        self.n = n
-
-    def __call__(self, cond: mx.array) -> list[mx.array]:
-        return mx.split(self.linear(cond), self.n, axis=-1)
-
-
-class GELU(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.proj = Linear(dim, hidden_dim)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return gelu_approx(self.proj(x))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        # diffusers' layout is [GELU, Dropout, Linear]; the identity keeps the names `net.0` and `net.2`.
-        self.net = [GELU(dim, 4 * dim), nn.Identity(), Linear(4 * dim, dim)]
-
-    def __call__(self, x: mx.array) -> mx.array:
-        for layer in self.net:
-            x = layer(x)
-        return x
-
 
 class FluxAttention(nn.Module):
     """Attention with RMS-normed queries and keys; `joint` adds the text stream's projections (double blocks)."""
@@ -231,30 +169,6 @@ class FluxSingleTransformerBlock(nn.Module):
         h = modulate(x, shift, scale)
         out = self.proj_out(mx.concatenate([self.attn(h, rope), gelu_approx(self.proj_mlp(h))], axis=-1))
         return clip_float16(x + gate[:, None] * out)
-
-
-class TimeTextEmbedding(nn.Module):
-    """diffusers' CombinedTimestep(Guidance)TextProjEmbeddings: timestep (+ guidance) + pooled text."""
-
-    def __init__(self, dim: int, pooled_dim: int, guidance: bool):
-        super().__init__()
-        self.timestep_embedder = TimestepEmbedding(TIME_CHANNELS, dim)
-        if guidance:
-            self.guidance_embedder = TimestepEmbedding(TIME_CHANNELS, dim)
-        self.text_embedder = TimestepEmbedding(pooled_dim, dim)  # PixArtAlphaTextProjection: the same MLP
-
-    @staticmethod
-    def _sinusoids(t: mx.array, dtype: mx.Dtype) -> mx.array:
-        # In float32 (diffusers first rounds t to the model dtype: 0.7 in bfloat16 is 0.69921875).
-        return timestep_embedding(t * 1000, TIME_CHANNELS, flip_sin_to_cos=True, freq_shift=0).astype(dtype)
-
-    def __call__(self, timestep: mx.array, guidance: mx.array | None, pooled: mx.array, dtype: mx.Dtype) -> mx.array:
-        emb = self.timestep_embedder(self._sinusoids(timestep, dtype))
-        if "guidance_embedder" in self:
-            if guidance is None:
-                raise ValueError("this FLUX model (dev) embeds a guidance scale: pass guidance")
-            emb = emb + self.guidance_embedder(self._sinusoids(guidance, dtype))
-        return emb + self.text_embedder(pooled)
 
 
 # --- the model ---------------------------------------------------------------------------------------

@@ -8,19 +8,26 @@ over the training beta table; classifier-free guidance as a second batch half, o
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd_server.engine.sampling.denoiser import Denoiser, model_denoiser
-from mlx_sd_server.engine.text.prompt import Chunk, apply_emphasis, chunk_prompt, pad_chunks
+from mlx_sd_server.engine.families.runtime import Settings
+from mlx_sd_server.engine.sampling.denoiser import Denoiser, classifier_free_guidance, model_denoiser
 from mlx_sd_server.engine.sampling.schedules import make_sigmas, training_sigmas
-from mlx_sd_server.engine.errors import JobError
-from mlx_sd_server.engine.request import Request
+from mlx_sd_server.engine.text.prompt import Chunk, apply_emphasis, chunk_prompt, pad_chunks
 
 if TYPE_CHECKING:
     from mlx_sd_server.engine.model_io import LoadedModel
+
+# Align Your Steps (Sabour et al., 2024): NVIDIA's optimised 10-step sigmas for SD 1.5 and SDXL, by manifest
+# family. SD 2.x uses SD 1.5's (AYS publishes none for it), as stable-diffusion.cpp does.
+AYS_SD1 = (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
+           0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582)
+AYS_SDXL = (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+            0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582)
+AYS_SIGMAS = {"sd1": AYS_SD1, "sd2": AYS_SD1, "sdxl": AYS_SDXL}
 
 
 class StableDiffusionFamily:
@@ -29,28 +36,26 @@ class StableDiffusionFamily:
         self.model = model
         manifest = model.manifest
         self.table = training_sigmas(**manifest["scheduler"])
+        self.ays_levels = np.array(AYS_SIGMAS[model.family])
         self.prediction_type = manifest["prediction_type"]
         self.is_sdxl = model.family == "sdxl"
         unet_config = manifest["components"]["unet"]["config"]
         self.guidance_embedding_dim = unet_config.get("time_cond_proj_dim")
         self.inpainting_model = unet_config.get("in_channels", 4) == 9
 
-    def sigmas(self, job: Request) -> np.ndarray:
-        try:
-            return make_sigmas(job.scheduler, job.steps, self.table, self.model.family)
-        except ValueError as exc:  # e.g. the lcm schedule has at most 50 steps
-            raise JobError(str(exc), "steps", "invalid_value") from None
+    def sigmas(self, settings: Settings) -> np.ndarray:
+        return make_sigmas(settings.scheduler, settings.steps, self.table, self.ays_levels)
 
-    def guided(self, job: Request) -> bool:
+    def guided(self, settings: Settings) -> bool:
         # LCM-distilled UNets take guidance as an input; otherwise guidance needs a second (uncond) pass.
-        return job.cfg_scale > 1.0 and not self.guidance_embedding_dim
+        return settings.cfg_scale > 1.0 and not self.guidance_embedding_dim
 
     # --- text --------------------------------------------------------------------------------------
 
     def _encode_chunks(self, chunks_per_encoder: list[list[Chunk]]) -> tuple[mx.array, mx.array | None]:
         """Embeddings (1, 77*k, D) with emphasis applied, and SDXL's pooled embedding (1, P)."""
         embeddings, pooled = [], None
-        for encoder, chunks in zip(self.model.text_encoders, chunks_per_encoder):
+        for encoder, chunks in zip(self.model.text_encoders.values(), chunks_per_encoder):
             ids = mx.array([c.ids for c in chunks])
             out = encoder(ids)
             hidden = out.hidden_states[-2] if self.is_sdxl else out.last_hidden_state
@@ -61,19 +66,19 @@ class StableDiffusionFamily:
                 pooled = out.text_embeds[:1].astype(mx.float32)
         return mx.concatenate(embeddings, axis=-1), pooled
 
-    def encode_prompts(self, job: Request, guided: bool) -> tuple[mx.array, mx.array | None]:
+    def encode_prompts(self, settings: Settings, guided: bool) -> tuple[mx.array, mx.array | None]:
         """Context (B, L, D) for [uncond, cond] (or [cond] alone), and pooled (B, P) for SDXL."""
-        tokenizers = self.model.tokenizers
-        cond = [chunk_prompt(tok, job.prompt) for tok in tokenizers]
+        tokenizers = list(self.model.tokenizers.values())  # in the encoders' order
+        cond = [chunk_prompt(tok, settings.prompt) for tok in tokenizers]
         if not guided:
             return self._encode_chunks(cond)
-        uncond = [chunk_prompt(tok, job.negative_prompt) for tok in tokenizers]
+        uncond = [chunk_prompt(tok, settings.negative_prompt) for tok in tokenizers]
         count = max(len(c) for c in cond + uncond)
         empties = [chunk_prompt(t, "")[0] for t in tokenizers]
         cond = [pad_chunks(c, count, empty) for c, empty in zip(cond, empties)]
         uncond = [pad_chunks(c, count, empty) for c, empty in zip(uncond, empties)]
         cond_context, cond_pooled = self._encode_chunks(cond)
-        if self.is_sdxl and not job.negative_prompt:  # SDXL's "force_zeros_for_empty_prompt"
+        if self.is_sdxl and not settings.negative_prompt:  # SDXL's "force_zeros_for_empty_prompt"
             uncond_context, uncond_pooled = mx.zeros_like(cond_context), mx.zeros_like(cond_pooled)
         else:
             uncond_context, uncond_pooled = self._encode_chunks(uncond)
@@ -82,26 +87,26 @@ class StableDiffusionFamily:
 
     # --- the denoiser ------------------------------------------------------------------------------
 
-    def denoiser(self, job: Request, conditioning: tuple[mx.array, mx.array | None], guided: bool,
+    def denoiser(self, settings: Settings, conditioning: tuple[mx.array, mx.array | None], guided: bool,
                  extra_channels: mx.array | None, control: mx.array | None) -> Denoiser:
-        predict = self._predictor(job, guided, *conditioning, extra_channels, control)
+        predict = self._predictor(settings, guided, *conditioning, extra_channels, control)
         return model_denoiser(predict, self.prediction_type, self.table)
 
-    def _predictor(self, job: Request, guided: bool,
+    def _predictor(self, settings: Settings, guided: bool,
                    context: mx.array, pooled: mx.array | None, extra_channels: mx.array | None,
                    control: mx.array | None) -> Callable[[mx.array, float], mx.array]:
         """predict(x_in, t) -> the UNet's output for the batch, with classifier-free guidance applied."""
         unet, controlnet, dtype = self.model.unet, self.model.controlnet, self.model.dtype
-        n = job.n
+        n = settings.n
         copies = 2 if guided else 1
         context = mx.repeat(context, n, axis=0).astype(dtype)  # [uncond]*n + [cond]*n
         kwargs: dict = {}
         if self.is_sdxl:
-            h, w = job.height, job.width
+            h, w = settings.height, settings.width
             time_ids = mx.array([[h, w, 0, 0, h, w]] * (copies * n), dtype=mx.float32)
             kwargs.update(text_embeds=mx.repeat(pooled, n, axis=0).astype(dtype), time_ids=time_ids.astype(dtype))
         if self.guidance_embedding_dim:
-            w_embed = guidance_scale_embedding(job.cfg_scale - 1.0, self.guidance_embedding_dim)
+            w_embed = guidance_scale_embedding(settings.cfg_scale - 1.0, self.guidance_embedding_dim)
             kwargs["timestep_cond"] = mx.repeat(w_embed, copies * n, axis=0).astype(dtype)
         if control is not None:
             control = mx.repeat(control, copies * n, axis=0).astype(dtype)
@@ -112,16 +117,13 @@ class StableDiffusionFamily:
             batch = mx.concatenate([x_in] * copies).astype(dtype)
             timesteps = mx.full((batch.shape[0],), t, dtype=mx.float32)
             residuals = {}
-            if control is not None and job.control_strength > 0:
+            if control is not None and settings.control_strength > 0:
                 down, mid = controlnet(batch, timesteps, context, control,
-                                       conditioning_scale=job.control_strength,
+                                       conditioning_scale=settings.control_strength,
                                        text_embeds=kwargs.get("text_embeds"), time_ids=kwargs.get("time_ids"))
                 residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
             out = unet(batch, timesteps, context, **kwargs, **residuals).astype(mx.float32)
-            if not guided:
-                return out
-            uncond, cond = out[:n], out[n:]
-            return uncond + job.cfg_scale * (cond - uncond)
+            return classifier_free_guidance(out, settings.cfg_scale) if guided else out
 
         return predict
 

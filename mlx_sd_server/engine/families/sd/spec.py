@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from mlx_sd_server.engine.components import ComponentKind
 from mlx_sd_server.engine.families.sd.controlnet import ControlNetConfig, ControlNetModel
 from mlx_sd_server.engine.families.sd.family import StableDiffusionFamily
+from mlx_sd_server.engine.families.sd import single_file
+from mlx_sd_server.engine.families.sd.lora import LORA
 from mlx_sd_server.engine.families.sd.mapping import map_unet_weight
 from mlx_sd_server.engine.families.sd.unet import UNetConfig, UNetModel
 from mlx_sd_server.engine.families.spec import (
-    Capabilities, ComponentSpec, Configs, Detection, FamilySpec, LatentFormat, ModelDefaults, Variant,
+    Capabilities, ComponentSpec, Configs, Detection, FamilySpec, LatentFormat, ModelDefaults, OriginalLayout,
+    Variant,
 )
 from mlx_sd_server.engine.text.clip import CLIP_TEXT
 from mlx_sd_server.engine.vae import AUTOENCODER_KL, downscale_factor
@@ -40,12 +43,6 @@ def variant_of(family: str, prediction_type: str, configs: Configs, name: str) -
     return Variant(family, base)
 
 
-def is_single_file(names: Iterable[str]) -> bool:
-    """CompVis/SGM checkpoints keep the UNet under model.diffusion_model. (asked after the DiT families, whose
-    ComfyUI files use that prefix too)."""
-    return any(name.startswith("model.diffusion_model.") for name in names)
-
-
 def capabilities(manifest: Mapping[str, Any], has_controlnet: bool) -> Capabilities:
     vae = manifest["components"]["vae"]["config"]
     return Capabilities(family=manifest["family"], controlnet=has_controlnet, size_multiple=downscale_factor(vae))
@@ -68,8 +65,11 @@ SPEC = FamilySpec(
     latent={"sd1": LatentFormat(4, 0.18215), "sd2": LatentFormat(4, 0.18215), "sdxl": LatentFormat(4, 0.13025)},
     variant_of=variant_of,
     capabilities=capabilities,
-    detect=Detection(diffusers_classes=("UNet2DConditionModel",), single_file=is_single_file),
+    detect=Detection(diffusers_classes=("UNet2DConditionModel",), single_file=single_file.is_single_file, lora=LORA,
+                     diffusers_family=single_file.family_of_configs),
     open_clip_encoders={"sd2": ("text_encoder",), "sdxl": ("text_encoder_2",)},
     torch_pipelines={"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
                      "sdxl": "StableDiffusionXLPipeline"},
+    title="Stable Diffusion",
+    original=OriginalLayout(single_file.parts, single_file.read, single_file.EXPECTS),
 )

@@ -1,20 +1,20 @@
 """The Stable Diffusion UNet (SD 1.x, 2.x, XL; LCM and inpainting variants) in MLX, NHWC.
 
-Parameter names follow diffusers' UNet2DConditionModel, so `convert/unet.py` is nearly the identity.
+Parameter names follow diffusers' UNet2DConditionModel, so `mapping.py` is nearly the identity.
 The down half (time embedding, conv_in, down blocks, mid block) lives in `UNetEncoder`, which the
 ControlNet subclasses as well: a ControlNet is a copy of exactly that half.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
-from mlx_sd_server.engine.ops.activations import geglu, silu
+from mlx_sd_server.engine.blocks.embeddings import TimestepEmbedding, timestep_embedding
+from mlx_sd_server.engine.blocks.transformer import FeedForward
+from mlx_sd_server.engine.ops.activations import silu
 from mlx_sd_server.engine.ops.attention import attention
 from mlx_sd_server.engine.ops.group_norm import GroupNorm
 from mlx_sd_server.engine.ops.layers import Conv2d, Linear
@@ -122,27 +122,6 @@ class Attention(nn.Module):
         return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(batch, tokens, dim))
 
 
-class GEGLU(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.proj = Linear(dim, 2 * hidden_dim)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return geglu(self.proj(x))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        # diffusers' layout is [GEGLU, Dropout, Linear]; the identity keeps the names `net.0` and `net.2`.
-        self.net = [GEGLU(dim, 4 * dim), nn.Identity(), Linear(4 * dim, dim)]
-
-    def __call__(self, x: mx.array) -> mx.array:
-        for layer in self.net:
-            x = layer(x)
-        return x
-
-
 class BasicTransformerBlock(nn.Module):
     """Self-attention, cross-attention to the text, feed-forward; each pre-normed and residual."""
 
@@ -153,7 +132,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.attn2 = Attention(dim, heads, context_dim)
         self.norm3 = nn.LayerNorm(dim, eps=1e-5)
-        self.ff = FeedForward(dim)
+        self.ff = FeedForward(dim, activation="geglu")
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
         x = x + self.attn1(self.norm1(x))
@@ -311,37 +290,6 @@ class UpBlock(nn.Module):
         for upsampler in self.upsamplers:
             x = upsampler(x, upsample_size)
         return x
-
-
-# --- time embedding ---------------------------------------------------------------------------------
-
-def timestep_embedding(t: mx.array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> mx.array:
-    """Sinusoidal embedding of (possibly fractional) timesteps (N,) -> (N, dim), float32."""
-    half = dim // 2
-    # The exponents in float32 as diffusers computes them, their exp in float64 rounded once: MLX's float32 exp
-    # puts most of these a step away from torch's (2 of 128 differ this way), which cost every family's time
-    # embedding, and so its parity with diffusers, up to ~1e-4 relative.
-    exponents = np.float32(-math.log(10000)) * np.arange(half, dtype=np.float32) / np.float32(half - freq_shift)
-    freqs = mx.array(np.exp(exponents.astype(np.float64)).astype(np.float32))
-    args = t.astype(mx.float32)[:, None] * freqs[None]
-    sin, cos = mx.sin(args), mx.cos(args)
-    return mx.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
-
-
-class TimestepEmbedding(nn.Module):
-    """Linear-SiLU-Linear; with `cond_proj_dim`, a projected condition (LCM's guidance embedding) is added first."""
-
-    def __init__(self, in_channels: int, dim: int, cond_proj_dim: int | None = None):
-        super().__init__()
-        if cond_proj_dim is not None:
-            self.cond_proj = Linear(cond_proj_dim, in_channels, bias=False)
-        self.linear_1 = Linear(in_channels, dim)
-        self.linear_2 = Linear(dim, dim)
-
-    def __call__(self, x: mx.array, condition: mx.array | None = None) -> mx.array:
-        if condition is not None:
-            x = x + self.cond_proj(condition)
-        return self.linear_2(silu(self.linear_1(x)))
 
 
 # --- the model --------------------------------------------------------------------------------------

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from mlx_sd_server.engine.components import ComponentKind
 from mlx_sd_server.engine.families.sd3.family import T5_MAX_LENGTH, SD3Family
+from mlx_sd_server.engine.families.sd3 import single_file
+from mlx_sd_server.engine.families.sd3.lora import LORA
 from mlx_sd_server.engine.families.sd3.mapping import map_sd3_transformer_weight
 from mlx_sd_server.engine.families.sd3.transformer import SD3Transformer2DModel, SD3TransformerConfig
 from mlx_sd_server.engine.families.spec import (
-    Capabilities, ComponentSpec, Configs, Detection, FamilySpec, LatentFormat, ModelDefaults, Variant,
+    Capabilities, ComponentSpec, Configs, Detection, FamilySpec, LatentFormat, ModelDefaults, OriginalLayout,
+    Variant,
 )
 from mlx_sd_server.engine.sampling.samplers import FLOW_SAMPLERS
 from mlx_sd_server.engine.sampling.schedules import FLOW_SCHEDULER_SETTINGS, FLOW_SCHEDULES
@@ -19,8 +22,6 @@ from mlx_sd_server.engine.vae import AUTOENCODER_KL, downscale_factor
 
 TRANSFORMER = ComponentKind(("SD3Transformer2DModel",), SD3TransformerConfig, SD3Transformer2DModel,
                             map_sd3_transformer_weight)
-ORIGINAL_PREFIX = "model.diffusion_model."
-MARKER = "joint_blocks.0.x_block.attn.qkv.weight"  # Stability's MMDiT names
 # (steps, cfg) from the model cards' examples. The transformer's config tells the releases apart (SD3.5
 # normalises queries and keys, only SD3.5-medium has MMDiT-X dual attention); large-turbo, whose config is
 # large's, only by its name.
@@ -37,10 +38,6 @@ def variant_of(family: str, prediction_type: str, configs: Configs, name: str) -
                    {"text_encoder_3": T5_MAX_LENGTH})
 
 
-def is_single_file(names: Iterable[str]) -> bool:
-    return any(name.removeprefix(ORIGINAL_PREFIX) == MARKER for name in names)
-
-
 def capabilities(manifest: Mapping[str, Any], has_controlnet: bool) -> Capabilities:
     """Sides are multiples of the VAE's downscale times the patch; the transformer has position embeddings
     for at most pos_embed_max_size patches a side."""
@@ -48,7 +45,8 @@ def capabilities(manifest: Mapping[str, Any], has_controlnet: bool) -> Capabilit
     transformer = components["transformer"]["config"]
     patch_pixels = downscale_factor(components["vae"]["config"]) * transformer.get("patch_size", 2)
     largest = transformer.get("pos_embed_max_size", SD3TransformerConfig.pos_embed_max_size)
-    return Capabilities(family="sd3", samplers=FLOW_SAMPLERS, schedulers=FLOW_SCHEDULES, size_multiple=patch_pixels,
+    return Capabilities(family="sd3", samplers=FLOW_SAMPLERS, schedulers=FLOW_SCHEDULES, controlnet=False,
+                        size_multiple=patch_pixels,
                         largest_side=patch_pixels * largest if largest else None)
 
 
@@ -69,7 +67,9 @@ SPEC = FamilySpec(
     latent={"sd3": LatentFormat(16, 1.5305, 0.0609, patch_size=2)},
     variant_of=variant_of,
     capabilities=capabilities,
-    detect=Detection(diffusers_classes=("SD3Transformer2DModel",), single_file=is_single_file),
+    detect=Detection(diffusers_classes=("SD3Transformer2DModel",), single_file=single_file.is_single_file, lora=LORA),
     open_clip_encoders={"sd3": ("text_encoder_2",)},
     optional_text_encoders=("text_encoder_3",),
+    title="SD3/SD3.5",
+    original=OriginalLayout(single_file.parts, single_file.read, single_file.EXPECTS, single_file.OPTIONS),
 )

@@ -1,6 +1,6 @@
 """The SD3 / SD3.5 transformer (MMDiT) in MLX: diffusers' SD3Transformer2DModel.
 
-Parameter names are diffusers' state-dict names, so `convert/sd3.py` only moves the patch embedding's
+Parameter names are diffusers' state-dict names, so `mapping.py` only moves the patch embedding's
 convolution to NHWC. Latents are NHWC (B, H, W, C) in and out; the model cuts them into 2x2 patches, adds a
 2D sin-cos position embedding cropped from the centre of a `pos_embed_max_size`-square table (a buffer
 diffusers saves with the weights), and runs joint blocks in which image and text keep their own weights and
@@ -9,7 +9,7 @@ blocks (`dual_attention_layers`) add an image-only attention `attn2`. The last b
 the text stream only feeds its attention.
 
 The pieces FLUX.1 shares with it (adaLN modulation, the GELU feed-forward, the timestep + pooled-text
-embedding) are imported from `flux_transformer.py`.
+embedding) are in `engine/blocks`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_sd_server.engine.blocks.embeddings import TimeTextEmbedding
+from mlx_sd_server.engine.blocks.transformer import FeedForward, Modulation, modulate
 from mlx_sd_server.engine.ops.activations import silu
 from mlx_sd_server.engine.ops.attention import attention
-from mlx_sd_server.engine.families.flux.transformer import FeedForward, Modulation, TimeTextEmbedding, modulate
 from mlx_sd_server.engine.ops.layers import Conv2d, Linear
 
 QK_NORMS = (None, "rms_norm")  # SD3's and SD3.5's

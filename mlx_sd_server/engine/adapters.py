@@ -1,10 +1,12 @@
-"""LoRA put on a loaded model for one job and taken off after it, the base model never changed.
+"""Low-rank adapters (LoRAs) put on a loaded model for one job and taken off after it, the base model never
+changed. What the adapters are read from (LoRA files, the LoRA folder) is `mlx_sd_server.lora`'s business: the
+pipeline gets them, bound to the model's layers, through its `loras` callable.
 
-A LoRA adapts a layer's weight by `scale * up @ down` (rank r much smaller than the layer). For the job's
-duration each adapted layer is replaced, and the original layer object is put back after (also when the job
-fails or is cancelled), so switching LoRAs costs no reload and the next request gets the base model exactly:
+An adapter changes a layer's weight by `scale * up @ down` (rank r much smaller than the layer). For the
+job's duration each adapted layer is replaced, and the original layer object is put back after (also when the
+job fails or is cancelled), so switching LoRAs costs no reload and the next request gets the base model exactly:
 
-- side branch (`LoRALayer`, the default): `y = base(x) + sum(scale * up(down(x)))`. No copy of any weight,
+- side branch (`AdaptedLayer`, the default): `y = base(x) + sum(scale * up(down(x)))`. No copy of any weight,
   and quantized layers (whose dequantized copy would be 4-8 times their size) take it as plain ones do.
 - fused: a copy of the layer whose weight is W + sum(scale * up @ down), for float layers while their
   weights fit `fuse_budget` bytes (`serve --lora-fuse-gb`). The copies cost the adapted weights' memory for
@@ -24,7 +26,7 @@ from typing import Iterator, NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_sd_server.engine.model_io import TEXT_ENCODERS, LoadedModel
+from mlx_sd_server.engine.model_io import LoadedModel
 
 
 class Adapter(NamedTuple):
@@ -36,8 +38,8 @@ class Adapter(NamedTuple):
     scale: float  # the LoRA's own (alpha / rank) times the weight the request gives it
 
 
-class LoRALayer(nn.Module):
-    """A Linear, QuantizedLinear or Conv2d plus its LoRA branches. Branches run in float32."""
+class AdaptedLayer(nn.Module):
+    """A Linear, QuantizedLinear or Conv2d plus its low-rank branches. Branches run in float32."""
 
     def __init__(self, base: nn.Module, adapters: list[Adapter]):
         super().__init__()
@@ -59,10 +61,7 @@ class LoRALayer(nn.Module):
 
 def component_module(model: LoadedModel, component: str) -> nn.Module:
     """A loaded model's component by its manifest name, text encoders included."""
-    if component in TEXT_ENCODERS:
-        present = [name for name in TEXT_ENCODERS if name in model.manifest["components"]]
-        return model.text_encoders[present.index(component)]
-    return model.components[component]
+    return model.text_encoders[component] if component in model.text_encoders else model.components[component]
 
 
 def get_layer(root: nn.Module, path: str) -> nn.Module:
@@ -81,8 +80,8 @@ def _set_layer(root: nn.Module, path: str, layer: nn.Module) -> None:
         parent[name] = layer
 
 
-# A LoRA bound to a model: per component, per layer path (ours), the branch at weight 1.
-BoundLoRA = dict[str, dict[str, Adapter]]
+# One LoRA bound to a model: per component, per layer path (ours), its branch at weight 1.
+Adapters = dict[str, dict[str, Adapter]]
 
 
 def fused(layer: nn.Module, adapters: list[Adapter]) -> nn.Module:
@@ -97,7 +96,7 @@ def fused(layer: nn.Module, adapters: list[Adapter]) -> nn.Module:
 
 
 @contextmanager
-def applied(model: LoadedModel, loras: list[tuple[BoundLoRA, float]], fuse_budget: int = 0) -> Iterator[None]:
+def applied(model: LoadedModel, loras: list[tuple[Adapters, float]], fuse_budget: int = 0) -> Iterator[None]:
     """Put `loras` (each at its weight) on the model for the duration: float layers fused while their weights
     fit in `fuse_budget` bytes, the rest as side branches. The original layers come back after."""
     adapted: dict[tuple[str, str], list[Adapter]] = {}
@@ -115,7 +114,7 @@ def applied(model: LoadedModel, loras: list[tuple[BoundLoRA, float]], fuse_budge
                 fuse_budget -= layer.weight.nbytes
                 _set_layer(root, path, fused(layer, adapters))
             else:
-                _set_layer(root, path, LoRALayer(layer, adapters))
+                _set_layer(root, path, AdaptedLayer(layer, adapters))
         yield
     finally:
         for root, path, layer in reversed(originals):

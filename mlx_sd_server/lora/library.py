@@ -2,8 +2,9 @@
 
 A LoRA's name is its path in the folder without `.safetensors` (`detail` or `styles/ink`), as in A1111's
 `<lora:name:weight>`. Listing reads only file headers (to tell each file's family); a LoRA's tensors are
-read, and mapped onto a model's layers, when a job first uses it, and kept for the next jobs (a few, by
-file and model). The base model is never touched: engine/lora.py puts the branches on for one job.
+read (formats.py), and mapped onto a model's layers (bind.py), when a job first uses it, and kept for the
+next jobs (a few, by file and model). The base model is never touched: the pipeline puts the branches on
+for one job (engine/adapters.py).
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-
-from convert.lora import LoRAFile, LoRAFormatError, lora_family, read_lora
 from convert.model import file_sha256
-from mlx_sd_server.engine.lora import Adapter, BoundLoRA, component_module, get_layer
-from mlx_sd_server.engine.model_io import TEXT_ENCODERS, LoadedModel, component_kind
+from mlx_sd_server.engine.adapters import Adapters
 from mlx_sd_server.engine.errors import JobError
+from mlx_sd_server.engine.model_io import LoadedModel
+from mlx_sd_server.lora.bind import bind
+from mlx_sd_server.lora.formats import LoRAFormatError, lora_family, read_lora
+from mlx_sd_server.paths import without_paths
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class LoRALibrary:
         self._lock = threading.Lock()
         self._infos: dict[tuple[Path, int, float], LoRAInfo] = {}  # by (path, size, mtime): headers read once
         self._hashes: dict[tuple[Path, int, float], str] = {}
-        self._bound: OrderedDict[tuple, BoundLoRA] = OrderedDict()
+        self._bound: OrderedDict[tuple, Adapters] = OrderedDict()
 
     def scan(self) -> dict[str, LoRAInfo]:
         """Every .safetensors file in the folder (and its sub-folders), by name; the folder is read each time,
@@ -85,15 +85,26 @@ class LoRALibrary:
         info = infos.get(name)
         if info is None:
             usable = sorted(n for n, i in infos.items() if i.family is not None)
-            where = f"in {self.folder}" if self.folder else "(no LoRA folder)"
+            where = "in the LoRA folder" if self.folder else "(no LoRA folder)"  # its path is the server's own
             listing = f"; there are: {', '.join(usable[:20])}" if usable else "; there are none"
             raise JobError(f"no LoRA named {name!r} {where}{listing}", "loras", "lora_not_found")
         if info.family is None:
-            raise JobError(f"LoRA {name!r} cannot be used: {info.error}", "loras", "invalid_lora")
+            raise JobError(f"LoRA {name!r} cannot be used: {self._public(info.error or '', info)}", "loras",
+                           "invalid_lora")
         return info
 
+    def _public(self, reason: str, info: LoRAInfo) -> str:
+        """Why a LoRA cannot be used, for a client: the file named by its place in the LoRA folder
+        (`styles/ink.safetensors`), and no other absolute path (the log has them)."""
+        reason = reason.replace(str(info.path), f"{info.name}{SUFFIX}")
+        if self.folder is not None:
+            reason = reason.replace(str(self.folder), "the LoRA folder")
+        return without_paths(reason)
+
     def family(self, name: str) -> str:
-        return self.info(name).family
+        family = self.info(name).family
+        assert family is not None  # (info refuses the LoRAs that have none)
+        return family
 
     def short_hash(self, name: str) -> str:
         """A1111's `Lora hashes` value: the first 12 hex digits of the file's sha256 (kept per file version)."""
@@ -107,7 +118,7 @@ class LoRALibrary:
                 self._hashes[key] = digest
         return digest
 
-    def bound(self, name: str, model: LoadedModel) -> BoundLoRA:
+    def bound(self, name: str, model: LoadedModel) -> Adapters:
         """LoRA `name` mapped onto `model`'s layers (weight 1), read and kept on first use."""
         info = self.info(name)
         key = (info.path, info.size, info.modified, model.folder)  # adapters hold arrays, not layers
@@ -118,7 +129,9 @@ class LoRALibrary:
         try:
             lora = read_lora(info.path)
         except (LoRAFormatError, OSError, ValueError) as exc:
-            raise JobError(f"LoRA {name!r} cannot be used: {exc}", "loras", "invalid_lora") from None
+            log.warning("LoRA %s (%s) cannot be used: %s", name, info.path, exc)
+            raise JobError(f"LoRA {name!r} cannot be used: {self._public(str(exc), info)}", "loras",
+                           "invalid_lora") from None
         bound = bind(lora, model, name)
         log.info("LoRA %s: %d layers of %s", name, sum(len(layers) for layers in bound.values()),
                  model.manifest.get("name", model.folder.name))
@@ -127,49 +140,3 @@ class LoRALibrary:
             while len(self._bound) > BOUND_CACHE:
                 self._bound.popitem(last=False)
         return bound
-
-
-def bind(lora: LoRAFile, model: LoadedModel, name: str) -> BoundLoRA:
-    """A LoRA in diffusers layout as branches on our layers. Each factor goes through its component's weight
-    mapper, as a weight of that layer would: a conv's `down` is a kernel (to OHWI), SD1's 1x1-conv proj_in
-    a matrix, CLIP's container prefixes go. Every layer must exist and fit, or the LoRA is refused."""
-    model_name = model.manifest.get("name", model.folder.name)
-    bound: BoundLoRA = {}
-    for component, layers in lora.layers.items():
-        entry = model.manifest["components"].get(component)
-        if entry is None and component in TEXT_ENCODERS:  # an SD3 model converted without T5: nothing to adapt
-            log.info("LoRA %s: %s has no %s, so that part of the LoRA has nothing to adapt", name, model_name,
-                     component)
-            continue
-        if entry is None:
-            raise JobError(f"LoRA {name!r} adapts a {component}, which {model_name} does not have", "loras",
-                           "lora_mismatch")
-        mapper = component_kind(component, entry["config"]).mapper
-        root = component_module(model, component)
-        bound[component] = {}
-        for path, layer in layers.items():
-            (key, down), = mapper(f"{path}.weight", layer.down)
-            (_, up), = mapper(f"{path}.weight", layer.up)
-            ours = key.removesuffix(".weight")
-            adapter = Adapter(mx.array(down), mx.array(up.reshape(up.shape[0], -1)), layer.scale)
-            _check_fits(adapter, root, ours, f"LoRA {name!r} does not fit {model_name}: {component}.{path}")
-            bound[component][ours] = adapter
-    return bound
-
-
-def _check_fits(adapter: Adapter, root: nn.Module, path: str, what: str) -> None:
-    try:
-        layer = get_layer(root, path)
-    except (KeyError, IndexError, ValueError, AttributeError):
-        raise JobError(f"{what}: the model has no such layer", "loras", "lora_mismatch") from None
-    if isinstance(layer, nn.QuantizedLinear):  # packed: its sizes are in the scales
-        out_dims, in_shape = layer.scales.shape[0], (layer.scales.shape[1] * layer.group_size,)
-    elif isinstance(layer, nn.Linear):
-        out_dims, in_shape = layer.weight.shape[0], (layer.weight.shape[1],)
-    elif isinstance(layer, nn.Conv2d):  # OHWI: the down conv has the base's kernel size
-        out_dims, in_shape = layer.weight.shape[0], tuple(layer.weight.shape[1:])
-    else:
-        raise JobError(f"{what}: a {type(layer).__name__} takes no LoRA", "loras", "lora_mismatch")
-    if tuple(adapter.down.shape[1:]) != in_shape or tuple(adapter.up.shape) != (out_dims, adapter.down.shape[0]):
-        raise JobError(f"{what}: factors {tuple(adapter.up.shape)} x {tuple(adapter.down.shape)} do not fit a layer "
-                       f"of {out_dims} x {in_shape}", "loras", "lora_mismatch")
