@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -29,15 +29,27 @@ from mlx_sd_server.engine.families import FAMILIES, family_of_single_file
 from mlx_sd_server.engine.families.spec import FamilySpec
 from mlx_sd_server.engine.model_io import component_kind
 from mlx_sd_server.engine.source import (
-    ArchitectureHints, CheckpointError, FilePart, OriginalComponent, OriginalModel, SourceModel, Tensors, Weights,
+    ArchitectureHints,
+    CheckpointError,
+    FilePart,
+    OriginalComponent,
+    OriginalModel,
+    SourceModel,
+    Tensors,
+    Weights,
     float32,
 )
 from mlx_sd_server.engine.text.t5 import T5_ENCODER
 
 log = logging.getLogger(__name__)
 
-PREDICTION_TYPES = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction",
-                    "v-prediction": "v_prediction"}
+PREDICTION_TYPES = {
+    "epsilon": "epsilon",
+    "eps": "epsilon",
+    "v": "v_prediction",
+    "v_prediction": "v_prediction",
+    "v-prediction": "v_prediction",
+}
 
 # The split files carry no T5 tokenizer; FLUX.1-schnell's repo is public (dev's is gated), and FLUX's and
 # SD3's T5 use the same one.
@@ -61,8 +73,9 @@ class LazyWeights:
     tensor at a time: each iteration opens the file afresh and drops every tensor once it has been handed on.
     Tensors already in memory (a pickle's) are read from there."""
 
-    def __init__(self, source: Path | Tensors, keys: list[str], mapper: Mapper,
-                 extra: tuple[tuple[str, np.ndarray], ...] = ()):
+    def __init__(
+        self, source: Path | Tensors, keys: list[str], mapper: Mapper, extra: tuple[tuple[str, np.ndarray], ...] = ()
+    ):
         # (not `self.keys`: dict() would take this for a mapping)
         self.source, self.source_keys, self.mapper, self.extra = source, keys, mapper, extra
 
@@ -121,14 +134,23 @@ def family_of_file(path: Path, files: Files) -> FamilySpec:
     spec = family_of_single_file(tensors)
     if spec is None or spec.original is None:
         expected = "; ".join(f"not {s.original.expects}" for s in FAMILIES if s.original is not None)
-        raise CheckpointError(f"{path} holds no model this version converts: {expected}"
-                              + (f"; it has keys like {sorted(tensors)[:3]}" if tensors else "; it is empty"))
+        raise CheckpointError(
+            f"{path} holds no model this version converts: {expected}"
+            + (f"; it has keys like {sorted(tensors)[:3]}" if tensors else "; it is empty")
+        )
     return spec
 
 
-def read_checkpoint(path: str | Path, *, given: Mapping[str, Path] | None = None, allow_pickle: bool = False,
-                    prediction_type: str | None = None, with_t5: bool = True, t5_tokenizer: Path | None = None,
-                    hints: ArchitectureHints = RELEASED) -> SourceModel:
+def read_checkpoint(
+    path: str | Path,
+    *,
+    given: Mapping[str, Path] | None = None,
+    allow_pickle: bool = False,
+    prediction_type: str | None = None,
+    with_t5: bool = True,
+    t5_tokenizer: Path | None = None,
+    hints: ArchitectureHints = RELEASED,
+) -> SourceModel:
     """A single file (and the component files `given` by their `convert` option, e.g. {"--vae": path}) of
     whichever family its tensor names show. Pickles (.ckpt/.pt/.bin) are refused unless `allow_pickle`;
     `prediction_type` overrides the file's; `with_t5=False` leaves the family's optional text encoders out."""
@@ -137,51 +159,83 @@ def read_checkpoint(path: str | Path, *, given: Mapping[str, Path] | None = None
     return _read(spec, Path(path), given or {}, files, prediction_type, with_t5, t5_tokenizer, hints)[1]
 
 
-def read_original(spec: FamilySpec, main: Path, given: Mapping[str, Path] | None = None, *,
-                  allow_pickle: bool = False, prediction_type: str | None = None, with_t5: bool = True,
-                  t5_tokenizer: Path | None = None, hints: ArchitectureHints = RELEASED) -> SourceModel:
+def read_original(
+    spec: FamilySpec,
+    main: Path,
+    given: Mapping[str, Path] | None = None,
+    *,
+    allow_pickle: bool = False,
+    prediction_type: str | None = None,
+    with_t5: bool = True,
+    t5_tokenizer: Path | None = None,
+    hints: ArchitectureHints = RELEASED,
+) -> SourceModel:
     """`main` and the component files `given`, read as `spec`'s family (as read_checkpoint, which detects it)."""
     return _read(spec, Path(main), given or {}, Files(allow_pickle), prediction_type, with_t5, t5_tokenizer, hints)[1]
 
 
-def load_checkpoint(path: str | Path, allow_pickle: bool = False, prediction_type: str | None = None,
-                    hints: ArchitectureHints = RELEASED) -> DiffusersComponents:
+def load_checkpoint(
+    path: str | Path,
+    allow_pickle: bool = False,
+    prediction_type: str | None = None,
+    hints: ArchitectureHints = RELEASED,
+) -> DiffusersComponents:
     """A single file read at once into diffusers-layout configs and float32 state dicts."""
     files = Files(allow_pickle)
-    model, source = _read(family_of_file(Path(path), files), Path(path), {}, files, prediction_type, True, None,
-                          hints)
-    return DiffusersComponents(source.family, source.prediction_type, model.inpainting,
-                               {name: (config, dict(weights)) for name, (config, weights) in source.components.items()})
+    model, source = _read(family_of_file(Path(path), files), Path(path), {}, files, prediction_type, True, None, hints)
+    return DiffusersComponents(
+        source.family,
+        source.prediction_type,
+        model.inpainting,
+        {name: (config, dict(weights)) for name, (config, weights) in source.components.items()},
+    )
 
 
-def _read(spec: FamilySpec, main: Path, given: Mapping[str, Path], files: Files, prediction_type: str | None,
-          with_t5: bool, t5_tokenizer: Path | None, hints: ArchitectureHints) -> tuple[OriginalModel, SourceModel]:
+def _read(
+    spec: FamilySpec,
+    main: Path,
+    given: Mapping[str, Path],
+    files: Files,
+    prediction_type: str | None,
+    with_t5: bool,
+    t5_tokenizer: Path | None,
+    hints: ArchitectureHints,
+) -> tuple[OriginalModel, SourceModel]:
     layout = spec.original
     assert layout is not None, f"{spec.name} has no single files"
     names = files.tensors(main)
-    parts = {name: part for name, part in layout.parts(names).items()
-             if with_t5 or name not in spec.optional_text_encoders}
+    parts = {
+        name: part for name, part in layout.parts(names).items() if with_t5 or name not in spec.optional_text_encoders
+    }
     for option in given:
         if option not in layout.options:
             takes = [p.option for name, p in parts.items() if p.option and name != spec.denoiser]
             others = " and ".join(s.title for s in FAMILIES if s.original is not None and option in s.original.options)
-            raise CheckpointError(f"{option} is for {others or 'no model this version converts'}, and {main} is a "
-                                  f"{spec.title} model, which takes {', '.join(takes) or 'no other files'} only")
+            raise CheckpointError(
+                f"{option} is for {others or 'no model this version converts'}, and {main} is a "
+                f"{spec.title} model, which takes {', '.join(takes) or 'no other files'} only"
+            )
     found = locate_components(parts, main, given, files, spec)
     stated = stated_prediction_type(files.metadata(main), names, prediction_type)
-    model = layout.read(spec, {name: (files.tensors(path), prefix) for name, (path, prefix) in found.items()},
-                        stated, hints)
+    model = layout.read(
+        spec, {name: (files.tensors(path), prefix) for name, (path, prefix) in found.items()}, stated, hints
+    )
     components: dict[str, tuple[dict[str, Any], Weights]] = {
-        name: (c.config, files.weights(found[name][0], c)) for name, c in model.components.items()}
+        name: (c.config, files.weights(found[name][0], c)) for name, c in model.components.items()
+    }
     # Single files carry no tokenizer: CLIP's vocabulary ships with this package (None: write_model makes it),
     # T5's is downloaded once or given.
-    tokenizers = {name: t5_tokenizer_folder(t5_tokenizer) if component_kind(name, config) is T5_ENCODER else None
-                  for name, (config, _) in components.items() if component_kind(name, config).tokenizer_class}
+    tokenizers = {
+        name: t5_tokenizer_folder(t5_tokenizer) if component_kind(name, config) is T5_ENCODER else None
+        for name, (config, _) in components.items()
+        if component_kind(name, config).tokenizer_class
+    }
     return model, SourceModel(model.family, model.prediction_type, model.scheduler, components, tokenizers)
 
 
-def locate_components(parts: Mapping[str, FilePart], main: Path, given: Mapping[str, Path], files: Files,
-                      spec: FamilySpec) -> dict[str, tuple[Path, str]]:
+def locate_components(
+    parts: Mapping[str, FilePart], main: Path, given: Mapping[str, Path], files: Files, spec: FamilySpec
+) -> dict[str, tuple[Path, str]]:
     """Per part: (the file it is read from, its prefix there). The denoiser is read from `main`, another part
     from the file given with its option, else from `main`; a file given for a part that does not hold it, and
     required parts found nowhere, are errors naming the files and options to give."""
@@ -195,8 +249,10 @@ def locate_components(parts: Mapping[str, FilePart], main: Path, given: Mapping[
             found[name] = (path or main, prefix)
             log.info("reading %s from %s", name, (path or main).name)
         elif path is not None:
-            raise CheckpointError(f"{path} is not {part.description}: it has no {part.prefixes[0] + part.marker}; "
-                                  f"it has keys like {sorted(tensors)[:3]}")
+            raise CheckpointError(
+                f"{path} is not {part.description}: it has no {part.prefixes[0] + part.marker}; "
+                f"it has keys like {sorted(tensors)[:3]}"
+            )
         elif part.required and part.option:
             missing.append(f"{part.option} ({part.description})")
         elif part.required:

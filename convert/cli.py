@@ -48,8 +48,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     least = 0 if split else 1  # SRC, unless split files are the source; then an optional NAME or DST
     if not least <= len(args.paths) <= least + 1:
-        usage = ("--diffusion-model FILE [--vae FILE --clip-l FILE --clip-g FILE --t5xxl FILE] [NAME]" if split
-                 else "SRC [NAME]")
+        usage = (
+            "--diffusion-model FILE [--vae FILE --clip-l FILE --clip-g FILE --t5xxl FILE] [NAME]"
+            if split
+            else "SRC [NAME]"
+        )
         print(f"mlx-sd-server convert: expected {usage}", file=sys.stderr)
         return 2
     src = split or args.paths[0]
@@ -57,8 +60,15 @@ def main(args: argparse.Namespace) -> int:
     dst, name = destination(args, source_path, args.paths[least] if len(args.paths) > least else None)
     try:
         out = convert_model(
-            src, dst, dtype=args.dtype, quantize=args.quantize, prediction_type=args.prediction_type,
-            allow_pickle=args.allow_pickle, name=name, progress=sys.stderr.isatty(), with_t5=not args.no_t5,
+            src,
+            dst,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            prediction_type=args.prediction_type,
+            allow_pickle=args.allow_pickle,
+            name=name,
+            progress=sys.stderr.isatty(),
+            with_t5=not args.no_t5,
         )
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"mlx-sd-server convert: {exc}", file=sys.stderr)

@@ -50,17 +50,25 @@ MLX_GROUP_SIZE = 32
 # (stable-diffusion.cpp's name_conversion.cpp); in its own files, or under the prefix sd-cli's convert gives T5.
 T5_PREFIX = "text_encoders.t5xxl.transformer."
 LLAMA_CPP_T5_NAMES = (
-    ("enc.", "encoder."), ("blk.", "block."), ("output_norm.", "final_layer_norm."),
-    ("attn_q.", "layer.0.SelfAttention.q."), ("attn_k.", "layer.0.SelfAttention.k."),
-    ("attn_v.", "layer.0.SelfAttention.v."), ("attn_o.", "layer.0.SelfAttention.o."),
-    ("attn_norm.", "layer.0.layer_norm."), ("ffn_norm.", "layer.1.layer_norm."),
-    ("ffn_up.", "layer.1.DenseReluDense.wi_1."), ("ffn_down.", "layer.1.DenseReluDense.wo."),
+    ("enc.", "encoder."),
+    ("blk.", "block."),
+    ("output_norm.", "final_layer_norm."),
+    ("attn_q.", "layer.0.SelfAttention.q."),
+    ("attn_k.", "layer.0.SelfAttention.k."),
+    ("attn_v.", "layer.0.SelfAttention.v."),
+    ("attn_o.", "layer.0.SelfAttention.o."),
+    ("attn_norm.", "layer.0.layer_norm."),
+    ("ffn_norm.", "layer.1.layer_norm."),
+    ("ffn_up.", "layer.1.DenseReluDense.wi_1."),
+    ("ffn_down.", "layer.1.DenseReluDense.wo."),
     ("ffn_gate.", "layer.1.DenseReluDense.wi_0."),
-    ("attn_rel_b.", "layer.0.SelfAttention.relative_attention_bias."), ("token_embd.", "shared."),
+    ("attn_rel_b.", "layer.0.SelfAttention.relative_attention_bias."),
+    ("token_embd.", "shared."),
 )
 
 
 # --- MLX's quantized layout -------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class PackedRows:
@@ -133,11 +141,13 @@ def to_mlx(value: np.ndarray) -> Any:
         return mx.array(value)
     from mlx_sd_server.engine.model_io import QuantizedWeight
 
-    return QuantizedWeight(mx.array(packed.weight), mx.array(packed.scales), mx.array(packed.biases),
-                           packed.bits, MLX_GROUP_SIZE)
+    return QuantizedWeight(
+        mx.array(packed.weight), mx.array(packed.scales), mx.array(packed.biases), packed.bits, MLX_GROUP_SIZE
+    )
 
 
 # --- reading ----------------------------------------------------------------------------------------------
+
 
 class GGUFTensor:
     """One tensor of a GGUF file, read and dequantized only when used; `shape` is torch's (ggml's reversed)."""
@@ -180,16 +190,22 @@ def read_gguf(path: Path) -> tuple[dict[str, GGUFTensor], dict[str, str]]:
     try:
         reader = GGUFReader(path)
     except Exception as err:  # the reader's errors for short or foreign files are numpy reshape errors and the like
-        raise CheckpointError(f"cannot read {path} as a GGUF file (corrupt or truncated? {err}). "
-                                "Download it again.") from err
+        raise CheckpointError(
+            f"cannot read {path} as a GGUF file (corrupt or truncated? {err}). Download it again."
+        ) from err
     tensors = {t.name: GGUFTensor(path, t) for t in reader.tensors}
     unknown = sorted({t.type for t in tensors.values()} - set(FLOAT_TYPES + QUANTIZED_TYPES + INTEGER_TYPES))
     if unknown:
-        raise CheckpointError(f"{path} holds tensors of ggml type {', '.join(unknown)}, which are not read here "
-                                f"(these are: {', '.join(FLOAT_TYPES + QUANTIZED_TYPES)})")
+        raise CheckpointError(
+            f"{path} holds tensors of ggml type {', '.join(unknown)}, which are not read here "
+            f"(these are: {', '.join(FLOAT_TYPES + QUANTIZED_TYPES)})"
+        )
     tensors = {_llama_cpp_t5_name(name): tensor for name, tensor in tensors.items()}
-    metadata = {name: str(bytes(field.parts[field.data[0]]), "utf-8", "replace")
-                for name, field in reader.fields.items() if field.types == [GGUFValueType.STRING]}
+    metadata = {
+        name: str(bytes(field.parts[field.data[0]]), "utf-8", "replace")
+        for name, field in reader.fields.items()
+        if field.types == [GGUFValueType.STRING]
+    }
     counts = Counter(tensor.type for tensor in tensors.values())
     log.debug("%s: %s", path.name, ", ".join(f"{n} {t}" for t, n in sorted(counts.items())))
     return tensors, metadata
@@ -199,7 +215,7 @@ def _llama_cpp_t5_name(name: str) -> str:
     """A T5 encoder weight in llama.cpp's names (alone, or under stable-diffusion.cpp's t5xxl prefix) in
     transformers'; any other name as it is."""
     prefix = T5_PREFIX if name.startswith(T5_PREFIX) else ""
-    rest = name[len(prefix):]
+    rest = name[len(prefix) :]
     if not rest.startswith(("enc.", "token_embd.")):
         return name
     for old, new in LLAMA_CPP_T5_NAMES:

@@ -52,8 +52,9 @@ class SplitFiles:
         return {option: path for option, path in files.items() if path is not None}
 
 
-def read_source(src: Path | SplitFiles, allow_pickle: bool = False, prediction_type: str | None = None,
-                with_t5: bool = True) -> SourceModel:
+def read_source(
+    src: Path | SplitFiles, allow_pickle: bool = False, prediction_type: str | None = None, with_t5: bool = True
+) -> SourceModel:
     """A diffusers folder, a single-file checkpoint or split files, read into diffusers layout. `with_t5=False`
     leaves the family's optional text encoders out (SD3's T5: the model then reads zeros in its place, as
     diffusers' pipeline allows)."""
@@ -71,8 +72,14 @@ def read_source(src: Path | SplitFiles, allow_pickle: bool = False, prediction_t
 
 def _read_source(src: Path | SplitFiles, allow_pickle: bool, prediction_type: str | None, with_t5: bool) -> SourceModel:
     if isinstance(src, SplitFiles):
-        return read_checkpoint(src.diffusion_model, given=src.given(), allow_pickle=allow_pickle,
-                               prediction_type=prediction_type, with_t5=with_t5, t5_tokenizer=src.t5_tokenizer)
+        return read_checkpoint(
+            src.diffusion_model,
+            given=src.given(),
+            allow_pickle=allow_pickle,
+            prediction_type=prediction_type,
+            with_t5=with_t5,
+            t5_tokenizer=src.t5_tokenizer,
+        )
     if is_diffusers_folder(src):
         return read_diffusers_folder(src, allow_pickle=allow_pickle, prediction_type=prediction_type)
     if src.is_file():  # a single file of any family, or a clear error naming what it lacks
@@ -108,7 +115,8 @@ def check_vocabulary(encoder: str, config: dict[str, Any], tokenizer: Any) -> No
         raise CheckpointError(
             f"{encoder}: its token embedding has {rows} rows, but its tokenizer has {tokenizer.vocab_size} tokens "
             f"(ids up to {tokenizer.max_id}): this text encoder does not fit its tokenizer (for a single file, "
-            "CLIP's own vocabulary; a damaged or cut-down checkpoint?)")
+            "CLIP's own vocabulary; a damaged or cut-down checkpoint?)"
+        )
 
 
 def write_model(
@@ -125,9 +133,11 @@ def write_model(
     """Write `source` as a converted folder at `dst`, atomically: a failed conversion leaves nothing.
     `origin` (the source path or Hugging Face repo id) goes into the manifest's `source`, with the time;
     `source_sha256` (a single file's) is what A1111 shortens into the images' `Model hash`."""
-    tokenizers = {component: _tokenizer_for(source, component, config)
-                  for component, (config, _) in source.components.items()
-                  if component_kind(component, config).tokenizer_class is not None}
+    tokenizers = {
+        component: _tokenizer_for(source, component, config)
+        for component, (config, _) in source.components.items()
+        if component_kind(component, config).tokenizer_class is not None
+    }
     for component, tokenizer in tokenizers.items():  # before anything is written
         check_vocabulary(component, source.components[component][0], tokenizer)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -135,8 +145,9 @@ def write_model(
     quantization = {"bits": quantize, "group_size": QUANTIZE_GROUP_SIZE} if quantize else None
     spec = spec_for(source.family)
     configs = {component: config for component, (config, _) in source.components.items()}
-    variant = (spec.variant_of(source.family, source.prediction_type, configs, name) if spec.denoiser in configs
-               else None)
+    variant = (
+        spec.variant_of(source.family, source.prediction_type, configs, name) if spec.denoiser in configs else None
+    )
     try:
         entries: dict[str, Any] = {}
         for component, (config, weights) in source.components.items():
@@ -158,10 +169,7 @@ def write_model(
             "name": name,
             "family": source.family,
             "prediction_type": source.prediction_type,
-            "scheduler": {
-                key: source.scheduler.get(key, default)
-                for key, default in spec.scheduler.items()
-            },
+            "scheduler": {key: source.scheduler.get(key, default) for key, default in spec.scheduler.items()},
             "dtype": dtype,
             # As asked; else, if a GGUF's 4/8-bit layers kept their quantization, the setting most of them have.
             "quantization": quantization or _usual_quantization(entries),
@@ -211,8 +219,16 @@ def convert_model(
     if origin is None:
         origin = str((src.diffusion_model if isinstance(src, SplitFiles) else src).expanduser().resolve())
     single_file = src if isinstance(src, Path) and src.is_file() else None
-    return write_model(source, dst, name=name or dst.name, dtype=dtype, quantize=quantize, progress=progress,
-                       origin=origin, source_sha256=file_sha256(single_file) if single_file else None)
+    return write_model(
+        source,
+        dst,
+        name=name or dst.name,
+        dtype=dtype,
+        quantize=quantize,
+        progress=progress,
+        origin=origin,
+        source_sha256=file_sha256(single_file) if single_file else None,
+    )
 
 
 def file_sha256(path: Path) -> str:

@@ -28,12 +28,24 @@ def _weight_patterns() -> list[str]:
 # of SD repos, FLUX repos' flux1-*.safetensors and ae.safetensors, SD3.5 repos' sd3.5_*.safetensors and
 # text_encoders/ folder, beside their diffusers folders). A repo of one component (a ControlNet) has its
 # config and weights at the top.
-ALLOW_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*", "*/*.safetensors.index.json",
-                  "config.json", "diffusion_pytorch_model.safetensors", *_weight_patterns()]
+ALLOW_PATTERNS = [
+    "model_index.json",
+    "*/config.json",
+    "scheduler/*.json",
+    "tokenizer*/*",
+    "*/*.safetensors.index.json",
+    "config.json",
+    "diffusion_pytorch_model.safetensors",
+    *_weight_patterns(),
+]
 
 # The text encoders a model may go without (SD3's T5, ~9.5 GB), and their tokenizers: what --no-t5 leaves out.
-OPTIONAL_FOLDERS = [f"{folder}/*" for spec in FAMILIES for name in spec.optional_text_encoders
-                    for folder in (name, tokenizer_folder(name))]
+OPTIONAL_FOLDERS = [
+    f"{folder}/*"
+    for spec in FAMILIES
+    for name in spec.optional_text_encoders
+    for folder in (name, tokenizer_folder(name))
+]
 
 # Single-file weights that diffusers repositories often also carry as `*.fp16.safetensors` (half the size).
 # (Sharded weights keep full precision: their fp16 index files are named in a way the reader does not take.)
@@ -88,13 +100,22 @@ def main(args: argparse.Namespace) -> int:
         print(
             f"mlx-sd-server pull: cannot download {args.repo_id}: offline (HF_HUB_OFFLINE is set or the hub is "
             "unreachable) and it is not in the Hugging Face cache. Connect and retry, or download the model "
-            "elsewhere and run `mlx-sd-server convert FOLDER_OR_FILE DST`.", file=sys.stderr,
+            "elsewhere and run `mlx-sd-server convert FOLDER_OR_FILE DST`.",
+            file=sys.stderr,
         )
         return 1
     except Exception as exc:  # the hub's errors (404, gated repo, network) all end the command the same way
         print(f"mlx-sd-server pull: cannot download {args.repo_id}: {exc}", file=sys.stderr)
         return 1
-    convert_model(src, dst, dtype=args.dtype, quantize=args.quantize, name=name, progress=sys.stderr.isatty(),
-                  origin=f"huggingface:{args.repo_id}", with_t5=not args.no_t5)
+    convert_model(
+        src,
+        dst,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        name=name,
+        progress=sys.stderr.isatty(),
+        origin=f"huggingface:{args.repo_id}",
+        with_t5=not args.no_t5,
+    )
     print(f"pulled {args.repo_id} as {name} ({dst})")
     return 0

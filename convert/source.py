@@ -47,8 +47,10 @@ def read_state_dict(path: Path, allow_pickle: bool = False) -> tuple[dict[str, A
     except Exception as err:
         raise CheckpointError(f"cannot read {path} as safetensors: {err}") from err
     if any(k.endswith(("scaled_fp8", ".scale_weight")) for k in tensors):
-        raise CheckpointError(f"{path} is a ComfyUI 'scaled fp8' file, which is not supported: use the fp16, "
-                              "bf16 or plain fp8 (e4m3fn) version")
+        raise CheckpointError(
+            f"{path} is a ComfyUI 'scaled fp8' file, which is not supported: use the fp16, "
+            "bf16 or plain fp8 (e4m3fn) version"
+        )
     for key, entry in header.items():  # fp8 (e4m3) tensors, which MLX loads as their raw bytes, decoded lazily
         if key != "__metadata__" and entry["dtype"] == "F8_E4M3":
             tensors[key] = mx.from_fp8(tensors[key], mx.float32)
@@ -89,5 +91,6 @@ def read_pickle(path: Path) -> dict[str, np.ndarray]:
         raise RuntimeError(f"reading {path} needs torch (pip install torch), or use a .safetensors file") from None
     state = torch.load(str(path), map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
-    return {k: v.float().numpy() if v.is_floating_point() else v.numpy()
-            for k, v in state.items() if hasattr(v, "numpy")}
+    return {
+        k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items() if hasattr(v, "numpy")
+    }

@@ -78,8 +78,11 @@ def ensure_fast_blas() -> None:
         return
     library = find_fast_blas()
     if library is None:
-        print("mlx-sd-server: no OpenBLAS found, MLX runs on its slow reference BLAS (install "
-              f"libopenblas0-pthread, or set {OVERRIDE_ENV}=/path/to/libopenblas.so)", file=sys.stderr)
+        print(
+            "mlx-sd-server: no OpenBLAS found, MLX runs on its slow reference BLAS (install "
+            f"libopenblas0-pthread, or set {OVERRIDE_ENV}=/path/to/libopenblas.so)",
+            file=sys.stderr,
+        )
         return
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(filter(None, [library, env.get("LD_PRELOAD")]))
@@ -87,7 +90,10 @@ def ensure_fast_blas() -> None:
     env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), HUGE_PAGES_TUNABLE]))
     env[REEXEC_MARKER_ENV] = "1"
     # A print, not a log record: this runs before the command has configured logging.
-    print(f"mlx-sd-server: restarting with {library} as MLX's BLAS ({DISABLE_ENV}=1 to disable)",
-          file=sys.stderr, flush=True)
+    print(
+        f"mlx-sd-server: restarting with {library} as MLX's BLAS ({DISABLE_ENV}=1 to disable)",
+        file=sys.stderr,
+        flush=True,
+    )
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

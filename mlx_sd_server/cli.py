@@ -13,8 +13,10 @@ import sys
 from mlx_sd_server import store
 from mlx_sd_server.job.fields import FIELDS, IMAGE_FIELDS, MODEL_FIELDS, Field, Limits
 
-DESCRIPTION = ("Generate images with Stable Diffusion and FLUX.1 models on Apple silicon (MLX): serve an "
-               "OpenAI-compatible image API, generate from the command line, and download, convert and manage models.")
+DESCRIPTION = (
+    "Generate images with Stable Diffusion and FLUX.1 models on Apple silicon (MLX): serve an "
+    "OpenAI-compatible image API, generate from the command line, and download, convert and manage models."
+)
 
 # subcommand -> "module:function" taking the parsed arguments; imported lazily so `--help` is instant.
 HANDLERS = {
@@ -55,88 +57,155 @@ def add_model_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def add_no_t5(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-t5", action="store_true",
-                        help="SD3/SD3.5: leave T5-XXL out (4.7B parameters less to download, store and run; prompts "
-                             "then reach the model through the CLIPs alone, as diffusers allows)")
+    parser.add_argument(
+        "--no-t5",
+        action="store_true",
+        help="SD3/SD3.5: leave T5-XXL out (4.7B parameters less to download, store and run; prompts "
+        "then reach the model through the CLIPs alone, as diffusers allows)",
+    )
 
 
 def add_lora_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lora-model-dir", metavar="DIR",
-                        help="where LoRAs (.safetensors) are, named in prompts as <lora:NAME:WEIGHT> (default: "
-                             "the loras folder in the model directory)")
-    parser.add_argument("--lora-fuse-gb", type=float, default=0.0, metavar="GB",
-                        help="fuse a job's LoRAs into copies of the float layers they adapt, up to GB of weights "
-                             "(default 0: low-rank side branches, no copies; bench/lora.py measures both)")
+    parser.add_argument(
+        "--lora-model-dir",
+        metavar="DIR",
+        help="where LoRAs (.safetensors) are, named in prompts as <lora:NAME:WEIGHT> (default: "
+        "the loras folder in the model directory)",
+    )
+    parser.add_argument(
+        "--lora-fuse-gb",
+        type=float,
+        default=0.0,
+        metavar="GB",
+        help="fuse a job's LoRAs into copies of the float layers they adapt, up to GB of weights "
+        "(default 0: low-rank side branches, no copies; bench/lora.py measures both)",
+    )
 
 
 def add_split_file_options(parser: argparse.ArgumentParser) -> None:
     """A model given as separate component files, as stable-diffusion.cpp takes them (FLUX.1, SD3/SD3.5)."""
     split = parser.add_argument_group("split files (FLUX.1, SD3/SD3.5, as stable-diffusion.cpp takes them)")
-    split.add_argument("--diffusion-model", metavar="FILE",
-                       help="the transformer, e.g. flux1-dev.safetensors or .gguf, or sd3.5_large.safetensors")
+    split.add_argument(
+        "--diffusion-model",
+        metavar="FILE",
+        help="the transformer, e.g. flux1-dev.safetensors or .gguf, or sd3.5_large.safetensors",
+    )
     split.add_argument("--vae", metavar="FILE", help="the autoencoder, e.g. ae.safetensors")
     split.add_argument("--clip-l", metavar="FILE", help="CLIP-L, e.g. clip_l.safetensors")
     split.add_argument("--t5xxl", metavar="FILE", help="T5-XXL, e.g. t5xxl_fp16.safetensors or t5xxl-Q8_0.gguf")
     split.add_argument("--clip-g", metavar="FILE", help="CLIP-G (SD3/SD3.5), e.g. clip_g.safetensors")
-    split.add_argument("--t5-tokenizer", metavar="PATH",
-                       help="T5's tokenizer.json (or its folder); default: downloaded from FLUX.1-schnell's repo")
+    split.add_argument(
+        "--t5-tokenizer",
+        metavar="PATH",
+        help="T5's tokenizer.json (or its folder); default: downloaded from FLUX.1-schnell's repo",
+    )
 
 
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
     """Options of `serve`, shared with `service install` (which writes them into the service file). The
     reference's (sd-api-server's) flags are accepted as it documents them."""
     add_model_dir(parser)
-    parser.add_argument("--model", action="append", default=[], metavar="NAME_OR_PATH",
-                        help="a model to serve: a name, a converted folder, a diffusers folder, a .safetensors or "
-                             ".gguf file, a Hugging Face id (repeatable; the first is the default)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME_OR_PATH",
+        help="a model to serve: a name, a converted folder, a diffusers folder, a .safetensors or "
+        ".gguf file, a Hugging Face id (repeatable; the first is the default)",
+    )
     parser.add_argument("--model-name", metavar="NAME", help="the API name of the default model (the reference's)")
-    parser.add_argument("--strict-model-names", action="store_true",
-                        help="a request's model must name a served model (default: unknown names and OpenAI's "
-                             "dall-e-*/gpt-image-* are served by the default model while only one is served)")
+    parser.add_argument(
+        "--strict-model-names",
+        action="store_true",
+        help="a request's model must name a served model (default: unknown names and OpenAI's "
+        "dall-e-*/gpt-image-* are served by the default model while only one is served)",
+    )
     add_split_file_options(parser)
     parser.add_argument("--control-net", metavar="NAME_OR_PATH", help="a ControlNet attached to the default model")
     add_lora_dir(parser)
-    parser.add_argument("--task", "--context-type", choices=["full", "text2image", "image2image"], default="full",
-                        help="which endpoints are on: both, /v1/images/generations only, or /v1/images/edits only")
+    parser.add_argument(
+        "--task",
+        "--context-type",
+        choices=["full", "text2image", "image2image"],
+        default="full",
+        help="which endpoints are on: both, /v1/images/generations only, or /v1/images/edits only",
+    )
     # None, not "127.0.0.1": `service install` writes only options that differ from their defaults, so an
     # explicit --host 127.0.0.1 stays in the service file.
-    parser.add_argument("--host", default=None,
-                        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every "
-                             "interface: then set --api-key)")
+    parser.add_argument(
+        "--host",
+        default=None,
+        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every "
+        "interface: then set --api-key)",
+    )
     parser.add_argument("--port", type=int, default=8080, help="port to listen on")
     parser.add_argument("--socket-addr", metavar="HOST:PORT", help="host and port in one (the reference's)")
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads (Linux: the cores this process uses)")
-    for flag, what in (("--clip-on-cpu", "text encoders"), ("--vae-on-cpu", "VAE"), ("--control-net-cpu", "ControlNet")):
-        parser.add_argument(flag, action="store_true", help=f"the reference's: keep the {what} on the CPU "
-                            "(no effect with MLX: CPU and GPU share unified memory)")
+    for flag, what in (
+        ("--clip-on-cpu", "text encoders"),
+        ("--vae-on-cpu", "VAE"),
+        ("--control-net-cpu", "ControlNet"),
+    ):
+        parser.add_argument(
+            flag,
+            action="store_true",
+            help=f"the reference's: keep the {what} on the CPU (no effect with MLX: CPU and GPU share unified memory)",
+        )
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $API_KEY)")
-    parser.add_argument("--download-url-prefix", metavar="URL",
-                        help="public prefix of image urls, e.g. behind a proxy (default: the address the server "
-                             "listens on)")
-    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                        help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API from a browser "
-                             "(repeatable; '*' for any page). Default: none, browsers' cross-origin calls are refused")
+    parser.add_argument(
+        "--download-url-prefix",
+        metavar="URL",
+        help="public prefix of image urls, e.g. behind a proxy (default: the address the server listens on)",
+    )
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API from a browser "
+        "(repeatable; '*' for any page). Default: none, browsers' cross-origin calls are refused",
+    )
     parser.add_argument("--store-dir", help="where generated images are kept")
-    parser.add_argument("--store-max-age", type=_checked(store.max_age), metavar="AGE",
-                        help="remove stored images older than AGE: 90s, 30m, 12h, 7d (a bare number is hours; "
-                             "default: keep until deleted)")
-    parser.add_argument("--store-max-gb", type=_checked(store.max_gb), metavar="GB",
-                        help="keep the stored images under GB in all, removing the oldest first (default: no limit)")
+    parser.add_argument(
+        "--store-max-age",
+        type=_checked(store.max_age),
+        metavar="AGE",
+        help="remove stored images older than AGE: 90s, 30m, 12h, 7d (a bare number is hours; "
+        "default: keep until deleted)",
+    )
+    parser.add_argument(
+        "--store-max-gb",
+        type=_checked(store.max_gb),
+        metavar="GB",
+        help="keep the stored images under GB in all, removing the oldest first (default: no limit)",
+    )
     parser.add_argument("--max-queue", type=int, default=8, help="jobs waiting beyond this get 429")
     parser.add_argument("--max-n", type=int, default=Limits.max_n, help="largest n per request")
     parser.add_argument("--max-steps", type=int, default=Limits.max_steps, help="most steps per request")
     parser.add_argument("--max-pixels", type=int, default=Limits.max_pixels, help="largest width*height")
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body")
-    parser.add_argument("--write-timeout", type=float, metavar="SECONDS",
-                        help="give up on a client that has read nothing of its answer for this long: a stalled "
-                             "stream (default: 30; 0: never)")
-    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
-                        help="compute dtype (default: float16 on GPU, float32 on CPU)")
-    parser.add_argument("--engine", choices=["mlx", "torch", "auto"], default="mlx",
-                        help="mlx, the diffusers/torch fallback, or auto (torch where MLX cannot load a model)")
+    parser.add_argument(
+        "--write-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="give up on a client that has read nothing of its answer for this long: a stalled "
+        "stream (default: 30; 0: never)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        help="compute dtype (default: float16 on GPU, float32 on CPU)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=["mlx", "torch", "auto"],
+        default="mlx",
+        help="mlx, the diffusers/torch fallback, or auto (torch where MLX cannot load a model)",
+    )
     add_low_memory_option(parser)
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                        help="how much the server logs")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="how much the server logs"
+    )
 
 
 def _checked(convert):
@@ -173,36 +242,64 @@ def field_help(field: Field) -> str:
 def add_job_options(parser: argparse.ArgumentParser) -> None:
     """Options of `generate`: one per job field the command line takes (job/fields.py), and its images."""
     add_model_dir(parser)
-    parser.add_argument("--model", required=True, metavar="NAME_OR_PATH",
-                        help="a model name (see `mlx-sd-server models`), a converted folder, a diffusers folder, a "
-                             ".safetensors file or a Hugging Face id")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="NAME_OR_PATH",
+        help="a model name (see `mlx-sd-server models`), a converted folder, a diffusers folder, a "
+        ".safetensors file or a Hugging Face id",
+    )
     parser.add_argument("--control-net", metavar="NAME_OR_PATH", help="a ControlNet to attach")
     add_lora_dir(parser)
-    parser.add_argument("--lora", action="append", metavar="NAME[:WEIGHT]",
-                        help="a LoRA to apply (repeatable), as a <lora:NAME:WEIGHT> prompt tag would")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME[:WEIGHT]",
+        help="a LoRA to apply (repeatable), as a <lora:NAME:WEIGHT> prompt tag would",
+    )
     for field in FIELDS:
         if field.cli:  # no default here: build_job applies the model's, and knows what was given
-            parser.add_argument(*dict.fromkeys((flag_for(field.name), "--" + field.name.replace("_", "-"))),
-                                type=OPTION_TYPES.get(field.type, str), required=field.required, help=field_help(field))
+            parser.add_argument(
+                *dict.fromkeys((flag_for(field.name), "--" + field.name.replace("_", "-"))),
+                type=OPTION_TYPES.get(field.type, str),
+                required=field.required,
+                help=field_help(field),
+            )
     for name, help_text in IMAGE_FIELDS.items():
         parser.add_argument(flag_for(name), metavar="PATH", help=help_text)
-    parser.add_argument("--output", "-o", default=".", metavar="PATH_OR_DIR",
-                        help="a directory (each image gets a new file, <model>-<seed>.<ext>, never replacing one) "
-                             "or a file name (.png/.jpg/.webp; with -n 2 or more, NAME-1.png, NAME-2.png...)")
+    parser.add_argument(
+        "--output",
+        "-o",
+        default=".",
+        metavar="PATH_OR_DIR",
+        help="a directory (each image gets a new file, <model>-<seed>.<ext>, never replacing one) "
+        "or a file name (.png/.jpg/.webp; with -n 2 or more, NAME-1.png, NAME-2.png...)",
+    )
     parser.add_argument("--force", action="store_true", help="let --output FILE replace an existing file")
-    parser.add_argument("--output-format", choices=["png", "jpeg", "webp"],
-                        help="image format (default: from --output's suffix, else png)")
+    parser.add_argument(
+        "--output-format",
+        choices=["png", "jpeg", "webp"],
+        help="image format (default: from --output's suffix, else png)",
+    )
     parser.add_argument("--output-compression", type=int, metavar="0-100", help="jpeg/webp quality")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="compute dtype")
-    parser.add_argument("--engine", choices=["mlx", "torch", "auto"], default="mlx",
-                        help="mlx, the diffusers/torch fallback, or auto (torch where MLX cannot load a model)")
+    parser.add_argument(
+        "--engine",
+        choices=["mlx", "torch", "auto"],
+        default="mlx",
+        help="mlx, the diffusers/torch fallback, or auto (torch where MLX cannot load a model)",
+    )
     add_low_memory_option(parser)
 
 
 def add_low_memory_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--low-memory", action="store_true", default=None,
-                        help="free the text encoders after each prompt is encoded (re-read from disk per job) and "
-                             "decode images above 512x512 in tiles; on by itself with 8 GB of memory or less")
+    parser.add_argument(
+        "--low-memory",
+        action="store_true",
+        default=None,
+        help="free the text encoders after each prompt is encoded (re-read from disk per job) and "
+        "decode images above 512x512 in tiles; on by itself with 8 GB of memory or less",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,32 +314,47 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_options(command("generate", help="generate images from the command line"))
 
     convert = command(
-        "convert", help="convert Hugging Face weights into a model (by default into the model directory)",
+        "convert",
+        help="convert Hugging Face weights into a model (by default into the model directory)",
         usage="%(prog)s [options] SRC [NAME | DST/]\n       %(prog)s [options] --diffusion-model FILE --vae FILE "
-              "--clip-l FILE [--clip-g FILE] --t5xxl FILE [NAME | DST/]")
-    convert.add_argument("paths", nargs="*", metavar="SRC NAME",
-                         help="SRC: a diffusers folder or a single-file .safetensors checkpoint (SD, SD3/SD3.5, or an "
-                              "all-in-one FLUX file). NAME: the model's name, written into the model directory "
-                              "(default: SRC's file or folder name); a path with a slash (./out, ~/models/x) is the "
-                              "output folder itself. With split files, NAME only")
+        "--clip-l FILE [--clip-g FILE] --t5xxl FILE [NAME | DST/]",
+    )
+    convert.add_argument(
+        "paths",
+        nargs="*",
+        metavar="SRC NAME",
+        help="SRC: a diffusers folder or a single-file .safetensors checkpoint (SD, SD3/SD3.5, or an "
+        "all-in-one FLUX file). NAME: the model's name, written into the model directory "
+        "(default: SRC's file or folder name); a path with a slash (./out, ~/models/x) is the "
+        "output folder itself. With split files, NAME only",
+    )
     add_split_file_options(convert)
     add_model_dir(convert)
     convert.add_argument("--output", metavar="DIR", help="write the model folder at DIR instead of the model directory")
-    convert.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"],
-                         help="weight dtype")
+    convert.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"], help="weight dtype")
     convert.add_argument("--quantize", type=int, choices=[4, 8], help="quantize linear layers to N bits")
-    convert.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
-                         help="override what the checkpoint says (single-file SD 2.x checkpoints do not say)")
-    convert.add_argument("--allow-pickle", action="store_true",
-                         help="accept .ckpt/.bin pickle files (they can run arbitrary code: trusted files only)")
+    convert.add_argument(
+        "--prediction-type",
+        choices=["epsilon", "v_prediction"],
+        help="override what the checkpoint says (single-file SD 2.x checkpoints do not say)",
+    )
+    convert.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept .ckpt/.bin pickle files (they can run arbitrary code: trusted files only)",
+    )
     convert.add_argument("--name", help="model name in the manifest (default: NAME, else the output folder's name)")
     add_no_t5(convert)
 
     pull = command("pull", help="download a model from Hugging Face and convert it into the model directory")
     pull.add_argument("repo_id", metavar="HF_REPO_ID", help="e.g. stabilityai/sd-turbo")
     add_model_dir(pull)
-    pull.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"],
-                      help="weight dtype (float16 downloads a repository's .fp16 files where it has them)")
+    pull.add_argument(
+        "--dtype",
+        default="float16",
+        choices=["float16", "float32", "bfloat16"],
+        help="weight dtype (float16 downloads a repository's .fp16 files where it has them)",
+    )
     pull.add_argument("--quantize", type=int, choices=[4, 8], help="quantize linear layers to N bits")
     pull.add_argument("--name", help="name to save it under (default: derived from the repo id)")
     add_no_t5(pull)

@@ -16,7 +16,12 @@ from mlx_sd_server.cli import flag_for
 from mlx_sd_server.engine.model_io import write_atomically
 from mlx_sd_server.engine.pipeline import drive
 from mlx_sd_server.images import (
-    a1111_parameters, encode_image, flatten, mask_from_upload, model_hash, open_upload,
+    a1111_parameters,
+    encode_image,
+    flatten,
+    mask_from_upload,
+    model_hash,
+    open_upload,
 )
 from mlx_sd_server.job import IMAGE_FIELDS, JOB_FIELDS, Job, JobError, build_job
 from mlx_sd_server.registry import ModelLoadError, ModelNotFoundError, ModelRegistry, model_dir
@@ -27,6 +32,7 @@ MAX_INPUT_BYTES = 200 * 2**20
 MAX_INPUT_PIXELS = 64 * 2**20
 SUFFIX_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 FORMAT_SUFFIXES = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+
 
 def cli_message(exc: JobError) -> str:
     """A job error as the command line says it: naming `--cfg-scale`, not the API's `cfg_scale`."""
@@ -54,11 +60,20 @@ def job_from_args(args: argparse.Namespace, registry: ModelRegistry) -> Job:
     if args.lora:  # NAME[:WEIGHT]; build_job reads the weight
         named = [lora.rpartition(":") if ":" in lora else (lora, "", "1") for lora in args.lora]
         fields["loras"] = [{"name": name, "scale": weight} for name, _, weight in named]
-    images = {name: (mask_from_upload if name == "mask" else flatten)(_read_image(path, name))
-              for name in IMAGE_FIELDS if (path := getattr(args, name))}
+    images = {
+        name: (mask_from_upload if name == "mask" else flatten)(_read_image(path, name))
+        for name in IMAGE_FIELDS
+        if (path := getattr(args, name))
+    }
     info = registry.info()
-    return build_job(fields, images, defaults=info.defaults, capabilities=info.capabilities, model_name=info.name,
-                     lora_family=registry.loras.family)
+    return build_job(
+        fields,
+        images,
+        defaults=info.defaults,
+        capabilities=info.capabilities,
+        model_name=info.name,
+        lora_family=registry.loras.family,
+    )
 
 
 def output_format(args: argparse.Namespace) -> str:
@@ -108,8 +123,9 @@ def output_paths(output: str, job: Job, model_name: str, fmt: str = "png", force
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     existing = [str(p) for p in paths if p.exists()]
     if existing and not force:
-        raise FileExistsError(f"{', '.join(existing)} already exists (--force replaces it; a directory as --output "
-                              "gets new file names)")
+        raise FileExistsError(
+            f"{', '.join(existing)} already exists (--force replaces it; a directory as --output gets new file names)"
+        )
     return paths
 
 
@@ -124,11 +140,20 @@ def main(args: argparse.Namespace) -> int:
         if not is_directory_output(args.output) and not force:
             existing = [str(p) for p in file_outputs(args.output, args.n or 1) if p.exists()]
             if existing:  # checked before loading the model, and again once the images are made
-                raise FileExistsError(f"{', '.join(existing)} already exists (--force replaces it; a directory as "
-                                      "--output gets new file names)")
-        registry = ModelRegistry([args.model], model_dir(args.model_dir), control_net=args.control_net,
-                                 dtype=args.dtype, engine=args.engine, low_memory=args.low_memory,
-                                 lora_dir=args.lora_model_dir, lora_fuse_budget=int(args.lora_fuse_gb * 2**30))
+                raise FileExistsError(
+                    f"{', '.join(existing)} already exists (--force replaces it; a directory as "
+                    "--output gets new file names)"
+                )
+        registry = ModelRegistry(
+            [args.model],
+            model_dir(args.model_dir),
+            control_net=args.control_net,
+            dtype=args.dtype,
+            engine=args.engine,
+            low_memory=args.low_memory,
+            lora_dir=args.lora_model_dir,
+            lora_fuse_budget=int(args.lora_fuse_gb * 2**30),
+        )
         job = job_from_args(args, registry)
         pipeline = registry.pipeline()
         with tqdm(total=pipeline.total_steps(job), unit="step", disable=not sys.stderr.isatty()) as bar:

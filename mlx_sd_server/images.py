@@ -54,8 +54,9 @@ def spooled_upload() -> BinaryIO:
     return tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
 
 
-def decode_base64_upload(data: bytes | bytearray | memoryview, param: str, *, max_pixels: int,
-                         max_aspect: float = Limits.max_upload_aspect) -> BinaryIO:
+def decode_base64_upload(
+    data: bytes | bytearray | memoryview, param: str, *, max_pixels: int, max_aspect: float = Limits.max_upload_aspect
+) -> BinaryIO:
     """A base64 image or data URL held as bytes (a long JSON string, set aside unread) -> a spooled file of
     the image's bytes, as decode_base64_image would decode it, but a slice at a time and without copying
     the text: its first slice is judged (check_upload_head) before the rest is decoded."""
@@ -66,14 +67,14 @@ def decode_base64_upload(data: bytes | bytearray | memoryview, param: str, *, ma
     while end > start and view[end - 1] in b" \t\n\r\x0b\x0c":
         end -= 1
     prefix = _DATA_URL_BYTES.match(view, start, end)
-    payload = view[prefix.end() if prefix else start:end]
+    payload = view[prefix.end() if prefix else start : end]
     invalid = JobError(f"{param} must be a base64 image or a data URL", param, "invalid_image")
     if _BASE64.fullmatch(payload) is None:
         raise invalid
     out = spooled_upload()
     try:
         for at in range(0, len(payload), _BASE64_SLICE):
-            piece = binascii.a2b_base64(payload[at:at + _BASE64_SLICE])
+            piece = binascii.a2b_base64(payload[at : at + _BASE64_SLICE])
             if at == 0:
                 check_upload_head(piece[:HEADER_BYTES], param, max_pixels=max_pixels, max_aspect=max_aspect)
             out.write(piece)
@@ -93,20 +94,25 @@ HEADER_BYTES = 64 * 1024
 
 
 def _not_an_image(param: str) -> JobError:
-    return JobError(f"{param} is not a readable image (accepted: {', '.join(ACCEPTED_FORMATS)})", param,
-                    "invalid_image")
+    return JobError(
+        f"{param} is not a readable image (accepted: {', '.join(ACCEPTED_FORMATS)})", param, "invalid_image"
+    )
 
 
 def _check_dimensions(width: int, height: int, param: str, max_pixels: int, max_aspect: float) -> None:
     if width * height > max_pixels:
         raise JobError(f"{param} is {width}x{height} pixels, over the limit of {max_pixels}", param, "image_too_large")
     if max(width, height) > max_aspect * min(width, height):
-        raise JobError(f"{param} is {width}x{height}: its aspect ratio is over this server's limit of "
-                       f"{max_aspect:g}:1", param, "invalid_image_dimensions")
+        raise JobError(
+            f"{param} is {width}x{height}: its aspect ratio is over this server's limit of {max_aspect:g}:1",
+            param,
+            "invalid_image_dimensions",
+        )
 
 
-def check_upload_head(head: bytes, param: str, *, max_pixels: int,
-                      max_aspect: float = Limits.max_upload_aspect) -> None:
+def check_upload_head(
+    head: bytes, param: str, *, max_pixels: int, max_aspect: float = Limits.max_upload_aspect
+) -> None:
     """Judge an upload by its first bytes while the rest is still arriving, so a refused one is never
     kept whole: from SIGNATURE_BYTES on, it must start as one of ACCEPTED_FORMATS does (Pillow's own test,
     as Image.open makes it); from HEADER_BYTES on, a header Pillow can read (most formats' fits in the
@@ -116,8 +122,9 @@ def check_upload_head(head: bytes, param: str, *, max_pixels: int,
         return
     Image.init()
     prefix = bytes(head[:SIGNATURE_BYTES])
-    if not any(Image.OPEN[name][1] is None or Image.OPEN[name][1](prefix)
-               for name in ACCEPTED_FORMATS if name in Image.OPEN):
+    if not any(
+        Image.OPEN[name][1] is None or Image.OPEN[name][1](prefix) for name in ACCEPTED_FORMATS if name in Image.OPEN
+    ):
         raise _not_an_image(param)
     if len(head) < HEADER_BYTES:
         return
@@ -131,8 +138,9 @@ def check_upload_head(head: bytes, param: str, *, max_pixels: int,
     _check_dimensions(width, height, param, max_pixels, max_aspect)
 
 
-def open_upload(data: bytes | BinaryIO, param: str, *, max_bytes: int, max_pixels: int,
-                max_aspect: float = Limits.max_upload_aspect) -> Image.Image:
+def open_upload(
+    data: bytes | BinaryIO, param: str, *, max_bytes: int, max_pixels: int, max_aspect: float = Limits.max_upload_aspect
+) -> Image.Image:
     """Decode an uploaded image (its bytes, or a seekable binary file holding them), refusing anything too
     big, not an image, a decompression bomb, or an aspect ratio (long side / short side) over `max_aspect`.
 
@@ -165,8 +173,9 @@ def open_upload(data: bytes | BinaryIO, param: str, *, max_bytes: int, max_pixel
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise JobError(f"{param} decodes to too many pixels", param, "image_too_large") from None
         except MemoryError:
-            raise JobError(f"{param} needs more memory to decode than the server has free", param,
-                           "image_too_large") from None
+            raise JobError(
+                f"{param} needs more memory to decode than the server has free", param, "image_too_large"
+            ) from None
         except Exception:  # Pillow raises many types for malformed files; all mean "not an image"
             raise _not_an_image(param) from None
 
@@ -201,14 +210,28 @@ def flatten(image: Image.Image) -> Image.Image:
 # A1111 has no such sampler, and "DPM++ 2M" is the closest. iPNDM and LCM scheduling have no A1111
 # counterpart: they keep a readable name of their own, which A1111 ignores (falling back to its default).
 A1111_SAMPLERS = {
-    "euler_a": "Euler a", "euler": "Euler", "heun": "Heun", "dpm2": "DPM2", "dpm++2s_a": "DPM++ 2S a",
-    "dpm++2m": "DPM++ 2M", "dpm++2mv2": "DPM++ 2M", "ipndm": "iPNDM", "ipndm_v": "iPNDM_V", "lcm": "LCM",
+    "euler_a": "Euler a",
+    "euler": "Euler",
+    "heun": "Heun",
+    "dpm2": "DPM2",
+    "dpm++2s_a": "DPM++ 2S a",
+    "dpm++2m": "DPM++ 2M",
+    "dpm++2mv2": "DPM++ 2M",
+    "ipndm": "iPNDM",
+    "ipndm_v": "iPNDM_V",
+    "lcm": "LCM",
 }
 # "discrete" is the model's own timestep spacing: A1111's "Uniform" (k-diffusion's get_sigmas), not its
 # "Automatic", which means "the sampler's default" and is Karras for some of its samplers.
 A1111_SCHEDULES = {
-    "discrete": "Uniform", "karras": "Karras", "exponential": "Exponential", "ays": "Align Your Steps",
-    "sgm_uniform": "SGM Uniform", "simple": "Simple", "trailing": "Trailing", "lcm": "LCM",
+    "discrete": "Uniform",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "ays": "Align Your Steps",
+    "sgm_uniform": "SGM Uniform",
+    "simple": "Simple",
+    "trailing": "Trailing",
+    "lcm": "LCM",
 }
 
 _hash_cache: dict[tuple[str, int, int], str] = {}
@@ -249,8 +272,9 @@ def _a1111_quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def a1111_parameters(job: Job, seed: int, model_name: str, *, model_hash: str | None = None,
-                     lora_hashes: dict[str, str] | None = None) -> str:
+def a1111_parameters(
+    job: Job, seed: int, model_name: str, *, model_hash: str | None = None, lora_hashes: dict[str, str] | None = None
+) -> str:
     """Generation settings in the AUTOMATIC1111 'parameters' text form that image tools read back.
 
     The prompt, a "Negative prompt: " line, and one line of "Key: value" settings, as A1111 writes them
@@ -265,7 +289,9 @@ def a1111_parameters(job: Job, seed: int, model_name: str, *, model_hash: str | 
         f"Steps: {job.steps}",
         f"Sampler: {A1111_SAMPLERS.get(job.sample_method, job.sample_method)}",
         f"Schedule type: {A1111_SCHEDULES.get(job.scheduler, job.scheduler)}",
-        f"CFG scale: {job.cfg_scale:g}", f"Seed: {seed}", f"Size: {job.width}x{job.height}",
+        f"CFG scale: {job.cfg_scale:g}",
+        f"Seed: {seed}",
+        f"Size: {job.width}x{job.height}",
     ]
     if model_hash:
         settings.append(f"Model hash: {model_hash}")
@@ -277,7 +303,9 @@ def a1111_parameters(job: Job, seed: int, model_name: str, *, model_hash: str | 
     if job.control_image is not None:
         settings.append(f"ControlNet strength: {job.control_strength:g}")
     if job.loras and lora_hashes:
-        settings.append("Lora hashes: " + _a1111_quote(", ".join(f"{name}: {lora_hashes[name]}" for name, _ in job.loras)))
+        settings.append(
+            "Lora hashes: " + _a1111_quote(", ".join(f"{name}: {lora_hashes[name]}" for name, _ in job.loras))
+        )
     lines.append(", ".join(settings))
     return "\n".join(lines)
 
@@ -300,8 +328,9 @@ def user_comment_exif(text: str) -> bytes:
     return b"Exif\0\0" + b"MM\0*" + struct.pack(">I", 8) + ifd0 + exif_ifd + comment
 
 
-def encode_image(image: Image.Image, output_format: str = "png", *, quality: int | None = None,
-                 parameters: str | None = None) -> bytes:
+def encode_image(
+    image: Image.Image, output_format: str = "png", *, quality: int | None = None, parameters: str | None = None
+) -> bytes:
     """Encode an output image; `quality` applies to jpeg/webp.
 
     `parameters` goes where A1111 puts it: a PNG `parameters` text chunk, or the EXIF UserComment of a JPEG

@@ -23,8 +23,10 @@ def model_dir(override: str | os.PathLike | None = None) -> Path:
 # Support/...'`); else from a `/` at the start or after a space, bracket or `=`, up to the next space or
 # quote (punctuation that ends a sentence or a clause is left outside it). This server's own url paths
 # (`/v1/...`) are not file paths.
-_PATH_IN_TEXT = re.compile(r"""(?P<q>['"])(?P<quoted>~?/(?!v1/)[^'"\n]*)(?P=q)"""
-                           r"""|(?:^|(?<=[\s(\[=]))(?P<bare>~?/(?!v1/)[^\s'"]*?)(?=[:,;.)\]]*(?:\s|$|['"]))""")
+_PATH_IN_TEXT = re.compile(
+    r"""(?P<q>['"])(?P<quoted>~?/(?!v1/)[^'"\n]*)(?P=q)"""
+    r"""|(?:^|(?<=[\s(\[=]))(?P<bare>~?/(?!v1/)[^\s'"]*?)(?=[:,;.)\]]*(?:\s|$|['"]))"""
+)
 
 
 def _last_part(path: str) -> str:
@@ -35,6 +37,7 @@ def without_paths(text: str) -> str:
     """`text` (a message for a client, e.g. an OSError's) with every absolute path cut to its last part
     (`/Users/me/models/x/unet.safetensors` -> `unet.safetensors`): where the server keeps its files is
     not a client's business. Logs keep the whole path."""
+
     def cut(match: re.Match) -> str:
         if match.group("quoted") is not None:
             return match.group("q") + _last_part(match.group("quoted")) + match.group("q")

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 
 from convert.model import SplitFiles, convert_model
 from mlx_sd_server.engine.families import capabilities
-from mlx_sd_server.engine.model_io import MANIFEST, ModelFormatError, read_manifest
 from mlx_sd_server.engine.families.spec import Capabilities, ModelDefaults
+from mlx_sd_server.engine.model_io import MANIFEST, ModelFormatError, read_manifest
 from mlx_sd_server.lora.library import LORA_FOLDER, LoRALibrary
 from mlx_sd_server.paths import model_dir
 from mlx_sd_server.torch_engine import capabilities as torch_capabilities
@@ -83,8 +83,11 @@ def resolve_spec(spec: str | SplitFiles, models: Path) -> Path:
     if "/" in spec and not spec.startswith((".", "/", "~")):
         from convert.pull import main as pull
 
-        if pull(argparse.Namespace(repo_id=spec, model_dir=str(models), dtype="float16", quantize=None, name=None,
-                                   no_t5=False)):
+        if pull(
+            argparse.Namespace(
+                repo_id=spec, model_dir=str(models), dtype="float16", quantize=None, name=None, no_t5=False
+            )
+        ):
             raise ModelNotFoundError(f"could not pull {spec} (see the log above)")
         from convert.pull import name_for
 
@@ -106,8 +109,9 @@ def installed_models(models: Path) -> list[Path]:
     """The converted models in the model directory, newest first (by when their manifest was written), the
     built-in random-weights model left out."""
     found = [p for p in models.glob("*") if not p.name.startswith(".") and (p / MANIFEST).exists()]
-    return sorted((p for p in found if not is_random(p)), key=lambda p: ((p / MANIFEST).stat().st_mtime, p.name),
-                  reverse=True)
+    return sorted(
+        (p for p in found if not is_random(p)), key=lambda p: ((p / MANIFEST).stat().st_mtime, p.name), reverse=True
+    )
 
 
 def _converted(source: Path | SplitFiles, main_file: Path, models: Path) -> Path:
@@ -129,8 +133,10 @@ def read_info(folder: Path, control_net: Path | None = None, engine: str = "mlx"
     if engine == "torch":
         can_do = torch_capabilities(manifest, can_do)
     if control_net is not None and not can_do.controlnet:
-        raise ModelFormatError(f"--control-net: {manifest['family']} models take no ControlNet "
-                               f"({folder.name} cannot use {control_net.name})")
+        raise ModelFormatError(
+            f"--control-net: {manifest['family']} models take no ControlNet "
+            f"({folder.name} cannot use {control_net.name})"
+        )
     return ModelInfo(
         name=manifest.get("name", folder.name),
         family=manifest["family"],
@@ -180,9 +186,11 @@ class ModelRegistry:
         self.dtype = dtype
         self.low_memory = low_memory if low_memory is not None else physical_memory() <= LOW_MEMORY_MACHINE
         if self.low_memory:
-            log.info("low-memory mode: text encoders freed after each job's prompts, large images decoded in tiles "
-                     "(%.0f GB of memory)",
-                     physical_memory() / 2**30)
+            log.info(
+                "low-memory mode: text encoders freed after each job's prompts, large images decoded in tiles "
+                "(%.0f GB of memory)",
+                physical_memory() / 2**30,
+            )
         self.engine = engine
         self.max_loaded = max_loaded
         self.strict_model_names = strict_model_names
@@ -191,12 +199,15 @@ class ModelRegistry:
         if not specs:
             specs = [folder.name for folder in installed_models(models)]
             if specs:
-                log.info("default model: %s, the most recently converted of %s (choose with --model NAME)",
-                         specs[0], models)
+                log.info(
+                    "default model: %s, the most recently converted of %s (choose with --model NAME)", specs[0], models
+                )
             else:
                 log.warning(
                     "no models in %s: serving the built-in %s (random weights, it draws noise). "
-                    "Get a real one with: mlx-sd-server pull stabilityai/sd-turbo", models, TINY_MODEL_NAME,
+                    "Get a real one with: mlx-sd-server pull stabilityai/sd-turbo",
+                    models,
+                    TINY_MODEL_NAME,
                 )
                 specs = [TINY_MODEL_NAME]
         folders = [resolve_spec(spec, models) for spec in specs]
@@ -228,8 +239,9 @@ class ModelRegistry:
         default for an OpenAI model name or for any name while only one model is served; else 404."""
         if requested and requested not in self._infos and not self.strict_model_names:
             if requested in OPENAI_MODEL_ALIASES or len(self._infos) == 1:
-                log.info("model %r is not served here: the default model %s serves the request",
-                         requested, self.default_name)
+                log.info(
+                    "model %r is not served here: the default model %s serves the request", requested, self.default_name
+                )
                 return self.info()
         return self.info(requested)
 
@@ -261,9 +273,11 @@ class ModelRegistry:
                 from mlx_sd_server.engine.model_io import load_model
                 from mlx_sd_server.engine.pipeline import DiffusionPipeline
 
-                pipeline = DiffusionPipeline(load_model(info.folder, dtype=self.dtype, controlnet=control,
-                                                        low_memory=self.low_memory), loras=self.loras.bound,
-                                             lora_fuse_budget=0 if self.low_memory else self.lora_fuse_budget)
+                pipeline = DiffusionPipeline(
+                    load_model(info.folder, dtype=self.dtype, controlnet=control, low_memory=self.low_memory),
+                    loras=self.loras.bound,
+                    lora_fuse_budget=0 if self.low_memory else self.lora_fuse_budget,
+                )
                 log.info("engine: MLX for %s", info.name)
                 return pipeline
             except (ImportError, RuntimeError, MemoryError, ValueError) as exc:
@@ -313,8 +327,15 @@ def print_models(args: argparse.Namespace) -> int:
         except (OSError, ValueError, ModelFormatError) as exc:
             rows.append((folder.name, "?", human_size(disk_size(folder)), "?", f"unreadable: {exc}"))
             continue
-        rows.append((folder.name, manifest.get("family", "?"), human_size(disk_size(folder)), _precision(manifest),
-                     _source(manifest)))
+        rows.append(
+            (
+                folder.name,
+                manifest.get("family", "?"),
+                human_size(disk_size(folder)),
+                _precision(manifest),
+                _source(manifest),
+            )
+        )
     rows.append((TINY_MODEL_NAME, "sd1", "-", "float32", "built in: RANDOM WEIGHTS, draws noise (for testing clients)"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
@@ -328,8 +349,10 @@ def remove_model(args: argparse.Namespace) -> int:
     models = model_dir(args.model_dir)
     name = args.name
     if name == TINY_MODEL_NAME:
-        print(f"mlx-sd-server rm: {TINY_MODEL_NAME} is built in (it is rebuilt when asked for); nothing to remove",
-              file=sys.stderr)
+        print(
+            f"mlx-sd-server rm: {TINY_MODEL_NAME} is built in (it is rebuilt when asked for); nothing to remove",
+            file=sys.stderr,
+        )
         return 1
     folder = models / name
     if name in ("", ".", "..") or Path(name).name != name or not (folder / MANIFEST).exists():

@@ -18,9 +18,9 @@ import plistlib
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 from urllib.request import urlopen
 
 from mlx_sd_server.cli import add_serve_options
@@ -57,8 +57,17 @@ def serve_argv(args: argparse.Namespace) -> list[str]:
 
 
 # Options that may name files: made absolute, since the service does not start in the caller's directory.
-PATH_OPTIONS = ("model", "control_net", "diffusion_model", "vae", "clip_l", "t5xxl", "clip_g", "t5_tokenizer",
-                "lora_model_dir")
+PATH_OPTIONS = (
+    "model",
+    "control_net",
+    "diffusion_model",
+    "vae",
+    "clip_l",
+    "t5xxl",
+    "clip_g",
+    "t5_tokenizer",
+    "lora_model_dir",
+)
 
 
 def _absolute_if_path(dest: str, value: str) -> str:
@@ -94,8 +103,10 @@ class LaunchdAgent:
         return plistlib.dumps(agent)
 
     def install_commands(self) -> list[Command]:
-        return [Command(["launchctl", "bootout", self.target], check=False),  # an older version, if loaded
-                Command(["launchctl", "bootstrap", self.domain, str(self.path)])]
+        return [
+            Command(["launchctl", "bootout", self.target], check=False),  # an older version, if loaded
+            Command(["launchctl", "bootstrap", self.domain, str(self.path)]),
+        ]
 
     def uninstall_commands(self) -> list[Command]:
         return [Command(["launchctl", "bootout", self.target], check=False)]
@@ -159,9 +170,11 @@ class SystemdUserUnit:
         return "".join(lines).encode()
 
     def install_commands(self) -> list[Command]:
-        return [Command(["systemctl", "--user", "daemon-reload"]),
-                Command(["systemctl", "--user", "enable", f"{NAME}.service"]),
-                Command(["systemctl", "--user", "restart", f"{NAME}.service"])]
+        return [
+            Command(["systemctl", "--user", "daemon-reload"]),
+            Command(["systemctl", "--user", "enable", f"{NAME}.service"]),
+            Command(["systemctl", "--user", "restart", f"{NAME}.service"]),
+        ]
 
     def uninstall_commands(self) -> list[Command]:
         return [Command(["systemctl", "--user", "disable", "--now", f"{NAME}.service"], check=False)]
@@ -173,8 +186,19 @@ class SystemdUserUnit:
         return Command(["systemctl", "--user", "status", "--no-pager", f"{NAME}.service"], check=False)
 
     def logs_command(self, follow: bool = False, lines: int = 200) -> Command:
-        return Command(["journalctl", "--user", "-u", f"{NAME}.service", "-n", str(lines), "--no-pager",
-                        *(["-f"] if follow else [])], check=False)
+        return Command(
+            [
+                "journalctl",
+                "--user",
+                "-u",
+                f"{NAME}.service",
+                "-n",
+                str(lines),
+                "--no-pager",
+                *(["-f"] if follow else []),
+            ],
+            check=False,
+        )
 
     def installed_argv(self) -> list[str] | None:
         try:
@@ -202,9 +226,14 @@ def service_for(platform: str, home: Path) -> LaunchdAgent | SystemdUserUnit:
     raise SystemExit(f"service: not supported on {platform} (macOS launchd and Linux systemd only)")
 
 
-def main(args: argparse.Namespace, *, platform: str = sys.platform, home: Path | None = None,
-         run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
-         get: Callable[[str, float], str] | None = None) -> int:
+def main(
+    args: argparse.Namespace,
+    *,
+    platform: str = sys.platform,
+    home: Path | None = None,
+    run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+    get: Callable[[str, float], str] | None = None,
+) -> int:
     service = service_for(platform, home or Path.home())
     if args.action == "status":
         print(f"service file: {service.path} ({'present' if service.path.exists() else 'not installed'})")

@@ -40,9 +40,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
 log = logging.getLogger("mlx_sd_server.store")
 
@@ -148,7 +148,7 @@ def _write_file(folder: Path, name: str, data: bytes) -> None:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -208,11 +208,15 @@ class FileStore:
             self._commit(ids, items)
         except OSError as error:
             if error.errno in _STORAGE_ERRNOS:
-                raise StoreFullError(error.errno, f"the image store is full ({os.strerror(error.errno)}): "
-                                     "no image of this request was kept") from error
+                raise StoreFullError(
+                    error.errno,
+                    f"the image store is full ({os.strerror(error.errno)}): no image of this request was kept",
+                ) from error
             raise
-        stored = [StoredFile(id=i, bytes=len(data), created_at=_id_time_ms(i) // 1000, filename=name)
-                  for i, (data, name) in zip(ids, items)]
+        stored = [
+            StoredFile(id=i, bytes=len(data), created_at=_id_time_ms(i) // 1000, filename=name)
+            for i, (data, name) in zip(ids, items)
+        ]
         with self._lock:
             self._pending.difference_update(ids)
             for entry in stored:
@@ -325,8 +329,11 @@ class FileStore:
                 position = 0 if order == "asc" else len(self._order) - 1
             else:
                 key = self._key_of(after)
-                position = (bisect.bisect_right(self._order, key) if order == "asc"
-                            else bisect.bisect_left(self._order, key) - 1)
+                position = (
+                    bisect.bisect_right(self._order, key)
+                    if order == "asc"
+                    else bisect.bisect_left(self._order, key) - 1
+                )
             step = 1 if order == "asc" else -1
             candidates = []
             while 0 <= position < len(self._order) and len(candidates) <= limit:
@@ -491,7 +498,7 @@ class FileStore:
         if not isinstance(file_id, str) or not _ID_RE.match(file_id):
             raise InvalidFileIdError(file_id)
 
-    def _open_dir(self, file_id: str) -> "_IdFolder":
+    def _open_dir(self, file_id: str) -> _IdFolder:
         return _IdFolder(self.root / file_id, file_id)
 
 
@@ -523,7 +530,7 @@ class _IdFolder:
             raise FileNotFoundError(self.file_id)
         return names[0], st
 
-    def __enter__(self) -> "_IdFolder":
+    def __enter__(self) -> _IdFolder:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -30,8 +30,9 @@ import math
 import os
 import queue
 import threading
+from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import Any, Callable, Generator
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -52,8 +53,10 @@ DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
     "dpm2": ("KDPM2DiscreteScheduler", {}),
-    "dpm++2m": ("DPMSolverMultistepScheduler",
-                {"algorithm_type": "dpmsolver++", "solver_order": 2, "final_sigmas_type": "zero"}),
+    "dpm++2m": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "final_sigmas_type": "zero"},
+    ),
     "lcm": ("LCMScheduler", {}),
 }
 # Our schedules -> the scheduler config that gives diffusers the same sigmas ("lcm" is LCMScheduler's own).
@@ -70,7 +73,9 @@ FLOW_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "lcm": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
 }
 FLOW_SCHEDULE_OPTIONS: dict[str, dict[str, Any]] = {
-    "discrete": {}, "karras": {"use_karras_sigmas": True}, "exponential": {"use_exponential_sigmas": True},
+    "discrete": {},
+    "karras": {"use_karras_sigmas": True},
+    "exponential": {"use_exponential_sigmas": True},
 }
 MODE_NAMES = {"txt2img": "", "img2img": "Img2Img", "inpaint": "Inpaint"}
 
@@ -137,8 +142,10 @@ def _build_component(name: str, entry: dict, folder: Path):
 
 def _check_unquantized(manifest: dict, folder: Path) -> None:
     if manifest.get("quantization"):
-        raise ValueError(f"{folder} is quantized; the torch engine needs an unquantized conversion "
-                         "(convert again without --quantize)")
+        raise ValueError(
+            f"{folder} is quantized; the torch engine needs an unquantized conversion "
+            "(convert again without --quantize)"
+        )
 
 
 def _is_flow(manifest: dict) -> bool:
@@ -163,8 +170,12 @@ def capabilities(manifest: dict, can_do: Capabilities) -> Capabilities:
     schedules diffusers has equivalents of, and no LoRAs. (Which sampler goes with which schedule is
     checked when the job runs: `TorchPipeline.scheduler`.)"""
     samplers, schedules = _samplers(manifest)
-    return dataclasses.replace(can_do, samplers=tuple(s for s in can_do.samplers if s in samplers),
-                               schedulers=tuple(s for s in can_do.schedulers if s in schedules), lora=False)
+    return dataclasses.replace(
+        can_do,
+        samplers=tuple(s for s in can_do.samplers if s in samplers),
+        schedulers=tuple(s for s in can_do.schedulers if s in schedules),
+        lora=False,
+    )
 
 
 def _accepts(method: Callable, name: str) -> bool:
@@ -188,8 +199,13 @@ class TorchPipeline:
         self._pipelines: dict[str, Any] = {}
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, control_net: str | os.PathLike | None = None,
-                    device: str | None = None, dtype: str | None = None) -> "TorchPipeline":
+    def from_folder(
+        cls,
+        folder: str | os.PathLike,
+        control_net: str | os.PathLike | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+    ) -> TorchPipeline:
         """Load a converted folder (and optionally a converted ControlNet folder) into diffusers.
 
         `device` defaults to cuda, then mps, then cpu; `dtype` to float16 on a GPU, float32 on the CPU. A model
@@ -213,14 +229,24 @@ class TorchPipeline:
         components = manifest["components"]
         device = device or default_device()
         torch_dtype = getattr(torch, dtype or ("float32" if device == "cpu" else "float16"))
-        instead = {name: kind.instead_of_float16 for name, entry in components.items()
-                   if (kind := component_kind(name, entry["config"])).instead_of_float16 is not None}
+        instead = {
+            name: kind.instead_of_float16
+            for name, entry in components.items()
+            if (kind := component_kind(name, entry["config"])).instead_of_float16 is not None
+        }
         if instead and torch_dtype == torch.float16:  # (diffusers' pipelines cannot keep T5 alone in bfloat16)
             torch_dtype = getattr(torch, str(next(iter(instead.values()))).rpartition(".")[2])
-            log.warning("torch engine: %s runs in %s, not float16 (%s and its activations overflow float16)",
-                        folder.name, torch_dtype, ", ".join(instead))
-        modules = {name: _build_component(name, components[name], folder)
-                   for name in ("text_encoder", "text_encoder_2", "unet", "transformer", "vae") if name in components}
+            log.warning(
+                "torch engine: %s runs in %s, not float16 (%s and its activations overflow float16)",
+                folder.name,
+                torch_dtype,
+                ", ".join(instead),
+            )
+        modules = {
+            name: _build_component(name, components[name], folder)
+            for name in ("text_encoder", "text_encoder_2", "unet", "transformer", "vae")
+            if name in components
+        }
         for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
             if encoder in components:
                 tokenizer_folder = folder / components[encoder]["tokenizer"]
@@ -231,8 +257,9 @@ class TorchPipeline:
         modules["scheduler"] = getattr(diffusers, scheduler_class)(**_scheduler_config(manifest))  # replaced per job
         base_class = getattr(diffusers, pipeline_class)
         offered = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-        base = base_class(**modules, **{key: value for key, value in offered.items()
-                                        if _accepts(base_class.__init__, key)})
+        base = base_class(
+            **modules, **{key: value for key, value in offered.items() if _accepts(base_class.__init__, key)}
+        )
         controlnet = None
         if control_net is not None:
             cn_folder = Path(control_net)
@@ -248,8 +275,14 @@ class TorchPipeline:
             if controlnet is not None:
                 controlnet.to(device, torch_dtype)
         base.set_progress_bar_config(disable=True)
-        log.info("torch engine: %s (%s) on %s, %s, diffusers %s", manifest.get("name", folder.name),
-                 manifest["family"], device, torch_dtype, diffusers.__version__)
+        log.info(
+            "torch engine: %s (%s) on %s, %s, diffusers %s",
+            manifest.get("name", folder.name),
+            manifest["family"],
+            device,
+            torch_dtype,
+            diffusers.__version__,
+        )
         return cls(base, manifest, controlnet)
 
     # --- what a job needs ----------------------------------------------------------------------------
@@ -265,8 +298,11 @@ class TorchPipeline:
 
         controlled = job.control_image is not None
         if controlled and self.controlnet is None:
-            why = ("this model has no ControlNet attached" if self.takes_controlnet
-                   else f"{self.manifest['family'].upper()} models take no ControlNet")
+            why = (
+                "this model has no ControlNet attached"
+                if self.takes_controlnet
+                else f"{self.manifest['family'].upper()} models take no ControlNet"
+            )
             raise JobError(f"{why}, so control_image cannot be honoured", "control_image", "controlnet_unavailable")
         kind = type(self.base).__name__.removesuffix("Pipeline")  # StableDiffusionXL: StableDiffusionXLImg2Img...
         name = f"{kind}{'ControlNet' if controlled else ''}{MODE_NAMES[self._mode(job)]}Pipeline"
@@ -284,16 +320,23 @@ class TorchPipeline:
 
         samplers, schedules = _samplers(self.manifest)
         if job.sample_method not in samplers:
-            raise JobError(f"sample_method {job.sample_method!r} has no diffusers equivalent; the torch engine "
-                           f"supports {', '.join(samplers)} for {self.manifest['family']}", "sample_method",
-                           "unsupported_sample_method")
+            raise JobError(
+                f"sample_method {job.sample_method!r} has no diffusers equivalent; the torch engine "
+                f"supports {', '.join(samplers)} for {self.manifest['family']}",
+                "sample_method",
+                "unsupported_sample_method",
+            )
         class_name, extra = samplers[job.sample_method]
         cls = getattr(diffusers, class_name)
         options = schedules.get(job.scheduler)
         lcm_mismatch = not self.flow and (job.scheduler == "lcm") != (job.sample_method == "lcm")
         if options is None or lcm_mismatch or not all(_accepts(cls.__init__, option) for option in options):
-            raise JobError(f"scheduler {job.scheduler!r} is not available with sample_method {job.sample_method!r} "
-                           "on the torch engine", "scheduler", "unsupported_scheduler")
+            raise JobError(
+                f"scheduler {job.scheduler!r} is not available with sample_method {job.sample_method!r} "
+                "on the torch engine",
+                "scheduler",
+                "unsupported_scheduler",
+            )
         return cls(**_scheduler_config(self.manifest), **extra, **options)
 
     def total_steps(self, job: Job) -> int:
@@ -308,8 +351,12 @@ class TorchPipeline:
         if self.flow:  # diffusers' flow pipelines' img2img/inpaint rule (see the module docstring)
             kept = job.steps - int(max(job.steps - min(job.steps * job.strength, job.steps), 0))
             if kept < 1:
-                raise JobError(f"strength {job.strength} leaves no step of {job.steps} to run; diffusers' flow "
-                               "pipelines need at least one", "strength", "invalid_value")
+                raise JobError(
+                    f"strength {job.strength} leaves no step of {job.steps} to run; diffusers' flow "
+                    "pipelines need at least one",
+                    "strength",
+                    "invalid_value",
+                )
         else:
             kept = min(int(job.steps * job.strength), job.steps)  # diffusers' img2img rule
         return len(scheduler.timesteps) - (job.steps - kept) * scheduler.order
@@ -331,8 +378,11 @@ class TorchPipeline:
         if _accepts(pipeline.__call__, "true_cfg_scale"):
             # cfg_scale is true CFG (FluxPipeline runs it only with a negative prompt, "" included), and
             # guidance_scale the distilled guidance
-            args.update(negative_prompt=job.negative_prompt, true_cfg_scale=job.cfg_scale,
-                        guidance_scale=job.guidance if job.guidance is not None else DEFAULT_GUIDANCE)
+            args.update(
+                negative_prompt=job.negative_prompt,
+                true_cfg_scale=job.cfg_scale,
+                guidance_scale=job.guidance if job.guidance is not None else DEFAULT_GUIDANCE,
+            )
         lengths = [entry["max_length"] for entry in self.manifest["components"].values() if "max_length" in entry]
         if lengths and _accepts(pipeline.__call__, "max_sequence_length"):  # T5's, as trained
             args["max_sequence_length"] = lengths[0]
@@ -380,13 +430,17 @@ class TorchPipeline:
         for, so closing this generator (a cancelled job) stops it between steps.
         """
         if job.loras:
-            raise JobError("LoRAs are applied by the MLX engine only, and the diffusers/torch fallback serves "
-                           "this model", "loras", "unsupported_parameter")
+            raise JobError(
+                "LoRAs are applied by the MLX engine only, and the diffusers/torch fallback serves this model",
+                "loras",
+                "unsupported_parameter",
+            )
         pipeline = self._pipeline(job)
         pipeline.scheduler = self.scheduler(job)
         args = self._arguments(pipeline, job, noise)
-        log.info("torch engine: %s, %d steps of %s/%s",
-                 type(pipeline).__name__, job.steps, job.sample_method, job.scheduler)
+        log.info(
+            "torch engine: %s, %d steps of %s/%s", type(pipeline).__name__, job.steps, job.sample_method, job.scheduler
+        )
         progress: queue.Queue[Step | None] = queue.Queue()
         resume = threading.Semaphore(0)
         stop = threading.Event()

@@ -23,7 +23,8 @@ import re
 import secrets
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from PIL import Image
 
@@ -50,8 +51,9 @@ class TaskCancelled(JobCancelled):
     """The task was cancelled through the tasks API (DELETE /v1/images/tasks/{id}): its requester gets a 409."""
 
     def __init__(self, task_id: str):
-        super().__init__(f"task {task_id} was cancelled (DELETE /v1/images/tasks/{task_id}) before it finished; "
-                         "nothing was kept")
+        super().__init__(
+            f"task {task_id} was cancelled (DELETE /v1/images/tasks/{task_id}) before it finished; nothing was kept"
+        )
         self.task_id = task_id
 
 
@@ -70,8 +72,10 @@ def new_task_id() -> str:
 class ServerStopping(RuntimeError):
     """The server is shutting down: the job was not run, or not finished (HTTP 503)."""
 
-    def __init__(self, message: str = "the server is shutting down: this job was not finished; send it again "
-                                      "once the server is back"):
+    def __init__(
+        self,
+        message: str = "the server is shutting down: this job was not finished; send it again once the server is back",
+    ):
         super().__init__(message)
 
 
@@ -81,8 +85,13 @@ class Task:
     `on_step(step, pipeline)`, when given, runs on the worker thread after each denoising step (partial
     images for streaming); it may raise to fail the job."""
 
-    def __init__(self, job: Job, finish: Callable[[list[Image.Image]], Any] | None, task_id: str | None = None,
-                 on_step: Callable[[Step, Any], None] | None = None):
+    def __init__(
+        self,
+        job: Job,
+        finish: Callable[[list[Image.Image]], Any] | None,
+        task_id: str | None = None,
+        on_step: Callable[[Step, Any], None] | None = None,
+    ):
         self.id = task_id or new_task_id()
         self.job = job
         self.finish = finish
@@ -117,8 +126,12 @@ class Task:
         return self._cancelled.is_set()
 
     def progress(self) -> dict:
-        return {"task": self.id, "model": self.job.model, "steps_done": self.steps_done,
-                "total_steps": self.total_steps}
+        return {
+            "task": self.id,
+            "model": self.job.model,
+            "steps_done": self.steps_done,
+            "total_steps": self.total_steps,
+        }
 
     def seconds_per_step(self) -> float | None:
         """Measured: between the first and the latest step, else from the model being ready (or the start)
@@ -133,9 +146,15 @@ class Task:
         """The task's state for GET /v1/images/tasks/{id}."""
         job = self.job
         info: dict[str, Any] = {
-            "id": self.id, "object": "image.task", "state": self.state, "model": job.model,
-            "created_at": int(self.created_at), "n": job.n, "size": f"{job.width}x{job.height}",
-            "step": self.steps_done, "total_steps": self.total_steps,
+            "id": self.id,
+            "object": "image.task",
+            "state": self.state,
+            "model": job.model,
+            "created_at": int(self.created_at),
+            "n": job.n,
+            "size": f"{job.width}x{job.height}",
+            "step": self.steps_done,
+            "total_steps": self.total_steps,
             "started_at": int(self.started_at) if self.started_at is not None else None,
             "finished_at": int(self.finished_at) if self.finished_at is not None else None,
         }
@@ -202,9 +221,11 @@ class Worker:
         if running is not None and not running.cancelled:
             running.abort(ServerStopping())
         if first and (running is not None or aborted):
-            log.info("stopping: %s; %d waiting job(s) answered that the server is shutting down",
-                     f"job {running.id} ends after its current step" if running is not None else "no job running",
-                     len(aborted))
+            log.info(
+                "stopping: %s; %d waiting job(s) answered that the server is shutting down",
+                f"job {running.id} ends after its current step" if running is not None else "no job running",
+                len(aborted),
+            )
         try:
             self._queue.put_nowait(None)  # wakes the thread, which then ends (again: the drain above may take one)
         except queue.Full:  # cannot be: submit refuses new tasks once stopping
@@ -219,8 +240,13 @@ class Worker:
         if self._thread.is_alive():
             log.warning("the running step did not finish within %.0f s; exiting without waiting for it", timeout)
 
-    def submit(self, job: Job, finish: Callable[[list[Image.Image]], Any] | None = None, task_id: str | None = None,
-               on_step: Callable[[Step, Any], None] | None = None) -> Task:
+    def submit(
+        self,
+        job: Job,
+        finish: Callable[[list[Image.Image]], Any] | None = None,
+        task_id: str | None = None,
+        on_step: Callable[[Step, Any], None] | None = None,
+    ) -> Task:
         """Queue a job. `finish` runs on the worker thread with the images (e.g. to encode them), and
         its return value becomes the task's result; `on_step` see Task. `task_id`: the client's choice
         (already checked by valid_task_id), refused with a 400 while a live task has it. Raises
@@ -231,14 +257,19 @@ class Worker:
         with self._lock:
             self._prune()
             if task.id in self._live:
-                raise JobError(f"X-Request-Id {task.id} is already the id of a queued or running task; choose "
-                               "another", "X-Request-Id", "duplicate_request_id")
+                raise JobError(
+                    f"X-Request-Id {task.id} is already the id of a queued or running task; choose another",
+                    "X-Request-Id",
+                    "duplicate_request_id",
+                )
             try:
                 self._queue.put_nowait(task)
             except queue.Full:
                 retry_after = self.estimated_wait()
-                raise QueueFullError(f"{self.max_queue} jobs are already waiting; try again in about "
-                                     f"{retry_after} s", retry_after=retry_after) from None
+                raise QueueFullError(
+                    f"{self.max_queue} jobs are already waiting; try again in about {retry_after} s",
+                    retry_after=retry_after,
+                ) from None
             self._live[task.id] = task
         if self._stopping:  # shutdown() drained the queue between the check above and the put
             task.abort(ServerStopping())
@@ -351,8 +382,11 @@ class Worker:
 
     def status(self) -> dict:
         running = self._running
-        return {"waiting": self._queue.qsize(), "max_waiting": self.max_queue,
-                "running": running.progress() if running is not None else None}
+        return {
+            "waiting": self._queue.qsize(),
+            "max_waiting": self.max_queue,
+            "running": running.progress() if running is not None else None,
+        }
 
     def _loop(self) -> None:
         while (task := self._queue.get()) is not None:
@@ -394,8 +428,7 @@ class Worker:
             outcome = "done"
             self._durations.append(time.monotonic() - ready)
         except JobCancelled as cancelled:
-            outcome = ("stopped (server shutting down)" if isinstance(task.aborted, ServerStopping)
-                       else "cancelled")
+            outcome = "stopped (server shutting down)" if isinstance(task.aborted, ServerStopping) else "cancelled"
             _settle(task.future, error=cancelled)  # no-op when abort() already answered
         except JobError as error:  # the model cannot honour a field (e.g. >50 steps on the lcm schedule): a 400
             outcome = f"rejected ({error.param}: {error.message})"
@@ -416,8 +449,17 @@ class Worker:
             self._retire(task, state)
         log.info(
             "job %s %s model=%s size=%dx%d n=%d steps=%d/%s sampler=%s engine=%s seconds=%.2f",
-            task.id, outcome, job.model, job.width, job.height, job.n, task.steps_done, task.total_steps,
-            job.sample_method, engine, time.monotonic() - started,
+            task.id,
+            outcome,
+            job.model,
+            job.width,
+            job.height,
+            job.n,
+            task.steps_done,
+            task.total_steps,
+            job.sample_method,
+            engine,
+            time.monotonic() - started,
         )
 
     @staticmethod

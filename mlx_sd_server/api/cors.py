@@ -23,7 +23,7 @@ import ipaddress
 import json
 import logging
 import re
-from typing import Iterable
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from quart import Response, current_app, request
@@ -50,10 +50,20 @@ def normalise_origin(value: str) -> str:
         port = parts.port
     except ValueError:
         parts, port = None, None
-    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.username
-            or parts.password or parts.path not in ("", "/") or parts.query or parts.fragment):
-        raise ValueError(f"{value!r} is not an origin: give scheme://host[:port], e.g. https://app.example or "
-                         "http://localhost:3000 (or * for any origin)")
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username
+        or parts.password
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        raise ValueError(
+            f"{value!r} is not an origin: give scheme://host[:port], e.g. https://app.example or "
+            "http://localhost:3000 (or * for any origin)"
+        )
     host = parts.hostname.lower()
     if ":" in host:
         host = f"[{host}]"
@@ -94,8 +104,11 @@ class CorsPolicy:
             raise _refused(origin)
         wanted = request.headers["Access-Control-Request-Method"].strip().upper()
         if wanted not in methods:
-            raise APIError(403, f"{request.path} does not take {wanted!r} (it takes {', '.join(sorted(methods))})",
-                           code="cors_method_not_allowed")
+            raise APIError(
+                403,
+                f"{request.path} does not take {wanted!r} (it takes {', '.join(sorted(methods))})",
+                code="cors_method_not_allowed",
+            )
         response = Response(status=204)
         response.headers["Access-Control-Allow-Methods"] = ", ".join(sorted(methods | {"OPTIONS"}))
         response.headers["Access-Control-Allow-Headers"] = _allowed_request_headers()
@@ -137,9 +150,13 @@ def require_allowed_host(allowed_hosts: Iterable[str]):
             return
         name = host_name(sent)
         if name not in allowed:
-            raise APIError(403, f"this server does not answer for host {name!r}: it listens on loopback and answers "
-                           f"{', '.join(sorted(allowed))} (behind a proxy, give its public url with "
-                           "--download-url-prefix)", code="host_not_allowed")
+            raise APIError(
+                403,
+                f"this server does not answer for host {name!r}: it listens on loopback and answers "
+                f"{', '.join(sorted(allowed))} (behind a proxy, give its public url with "
+                "--download-url-prefix)",
+                code="host_not_allowed",
+            )
 
     return check
 
@@ -213,12 +230,27 @@ class HostHeaderGuard:
             await receive()  # websocket.connect
             await send({"type": "websocket.close", "code": 1008})  # before accepting: an HTTP 403
             return
-        body = json.dumps({"error": {"message": f"the Host header is not a host name: {problem}",
-                                     "type": "invalid_request_error", "param": "Host",
-                                     "code": "invalid_host_header"}}).encode()
-        await send({"type": "http.response.start", "status": 400,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        body = json.dumps(
+            {
+                "error": {
+                    "message": f"the Host header is not a host name: {problem}",
+                    "type": "invalid_request_error",
+                    "param": "Host",
+                    "code": "invalid_host_header",
+                }
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 400,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -259,5 +291,9 @@ def _same_origin(origin: str) -> bool:
 
 
 def _refused(origin: str | None) -> APIError:
-    return APIError(403, f"cross-origin requests from {origin} are not allowed: start the server with "
-                         f"--cors-origin {origin} to allow this origin", code="cors_origin_not_allowed")
+    return APIError(
+        403,
+        f"cross-origin requests from {origin} are not allowed: start the server with "
+        f"--cors-origin {origin} to allow this origin",
+        code="cors_origin_not_allowed",
+    )

@@ -23,8 +23,13 @@ from mlx_sd_server.worker import QueueFullError
 log = logging.getLogger("mlx_sd_server.api")
 
 # OpenAI's error `type` for each status we send.
-_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error",
-                507: "server_error"}
+_ERROR_TYPES = {
+    401: "authentication_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+    507: "server_error",
+}
 # `code` for errors raised by routing and body handling rather than by our own code.
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
 MAX_MESSAGE = 1000
@@ -46,10 +51,17 @@ def _clip(text: str | None, limit: int) -> str | None:
     return text if text is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None):
-    body = {"error": {"message": _clip(message, MAX_MESSAGE), "type": _ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": _clip(param, ECHO_CHARS), "code": code}}
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+):
+    body = {
+        "error": {
+            "message": _clip(message, MAX_MESSAGE),
+            "type": _ERROR_TYPES.get(status, "invalid_request_error"),
+            "param": _clip(param, ECHO_CHARS),
+            "code": code,
+        }
+    }
     response = jsonify(body)
     response.headers.update(headers or {})
     return response, status

@@ -58,8 +58,7 @@ async def list_files():
     after = request.args.get("after") or None
     order = request.args.get("order", "desc")
     if order not in ("asc", "desc"):
-        raise APIError(400, f"order must be 'asc' or 'desc', got {shown(order)}", param="order",
-                       code="invalid_value")
+        raise APIError(400, f"order must be 'asc' or 'desc', got {shown(order)}", param="order", code="invalid_value")
     purpose = request.args.get("purpose")
     store = state().store
 
@@ -70,17 +69,29 @@ async def list_files():
             page = store.list_page(limit=limit, after=after, order=order)
             files, has_more = page.files, page.has_more
         data = [f.to_dict() for f in files]
-        return json.dumps({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                           "last_id": data[-1]["id"] if data else None, "has_more": has_more}).encode()
+        return json.dumps(
+            {
+                "object": "list",
+                "data": data,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+                "has_more": has_more,
+            }
+        ).encode()
 
     try:
         body = await asyncio.to_thread(page_json)
     except InvalidFileIdError:
-        raise APIError(400, f"after must be a file id (file_<uuid>), got {shown(after)}", param="after",
-                       code="invalid_value") from None
+        raise APIError(
+            400, f"after must be a file id (file_<uuid>), got {shown(after)}", param="after", code="invalid_value"
+        ) from None
     except FileNotFoundError:
-        raise APIError(400, f"after: no file {shown(after)} (deleted?); list again without after",
-                       param="after", code="invalid_value") from None
+        raise APIError(
+            400,
+            f"after: no file {shown(after)} (deleted?); list again without after",
+            param="after",
+            code="invalid_value",
+        ) from None
     return Response(body, mimetype="application/json")
 
 
@@ -112,8 +123,12 @@ def _limit(value: str | None) -> int:
     except ValueError:
         limit = 0
     if not 1 <= limit <= MAX_LIST_LIMIT:
-        raise APIError(400, f"limit must be an integer from 1 to {MAX_LIST_LIMIT}, got {shown(value)}",
-                       param="limit", code="invalid_value")
+        raise APIError(
+            400,
+            f"limit must be an integer from 1 to {MAX_LIST_LIMIT}, got {shown(value)}",
+            param="limit",
+            code="invalid_value",
+        )
     return limit
 
 
@@ -121,7 +136,8 @@ async def _lookup(action, file_id: str, *args):
     try:
         return await asyncio.to_thread(action, file_id, *args)
     except InvalidFileIdError:
-        raise APIError(400, f"{shown(file_id)} is not a file id (file_<uuid>)", param="file_id",
-                       code="invalid_file_id") from None
+        raise APIError(
+            400, f"{shown(file_id)} is not a file id (file_<uuid>)", param="file_id", code="invalid_file_id"
+        ) from None
     except FileNotFoundError:
         raise APIError(404, f"no file {shown(file_id)}", param="file_id", code="file_not_found") from None

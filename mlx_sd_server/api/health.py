@@ -12,5 +12,11 @@ blueprint = Blueprint("health", __name__)
 @blueprint.get("/health")
 async def health():
     server = state()
-    return jsonify({"status": "ok", "default_model": server.registry.default_name,
-                    "loaded_models": server.registry.loaded(), "queue": server.worker.status()})
+    return jsonify(
+        {
+            "status": "ok",
+            "default_model": server.registry.default_name,
+            "loaded_models": server.registry.loaded(),
+            "queue": server.worker.status(),
+        }
+    )

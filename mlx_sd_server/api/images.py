@@ -14,7 +14,8 @@ import concurrent.futures
 import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from PIL import Image
 from quart import Blueprint, Response, jsonify, request
@@ -22,12 +23,17 @@ from quart import Blueprint, Response, jsonify, request
 from mlx_sd_server.api.errors import _ERROR_TYPES, MAX_MESSAGE, _clip
 from mlx_sd_server.api.parsing import Delivery, ParsedRequest, parse_request
 from mlx_sd_server.api.state import ServerState, state
+from mlx_sd_server.engine.pipeline import Step
 from mlx_sd_server.images import (
-    a1111_parameters, encode_image, flatten, has_transparency, mask_from_upload, model_hash,
+    a1111_parameters,
+    encode_image,
+    flatten,
+    has_transparency,
+    mask_from_upload,
+    model_hash,
     open_upload,
 )
 from mlx_sd_server.job import Job, JobError, build_job
-from mlx_sd_server.engine.pipeline import Step
 from mlx_sd_server.lora.library import LoRALibrary
 from mlx_sd_server.paths import without_paths
 from mlx_sd_server.registry import ModelInfo, ModelLoadError, ModelNotFoundError
@@ -46,8 +52,9 @@ ENDPOINT_TASKS = {"/v1/images/generations": "text2image", "/v1/images/edits": "i
 def _check_task() -> None:
     task = state().settings.task
     if task not in ("full", ENDPOINT_TASKS[request.path]):
-        raise JobError(f"this server was started with --task {task}: {request.path} is turned off",
-                       None, "task_disabled", 403)
+        raise JobError(
+            f"this server was started with --task {task}: {request.path} is turned off", None, "task_disabled", 403
+        )
 
 
 @blueprint.post("/v1/images/generations")
@@ -81,7 +88,9 @@ async def _serve(parsed: ParsedRequest):
     created = int(time.time())
     if parsed.delivery.stream:
         return _stream(server, job, info, parsed.delivery, task_id, created)
-    task = server.worker.submit(job, lambda images: _encode(images, job, info, parsed.delivery, server.registry.loras), task_id=task_id)
+    task = server.worker.submit(
+        job, lambda images: _encode(images, job, info, parsed.delivery, server.registry.loras), task_id=task_id
+    )
     try:
         encoded = await asyncio.wrap_future(task.future)
     except asyncio.CancelledError:  # the client went away: stop the job, deliver nothing
@@ -92,15 +101,20 @@ async def _serve(parsed: ParsedRequest):
     extension = parsed.delivery.output_format
     images = list(zip(encoded, job.seeds()))
     if parsed.delivery.response_format == "b64_json":
-        data = [{"prompt": job.prompt, "seed": seed, "b64_json": base64.b64encode(image_bytes).decode("ascii")}
-                for image_bytes, seed in images]
+        data = [
+            {"prompt": job.prompt, "seed": seed, "b64_json": base64.b64encode(image_bytes).decode("ascii")}
+            for image_bytes, seed in images
+        ]
     else:  # one batch: every image is kept, or none is
         stored = await _save_batch(server, [(image_bytes, f"image_{seed}.{extension}") for image_bytes, seed in images])
         prefix = _url_prefix(server)
-        data = [{"prompt": job.prompt, "seed": seed, "url": f"{prefix}/v1/files/download/{item.id}/{item.filename}"}
-                for item, (_, seed) in zip(stored, images)]
-    response = jsonify({"created": created, "data": data, "model": info.name, "output_format": extension,
-                        "task_id": task.id})
+        data = [
+            {"prompt": job.prompt, "seed": seed, "url": f"{prefix}/v1/files/download/{item.id}/{item.filename}"}
+            for item, (_, seed) in zip(stored, images)
+        ]
+    response = jsonify(
+        {"created": created, "data": data, "model": info.name, "output_format": extension, "task_id": task.id}
+    )
     response.headers["X-Task-Id"] = task.id
     return response
 
@@ -111,8 +125,11 @@ def _requested_task_id() -> str | None:
     if value is None:
         return None
     if not valid_task_id(value):
-        raise JobError("X-Request-Id must be 1 to 64 characters: letters, digits and . _ ~ : - (not first)",
-                       "X-Request-Id", "invalid_request_id")
+        raise JobError(
+            "X-Request-Id must be 1 to 64 characters: letters, digits and . _ ~ : - (not first)",
+            "X-Request-Id",
+            "invalid_request_id",
+        )
     return value
 
 
@@ -122,7 +139,9 @@ def _requested_task_id() -> str | None:
 def partial_steps(total: int, partials: int) -> list[int]:
     """After which steps (counted from 1) partial images are sent: evenly spaced, round(T*(i+1)/(k+1)),
     kept within 1..T; fewer than asked when the job has too few steps to space them."""
-    return sorted({min(max(round(total * (i + 1) / (partials + 1)), 1), total) for i in range(partials)}) if total else []
+    return (
+        sorted({min(max(round(total * (i + 1) / (partials + 1)), 1), total) for i in range(partials)}) if total else []
+    )
 
 
 def _sse(event: str, data: dict) -> bytes:
@@ -144,22 +163,38 @@ def _error_envelope(error: BaseException | None) -> dict:
     elif isinstance(error, ModelLoadError):
         status, message, param, code = 503, without_paths(str(error)), "model", "model_unavailable"
     else:
-        status, message, param, code = 500, "internal server error (details are in the server log)", None, \
-            "internal_error"
-    return {"error": {"message": _clip(message, MAX_MESSAGE), "type": _ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+        status, message, param, code = (
+            500,
+            "internal server error (details are in the server log)",
+            None,
+            "internal_error",
+        )
+    return {
+        "error": {
+            "message": _clip(message, MAX_MESSAGE),
+            "type": _ERROR_TYPES.get(status, "invalid_request_error"),
+            "param": param,
+            "code": code,
+        }
+    }
 
 
-def _stream(server: ServerState, job: Job, info: ModelInfo, delivery: Delivery, task_id: str | None,
-            created: int) -> Response:
+def _stream(
+    server: ServerState, job: Job, info: ModelInfo, delivery: Delivery, task_id: str | None, created: int
+) -> Response:
     """Submit the job and answer with its events as they come. Partial images are decoded and encoded
     on the worker thread (the task's step callback) and handed to the event loop; a client that goes
     away cancels the task."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     kind = "image_edit" if request.path.endswith("/edits") else "image_generation"
-    common = {"created_at": created, "size": f"{job.width}x{job.height}", "quality": "auto",
-              "background": "opaque", "output_format": delivery.output_format}
+    common = {
+        "created_at": created,
+        "size": f"{job.width}x{job.height}",
+        "quality": "auto",
+        "background": "opaque",
+        "output_format": delivery.output_format,
+    }
 
     def post(item: Any) -> None:
         try:
@@ -179,8 +214,12 @@ def _stream(server: ServerState, job: Job, info: ModelInfo, delivery: Delivery, 
             data = encode_image(image, delivery.output_format, quality=delivery.output_compression)
             post(("partial", index, image_index, data))
 
-    task = server.worker.submit(job, lambda images: _encode(images, job, info, delivery, server.registry.loras), task_id=task_id,
-                                on_step=on_step if delivery.partial_images else None)
+    task = server.worker.submit(
+        job,
+        lambda images: _encode(images, job, info, delivery, server.registry.loras),
+        task_id=task_id,
+        on_step=on_step if delivery.partial_images else None,
+    )
     task.future.add_done_callback(lambda future: post(("end", future)))
 
     async def body() -> AsyncIterator[bytes]:
@@ -189,10 +228,16 @@ def _stream(server: ServerState, job: Job, info: ModelInfo, delivery: Delivery, 
                 item = await events.get()
                 if item[0] == "partial":
                     _, index, image_index, data = item
-                    yield _sse(f"{kind}.partial_image", {
-                        "type": f"{kind}.partial_image", "b64_json": base64.b64encode(data).decode("ascii"),
-                        **common, "partial_image_index": index, "image_index": image_index,
-                    })
+                    yield _sse(
+                        f"{kind}.partial_image",
+                        {
+                            "type": f"{kind}.partial_image",
+                            "b64_json": base64.b64encode(data).decode("ascii"),
+                            **common,
+                            "partial_image_index": index,
+                            "image_index": image_index,
+                        },
+                    )
                     continue
                 future: concurrent.futures.Future = item[1]
                 error = JobCancelled() if future.cancelled() else future.exception()
@@ -200,25 +245,40 @@ def _stream(server: ServerState, job: Job, info: ModelInfo, delivery: Delivery, 
                     yield _sse("error", _error_envelope(error))
                     return
                 for image_index, (data, seed) in enumerate(zip(future.result(), job.seeds())):
-                    yield _sse(f"{kind}.completed", {
-                        "type": f"{kind}.completed", "b64_json": base64.b64encode(data).decode("ascii"),
-                        **common, "usage": USAGE, "image_index": image_index, "seed": seed, "task_id": task.id,
-                    })
+                    yield _sse(
+                        f"{kind}.completed",
+                        {
+                            "type": f"{kind}.completed",
+                            "b64_json": base64.b64encode(data).decode("ascii"),
+                            **common,
+                            "usage": USAGE,
+                            "image_index": image_index,
+                            "seed": seed,
+                            "task_id": task.id,
+                        },
+                    )
                 return
         finally:
             if not task.future.done():  # the client went away (or the server is closing the stream)
                 task.cancel()
                 log.info("client disconnected: cancelled streamed task %s", task.id)
 
-    response = Response(body(), mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Task-Id": task.id, "X-Accel-Buffering": "no"})
+    response = Response(
+        body(),
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Task-Id": task.id, "X-Accel-Buffering": "no"},
+    )
     response.timeout = None  # a stream lasts as long as its job, not Quart's RESPONSE_TIMEOUT
     return response
 
 
 # Token usage: OpenAI reports it for its GPT image models; a local server has none to count.
-USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0,
-         "total_tokens": 0}
+USAGE = {
+    "input_tokens": 0,
+    "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+    "output_tokens": 0,
+    "total_tokens": 0,
+}
 
 
 async def _save_batch(server: ServerState, items: list[tuple[bytes, str]]) -> list[StoredFile]:
@@ -232,8 +292,12 @@ async def _save_batch(server: ServerState, items: list[tuple[bytes, str]]) -> li
         raise
     except StoreFullError as error:
         log.error("%s", error.strerror)
-        raise JobError(f"{error.strerror}; free some disk space or delete files (DELETE /v1/files/{{id}})",
-                       None, "insufficient_storage", 507) from None
+        raise JobError(
+            f"{error.strerror}; free some disk space or delete files (DELETE /v1/files/{{id}})",
+            None,
+            "insufficient_storage",
+            507,
+        ) from None
 
 
 def _discard(server: ServerState, done: asyncio.Future) -> None:
@@ -256,8 +320,13 @@ def _build_job(parsed: ParsedRequest, info: ModelInfo, server: ServerState) -> J
     """Decode the uploads and validate everything into one Job (the pipeline fits images to its size)."""
     settings = server.settings
     uploads = {
-        name: open_upload(data, name, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_upload_pixels,
-                          max_aspect=settings.limits.max_upload_aspect)
+        name: open_upload(
+            data,
+            name,
+            max_bytes=settings.max_upload_bytes,
+            max_pixels=settings.max_upload_pixels,
+            max_aspect=settings.limits.max_upload_aspect,
+        )
         for name, data in parsed.uploads.items()
     }
     images: dict[str, Image.Image] = {name: flatten(image) for name, image in uploads.items() if name != "mask"}
@@ -266,17 +335,31 @@ def _build_job(parsed: ParsedRequest, info: ModelInfo, server: ServerState) -> J
     elif "image" in uploads and has_transparency(uploads["image"]):
         images["mask"] = mask_from_upload(uploads["image"])  # OpenAI: no mask = the image's own transparency
     fields = {**parsed.fields, "model": info.name}
-    return build_job(fields, images, limits=settings.limits, defaults=info.defaults,
-                     capabilities=info.capabilities, model_name=info.name, lora_family=server.registry.loras.family)
+    return build_job(
+        fields,
+        images,
+        limits=settings.limits,
+        defaults=info.defaults,
+        capabilities=info.capabilities,
+        model_name=info.name,
+        lora_family=server.registry.loras.family,
+    )
 
 
-def _encode(images: list[Image.Image], job: Job, info: ModelInfo, delivery: Delivery, loras: LoRALibrary) -> list[bytes]:
+def _encode(
+    images: list[Image.Image], job: Job, info: ModelInfo, delivery: Delivery, loras: LoRALibrary
+) -> list[bytes]:
     """Runs on the worker thread, so encoding never blocks the event loop."""
     lora_hashes = {name: loras.short_hash(name) for name, _ in job.loras}
     return [
-        encode_image(image, delivery.output_format, quality=delivery.output_compression,
-                     parameters=a1111_parameters(job, seed, info.name, model_hash=model_hash(info.folder),
-                                                 lora_hashes=lora_hashes))
+        encode_image(
+            image,
+            delivery.output_format,
+            quality=delivery.output_compression,
+            parameters=a1111_parameters(
+                job, seed, info.name, model_hash=model_hash(info.folder), lora_hashes=lora_hashes
+            ),
+        )
         for image, seed in zip(images, job.seeds())
     ]
 

@@ -15,9 +15,17 @@ async def list_models():
     data = []
     for name in registry.names():
         info = registry.info(name)
-        data.append({"id": info.name, "object": "model", "created": info.created, "owned_by": "mlx-sd-server",
-                     "family": info.family, "has_controlnet": info.has_controlnet,
-                     "default": info.name == registry.default_name})
+        data.append(
+            {
+                "id": info.name,
+                "object": "model",
+                "created": info.created,
+                "owned_by": "mlx-sd-server",
+                "family": info.family,
+                "has_controlnet": info.has_controlnet,
+                "default": info.name == registry.default_name,
+            }
+        )
     return jsonify({"object": "list", "data": data})
 
 
@@ -25,6 +33,8 @@ async def list_models():
 async def list_loras():
     """The LoRAs a request may name (`<lora:id:weight>` or `loras`), with the model family each fits."""
     loras = state().registry.loras
-    data = [{"id": info.name, "object": "lora", "family": info.family, "created": int(info.modified),
-             "bytes": info.size} for info in loras.available()]
+    data = [
+        {"id": info.name, "object": "lora", "family": info.family, "created": int(info.modified), "bytes": info.size}
+        for info in loras.available()
+    ]
     return jsonify({"object": "list", "data": data})

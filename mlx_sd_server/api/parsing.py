@@ -14,11 +14,13 @@ closing boundary; text is UTF-8. Anything else is a 400 (413 for too many fields
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import parse_qsl
 
 from quart import Request
@@ -28,10 +30,24 @@ from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDeco
 
 from mlx_sd_server.api.state import state
 from mlx_sd_server.images import (
-    HEADER_BYTES, OUTPUT_FORMATS, SIGNATURE_BYTES, check_upload_head, decode_base64_image,
-    decode_base64_upload, spooled_upload,
+    HEADER_BYTES,
+    OUTPUT_FORMATS,
+    SIGNATURE_BYTES,
+    check_upload_head,
+    decode_base64_image,
+    decode_base64_upload,
+    spooled_upload,
 )
-from mlx_sd_server.job import JOB_FIELDS, JobError, Limits, as_bool, check_field_sizes, check_text, request_schema, shown
+from mlx_sd_server.job import (
+    JOB_FIELDS,
+    JobError,
+    Limits,
+    as_bool,
+    check_field_sizes,
+    check_text,
+    request_schema,
+    shown,
+)
 
 # Accepted for OpenAI-SDK compatibility and ignored: nothing here can honour them.
 # How results go back: validated here, published in /openapi.json (api/openapi.py).
@@ -39,10 +55,18 @@ DELIVERY_SCHEMA: dict[str, dict[str, Any]] = {
     "response_format": {"type": "string", "enum": ["url", "b64_json"], "default": "url"},
     "output_format": {"type": "string", "enum": [*OUTPUT_FORMATS, "jpg"], "default": "png"},
     "output_compression": {"type": "integer", "minimum": 0, "maximum": 100, "description": "jpeg/webp quality"},
-    "stream": {"type": "boolean", "default": False,
-               "description": "answer with Server-Sent Events as OpenAI does (image_generation.* / image_edit.*)"},
-    "partial_images": {"type": "integer", "minimum": 0, "maximum": 3, "default": 0,
-                       "description": "partial images sent while streaming (needs stream: true)"},
+    "stream": {
+        "type": "boolean",
+        "default": False,
+        "description": "answer with Server-Sent Events as OpenAI does (image_generation.* / image_edit.*)",
+    },
+    "partial_images": {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 3,
+        "default": 0,
+        "description": "partial images sent while streaming (needs stream: true)",
+    },
 }
 DELIVERY_FIELDS = tuple(DELIVERY_SCHEMA)
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -78,8 +102,9 @@ class ParsedRequest:
 BODY_SLICE = 64 * 1024
 
 
-async def parse_request(request: Request, image_fields: tuple[str, ...], limits: Limits | None = None,
-                        max_pixels: int | None = None) -> ParsedRequest:
+async def parse_request(
+    request: Request, image_fields: tuple[str, ...], limits: Limits | None = None, max_pixels: int | None = None
+) -> ParsedRequest:
     """Read and sort a request body. `image_fields` are the image fields this route accepts; `limits` and
     `max_pixels` (an upload's) default to the server's.
 
@@ -102,10 +127,8 @@ async def parse_request(request: Request, image_fields: tuple[str, ...], limits:
         raise RequestTimeout() from None
     except JobError:  # refused before the body was all read: read the rest (dropped) so the answer is heard
         left = None if timeout is None else max(timeout - (loop.time() - started), 0)
-        try:
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
             await asyncio.wait_for(_drain(chunks), left)
-        except (TimeoutError, asyncio.TimeoutError):
-            pass
         raise
     parsed = ParsedRequest()
     try:
@@ -134,8 +157,9 @@ async def parse_request(request: Request, image_fields: tuple[str, ...], limits:
     return parsed
 
 
-async def _read(request: Request, chunks: AsyncIterator[memoryview], image_fields: tuple[str, ...], limits: Limits,
-                max_pixels: int) -> dict[str, Any]:
+async def _read(
+    request: Request, chunks: AsyncIterator[memoryview], image_fields: tuple[str, ...], limits: Limits, max_pixels: int
+) -> dict[str, Any]:
     if request.mimetype == "application/json":
         return read_json(await _collect(chunks, request.content_length), limits, image_fields)
     if request.mimetype == "multipart/form-data":
@@ -152,7 +176,9 @@ async def _read(request: Request, chunks: AsyncIterator[memoryview], image_field
         return read_urlencoded(bytes(await _collect(chunks, request.content_length)), limits)
     raise JobError(
         f"Content-Type must be application/json or multipart/form-data, got {shown(request.mimetype or 'none')}",
-        None, "unsupported_media_type", 415,
+        None,
+        "unsupported_media_type",
+        415,
     )
 
 
@@ -167,7 +193,7 @@ async def _body(request: Request) -> AsyncIterator[memoryview]:
             raise RequestEntityTooLarge()
         view = memoryview(data)
         for at in range(0, len(view), BODY_SLICE):
-            yield view[at:at + BODY_SLICE]
+            yield view[at : at + BODY_SLICE]
 
 
 async def _collect(chunks: AsyncIterator[memoryview], expected: int | None) -> bytearray:
@@ -179,7 +205,7 @@ async def _collect(chunks: AsyncIterator[memoryview], expected: int | None) -> b
             if at + len(chunk) > expected:  # more than announced: not what HTTP sends, but grow anyway
                 body[at:] = chunk
             else:
-                body[at:at + len(chunk)] = chunk
+                body[at : at + len(chunk)] = chunk
             at += len(chunk)
         del body[at:]
         return body
@@ -247,14 +273,14 @@ def _set_aside(body: bytes | bytearray, limits: Limits) -> tuple[bytes | bytearr
         if match is None:  # unterminated: the parser says so
             break
         at = match.end()
-        inner = view[quote + 1:at - 1]
+        inner = view[quote + 1 : at - 1]
         if len(inner) < SET_ASIDE_CHARS or _ESCAPE_OR_CONTROL.search(inner):
             continue
         after = _JSON_WHITESPACE.match(body, at).end()
-        if body[after:after + 1] == b":":  # a key: read as it is
+        if body[after : after + 1] == b":":  # a key: read as it is
             continue
         key = f"\0{token}:{len(aside)}"
-        pieces += [view[copied:quote + 1], f"\\u0000{token}:{len(aside)}".encode()]
+        pieces += [view[copied : quote + 1], f"\\u0000{token}:{len(aside)}".encode()]
         aside[key] = inner
         copied = at - 1
     if not aside:
@@ -271,8 +297,9 @@ def _put_back(value: Any, aside: dict[str, memoryview], keep: bool) -> Any:
         try:
             return str(aside[value], "utf-8")
         except UnicodeDecodeError as error:
-            raise JobError(f"request body is not valid JSON: not UTF-8 text ({error.reason})", None,
-                           "invalid_json") from None
+            raise JobError(
+                f"request body is not valid JSON: not UTF-8 text ({error.reason})", None, "invalid_json"
+            ) from None
     if isinstance(value, list):
         return [_put_back(item, aside, False) for item in value]
     if isinstance(value, dict):
@@ -294,8 +321,11 @@ def read_json(body: bytes | bytearray, limits: Limits, image_fields: tuple[str, 
     try:
         text = body.decode(json.detect_encoding(body))
     except UnicodeDecodeError as error:
-        raise JobError(f"request body is not valid JSON: not UTF-8 text ({error.reason} at byte {error.start})",
-                       None, "invalid_json") from None
+        raise JobError(
+            f"request body is not valid JSON: not UTF-8 text ({error.reason} at byte {error.start})",
+            None,
+            "invalid_json",
+        ) from None
     del body
     raw: dict[str, Any] = {}
     seen: set[str] = set()
@@ -306,13 +336,12 @@ def read_json(body: bytes | bytearray, limits: Limits, image_fields: tuple[str, 
 
     def expect(at: int, char: str, what: str) -> int:
         if at >= end or text[at] != char:
-            raise JobError(f"request body is not valid JSON: expected {what} at character {at}", None,
-                           "invalid_json")
+            raise JobError(f"request body is not valid JSON: expected {what} at character {at}", None, "invalid_json")
         return at + 1
 
     at = skip(0)
     if at >= end or text[at] != "{":
-        if at < end and text[at] in "[\"-0123456789tfn":  # a JSON value, but not an object
+        if at < end and text[at] in '["-0123456789tfn':  # a JSON value, but not an object
             raise JobError("request body must be a JSON object", None, "invalid_json")
         raise JobError(f"request body is not valid JSON: expected an object at character {at}", None, "invalid_json")
     at = skip(at + 1)
@@ -321,8 +350,11 @@ def read_json(body: bytes | bytearray, limits: Limits, image_fields: tuple[str, 
     else:
         while True:
             if at >= end or text[at] != '"':
-                raise JobError(f"request body is not valid JSON: expected a field name in double quotes at "
-                               f"character {at}", None, "invalid_json")
+                raise JobError(
+                    f"request body is not valid JSON: expected a field name in double quotes at character {at}",
+                    None,
+                    "invalid_json",
+                )
             name, at = _scan(text, at)
             try:
                 check_text("a field name", name)
@@ -336,8 +368,11 @@ def read_json(body: bytes | bytearray, limits: Limits, image_fields: tuple[str, 
             at = skip(expect(skip(at), ":", "':'"))
             if at < end and text[at] in "[{" and not (text[at] == "[" and name in structured):
                 kind = "an array" if text[at] == "[" else "an object"
-                raise JobError(f"{shown(name)} must be a single value (a string, number or boolean), not {kind}",
-                               name, "invalid_type")
+                raise JobError(
+                    f"{shown(name)} must be a single value (a string, number or boolean), not {kind}",
+                    name,
+                    "invalid_type",
+                )
             value, at = _scan(text, at)
             if isinstance(value, str):
                 check_text(name, value)
@@ -397,8 +432,9 @@ class FormReader:
     read_multipart gives them, except that a file part of one of `image_fields` is a spooled file, whose
     first bytes check_upload_head judges as they come (with `max_pixels`)."""
 
-    def __init__(self, boundary: str | None, limits: Limits, image_fields: tuple[str, ...] = (),
-                 max_pixels: int = 6000 * 6000):
+    def __init__(
+        self, boundary: str | None, limits: Limits, image_fields: tuple[str, ...] = (), max_pixels: int = 6000 * 6000
+    ):
         if not boundary:
             raise JobError("multipart/form-data needs a boundary parameter in its Content-Type", None, "invalid_form")
         if len(boundary) > MAX_BOUNDARY:
@@ -437,15 +473,22 @@ class FormReader:
         except JobError:  # a ValueError too
             raise
         except RequestEntityTooLarge:
-            raise JobError(f"the form has more than {self.limits.max_fields} parts", None, "too_many_fields",
-                           413) from None
+            raise JobError(
+                f"the form has more than {self.limits.max_fields} parts", None, "too_many_fields", 413
+            ) from None
         except ValueError as error:  # the decoder's word for a malformed body (UnicodeDecodeError included)
             if decoder.state == State.PREAMBLE:
-                raise JobError("the multipart body has no part opening with the boundary its Content-Type names",
-                               None, "invalid_form") from None
+                raise JobError(
+                    "the multipart body has no part opening with the boundary its Content-Type names",
+                    None,
+                    "invalid_form",
+                ) from None
             if "parse beyond" in str(error):  # all data in, and the decoder still wanted more
-                raise JobError("the multipart body ends before its closing boundary (--boundary--): the upload is "
-                               "incomplete", None, "invalid_form") from None
+                raise JobError(
+                    "the multipart body ends before its closing boundary (--boundary--): the upload is incomplete",
+                    None,
+                    "invalid_form",
+                ) from None
             raise JobError(f"the multipart body is malformed: {shown(str(error))}", None, "invalid_form") from None
 
     def _start(self, part: Field | File) -> None:
@@ -459,10 +502,11 @@ class FormReader:
             self.upload.write(data)
             had = len(self.head)
             if had < HEADER_BYTES:
-                self.head += data[:HEADER_BYTES - had]
+                self.head += data[: HEADER_BYTES - had]
                 if had < SIGNATURE_BYTES <= len(self.head) or had < HEADER_BYTES <= len(self.head):
-                    check_upload_head(self.head, self.name, max_pixels=self.max_pixels,
-                                      max_aspect=self.limits.max_upload_aspect)
+                    check_upload_head(
+                        self.head, self.name, max_pixels=self.max_pixels, max_aspect=self.limits.max_upload_aspect
+                    )
         else:
             self.chunks.append(data)
         if more:
@@ -472,8 +516,9 @@ class FormReader:
             self.fields[self.name], self.upload, self.head = self.upload, None, bytearray()
         else:
             data = b"".join(self.chunks)
-            self.fields[self.name] = data if isinstance(part, File) else _text(self.name, data,
-                                                                             part.headers.get("content-type"))
+            self.fields[self.name] = (
+                data if isinstance(part, File) else _text(self.name, data, part.headers.get("content-type"))
+            )
         self.part, self.chunks = None, []
 
     def close(self) -> None:
@@ -485,7 +530,7 @@ class FormReader:
 
 def _part_name(part: Field | File, raw: dict[str, Any]) -> str:
     if not part.name:
-        raise JobError("a form part has no name (Content-Disposition: form-data; name=\"...\")", None, "invalid_form")
+        raise JobError('a form part has no name (Content-Disposition: form-data; name="...")', None, "invalid_form")
     name = part.name.removesuffix("[]")  # OpenAI clients send image lists as `image[]`
     if name in raw:
         raise JobError(f"only one {shown(name)} may be sent", name, "invalid_value")
@@ -505,8 +550,13 @@ def _text(name: str, data: bytes, content_type: str | None = None) -> str:
 def read_urlencoded(body: bytes, limits: Limits) -> dict[str, str]:
     """An application/x-www-form-urlencoded body -> {name: str}, each name once, UTF-8."""
     try:
-        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, encoding="utf-8", errors="strict",
-                          max_num_fields=limits.max_fields)
+        pairs = parse_qsl(
+            body.decode("utf-8"),
+            keep_blank_values=True,
+            encoding="utf-8",
+            errors="strict",
+            max_num_fields=limits.max_fields,
+        )
     except UnicodeDecodeError:
         raise JobError("the form is not valid UTF-8 text", None, "invalid_form") from None
     except ValueError:  # max_num_fields
@@ -540,8 +590,9 @@ def _parse_delivery(values: dict[str, Any]) -> Delivery:
     for name in ("response_format", "output_format"):
         choices = DELIVERY_SCHEMA[name]["enum"]
         if values.get(name, DELIVERY_SCHEMA[name]["default"]) not in choices:
-            raise JobError(f"{name} must be one of {', '.join(choices)}, got {shown(values[name])}", name,
-                           "invalid_value")
+            raise JobError(
+                f"{name} must be one of {', '.join(choices)}, got {shown(values[name])}", name, "invalid_value"
+            )
     response_format = values.get("response_format", DELIVERY_SCHEMA["response_format"]["default"])
     output_format = values.get("output_format", DELIVERY_SCHEMA["output_format"]["default"])
     output_format = "jpeg" if output_format == "jpg" else output_format
@@ -552,12 +603,18 @@ def _parse_delivery(values: dict[str, Any]) -> Delivery:
                 raise TypeError(compression)
             compression = int(compression)
         except (TypeError, ValueError):
-            raise JobError(f"output_compression must be an integer 0..100, got {shown(compression)}",
-                           "output_compression", "invalid_type") from None
+            raise JobError(
+                f"output_compression must be an integer 0..100, got {shown(compression)}",
+                "output_compression",
+                "invalid_type",
+            ) from None
         bounds = DELIVERY_SCHEMA["output_compression"]
         if not bounds["minimum"] <= compression <= bounds["maximum"]:
-            raise JobError(f"output_compression must be between 0 and 100, got {shown(compression)}",
-                           "output_compression", "out_of_range")
+            raise JobError(
+                f"output_compression must be between 0 and 100, got {shown(compression)}",
+                "output_compression",
+                "out_of_range",
+            )
     return Delivery(response_format, output_format, compression, stream, partial_images)
 
 
@@ -569,12 +626,21 @@ def _parse_partial_images(value: Any, stream: bool) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         number = int(value.strip())
     if isinstance(number, bool) or not isinstance(number, int):
-        raise JobError(f"partial_images must be an integer {bounds['minimum']}..{bounds['maximum']}, got "
-                       f"{shown(value)}", "partial_images", "invalid_type")
+        raise JobError(
+            f"partial_images must be an integer {bounds['minimum']}..{bounds['maximum']}, got {shown(value)}",
+            "partial_images",
+            "invalid_type",
+        )
     if not bounds["minimum"] <= number <= bounds["maximum"]:
-        raise JobError(f"partial_images must be between {bounds['minimum']} and {bounds['maximum']}, got "
-                       f"{shown(value)}", "partial_images", "out_of_range")
+        raise JobError(
+            f"partial_images must be between {bounds['minimum']} and {bounds['maximum']}, got {shown(value)}",
+            "partial_images",
+            "out_of_range",
+        )
     if not stream:
-        raise JobError("partial_images needs stream: true (partial images are only sent while streaming)",
-                       "partial_images", "invalid_value")
+        raise JobError(
+            "partial_images needs stream: true (partial images are only sent while streaming)",
+            "partial_images",
+            "invalid_value",
+        )
     return number

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 from hypercorn.logging import Logger as HypercornLogger
+
 try:
     from hypercorn.utils import UnexpectedMessageError
 except ImportError:  # an older Hypercorn: nothing to recognise
@@ -82,9 +83,17 @@ class AccessLogger(HypercornLogger):
         method = one_line(atoms["m"])
         protocol = one_line(atoms["H"])
         headers = {name.lower(): value for name, value in (response or {}).get("headers", [])}
-        atoms.update({"U": path, "q": query, "Uq": path_with_query, "m": method,
-                      "task": escape_bytes(headers.get(b"x-task-id", b"-")),
-                      "r": f"{method} {path} {protocol}", "R": f"{method} {path_with_query} {protocol}"})
+        atoms.update(
+            {
+                "U": path,
+                "q": query,
+                "Uq": path_with_query,
+                "m": method,
+                "task": escape_bytes(headers.get(b"x-task-id", b"-")),
+                "r": f"{method} {path} {protocol}",
+                "R": f"{method} {path_with_query} {protocol}",
+            }
+        )
         return atoms
 
 
@@ -112,8 +121,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"mlx-sd-server serve: --cors-origin: {exc}") from None
     prefix = args.download_url_prefix
     if prefix and urlsplit(prefix).scheme not in ("http", "https"):
-        raise SystemExit(f"mlx-sd-server serve: --download-url-prefix must start with http:// or https://, "
-                         f"got {prefix!r}")
+        raise SystemExit(
+            f"mlx-sd-server serve: --download-url-prefix must start with http:// or https://, got {prefix!r}"
+        )
     return Settings(
         api_key=args.api_key or os.environ.get("API_KEY") or None,
         download_url_prefix=prefix,
@@ -123,7 +133,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         limits=Limits(max_n=args.max_n, max_steps=args.max_steps, max_pixels=args.max_pixels),
         task=args.task,
         # --write-timeout SECONDS where the command line has it (0: no limit), else the default
-        write_timeout=DEFAULT_WRITE_TIMEOUT if getattr(args, "write_timeout", None) is None else args.write_timeout or None,
+        write_timeout=DEFAULT_WRITE_TIMEOUT
+        if getattr(args, "write_timeout", None) is None
+        else args.write_timeout or None,
     )
 
 
@@ -142,8 +154,11 @@ def log_reference_flags(args: argparse.Namespace) -> None:
     """The reference's flags that MLX has no use for are accepted; say so once, at start."""
     for flag in ("clip_on_cpu", "vae_on_cpu", "control_net_cpu"):
         if getattr(args, flag):
-            log.info("--%s has no effect: MLX's CPU and GPU share unified memory, so there is no GPU memory "
-                     "to save by moving a component", flag.replace("_", "-"))
+            log.info(
+                "--%s has no effect: MLX's CPU and GPU share unified memory, so there is no GPU memory "
+                "to save by moving a component",
+                flag.replace("_", "-"),
+            )
 
 
 def registry_from_args(args: argparse.Namespace) -> ModelRegistry:
@@ -152,19 +167,28 @@ def registry_from_args(args: argparse.Namespace) -> ModelRegistry:
         split = split_files(args)
     except ValueError as exc:
         raise SystemExit(f"mlx-sd-server serve: {exc}") from None
-    return ModelRegistry(([split] if split else []) + args.model, model_dir(args.model_dir),
-                         control_net=args.control_net, dtype=args.dtype, engine=args.engine,
-                         low_memory=args.low_memory, model_name=args.model_name,
-                         strict_model_names=args.strict_model_names, lora_dir=args.lora_model_dir,
-                         lora_fuse_budget=int(args.lora_fuse_gb * 2**30))
+    return ModelRegistry(
+        ([split] if split else []) + args.model,
+        model_dir(args.model_dir),
+        control_net=args.control_net,
+        dtype=args.dtype,
+        engine=args.engine,
+        low_memory=args.low_memory,
+        model_name=args.model_name,
+        strict_model_names=args.strict_model_names,
+        lora_dir=args.lora_model_dir,
+        lora_fuse_budget=int(args.lora_fuse_gb * 2**30),
+    )
 
 
 def store_from_args(args: argparse.Namespace) -> FileStore:
     max_age = getattr(args, "store_max_age", None)
     max_gb = getattr(args, "store_max_gb", None)
-    return FileStore(args.store_dir or model_dir(args.model_dir).parent / "files",
-                     max_age=store_module.max_age(max_age) if max_age else None,
-                     max_bytes=store_module.max_gb(max_gb) if max_gb else None)
+    return FileStore(
+        args.store_dir or model_dir(args.model_dir).parent / "files",
+        max_age=store_module.max_age(max_age) if max_age else None,
+        max_bytes=store_module.max_gb(max_gb) if max_gb else None,
+    )
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -219,12 +243,16 @@ def listening_settings(settings: Settings, host: str, sock: socket.socket) -> Se
 def warn_about_exposure(settings: Settings, sock: socket.socket) -> None:
     address = sock.getsockname()[0]
     if not is_loopback(address) and not settings.api_key:
-        log.warning("listening on %s without an API key: anyone who can reach this machine can run jobs and list, "
-                    "read and delete its images. Set --api-key (or API_KEY), or leave --host at 127.0.0.1",
-                    address)
+        log.warning(
+            "listening on %s without an API key: anyone who can reach this machine can run jobs and list, "
+            "read and delete its images. Set --api-key (or API_KEY), or leave --host at 127.0.0.1",
+            address,
+        )
     if "*" in settings.cors_origins and not settings.api_key:
-        log.warning("--cors-origin '*' without an API key: every web page opened in a browser on this machine "
-                    "can run jobs and read and delete its images")
+        log.warning(
+            "--cors-origin '*' without an API key: every web page opened in a browser on this machine "
+            "can run jobs and read and delete its images"
+        )
 
 
 async def serve_until_stopped(app, config: Config) -> None:
@@ -246,7 +274,9 @@ async def serve_until_stopped(app, config: Config) -> None:
     def quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict) -> None:
         """Connections cut when the graceful time is up are expected then, not errors with tracebacks."""
         error = context.get("exception")
-        if isinstance(error, asyncio.CancelledError) or (stopping.is_set() and isinstance(error, UnexpectedMessageError)):
+        if isinstance(error, asyncio.CancelledError) or (
+            stopping.is_set() and isinstance(error, UnexpectedMessageError)
+        ):
             log.debug("while stopping: %s", context.get("message"))
             return
         loop.default_exception_handler(context)
@@ -274,12 +304,20 @@ def main(args: argparse.Namespace) -> int:
         registry = registry_from_args(args)
         store = store_from_args(args)
         app = create_app(registry, store, settings)
-        log.info("models: %s (default %s); engine %s; task %s; files in %s; API key %s",
-                 ", ".join(registry.names()), registry.default_name, args.engine, args.task, store.root,
-                 "required" if settings.api_key else "not required")
-        log.info("image urls start with %s; cross-origin (CORS) requests: %s",
-                 (settings.download_url_prefix or settings.bound_url).rstrip("/"),
-                 ", ".join(settings.cors_origins) or "off (--cors-origin ORIGIN to allow a web app)")
+        log.info(
+            "models: %s (default %s); engine %s; task %s; files in %s; API key %s",
+            ", ".join(registry.names()),
+            registry.default_name,
+            args.engine,
+            args.task,
+            store.root,
+            "required" if settings.api_key else "not required",
+        )
+        log.info(
+            "image urls start with %s; cross-origin (CORS) requests: %s",
+            (settings.download_url_prefix or settings.bound_url).rstrip("/"),
+            ", ".join(settings.cors_origins) or "off (--cors-origin ORIGIN to allow a web app)",
+        )
         config = hypercorn_config(host, port)
         sock.listen(config.backlog)
         config.bind = [f"fd://{sock.detach()}"]  # Hypercorn's from here on

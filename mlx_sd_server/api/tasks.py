@@ -25,8 +25,9 @@ blueprint = Blueprint("tasks", __name__)
 
 
 def _not_found(task_id: str):
-    return error_response(404, f"no task {task_id[:64]} is queued, running or among the recently finished", "id",
-                          "task_not_found")
+    return error_response(
+        404, f"no task {task_id[:64]} is queued, running or among the recently finished", "id", "task_not_found"
+    )
 
 
 @blueprint.get("/v1/images/tasks")
@@ -73,8 +74,9 @@ async def cancel_task(task_id: str):
     if found is None:
         return _not_found(task_id)
     if found["state"] != "cancelled":
-        return error_response(409, f"task {task_id} already ended ({found['state']}): nothing to cancel", "id",
-                              "task_finished")
+        return error_response(
+            409, f"task {task_id} already ended ({found['state']}): nothing to cancel", "id", "task_finished"
+        )
     return jsonify(found)
 
 

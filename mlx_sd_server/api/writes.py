@@ -106,8 +106,13 @@ class WriteTimeoutGuard:
                 continue
             if now - mark[2] >= self.timeout:
                 client = scope.get("client") or ("?",)
-                log.info("%s %s: the client (%s) read nothing for %g s; closing its connection",
-                         scope.get("method"), scope.get("path"), client[0], self.timeout)
+                log.info(
+                    "%s %s: the client (%s) read nothing for %g s; closing its connection",
+                    scope.get("method"),
+                    scope.get("path"),
+                    client[0],
+                    self.timeout,
+                )
                 stalled.set()
                 transport.abort()  # drops what is buffered for it; the server sees the connection lost
                 return

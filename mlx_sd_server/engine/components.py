@@ -6,8 +6,9 @@ denoisers in their family's folder) and listed in the families' component tables
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn

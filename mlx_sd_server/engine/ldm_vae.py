@@ -14,7 +14,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mlx_sd_server.engine.source import (
-    ArchitectureHints, OriginalComponent, Tensors, count_distinct, known_keys, strip_prefix,
+    ArchitectureHints,
+    OriginalComponent,
+    Tensors,
+    count_distinct,
+    known_keys,
+    strip_prefix,
 )
 
 if TYPE_CHECKING:
@@ -23,8 +28,14 @@ if TYPE_CHECKING:
 MARKER = "encoder.down.0.block.0.conv1.weight"  # the encoder's first resnet: every LDM autoencoder has it
 
 ATTENTION_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-SAME_NAMES = {"encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.conv_out", "quant_conv",
-              "post_quant_conv"}
+SAME_NAMES = {
+    "encoder.conv_in",
+    "encoder.conv_out",
+    "decoder.conv_in",
+    "decoder.conv_out",
+    "quant_conv",
+    "post_quant_conv",
+}
 
 
 def vae_key(key: str, levels: int) -> str | None:
@@ -54,8 +65,9 @@ def norm_groups(channels: list[int], hints: ArchitectureHints) -> int:
     return math.gcd(hints.norm_num_groups, *channels)
 
 
-def vae_config_from_ldm(vae: Tensors, latent: LatentFormat, sample_size: int,
-                        hints: ArchitectureHints) -> dict[str, Any]:
+def vae_config_from_ldm(
+    vae: Tensors, latent: LatentFormat, sample_size: int, hints: ArchitectureHints
+) -> dict[str, Any]:
     """The diffusers AutoencoderKL config.json for LDM VAE weights (prefix removed); only their shapes are read.
     `sample_size`: the image side the model was trained at."""
     levels = count_distinct(vae, r"encoder\.down\.(\d+)\.")
@@ -83,19 +95,21 @@ def vae_config_from_ldm(vae: Tensors, latent: LatentFormat, sample_size: int,
     }
 
 
-def read_vae(tensors: Tensors, prefix: str, latent: LatentFormat, sample_size: int,
-             hints: ArchitectureHints) -> OriginalComponent:
+def read_vae(
+    tensors: Tensors, prefix: str, latent: LatentFormat, sample_size: int, hints: ArchitectureHints
+) -> OriginalComponent:
     """The VAE under `prefix`; its attention projections, stored as 1x1 convolutions, become linear weights."""
     config = vae_config_from_ldm(strip_prefix(tensors, prefix), latent, sample_size, hints)
     levels = len(config["block_out_channels"])
 
     def mapper(key: str, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        name = vae_key(key[len(prefix):], levels)
+        name = vae_key(key[len(prefix) :], levels)
         if name is None:
             return []
         if ".mid_block.attentions." in name and value.ndim == 4:
             value = value[:, :, 0, 0]
         return [(name, value)]
 
-    return OriginalComponent(config, known_keys(tensors, prefix, lambda k: vae_key(k, levels) is not None, "VAE"),
-                             mapper)
+    return OriginalComponent(
+        config, known_keys(tensors, prefix, lambda k: vae_key(k, levels) is not None, "VAE"), mapper
+    )

@@ -12,9 +12,10 @@ import logging
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -31,8 +32,13 @@ DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
 # Manifests written before components named their class: every component was one of these.
-CLASS_BY_COMPONENT = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModel",
-                      "unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "controlnet": "ControlNetModel"}
+CLASS_BY_COMPONENT = {
+    "text_encoder": "CLIPTextModel",
+    "text_encoder_2": "CLIPTextModel",
+    "unet": "UNet2DConditionModel",
+    "vae": "AutoencoderKL",
+    "controlnet": "ControlNetModel",
+}
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # the manifest names text encoders take
 
 
@@ -121,8 +127,10 @@ def quantized_layers(model: nn.Module, weights: dict[str, mx.array]) -> dict[str
     for path, module in model.named_modules():
         if isinstance(module, nn.Linear) and f"{path}.scales" in weights:
             in_dims = module.weight.shape[1]
-            layers[path] = {"group_size": in_dims // weights[f"{path}.scales"].shape[1],
-                            "bits": weights[f"{path}.weight"].shape[1] * 32 // in_dims}
+            layers[path] = {
+                "group_size": in_dims // weights[f"{path}.scales"].shape[1],
+                "bits": weights[f"{path}.weight"].shape[1] * 32 // in_dims,
+            }
     return layers
 
 
@@ -247,11 +255,16 @@ def check_vocabulary(name: str, encoder: nn.Module, tokenizer: Any) -> None:
     if tokenizer.max_id >= rows:
         raise ModelFormatError(
             f"component {name}: its token embedding has {rows} rows, but its tokenizer has {tokenizer.vocab_size} "
-            f"tokens (ids up to {tokenizer.max_id}); the text encoder's weights do not fit its tokenizer")
+            f"tokens (ids up to {tokenizer.max_id}); the text encoder's weights do not fit its tokenizer"
+        )
 
 
-def load_model(folder: str | os.PathLike, dtype: str | None = None, controlnet: str | os.PathLike | None = None,
-               low_memory: bool = False) -> LoadedModel:
+def load_model(
+    folder: str | os.PathLike,
+    dtype: str | None = None,
+    controlnet: str | os.PathLike | None = None,
+    low_memory: bool = False,
+) -> LoadedModel:
     """Load a converted model folder. `dtype` defaults to float16 on a GPU, float32 on the CPU.
 
     `controlnet` is another converted folder whose manifest has a "controlnet" component; it overrides one
@@ -272,13 +285,17 @@ def load_model(folder: str | os.PathLike, dtype: str | None = None, controlnet: 
     def build_text_encoders() -> dict[str, nn.Module]:
         return {n: load(n) for n in encoder_names}
 
-    tokenizers = {n: component_kind(n, components[n]["config"]).tokenizer_class.from_dir(
-        folder / components[n]["tokenizer"]) for n in encoder_names}
+    tokenizers = {
+        n: component_kind(n, components[n]["config"]).tokenizer_class.from_dir(folder / components[n]["tokenizer"])
+        for n in encoder_names
+    }
     text_encoders = build_text_encoders()
     for name in encoder_names:
         check_vocabulary(name, text_encoders[name], tokenizers[name])
     # VAEs that overflow in float16 (SDXL's) say so with force_upcast; they run in float32.
-    vae_dtype = mx.float32 if components["vae"]["config"].get("force_upcast") and compute_dtype == mx.float16 else compute_dtype
+    vae_dtype = (
+        mx.float32 if components["vae"]["config"].get("force_upcast") and compute_dtype == mx.float16 else compute_dtype
+    )
 
     control = None
     if controlnet is not None:
@@ -305,7 +322,13 @@ def load_model(folder: str | os.PathLike, dtype: str | None = None, controlnet: 
         low_memory=low_memory,
         _build_text_encoders=build_text_encoders,
     )
-    log.info("loaded %s (%s, %s%s%s) from %s", manifest.get("name", folder.name), manifest["family"], dtype_name,
-             f", {quantization['bits']}-bit" if quantization else "",
-             ", low memory" if low_memory else "", folder)
+    log.info(
+        "loaded %s (%s, %s%s%s) from %s",
+        manifest.get("name", folder.name),
+        manifest["family"],
+        dtype_name,
+        f", {quantization['bits']}-bit" if quantization else "",
+        ", low memory" if low_memory else "",
+        folder,
+    )
     return model

@@ -9,8 +9,9 @@ decode, paste the untouched pixels back. What differs per family lives in `famil
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Generator
 from dataclasses import replace
-from typing import Callable, Generator, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import mlx.core as mx
 import numpy as np
@@ -76,7 +77,9 @@ def fit_image(image: Image.Image, width: int, height: int, mode: str = "RGB") ->
     image = image.convert(mode)
     scale = max(width / image.width, height / image.height)
     if image.size != (width, height):
-        resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.LANCZOS)
+        resized = image.resize(
+            (max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.LANCZOS
+        )
         left, top = (resized.width - width) // 2, (resized.height - height) // 2
         image = resized.crop((left, top, left + width, top + height))
     pixels = np.asarray(image, dtype=np.float32) / 255.0
@@ -92,8 +95,13 @@ class DiffusionPipeline:
     """A loaded model turned into a job runner. `generate(job)` yields a `Step` per step (its latents
     evaluated), returns the images."""
 
-    def __init__(self, model: LoadedModel, paste_back: bool = True,
-                 loras: Callable[[str, LoadedModel], Adapters] | None = None, lora_fuse_budget: int = 0):
+    def __init__(
+        self,
+        model: LoadedModel,
+        paste_back: bool = True,
+        loras: Callable[[str, LoadedModel], Adapters] | None = None,
+        lora_fuse_budget: int = 0,
+    ):
         """`loras(name, model)`: LoRA `name` bound to the model (lora.library.LoRALibrary.bound); LoRAs are
         fused into copies of the layers they adapt up to `lora_fuse_budget` bytes of weights (engine/adapters.py)."""
         self.model = model
@@ -216,5 +224,7 @@ def paste_outside_mask(image: Image.Image, original: Image.Image, mask: Image.Im
     size = image.size
     original_pixels = Image.fromarray((fit_image(original, *size) * 255).round().astype(np.uint8))
     hard = Image.fromarray(((fit_image(mask, *size, mode="L")[..., 0] >= 0.5) * 255).astype(np.uint8))
-    soft = hard.filter(ImageFilter.MaxFilter(2 * MASK_FEATHER_PX + 1)).filter(ImageFilter.GaussianBlur(MASK_FEATHER_PX / 2))
+    soft = hard.filter(ImageFilter.MaxFilter(2 * MASK_FEATHER_PX + 1)).filter(
+        ImageFilter.GaussianBlur(MASK_FEATHER_PX / 2)
+    )
     return Image.composite(image, original_pixels, soft)

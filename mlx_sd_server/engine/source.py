@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -105,6 +105,7 @@ def split_options(parts: Mapping[str, FilePart]) -> tuple[str, ...]:
 
 # --- helpers for the readers ---------------------------------------------------------------------------
 
+
 def float32(value: Any) -> np.ndarray:
     """A tensor as read (numpy, MLX, or a GGUF tensor read when used) as float32 numpy."""
     if hasattr(value, "dequantize"):  # a GGUF tensor, read now
@@ -122,7 +123,7 @@ def count_distinct(keys: Iterable[str], pattern: str) -> int:
 
 
 def strip_prefix(tensors: Tensors, prefix: str) -> dict[str, Any]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def known_keys(tensors: Tensors, prefix: str, known: Callable[[str], bool], component: str) -> list[str]:
@@ -131,19 +132,21 @@ def known_keys(tensors: Tensors, prefix: str, known: Callable[[str], bool], comp
     keys: list[str] = []
     unknown: list[str] = []
     for key in (k for k in tensors if k.startswith(prefix)):
-        (keys if known(key[len(prefix):]) else unknown).append(key)
+        (keys if known(key[len(prefix) :]) else unknown).append(key)
     unknown = [k for k in unknown if not k.endswith(QUIET_EXTRAS)]
     if unknown:
         log.warning("ignoring %d unrecognised %s weights, e.g. %s", len(unknown), component, unknown[:3])
     return keys
 
 
-def renamed_component(tensors: Tensors, prefix: str, rename: Callable[[str], str | None], config: dict[str, Any],
-                      component: str) -> OriginalComponent:
+def renamed_component(
+    tensors: Tensors, prefix: str, rename: Callable[[str], str | None], config: dict[str, Any], component: str
+) -> OriginalComponent:
     """A component whose weights only change names: those `rename` knows (given them without `prefix`; None:
     unknown, skipped with a warning)."""
+
     def mapper(key: str, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        name = rename(key[len(prefix):])
+        name = rename(key[len(prefix) :])
         return [] if name is None else [(name, value)]
 
     keys = known_keys(tensors, prefix, lambda key: rename(key) is not None, component)

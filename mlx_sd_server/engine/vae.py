@@ -15,8 +15,8 @@ bounding peak memory by the tile size. `should_tile` says when the pipeline shou
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -60,7 +60,7 @@ class VAEConfig:
     mid_block_add_attention: bool = True
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VAEConfig":
+    def from_dict(cls, d: dict) -> VAEConfig:
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known and v is not None}
         if "block_out_channels" in kwargs:

@@ -12,7 +12,17 @@ from mlx_sd_server.engine.families.spec import Capabilities, ModelDefaults
 from mlx_sd_server.engine.sampling.samplers import SAMPLE_METHODS
 from mlx_sd_server.engine.sampling.schedules import SCHEDULERS
 from mlx_sd_server.job.fields import (
-    FIELDS, IMAGE_FIELDS, JOB_FIELDS, Field, Job, Limits, as_bool, as_float, as_int, as_str, check_text,
+    FIELDS,
+    IMAGE_FIELDS,
+    JOB_FIELDS,
+    Field,
+    Job,
+    Limits,
+    as_bool,
+    as_float,
+    as_int,
+    as_str,
+    check_text,
     request_schema,
 )
 from mlx_sd_server.job.validation import build_job, check_field_sizes, cover_size
@@ -20,7 +30,26 @@ from mlx_sd_server.job.validation import build_job, check_field_sizes, cover_siz
 # Capabilities, ModelDefaults, SAMPLE_METHODS and SCHEDULERS are the engine's; they are named here too
 # because build_job's callers pass (and tests import) them with the job.
 __all__ = [
-    "ECHO_CHARS", "FIELDS", "IMAGE_FIELDS", "JOB_FIELDS", "SAMPLE_METHODS", "SCHEDULERS", "Capabilities", "Field",
-    "Job", "JobError", "Limits", "ModelDefaults", "as_bool", "as_float", "as_int", "as_str", "build_job",
-    "check_field_sizes", "check_text", "cover_size", "request_schema", "shown",
+    "ECHO_CHARS",
+    "FIELDS",
+    "IMAGE_FIELDS",
+    "JOB_FIELDS",
+    "SAMPLE_METHODS",
+    "SCHEDULERS",
+    "Capabilities",
+    "Field",
+    "Job",
+    "JobError",
+    "Limits",
+    "ModelDefaults",
+    "as_bool",
+    "as_float",
+    "as_int",
+    "as_str",
+    "build_job",
+    "check_field_sizes",
+    "check_text",
+    "cover_size",
+    "request_schema",
+    "shown",
 ]

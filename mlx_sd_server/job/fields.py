@@ -12,9 +12,10 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from PIL import Image
 
@@ -58,8 +59,11 @@ def check_text(name: str, value: str) -> str:
     """Refuse a string that is not Unicode text: JSON's `\\ud800` escape gives a lone surrogate, which no
     encoder (tokenizer, PNG text, log) can write."""
     if not value.isascii() and (surrogate := _SURROGATE_RE.search(value)):
-        raise JobError(f"{name} is not valid Unicode text: it contains a lone surrogate ({shown(surrogate[0])})",
-                       name, "invalid_value")
+        raise JobError(
+            f"{name} is not valid Unicode text: it contains a lone surrogate ({shown(surrogate[0])})",
+            name,
+            "invalid_value",
+        )
     return value
 
 
@@ -116,8 +120,12 @@ def as_str(name: str, value: Any) -> str:
     return check_text(name, value)
 
 
-COERCE: dict[str, Callable[[str, Any], Any]] = {"integer": as_int, "number": as_float, "boolean": as_bool,
-                                                "string": as_str}
+COERCE: dict[str, Callable[[str, Any], Any]] = {
+    "integer": as_int,
+    "number": as_float,
+    "boolean": as_bool,
+    "string": as_str,
+}
 
 
 # --- the table ---------------------------------------------------------------------------------------
@@ -194,19 +202,23 @@ def parse_loras(name: str, value: Any) -> list[tuple[str, float]]:
         try:
             value = json.loads(value)
         except ValueError:
-            raise JobError(f"{name} must be a JSON array of {{\"name\": ..., \"scale\": ...}}", name,
-                           "invalid_type") from None
+            raise JobError(
+                f'{name} must be a JSON array of {{"name": ..., "scale": ...}}', name, "invalid_type"
+            ) from None
     if not isinstance(value, list):
-        raise JobError(f"{name} must be an array of {{name, scale}} objects, got {kind_of(value)}", name,
-                       "invalid_type")
+        raise JobError(
+            f"{name} must be an array of {{name, scale}} objects, got {kind_of(value)}", name, "invalid_type"
+        )
     loras = []
     for item in value:
         if not isinstance(item, dict) or "name" not in item:
-            raise JobError(f"each of {name} must be an object with a name (and a scale), got {kind_of(item)}", name,
-                           "invalid_type")
+            raise JobError(
+                f"each of {name} must be an object with a name (and a scale), got {kind_of(item)}", name, "invalid_type"
+            )
         if unknown := set(item) - {"name", "scale"}:
-            raise JobError(f"{name}: unknown key {shown(sorted(unknown)[0])} (an item has name and scale)", name,
-                           "unknown_field")
+            raise JobError(
+                f"{name}: unknown key {shown(sorted(unknown)[0])} (an item has name and scale)", name, "unknown_field"
+            )
         lora = as_str(name, item["name"]).strip()
         if not lora:
             raise JobError(f"{name}: a name must not be empty", name, "invalid_value")
@@ -215,52 +227,106 @@ def parse_loras(name: str, value: Any) -> list[tuple[str, float]]:
 
 
 def lora_items(limits: Limits) -> dict[str, Any]:
-    return {"type": "object", "required": ["name"], "additionalProperties": False,
-            "properties": {"name": {"type": "string", "maxLength": limits.max_field_chars, "minLength": 1},
-                           "scale": {"type": "number", "minimum": -LORA_SCALE_LIMIT, "maximum": LORA_SCALE_LIMIT,
-                                     "default": 1.0}}}
+    return {
+        "type": "object",
+        "required": ["name"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string", "maxLength": limits.max_field_chars, "minLength": 1},
+            "scale": {"type": "number", "minimum": -LORA_SCALE_LIMIT, "maximum": LORA_SCALE_LIMIT, "default": 1.0},
+        },
+    }
 
 
 # OpenAI fields accepted with the values OpenAI documents, and without effect: the model's own settings
 # decide quality and style; `user` is for the client's abuse tracking; no moderation is performed;
 # images are opaque (`background: transparent` is refused: no model here makes an alpha channel).
 OPENAI_HINTS: dict[str, tuple[str, ...] | None] = {
-    "quality": ("auto", "standard", "hd", "low", "medium", "high"), "style": ("vivid", "natural"), "user": None,
-    "moderation": ("auto", "low"), "background": ("auto", "opaque", "transparent")}
+    "quality": ("auto", "standard", "hd", "low", "medium", "high"),
+    "style": ("vivid", "natural"),
+    "user": None,
+    "moderation": ("auto", "low"),
+    "background": ("auto", "opaque", "transparent"),
+}
 
 FIELDS: tuple[Field, ...] = (
-    Field("model", "string", "a served model's name (default: the server's default model)", blank_is_absent=True,
-          cli=False),  # `generate --model` names a model to load instead
-    Field("prompt", "string", "what the image shows; A1111 emphasis syntax, <lora:name:weight> tags",
-          required=True, prompt=True),
+    Field(
+        "model",
+        "string",
+        "a served model's name (default: the server's default model)",
+        blank_is_absent=True,
+        cli=False,
+    ),  # `generate --model` names a model to load instead
+    Field(
+        "prompt",
+        "string",
+        "what the image shows; A1111 emphasis syntax, <lora:name:weight> tags",
+        required=True,
+        prompt=True,
+    ),
     Field("negative_prompt", "string", "what it should not show", "", prompt=True),
     Field("n", "integer", "how many images", 1, 1, "max_n"),
     Field("steps", "integer", "sampling steps", GENERIC.steps, 1, "max_steps"),
     Field("cfg_scale", "number", "classifier-free guidance; <= 1 is off", GENERIC.cfg_scale, 0, 50),
-    Field("sample_method", "string", "the sampler", GENERIC.sample_method, choices=SAMPLE_METHODS,
-          invalid_choice="invalid_sample_method", supported=attrgetter("samplers")),
-    Field("scheduler", "string", "the noise schedule", GENERIC.scheduler, choices=SCHEDULERS,
-          invalid_choice="invalid_scheduler", supported=attrgetter("schedulers"),
-          refused={"gits": "GITS needs its paper's precomputed per-model step tables, which are not implemented"}),
+    Field(
+        "sample_method",
+        "string",
+        "the sampler",
+        GENERIC.sample_method,
+        choices=SAMPLE_METHODS,
+        invalid_choice="invalid_sample_method",
+        supported=attrgetter("samplers"),
+    ),
+    Field(
+        "scheduler",
+        "string",
+        "the noise schedule",
+        GENERIC.scheduler,
+        choices=SCHEDULERS,
+        invalid_choice="invalid_scheduler",
+        supported=attrgetter("schedulers"),
+        refused={"gits": "GITS needs its paper's precomputed per-model step tables, which are not implemented"},
+    ),
     Field("size", "string", "WIDTHxHEIGHT, e.g. 512x768, or auto (the model's size)", blank_is_absent=True),
     Field("width", "integer", "image width", GENERIC.width, "min_side", "max_side", ranged=False, multiple_of=8),
     Field("height", "integer", "image height", GENERIC.height, "min_side", "max_side", ranged=False, multiple_of=8),
-    Field("seed", "integer", "the first image's seed; image i gets seed + i; negative: random", 42,
-          maximum=MAX_SEED),
-    Field("guidance", "number", "distilled guidance, for models with a guidance embedding (FLUX.1-dev)",
-          GENERIC.guidance, 0, 100),
-    Field("strength", "number", "edits: how much of the image is repainted (the share of the schedule re-run)",
-          0.75, 0, 1),
+    Field("seed", "integer", "the first image's seed; image i gets seed + i; negative: random", 42, maximum=MAX_SEED),
+    Field(
+        "guidance",
+        "number",
+        "distilled guidance, for models with a guidance embedding (FLUX.1-dev)",
+        GENERIC.guidance,
+        0,
+        100,
+    ),
+    Field(
+        "strength", "number", "edits: how much of the image is repainted (the share of the schedule re-run)", 0.75, 0, 1
+    ),
     Field("control_strength", "number", "how strongly the ControlNet steers", 0.9, 0, 10),
-    Field("control_preprocess", "string", "how the control image is prepared (canny: a photo's edges are found)",
-          "none", choices=("none", "canny")),
+    Field(
+        "control_preprocess",
+        "string",
+        "how the control image is prepared (canny: a photo's edges are found)",
+        "none",
+        choices=("none", "canny"),
+    ),
     Field("apply_canny_preprocessor", "boolean", "the reference's control_preprocess=canny", cli=False),
     Field("style_ratio", "number", "PhotoMaker's: refused (400), there is none here", cli=False),
-    Field("loras", "array", "LoRAs to apply (GET /v1/loras lists them), besides <lora:name:weight> prompt tags",
-          maximum="max_loras", blank_is_absent=True, ranged=False, items=lora_items, parse=parse_loras,
-          cli=False),
-    *(Field(name, "string", "OpenAI's: accepted, without effect", choices=choices, cli=False)
-      for name, choices in OPENAI_HINTS.items()),
+    Field(
+        "loras",
+        "array",
+        "LoRAs to apply (GET /v1/loras lists them), besides <lora:name:weight> prompt tags",
+        maximum="max_loras",
+        blank_is_absent=True,
+        ranged=False,
+        items=lora_items,
+        parse=parse_loras,
+        cli=False,
+    ),
+    *(
+        Field(name, "string", "OpenAI's: accepted, without effect", choices=choices, cli=False)
+        for name, choices in OPENAI_HINTS.items()
+    ),
 )
 FIELD: dict[str, Field] = {f.name: f for f in FIELDS}
 JOB_FIELDS = tuple(FIELD)  # the fields a request may carry (images arrive separately, decoded)

@@ -12,7 +12,8 @@ import dataclasses
 import math
 import re
 import secrets
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from PIL import Image
 
@@ -21,7 +22,15 @@ from mlx_sd_server.engine.families.spec import DEFAULT_GUIDANCE, Capabilities, M
 from mlx_sd_server.engine.sampling.schedules import step_limit
 from mlx_sd_server.engine.text.prompt import check_prompt
 from mlx_sd_server.job.fields import (
-    FIELD, FIELDS, IMAGE_FIELDS, LORA_SCALE_LIMIT, PROMPT_FIELDS, Field, Job, Limits, as_float,
+    FIELD,
+    FIELDS,
+    IMAGE_FIELDS,
+    LORA_SCALE_LIMIT,
+    PROMPT_FIELDS,
+    Field,
+    Job,
+    Limits,
+    as_float,
 )
 
 _LORA_TAG_RE = re.compile(r"<lora:([^>]*)>", re.IGNORECASE)
@@ -54,16 +63,25 @@ def build_job(
     refuse_unusable(given, images, capabilities, model_name)
     values = read_fields({**overlay(defaults), **given}, limits, capabilities, model_name)
     tags = strip_prompt_tags(values, limits)
-    values["loras"] = check_loras(tags + [(name, weight, "loras") for name, weight in values.get("loras", [])],
-                                  limits, lora_family, capabilities, model_name)
+    values["loras"] = check_loras(
+        tags + [(name, weight, "loras") for name, weight in values.get("loras", [])],
+        limits,
+        lora_family,
+        capabilities,
+        model_name,
+    )
     values["guidance"] = guidance(values, capabilities)
     values["width"], values["height"] = image_size(given, values, defaults, limits, capabilities)
     check_step_limit(values)
     values["seed"] = seed(values["seed"])
     values["control_preprocess"] = control_preprocess(given, values)
     check_images(images, values["width"], values["height"], limits)
-    return Job(**{name: value for name, value in values.items() if name in _JOB_ATTRIBUTES},
-               init_image=images.get("image"), mask=images.get("mask"), control_image=images.get("control_image"))
+    return Job(
+        **{name: value for name, value in values.items() if name in _JOB_ATTRIBUTES},
+        init_image=images.get("image"),
+        mask=images.get("mask"),
+        control_image=images.get("control_image"),
+    )
 
 
 def overlay(defaults: ModelDefaults) -> dict[str, Any]:
@@ -79,8 +97,11 @@ def given_fields(fields: Mapping[str, Any], images: Mapping[str, Image.Image]) -
     for names, known, what in ((fields, FIELD, "field"), (images, IMAGE_FIELDS, "image field")):
         if unknown := sorted(set(names) - set(known)):
             raise JobError(f"unknown {what} {shown(unknown[0])}", unknown[0], "unknown_field")
-    given = {name: value for name, value in fields.items()
-             if value is not None and not (value == "" and FIELD[name].blank_is_absent)}
+    given = {
+        name: value
+        for name, value in fields.items()
+        if value is not None and not (value == "" and FIELD[name].blank_is_absent)
+    }
     for f in FIELDS:
         if f.required and f.name not in given:
             raise JobError(f"{f.name} is required", f.name, "missing_required_parameter")
@@ -95,15 +116,20 @@ def check_field_sizes(fields: Mapping[str, Any], limits: Limits) -> None:
             continue
         limit = limits.max_prompt_chars if name in PROMPT_FIELDS else limits.max_field_chars
         if len(value) > limit:
-            raise JobError(f"{shown(name)} is {len(value)} characters, over this server's limit of {limit}",
-                           name, "string_above_max_length")
+            raise JobError(
+                f"{shown(name)} is {len(value)} characters, over this server's limit of {limit}",
+                name,
+                "string_above_max_length",
+            )
 
 
-def read_fields(raw: Mapping[str, Any], limits: Limits, capabilities: Capabilities,
-                model_name: str) -> dict[str, Any]:
+def read_fields(raw: Mapping[str, Any], limits: Limits, capabilities: Capabilities, model_name: str) -> dict[str, Any]:
     """Each present field coerced to its type and checked against its choices and bounds, in table order."""
-    return {f.name: read_field(f, raw[f.name], limits, capabilities, model_name)
-            for f in FIELDS if raw.get(f.name) is not None}
+    return {
+        f.name: read_field(f, raw[f.name], limits, capabilities, model_name)
+        for f in FIELDS
+        if raw.get(f.name) is not None
+    }
 
 
 def read_field(f: Field, value: Any, limits: Limits, capabilities: Capabilities, model_name: str) -> Any:
@@ -121,14 +147,21 @@ def read_field(f: Field, value: Any, limits: Limits, capabilities: Capabilities,
 def check_choice(f: Field, value: str, capabilities: Capabilities, model_name: str) -> None:
     supported = f.supported(capabilities) if f.supported else f.choices or ()
     if value in f.refused:
-        raise JobError(f"{f.name} {shown(value)} is not supported ({f.refused[value]}); use one of "
-                       f"{', '.join(supported)}", f.name, f"unsupported_{f.name}")
+        raise JobError(
+            f"{f.name} {shown(value)} is not supported ({f.refused[value]}); use one of {', '.join(supported)}",
+            f.name,
+            f"unsupported_{f.name}",
+        )
     if value not in (f.choices or ()):
-        raise JobError(f"{f.name} must be one of {', '.join(f.choices or ())}; got {shown(value)}", f.name,
-                       f.invalid_choice)
+        raise JobError(
+            f"{f.name} must be one of {', '.join(f.choices or ())}; got {shown(value)}", f.name, f.invalid_choice
+        )
     if value not in supported:
-        raise JobError(f"{model_name} ({capabilities.family}) supports {f.name} {', '.join(supported)}; "
-                       f"got {shown(value)}", f.name, f"unsupported_{f.name}")
+        raise JobError(
+            f"{model_name} ({capabilities.family}) supports {f.name} {', '.join(supported)}; got {shown(value)}",
+            f.name,
+            f"unsupported_{f.name}",
+        )
 
 
 def check_range(f: Field, value: float, limits: Limits) -> None:
@@ -136,38 +169,57 @@ def check_range(f: Field, value: float, limits: Limits) -> None:
     if low is None and high is None:
         return
     if not (-math.inf if low is None else low) <= value <= (math.inf if high is None else high):
-        allowed = (f"at most {high}" if low is None else f"at least {low}" if high is None
-                   else f"between {low} and {high}")
+        allowed = (
+            f"at most {high}" if low is None else f"at least {low}" if high is None else f"between {low} and {high}"
+        )
         raise JobError(f"{f.name} must be {allowed}, got {shown(value)}", f.name, "out_of_range")
 
 
 # --- rules across fields, the model and the images --------------------------------------------------------
 
 
-def refuse_unusable(given: Mapping[str, Any], images: Mapping[str, Image.Image], capabilities: Capabilities,
-                    model_name: str) -> None:
+def refuse_unusable(
+    given: Mapping[str, Any], images: Mapping[str, Image.Image], capabilities: Capabilities, model_name: str
+) -> None:
     """Fields and images this request or model cannot use, whatever their value."""
     if "style_ratio" in given:
-        raise JobError("style_ratio is PhotoMaker's, and this server has no PhotoMaker", "style_ratio",
-                       "unsupported_parameter")
+        raise JobError(
+            "style_ratio is PhotoMaker's, and this server has no PhotoMaker", "style_ratio", "unsupported_parameter"
+        )
     if "guidance" in given and not capabilities.guidance:
-        raise JobError(f"{model_name} has no guidance embedding, so guidance cannot be honoured; "
-                       "cfg_scale sets classifier-free guidance", "guidance", "unsupported_parameter")
+        raise JobError(
+            f"{model_name} has no guidance embedding, so guidance cannot be honoured; "
+            "cfg_scale sets classifier-free guidance",
+            "guidance",
+            "unsupported_parameter",
+        )
     if "strength" in given and "image" not in images:
-        raise JobError("strength is how much of an image an edit keeps, and this request has no image "
-                       "(send it to /v1/images/edits with one)", "strength", "unsupported_parameter")
+        raise JobError(
+            "strength is how much of an image an edit keeps, and this request has no image "
+            "(send it to /v1/images/edits with one)",
+            "strength",
+            "unsupported_parameter",
+        )
     if str(given.get("background", "")).strip().lower() == "transparent":
-        raise JobError("background 'transparent' cannot be honoured: no model here makes transparent images; "
-                       "use auto or opaque", "background", "unsupported_parameter")
+        raise JobError(
+            "background 'transparent' cannot be honoured: no model here makes transparent images; use auto or opaque",
+            "background",
+            "unsupported_parameter",
+        )
     if "mask" in images and "image" not in images:
         raise JobError("mask needs an image to edit", "mask", "missing_required_parameter")
-    for name, supported, what in (("image", capabilities.img2img, "image-to-image"),
-                                  ("mask", capabilities.inpainting, "inpainting")):
+    for name, supported, what in (
+        ("image", capabilities.img2img, "image-to-image"),
+        ("mask", capabilities.inpainting, "inpainting"),
+    ):
         if name in images and not supported:
             raise JobError(f"{model_name} ({capabilities.family}) cannot do {what}", name, "unsupported_parameter")
     if "control_image" in images and not capabilities.controlnet:
-        raise JobError(f"model {model_name!r} has no ControlNet attached (serve it with --control-net)",
-                       "control_image", "controlnet_unavailable")
+        raise JobError(
+            f"model {model_name!r} has no ControlNet attached (serve it with --control-net)",
+            "control_image",
+            "controlnet_unavailable",
+        )
 
 
 def strip_lora_tags(field_name: str, text: str) -> tuple[str, list[tuple[str, float]]]:
@@ -176,8 +228,9 @@ def strip_lora_tags(field_name: str, text: str) -> tuple[str, list[tuple[str, fl
     for match in _LORA_TAG_RE.finditer(text):
         name, _, weight = match[1].partition(":")
         if not name.strip() or ":" in weight:
-            raise JobError(f"LoRA tag {shown(match[0])} must be <lora:name> or <lora:name:weight>", field_name,
-                           "invalid_value")
+            raise JobError(
+                f"LoRA tag {shown(match[0])} must be <lora:name> or <lora:name:weight>", field_name, "invalid_value"
+            )
         tags.append((name.strip(), as_float(field_name, weight) if weight.strip() else 1.0))
     return _LORA_TAG_RE.sub("", text), tags
 
@@ -195,21 +248,32 @@ def strip_prompt_tags(values: dict[str, Any], limits: Limits) -> list[tuple[str,
     return loras
 
 
-def check_loras(loras: list[tuple[str, float, str]], limits: Limits, lora_family: LoRAFamily | None,
-                capabilities: Capabilities, model_name: str) -> tuple[tuple[str, float], ...]:
+def check_loras(
+    loras: list[tuple[str, float, str]],
+    limits: Limits,
+    lora_family: LoRAFamily | None,
+    capabilities: Capabilities,
+    model_name: str,
+) -> tuple[tuple[str, float], ...]:
     """Each LoRA named once, weights in range, at most `max_loras`, and each one this model's family's."""
     if len(loras) > limits.max_loras:
-        raise JobError(f"{len(loras)} LoRAs: over this server's limit of {limits.max_loras}", loras[-1][2],
-                       "out_of_range")
+        raise JobError(
+            f"{len(loras)} LoRAs: over this server's limit of {limits.max_loras}", loras[-1][2], "out_of_range"
+        )
     seen: set[str] = set()
     for name, weight, param in loras:
         if name in seen:
-            raise JobError(f"LoRA {shown(name)} is given twice; give it once, with the weight you want", param,
-                           "invalid_value")
+            raise JobError(
+                f"LoRA {shown(name)} is given twice; give it once, with the weight you want", param, "invalid_value"
+            )
         seen.add(name)
         if not -LORA_SCALE_LIMIT <= weight <= LORA_SCALE_LIMIT:
-            raise JobError(f"LoRA {shown(name)}: weight must be between {-LORA_SCALE_LIMIT:g} and "
-                           f"{LORA_SCALE_LIMIT:g}, got {shown(weight)}", param, "out_of_range")
+            raise JobError(
+                f"LoRA {shown(name)}: weight must be between {-LORA_SCALE_LIMIT:g} and "
+                f"{LORA_SCALE_LIMIT:g}, got {shown(weight)}",
+                param,
+                "out_of_range",
+            )
         if lora_family is None:
             raise JobError("LoRAs cannot be used here: no LoRA folder is configured", param, "unsupported_parameter")
         try:
@@ -217,8 +281,11 @@ def check_loras(loras: list[tuple[str, float, str]], limits: Limits, lora_family
         except JobError as error:  # unknown, or not a usable LoRA: name the field it came from
             raise JobError(error.message, param, error.code) from None
         if family != capabilities.family:
-            raise JobError(f"LoRA {shown(name)} is for {family} models, and {model_name} is {capabilities.family}",
-                           param, "lora_family_mismatch")
+            raise JobError(
+                f"LoRA {shown(name)} is for {family} models, and {model_name} is {capabilities.family}",
+                param,
+                "lora_family_mismatch",
+            )
     return tuple((name, weight) for name, weight, _ in loras)
 
 
@@ -239,15 +306,23 @@ def parse_size(value: Any, defaults: ModelDefaults) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def image_size(given: Mapping[str, Any], values: Mapping[str, Any], defaults: ModelDefaults, limits: Limits,
-               capabilities: Capabilities) -> tuple[int, int]:
+def image_size(
+    given: Mapping[str, Any],
+    values: Mapping[str, Any],
+    defaults: ModelDefaults,
+    limits: Limits,
+    capabilities: Capabilities,
+) -> tuple[int, int]:
     """`size`, or `width` and `height` (both given: they must agree), checked against the limits and the model."""
     if "size" in given:
         width, height = parse_size(values["size"], defaults)
         for name, side in (("width", width), ("height", height)):
             if name in given and values[name] != side:
-                raise JobError(f"size {shown(given['size'])} and {name} {shown(given[name])} disagree; "
-                               f"send one of them", name, "invalid_value")
+                raise JobError(
+                    f"size {shown(given['size'])} and {name} {shown(given[name])} disagree; send one of them",
+                    name,
+                    "invalid_value",
+                )
         param = "size"
     else:
         width, height = values["width"], values["height"]
@@ -260,26 +335,37 @@ def check_dimensions(width: int, height: int, limits: Limits, param: str, capabi
     multiple = capabilities.size_multiple
     for side_name, side in (("width", width), ("height", height)):
         if side % multiple:
-            raise JobError(f"{side_name} must be a multiple of {multiple} for this model, got {shown(side)}", param,
-                           "invalid_size")
+            raise JobError(
+                f"{side_name} must be a multiple of {multiple} for this model, got {shown(side)}", param, "invalid_size"
+            )
         if not limits.min_side <= side <= limits.max_side:
-            raise JobError(f"{side_name} must be between {limits.min_side} and {limits.max_side}, got {shown(side)}",
-                           param, "invalid_size")
+            raise JobError(
+                f"{side_name} must be between {limits.min_side} and {limits.max_side}, got {shown(side)}",
+                param,
+                "invalid_size",
+            )
     if width * height > limits.max_pixels:
-        raise JobError(f"{width}x{height} is {width * height} pixels, over this server's limit of {limits.max_pixels}",
-                       param, "invalid_size")
+        raise JobError(
+            f"{width}x{height} is {width * height} pixels, over this server's limit of {limits.max_pixels}",
+            param,
+            "invalid_size",
+        )
     largest = capabilities.largest_side
     if largest is not None and max(width, height) > largest:  # e.g. SD3's position embeddings
-        raise JobError(f"this model makes images of at most {largest} pixels a side, got {width}x{height}", "size",
-                       "invalid_size")
+        raise JobError(
+            f"this model makes images of at most {largest} pixels a side, got {width}x{height}", "size", "invalid_size"
+        )
 
 
 def check_step_limit(values: Mapping[str, Any]) -> None:
     """A schedule's own bound on steps (lcm: the grid its models were distilled on)."""
     limit = step_limit(values["scheduler"])
     if limit is not None and values["steps"] > limit:
-        raise JobError(f"steps must be at most {limit} with the {values['scheduler']} scheduler, got "
-                       f"{shown(values['steps'])}", "steps", "out_of_range")
+        raise JobError(
+            f"steps must be at most {limit} with the {values['scheduler']} scheduler, got {shown(values['steps'])}",
+            "steps",
+            "out_of_range",
+        )
 
 
 def seed(value: int) -> int:
@@ -294,8 +380,11 @@ def control_preprocess(given: Mapping[str, Any], values: Mapping[str, Any]) -> s
         return preprocess
     canny = values["apply_canny_preprocessor"]
     if "control_preprocess" in given and (preprocess == "canny") != canny:
-        raise JobError("apply_canny_preprocessor and control_preprocess disagree; send one of them",
-                       "apply_canny_preprocessor", "invalid_value")
+        raise JobError(
+            "apply_canny_preprocessor and control_preprocess disagree; send one of them",
+            "apply_canny_preprocessor",
+            "invalid_value",
+        )
     return "canny" if canny else preprocess
 
 
@@ -311,14 +400,22 @@ def check_images(images: Mapping[str, Image.Image], width: int, height: int, lim
     for name, image in images.items():
         w, h = image.size
         if max(w, h) > limits.max_upload_aspect * min(w, h):
-            raise JobError(f"{name} is {w}x{h}: its aspect ratio is over this server's limit of "
-                           f"{limits.max_upload_aspect:g}:1", name, "invalid_image_dimensions")
+            raise JobError(
+                f"{name} is {w}x{h}: its aspect ratio is over this server's limit of {limits.max_upload_aspect:g}:1",
+                name,
+                "invalid_image_dimensions",
+            )
         cover_w, cover_h = cover_size((w, h), width, height)
         if cover_w * cover_h > limits.max_fit_pixels:
-            raise JobError(f"{name} ({w}x{h}) would be scaled to {cover_w}x{cover_h} to cover {width}x{height}: "
-                           f"over this server's limit of {limits.max_fit_pixels} pixels; send an image closer "
-                           "to the output's shape", name, "image_too_large")
+            raise JobError(
+                f"{name} ({w}x{h}) would be scaled to {cover_w}x{cover_h} to cover {width}x{height}: "
+                f"over this server's limit of {limits.max_fit_pixels} pixels; send an image closer "
+                "to the output's shape",
+                name,
+                "image_too_large",
+            )
     if "mask" in images and "image" in images and images["mask"].size != images["image"].size:
         (mw, mh), (iw, ih) = images["mask"].size, images["image"].size
-        raise JobError(f"mask is {mw}x{mh} but image is {iw}x{ih}: they must be the same size", "mask",
-                       "invalid_image_dimensions")
+        raise JobError(
+            f"mask is {mw}x{mh} but image is {iw}x{ih}: they must be the same size", "mask", "invalid_image_dimensions"
+        )

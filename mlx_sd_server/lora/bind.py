@@ -25,18 +25,20 @@ def bind(lora: LoRAFile, model: LoadedModel, name: str) -> Adapters:
     for component, layers in lora.layers.items():
         entry = model.manifest["components"].get(component)
         if entry is None and component in TEXT_ENCODERS:  # an SD3 model converted without T5: nothing to adapt
-            log.info("LoRA %s: %s has no %s, so that part of the LoRA has nothing to adapt", name, model_name,
-                     component)
+            log.info(
+                "LoRA %s: %s has no %s, so that part of the LoRA has nothing to adapt", name, model_name, component
+            )
             continue
         if entry is None:
-            raise JobError(f"LoRA {name!r} adapts a {component}, which {model_name} does not have", "loras",
-                           "lora_mismatch")
+            raise JobError(
+                f"LoRA {name!r} adapts a {component}, which {model_name} does not have", "loras", "lora_mismatch"
+            )
         mapper = component_kind(component, entry["config"]).mapper
         root = component_module(model, component)
         bound[component] = {}
         for path, layer in layers.items():
-            (key, down), = mapper(f"{path}.weight", layer.down)
-            (_, up), = mapper(f"{path}.weight", layer.up)
+            ((key, down),) = mapper(f"{path}.weight", layer.down)
+            ((_, up),) = mapper(f"{path}.weight", layer.up)
             ours = key.removesuffix(".weight")
             adapter = Adapter(mx.array(down), mx.array(up.reshape(up.shape[0], -1)), layer.scale)
             _check_fits(adapter, root, ours, f"LoRA {name!r} does not fit {model_name}: {component}.{path}")
@@ -59,5 +61,9 @@ def _check_fits(adapter: Adapter, root: nn.Module, path: str, what: str) -> None
     else:
         raise JobError(f"{what}: a {type(layer).__name__} takes no LoRA", "loras", "lora_mismatch")
     if tuple(adapter.down.shape[1:]) != in_shape or tuple(adapter.up.shape) != (out_dims, adapter.down.shape[0]):
-        raise JobError(f"{what}: factors {tuple(adapter.up.shape)} x {tuple(adapter.down.shape)} do not fit a layer "
-                       f"of {out_dims} x {in_shape}", "loras", "lora_mismatch")
+        raise JobError(
+            f"{what}: factors {tuple(adapter.up.shape)} x {tuple(adapter.down.shape)} do not fit a layer "
+            f"of {out_dims} x {in_shape}",
+            "loras",
+            "lora_mismatch",
+        )

@@ -68,29 +68,48 @@ class LoRAFormatError(ValueError):
 
 # How files name a LoRA's two factors, longest first (`.lora.down.weight` also ends in `.down.weight`). The last
 # is XLabs' (`qkv_lora1.down.weight`) and diffusers' first attention processors' (`to_q_lora.down.weight`).
-FACTOR_NAMES = ((".lora_A.weight", ".lora_B.weight"), (".lora_down.weight", ".lora_up.weight"),
-                (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
-                (".lora.down.weight", ".lora.up.weight"), (".down.weight", ".up.weight"))
+FACTOR_NAMES = (
+    (".lora_A.weight", ".lora_B.weight"),
+    (".lora_down.weight", ".lora_up.weight"),
+    (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
+    (".lora.down.weight", ".lora.up.weight"),
+    (".down.weight", ".up.weight"),
+)
 # Keys of adapters other than a LoRA -> what the file is (the families add their own: `LoRARules.refused`).
-OTHER_ADAPTERS = ((r"\.hada_", "a LyCORIS LoHa"), (r"\.lokr_", "a LyCORIS LoKr"),
-                  (r"\.dora_scale$|lora_magnitude_vector", "a DoRA"),
-                  (r"\.lora_mid\.", "a LyCORIS LoCon with CP-decomposed convolutions (lora_mid)"),
-                  (r"\.diff(_b)?$", "a full-weight difference (LyCORIS 'full' / 'diff')"))
+OTHER_ADAPTERS = (
+    (r"\.hada_", "a LyCORIS LoHa"),
+    (r"\.lokr_", "a LyCORIS LoKr"),
+    (r"\.dora_scale$|lora_magnitude_vector", "a DoRA"),
+    (r"\.lora_mid\.", "a LyCORIS LoCon with CP-decomposed convolutions (lora_mid)"),
+    (r"\.diff(_b)?$", "a full-weight difference (LyCORIS 'full' / 'diff')"),
+)
 # kohya's CLIP text encoder prefixes (SD 1.x/2.x's one; the first and second of two, as SDXL's and FLUX's
 # CLIP-L); the families add theirs (`LoRARules.kohya`)
-KOHYA_TEXT_ENCODERS = {"lora_te_": ("text_encoder", CLIP), "lora_te1_": ("text_encoder", CLIP),
-                       "lora_te2_": ("text_encoder_2", CLIP)}
+KOHYA_TEXT_ENCODERS = {
+    "lora_te_": ("text_encoder", CLIP),
+    "lora_te1_": ("text_encoder", CLIP),
+    "lora_te2_": ("text_encoder_2", CLIP),
+}
 # diffusers' component prefixes; the families add their files' own (`LoRARules.prefixes`)
-PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2",
-            "text_encoder_3.": "text_encoder_3", "transformer.": "transformer"}
+PREFIXES = {
+    "unet.": "unet",
+    "text_encoder.": "text_encoder",
+    "text_encoder_2.": "text_encoder_2",
+    "text_encoder_3.": "text_encoder_3",
+    "transformer.": "transformer",
+}
 PEFT_METADATA = "lora_adapter_metadata"  # diffusers: per component, PEFT's LoraConfig (r, lora_alpha, ...)
 
 # The families' LoRA rules, in FAMILIES' order, and what they add to the tables above
 RULES = tuple(spec.detect.lora for spec in FAMILIES if isinstance(spec.detect.lora, LoRARules))
 KOHYA_TABLES = (KOHYA_TEXT_ENCODERS, *(rules.kohya for rules in RULES))
 KOHYA_PREFIXES = tuple({prefix for table in KOHYA_TABLES for prefix in table})
-ALL_PREFIXES = dict(sorted({**PREFIXES, **{p: c for rules in RULES for p, c in rules.prefixes.items()}}.items(),
-                           key=lambda item: -len(item[0])))  # longest first: model.diffusion_model. before ...
+ALL_PREFIXES = dict(
+    sorted(
+        {**PREFIXES, **{p: c for rules in RULES for p, c in rules.prefixes.items()}}.items(),
+        key=lambda item: -len(item[0]),
+    )
+)  # longest first: model.diffusion_model. before ...
 REFUSED = (*OTHER_ADAPTERS, *(item for rules in RULES for item in rules.refused.items()))
 
 
@@ -98,9 +117,13 @@ REFUSED = (*OTHER_ADAPTERS, *(item for rules in RULES for item in rules.refused.
 def _kohya_names() -> dict[str, LoRATarget]:
     """kohya's flattened names (prefix included) -> the layer each names. A prefix may name layers of several
     families' networks (lora_unet_: SD's UNet, FLUX's transformer), whose names differ."""
-    return {prefix + source.replace(".", "_"): target for table in KOHYA_TABLES
-            for prefix, (component, layout) in table.items()
-            for source in layout.names() if (target := layout.target(component, source))}
+    return {
+        prefix + source.replace(".", "_"): target
+        for table in KOHYA_TABLES
+        for prefix, (component, layout) in table.items()
+        for source in layout.names()
+        if (target := layout.target(component, source))
+    }
 
 
 def _resolve(stem: str) -> LoRATarget | None:
@@ -111,7 +134,7 @@ def _resolve(stem: str) -> LoRATarget | None:
         if (own := rules.resolve(stem)) is not None:
             return own.layout.target(own.component, own.layer) if own.layout else own
     prefix = next((p for p in ALL_PREFIXES if stem.startswith(p)), "")
-    component, name = ALL_PREFIXES.get(prefix), stem[len(prefix):]
+    component, name = ALL_PREFIXES.get(prefix), stem[len(prefix) :]
     for rules in RULES:  # an original layout (BFL's), with its component's prefix or none
         for owner, layout in rules.original.items():
             if component in (None, owner) and (target := layout.target(owner, name)):
@@ -124,6 +147,7 @@ def _resolve(stem: str) -> LoRATarget | None:
 
 
 # --- the file's plan: which keys make which LoRA ------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Entry:
@@ -138,8 +162,10 @@ class _Entry:
 def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """A LoRA file's tensor shapes and metadata, read from its header only."""
     if path.suffix in PICKLE_SUFFIXES:
-        raise LoRAFormatError(f"{path} is a pickle file, which can run arbitrary code when loaded: use a "
-                              ".safetensors version of this LoRA")
+        raise LoRAFormatError(
+            f"{path} is a pickle file, which can run arbitrary code when loaded: use a "
+            ".safetensors version of this LoRA"
+        )
     if path.suffix != ".safetensors":
         raise LoRAFormatError(f"{path}: LoRAs are read from .safetensors files")
     try:
@@ -156,8 +182,10 @@ def _entries(path: Path, shapes: dict[str, tuple[int, ...]]) -> list[_Entry]:
         if any(re.search(pattern, key) for key in shapes):
             raise LoRAFormatError(f"{path} is {kind}, which is not supported; use a LoRA (kohya or diffusers format)")
     if not any("lora" in key.lower() for key in shapes):
-        raise LoRAFormatError(f"{path} is not a LoRA: it has no LoRA weights"
-                              + (f" (keys like {sorted(shapes)[:3]})" if shapes else " (it is empty)"))
+        raise LoRAFormatError(
+            f"{path} is not a LoRA: it has no LoRA weights"
+            + (f" (keys like {sorted(shapes)[:3]})" if shapes else " (it is empty)")
+        )
     entries: list[_Entry] = []
     used: set[str] = set()
     for key in shapes:
@@ -165,7 +193,7 @@ def _entries(path: Path, shapes: dict[str, tuple[int, ...]]) -> list[_Entry]:
         if factors is None:
             continue
         down_suffix, up_suffix = factors
-        stem = key[:-len(down_suffix)]
+        stem = key[: -len(down_suffix)]
         up, alpha, target = stem + up_suffix, stem + ".alpha", _resolve(stem)
         if target is None or up not in shapes:
             continue  # reported below, with the other keys nothing used
@@ -191,6 +219,7 @@ def _family(path: Path, entries: list[_Entry], shapes: dict[str, tuple[int, ...]
 
 
 # --- reading ----------------------------------------------------------------------------------------------
+
 
 def lora_family(path: Path) -> str:
     """The manifest family (sd1, sdxl, flux, ...) of a LoRA file, from its header only; LoRAFormatError if it

@@ -89,8 +89,9 @@ class LoRALibrary:
             listing = f"; there are: {', '.join(usable[:20])}" if usable else "; there are none"
             raise JobError(f"no LoRA named {name!r} {where}{listing}", "loras", "lora_not_found")
         if info.family is None:
-            raise JobError(f"LoRA {name!r} cannot be used: {self._public(info.error or '', info)}", "loras",
-                           "invalid_lora")
+            raise JobError(
+                f"LoRA {name!r} cannot be used: {self._public(info.error or '', info)}", "loras", "invalid_lora"
+            )
         return info
 
     def _public(self, reason: str, info: LoRAInfo) -> str:
@@ -130,11 +131,16 @@ class LoRALibrary:
             lora = read_lora(info.path)
         except (LoRAFormatError, OSError, ValueError) as exc:
             log.warning("LoRA %s (%s) cannot be used: %s", name, info.path, exc)
-            raise JobError(f"LoRA {name!r} cannot be used: {self._public(str(exc), info)}", "loras",
-                           "invalid_lora") from None
+            raise JobError(
+                f"LoRA {name!r} cannot be used: {self._public(str(exc), info)}", "loras", "invalid_lora"
+            ) from None
         bound = bind(lora, model, name)
-        log.info("LoRA %s: %d layers of %s", name, sum(len(layers) for layers in bound.values()),
-                 model.manifest.get("name", model.folder.name))
+        log.info(
+            "LoRA %s: %d layers of %s",
+            name,
+            sum(len(layers) for layers in bound.values()),
+            model.manifest.get("name", model.folder.name),
+        )
         with self._lock:
             self._bound[key] = bound
             while len(self._bound) > BOUND_CACHE:

@@ -21,6 +21,7 @@ ROPE_THETA = 10000
 
 # --- timesteps --------------------------------------------------------------------------------------
 
+
 def timestep_embedding(t: mx.array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> mx.array:
     """Sinusoidal embedding of (possibly fractional) timesteps (N,) -> (N, dim), float32."""
     half = dim // 2
@@ -76,6 +77,7 @@ class TimeTextEmbedding(nn.Module):
 
 
 # --- rotary position embeddings ---------------------------------------------------------------------
+
 
 def rope_angles(ids: mx.array, axes_dims: tuple[int, ...]) -> tuple[mx.array, mx.array]:
     """cos and sin (L, head_dim/2), float32, of the rotation angles of each token's pairs of channels:

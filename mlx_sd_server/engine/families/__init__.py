@@ -7,12 +7,13 @@ family shares SD's `model.diffusion_model.` prefix. Adding a family is a folder 
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from mlx_sd_server.engine.components import ComponentKind
 from mlx_sd_server.engine.families.flux.spec import SPEC as FLUX
-from mlx_sd_server.engine.families.sd3.spec import SPEC as SD3
 from mlx_sd_server.engine.families.sd.spec import SPEC as SD
+from mlx_sd_server.engine.families.sd3.spec import SPEC as SD3
 from mlx_sd_server.engine.families.spec import Capabilities, FamilySpec
 
 FAMILIES: tuple[FamilySpec, ...] = (FLUX, SD3, SD)

@@ -11,17 +11,24 @@ Black Forest Labs' names, which map to diffusers' only when read: fused projecti
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
-CLIP_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
-               "mlp.fc2")
-T5_LAYERS = ("layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAttention.v", "layer.0.SelfAttention.o",
-             "layer.1.DenseReluDense.wi", "layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi_1",
-             "layer.1.DenseReluDense.wo")
+CLIP_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+T5_LAYERS = (
+    "layer.0.SelfAttention.q",
+    "layer.0.SelfAttention.k",
+    "layer.0.SelfAttention.v",
+    "layer.0.SelfAttention.o",
+    "layer.1.DenseReluDense.wi",
+    "layer.1.DenseReluDense.wi_0",
+    "layer.1.DenseReluDense.wi_1",
+    "layer.1.DenseReluDense.wo",
+)
 TEXT_DEPTH = 48  # bounds beyond any released text encoder (OpenCLIP bigG has 32 layers, T5-XXL 24 blocks)
 
 
@@ -46,8 +53,9 @@ def identity_layout(names: Callable[[], Sequence[str]]) -> Layout:
     return Layout(cache(lambda: {name: name for name in names()}))
 
 
-CLIP = identity_layout(lambda: [f"text_model.encoder.layers.{i}.{layer}" for i in range(TEXT_DEPTH)
-                                for layer in CLIP_LAYERS])
+CLIP = identity_layout(
+    lambda: [f"text_model.encoder.layers.{i}.{layer}" for i in range(TEXT_DEPTH) for layer in CLIP_LAYERS]
+)
 T5 = identity_layout(lambda: [f"encoder.block.{i}.{layer}" for i in range(TEXT_DEPTH) for layer in T5_LAYERS])
 
 

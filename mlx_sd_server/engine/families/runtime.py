@@ -36,8 +36,18 @@ class Settings:
 
     @classmethod
     def of(cls, job: Request) -> Settings:
-        return cls(job.prompt, job.negative_prompt, job.n, job.steps, job.scheduler, job.cfg_scale, job.guidance,
-                   job.width, job.height, job.control_strength)
+        return cls(
+            job.prompt,
+            job.negative_prompt,
+            job.n,
+            job.steps,
+            job.scheduler,
+            job.cfg_scale,
+            job.guidance,
+            job.width,
+            job.height,
+            job.control_strength,
+        )
 
 
 class Family(Protocol):
@@ -48,5 +58,11 @@ class Family(Protocol):
     def sigmas(self, settings: Settings) -> np.ndarray: ...
     def guided(self, settings: Settings) -> bool: ...
     def encode_prompts(self, settings: Settings, guided: bool) -> Any: ...
-    def denoiser(self, settings: Settings, conditioning: Any, guided: bool, extra_channels: mx.array | None,
-                 control: mx.array | None) -> Denoiser: ...
+    def denoiser(
+        self,
+        settings: Settings,
+        conditioning: Any,
+        guided: bool,
+        extra_channels: mx.array | None,
+        control: mx.array | None,
+    ) -> Denoiser: ...

@@ -9,8 +9,9 @@ family. `families/__init__.py` lists the specs in `FAMILIES`; detection iterates
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from mlx_sd_server.engine.components import ComponentKind
 from mlx_sd_server.engine.sampling.samplers import SAMPLE_METHODS
@@ -105,8 +106,9 @@ class Detection:
 
 # (the family's spec, per component the file's tensors and the component's prefix in it, the prediction type
 # the file states or None, hints) -> the model those tensors hold
-OriginalReader = Callable[["FamilySpec", Mapping[str, tuple[Tensors, str]], str | None, ArchitectureHints],
-                          OriginalModel]
+OriginalReader = Callable[
+    ["FamilySpec", Mapping[str, tuple[Tensors, str]], str | None, ArchitectureHints], OriginalModel
+]
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cpu_kernels
 from mlx_sd_server.engine.ops.cpu_kernels import on_cpu
+
+from . import cpu_kernels
 
 
 def silu(x: mx.array) -> mx.array:

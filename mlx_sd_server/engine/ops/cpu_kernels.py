@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -227,8 +227,9 @@ def geglu(h: mx.array) -> mx.array:
     return result.reshape(*h.shape[:-1], hidden).astype(h.dtype)
 
 
-def group_norm(x: mx.array, groups: int, weight: mx.array | None, bias: mx.array | None, eps: float,
-               then_silu: bool = False) -> mx.array:
+def group_norm(
+    x: mx.array, groups: int, weight: mx.array | None, bias: mx.array | None, eps: float, then_silu: bool = False
+) -> mx.array:
     """GroupNorm over an NHWC (or N...C) array, two-pass: the mean, then the variance of the centred values.
 
     Block sums are float32, their totals float64, so precision holds over the ~10^6 values a VAE group has
@@ -285,8 +286,9 @@ def group_norm(x: mx.array, groups: int, weight: mx.array | None, bias: mx.array
     return result.reshape(x.shape).astype(x.dtype)
 
 
-def dequantize(w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
-               mode: str = "affine") -> mx.array:
+def dequantize(
+    w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int, mode: str = "affine"
+) -> mx.array:
     """`mx.dequantize(w, scales, biases, group_size, bits, mode)` in float32, for a 2-D packed weight.
 
     MLX's CPU dequantize runs 7-20 ns per weight (a 3072x3072 4-bit weight: 75-190 ms); this unpacks

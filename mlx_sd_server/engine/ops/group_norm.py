@@ -38,5 +38,6 @@ class GroupNorm(nn.GroupNorm):
 
     def _cpu(self, x: mx.array, then_silu: bool) -> mx.array:
         affine = "weight" in self
-        return cpu_kernels.group_norm(x, self.num_groups, self.weight if affine else None,
-                                      self.bias if affine else None, self.eps, then_silu)
+        return cpu_kernels.group_norm(
+            x, self.num_groups, self.weight if affine else None, self.bias if affine else None, self.eps, then_silu
+        )

@@ -18,8 +18,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cpu_kernels
 from mlx_sd_server.engine.ops.cpu_kernels import on_cpu
+
+from . import cpu_kernels
 
 
 def _half_on_cpu(weight: mx.array) -> bool:
@@ -38,8 +39,9 @@ class Linear(nn.Linear):
             return super().__call__(x)
         return _with_bias(self, x.astype(mx.float32) @ self.weight.astype(mx.float32).T, x.dtype)
 
-    def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine",
-                     quantize_input: bool = False) -> nn.Module:
+    def to_quantized(
+        self, group_size: int | None = None, bits: int | None = None, mode: str = "affine", quantize_input: bool = False
+    ) -> nn.Module:
         """Our `QuantizedLinear` (what `nn.quantize` calls); quantized activations stay mlx.nn's QQLinear."""
         if quantize_input:
             return super().to_quantized(group_size, bits, mode, quantize_input)
@@ -65,9 +67,14 @@ class QuantizedLinear(nn.QuantizedLinear):
         weight, scales, biases = self["weight"], self["scales"], self.get("biases")
         if x.size <= self.QMM_MAX_ROWS * x.shape[-1]:
             y = mx.quantized_matmul(
-                x.astype(mx.float32), weight, scales.astype(mx.float32),
+                x.astype(mx.float32),
+                weight,
+                scales.astype(mx.float32),
                 None if biases is None else biases.astype(mx.float32),
-                transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
+                transpose=True,
+                group_size=self.group_size,
+                bits=self.bits,
+                mode=self.mode,
             )
         else:
             weight = cpu_kernels.dequantize(weight, scales, biases, self.group_size, self.bits, self.mode)
@@ -83,7 +90,9 @@ class Conv2d(nn.Conv2d):
 
     @property
     def _pointwise(self) -> bool:
-        return self.weight.shape[1:3] == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0) and self.groups == 1
+        return (
+            self.weight.shape[1:3] == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0) and self.groups == 1
+        )
 
     def convolve(self, x: mx.array, padding: tuple[int, int]) -> mx.array:
         """The convolution without the bias, in float32 for half weights on the CPU.

@@ -15,8 +15,8 @@ two halves of its batch).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -77,8 +77,11 @@ class RectifiedFlow:
 
 
 Noising = VarianceExploding | RectifiedFlow
-NOISING: dict[str, Noising] = {"epsilon": VarianceExploding(), "v_prediction": VarianceExploding(),
-                               "flow": RectifiedFlow()}
+NOISING: dict[str, Noising] = {
+    "epsilon": VarianceExploding(),
+    "v_prediction": VarianceExploding(),
+    "flow": RectifiedFlow(),
+}
 
 
 def classifier_free_guidance(output: mx.array, scale: float) -> mx.array:

@@ -15,8 +15,8 @@ t = -ln sigma the log-SNR-like time DPM-Solver++ steps in.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Generator, Iterator, Sequence
 
 import mlx.core as mx
 
@@ -69,7 +69,11 @@ def _steps(sigmas: Sequence[float]) -> Iterator[tuple[int, float, float]]:
 
 
 def sample_euler(
-    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sequence[float],
+    noise: NoiseFn | None = None,
+    *,
     noising: Noising = VE,
 ) -> Steps:
     """Euler's method on the probability-flow ODE (first order)."""
@@ -80,7 +84,11 @@ def sample_euler(
 
 
 def sample_euler_a(
-    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sequence[float],
+    noise: NoiseFn | None = None,
+    *,
     noising: Noising = VE,
 ) -> Steps:
     """Ancestral Euler: an Euler step down to sigma_down, then fresh noise up to sigma_next."""
@@ -95,7 +103,11 @@ def sample_euler_a(
 
 
 def sample_heun(
-    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sequence[float],
+    noise: NoiseFn | None = None,
+    *,
     noising: Noising = VE,
 ) -> Steps:
     """Heun's method (second order; the final step to sigma 0 is plain Euler)."""
@@ -113,7 +125,11 @@ def sample_heun(
 
 
 def sample_dpm2(
-    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sequence[float],
+    noise: NoiseFn | None = None,
+    *,
     noising: Noising = VE,
 ) -> Steps:
     """DPM-Solver-2 (Karras et al.'s variant): the midpoint method with the midpoint at the geometric mean sigma."""
@@ -130,7 +146,11 @@ def sample_dpm2(
 
 
 def sample_dpmpp_2s_a(
-    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sequence[float],
+    noise: NoiseFn | None = None,
+    *,
     noising: Noising = VE,
 ) -> Steps:
     """Ancestral DPM-Solver++(2S): a two-stage exponential-integrator step down to sigma_down, then noise."""
@@ -152,8 +172,13 @@ def sample_dpmpp_2s_a(
 
 
 def sample_dpmpp_2m(
-    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
-    noising: Noising = VE, v2: bool = False,
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sequence[float],
+    noise: NoiseFn | None = None,
+    *,
+    noising: Noising = VE,
+    v2: bool = False,
 ) -> Steps:
     """DPM-Solver++(2M): second-order multistep, extrapolating D linearly in t = -ln sigma.
 
@@ -184,7 +209,11 @@ def sample_dpmpp_2m(
 
 
 def sample_dpmpp_2mv2(
-    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sequence[float],
+    noise: NoiseFn | None = None,
+    *,
     noising: Noising = VE,
 ) -> Steps:
     """DPM-Solver++(2M) with stable-diffusion.cpp's "v2" step-size rule (see sample_dpmpp_2m)."""
@@ -227,7 +256,11 @@ def sample_ipndm(
 
 
 def sample_ipndm_v(
-    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sequence[float],
+    noise: NoiseFn | None = None,
+    *,
     noising: Noising = VE,
 ) -> Steps:
     """iPNDM with a variable-step second order (see sample_ipndm)."""
@@ -235,7 +268,11 @@ def sample_ipndm_v(
 
 
 def sample_lcm(
-    denoise: Denoiser, x: mx.array, sigmas: Sequence[float], noise: NoiseFn | None = None, *,
+    denoise: Denoiser,
+    x: mx.array,
+    sigmas: Sequence[float],
+    noise: NoiseFn | None = None,
+    *,
     noising: Noising = VE,
 ) -> Steps:
     """Latent Consistency Model sampling: jump to the x0 estimate, then re-noise to the next sigma."""

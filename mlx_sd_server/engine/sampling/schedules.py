@@ -10,7 +10,7 @@ stable-diffusion.cpp; where diffusers has the same schedule the values agree (se
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -130,8 +130,15 @@ def make_sigmas(scheduler: str, steps: int, table: np.ndarray, ays_levels: np.nd
 # table-bound schedules (ays, lcm, simple, sgm_uniform, trailing) have no meaning there.
 FLOW_SCHEDULES = ("discrete", "karras", "exponential")
 # The flow-schedule settings a manifest keeps, with diffusers' FlowMatchEulerDiscreteScheduler defaults.
-FLOW_SCHEDULER_SETTINGS = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5,
-                           "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+FLOW_SCHEDULER_SETTINGS = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
 
 
 def flow_shift(config: dict, image_seq_len: int) -> tuple[str, float]:
@@ -145,8 +152,9 @@ def flow_shift(config: dict, image_seq_len: int) -> tuple[str, float]:
     return "fixed", float(config.get("shift", 1.0))
 
 
-def flow_sigmas(scheduler: str, steps: int, config: dict, image_seq_len: int,
-                scheduler_spacing: bool = False) -> np.ndarray:
+def flow_sigmas(
+    scheduler: str, steps: int, config: dict, image_seq_len: int, scheduler_spacing: bool = False
+) -> np.ndarray:
     """`steps + 1` sigmas in (0, 1] then 0, as diffusers' FlowMatchEulerDiscreteScheduler: evenly spaced, then
     shifted; karras and exponential respace between the shifted schedule's ends, as that scheduler's
     use_karras_sigmas/use_exponential_sigmas. Evenly from 1 to 1/steps, as the FLUX pipelines pass them; with
@@ -180,7 +188,7 @@ def img2img_sigmas(sigmas: np.ndarray, steps: int, strength: float) -> np.ndarra
     stable-diffusion.cpp runs one step more (t_enc + 1); we follow the documented meaning of strength.
     """
     kept = min(int(steps * strength), steps)
-    return np.asarray(sigmas)[steps - kept:]
+    return np.asarray(sigmas)[steps - kept :]
 
 
 def step_limit(scheduler: str) -> int | None:

@@ -12,10 +12,10 @@ from typing import NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_sd_server.engine.components import ComponentKind
 from mlx_sd_server.engine.ops.activations import gelu, quick_gelu
 from mlx_sd_server.engine.ops.attention import attention
 from mlx_sd_server.engine.ops.layers import Linear
-from mlx_sd_server.engine.components import ComponentKind
 from mlx_sd_server.engine.text.clip_tokenizer import CLIPTokenizer
 from mlx_sd_server.engine.text.embedding import TokenEmbedding
 from mlx_sd_server.engine.text.mapping import map_clip_weight
@@ -158,5 +158,6 @@ class CLIPTextModel(nn.Module):
         return first % length
 
 
-CLIP_TEXT = ComponentKind(("CLIPTextModel", "CLIPTextModelWithProjection"), CLIPTextConfig, CLIPTextModel,
-                          map_clip_weight, CLIPTokenizer)
+CLIP_TEXT = ComponentKind(
+    ("CLIPTextModel", "CLIPTextModelWithProjection"), CLIPTextConfig, CLIPTextModel, map_clip_weight, CLIPTokenizer
+)

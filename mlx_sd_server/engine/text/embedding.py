@@ -23,6 +23,8 @@ class TokenEmbedding(nn.Embedding):
         # One small reduction over the ids (B x 77 or B x 512), on the CPU: microseconds beside a forward pass.
         low, high = mx.stack([mx.min(ids, stream=mx.cpu), mx.max(ids, stream=mx.cpu)], stream=mx.cpu).tolist()
         if low < 0 or high >= self.rows:
-            raise ValueError(f"token id {high if high >= self.rows else low} is outside this text encoder's "
-                             f"embedding ({self.rows} rows)")
+            raise ValueError(
+                f"token id {high if high >= self.rows else low} is outside this text encoder's "
+                f"embedding ({self.rows} rows)"
+            )
         return super().__call__(ids)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
-from mlx_sd_server.engine.text.clip_tokenizer import CLIPTokenizer, default_vocab_path
 from mlx_sd_server.engine.errors import JobError, shown
+from mlx_sd_server.engine.text.clip_tokenizer import CLIPTokenizer, default_vocab_path
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -65,8 +66,9 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
 
     def open_at(brackets: list[int], token: str) -> None:
         if len(round_open) + len(square_open) >= MAX_NESTING:
-            raise PromptSyntaxError(f"brackets are nested more than {MAX_NESTING} deep (escape a literal one "
-                                    f"as \\{token})")
+            raise PromptSyntaxError(
+                f"brackets are nested more than {MAX_NESTING} deep (escape a literal one as \\{token})"
+            )
         brackets.append(len(pieces))
 
     for match in _TOKEN_RE.finditer(text):
@@ -125,8 +127,12 @@ def check_prompt(text: str, param: str, max_chunks: int) -> None:
         raise JobError(f"{param}: {error.message}", param, error.code) from None
     breaks = sum(isinstance(fragment, Break) for fragment, _ in pieces)
     if breaks > max_chunks:  # every BREAK ends a window
-        raise JobError(f"{param} has {breaks} BREAKs, so at least {breaks} chunks of {CHUNK_TOKENS} tokens: over "
-                       f"this server's limit of {max_chunks}", param, "prompt_too_long")
+        raise JobError(
+            f"{param} has {breaks} BREAKs, so at least {breaks} chunks of {CHUNK_TOKENS} tokens: over "
+            f"this server's limit of {max_chunks}",
+            param,
+            "prompt_too_long",
+        )
     bound, tokens = 0, 0
     for fragment, _ in pieces:
         if isinstance(fragment, Break):
@@ -137,8 +143,12 @@ def check_prompt(text: str, param: str, max_chunks: int) -> None:
         return
     chunks = len(chunk_prompt(_counting_tokenizer(), text))
     if chunks > max_chunks:
-        raise JobError(f"{param} is {chunks} chunks of {CHUNK_TOKENS} tokens, over this server's limit of "
-                       f"{max_chunks} (each BREAK starts a new chunk)", param, "prompt_too_long")
+        raise JobError(
+            f"{param} is {chunks} chunks of {CHUNK_TOKENS} tokens, over this server's limit of "
+            f"{max_chunks} (each BREAK starts a new chunk)",
+            param,
+            "prompt_too_long",
+        )
 
 
 @lru_cache(maxsize=1)
@@ -200,6 +210,7 @@ def pad_chunks(chunks: list[Chunk], count: int, empty: Chunk) -> list[Chunk]:
 def apply_emphasis(hidden: mx.array, weights: mx.array) -> mx.array:
     """A1111's emphasis: scale each token's state by its weight, then restore the original mean."""
     import mlx.core as mx  # here, so that checking a prompt (build_job) needs no MLX
+
     if mx.all(weights == 1.0).item():
         return hidden
     original_mean = hidden.mean()

@@ -14,33 +14,67 @@ from typing import Any
 import numpy as np
 
 from mlx_sd_server.engine.source import (
-    ArchitectureHints, CheckpointError, FilePart, OriginalComponent, Tensors, count_distinct, known_keys,
+    ArchitectureHints,
+    CheckpointError,
+    FilePart,
+    OriginalComponent,
+    Tensors,
+    count_distinct,
+    known_keys,
     strip_prefix,
 )
 
 # Where split files and ComfyUI's bundles keep the text encoders. CLIP: the prefix ends where transformers'
 # `text_model.` does (files saved by transformers 5 have none), so a text_projection beside it is left out.
-CLIP_L = FilePart("the CLIP-L text encoder (clip_l.safetensors)", "embeddings.token_embedding.weight",
-                  ("text_model.", "", "text_encoders.clip_l.transformer.text_model."), "--clip-l")
-CLIP_G = FilePart("the CLIP-G text encoder (clip_g.safetensors)", "embeddings.token_embedding.weight",
-                  ("text_model.", "", "text_encoders.clip_g.transformer.text_model."), "--clip-g")
-T5_XXL = FilePart("the T5-XXL text encoder (t5xxl_fp16.safetensors)", "encoder.block.0.layer.0.SelfAttention.q.weight",
-                  ("", "text_encoders.t5xxl.transformer."), "--t5xxl")
+CLIP_L = FilePart(
+    "the CLIP-L text encoder (clip_l.safetensors)",
+    "embeddings.token_embedding.weight",
+    ("text_model.", "", "text_encoders.clip_l.transformer.text_model."),
+    "--clip-l",
+)
+CLIP_G = FilePart(
+    "the CLIP-G text encoder (clip_g.safetensors)",
+    "embeddings.token_embedding.weight",
+    ("text_model.", "", "text_encoders.clip_g.transformer.text_model."),
+    "--clip-g",
+)
+T5_XXL = FilePart(
+    "the T5-XXL text encoder (t5xxl_fp16.safetensors)",
+    "encoder.block.0.layer.0.SelfAttention.q.weight",
+    ("", "text_encoders.t5xxl.transformer."),
+    "--t5xxl",
+)
 CLIP_WEIGHTS = ("embeddings.", "encoder.", "final_layer_norm.")  # under `text_model.`
 T5_WEIGHTS = ("shared.", "encoder.")
 T5_TIED_EMBEDDING = "encoder.embed_tokens.weight"  # a copy of `shared.weight` some files hold instead of it
 
-OPEN_CLIP_NAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-OPEN_CLIP_FIXED_NAMES = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
-                         "positional_embedding": "text_model.embeddings.position_embedding.weight",
-                         "ln_final.weight": "text_model.final_layer_norm.weight",
-                         "ln_final.bias": "text_model.final_layer_norm.bias"}
+OPEN_CLIP_NAMES = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+OPEN_CLIP_FIXED_NAMES = {
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+}
 
 
-def clip_config(*, vocab_size: int, hidden_size: int, intermediate_size: int, layers: int, positions: int,
-                hidden_act: str, pad_token_id: int | None, projection_dim: int | None,
-                hints: ArchitectureHints) -> dict[str, Any]:
+def clip_config(
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    intermediate_size: int,
+    layers: int,
+    positions: int,
+    hidden_act: str,
+    pad_token_id: int | None,
+    projection_dim: int | None,
+    hints: ArchitectureHints,
+) -> dict[str, Any]:
     """transformers' CLIPTextConfig; `projection_dim` None: a CLIPTextModel, without a text_projection."""
     return {
         "architectures": ["CLIPTextModel" if projection_dim is None else "CLIPTextModelWithProjection"],
@@ -63,18 +97,24 @@ def clip_config(*, vocab_size: int, hidden_size: int, intermediate_size: int, la
     }
 
 
-def transformers_clip_config(shapes: Tensors, hidden_act: str, pad_token_id: int | None,
-                             hints: ArchitectureHints) -> dict[str, Any]:
+def transformers_clip_config(
+    shapes: Tensors, hidden_act: str, pad_token_id: int | None, hints: ArchitectureHints
+) -> dict[str, Any]:
     """The config of CLIP weights in transformers' names (`text_model.` ..., and `text_projection.weight` if it
     has a projection)."""
     vocab_size, hidden_size = shapes["text_model.embeddings.token_embedding.weight"].shape
     projection = shapes.get("text_projection.weight")
     return clip_config(
-        vocab_size=vocab_size, hidden_size=hidden_size,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
         intermediate_size=shapes["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
         layers=count_distinct(shapes, r"text_model\.encoder\.layers\.(\d+)\."),
-        positions=shapes["text_model.embeddings.position_embedding.weight"].shape[0], hidden_act=hidden_act,
-        pad_token_id=pad_token_id, projection_dim=None if projection is None else projection.shape[0], hints=hints)
+        positions=shapes["text_model.embeddings.position_embedding.weight"].shape[0],
+        hidden_act=hidden_act,
+        pad_token_id=pad_token_id,
+        projection_dim=None if projection is None else projection.shape[0],
+        hints=hints,
+    )
 
 
 def read_clip(tensors: Tensors, prefix: str, hints: ArchitectureHints, name: str = "CLIP-L") -> OriginalComponent:
@@ -83,21 +123,24 @@ def read_clip(tensors: Tensors, prefix: str, hints: ArchitectureHints, name: str
     keys = known_keys(tensors, prefix, is_clip_weight, name)
 
     def mapper(key: str, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        return [("text_model." + key[len(prefix):], value)]
+        return [("text_model." + key[len(prefix) :], value)]
 
-    shapes = {"text_model." + k[len(prefix):]: tensors[k] for k in keys}
+    shapes = {"text_model." + k[len(prefix) :]: tensors[k] for k in keys}
     return OriginalComponent(transformers_clip_config(shapes, "quick_gelu", None, hints), keys, mapper)
 
 
-def read_projected_clip(tensors: Tensors, prefix: str, hints: ArchitectureHints,
-                        name: str = "CLIP-G") -> OriginalComponent:
+def read_projected_clip(
+    tensors: Tensors, prefix: str, hints: ArchitectureHints, name: str = "CLIP-G"
+) -> OriginalComponent:
     """CLIP (OpenCLIP bigG's, as clip_g.safetensors holds it) in transformers' names with its text_projection
     beside `text_model.`, whose pooled, projected output conditions the denoiser. GELU; pads with "!" (id 0)."""
     projection = prefix.removesuffix("text_model.") + "text_projection.weight"
     if projection not in tensors:
-        raise CheckpointError(f"the {name} text encoder has no {projection}, which this model needs (its pooled, "
-                              "projected output conditions the denoiser)")
-    names = {k: "text_model." + k[len(prefix):] for k in known_keys(tensors, prefix, is_clip_weight, name)}
+        raise CheckpointError(
+            f"the {name} text encoder has no {projection}, which this model needs (its pooled, "
+            "projected output conditions the denoiser)"
+        )
+    names = {k: "text_model." + k[len(prefix) :] for k in known_keys(tensors, prefix, is_clip_weight, name)}
     names[projection] = "text_projection.weight"
     config = transformers_clip_config({names[k]: tensors[k] for k in names}, "gelu", 0, hints)
     return OriginalComponent(config, list(names), lambda key, value: [(names[key], value)])
@@ -135,7 +178,7 @@ def read_open_clip(tensors: Tensors, prefix: str, penultimate: bool, hints: Arch
         return names if int(m[1]) < layers else []
 
     def mapper(key: str, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        names = targets(key[len(prefix):]) or []
+        names = targets(key[len(prefix) :]) or []
         if len(names) == 3:
             return list(zip(names, np.split(value, 3), strict=True))
         if names == ["text_projection.weight"]:
@@ -145,11 +188,17 @@ def read_open_clip(tensors: Tensors, prefix: str, penultimate: bool, hints: Arch
     known = known_keys(tensors, prefix, lambda key: targets(key) is not None, "OpenCLIP")
     vocab_size, hidden_size = clip["token_embedding.weight"].shape
     config = clip_config(
-        vocab_size=vocab_size, hidden_size=hidden_size,
-        intermediate_size=clip["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], layers=layers,
-        positions=clip["positional_embedding"].shape[0], hidden_act="gelu", pad_token_id=0,
-        projection_dim=None if penultimate else clip["text_projection"].shape[1], hints=hints)
-    return OriginalComponent(config, [k for k in known if targets(k[len(prefix):])], mapper)
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=clip["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        layers=layers,
+        positions=clip["positional_embedding"].shape[0],
+        hidden_act="gelu",
+        pad_token_id=0,
+        projection_dim=None if penultimate else clip["text_projection"].shape[1],
+        hints=hints,
+    )
+    return OriginalComponent(config, [k for k in known if targets(k[len(prefix) :])], mapper)
 
 
 def t5_config(state: Mapping[str, Any], relative_attention_max_distance: int = 128) -> dict[str, Any]:
@@ -197,7 +246,7 @@ def read_t5(tensors: Tensors, prefix: str, hints: ArchitectureHints) -> Original
         keys.remove(prefix + T5_TIED_EMBEDDING)
 
     def name(key: str) -> str:
-        rest = key[len(prefix):]
+        rest = key[len(prefix) :]
         return "shared.weight" if rest == T5_TIED_EMBEDDING else rest
 
     config = t5_config({name(k): tensors[k] for k in keys}, hints.t5_max_distance)

@@ -20,10 +20,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlx_sd_server.engine.components import ComponentKind
 from mlx_sd_server.engine.ops.activations import gelu, gelu_approx, silu
 from mlx_sd_server.engine.ops.attention import attention
 from mlx_sd_server.engine.ops.layers import Linear
-from mlx_sd_server.engine.components import ComponentKind
 from mlx_sd_server.engine.text.embedding import TokenEmbedding
 from mlx_sd_server.engine.text.mapping import map_t5_weight
 from mlx_sd_server.engine.text.t5_tokenizer import T5Tokenizer
@@ -220,5 +220,6 @@ class T5EncoderModel(nn.Module):
 
 
 # T5 overflows in float16: it runs in bfloat16 when float16 is asked for.
-T5_ENCODER = ComponentKind(("T5EncoderModel",), T5Config, T5EncoderModel, map_t5_weight, T5Tokenizer,
-                           instead_of_float16=mx.bfloat16)
+T5_ENCODER = ComponentKind(
+    ("T5EncoderModel",), T5Config, T5EncoderModel, map_t5_weight, T5Tokenizer, instead_of_float16=mx.bfloat16
+)

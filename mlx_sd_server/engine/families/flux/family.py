@@ -70,8 +70,14 @@ class FluxFamily:
 
     # --- the denoiser ------------------------------------------------------------------------------
 
-    def denoiser(self, settings: Settings, conditioning: FluxConditioning, guided: bool,
-                 extra_channels: mx.array | None, control: mx.array | None) -> Denoiser:
+    def denoiser(
+        self,
+        settings: Settings,
+        conditioning: FluxConditioning,
+        guided: bool,
+        extra_channels: mx.array | None,
+        control: mx.array | None,
+    ) -> Denoiser:
         dtype, n = self.model.dtype, settings.n
         copies = 2 if guided else 1
         context = mx.repeat(conditioning.context, n, axis=0).astype(dtype)  # [negative]*n + [prompt]*n

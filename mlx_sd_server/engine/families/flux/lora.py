@@ -6,8 +6,8 @@ LoRA from an SD3 one."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import cache
-from typing import Sequence
 
 import numpy as np
 
@@ -17,8 +17,14 @@ from mlx_sd_server.engine.families.lora import T5, Layout, LoRAEntry, LoRARules,
 DEPTH = 64  # blocks of each kind, beyond any released model (FLUX.1: 19 double, 38 single)
 # XLabs' attention processors' LoRAs -> the BFL layer each adapts. A single block's qkv_lora adapts linear1's
 # q, k and v rows only (the MLP input's part of the split comes out empty).
-XLABS_NAMES = {"qkv_lora1": "img_attn.qkv", "proj_lora1": "img_attn.proj", "qkv_lora2": "txt_attn.qkv",
-               "proj_lora2": "txt_attn.proj", "qkv_lora": "linear1", "proj_lora": "linear2"}
+XLABS_NAMES = {
+    "qkv_lora1": "img_attn.qkv",
+    "proj_lora1": "img_attn.proj",
+    "qkv_lora2": "txt_attn.qkv",
+    "proj_lora2": "txt_attn.proj",
+    "qkv_lora": "linear1",
+    "proj_lora": "linear2",
+}
 XLABS = re.compile(r"(?:diffusion_model\.)?((?:double|single)_blocks\.\d+)\.processor\.(\w+)")
 ONLY_FLUX_LAYERS = ("single_transformer_blocks.", "x_embedder", "time_text_embed.guidance_embedder")
 WIDTH = 3072  # FLUX.1's hidden size (SD3's transformers are narrower)
@@ -27,15 +33,18 @@ WIDTH = 3072  # FLUX.1's hidden size (SD3's transformers are narrower)
 @cache
 def bfl_layers() -> dict[str, str]:
     """A FLUX transformer's layers in BFL names: its linears, not its norms."""
-    names = list(FLUX_NAMES) + [f"{block}.{i}.{name}" for block, (_, table) in BLOCKS.items()
-                                for i in range(DEPTH) for name in table]
+    names = list(FLUX_NAMES) + [
+        f"{block}.{i}.{name}" for block, (_, table) in BLOCKS.items() for i in range(DEPTH) for name in table
+    ]
     return {name: name for name in names if "norm" not in name}
 
 
 def bfl_to_diffusers(layer: str, up: np.ndarray, width: int) -> list[tuple[str, np.ndarray]]:
     """A BFL layer's `up` as its weight maps: fused ones split along the rows (`down`'s width is the hidden size)."""
-    return [(name.removesuffix(".weight"), part)
-            for name, part in map_bfl_transformer_weight(f"{layer}.weight", up, hidden_size=width)]
+    return [
+        (name.removesuffix(".weight"), part)
+        for name, part in map_bfl_transformer_weight(f"{layer}.weight", up, hidden_size=width)
+    ]
 
 
 BFL = Layout(bfl_layers, bfl_to_diffusers)
@@ -66,9 +75,12 @@ def lora_family(entries: Sequence[LoRAEntry]) -> str | None:
 LORA = LoRARules(
     family=lora_family,
     kohya={"lora_unet_": ("transformer", BFL), "lora_te3_": ("text_encoder_2", T5)},
-    prefixes={"diffusion_model.": "transformer", "model.diffusion_model.": "transformer",  # ComfyUI's
-              "text_encoders.clip_l.transformer.": "text_encoder",
-              "text_encoders.t5xxl.transformer.": "text_encoder_2"},
+    prefixes={
+        "diffusion_model.": "transformer",
+        "model.diffusion_model.": "transformer",  # ComfyUI's
+        "text_encoders.clip_l.transformer.": "text_encoder",
+        "text_encoders.t5xxl.transformer.": "text_encoder_2",
+    },
     original={"transformer": BFL},
     resolve=xlabs_layer,
 )

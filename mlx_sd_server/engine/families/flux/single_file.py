@@ -16,16 +16,24 @@ component's config.json is inferred from tensor shapes.
 from __future__ import annotations
 
 import re
-from functools import partial
 from collections.abc import Collection, Iterable, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mlx_sd_server.engine import ldm_vae
 from mlx_sd_server.engine.source import (
-    ArchitectureHints, CheckpointError, FilePart, OriginalComponent, OriginalModel, Tensors, count_distinct,
-    known_keys, split_options, strip_prefix,
+    ArchitectureHints,
+    CheckpointError,
+    FilePart,
+    OriginalComponent,
+    OriginalModel,
+    Tensors,
+    count_distinct,
+    known_keys,
+    split_options,
+    strip_prefix,
 )
 from mlx_sd_server.engine.text.single_file import CLIP_L, T5_XXL, read_clip, read_t5
 
@@ -37,18 +45,37 @@ MARKER = "double_blocks.0.img_attn.qkv.weight"
 
 # The released repos' scheduler_config.json (FlowMatchEulerDiscreteScheduler). dev, guidance-distilled, shifts
 # its sigmas by the image size; schnell, timestep-distilled for 1-4 steps, does not shift them.
-DEV_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
-                 "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
-SCHNELL_SCHEDULER = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5,
-                     "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+DEV_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+SCHNELL_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
 
 DEFAULT_AXES_DIMS_ROPE = (16, 56, 56)  # the rotary embedding's (index, height, width) split of FLUX's 128 head dims
 
 PARTS = {
-    "transformer": FilePart("the FLUX transformer (flux1-dev.safetensors or flux1-schnell.safetensors)", MARKER,
-                            ("", BFL_PREFIX), "--diffusion-model"),
-    "vae": FilePart("the FLUX autoencoder (ae.safetensors)", ldm_vae.MARKER, ("", "vae.", "first_stage_model."),
-                    "--vae"),
+    "transformer": FilePart(
+        "the FLUX transformer (flux1-dev.safetensors or flux1-schnell.safetensors)",
+        MARKER,
+        ("", BFL_PREFIX),
+        "--diffusion-model",
+    ),
+    "vae": FilePart(
+        "the FLUX autoencoder (ae.safetensors)", ldm_vae.MARKER, ("", "vae.", "first_stage_model."), "--vae"
+    ),
     "text_encoder": CLIP_L,
     "text_encoder_2": T5_XXL,
 }
@@ -103,8 +130,10 @@ SINGLE_BLOCK_NAMES: dict[str, str | tuple[str, ...]] = {
     "norm.key_norm": "attn.norm_k",
     "linear2": "proj_out",
 }
-BLOCKS = {"double_blocks": ("transformer_blocks", DOUBLE_BLOCK_NAMES),
-          "single_blocks": ("single_transformer_blocks", SINGLE_BLOCK_NAMES)}
+BLOCKS = {
+    "double_blocks": ("transformer_blocks", DOUBLE_BLOCK_NAMES),
+    "single_blocks": ("single_transformer_blocks", SINGLE_BLOCK_NAMES),
+}
 PARAM_NAMES = {"scale": "weight"}  # the RMSNorms' parameter
 # BFL's final modulation outputs (shift, scale); diffusers' AdaLayerNormContinuous reads (scale, shift).
 SHIFT_SCALE_MODULES = {"final_layer.adaLN_modulation.1"}
@@ -184,8 +213,12 @@ def read_transformer(tensors: Tensors, prefix: str, axes_dims_rope: Iterable[int
     return OriginalComponent(config, keys, partial(map_bfl_transformer_weight, hidden_size=hidden_size))
 
 
-def read(spec: FamilySpec, found: Mapping[str, tuple[Tensors, str]], stated_prediction_type: str | None,
-         hints: ArchitectureHints) -> OriginalModel:
+def read(
+    spec: FamilySpec,
+    found: Mapping[str, tuple[Tensors, str]],
+    stated_prediction_type: str | None,
+    hints: ArchitectureHints,
+) -> OriginalModel:
     """dev (guidance-distilled) and schnell are told apart by the guidance embedding."""
     transformer = read_transformer(*found["transformer"], hints.axes_dims_rope)
     configs = {"transformer": transformer.config}

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from mlx_sd_server.engine.components import ComponentKind
-from mlx_sd_server.engine.families.flux.family import PATCH, FluxFamily
 from mlx_sd_server.engine.families.flux import single_file
+from mlx_sd_server.engine.families.flux.family import PATCH, FluxFamily
 from mlx_sd_server.engine.families.flux.lora import LORA
 from mlx_sd_server.engine.families.flux.mapping import map_flux_transformer_weight
 from mlx_sd_server.engine.families.flux.transformer import FluxTransformer2DModel, FluxTransformerConfig
 from mlx_sd_server.engine.families.spec import (
-    DEFAULT_GUIDANCE, Capabilities, ComponentSpec, Configs, Detection, FamilySpec, LatentFormat, ModelDefaults,
-    OriginalLayout, Variant,
+    DEFAULT_GUIDANCE,
+    Capabilities,
+    ComponentSpec,
+    Configs,
+    Detection,
+    FamilySpec,
+    LatentFormat,
+    ModelDefaults,
+    OriginalLayout,
+    Variant,
 )
 from mlx_sd_server.engine.sampling.samplers import FLOW_SAMPLERS
 from mlx_sd_server.engine.sampling.schedules import FLOW_SCHEDULER_SETTINGS, FLOW_SCHEDULES
@@ -20,24 +29,31 @@ from mlx_sd_server.engine.text.clip import CLIP_TEXT
 from mlx_sd_server.engine.text.t5 import T5_ENCODER
 from mlx_sd_server.engine.vae import AUTOENCODER_KL, downscale_factor
 
-TRANSFORMER = ComponentKind(("FluxTransformer2DModel",), FluxTransformerConfig, FluxTransformer2DModel,
-                            map_flux_transformer_weight)
+TRANSFORMER = ComponentKind(
+    ("FluxTransformer2DModel",), FluxTransformerConfig, FluxTransformer2DModel, map_flux_transformer_weight
+)
 
 
 def variant_of(family: str, prediction_type: str, configs: Configs, name: str) -> Variant:
     """dev (a guidance embedding) ~28 steps with distilled guidance 3.5 and T5 trained on 512 tokens;
     schnell 4 steps and 256 tokens; both without CFG."""
     if configs["transformer"].get("guidance_embeds"):
-        return Variant("dev", ModelDefaults(28, 1.0, "euler", "discrete", 1024, 1024, DEFAULT_GUIDANCE),
-                       {"text_encoder_2": 512})
+        return Variant(
+            "dev", ModelDefaults(28, 1.0, "euler", "discrete", 1024, 1024, DEFAULT_GUIDANCE), {"text_encoder_2": 512}
+        )
     return Variant("schnell", ModelDefaults(4, 1.0, "euler", "discrete", 1024, 1024), {"text_encoder_2": 256})
 
 
 def capabilities(manifest: Mapping[str, Any], has_controlnet: bool) -> Capabilities:
     components = manifest["components"]
-    return Capabilities(family="flux", samplers=FLOW_SAMPLERS, schedulers=FLOW_SCHEDULES,
-                        guidance=bool(components["transformer"]["config"].get("guidance_embeds")), controlnet=False,
-                        size_multiple=downscale_factor(components["vae"]["config"]) * PATCH)
+    return Capabilities(
+        family="flux",
+        samplers=FLOW_SAMPLERS,
+        schedulers=FLOW_SCHEDULES,
+        guidance=bool(components["transformer"]["config"].get("guidance_embeds")),
+        controlnet=False,
+        size_multiple=downscale_factor(components["vae"]["config"]) * PATCH,
+    )
 
 
 SPEC = FamilySpec(

@@ -53,6 +53,7 @@ class FluxTransformerConfig:
 
 # --- latents <-> tokens (FluxPipeline's _pack_latents, _unpack_latents, _prepare_latent_image_ids) ---
 
+
 def _check_even(h: int, w: int) -> None:
     if h % 2 or w % 2:
         raise ValueError(f"FLUX packs 2x2 latent patches: latent size {h}x{w} must be even")
@@ -85,12 +86,14 @@ def latent_image_ids(h: int, w: int) -> mx.array:
 
 # --- helpers -----------------------------------------------------------------------------------------
 
+
 def clip_float16(x: mx.array) -> mx.array:
     """diffusers clips the residual streams of float16 models to float16's range (inf -> finite)."""
     return mx.clip(x, -FLOAT16_MAX, FLOAT16_MAX) if x.dtype == mx.float16 else x
 
 
 # --- blocks ------------------------------------------------------------------------------------------
+
 
 class FluxAttention(nn.Module):
     """Attention with RMS-normed queries and keys; `joint` adds the text stream's projections (double blocks)."""
@@ -103,12 +106,17 @@ class FluxAttention(nn.Module):
         self.norm_q, self.norm_k = nn.RMSNorm(head_dim, eps=1e-6), nn.RMSNorm(head_dim, eps=1e-6)
         if joint:
             self.to_out = [Linear(inner, dim)]  # a list, so the name is diffusers' `to_out.0`
-            self.add_q_proj, self.add_k_proj, self.add_v_proj = Linear(dim, inner), Linear(dim, inner), Linear(dim, inner)
+            self.add_q_proj, self.add_k_proj, self.add_v_proj = (
+                Linear(dim, inner),
+                Linear(dim, inner),
+                Linear(dim, inner),
+            )
             self.norm_added_q, self.norm_added_k = nn.RMSNorm(head_dim, eps=1e-6), nn.RMSNorm(head_dim, eps=1e-6)
             self.to_add_out = Linear(inner, dim)
 
     def _qkv(self, x: mx.array, q: Linear, k: Linear, v: Linear, norm_q: nn.RMSNorm, norm_k: nn.RMSNorm):
         """(B, heads, L, head_dim) queries, keys and values; the norms act per head, before the transpose."""
+
         def heads(t: mx.array) -> mx.array:
             return t.reshape(*x.shape[:2], self.heads, -1)
 
@@ -119,8 +127,9 @@ class FluxAttention(nn.Module):
         outputs through their own projections."""
         q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
         if context is not None:
-            cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
-                                   self.norm_added_q, self.norm_added_k)
+            cq, ck, cv = self._qkv(
+                context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k
+            )
             q, k, v = (mx.concatenate(pair, axis=1) for pair in ((cq, q), (ck, k), (cv, v)))
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
         out = attention(apply_rope(q, *rope), apply_rope(k, *rope), v)
@@ -145,8 +154,9 @@ class FluxTransformerBlock(nn.Module):
     def __call__(self, x: mx.array, context: mx.array, cond: mx.array, rope) -> tuple[mx.array, mx.array]:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(cond)
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(cond)
-        attn, context_attn = self.attn(modulate(x, shift_msa, scale_msa), rope,
-                                       modulate(context, c_shift_msa, c_scale_msa))
+        attn, context_attn = self.attn(
+            modulate(x, shift_msa, scale_msa), rope, modulate(context, c_shift_msa, c_scale_msa)
+        )
         x = x + gate_msa[:, None] * attn
         x = x + gate_mlp[:, None] * self.ff(modulate(x, shift_mlp, scale_mlp))
         context = context + c_gate_msa[:, None] * context_attn
@@ -173,6 +183,7 @@ class FluxSingleTransformerBlock(nn.Module):
 
 # --- the model ---------------------------------------------------------------------------------------
 
+
 class FluxTransformer2DModel(nn.Module):
     def __init__(self, config: FluxTransformerConfig):
         super().__init__()
@@ -184,8 +195,9 @@ class FluxTransformer2DModel(nn.Module):
         self.context_embedder = Linear(c.joint_attention_dim, dim)
         self.time_text_embed = TimeTextEmbedding(dim, c.pooled_projection_dim, c.guidance_embeds)
         self.transformer_blocks = [FluxTransformerBlock(dim, heads, head_dim) for _ in range(c.num_layers)]
-        self.single_transformer_blocks = [FluxSingleTransformerBlock(dim, heads, head_dim)
-                                          for _ in range(c.num_single_layers)]
+        self.single_transformer_blocks = [
+            FluxSingleTransformerBlock(dim, heads, head_dim) for _ in range(c.num_single_layers)
+        ]
         self.norm_out = Modulation(dim, 2)
         self.proj_out = Linear(dim, c.patch_size**2 * (c.out_channels or c.in_channels))
 

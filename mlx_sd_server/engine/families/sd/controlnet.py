@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_sd_server.engine.families.sd.unet import UNetConfig, UNetEncoder
 from mlx_sd_server.engine.ops.activations import silu
 from mlx_sd_server.engine.ops.layers import Conv2d
-from mlx_sd_server.engine.families.sd.unet import UNetConfig, UNetEncoder
 
 
 @dataclass
@@ -27,7 +27,7 @@ class ControlNetConfig(UNetConfig):
     global_pool_conditions: bool = False  # residuals averaged over space (e.g. the shuffle ControlNet)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ControlNetConfig":
+    def from_dict(cls, d: dict) -> ControlNetConfig:
         """From a diffusers ControlNetModel config.json dict (unknown keys ignored)."""
         return dataclasses.replace(
             super().from_dict(d),

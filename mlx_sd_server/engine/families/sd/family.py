@@ -8,7 +8,8 @@ over the training beta table; classifier-free guidance as a second batch half, o
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
@@ -23,15 +24,36 @@ if TYPE_CHECKING:
 
 # Align Your Steps (Sabour et al., 2024): NVIDIA's optimised 10-step sigmas for SD 1.5 and SDXL, by manifest
 # family. SD 2.x uses SD 1.5's (AYS publishes none for it), as stable-diffusion.cpp does.
-AYS_SD1 = (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
-           0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582)
-AYS_SDXL = (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
-            0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582)
+AYS_SD1 = (
+    14.6146412293,
+    6.4745760956,
+    3.8636745985,
+    2.6946151520,
+    1.8841921177,
+    1.3943805092,
+    0.9642583904,
+    0.6523686016,
+    0.3977456272,
+    0.1515232662,
+    0.0291671582,
+)
+AYS_SDXL = (
+    14.6146412293,
+    6.3184485287,
+    3.7681790315,
+    2.1811480769,
+    1.3405244945,
+    0.8620721141,
+    0.5550693289,
+    0.3798540708,
+    0.2332364134,
+    0.1114188177,
+    0.0291671582,
+)
 AYS_SIGMAS = {"sd1": AYS_SD1, "sd2": AYS_SD1, "sdxl": AYS_SDXL}
 
 
 class StableDiffusionFamily:
-
     def __init__(self, model: LoadedModel):
         self.model = model
         manifest = model.manifest
@@ -87,14 +109,26 @@ class StableDiffusionFamily:
 
     # --- the denoiser ------------------------------------------------------------------------------
 
-    def denoiser(self, settings: Settings, conditioning: tuple[mx.array, mx.array | None], guided: bool,
-                 extra_channels: mx.array | None, control: mx.array | None) -> Denoiser:
+    def denoiser(
+        self,
+        settings: Settings,
+        conditioning: tuple[mx.array, mx.array | None],
+        guided: bool,
+        extra_channels: mx.array | None,
+        control: mx.array | None,
+    ) -> Denoiser:
         predict = self._predictor(settings, guided, *conditioning, extra_channels, control)
         return model_denoiser(predict, self.prediction_type, self.table)
 
-    def _predictor(self, settings: Settings, guided: bool,
-                   context: mx.array, pooled: mx.array | None, extra_channels: mx.array | None,
-                   control: mx.array | None) -> Callable[[mx.array, float], mx.array]:
+    def _predictor(
+        self,
+        settings: Settings,
+        guided: bool,
+        context: mx.array,
+        pooled: mx.array | None,
+        extra_channels: mx.array | None,
+        control: mx.array | None,
+    ) -> Callable[[mx.array, float], mx.array]:
         """predict(x_in, t) -> the UNet's output for the batch, with classifier-free guidance applied."""
         unet, controlnet, dtype = self.model.unet, self.model.controlnet, self.model.dtype
         n = settings.n
@@ -118,9 +152,15 @@ class StableDiffusionFamily:
             timesteps = mx.full((batch.shape[0],), t, dtype=mx.float32)
             residuals = {}
             if control is not None and settings.control_strength > 0:
-                down, mid = controlnet(batch, timesteps, context, control,
-                                       conditioning_scale=settings.control_strength,
-                                       text_embeds=kwargs.get("text_embeds"), time_ids=kwargs.get("time_ids"))
+                down, mid = controlnet(
+                    batch,
+                    timesteps,
+                    context,
+                    control,
+                    conditioning_scale=settings.control_strength,
+                    text_embeds=kwargs.get("text_embeds"),
+                    time_ids=kwargs.get("time_ids"),
+                )
                 residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
             out = unet(batch, timesteps, context, **kwargs, **residuals).astype(mx.float32)
             return classifier_free_guidance(out, settings.cfg_scale) if guided else out

@@ -5,24 +5,28 @@ ones for SDXL), diffusers' first format (the UNet's attention processors, no pre
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import cache
-from typing import Sequence
 
 from mlx_sd_server.engine.families.lora import Layout, LoRAEntry, LoRARules, LoRATarget, old_attention
 from mlx_sd_server.engine.families.sd.single_file import RESNET_NAMES, UNET_FIXED_NAMES, unet_key
 
 # Bounds beyond any released UNet: SDXL's deepest attention has 10 transformer blocks
 TRANSFORMER_DEPTH = 10
-TRANSFORMER_BLOCK_LAYERS = tuple(f"{attn}.{proj}" for attn in ("attn1", "attn2")
-                                 for proj in ("to_q", "to_k", "to_v", "to_out.0")) + ("ff.net.0.proj", "ff.net.2")
+TRANSFORMER_BLOCK_LAYERS = tuple(
+    f"{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0")
+) + ("ff.net.0.proj", "ff.net.2")
 CROSS_ATTENTION_FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl"}  # the text width each UNet attends to
 SDXL_LAYERS = r"^add_embedding\.|^up_blocks\.0\.attentions\.|\.transformer_blocks\.[1-9]"
 
 
 def _attention(prefix: str) -> list[str]:
     """A UNet attention's (Transformer2DModel's) layers."""
-    blocks = [f"{prefix}.transformer_blocks.{i}.{layer}" for i in range(TRANSFORMER_DEPTH)
-              for layer in TRANSFORMER_BLOCK_LAYERS]
+    blocks = [
+        f"{prefix}.transformer_blocks.{i}.{layer}"
+        for i in range(TRANSFORMER_DEPTH)
+        for layer in TRANSFORMER_BLOCK_LAYERS
+    ]
     return [f"{prefix}.proj_in", f"{prefix}.proj_out", *blocks]
 
 
@@ -47,11 +51,14 @@ def unet_names() -> dict[str, str]:
     on that UNet) -> diffusers' names. Every LDM block/part/layer combination is mapped as a checkpoint's weight
     is (layers_per_block 2, as in every SD UNet); those that name no layer drop out."""
     leaves = [name for name in RESNET_NAMES if "norm" not in RESNET_NAMES[name]] + ["op", "conv"]
-    blocks = ([f"input_blocks.{i}.{part}" for i in range(12) for part in range(2)]
-              + [f"output_blocks.{i}.{part}" for i in range(12) for part in range(3)]
-              + [f"middle_block.{part}" for part in range(3)])
-    ldm = list(UNET_FIXED_NAMES) + [name for block in blocks
-                                    for name in [f"{block}.{leaf}" for leaf in leaves] + _attention(block)]
+    blocks = (
+        [f"input_blocks.{i}.{part}" for i in range(12) for part in range(2)]
+        + [f"output_blocks.{i}.{part}" for i in range(12) for part in range(3)]
+        + [f"middle_block.{part}" for part in range(3)]
+    )
+    ldm = list(UNET_FIXED_NAMES) + [
+        name for block in blocks for name in [f"{block}.{leaf}" for leaf in leaves] + _attention(block)
+    ]
     mapped = {name: (unet_key(f"{name}.weight", 2) or "").removesuffix(".weight") for name in ldm}
     return {name: name for name in unet_layers()} | {old: new for old, new in mapped.items() if new in unet_layers()}
 

@@ -26,8 +26,15 @@ from typing import TYPE_CHECKING, Any
 
 from mlx_sd_server.engine.ldm_vae import norm_groups, read_vae
 from mlx_sd_server.engine.source import (
-    ArchitectureHints, CheckpointError, FilePart, OriginalComponent, OriginalModel, Tensors, count_distinct,
-    renamed_component, strip_prefix,
+    ArchitectureHints,
+    CheckpointError,
+    FilePart,
+    OriginalComponent,
+    OriginalModel,
+    Tensors,
+    count_distinct,
+    renamed_component,
+    strip_prefix,
 )
 from mlx_sd_server.engine.text.single_file import read_clip, read_open_clip
 from mlx_sd_server.engine.vae import downscale_factor
@@ -55,28 +62,35 @@ OPEN_CLIP = "token_embedding.weight"
 TEXT_ENCODERS = {  # by manifest family: the text encoders' parts
     "sd1": {"text_encoder": FilePart("the CLIP text encoder", CLIP, (SD1_CLIP_PREFIX,))},
     "sd2": {"text_encoder": FilePart("the OpenCLIP text encoder", OPEN_CLIP, (SD2_OPEN_CLIP_PREFIX,))},
-    "sdxl": {"text_encoder": FilePart("the CLIP text encoder", CLIP, (SDXL_CLIP_PREFIX,)),
-             "text_encoder_2": FilePart("the OpenCLIP text encoder", OPEN_CLIP, (SDXL_OPEN_CLIP_PREFIX,))},
+    "sdxl": {
+        "text_encoder": FilePart("the CLIP text encoder", CLIP, (SDXL_CLIP_PREFIX,)),
+        "text_encoder_2": FilePart("the OpenCLIP text encoder", OPEN_CLIP, (SDXL_OPEN_CLIP_PREFIX,)),
+    },
 }
-EXPECTS = ("a full Stable Diffusion checkpoint: expected a UNet (model.diffusion_model.*) and a VAE "
-           "(first_stage_model.*), or a ControlNet (control_model.*)")
+EXPECTS = (
+    "a full Stable Diffusion checkpoint: expected a UNet (model.diffusion_model.*) and a VAE "
+    "(first_stage_model.*), or a ControlNet (control_model.*)"
+)
 
 
 def is_single_file(names: Iterable[str]) -> bool:
     """CompVis/SGM checkpoints keep the UNet under model.diffusion_model. (asked after the DiT families, whose
     ComfyUI files use that prefix too); ControlNets have their hint block, bare or under control_model."""
-    return any(name.startswith(UNET_PREFIX) or name.removeprefix(CONTROLNET_PREFIX) == CONTROLNET_MARKER
-               for name in names)
+    return any(
+        name.startswith(UNET_PREFIX) or name.removeprefix(CONTROLNET_PREFIX) == CONTROLNET_MARKER for name in names
+    )
 
 
 def family_of_names(names: Collection[str]) -> str:
     """sd1, sd2 or sdxl, by the text encoders a full checkpoint holds."""
+
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in names)
 
     if not has(UNET_PREFIX) or not has(VAE_PREFIX):
-        raise CheckpointError(f"not {EXPECTS}" + (f"; it has keys like {sorted(names)[:3]}" if names else
-                                                  "; it is empty"))
+        raise CheckpointError(
+            f"not {EXPECTS}" + (f"; it has keys like {sorted(names)[:3]}" if names else "; it is empty")
+        )
     if has(SDXL_CLIP_PREFIX) and has(SDXL_OPEN_CLIP_PREFIX):
         return "sdxl"
     if has(SDXL_REFINER_PREFIX):
@@ -100,10 +114,15 @@ def parts(names: Collection[str]) -> dict[str, FilePart]:
     """A lone ControlNet, or a full checkpoint (the original ControlNet training files hold a base model too)."""
     control = FilePart("the ControlNet", CONTROLNET_MARKER, (CONTROLNET_PREFIX, ""))
     if not any(name.startswith(UNET_PREFIX) for name in names) and CONTROLNET_MARKER in {
-            name.removeprefix(CONTROLNET_PREFIX) for name in names}:
+        name.removeprefix(CONTROLNET_PREFIX) for name in names
+    }:
         return {CONTROLNET: control}
-    return {"unet": UNET, "vae": VAE, **TEXT_ENCODERS[family_of_names(names)],
-            CONTROLNET: FilePart(control.description, CONTROLNET_MARKER, (CONTROLNET_PREFIX,), required=False)}
+    return {
+        "unet": UNET,
+        "vae": VAE,
+        **TEXT_ENCODERS[family_of_names(names)],
+        CONTROLNET: FilePart(control.description, CONTROLNET_MARKER, (CONTROLNET_PREFIX,), required=False),
+    }
 
 
 def prediction_type_of(family: str, stated: str | None) -> str:
@@ -119,12 +138,17 @@ def prediction_type_of(family: str, stated: str | None) -> str:
     return "epsilon"
 
 
-def read(spec: FamilySpec, found: Mapping[str, tuple[Tensors, str]], stated_prediction_type: str | None,
-         hints: ArchitectureHints) -> OriginalModel:
+def read(
+    spec: FamilySpec,
+    found: Mapping[str, tuple[Tensors, str]],
+    stated_prediction_type: str | None,
+    hints: ArchitectureHints,
+) -> OriginalModel:
     if "unet" not in found:  # a lone ControlNet
         controlnet = read_controlnet(*found[CONTROLNET], hints)
-        return OriginalModel(CONTROLNET, "epsilon", {**spec.scheduler, "prediction_type": "epsilon"},
-                             {CONTROLNET: controlnet})
+        return OriginalModel(
+            CONTROLNET, "epsilon", {**spec.scheduler, "prediction_type": "epsilon"}, {CONTROLNET: controlnet}
+        )
     family = family_of_names(found["unet"][0])
     prediction_type = prediction_type_of(family, stated_prediction_type)
     components: dict[str, OriginalComponent] = {}
@@ -141,18 +165,35 @@ def read(spec: FamilySpec, found: Mapping[str, tuple[Tensors, str]], stated_pred
     components["vae"] = vae
     if CONTROLNET in found:
         components[CONTROLNET] = read_controlnet(*found[CONTROLNET], hints)
-    return OriginalModel(family, prediction_type, {**spec.scheduler, "prediction_type": prediction_type}, components,
-                         inpainting=components["unet"].config["in_channels"] == 9)  # latents + mask + masked image
+    return OriginalModel(
+        family,
+        prediction_type,
+        {**spec.scheduler, "prediction_type": prediction_type},
+        components,
+        inpainting=components["unet"].config["in_channels"] == 9,
+    )  # latents + mask + masked image
 
 
 # --- UNet -----------------------------------------------------------------------------------------------
 
-RESNET_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-                "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-UNET_FIXED_NAMES = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-                    "time_embed.cond_proj": "time_embedding.cond_proj", "label_emb.0.0": "add_embedding.linear_1",
-                    "label_emb.0.2": "add_embedding.linear_2", "input_blocks.0.0": "conv_in",
-                    "out.0": "conv_norm_out", "out.2": "conv_out"}
+RESNET_NAMES = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+UNET_FIXED_NAMES = {
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+    "time_embed.cond_proj": "time_embedding.cond_proj",
+    "label_emb.0.0": "add_embedding.linear_1",
+    "label_emb.0.2": "add_embedding.linear_2",
+    "input_blocks.0.0": "conv_in",
+    "out.0": "conv_norm_out",
+    "out.2": "conv_out",
+}
 
 
 def _resnet(rest: str) -> str:
@@ -191,8 +232,9 @@ def unet_key(key: str, layers_per_block: int) -> str | None:
     return None
 
 
-def _encoder_config(unet: Tensors, family: str, text_projection_dim: int | None,
-                    hints: ArchitectureHints) -> dict[str, Any]:
+def _encoder_config(
+    unet: Tensors, family: str, text_projection_dim: int | None, hints: ArchitectureHints
+) -> dict[str, Any]:
     """The config.json keys a UNet and a ControlNet share: those of the encoder half (time and text-time
     embeddings, conv_in, down and mid blocks), read from LDM weights (prefix removed)."""
     levels = count_distinct(unet, r"input_blocks\.(\d+)\.0\.op\.") + 1
@@ -248,14 +290,16 @@ def _encoder_config(unet: Tensors, family: str, text_projection_dim: int | None,
     return config
 
 
-def unet_config_from_ldm(unet: Tensors, family: str, text_projection_dim: int | None, hints: ArchitectureHints,
-                         sample_size: int) -> dict[str, Any]:
+def unet_config_from_ldm(
+    unet: Tensors, family: str, text_projection_dim: int | None, hints: ArchitectureHints, sample_size: int
+) -> dict[str, Any]:
     """The diffusers UNet config.json for LDM UNet weights (prefix removed); only their shapes are read.
     `sample_size`: the latent side the model was trained at."""
     config = _encoder_config(unet, family, text_projection_dim, hints)
     stride = config["layers_per_block"] + 1
-    up_attention = [f"output_blocks.{level * stride}.1.proj_in.weight" in unet
-                    for level in range(len(config["block_out_channels"]))]
+    up_attention = [
+        f"output_blocks.{level * stride}.1.proj_in.weight" in unet for level in range(len(config["block_out_channels"]))
+    ]
     cond_proj = unet.get("time_embed.cond_proj.weight")
     return {
         "_class_name": "UNet2DConditionModel",
@@ -283,13 +327,20 @@ def unet_config_from_ldm(unet: Tensors, family: str, text_projection_dim: int | 
     }
 
 
-def read_unet(tensors: Tensors, prefix: str, family: str, text_projection_dim: int | None, hints: ArchitectureHints,
-              sample_size: int) -> OriginalComponent:
+def read_unet(
+    tensors: Tensors,
+    prefix: str,
+    family: str,
+    text_projection_dim: int | None,
+    hints: ArchitectureHints,
+    sample_size: int,
+) -> OriginalComponent:
     config = unet_config_from_ldm(strip_prefix(tensors, prefix), family, text_projection_dim, hints, sample_size)
     return renamed_component(tensors, prefix, lambda k: unet_key(k, config["layers_per_block"]), config, "UNet")
 
 
 # --- ControlNet -----------------------------------------------------------------------------------------
+
 
 def _hint_convs(controlnet: Tensors) -> list[int]:
     """The positions of the convs in the hint block (an nn.Sequential of convs and SiLUs): 0, 2, ..., 14."""
@@ -340,5 +391,6 @@ def read_controlnet(tensors: Tensors, prefix: str, hints: ArchitectureHints) -> 
     controlnet = strip_prefix(tensors, prefix)
     config = controlnet_config_from_ldm(controlnet, hints)
     hint_convs = _hint_convs(controlnet)
-    return renamed_component(tensors, prefix, lambda k: controlnet_key(k, hint_convs, config["layers_per_block"]),
-                             config, "ControlNet")
+    return renamed_component(
+        tensors, prefix, lambda k: controlnet_key(k, hint_convs, config["layers_per_block"]), config, "ControlNet"
+    )

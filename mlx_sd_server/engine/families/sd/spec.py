@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from mlx_sd_server.engine.components import ComponentKind
+from mlx_sd_server.engine.families.sd import single_file
 from mlx_sd_server.engine.families.sd.controlnet import ControlNetConfig, ControlNetModel
 from mlx_sd_server.engine.families.sd.family import StableDiffusionFamily
-from mlx_sd_server.engine.families.sd import single_file
 from mlx_sd_server.engine.families.sd.lora import LORA
 from mlx_sd_server.engine.families.sd.mapping import map_unet_weight
 from mlx_sd_server.engine.families.sd.unet import UNetConfig, UNetModel
 from mlx_sd_server.engine.families.spec import (
-    Capabilities, ComponentSpec, Configs, Detection, FamilySpec, LatentFormat, ModelDefaults, OriginalLayout,
+    Capabilities,
+    ComponentSpec,
+    Configs,
+    Detection,
+    FamilySpec,
+    LatentFormat,
+    ModelDefaults,
+    OriginalLayout,
     Variant,
 )
 from mlx_sd_server.engine.text.clip import CLIP_TEXT
@@ -23,8 +31,12 @@ UNET = ComponentKind(("UNet2DConditionModel",), UNetConfig, UNetModel, map_unet_
 CONTROLNET = ComponentKind(("ControlNetModel",), ControlNetConfig, ControlNetModel, map_unet_weight)
 
 # The training schedule every SD 1.x/2.x/XL model shares (single files do not carry it).
-BETA_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                 "beta_schedule": "scaled_linear"}
+BETA_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+}
 NATIVE_SIZE = {"sd1": 512, "sd2": 512, "sdxl": 1024}  # SD 2.x's v-prediction models: 768
 
 
@@ -65,11 +77,18 @@ SPEC = FamilySpec(
     latent={"sd1": LatentFormat(4, 0.18215), "sd2": LatentFormat(4, 0.18215), "sdxl": LatentFormat(4, 0.13025)},
     variant_of=variant_of,
     capabilities=capabilities,
-    detect=Detection(diffusers_classes=("UNet2DConditionModel",), single_file=single_file.is_single_file, lora=LORA,
-                     diffusers_family=single_file.family_of_configs),
+    detect=Detection(
+        diffusers_classes=("UNet2DConditionModel",),
+        single_file=single_file.is_single_file,
+        lora=LORA,
+        diffusers_family=single_file.family_of_configs,
+    ),
     open_clip_encoders={"sd2": ("text_encoder",), "sdxl": ("text_encoder_2",)},
-    torch_pipelines={"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
-                     "sdxl": "StableDiffusionXLPipeline"},
+    torch_pipelines={
+        "sd1": "StableDiffusionPipeline",
+        "sd2": "StableDiffusionPipeline",
+        "sdxl": "StableDiffusionXLPipeline",
+    },
     title="Stable Diffusion",
     original=OriginalLayout(single_file.parts, single_file.read, single_file.EXPECTS),
 )

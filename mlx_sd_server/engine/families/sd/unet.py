@@ -19,8 +19,8 @@ from mlx_sd_server.engine.ops.attention import attention
 from mlx_sd_server.engine.ops.group_norm import GroupNorm
 from mlx_sd_server.engine.ops.layers import Conv2d, Linear
 
-
 # --- config -----------------------------------------------------------------------------------------
+
 
 def _per_block(value, n: int) -> tuple:
     """diffusers accepts one value for all blocks or a tuple with one per block."""
@@ -59,7 +59,7 @@ class UNetConfig:
     time_cond_proj_dim: int | None = None  # LCM guidance embedding
 
     @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
+    def from_dict(cls, d: dict) -> UNetConfig:
         """From a diffusers UNet2DConditionModel config.json dict (unknown keys ignored)."""
         block_out = tuple(d.get("block_out_channels", cls.block_out_channels))
         n = len(block_out)
@@ -99,6 +99,7 @@ class UNetConfig:
 
 
 # --- attention and transformer ----------------------------------------------------------------------
+
 
 class Attention(nn.Module):
     """Multi-head attention; self-attention when no context is given."""
@@ -164,9 +165,17 @@ class Transformer2D(nn.Module):
 
 # --- resnets and resampling -------------------------------------------------------------------------
 
+
 class ResnetBlock2D(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float,
-                 output_scale_factor: float = 1.0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        groups: int,
+        eps: float,
+        output_scale_factor: float = 1.0,
+    ):
         super().__init__()
         self.output_scale_factor = output_scale_factor
         self.norm1 = GroupNorm(groups, in_channels, eps=eps)
@@ -215,20 +224,33 @@ class Upsample2D(nn.Module):
 
 # --- blocks -----------------------------------------------------------------------------------------
 
+
 class DownBlock(nn.Module):
     """CrossAttnDownBlock2D (heads given) or DownBlock2D (heads None): resnets[, attentions][, downsampler]."""
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, num_layers: int,
-                 heads: int | None, context_dim: int, depths: tuple[int, ...], groups: int, eps: float,
-                 add_downsample: bool):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        num_layers: int,
+        heads: int | None,
+        context_dim: int,
+        depths: tuple[int, ...],
+        groups: int,
+        eps: float,
+        add_downsample: bool,
+    ):
         super().__init__()
         self.resnets = [
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, groups, eps)
             for i in range(num_layers)
         ]
-        self.attentions = [] if heads is None else [
-            Transformer2D(out_channels, heads, context_dim, depths[i], groups) for i in range(num_layers)
-        ]
+        self.attentions = (
+            []
+            if heads is None
+            else [Transformer2D(out_channels, heads, context_dim, depths[i], groups) for i in range(num_layers)]
+        )
         self.downsamplers = [Downsample2D(out_channels)] if add_downsample else []
 
     def __call__(self, x: mx.array, temb: mx.array, context: mx.array) -> tuple[mx.array, list[mx.array]]:
@@ -248,8 +270,17 @@ class DownBlock(nn.Module):
 class MidBlock(nn.Module):
     """UNetMidBlock2DCrossAttn: resnet, then (attention, resnet) pairs."""
 
-    def __init__(self, channels: int, temb_channels: int, heads: int, context_dim: int, depth: int,
-                 groups: int, eps: float, output_scale_factor: float):
+    def __init__(
+        self,
+        channels: int,
+        temb_channels: int,
+        heads: int,
+        context_dim: int,
+        depth: int,
+        groups: int,
+        eps: float,
+        output_scale_factor: float,
+    ):
         super().__init__()
         self.resnets = [
             ResnetBlock2D(channels, channels, temb_channels, groups, eps, output_scale_factor) for _ in range(2)
@@ -266,22 +297,41 @@ class MidBlock(nn.Module):
 class UpBlock(nn.Module):
     """CrossAttnUpBlock2D (heads given) or UpBlock2D (heads None): each resnet eats one skip connection."""
 
-    def __init__(self, in_channels: int, prev_channels: int, out_channels: int, temb_channels: int,
-                 num_layers: int, heads: int | None, context_dim: int, depths: tuple[int, ...], groups: int,
-                 eps: float, add_upsample: bool):
+    def __init__(
+        self,
+        in_channels: int,
+        prev_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        num_layers: int,
+        heads: int | None,
+        context_dim: int,
+        depths: tuple[int, ...],
+        groups: int,
+        eps: float,
+        add_upsample: bool,
+    ):
         super().__init__()
         self.resnets = []
         for i in range(num_layers):
             skip_channels = in_channels if i == num_layers - 1 else out_channels
             resnet_in = prev_channels if i == 0 else out_channels
             self.resnets.append(ResnetBlock2D(resnet_in + skip_channels, out_channels, temb_channels, groups, eps))
-        self.attentions = [] if heads is None else [
-            Transformer2D(out_channels, heads, context_dim, depths[i], groups) for i in range(num_layers)
-        ]
+        self.attentions = (
+            []
+            if heads is None
+            else [Transformer2D(out_channels, heads, context_dim, depths[i], groups) for i in range(num_layers)]
+        )
         self.upsamplers = [Upsample2D(out_channels)] if add_upsample else []
 
-    def __call__(self, x: mx.array, temb: mx.array, context: mx.array, skips: list[mx.array],
-                 upsample_size: tuple[int, int] | None) -> mx.array:
+    def __call__(
+        self,
+        x: mx.array,
+        temb: mx.array,
+        context: mx.array,
+        skips: list[mx.array],
+        upsample_size: tuple[int, int] | None,
+    ) -> mx.array:
         # Skips are consumed last-first, mirroring the order the down block produced them.
         for i, (resnet, skip) in enumerate(zip(self.resnets, reversed(skips))):
             x = resnet(mx.concatenate([x, skip], axis=-1), temb)
@@ -293,6 +343,7 @@ class UpBlock(nn.Module):
 
 
 # --- the model --------------------------------------------------------------------------------------
+
 
 class UNetEncoder(nn.Module):
     """The down half of a UNet: time embedding, conv_in, down blocks, mid block (shared with the ControlNet)."""
@@ -309,20 +360,39 @@ class UNetEncoder(nn.Module):
             self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, temb)
         self.down_blocks = [
             DownBlock(
-                channels[max(i - 1, 0)], channels[i], temb, c.layers_per_block[i],
+                channels[max(i - 1, 0)],
+                channels[i],
+                temb,
+                c.layers_per_block[i],
                 c.num_attention_heads[i] if block_type == "CrossAttnDownBlock2D" else None,
-                c.cross_attention_dim[i], c.down_transformer_layers[i], c.norm_num_groups, c.norm_eps,
+                c.cross_attention_dim[i],
+                c.down_transformer_layers[i],
+                c.norm_num_groups,
+                c.norm_eps,
                 add_downsample=i < len(channels) - 1,
             )
             for i, block_type in enumerate(c.down_block_types)
         ]
         self.mid_block = MidBlock(
-            channels[-1], temb, c.num_attention_heads[-1], c.cross_attention_dim[-1],
-            c.down_transformer_layers[-1][0], c.norm_num_groups, c.norm_eps, c.mid_block_scale_factor,
+            channels[-1],
+            temb,
+            c.num_attention_heads[-1],
+            c.cross_attention_dim[-1],
+            c.down_transformer_layers[-1][0],
+            c.norm_num_groups,
+            c.norm_eps,
+            c.mid_block_scale_factor,
         )
 
-    def embed_time(self, timestep: mx.array | float, batch: int, dtype: mx.Dtype, text_embeds: mx.array | None,
-                   time_ids: mx.array | None, timestep_cond: mx.array | None) -> mx.array:
+    def embed_time(
+        self,
+        timestep: mx.array | float,
+        batch: int,
+        dtype: mx.Dtype,
+        text_embeds: mx.array | None,
+        time_ids: mx.array | None,
+        timestep_cond: mx.array | None,
+    ) -> mx.array:
         """The embedding every resnet receives: timestep (+ LCM guidance) (+ SDXL text/size conditioning)."""
         c = self.config
         t = mx.broadcast_to(mx.array(timestep, dtype=mx.float32).reshape(-1), (batch,))
@@ -331,8 +401,9 @@ class UNetEncoder(nn.Module):
         if c.addition_embed_type == "text_time":
             if text_embeds is None or time_ids is None:
                 raise ValueError("this UNet needs text_embeds and time_ids (SDXL micro-conditioning)")
-            time_embeds = timestep_embedding(time_ids.reshape(-1), c.addition_time_embed_dim, c.flip_sin_to_cos,
-                                             c.freq_shift).reshape(batch, -1)
+            time_embeds = timestep_embedding(
+                time_ids.reshape(-1), c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift
+            ).reshape(batch, -1)
             emb = emb + self.add_embedding(mx.concatenate([text_embeds, time_embeds.astype(dtype)], axis=-1))
         return emb
 
@@ -356,9 +427,16 @@ class UNetModel(UNetEncoder):
         temb = 4 * c.block_out_channels[0]
         self.up_blocks = [
             UpBlock(
-                channels[min(i + 1, len(channels) - 1)], channels[max(i - 1, 0)], channels[i], temb, layers[i] + 1,
+                channels[min(i + 1, len(channels) - 1)],
+                channels[max(i - 1, 0)],
+                channels[i],
+                temb,
+                layers[i] + 1,
                 heads[i] if block_type == "CrossAttnUpBlock2D" else None,
-                context_dims[i], c.up_transformer_layers[i], c.norm_num_groups, c.norm_eps,
+                context_dims[i],
+                c.up_transformer_layers[i],
+                c.norm_num_groups,
+                c.norm_eps,
                 add_upsample=i < len(channels) - 1,
             )
             for i, block_type in enumerate(c.up_block_types)
@@ -390,7 +468,7 @@ class UNetModel(UNetEncoder):
         if mid_block_additional_residual is not None:
             h = h + mid_block_additional_residual
         for block in self.up_blocks:
-            block_skips = skips[-len(block.resnets):]
+            block_skips = skips[-len(block.resnets) :]
             skips = skips[: -len(block.resnets)]
             # Upsample to the next skip's size, which is 2x except after odd sizes on the way down.
             h = block(h, emb, encoder_hidden_states, block_skips, skips[-1].shape[1:3] if skips else None)

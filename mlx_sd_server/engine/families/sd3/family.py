@@ -48,8 +48,9 @@ class SD3Family:
     def sigmas(self, settings: Settings) -> np.ndarray:
         patch_pixels = self.model.vae.latent_scale * self.transformer.config.patch_size
         image_tokens = (settings.height // patch_pixels) * (settings.width // patch_pixels)
-        return flow_sigmas(settings.scheduler, settings.steps, self.scheduler_config, image_tokens,
-                           scheduler_spacing=True)
+        return flow_sigmas(
+            settings.scheduler, settings.steps, self.scheduler_config, image_tokens, scheduler_spacing=True
+        )
 
     def guided(self, settings: Settings) -> bool:
         return settings.cfg_scale > 1.0
@@ -72,7 +73,10 @@ class SD3Family:
         clip = mx.concatenate(clip_states, axis=-1)
         clip = mx.pad(clip, [(0, 0), (0, 0), (0, width - clip.shape[-1])])
         if "text_encoder_3" in self.model.text_encoders:  # T5 (optional)
-            t5_tokenizer, t5_encoder = self.model.tokenizers["text_encoder_3"], self.model.text_encoders["text_encoder_3"]
+            t5_tokenizer, t5_encoder = (
+                self.model.tokenizers["text_encoder_3"],
+                self.model.text_encoders["text_encoder_3"],
+            )
             ids, weights = zip(*(weighted_ids(t5_tokenizer, p, self.t5_max_length) for p in pieces))
             t5 = emphasised(t5_encoder(mx.array(ids)).astype(mx.float32), weights)
         else:
@@ -81,8 +85,14 @@ class SD3Family:
 
     # --- the denoiser ------------------------------------------------------------------------------
 
-    def denoiser(self, settings: Settings, conditioning: SD3Conditioning, guided: bool,
-                 extra_channels: mx.array | None, control: mx.array | None) -> Denoiser:
+    def denoiser(
+        self,
+        settings: Settings,
+        conditioning: SD3Conditioning,
+        guided: bool,
+        extra_channels: mx.array | None,
+        control: mx.array | None,
+    ) -> Denoiser:
         dtype, n = self.model.dtype, settings.n
         copies = 2 if guided else 1
         context = mx.repeat(conditioning.context, n, axis=0).astype(dtype)  # [negative]*n + [prompt]*n

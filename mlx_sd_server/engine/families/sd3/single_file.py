@@ -18,16 +18,24 @@ from __future__ import annotations
 
 import math
 import re
-from functools import partial
 from collections.abc import Collection, Iterable, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mlx_sd_server.engine import ldm_vae
 from mlx_sd_server.engine.source import (
-    ArchitectureHints, CheckpointError, FilePart, OriginalComponent, OriginalModel, Tensors, count_distinct,
-    known_keys, split_options, strip_prefix,
+    ArchitectureHints,
+    CheckpointError,
+    FilePart,
+    OriginalComponent,
+    OriginalModel,
+    Tensors,
+    count_distinct,
+    known_keys,
+    split_options,
+    strip_prefix,
 )
 from mlx_sd_server.engine.text.single_file import CLIP_G, CLIP_L, T5_XXL, read_clip, read_projected_clip, read_t5
 
@@ -41,8 +49,9 @@ SD3_PREFIX = "model.diffusion_model."
 MARKER = "joint_blocks.0.x_block.attn.qkv.weight"  # Stability's MMDiT names
 
 PARTS = {
-    "transformer": FilePart("the SD3 transformer (e.g. sd3.5_large.safetensors)", MARKER, (SD3_PREFIX, ""),
-                            "--diffusion-model"),
+    "transformer": FilePart(
+        "the SD3 transformer (e.g. sd3.5_large.safetensors)", MARKER, (SD3_PREFIX, ""), "--diffusion-model"
+    ),
     "vae": FilePart("the SD3 autoencoder", ldm_vae.MARKER, ("first_stage_model.", "", "vae."), "--vae"),
     "text_encoder": CLIP_L,
     "text_encoder_2": CLIP_G,
@@ -131,8 +140,9 @@ def map_sd3_transformer_weight(key: str, value: np.ndarray, hidden_size: int) ->
     return [(f"{prefix}{target}.{param}", value)]
 
 
-def sd3_transformer_config(state: Tensors, attention_head_dim: int = ArchitectureHints.attention_head_dim
-                           ) -> dict[str, Any]:
+def sd3_transformer_config(
+    state: Tensors, attention_head_dim: int = ArchitectureHints.attention_head_dim
+) -> dict[str, Any]:
     """The diffusers SD3Transformer2DModel config.json for original MMDiT weights; only their shapes are read.
     The head size is the qk-norm's width where there is one (SD3.5), else `attention_head_dim`."""
     state = {k.removeprefix(SD3_PREFIX): v for k, v in state.items()}
@@ -140,8 +150,10 @@ def sd3_transformer_config(state: Tensors, attention_head_dim: int = Architectur
     qk_norm = state.get("joint_blocks.0.x_block.attn.ln_q.weight")
     head_dim = attention_head_dim if qk_norm is None else qk_norm.shape[0]
     if hidden_size % head_dim:
-        raise CheckpointError(f"this SD3 transformer is {hidden_size} wide, not a multiple of {head_dim}-dim attention "
-                              "heads: pass attention_head_dim")
+        raise CheckpointError(
+            f"this SD3 transformer is {hidden_size} wide, not a multiple of {head_dim}-dim attention "
+            "heads: pass attention_head_dim"
+        )
     positions = state["pos_embed"].shape[1]
     side = math.isqrt(positions)
     if side * side != positions:
@@ -151,8 +163,9 @@ def sd3_transformer_config(state: Tensors, attention_head_dim: int = Architectur
         "_class_name": "SD3Transformer2DModel",
         "attention_head_dim": head_dim,
         "caption_projection_dim": context_out,
-        "dual_attention_layers": sorted({int(m[1]) for k in state
-                                         if (m := re.match(r"joint_blocks\.(\d+)\.x_block\.attn2\.", k))}),
+        "dual_attention_layers": sorted(
+            {int(m[1]) for k in state if (m := re.match(r"joint_blocks\.(\d+)\.x_block\.attn2\.", k))}
+        ),
         "in_channels": in_channels,
         "joint_attention_dim": context_in,
         "num_attention_heads": hidden_size // head_dim,
@@ -180,12 +193,17 @@ def read_clip_l(tensors: Tensors, prefix: str, hints: ArchitectureHints) -> Orig
     clip = read_clip(tensors, prefix, hints)
     hidden_size = clip.config["hidden_size"]
     config = {**clip.config, "architectures": ["CLIPTextModelWithProjection"], "projection_dim": hidden_size}
-    return OriginalComponent(config, clip.keys, clip.mapper,
-                             (("text_projection.weight", np.eye(hidden_size, dtype=np.float32)),))
+    return OriginalComponent(
+        config, clip.keys, clip.mapper, (("text_projection.weight", np.eye(hidden_size, dtype=np.float32)),)
+    )
 
 
-def read(spec: FamilySpec, found: Mapping[str, tuple[Tensors, str]], stated_prediction_type: str | None,
-         hints: ArchitectureHints) -> OriginalModel:
+def read(
+    spec: FamilySpec,
+    found: Mapping[str, tuple[Tensors, str]],
+    stated_prediction_type: str | None,
+    hints: ArchitectureHints,
+) -> OriginalModel:
     """Without T5 (not found: `convert --no-t5` does not look for it) the model reads zeros in its place."""
     transformer = read_transformer(*found["transformer"], hints.attention_head_dim)
     size = spec.variant_of(spec.name, "flow", {"transformer": transformer.config}, "").defaults.width

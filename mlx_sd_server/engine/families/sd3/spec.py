@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from mlx_sd_server.engine.components import ComponentKind
-from mlx_sd_server.engine.families.sd3.family import T5_MAX_LENGTH, SD3Family
 from mlx_sd_server.engine.families.sd3 import single_file
+from mlx_sd_server.engine.families.sd3.family import T5_MAX_LENGTH, SD3Family
 from mlx_sd_server.engine.families.sd3.lora import LORA
 from mlx_sd_server.engine.families.sd3.mapping import map_sd3_transformer_weight
 from mlx_sd_server.engine.families.sd3.transformer import SD3Transformer2DModel, SD3TransformerConfig
 from mlx_sd_server.engine.families.spec import (
-    Capabilities, ComponentSpec, Configs, Detection, FamilySpec, LatentFormat, ModelDefaults, OriginalLayout,
+    Capabilities,
+    ComponentSpec,
+    Configs,
+    Detection,
+    FamilySpec,
+    LatentFormat,
+    ModelDefaults,
+    OriginalLayout,
     Variant,
 )
 from mlx_sd_server.engine.sampling.samplers import FLOW_SAMPLERS
@@ -20,22 +28,30 @@ from mlx_sd_server.engine.text.clip import CLIP_TEXT
 from mlx_sd_server.engine.text.t5 import T5_ENCODER
 from mlx_sd_server.engine.vae import AUTOENCODER_KL, downscale_factor
 
-TRANSFORMER = ComponentKind(("SD3Transformer2DModel",), SD3TransformerConfig, SD3Transformer2DModel,
-                            map_sd3_transformer_weight)
+TRANSFORMER = ComponentKind(
+    ("SD3Transformer2DModel",), SD3TransformerConfig, SD3Transformer2DModel, map_sd3_transformer_weight
+)
 # (steps, cfg) from the model cards' examples. The transformer's config tells the releases apart (SD3.5
 # normalises queries and keys, only SD3.5-medium has MMDiT-X dual attention); large-turbo, whose config is
 # large's, only by its name.
-RELEASES = {"sd3-medium": (28, 7.0), "sd3.5-medium": (40, 4.5), "sd3.5-large": (28, 3.5),
-            "sd3.5-large-turbo": (4, 1.0)}
+RELEASES = {"sd3-medium": (28, 7.0), "sd3.5-medium": (40, 4.5), "sd3.5-large": (28, 3.5), "sd3.5-large-turbo": (4, 1.0)}
 
 
 def variant_of(family: str, prediction_type: str, configs: Configs, name: str) -> Variant:
     config = configs["transformer"]
-    release = ("sd3.5-large-turbo" if "turbo" in name.lower() else "sd3-medium" if not config.get("qk_norm")
-               else "sd3.5-medium" if config.get("dual_attention_layers") else "sd3.5-large")
+    release = (
+        "sd3.5-large-turbo"
+        if "turbo" in name.lower()
+        else "sd3-medium"
+        if not config.get("qk_norm")
+        else "sd3.5-medium"
+        if config.get("dual_attention_layers")
+        else "sd3.5-large"
+    )
     steps, cfg_scale = RELEASES[release]
-    return Variant(release, ModelDefaults(steps, cfg_scale, "euler", "discrete", 1024, 1024),
-                   {"text_encoder_3": T5_MAX_LENGTH})
+    return Variant(
+        release, ModelDefaults(steps, cfg_scale, "euler", "discrete", 1024, 1024), {"text_encoder_3": T5_MAX_LENGTH}
+    )
 
 
 def capabilities(manifest: Mapping[str, Any], has_controlnet: bool) -> Capabilities:
@@ -45,9 +61,14 @@ def capabilities(manifest: Mapping[str, Any], has_controlnet: bool) -> Capabilit
     transformer = components["transformer"]["config"]
     patch_pixels = downscale_factor(components["vae"]["config"]) * transformer.get("patch_size", 2)
     largest = transformer.get("pos_embed_max_size", SD3TransformerConfig.pos_embed_max_size)
-    return Capabilities(family="sd3", samplers=FLOW_SAMPLERS, schedulers=FLOW_SCHEDULES, controlnet=False,
-                        size_multiple=patch_pixels,
-                        largest_side=patch_pixels * largest if largest else None)
+    return Capabilities(
+        family="sd3",
+        samplers=FLOW_SAMPLERS,
+        schedulers=FLOW_SCHEDULES,
+        controlnet=False,
+        size_multiple=patch_pixels,
+        largest_side=patch_pixels * largest if largest else None,
+    )
 
 
 SPEC = FamilySpec(

@@ -75,8 +75,9 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"latent size {h}x{w} must be a multiple of the patch size {p}")
         h, w = h // p, w // p
         if h > size or w > size:
-            raise ValueError(f"a latent of {h}x{w} patches is beyond this model's position embeddings "
-                             f"({size}x{size} patches)")
+            raise ValueError(
+                f"a latent of {h}x{w} patches is beyond this model's position embeddings ({size}x{size} patches)"
+            )
         top, left = (size - h) // 2, (size - w) // 2
         table = self.pos_embed.reshape(size, size, -1)[top : top + h, left : left + w]
         tokens = self.proj(x).reshape(b, h * w, -1)
@@ -103,9 +104,11 @@ class SD3Attention(nn.Module):
             if context_out:
                 self.to_add_out = Linear(inner, dim)
 
-    def _qkv(self, x: mx.array, q: Linear, k: Linear, v: Linear, norm_q: nn.RMSNorm | None,
-             norm_k: nn.RMSNorm | None) -> tuple[mx.array, mx.array, mx.array]:
+    def _qkv(
+        self, x: mx.array, q: Linear, k: Linear, v: Linear, norm_q: nn.RMSNorm | None, norm_k: nn.RMSNorm | None
+    ) -> tuple[mx.array, mx.array, mx.array]:
         """(B, L, heads, head_dim) queries, keys and values; the norms (SD3.5's) act per head."""
+
         def heads(t: mx.array) -> mx.array:
             return t.reshape(*x.shape[:2], self.heads, -1)
 
@@ -119,8 +122,14 @@ class SD3Attention(nn.Module):
         image part through `to_out` and the text part through `to_add_out` (None in a context_pre_only block)."""
         q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.get("norm_q"), self.get("norm_k"))
         if context is not None:
-            cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
-                                   self.get("norm_added_q"), self.get("norm_added_k"))
+            cq, ck, cv = self._qkv(
+                context,
+                self.add_q_proj,
+                self.add_k_proj,
+                self.add_v_proj,
+                self.get("norm_added_q"),
+                self.get("norm_added_k"),
+            )
             q, k, v = (mx.concatenate(pair, axis=1) for pair in ((q, cq), (k, ck), (v, cv)))
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
         out = attention(q, k, v).transpose(0, 2, 1, 3).reshape(x.shape[0], q.shape[2], -1)
@@ -134,8 +143,9 @@ class SD3Attention(nn.Module):
 class JointTransformerBlock(nn.Module):
     """diffusers' JointTransformerBlock: adaLN-Zero on both streams, joint attention, GELU feed-forwards."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_pre_only: bool, qk_norm: str | None,
-                 use_dual_attention: bool):
+    def __init__(
+        self, dim: int, heads: int, head_dim: int, context_pre_only: bool, qk_norm: str | None, use_dual_attention: bool
+    ):
         super().__init__()
         self.context_pre_only, self.use_dual_attention = context_pre_only, use_dual_attention
         self.norm1 = Modulation(dim, 9 if use_dual_attention else 6)  # SD35AdaLayerNormZeroX: 3 more for attn2
@@ -180,9 +190,14 @@ class SD3Transformer2DModel(nn.Module):
         self.time_text_embed = TimeTextEmbedding(dim, c.pooled_projection_dim, guidance=False)
         self.context_embedder = Linear(c.joint_attention_dim, c.caption_projection_dim)
         self.transformer_blocks = [
-            JointTransformerBlock(dim, c.num_attention_heads, c.attention_head_dim, qk_norm=c.qk_norm,
-                                  context_pre_only=i == c.num_layers - 1,
-                                  use_dual_attention=i in c.dual_attention_layers)
+            JointTransformerBlock(
+                dim,
+                c.num_attention_heads,
+                c.attention_head_dim,
+                qk_norm=c.qk_norm,
+                context_pre_only=i == c.num_layers - 1,
+                use_dual_attention=i in c.dual_attention_layers,
+            )
             for i in range(c.num_layers)
         ]
         self.norm_out = Modulation(dim, 2)
