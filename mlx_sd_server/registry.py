@@ -237,12 +237,12 @@ class ModelRegistry:
     def resolve(self, requested: str | None) -> ModelInfo:
         """The model that serves a request's `model`: that model; else, unless names are strict, the
         default for an OpenAI model name or for any name while only one model is served; else 404."""
-        if requested and requested not in self._infos and not self.strict_model_names:
-            if requested in OPENAI_MODEL_ALIASES or len(self._infos) == 1:
-                log.info(
-                    "model %r is not served here: the default model %s serves the request", requested, self.default_name
-                )
-                return self.info()
+        unknown = requested and requested not in self._infos and not self.strict_model_names
+        if unknown and (requested in OPENAI_MODEL_ALIASES or len(self._infos) == 1):
+            log.info(
+                "model %r is not served here: the default model %s serves the request", requested, self.default_name
+            )
+            return self.info()
         return self.info(requested)
 
     def loaded(self) -> list[str]:

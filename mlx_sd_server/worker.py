@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import math
 import queue
@@ -226,10 +227,10 @@ class Worker:
                 f"job {running.id} ends after its current step" if running is not None else "no job running",
                 len(aborted),
             )
-        try:
-            self._queue.put_nowait(None)  # wakes the thread, which then ends (again: the drain above may take one)
-        except queue.Full:  # cannot be: submit refuses new tasks once stopping
-            pass
+        # Wakes the thread, which then ends (again: the drain above may take one). Never full: submit refuses
+        # new tasks once stopping.
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
 
     def stop(self, timeout: float | None = None) -> None:
         """shutdown(), then wait for the thread to finish its current step (at most `timeout` seconds)."""

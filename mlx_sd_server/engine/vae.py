@@ -386,11 +386,9 @@ def map_vae_weight(key: str, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
     for old, new in LEGACY_ATTENTION_NAMES.items():
         key = key.replace(old, new)
     if value.ndim == 4:
-        if any(name in key for name in ATTENTION_PROJECTIONS):
-            # Some checkpoints store the attention projections as 1x1 convolutions.
-            value = value[:, :, 0, 0]
-        else:
-            value = value.transpose(0, 2, 3, 1)
+        # Some checkpoints store the attention projections as 1x1 convolutions.
+        projection = any(name in key for name in ATTENTION_PROJECTIONS)
+        value = value[:, :, 0, 0] if projection else value.transpose(0, 2, 3, 1)
     return [(key, value)]
 
 

@@ -293,7 +293,8 @@ def dequantize(
 
     MLX's CPU dequantize runs 7-20 ns per weight (a 3072x3072 4-bit weight: 75-190 ms); this unpacks
     each byte of affine 2/4/8-bit weights with numpy shifts and masks and applies scale and bias per
-    group in one multiply and one add: 1.6-1.8 ns per weight on 2 cores (bench/kernels.py). MLX packs element i of a uint32 into
+    group in one multiply and one add: 1.6-1.8 ns per weight on 2 cores (bench/kernels.py). MLX packs
+    element i of a uint32 into
     bits [i*bits, (i+1)*bits), so on a little-endian machine byte j holds elements j*8/bits onwards, the
     first in the low bits. Other modes and bit widths fall back to MLX.
     """

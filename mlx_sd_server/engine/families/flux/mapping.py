@@ -1,4 +1,4 @@
-"""diffusers FluxTransformer2DModel weights -> `mlx_sd_server.engine.families.flux.transformer.FluxTransformer2DModel`."""
+"""diffusers FluxTransformer2DModel weights -> our `families.flux.transformer.FluxTransformer2DModel` weights."""
 
 from __future__ import annotations
 
