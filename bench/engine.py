@@ -70,7 +70,7 @@ def mlx_engine(folder: Path, dtype: str, low_memory: bool = False):
 
     pipeline = DiffusionPipeline(load_model(folder, dtype=dtype, low_memory=low_memory))
     mx.eval(pipeline.model.unet.parameters(), pipeline.model.vae.parameters(),
-            [encoder.parameters() for encoder in pipeline.model.text_encoders])  # loading is lazy
+            [encoder.parameters() for encoder in pipeline.model.text_encoders.values()])  # loading is lazy
 
     def unet_call(inputs: dict):
         arrays = {k: mx.array(v).astype(pipeline.model.dtype) for k, v in inputs.items()}

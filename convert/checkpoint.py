@@ -38,6 +38,7 @@ from mlx_sd_server.engine.source import (
     Tensors,
     Weights,
     float32,
+    hint_option,
 )
 from mlx_sd_server.engine.text.t5 import T5_ENCODER
 
@@ -55,7 +56,7 @@ PREDICTION_TYPES = {
 # SD3's T5 use the same one.
 T5_TOKENIZER_REPO = "black-forest-labs/FLUX.1-schnell"
 T5_TOKENIZER_FILE = "tokenizer_2/tokenizer.json"
-RELEASED = ArchitectureHints()  # the released models' hyperparameters
+NO_HINTS = ArchitectureHints()  # none given: the released models' values, taken as guesses
 
 
 @dataclass
@@ -149,11 +150,13 @@ def read_checkpoint(
     prediction_type: str | None = None,
     with_t5: bool = True,
     t5_tokenizer: Path | None = None,
-    hints: ArchitectureHints = RELEASED,
+    hints: ArchitectureHints = NO_HINTS,
 ) -> SourceModel:
     """A single file (and the component files `given` by their `convert` option, e.g. {"--vae": path}) of
     whichever family its tensor names show. Pickles (.ckpt/.pt/.bin) are refused unless `allow_pickle`;
-    `prediction_type` overrides the file's; `with_t5=False` leaves the family's optional text encoders out."""
+    `prediction_type` overrides the file's; `with_t5=False` leaves the family's optional text encoders out.
+    `hints`: what the files cannot tell; where one is not given its value is guessed, logged and recorded in
+    the model's `guessed`."""
     files = Files(allow_pickle)
     spec = family_of_file(Path(path), files)
     return _read(spec, Path(path), given or {}, files, prediction_type, with_t5, t5_tokenizer, hints)[1]
@@ -168,7 +171,7 @@ def read_original(
     prediction_type: str | None = None,
     with_t5: bool = True,
     t5_tokenizer: Path | None = None,
-    hints: ArchitectureHints = RELEASED,
+    hints: ArchitectureHints = NO_HINTS,
 ) -> SourceModel:
     """`main` and the component files `given`, read as `spec`'s family (as read_checkpoint, which detects it)."""
     return _read(spec, Path(main), given or {}, Files(allow_pickle), prediction_type, with_t5, t5_tokenizer, hints)[1]
@@ -178,7 +181,7 @@ def load_checkpoint(
     path: str | Path,
     allow_pickle: bool = False,
     prediction_type: str | None = None,
-    hints: ArchitectureHints = RELEASED,
+    hints: ArchitectureHints = NO_HINTS,
 ) -> DiffusersComponents:
     """A single file read at once into diffusers-layout configs and float32 state dicts."""
     files = Files(allow_pickle)
@@ -230,7 +233,27 @@ def _read(
         for name, (config, _) in components.items()
         if component_kind(name, config).tokenizer_class
     }
-    return model, SourceModel(model.family, model.prediction_type, model.scheduler, components, tokenizers)
+    guessed = logged_guesses(model)
+    return model, SourceModel(model.family, model.prediction_type, model.scheduler, components, tokenizers, guessed)
+
+
+def logged_guesses(model: OriginalModel) -> dict[str, Any]:
+    """The config values the files could not tell, by "component.key", each logged as `Guess` says: a warning
+    where the shapes are not a released model's, else at info level."""
+    guessed: dict[str, Any] = {}
+    for name, component in model.components.items():
+        for guess in component.guessed:
+            guessed[f"{name}.{guess.key}"] = guess.value
+            log.log(
+                logging.INFO if guess.standard else logging.WARNING,
+                "guessed %s = %s for %s (the file cannot tell%s; pass %s to override)",
+                guess.key,
+                guess.value,
+                name,
+                "" if guess.standard else ", and its shapes are not a released model's",
+                hint_option(guess.hint),
+            )
+    return guessed
 
 
 def locate_components(

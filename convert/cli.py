@@ -6,9 +6,11 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from convert.model import SplitFiles, convert_model
+from mlx_sd_server.engine.source import ArchitectureHints
 from mlx_sd_server.paths import model_dir
 
 SPLIT_OPTIONS = ("diffusion_model", "vae", "clip_l", "clip_g", "t5xxl", "t5_tokenizer")
@@ -20,6 +22,11 @@ def split_files(args: argparse.Namespace) -> SplitFiles | None:
     if split and "diffusion_model" not in split:
         raise ValueError("split files need --diffusion-model (the transformer file)")
     return SplitFiles(**split) if split else None
+
+
+def given_hints(args: argparse.Namespace) -> ArchitectureHints:
+    """The architecture options (`--text-head-dim`, ...: one per hint); those not given are None, guessed."""
+    return ArchitectureHints(**{hint.name: getattr(args, hint.name, None) for hint in fields(ArchitectureHints)})
 
 
 def is_path(text: str) -> bool:
@@ -69,6 +76,7 @@ def main(args: argparse.Namespace) -> int:
             name=name,
             progress=sys.stderr.isatty(),
             with_t5=not args.no_t5,
+            hints=given_hints(args),
         )
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"mlx-sd-server convert: {exc}", file=sys.stderr)

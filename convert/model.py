@@ -20,12 +20,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from convert.checkpoint import read_checkpoint
+from convert.checkpoint import NO_HINTS, read_checkpoint
 from convert.diffusers_folder import is_diffusers_folder, read_diffusers_folder, tokenizer_folder
 from convert.gguf_source import to_mlx
 from mlx_sd_server.engine.families import FAMILIES, spec_for
 from mlx_sd_server.engine.model_io import DTYPES, component_kind, save_component, write_manifest
-from mlx_sd_server.engine.source import CheckpointError, SourceModel
+from mlx_sd_server.engine.source import ArchitectureHints, CheckpointError, SourceModel
 from mlx_sd_server.engine.text.clip_tokenizer import CLIPTokenizer, default_vocab_path
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,16 @@ class SplitFiles:
 
 
 def read_source(
-    src: Path | SplitFiles, allow_pickle: bool = False, prediction_type: str | None = None, with_t5: bool = True
+    src: Path | SplitFiles,
+    allow_pickle: bool = False,
+    prediction_type: str | None = None,
+    with_t5: bool = True,
+    hints: ArchitectureHints = NO_HINTS,
 ) -> SourceModel:
     """A diffusers folder, a single-file checkpoint or split files, read into diffusers layout. `with_t5=False`
     leaves the family's optional text encoders out (SD3's T5: the model then reads zeros in its place, as
-    diffusers' pipeline allows)."""
-    source = _read_source(src, allow_pickle, prediction_type, with_t5)
+    diffusers' pipeline allows). `hints`: what single files cannot tell (a diffusers folder's configs say it)."""
+    source = _read_source(src, allow_pickle, prediction_type, with_t5, hints)
     if not with_t5:
         optional = spec_for(source.family).optional_text_encoders
         if not optional:
@@ -70,7 +74,9 @@ def read_source(
     return source
 
 
-def _read_source(src: Path | SplitFiles, allow_pickle: bool, prediction_type: str | None, with_t5: bool) -> SourceModel:
+def _read_source(
+    src: Path | SplitFiles, allow_pickle: bool, prediction_type: str | None, with_t5: bool, hints: ArchitectureHints
+) -> SourceModel:
     if isinstance(src, SplitFiles):
         return read_checkpoint(
             src.diffusion_model,
@@ -79,11 +85,16 @@ def _read_source(src: Path | SplitFiles, allow_pickle: bool, prediction_type: st
             prediction_type=prediction_type,
             with_t5=with_t5,
             t5_tokenizer=src.t5_tokenizer,
+            hints=hints,
         )
     if is_diffusers_folder(src):
+        if hints != NO_HINTS:
+            log.warning("%s is a diffusers folder, whose configs say what the architecture options give: ignored", src)
         return read_diffusers_folder(src, allow_pickle=allow_pickle, prediction_type=prediction_type)
     if src.is_file():  # a single file of any family, or a clear error naming what it lacks
-        return read_checkpoint(src, allow_pickle=allow_pickle, prediction_type=prediction_type, with_t5=with_t5)
+        return read_checkpoint(
+            src, allow_pickle=allow_pickle, prediction_type=prediction_type, with_t5=with_t5, hints=hints
+        )
     raise FileNotFoundError(f"{src} is neither a diffusers folder nor a checkpoint file")
 
 
@@ -175,6 +186,8 @@ def write_model(
             "quantization": quantization or _usual_quantization(entries),
             "components": entries,
         }
+        if source.guessed:  # what a single file could not tell (docs/model-format.md)
+            manifest["guessed"] = source.guessed
         if origin:
             manifest["source"] = {"from": origin, "converted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if source_sha256:
@@ -208,14 +221,15 @@ def convert_model(
     progress: bool = True,
     origin: str | None = None,
     with_t5: bool = True,
+    hints: ArchitectureHints = NO_HINTS,
 ) -> Path:
     """Convert a diffusers folder, single-file checkpoint or split files at `src` into a model folder at `dst`.
     The manifest records where it came from: `origin` (e.g. a repo id), else `src`'s absolute path.
-    `with_t5=False`: an SD3 model without T5 (see read_source)."""
+    `with_t5=False`: an SD3 model without T5; `hints`: what single files cannot tell (see read_source)."""
     src, dst = src if isinstance(src, SplitFiles) else Path(src), Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} already exists and is not empty")
-    source = read_source(src, allow_pickle=allow_pickle, prediction_type=prediction_type, with_t5=with_t5)
+    source = read_source(src, allow_pickle=allow_pickle, prediction_type=prediction_type, with_t5=with_t5, hints=hints)
     if origin is None:
         origin = str((src.diffusion_model if isinstance(src, SplitFiles) else src).expanduser().resolve())
     single_file = src if isinstance(src, Path) and src.is_file() else None

@@ -6,11 +6,14 @@ Option names mirror the API's field names (`sample_method` -> `--sample-method`)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import sys
+import typing
 
 from mlx_sd_server import store
+from mlx_sd_server.engine.source import ArchitectureHints, hint_option
 from mlx_sd_server.job.fields import FIELDS, IMAGE_FIELDS, MODEL_FIELDS, Field, Limits
 
 DESCRIPTION = (
@@ -99,6 +102,36 @@ def add_split_file_options(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="T5's tokenizer.json (or its folder); default: downloaded from FLUX.1-schnell's repo",
     )
+
+
+def positive_int(text: str) -> int:
+    value = int(text)  # (argparse reports a ValueError as an invalid value)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    return tuple(positive_int(part) for part in text.split(","))
+
+
+def add_architecture_options(parser: argparse.ArgumentParser) -> None:
+    """One option per ArchitectureHints field (`--text-head-dim N`, `--axes-dims-rope 16,56,56`, ...): what a
+    single file cannot tell, for models whose shapes are not the released ones."""
+    group = parser.add_argument_group(
+        "what a single file cannot tell",
+        "default: the released models' values, taken as guesses, which are logged (a warning where the shapes "
+        "are not a released model's) and recorded in the manifest's `guessed`",
+    )
+    types = typing.get_type_hints(ArchitectureHints)
+    for hint in dataclasses.fields(ArchitectureHints):
+        several = typing.get_origin(typing.get_args(types[hint.name])[0]) is tuple  # (the type is `X | None`)
+        group.add_argument(
+            hint_option(hint.name),
+            type=positive_ints if several else positive_int,
+            metavar="N,N,N" if several else "N",
+            help=hint.metadata["help"],
+        )
 
 
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
@@ -345,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--name", help="model name in the manifest (default: NAME, else the output folder's name)")
     add_no_t5(convert)
+    add_architecture_options(convert)
 
     pull = command("pull", help="download a model from Hugging Face and convert it into the model directory")
     pull.add_argument("repo_id", metavar="HF_REPO_ID", help="e.g. stabilityai/sd-turbo")

@@ -174,6 +174,10 @@ def main(args: argparse.Namespace) -> int:
     for image, seed, path in zip(images, job.seeds(), paths):
         parameters = a1111_parameters(job, seed, name, model_hash=hashed, lora_hashes=lora_hashes)
         data = encode_image(image, fmt, quality=quality, parameters=parameters)
-        write_atomically(path, lambda tmp, data=data: Path(tmp).write_bytes(data))
+
+        def write(tmp: str, data: bytes = data) -> None:  # bound now (B023), though it is called at once
+            Path(tmp).write_bytes(data)
+
+        write_atomically(path, write)
         print(path)
     return 0

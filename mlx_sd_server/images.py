@@ -20,7 +20,7 @@ import struct
 import tempfile
 import warnings
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, cast
 
 from PIL import Image, ImageOps, PngImagePlugin
 
@@ -49,14 +49,14 @@ _DATA_URL_BYTES = re.compile(rb"data:image/[A-Za-z0-9_.+-]+;base64,", re.IGNOREC
 _BASE64_SLICE = 4 * 64 * 1024  # characters decoded at a time (a multiple of 4)
 
 
-def spooled_upload() -> BinaryIO:
+def spooled_upload() -> IO[bytes]:
     """Where an upload is kept while it arrives: memory up to SPOOL_BYTES, then an unnamed temporary file."""
     return tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
 
 
 def decode_base64_upload(
     data: bytes | bytearray | memoryview, param: str, *, max_pixels: int, max_aspect: float = Limits.max_upload_aspect
-) -> BinaryIO:
+) -> IO[bytes]:
     """A base64 image or data URL held as bytes (a long JSON string, set aside unread) -> a spooled file of
     the image's bytes, as decode_base64_image would decode it, but a slice at a time and without copying
     the text: its first slice is judged (check_upload_head) before the rest is decoded."""
@@ -111,7 +111,7 @@ def _check_dimensions(width: int, height: int, param: str, max_pixels: int, max_
 
 
 def check_upload_head(
-    head: bytes, param: str, *, max_pixels: int, max_aspect: float = Limits.max_upload_aspect
+    head: bytes | bytearray, param: str, *, max_pixels: int, max_aspect: float = Limits.max_upload_aspect
 ) -> None:
     """Judge an upload by its first bytes while the rest is still arriving, so a refused one is never
     kept whole: from SIGNATURE_BYTES on, it must start as one of ACCEPTED_FORMATS does (Pillow's own test,
@@ -122,9 +122,8 @@ def check_upload_head(
         return
     Image.init()
     prefix = bytes(head[:SIGNATURE_BYTES])
-    if not any(
-        Image.OPEN[name][1] is None or Image.OPEN[name][1](prefix) for name in ACCEPTED_FORMATS if name in Image.OPEN
-    ):
+    accepts = [Image.OPEN[name][1] for name in ACCEPTED_FORMATS if name in Image.OPEN]
+    if not any(accept is None or accept(prefix) for accept in accepts):
         raise _not_an_image(param)
     if len(head) < HEADER_BYTES:
         return
@@ -139,13 +138,19 @@ def check_upload_head(
 
 
 def open_upload(
-    data: bytes | BinaryIO, param: str, *, max_bytes: int, max_pixels: int, max_aspect: float = Limits.max_upload_aspect
+    data: bytes | IO[bytes],
+    param: str,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    max_aspect: float = Limits.max_upload_aspect,
 ) -> Image.Image:
     """Decode an uploaded image (its bytes, or a seekable binary file holding them), refusing anything too
     big, not an image, a decompression bomb, or an aspect ratio (long side / short side) over `max_aspect`.
 
     Returns a loaded image in RGB, RGBA or L mode, rotated upright by its EXIF orientation.
     """
+    stream: IO[bytes]
     if isinstance(data, (bytes, bytearray, memoryview)):
         size, stream = len(data), io.BytesIO(data)
     else:
@@ -164,10 +169,10 @@ def open_upload(
             width, height = image.size  # from the header: nothing decoded yet
             _check_dimensions(width, height, param, max_pixels, max_aspect)
             image.load()
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                return image.convert("RGBA")
-            return image.convert("L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+            upright = ImageOps.exif_transpose(image)
+            if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
+                return upright.convert("RGBA")
+            return upright.convert("L" if upright.mode in ("1", "L", "I", "I;16", "F") else "RGB")
         except JobError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -181,7 +186,11 @@ def open_upload(
 
 
 def has_transparency(image: Image.Image) -> bool:
-    return image.mode == "RGBA" and image.getchannel("A").getextrema()[0] < 255
+    if image.mode != "RGBA":
+        return False
+    # PIL types getextrema for any number of bands; one band gives its (min, max)
+    lowest, _ = cast("tuple[int, int]", image.getchannel("A").getextrema())
+    return lowest < 255
 
 
 def mask_from_upload(image: Image.Image) -> Image.Image:

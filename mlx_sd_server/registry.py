@@ -51,12 +51,8 @@ class ModelInfo:
     defaults: ModelDefaults
     has_controlnet: bool
     folder: Path
-    capabilities: Capabilities | None = None  # None (test doubles): the generic rules, under the family's name
+    capabilities: Capabilities
     random_weights: bool = False  # the built-in test model: it draws noise
-
-    def __post_init__(self) -> None:
-        if self.capabilities is None:
-            object.__setattr__(self, "capabilities", Capabilities(self.family, controlnet=self.has_controlnet))
 
 
 class Pipeline(Protocol):
@@ -294,7 +290,7 @@ def disk_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def human_size(size: int) -> str:
+def human_size(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1000 or unit == "GB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"

@@ -30,6 +30,7 @@ its file is gone. Ids of older stores (uuid4) still work, ordered by their file'
 from __future__ import annotations
 
 import bisect
+import builtins
 import errno
 import logging
 import os
@@ -40,7 +41,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,7 +53,7 @@ _TEMP_PREFIX = ".tmp-"
 _JOURNAL = "ids"  # in a staging folder: the ids its batch puts into the store, one a line
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-_STORAGE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_STORAGE_ERRNOS: set[int] = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _rename = os.rename  # module-level so that tests can interrupt a commit between two renames
 
 
@@ -213,10 +214,11 @@ class FileStore:
                     f"the image store is full ({os.strerror(error.errno)}): no image of this request was kept",
                 ) from error
             raise
-        stored = [
-            StoredFile(id=i, bytes=len(data), created_at=_id_time_ms(i) // 1000, filename=name)
-            for i, (data, name) in zip(ids, items)
-        ]
+        stored: list[StoredFile] = []
+        for file_id, (data, name) in zip(ids, items):
+            ms = _id_time_ms(file_id)
+            assert ms is not None  # _new_ids makes ids of ours, which carry their time
+            stored.append(StoredFile(id=file_id, bytes=len(data), created_at=ms // 1000, filename=name))
         with self._lock:
             self._pending.difference_update(ids)
             for entry in stored:
@@ -335,7 +337,7 @@ class FileStore:
                     else bisect.bisect_left(self._order, key) - 1
                 )
             step = 1 if order == "asc" else -1
-            candidates = []
+            candidates: list[StoredFile] = []
             while 0 <= position < len(self._order) and len(candidates) <= limit:
                 entry = self._files[self._order[position][1]]
                 position += step
@@ -384,7 +386,8 @@ class FileStore:
                 with self._lock:
                     self._discard(file_id)
 
-    def prune(self, now: float | None = None, keep: set[str] = frozenset()) -> list[str]:
+    # builtins.list: in this class body, `list` names the method above
+    def prune(self, now: float | None = None, keep: Set[str] = frozenset()) -> builtins.list[str]:
         """Apply retention: remove files older than max_age, then the oldest until within max_bytes
         (except `keep`). Returns the ids removed."""
         if self.max_age is None and self.max_bytes is None:

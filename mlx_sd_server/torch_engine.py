@@ -32,7 +32,7 @@ import queue
 import threading
 from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -42,7 +42,8 @@ from mlx_sd_server.engine.errors import JobError
 from mlx_sd_server.engine.families import spec_for
 from mlx_sd_server.engine.families.spec import DEFAULT_GUIDANCE, Capabilities
 from mlx_sd_server.engine.model_io import component_class, component_kind, read_manifest
-from mlx_sd_server.engine.pipeline import NoiseSource, Step, fit_image, paste_outside_mask
+from mlx_sd_server.engine.pipeline import NoiseSource, fit_image, paste_outside_mask
+from mlx_sd_server.engine.sampling.samplers import Step
 from mlx_sd_server.job import Job
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def _torch_state_dict(module, weights_file: Path, map_weight: Callable) -> dict:
     """
     import torch
 
-    ours = mx.load(str(weights_file))
+    ours = cast(dict[str, mx.array], mx.load(str(weights_file)))  # (a .safetensors file loads as a dict)
     state = {}
     for key, tensor in module.state_dict().items():
         index = np.arange(math.prod(tensor.shape)).reshape(tuple(tensor.shape))
@@ -251,7 +252,8 @@ class TorchPipeline:
             if encoder in components:
                 tokenizer_folder = folder / components[encoder]["tokenizer"]
                 t5 = component_class(encoder, components[encoder]["config"]) == "T5EncoderModel"
-                tokenizer_class = transformers.T5TokenizerFast if t5 else transformers.CLIPTokenizer
+                # (transformers 5 types no T5TokenizerFast, but keeps the name as T5Tokenizer's alias)
+                tokenizer_class = transformers.T5TokenizerFast if t5 else transformers.CLIPTokenizer  # type: ignore[attr-defined]
                 modules[tokenizer] = tokenizer_class.from_pretrained(str(tokenizer_folder))
         scheduler_class, _ = _samplers(manifest)[0]["euler"]
         modules["scheduler"] = getattr(diffusers, scheduler_class)(**_scheduler_config(manifest))  # replaced per job
@@ -383,9 +385,11 @@ class TorchPipeline:
                 true_cfg_scale=job.cfg_scale,
                 guidance_scale=job.guidance if job.guidance is not None else DEFAULT_GUIDANCE,
             )
-        lengths = [entry["max_length"] for entry in self.manifest["components"].values() if "max_length" in entry]
-        if lengths and _accepts(pipeline.__call__, "max_sequence_length"):  # T5's, as trained
-            args["max_sequence_length"] = lengths[0]
+        # T5's tokens per prompt: the job's, else the model's own (as converted)
+        own = (entry["max_length"] for entry in self.manifest["components"].values() if "max_length" in entry)
+        length = job.max_sequence_length if job.max_sequence_length is not None else next(own, None)
+        if length is not None and _accepts(pipeline.__call__, "max_sequence_length"):
+            args["max_sequence_length"] = length
         if _accepts(pipeline.__call__, "height"):  # (SD img2img takes the size of its image)
             args.update(height=job.height, width=job.width)
         if mode != "txt2img":  # an inpainting UNet with nothing to edit repaints a blank grey image
@@ -395,7 +399,7 @@ class TorchPipeline:
         if mode == "inpaint":
             args["mask_image"] = _fit(job.mask, size, "L") if job.mask is not None else Image.new("L", size, 255)
         if job.control_image is not None:
-            args["image" if mode == "txt2img" else "control_image"] = self._control_image(job)
+            args["image" if mode == "txt2img" else "control_image"] = self._control_image(job.control_image, job)
             args["controlnet_conditioning_scale"] = job.control_strength
         if noise is not None and mode == "txt2img":  # tests inject the starting latents (step noise: the seeds)
             h, w = self._latent_size(job)
@@ -413,8 +417,8 @@ class TorchPipeline:
             latents = self.base._unpack_latents(latents, job.height, job.width, self.base.vae_scale_factor)
         return mx.array(latents.float().cpu().numpy()).transpose(0, 2, 3, 1)
 
-    def _control_image(self, job: Job) -> Image.Image:
-        pixels = fit_image(job.control_image, job.width, job.height)
+    def _control_image(self, image: Image.Image, job: Job) -> Image.Image:
+        pixels = fit_image(image, job.width, job.height)
         if job.control_preprocess == "canny":
             from mlx_sd_server.engine.canny import canny
 
@@ -478,7 +482,7 @@ class TorchPipeline:
         if "error" in outcome:
             raise outcome["error"]
         images = outcome["images"]
-        if job.mask is not None:
+        if job.mask is not None and job.init_image is not None:  # (build_job gives a mask only with an image)
             images = [paste_outside_mask(image, job.init_image, job.mask) for image in images]
         return images
 

@@ -29,7 +29,8 @@ from typing import Any
 
 from PIL import Image
 
-from mlx_sd_server.engine.pipeline import Step, drive
+from mlx_sd_server.engine.pipeline import drive
+from mlx_sd_server.engine.sampling.samplers import Step
 from mlx_sd_server.job import Job, JobError
 
 log = logging.getLogger("mlx_sd_server.worker")

@@ -17,9 +17,9 @@ from typing import Iterator
 from hypercorn.asyncio import serve
 from PIL import Image
 
-from mlx_sd_server.engine.pipeline import Step
+from mlx_sd_server.engine.sampling.samplers import Step
 from mlx_sd_server.api.server import hypercorn_config
-from mlx_sd_server.job import ModelDefaults
+from mlx_sd_server.job import Capabilities, ModelDefaults
 from mlx_sd_server.lora.library import LoRALibrary
 from mlx_sd_server.registry import ModelInfo, ModelNotFoundError
 
@@ -146,7 +146,8 @@ class FakeRegistry:
         if name not in (None, self.default_name):
             raise ModelNotFoundError(f"model {name!r} not found")
         return ModelInfo(name=self.default_name, family="sd1", created=1700000000, defaults=ModelDefaults(),
-                         has_controlnet=self.has_controlnet, folder=Path("."))
+                         has_controlnet=self.has_controlnet, folder=Path("."),
+                         capabilities=Capabilities("sd1", controlnet=self.has_controlnet))
 
     resolve = info  # strict: one model, and only its own name
 

@@ -59,7 +59,10 @@ def create_app(registry: ModelRegistry, store: FileStore, settings: Settings = S
 
     # A Host header that is no host name makes the router raise before any hook runs: refused in front.
     # A client that stops reading an answer is given up on after settings.write_timeout seconds.
-    app.asgi_app = WriteTimeoutGuard(HostHeaderGuard(app.asgi_app), settings.write_timeout)
+    # Quart's documented way to add ASGI middleware, though its types declare asgi_app a method.
+    app.asgi_app = WriteTimeoutGuard(  # type: ignore[method-assign]
+        HostHeaderGuard(app.asgi_app), settings.write_timeout
+    )
     app.before_serving(worker.start)
     app.after_serving(lambda: worker.stop(timeout=STOP_TIMEOUT_SECONDS))
     return app

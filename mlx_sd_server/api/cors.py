@@ -129,7 +129,7 @@ class CorsPolicy:
         elif self.origins:
             response.vary.add("Origin")  # the answer differs by Origin: caches must keep them apart
             origin = request.headers.get("Origin")
-            if not self.allows(origin):
+            if origin is None or not self.allows(origin):
                 return response
             response.headers["Access-Control-Allow-Origin"] = normalise_origin(origin)
         else:
@@ -283,11 +283,13 @@ def _same_origin(origin: str) -> bool:
     a same-origin POST too, e.g. the playground's. The scheme is not compared (a TLS proxy in front speaks
     http to us). A DNS-rebound page also looks same-origin; on loopback the Host check refuses it first."""
     host = request.headers.get("Host")
+    if not host:
+        return False
     try:
         origin = normalise_origin(origin)
     except ValueError:
         return False
-    return bool(host) and origin != "*" and origin.partition("://")[2] == host.strip().lower()
+    return origin != "*" and origin.partition("://")[2] == host.strip().lower()
 
 
 def _refused(origin: str | None) -> APIError:

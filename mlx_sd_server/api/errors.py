@@ -23,7 +23,7 @@ from mlx_sd_server.worker import QueueFullError
 log = logging.getLogger("mlx_sd_server.api")
 
 # OpenAI's error `type` for each status we send.
-_ERROR_TYPES = {
+ERROR_TYPES = {
     401: "authentication_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -47,7 +47,8 @@ class APIError(Exception):
         self.code = code
 
 
-def _clip(text: str | None, limit: int) -> str | None:
+def clip_message(text: str | None, limit: int) -> str | None:
+    """`text` cut to at most `limit` characters, an ellipsis marking the cut."""
     return text if text is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -56,9 +57,9 @@ def error_response(
 ):
     body = {
         "error": {
-            "message": _clip(message, MAX_MESSAGE),
-            "type": _ERROR_TYPES.get(status, "invalid_request_error"),
-            "param": _clip(param, ECHO_CHARS),
+            "message": clip_message(message, MAX_MESSAGE),
+            "type": ERROR_TYPES.get(status, "invalid_request_error"),
+            "param": clip_message(param, ECHO_CHARS),
             "code": code,
         }
     }
@@ -69,9 +70,11 @@ def error_response(
 
 def retry_after(error: Exception) -> int:
     """Whole seconds (at least 1) for `Retry-After`: the error's own `retry_after`, else the default."""
-    seconds = getattr(error, "retry_after", None)
+    value = getattr(error, "retry_after", None)
+    if value is None:
+        return DEFAULT_RETRY_AFTER
     try:
-        seconds = float(seconds)
+        seconds = float(value)
     except (TypeError, ValueError):
         return DEFAULT_RETRY_AFTER
     return max(1, math.ceil(seconds)) if math.isfinite(seconds) else DEFAULT_RETRY_AFTER

@@ -21,10 +21,10 @@ from typing import Any
 from PIL import Image
 from quart import Blueprint, Response, jsonify, request
 
-from mlx_sd_server.api.errors import _ERROR_TYPES, MAX_MESSAGE, _clip
+from mlx_sd_server.api.errors import ERROR_TYPES, MAX_MESSAGE, clip_message
 from mlx_sd_server.api.parsing import Delivery, ParsedRequest, parse_request
 from mlx_sd_server.api.state import ServerState, state
-from mlx_sd_server.engine.pipeline import Step
+from mlx_sd_server.engine.sampling.samplers import Step
 from mlx_sd_server.images import (
     a1111_parameters,
     encode_image,
@@ -172,8 +172,8 @@ def _error_envelope(error: BaseException | None) -> dict:
         )
     return {
         "error": {
-            "message": _clip(message, MAX_MESSAGE),
-            "type": _ERROR_TYPES.get(status, "invalid_request_error"),
+            "message": clip_message(message, MAX_MESSAGE),
+            "type": ERROR_TYPES.get(status, "invalid_request_error"),
             "param": param,
             "code": code,
         }

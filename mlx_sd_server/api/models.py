@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from quart import Blueprint, jsonify
 
 from mlx_sd_server.api.state import state
@@ -15,6 +17,7 @@ async def list_models():
     data = []
     for name in registry.names():
         info = registry.info(name)
+        text_length = info.capabilities.text_length if info.capabilities else None
         data.append(
             {
                 "id": info.name,
@@ -23,6 +26,8 @@ async def list_models():
                 "owned_by": "mlx-sd-server",
                 "family": info.family,
                 "has_controlnet": info.has_controlnet,
+                # a model with T5: its default and most max_sequence_length (the playground offers the field)
+                "max_sequence_length": None if text_length is None else dataclasses.asdict(text_length),
                 "default": info.name == registry.default_name,
             }
         )

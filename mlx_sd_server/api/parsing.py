@@ -20,7 +20,7 @@ import re
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import IO, Any
 from urllib.parse import parse_qsl
 
 from quart import Request
@@ -88,7 +88,7 @@ class Delivery:
 class ParsedRequest:
     fields: dict[str, Any] = field(default_factory=dict)
     # Each image field's bytes: `bytes`, or a seekable binary file (a spooled upload) holding them.
-    uploads: dict[str, bytes | BinaryIO] = field(default_factory=dict)
+    uploads: dict[str, bytes | IO[bytes]] = field(default_factory=dict)
     delivery: Delivery = Delivery()
 
     def close(self) -> None:
@@ -225,7 +225,7 @@ async def _drain(chunks: AsyncIterator[memoryview]) -> None:
         pass
 
 
-def _upload(name: str, value: Any, limits: Limits, max_pixels: int) -> bytes | BinaryIO:
+def _upload(name: str, value: Any, limits: Limits, max_pixels: int) -> bytes | IO[bytes]:
     """An image field's value -> its bytes (or a spooled file holding them)."""
     if isinstance(value, (bytes, bytearray)) or hasattr(value, "read"):  # a form's file part
         return value
@@ -276,7 +276,9 @@ def _set_aside(body: bytes | bytearray, limits: Limits) -> tuple[bytes | bytearr
         inner = view[quote + 1 : at - 1]
         if len(inner) < SET_ASIDE_CHARS or _ESCAPE_OR_CONTROL.search(inner):
             continue
-        after = _JSON_WHITESPACE.match(body, at).end()
+        spaces = _JSON_WHITESPACE.match(body, at)
+        assert spaces is not None  # it matches the empty string too
+        after = spaces.end()
         if body[after : after + 1] == b":":  # a key: read as it is
             continue
         key = f"\0{token}:{len(aside)}"
@@ -332,7 +334,9 @@ def read_json(body: bytes | bytearray, limits: Limits, image_fields: tuple[str, 
     end = len(text)
 
     def skip(at: int) -> int:
-        return _WHITESPACE.match(text, at).end()
+        spaces = _WHITESPACE.match(text, at)
+        assert spaces is not None  # it matches the empty string too
+        return spaces.end()
 
     def expect(at: int, char: str, what: str) -> int:
         if at >= end or text[at] != char:
@@ -447,7 +451,7 @@ class FormReader:
         self.part: Field | File | None = None
         self.name = ""
         self.chunks: list[bytes] = []
-        self.upload: BinaryIO | None = None  # the current part's spooled file, for an image part
+        self.upload: IO[bytes] | None = None  # the current part's spooled file, for an image part
         self.head = bytearray()  # and its first HEADER_BYTES
         self.done = False
 
@@ -456,7 +460,8 @@ class FormReader:
             return  # the epilogue: ignored
         decoder = self.decoder
         try:
-            decoder.receive_data(data)
+            # Werkzeug types `data` as bytes, but only extends a bytearray with it: a view needs no copy.
+            decoder.receive_data(data)  # type: ignore[arg-type]
             while True:
                 event = decoder.next_event()
                 if isinstance(event, Epilogue):
@@ -469,7 +474,7 @@ class FormReader:
                 if isinstance(event, (Field, File)):
                     self._start(event)
                 elif isinstance(event, Data) and self.part is not None:
-                    self._take(event.data, event.more_data)
+                    self._take(self.part, event.data, event.more_data)
         except JobError:  # a ValueError too
             raise
         except RequestEntityTooLarge:
@@ -497,7 +502,7 @@ class FormReader:
         if isinstance(part, File) and self.name in self.image_fields:
             self.upload = spooled_upload()
 
-    def _take(self, data: bytes, more: bool) -> None:
+    def _take(self, part: Field | File, data: bytes, more: bool) -> None:
         if self.upload is not None:
             self.upload.write(data)
             had = len(self.head)
@@ -511,7 +516,6 @@ class FormReader:
             self.chunks.append(data)
         if more:
             return
-        part = self.part
         if self.upload is not None:
             self.fields[self.name], self.upload, self.head = self.upload, None, bytearray()
         else:

@@ -27,7 +27,7 @@ CONTENT_SECURITY_POLICY = (
 
 
 def _serve(name: str) -> Response:
-    body = resources.files("mlx_sd_server.api").joinpath("static", name).read_bytes()
+    body = (resources.files("mlx_sd_server.api") / "static" / name).read_bytes()  # one name a step: Python 3.10
     response = Response(body, content_type=FILES[name])
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Content-Type-Options"] = "nosniff"

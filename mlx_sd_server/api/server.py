@@ -20,12 +20,15 @@ from urllib.parse import urlsplit
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
+from hypercorn.logging import AccessLogAtoms
 from hypercorn.logging import Logger as HypercornLogger
 
 try:
     from hypercorn.utils import UnexpectedMessageError
+
+    _EXPECTED_WHILE_STOPPING: tuple[type[Exception], ...] = (UnexpectedMessageError,)
 except ImportError:  # an older Hypercorn: nothing to recognise
-    UnexpectedMessageError = ()
+    _EXPECTED_WHILE_STOPPING = ()
 
 from convert.cli import split_files
 from mlx_sd_server import store as store_module
@@ -76,7 +79,9 @@ class AccessLogger(HypercornLogger):
     start a forged log line."""
 
     def atoms(self, request, response, request_time):
-        atoms = super().atoms(request, response, request_time)
+        # What Logger.atoms makes, as the dict it is, updated in place: a copy would lose its "-" for a
+        # missing key.
+        atoms = AccessLogAtoms(request, response, request_time)
         path = escape_bytes(request.get("raw_path") or request["path"].encode("utf-8", "surrogateescape"))
         query = escape_bytes(request.get("query_string", b""))
         path_with_query = path + ("?" + query if query else "")
@@ -275,7 +280,7 @@ async def serve_until_stopped(app, config: Config) -> None:
         """Connections cut when the graceful time is up are expected then, not errors with tracebacks."""
         error = context.get("exception")
         if isinstance(error, asyncio.CancelledError) or (
-            stopping.is_set() and isinstance(error, UnexpectedMessageError)
+            stopping.is_set() and isinstance(error, _EXPECTED_WHILE_STOPPING)
         ):
             log.debug("while stopping: %s", context.get("message"))
             return
@@ -313,9 +318,11 @@ def main(args: argparse.Namespace) -> int:
             store.root,
             "required" if settings.api_key else "not required",
         )
+        url_prefix = settings.download_url_prefix or settings.bound_url
+        assert url_prefix is not None  # listening_settings set bound_url
         log.info(
             "image urls start with %s; cross-origin (CORS) requests: %s",
-            (settings.download_url_prefix or settings.bound_url).rstrip("/"),
+            url_prefix.rstrip("/"),
             ", ".join(settings.cors_origins) or "off (--cors-origin ORIGIN to allow a web app)",
         )
         config = hypercorn_config(host, port)

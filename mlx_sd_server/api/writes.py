@@ -58,7 +58,7 @@ class WriteTimeoutGuard:
 
     def __init__(self, app, timeout: float | None = DEFAULT_WRITE_TIMEOUT):
         self.app = app
-        self.timeout = timeout
+        self.timeout = timeout or 0.0  # 0: no limit
 
     async def __call__(self, scope, receive, send) -> None:
         transport = _transport(send) if scope["type"] == "http" and self.timeout else None

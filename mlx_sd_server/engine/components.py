@@ -25,7 +25,7 @@ class ComponentKind:
 
     class_names: tuple[str, ...]  # as a config.json names them (`_class_name` or `architectures`)
     config_class: Any  # a dataclass with `from_dict`
-    model_class: type[nn.Module]
+    model_class: Callable[[Any], nn.Module]  # a module class, built from an instance of config_class
     mapper: Mapper
     tokenizer_class: Any = None  # text encoders: the tokenizer saved beside them (has `from_dir`)
     # Networks that overflow in float16 (T5) run in this dtype instead when float16 is asked for.

@@ -18,6 +18,7 @@ from mlx_sd_server.engine.source import (
     OriginalComponent,
     Tensors,
     count_distinct,
+    guess,
     known_keys,
     strip_prefix,
 )
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from mlx_sd_server.engine.families.spec import LatentFormat
 
 MARKER = "encoder.down.0.block.0.conv1.weight"  # the encoder's first resnet: every LDM autoencoder has it
+RELEASED_WIDTHS = [128, 256, 512, 512]  # SD's, SDXL's, FLUX's and SD3's autoencoders
 
 ATTENTION_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 SAME_NAMES = {
@@ -62,7 +64,7 @@ def vae_key(key: str, levels: int) -> str | None:
 
 def norm_groups(channels: list[int], hints: ArchitectureHints) -> int:
     """The group norms' group count: the usual one, or fewer where a model is narrower."""
-    return math.gcd(hints.norm_num_groups, *channels)
+    return math.gcd(hints.value("norm_num_groups"), *channels)
 
 
 def vae_config_from_ldm(
@@ -110,6 +112,8 @@ def read_vae(
             value = value[:, :, 0, 0]
         return [(name, value)]
 
+    keys = known_keys(tensors, prefix, lambda k: vae_key(k, levels) is not None, "VAE")
+    standard = config["block_out_channels"] == RELEASED_WIDTHS
     return OriginalComponent(
-        config, known_keys(tensors, prefix, lambda k: vae_key(k, levels) is not None, "VAE"), mapper
+        config, keys, mapper, guessed=guess(hints, "norm_num_groups", config, "norm_num_groups", standard)
     )

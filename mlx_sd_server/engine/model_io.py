@@ -77,7 +77,7 @@ def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> None:
     write_atomically(Path(folder) / MANIFEST, lambda p: Path(p).write_text(json.dumps(manifest, indent=2)))
 
 
-def write_atomically(path: Path, write: Callable[[str], None], suffix: str = "") -> None:
+def write_atomically(path: Path, write: Callable[[str], object], suffix: str = "") -> None:
     """Write via a temporary file in the same folder and rename, so readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
     os.close(fd)
@@ -89,7 +89,7 @@ def write_atomically(path: Path, write: Callable[[str], None], suffix: str = "")
         raise
 
 
-def quantizable(group_size: int) -> Callable[[str, nn.Module], bool]:
+def quantizable(group_size: int) -> Callable[[str, nn.Module | None], bool]:
     """Linear layers whose input size the group size divides; everything else stays as it is."""
     return lambda _path, module: isinstance(module, nn.Linear) and module.weight.shape[-1] % group_size == 0
 
@@ -234,6 +234,7 @@ def load_component(folder: Path, name: str, entry: dict, dtype: mx.Dtype) -> nn.
         dtype = kind.instead_of_float16
     model = kind.build(entry["config"])
     weights = mx.load(str(folder / entry["weights"]))
+    assert isinstance(weights, dict)  # (what a .safetensors file loads as)
     # Each quantized layer's bits and group size come from its arrays (a GGUF's layers keep their own).
     layers = quantized_layers(model, weights)
     if layers:

@@ -78,7 +78,7 @@ def fit_image(image: Image.Image, width: int, height: int, mode: str = "RGB") ->
     scale = max(width / image.width, height / image.height)
     if image.size != (width, height):
         resized = image.resize(
-            (max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.LANCZOS
+            (max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.Resampling.LANCZOS
         )
         left, top = (resized.width - width) // 2, (resized.height - height) // 2
         image = resized.crop((left, top, left + width, top + height))
@@ -141,7 +141,8 @@ class DiffusionPipeline:
         images = []
         for i in range(z.shape[0]):  # one at a time: decoding is the memory peak
             zi = z[i : i + 1]
-            pixels = vae.decode_tiled(zi) if should_tile(*zi.shape[1:3], self.model.low_memory) else vae.decode(zi)
+            tile = should_tile(zi.shape[1], zi.shape[2], self.model.low_memory)
+            pixels = vae.decode_tiled(zi) if tile else vae.decode(zi)
             mx.eval(pixels)
             images.append(_to_image(pixels[0]))
         return images
@@ -151,8 +152,10 @@ class DiffusionPipeline:
     def generate(self, job: Request, noise: NoiseSource | None = None) -> Generator[Step, None, list[Image.Image]]:
         """Yield a `Step` after each denoising step; return the n images. The job's LoRAs are on the model
         for exactly this long."""
-        assert not job.loras or self.loras is not None, "build_job takes LoRAs only where a LoRA folder is"
-        loras = [(self.loras(name, self.model), weight) for name, weight in job.loras]
+        loras: list[tuple[Adapters, float]] = []
+        if job.loras:
+            assert self.loras is not None, "build_job takes LoRAs only where a LoRA folder is"
+            loras = [(self.loras(name, self.model), weight) for name, weight in job.loras]
         with applied(self.model, loras, self.lora_fuse_budget):
             return (yield from self._generate(job, noise or SeededNoise(job.seeds())))
 
@@ -192,8 +195,10 @@ class DiffusionPipeline:
             control = mx.array(control_pixels[None])
 
         initial_noise = noise.initial(shape)
-        from_scratch = init_latents is None or (job.mask is not None and job.strength >= 1.0)
-        start = mx.zeros(shape) if from_scratch else mx.repeat(init_latents, job.n, axis=0)
+        if init_latents is None or (job.mask is not None and job.strength >= 1.0):  # from scratch
+            start = mx.zeros(shape)
+        else:
+            start = mx.repeat(init_latents, job.n, axis=0)
         x = self.noising.add_noise(start, initial_noise, sigmas[0])
 
         denoise = self.family.denoiser(settings, conditioning, guided, extra, control)
@@ -203,12 +208,13 @@ class DiffusionPipeline:
             step = steps.send(x if i else None)  # the sampler goes on from the x sent back
             x = step.x
             if blend:  # keep what is outside the mask: the original, noised to where the sampler is now
+                assert init_latents is not None and mask_latents is not None  # (build_job: a mask needs an image)
                 known = self.noising.add_noise(init_latents, initial_noise, sigmas[i + 1])
                 x = x * mask_latents + known * (1 - mask_latents)
             mx.eval(x, step.denoised)
             yield replace(step, x=x)
         images = self.decode_latents(x)
-        if job.mask is not None and self.paste_back:
+        if job.mask is not None and job.init_image is not None and self.paste_back:
             images = [paste_outside_mask(img, job.init_image, job.mask) for img in images]
         return images
 

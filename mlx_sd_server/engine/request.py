@@ -22,6 +22,7 @@ class Request(Protocol):
     width: int
     height: int
     guidance: float | None
+    max_sequence_length: int | None  # T5's tokens per prompt, for models with T5 (None: the model's own)
     init_image: Image.Image | None
     strength: float
     mask: Image.Image | None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,24 +45,74 @@ class SourceModel:
     scheduler: dict[str, Any]  # the diffusers scheduler_config.json (betas, prediction type, shift)
     components: dict[str, tuple[dict[str, Any], Weights]]
     tokenizers: dict[str, Path | None] = field(default_factory=dict)  # encoder name -> tokenizer folder
+    # config values a single file cannot tell, guessed (see Guess): "text_encoder.num_attention_heads" -> 12
+    guessed: dict[str, Any] = field(default_factory=dict)
+
+
+def _hint(released: Any, about: str) -> Any:
+    """A hint's field: None until given; `released` (every released model's) is used in its place."""
+    return field(default=None, metadata={"released": released, "help": about})
 
 
 @dataclass(frozen=True)
 class ArchitectureHints:
-    """The hyperparameters tensor shapes cannot tell. Defaults are those of every released model; tests pass
-    others for their tiny models. Narrow models get as many heads and groups as their widths allow."""
+    """The hyperparameters tensor shapes cannot tell, each as given (by `convert`'s option of its name, e.g.
+    `--text-head-dim`, or a caller: tests give their tiny models'), or None: not given, and then every released
+    model's value is used, as a guess (`Guess`). Narrow models get as many heads and groups as their widths
+    allow."""
 
-    sd1_unet_heads: int = 8  # SD 1.x: a fixed number of heads per attention layer
-    unet_head_dim: int = 64  # SD 2.x and SDXL: a fixed head size
-    text_head_dim: int = 64  # CLIP ViT-L, OpenCLIP ViT-H and bigG
-    norm_num_groups: int = 32  # UNet and VAE group norms
-    # SDXL's pooled text embedding (OpenCLIP bigG's projection): a lone ControlNet has no text encoder to read
-    # it from, and the time-id embedding's width is the rest of its label_emb input.
-    sdxl_text_projection_dim: int = 1280
-    # FLUX's rotary split of its heads' dims, which shapes cannot tell; None: FLUX.1's, for 128-dim heads
-    axes_dims_rope: tuple[int, ...] | None = None
-    attention_head_dim: int = 64  # the MMDiT's head size where no qk-norm weight shows it (SD3 medium)
-    t5_max_distance: int = 128  # T5's relative attention's reach: 128 in every released T5
+    sd1_unet_heads: int | None = _hint(8, "SD 1.x UNet: the heads of every attention layer (8)")
+    unet_head_dim: int | None = _hint(64, "SD 2.x/SDXL UNet and ControlNet: the attention head size (64)")
+    text_head_dim: int | None = _hint(64, "CLIP text encoders: the attention head size (64)")
+    norm_num_groups: int | None = _hint(32, "UNet, ControlNet and VAE: the group norms' groups (32)")
+    # A lone SDXL ControlNet has no text encoder to read its pooled text embedding's width from (OpenCLIP
+    # bigG's projection), and the time-id embedding's width is the rest of its label_emb input.
+    sdxl_text_projection_dim: int | None = _hint(
+        1280, "a lone SDXL ControlNet: the pooled text embedding's width (1280)"
+    )
+    # None: FLUX.1's, which only 128-dim heads take
+    axes_dims_rope: tuple[int, ...] | None = _hint(
+        None, "FLUX transformer: the rotary embedding's split of the head dims (FLUX.1's 16,56,56 for 128)"
+    )
+    attention_head_dim: int | None = _hint(
+        64, "SD3 transformer without qk-norm weights (SD3 medium): the attention head size (64)"
+    )
+    t5_max_distance: int | None = _hint(128, "T5 text encoders: the relative attention's maximum distance (128)")
+
+    def value(self, name: str) -> Any:
+        """The hint `name` as given, else the released models' value."""
+        given = getattr(self, name)
+        return RELEASED_HINTS[name] if given is None else given
+
+
+RELEASED_HINTS: dict[str, Any] = {hint.name: hint.metadata["released"] for hint in fields(ArchitectureHints)}
+
+
+def hint_option(name: str) -> str:
+    """The `convert` option that gives the hint `name`."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Guess:
+    """A config value a reader took from a hint that was not given, since the file cannot tell it.
+
+    The rule: a value is a guess whenever it comes from a hint's released default rather than from the file
+    or a given hint. Each is logged once per conversion and recorded in the manifest (`guessed`): as a
+    warning where the shapes it depends on are not a released model's (the default may well be wrong), at
+    info level where they are (the released widths make the default near-certain)."""
+
+    key: str  # the config key it set, e.g. num_attention_heads
+    value: Any
+    hint: str  # the ArchitectureHints field (and `convert` option) that gives it
+    standard: bool  # the shapes it depends on are a released model's
+
+
+def guess(
+    hints: ArchitectureHints, hint: str, config: Mapping[str, Any], key: str, standard: bool
+) -> tuple[Guess, ...]:
+    """`config[key]`, set from `hint`, as a guess if the hint was not given; else nothing."""
+    return () if getattr(hints, hint) is not None else (Guess(key, config[key], hint, standard),)
 
 
 @dataclass(frozen=True)
@@ -85,6 +135,7 @@ class OriginalComponent:
     keys: list[str]  # its weights' names in the file it was found in
     mapper: Mapper  # one (file name, float32 value) -> diffusers (name, value) pairs
     extra: tuple[tuple[str, np.ndarray], ...] = ()  # weights the files do not hold (SD3's CLIP-L projection)
+    guessed: tuple[Guess, ...] = ()  # config values the files cannot tell, taken from hints not given
 
 
 @dataclass(frozen=True)
@@ -140,7 +191,12 @@ def known_keys(tensors: Tensors, prefix: str, known: Callable[[str], bool], comp
 
 
 def renamed_component(
-    tensors: Tensors, prefix: str, rename: Callable[[str], str | None], config: dict[str, Any], component: str
+    tensors: Tensors,
+    prefix: str,
+    rename: Callable[[str], str | None],
+    config: dict[str, Any],
+    component: str,
+    guessed: tuple[Guess, ...] = (),
 ) -> OriginalComponent:
     """A component whose weights only change names: those `rename` knows (given them without `prefix`; None:
     unknown, skipped with a warning)."""
@@ -150,4 +206,4 @@ def renamed_component(
         return [] if name is None else [(name, value)]
 
     keys = known_keys(tensors, prefix, lambda key: rename(key) is not None, component)
-    return OriginalComponent(config, keys, mapper)
+    return OriginalComponent(config, keys, mapper, guessed=guessed)

@@ -72,7 +72,9 @@ def ensure_tiny_model(folder: Path) -> Path:
         components = {}
         for name, config in (("text_encoder", TEXT_ENCODER), ("unet", UNET), ("vae", VAE)):
             module = component_kind(name, config).build(config)
-            components[name] = save_component(work, name, config, tree_flatten(module.parameters()), mx.float32)
+            # a list of pairs: mlx annotates tree_flatten's result as list | dict, with no overload for destination=None
+            params = tree_flatten(module.parameters())
+            components[name] = save_component(work, name, config, params, mx.float32)  # type: ignore[arg-type]
         CLIPTokenizer.from_bpe_file(default_vocab_path(), pad_token="<|endoftext|>").save(work / "tokenizer")
         components["text_encoder"]["tokenizer"] = "tokenizer"
         write_manifest(

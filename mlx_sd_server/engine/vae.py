@@ -202,7 +202,7 @@ class DecoderBlock(nn.Module):
 
     @property
     def layers(self) -> list[nn.Module]:
-        return self.resnets + self.upsamplers
+        return [*self.resnets, *self.upsamplers]
 
 
 class Encoder(nn.Module):
@@ -354,18 +354,19 @@ def _run_tiled(
     B, H, W = x.shape[0], x.shape[1] // in_step, x.shape[2] // in_step
     tile_h, tile_w = min(tile, H), min(tile, W)
     rows, cols = _tile_starts(H, tile_h, overlap), _tile_starts(W, tile_w, overlap)
-    total = weight_sum = None
+    total: mx.array | None = None  # made at the first tile, which gives the output's channels
+    weight_sum = mx.zeros((H * out_step, W * out_step, 1), dtype=mx.float32)
     for y, wy in zip(rows, _fade_weights(rows, tile_h, out_step)):
         for x0, wx in zip(cols, _fade_weights(cols, tile_w, out_step)):
             out = fn(x[:, y * in_step : (y + tile_h) * in_step, x0 * in_step : (x0 + tile_w) * in_step, :])
             if total is None:
                 total = mx.zeros((B, H * out_step, W * out_step, out.shape[-1]), dtype=mx.float32)
-                weight_sum = mx.zeros((H * out_step, W * out_step, 1), dtype=mx.float32)
             weight = mx.array(wy[:, None, None] * wx[None, :, None])
             oy, ox = y * out_step, x0 * out_step
             total[:, oy : oy + tile_h * out_step, ox : ox + tile_w * out_step, :] += out.astype(mx.float32) * weight
             weight_sum[oy : oy + tile_h * out_step, ox : ox + tile_w * out_step, :] += weight
             mx.eval(total, weight_sum)
+    assert total is not None  # (_tile_starts gives at least one tile)
     return (total / weight_sum).astype(out.dtype)
 
 

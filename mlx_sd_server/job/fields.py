@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image
 
 from mlx_sd_server.engine.errors import JobError, kind_of, shown
-from mlx_sd_server.engine.families.spec import Capabilities, ModelDefaults
+from mlx_sd_server.engine.families.spec import T5_TOKEN_LIMIT, Capabilities, ModelDefaults
 from mlx_sd_server.engine.sampling.samplers import SAMPLE_METHODS
 from mlx_sd_server.engine.sampling.schedules import SCHEDULERS
 
@@ -300,6 +300,15 @@ FIELDS: tuple[Field, ...] = (
         100,
     ),
     Field(
+        "max_sequence_length",
+        "integer",
+        "T5's tokens per prompt, for models with a T5 text encoder (FLUX.1, SD3): a longer prompt is cut there, "
+        "a shorter one padded (default: the model's, as converted)",
+        minimum=1,
+        maximum=T5_TOKEN_LIMIT,
+        ranged=False,  # the model's own maximum is checked (Capabilities.text_length)
+    ),
+    Field(
         "strength", "number", "edits: how much of the image is repainted (the share of the schedule re-run)", 0.75, 0, 1
     ),
     Field("control_strength", "number", "how strongly the ControlNet steers", 0.9, 0, 10),
@@ -365,6 +374,7 @@ class Job:
     height: int = default("height")
     seed: int = default("seed")
     guidance: float | None = default("guidance")
+    max_sequence_length: int | None = default("max_sequence_length")  # T5 models only: None on the others
     # img2img / inpainting (edits)
     init_image: Image.Image | None = field(default=None, repr=False)
     strength: float = default("strength")

@@ -71,6 +71,7 @@ def build_job(
         model_name,
     )
     values["guidance"] = guidance(values, capabilities)
+    values["max_sequence_length"] = text_length(values, capabilities, model_name)
     values["width"], values["height"] = image_size(given, values, defaults, limits, capabilities)
     check_step_limit(values)
     values["seed"] = seed(values["seed"])
@@ -193,6 +194,12 @@ def refuse_unusable(
             "guidance",
             "unsupported_parameter",
         )
+    if "max_sequence_length" in given and capabilities.text_length is None:
+        raise JobError(
+            f"{model_name} has no T5 text encoder, so max_sequence_length (T5's tokens per prompt) cannot be honoured",
+            "max_sequence_length",
+            "unsupported_parameter",
+        )
     if "strength" in given and "image" not in images:
         raise JobError(
             "strength is how much of an image an edit keeps, and this request has no image "
@@ -293,6 +300,22 @@ def guidance(values: Mapping[str, Any], capabilities: Capabilities) -> float | N
     """Distilled guidance: only models with a guidance embedding have it (refuse_unusable refuses it on the
     others); theirs is the request's, else the model's, else DEFAULT_GUIDANCE."""
     return values.get("guidance", DEFAULT_GUIDANCE) if capabilities.guidance else None
+
+
+def text_length(values: Mapping[str, Any], capabilities: Capabilities, model_name: str) -> int | None:
+    """T5's tokens per prompt: the request's, up to the model's maximum, else the model's own; None on a model
+    without T5 (refuse_unusable refuses the field there)."""
+    length = capabilities.text_length
+    if length is None:
+        return None
+    value: int = values.get("max_sequence_length", length.default)
+    if not 1 <= value <= length.maximum:
+        raise JobError(
+            f"max_sequence_length must be between 1 and {length.maximum} for {model_name}, got {shown(value)}",
+            "max_sequence_length",
+            "out_of_range",
+        )
+    return value
 
 
 def parse_size(value: Any, defaults: ModelDefaults) -> tuple[int, int]:

@@ -43,7 +43,7 @@ import numpy as np
 
 from convert.source import PICKLE_SUFFIXES, safetensors_header
 from mlx_sd_server.engine.families import FAMILIES
-from mlx_sd_server.engine.families.lora import CLIP, LoRAEntry, LoRARules, LoRATarget, old_attention
+from mlx_sd_server.engine.families.lora import CLIP, LoRAEntry, LoRATarget, old_attention
 from mlx_sd_server.engine.source import CheckpointError, float32
 
 
@@ -101,7 +101,7 @@ PREFIXES = {
 PEFT_METADATA = "lora_adapter_metadata"  # diffusers: per component, PEFT's LoraConfig (r, lora_alpha, ...)
 
 # The families' LoRA rules, in FAMILIES' order, and what they add to the tables above
-RULES = tuple(spec.detect.lora for spec in FAMILIES if isinstance(spec.detect.lora, LoRARules))
+RULES = tuple(spec.detect.lora for spec in FAMILIES if spec.detect.lora is not None)
 KOHYA_TABLES = (KOHYA_TEXT_ENCODERS, *(rules.kohya for rules in RULES))
 KOHYA_PREFIXES = tuple({prefix for table in KOHYA_TABLES for prefix in table})
 ALL_PREFIXES = dict(

@@ -48,7 +48,13 @@ async function loadModels() {
     for (const option of select.options) {
       const model = body.data.find((m) => m.id === option.value);
       option.dataset.family = (model && model.family) || "";
+      const length = model && model.max_sequence_length;  // models with T5: {default, maximum}
+      if (length) {
+        option.dataset.t5Default = length.default;
+        option.dataset.t5Maximum = length.maximum;
+      }
     }
+    showAdvanced();
     if (!select.options.length) setStatus("the server serves no models", true);
     else if ($("status").dataset.models) setStatus("");
     delete $("status").dataset.models;
@@ -56,6 +62,21 @@ async function loadModels() {
     setStatus("could not list the models: " + error.message, true);
     $("status").dataset.models = "1";
   }
+}
+
+// The advanced settings the chosen model takes: T5's tokens per prompt on a model with T5 (sent only when set).
+function showAdvanced() {
+  const chosen = $("model").selectedOptions[0];
+  const t5 = !!(chosen && chosen.dataset.t5Maximum);
+  const input = $("max-sequence-length");
+  $("t5-length").hidden = !t5;
+  $("no-advanced").hidden = t5;
+  if (!t5) {
+    input.value = "";
+    return;
+  }
+  input.max = chosen.dataset.t5Maximum;
+  input.placeholder = chosen.dataset.t5Default + " (the model's)";
 }
 
 // The LoRAs that fit the chosen model's family (GET v1/loras); picking one adds its tag to the prompt.
@@ -171,6 +192,8 @@ function settings() {
   };
   if ($("negative").value.trim()) values.negative_prompt = $("negative").value;
   if ($("sampler").value) values.sample_method = $("sampler").value;
+  const length = $("max-sequence-length").value.trim();
+  if (!$("t5-length").hidden && length) values.max_sequence_length = Number(length);
   return values;
 }
 
@@ -254,7 +277,8 @@ function showResult(data, values, seconds) {
   link.appendChild(img);
   const shown = {prompt: values.prompt, negative_prompt: values.negative_prompt, model: values.model,
                  size: data.size || values.size, steps: values.steps, sample_method: values.sample_method || "(default)",
-                 seed: data.seed, strength: values.strength, task_id: data.task_id, seconds: seconds.toFixed(1)};
+                 seed: data.seed, strength: values.strength, max_sequence_length: values.max_sequence_length,
+                 task_id: data.task_id, seconds: seconds.toFixed(1)};
   const pre = document.createElement("pre");
   pre.textContent = Object.entries(shown).filter(([, v]) => v !== undefined && v !== "")
     .map(([k, v]) => k + ": " + v).join("\n");
@@ -315,6 +339,7 @@ function init() {
     loadModels().then(loadLoras);
   });
   $("model").addEventListener("change", loadLoras);
+  $("model").addEventListener("change", showAdvanced);
   $("lora").addEventListener("change", addLora);
   $("form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", () => controller && controller.abort());

@@ -28,7 +28,7 @@ class Modulation(nn.Module):
         self.n = n
 
     def __call__(self, cond: mx.array) -> list[mx.array]:
-        return mx.split(self.linear(cond), self.n, axis=-1)
+        return self.linear(cond).split(self.n, axis=-1)
 
 
 class GELU(nn.Module):

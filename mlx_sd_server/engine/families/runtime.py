@@ -33,6 +33,7 @@ class Settings:
     width: int
     height: int
     control_strength: float
+    max_sequence_length: int | None = None  # T5's tokens per prompt (None: the model's own)
 
     @classmethod
     def of(cls, job: Request) -> Settings:
@@ -47,6 +48,7 @@ class Settings:
             job.width,
             job.height,
             job.control_strength,
+            job.max_sequence_length,
         )
 
 

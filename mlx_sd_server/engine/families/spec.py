@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mlx_sd_server.engine.components import ComponentKind
+from mlx_sd_server.engine.families.lora import LoRARules
 from mlx_sd_server.engine.sampling.samplers import SAMPLE_METHODS
 from mlx_sd_server.engine.sampling.schedules import SCHEDULERS
 from mlx_sd_server.engine.source import ArchitectureHints, FilePart, OriginalModel, Tensors
 
 if TYPE_CHECKING:
     from mlx_sd_server.engine.families.runtime import Family
-    from mlx_sd_server.engine.model_io import LoadedModel
 
 DEFAULT_GUIDANCE = 3.5  # distilled guidance when a guidance-embedding model's manifest names none (FLUX.1-dev's)
 
@@ -41,6 +41,23 @@ class ModelDefaults:
     guidance: float | None = None  # distilled guidance, for models with a guidance embedding
 
 
+T5_TOKEN_LIMIT = 512  # the most T5 tokens diffusers' FLUX and SD3 pipelines take (`max_sequence_length`)
+
+
+@dataclass(frozen=True)
+class TextLength:
+    """How many tokens a model's T5 encodes a prompt to (cut or padded): a request's `max_sequence_length`,
+    as diffusers' FLUX and SD3 pipelines take it."""
+
+    default: int  # the model's own: its manifest's `max_length` (what it was trained with)
+    maximum: int = T5_TOKEN_LIMIT
+
+    @classmethod
+    def of(cls, manifest: Mapping[str, Any], encoder: str, default: int) -> TextLength:
+        """A model's: the `max_length` its manifest gives `encoder` (set at conversion), else `default`."""
+        return cls(int(manifest["components"].get(encoder, {}).get("max_length", default)))
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a model can do, declared by its family's spec and checked before a job is queued. Built without
@@ -56,7 +73,7 @@ class Capabilities:
     lora: bool = True
     size_multiple: int = 8  # image sides must be multiples of this (the VAE's downscale x the patch size)
     largest_side: int | None = None  # the network's own bound on a side (SD3's position embeddings), if any
-    max_text_tokens: Mapping[str, int] = field(default_factory=dict)  # a T5's most tokens, by encoder name
+    text_length: TextLength | None = None  # T5's tokens per prompt, which a request may set; None: no T5
 
 
 @dataclass(frozen=True)
@@ -99,9 +116,9 @@ class Detection:
     # The manifest family a diffusers folder's component configs show, where the family serves several
     # (SD: sd1, sd2 or sdxl, by their text encoders); None: its only one
     diffusers_family: Callable[[Configs], str] | None = None
-    # A LoRA's family, from its entries' (component, layer) names and factor shapes: a manifest family
-    # name, or None when the LoRA is not this family's. Families are asked in FAMILIES' order.
-    lora: Callable[[Any], str | None] | None = None
+    # Its LoRAs' names beyond diffusers/PEFT's, and the rule that tells a LoRA made for it (a manifest family
+    # name, or None when the LoRA is not this family's). Families are asked in FAMILIES' order.
+    lora: LoRARules | None = None
 
 
 # (the family's spec, per component the file's tensors and the component's prefix in it, the prediction type
@@ -160,6 +177,3 @@ class FamilySpec:
 
     def text_encoders(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.components if any(k.tokenizer_class for k in c.kinds))
-
-    def family_for(self, model: LoadedModel) -> Family:
-        return self.runtime(model)

@@ -45,7 +45,8 @@ class Linear(nn.Linear):
         """Our `QuantizedLinear` (what `nn.quantize` calls); quantized activations stay mlx.nn's QQLinear."""
         if quantize_input:
             return super().to_quantized(group_size, bits, mode, quantize_input)
-        return QuantizedLinear.from_linear(self, group_size, bits, mode)
+        # mlx annotates from_linear's group_size and bits as int, though None (the mode's default) is what it takes
+        return QuantizedLinear.from_linear(self, group_size, bits, mode)  # type: ignore[arg-type]
 
 
 class QuantizedLinear(nn.QuantizedLinear):

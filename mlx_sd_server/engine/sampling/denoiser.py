@@ -104,6 +104,8 @@ def model_denoiser(predict: Predictor, prediction_type: str, table: np.ndarray |
 
     if prediction_type == "flow":
         return lambda x, sigma: x - sigma * predict(x, float(sigma))
+    if table is None:
+        raise ValueError(f"{prediction_type} prediction needs the training sigma table")
 
     def denoise(x: mx.array, sigma: float) -> mx.array:
         c_in = 1.0 / math.sqrt(sigma * sigma + 1.0)

@@ -249,7 +249,8 @@ def sample_ipndm(
             slope = ((2 + step_ratio) * d - step_ratio * history[-1]) / 2
         else:
             weights = ADAMS_BASHFORTH[len(history)]
-            slope = sum(w * di for w, di in zip(weights, [d, *reversed(history)]))
+            terms = [w * di for w, di in zip(weights, [d, *reversed(history)])]
+            slope = sum(terms[1:], terms[0])
         x = x + slope * dt
         history = (history + [d])[-3:]
         x = resume(x, (yield Step(i, sigma, x, denoised)))

@@ -81,7 +81,7 @@ class CLIPTokenizer:
         else:  # transformers 5 saves only tokenizer.json, whose BPE model holds the same vocab and merges
             model = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))["model"]
             vocab = model["vocab"]
-            merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            merges = [_merge_pair(m.split(" ", 1) if isinstance(m, str) else m) for m in model["merges"]]
         settings: dict = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             if (path / name).exists():
@@ -121,15 +121,20 @@ class CLIPTokenizer:
 
     @property
     def bos_id(self) -> int:
-        return self._tokenizer.token_to_id(BOS_TOKEN)
+        return self._special_id(BOS_TOKEN)
 
     @property
     def eos_id(self) -> int:
-        return self._tokenizer.token_to_id(EOS_TOKEN)
+        return self._special_id(EOS_TOKEN)
 
     @property
     def pad_id(self) -> int:
-        return self._tokenizer.token_to_id(self.pad_token)
+        return self._special_id(self.pad_token)
+
+    def _special_id(self, token: str) -> int:
+        token_id = self._tokenizer.token_to_id(token)
+        assert token_id is not None, f"{token} is missing"  # (__init__ adds the special tokens)
+        return token_id
 
     def tokenize(self, text: str) -> list[int]:
         """The prompt's ids: no start/end tokens, no truncation, no padding."""
@@ -143,4 +148,9 @@ class CLIPTokenizer:
 
 def _parse_merges(lines: list[str]) -> list[tuple[str, str]]:
     """merges.txt lines ("a b", optionally after a "#version" header) as pairs."""
-    return [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    return [_merge_pair(line.split()) for line in lines if line and not line.startswith("#version")]
+
+
+def _merge_pair(tokens: list[str]) -> tuple[str, str]:
+    first, second = tokens
+    return first, second

@@ -8,6 +8,8 @@ last guard, for ids from anywhere else.
 
 from __future__ import annotations
 
+from typing import cast
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -21,7 +23,8 @@ class TokenEmbedding(nn.Embedding):
 
     def __call__(self, ids: mx.array) -> mx.array:
         # One small reduction over the ids (B x 77 or B x 512), on the CPU: microseconds beside a forward pass.
-        low, high = mx.stack([mx.min(ids, stream=mx.cpu), mx.max(ids, stream=mx.cpu)], stream=mx.cpu).tolist()
+        bounds = mx.stack([mx.min(ids, stream=mx.cpu), mx.max(ids, stream=mx.cpu)], stream=mx.cpu)
+        low, high = cast(list[int], bounds.tolist())  # (mlx types tolist() as any scalar or nested list)
         if low < 0 or high >= self.rows:
             raise ValueError(
                 f"token id {high if high >= self.rows else low} is outside this text encoder's "

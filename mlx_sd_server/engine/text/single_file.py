@@ -2,7 +2,8 @@
 
 CLIP-L, CLIP-G and T5-XXL files (FLUX's and SD3's split files, ComfyUI's bundles) are already in transformers'
 names; SD 2.x and SDXL checkpoints keep their OpenCLIP encoders in open_clip's (one packed q/k/v projection,
-`ln_1`, `c_fc`...). The head size and T5's attention reach are not in the weights (`ArchitectureHints`).
+`ln_1`, `c_fc`...). The head size and T5's attention reach are not in the weights (`ArchitectureHints`): where
+they are not given, the released models' are guesses (`Guess`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from mlx_sd_server.engine.source import (
     ArchitectureHints,
     CheckpointError,
     FilePart,
+    Guess,
     OriginalComponent,
     Tensors,
     count_distinct,
+    guess,
     known_keys,
     strip_prefix,
 )
@@ -47,6 +50,8 @@ T5_XXL = FilePart(
 CLIP_WEIGHTS = ("embeddings.", "encoder.", "final_layer_norm.")  # under `text_model.`
 T5_WEIGHTS = ("shared.", "encoder.")
 T5_TIED_EMBEDDING = "encoder.embed_tokens.weight"  # a copy of `shared.weight` some files hold instead of it
+CLIP_WIDTHS = (768, 1024, 1280)  # the released CLIPs': OpenAI ViT-L, OpenCLIP ViT-H and bigG
+T5_BUCKETS = 32  # every released T5's relative attention buckets (and reach, 128)
 
 OPEN_CLIP_NAMES = {
     "ln_1": "layer_norm1",
@@ -89,7 +94,7 @@ def clip_config(
         "layer_norm_eps": 1e-05,
         "max_position_embeddings": positions,
         "model_type": "clip_text_model",
-        "num_attention_heads": max(1, hidden_size // hints.text_head_dim),
+        "num_attention_heads": max(1, hidden_size // hints.value("text_head_dim")),
         "num_hidden_layers": layers,
         "pad_token_id": vocab_size - 1 if pad_token_id is None else pad_token_id,
         "projection_dim": hidden_size if projection_dim is None else projection_dim,
@@ -117,6 +122,12 @@ def transformers_clip_config(
     )
 
 
+def clip_guessed(config: dict[str, Any], hints: ArchitectureHints) -> tuple[Guess, ...]:
+    """A CLIP's head count, unless its head size was given: near-certain at the released widths."""
+    standard = config["hidden_size"] in CLIP_WIDTHS
+    return guess(hints, "text_head_dim", config, "num_attention_heads", standard)
+
+
 def read_clip(tensors: Tensors, prefix: str, hints: ArchitectureHints, name: str = "CLIP-L") -> OriginalComponent:
     """OpenAI CLIP ViT-L in transformers' names under `prefix`, which ends where `text_model.` does: a
     CLIPTextModel, which pads with <|endoftext|>."""
@@ -126,7 +137,8 @@ def read_clip(tensors: Tensors, prefix: str, hints: ArchitectureHints, name: str
         return [("text_model." + key[len(prefix) :], value)]
 
     shapes = {"text_model." + k[len(prefix) :]: tensors[k] for k in keys}
-    return OriginalComponent(transformers_clip_config(shapes, "quick_gelu", None, hints), keys, mapper)
+    config = transformers_clip_config(shapes, "quick_gelu", None, hints)
+    return OriginalComponent(config, keys, mapper, guessed=clip_guessed(config, hints))
 
 
 def read_projected_clip(
@@ -143,7 +155,9 @@ def read_projected_clip(
     names = {k: "text_model." + k[len(prefix) :] for k in known_keys(tensors, prefix, is_clip_weight, name)}
     names[projection] = "text_projection.weight"
     config = transformers_clip_config({names[k]: tensors[k] for k in names}, "gelu", 0, hints)
-    return OriginalComponent(config, list(names), lambda key, value: [(names[key], value)])
+    return OriginalComponent(
+        config, list(names), lambda key, value: [(names[key], value)], guessed=clip_guessed(config, hints)
+    )
 
 
 def is_clip_weight(key: str) -> bool:
@@ -198,7 +212,8 @@ def read_open_clip(tensors: Tensors, prefix: str, penultimate: bool, hints: Arch
         projection_dim=None if penultimate else clip["text_projection"].shape[1],
         hints=hints,
     )
-    return OriginalComponent(config, [k for k in known if targets(k[len(prefix) :])], mapper)
+    keys = [k for k in known if targets(k[len(prefix) :])]
+    return OriginalComponent(config, keys, mapper, guessed=clip_guessed(config, hints))
 
 
 def t5_config(state: Mapping[str, Any], relative_attention_max_distance: int = 128) -> dict[str, Any]:
@@ -249,5 +264,7 @@ def read_t5(tensors: Tensors, prefix: str, hints: ArchitectureHints) -> Original
         rest = key[len(prefix) :]
         return "shared.weight" if rest == T5_TIED_EMBEDDING else rest
 
-    config = t5_config({name(k): tensors[k] for k in keys}, hints.t5_max_distance)
-    return OriginalComponent(config, keys, lambda key, value: [(name(key), value)])
+    config = t5_config({name(k): tensors[k] for k in keys}, hints.value("t5_max_distance"))
+    standard = config["relative_attention_num_buckets"] == T5_BUCKETS
+    guessed = guess(hints, "t5_max_distance", config, "relative_attention_max_distance", standard)
+    return OriginalComponent(config, keys, lambda key, value: [(name(key), value)], guessed=guessed)

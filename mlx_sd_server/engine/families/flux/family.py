@@ -1,11 +1,11 @@
 """FLUX.1 (dev and schnell): CLIP-L pooled text + T5 states into a rectified-flow transformer.
 
-Conditioning is T5's hidden states (256 tokens for schnell, 512 for dev: the manifest's `max_length`) and
-CLIP-L's pooled output; latents are the 16-channel autoencoder's, packed into 2x2 patches for the
-transformer (so image sides are multiples of twice the VAE's downscale: 16 for FLUX.1's autoencoder). The
-schedule is the shifted flow schedule (dev: shifted by the image's token count). `guidance` feeds dev's
-distilled guidance embedding; `cfg_scale` > 1 is true classifier-free guidance with the negative prompt, as
-on every family.
+Conditioning is T5's hidden states (the request's `max_sequence_length` tokens, else the manifest's
+`max_length`: 256 for schnell, 512 for dev) and CLIP-L's pooled output; latents are the 16-channel
+autoencoder's, packed into 2x2 patches for the transformer (so image sides are multiples of twice the VAE's
+downscale: 16 for FLUX.1's autoencoder). The schedule is the shifted flow schedule (dev: shifted by the
+image's token count). `guidance` feeds dev's distilled guidance embedding; `cfg_scale` > 1 is true
+classifier-free guidance with the negative prompt, as on every family.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 from mlx_sd_server.engine.families.flux.transformer import latent_image_ids, pack_latents, unpack_latents
 from mlx_sd_server.engine.families.runtime import Settings
-from mlx_sd_server.engine.families.spec import DEFAULT_GUIDANCE
+from mlx_sd_server.engine.families.spec import DEFAULT_GUIDANCE, TextLength
 from mlx_sd_server.engine.sampling.denoiser import Denoiser, classifier_free_guidance, model_denoiser
 from mlx_sd_server.engine.sampling.schedules import flow_sigmas
 from mlx_sd_server.engine.text.prompt import emphasised, sequence_pieces, weighted_ids
@@ -43,7 +43,7 @@ class FluxFamily:
         self.transformer = model.components["transformer"]
         self.latent_scale = model.vae.latent_scale  # image pixels per latent pixel (the VAE's downscale)
         self.scheduler_config = model.manifest["scheduler"]
-        self.t5_max_length = model.manifest["components"]["text_encoder_2"].get("max_length", T5_MAX_LENGTH)
+        self.t5_max_length = TextLength.of(model.manifest, "text_encoder_2", T5_MAX_LENGTH).default
 
     def sigmas(self, settings: Settings) -> np.ndarray:
         token_pixels = self.latent_scale * PATCH
@@ -64,7 +64,8 @@ class FluxFamily:
         pieces = [sequence_pieces(text) for text in texts]
         plain = ["".join(fragment for fragment, _ in p) for p in pieces]
         pooled = clip(mx.array([clip_tokenizer.encode(text) for text in plain])).pooled_output
-        ids, weights = zip(*(weighted_ids(t5_tokenizer, p, self.t5_max_length) for p in pieces))
+        length = self.t5_max_length if settings.max_sequence_length is None else settings.max_sequence_length
+        ids, weights = zip(*(weighted_ids(t5_tokenizer, p, length) for p in pieces))
         states = emphasised(t5(mx.array(ids)).astype(mx.float32), weights)
         return FluxConditioning(states, pooled.astype(mx.float32))
 

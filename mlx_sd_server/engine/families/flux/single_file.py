@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mlx_sd_server.engine import ldm_vae
+from mlx_sd_server.engine.sampling.schedules import FLOW_SCHEDULER_SETTINGS
 from mlx_sd_server.engine.source import (
     ArchitectureHints,
     CheckpointError,
@@ -31,6 +32,8 @@ from mlx_sd_server.engine.source import (
     OriginalModel,
     Tensors,
     count_distinct,
+    guess,
+    hint_option,
     known_keys,
     split_options,
     strip_prefix,
@@ -45,24 +48,8 @@ MARKER = "double_blocks.0.img_attn.qkv.weight"
 
 # The released repos' scheduler_config.json (FlowMatchEulerDiscreteScheduler). dev, guidance-distilled, shifts
 # its sigmas by the image size; schnell, timestep-distilled for 1-4 steps, does not shift them.
-DEV_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-}
-SCHNELL_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "use_dynamic_shifting": False,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-}
+DEV_SCHEDULER = {**FLOW_SCHEDULER_SETTINGS, "shift": 3.0, "use_dynamic_shifting": True}
+SCHNELL_SCHEDULER = FLOW_SCHEDULER_SETTINGS
 
 DEFAULT_AXES_DIMS_ROPE = (16, 56, 56)  # the rotary embedding's (index, height, width) split of FLUX's 128 head dims
 
@@ -183,7 +170,8 @@ def flux_transformer_config(state: Tensors, axes_dims_rope: Iterable[int] | None
         if head_dim != sum(DEFAULT_AXES_DIMS_ROPE):
             raise CheckpointError(
                 f"this FLUX transformer has {head_dim}-dim attention heads, not FLUX.1's 128, so its rotary "
-                f"embedding's split of them is unknown: pass axes_dims_rope (three numbers summing to {head_dim})"
+                f"embedding's split of them is unknown: pass axes_dims_rope ({hint_option('axes_dims_rope')}: "
+                f"three numbers summing to {head_dim})"
             )
         axes_dims_rope = DEFAULT_AXES_DIMS_ROPE
     axes = list(axes_dims_rope)
@@ -206,11 +194,15 @@ def flux_transformer_config(state: Tensors, axes_dims_rope: Iterable[int] | None
     }
 
 
-def read_transformer(tensors: Tensors, prefix: str, axes_dims_rope: Iterable[int] | None) -> OriginalComponent:
+def read_transformer(tensors: Tensors, prefix: str, hints: ArchitectureHints) -> OriginalComponent:
     keys = known_keys(tensors, prefix, is_bfl_transformer_key, "transformer")
-    config = flux_transformer_config(strip_prefix(tensors, prefix), axes_dims_rope)
+    config = flux_transformer_config(strip_prefix(tensors, prefix), hints.axes_dims_rope)
     hidden_size = config["num_attention_heads"] * config["attention_head_dim"]
-    return OriginalComponent(config, keys, partial(map_bfl_transformer_weight, hidden_size=hidden_size))
+    # not given: FLUX.1's split, which only its 128-dim heads take (others are refused above)
+    guessed = guess(hints, "axes_dims_rope", config, "axes_dims_rope", standard=True)
+    return OriginalComponent(
+        config, keys, partial(map_bfl_transformer_weight, hidden_size=hidden_size), guessed=guessed
+    )
 
 
 def read(
@@ -220,7 +212,7 @@ def read(
     hints: ArchitectureHints,
 ) -> OriginalModel:
     """dev (guidance-distilled) and schnell are told apart by the guidance embedding."""
-    transformer = read_transformer(*found["transformer"], hints.axes_dims_rope)
+    transformer = read_transformer(*found["transformer"], hints)
     configs = {"transformer": transformer.config}
     size = spec.variant_of(spec.name, "flow", configs, "").defaults.width
     components = {

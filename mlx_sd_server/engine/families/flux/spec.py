@@ -7,7 +7,7 @@ from typing import Any
 
 from mlx_sd_server.engine.components import ComponentKind
 from mlx_sd_server.engine.families.flux import single_file
-from mlx_sd_server.engine.families.flux.family import PATCH, FluxFamily
+from mlx_sd_server.engine.families.flux.family import PATCH, T5_MAX_LENGTH, FluxFamily
 from mlx_sd_server.engine.families.flux.lora import LORA
 from mlx_sd_server.engine.families.flux.mapping import map_flux_transformer_weight
 from mlx_sd_server.engine.families.flux.transformer import FluxTransformer2DModel, FluxTransformerConfig
@@ -21,6 +21,7 @@ from mlx_sd_server.engine.families.spec import (
     LatentFormat,
     ModelDefaults,
     OriginalLayout,
+    TextLength,
     Variant,
 )
 from mlx_sd_server.engine.sampling.samplers import FLOW_SAMPLERS
@@ -53,6 +54,7 @@ def capabilities(manifest: Mapping[str, Any], has_controlnet: bool) -> Capabilit
         guidance=bool(components["transformer"]["config"].get("guidance_embeds")),
         controlnet=False,
         size_multiple=downscale_factor(components["vae"]["config"]) * PATCH,
+        text_length=TextLength.of(manifest, "text_encoder_2", T5_MAX_LENGTH),
     )
 
 

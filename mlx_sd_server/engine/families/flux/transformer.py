@@ -130,7 +130,7 @@ class FluxAttention(nn.Module):
             cq, ck, cv = self._qkv(
                 context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k
             )
-            q, k, v = (mx.concatenate(pair, axis=1) for pair in ((cq, q), (ck, k), (cv, v)))
+            q, k, v = (mx.concatenate([a, b], axis=1) for a, b in ((cq, q), (ck, k), (cv, v)))
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
         out = attention(apply_rope(q, *rope), apply_rope(k, *rope), v)
         out = out.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[2], -1)
@@ -233,8 +233,8 @@ class FluxTransformer2DModel(nn.Module):
             context, x = block(x, context, cond, rope)
         text = context.shape[1]
         x = mx.concatenate([context, x], axis=1)
-        for block in self.single_transformer_blocks:
-            x = block(x, cond, rope)
+        for single_block in self.single_transformer_blocks:
+            x = single_block(x, cond, rope)
         x = x[:, text:]
 
         scale, shift = self.norm_out(cond)  # AdaLayerNormContinuous: scale first

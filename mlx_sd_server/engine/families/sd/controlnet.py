@@ -60,6 +60,8 @@ class ControlNetConditioningEmbedding(nn.Module):
 
 
 class ControlNetModel(UNetEncoder):
+    config: ControlNetConfig  # (UNetEncoder stores the config it is given)
+
     def __init__(self, config: ControlNetConfig):
         super().__init__(config)
         c = config

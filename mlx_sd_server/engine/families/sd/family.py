@@ -101,10 +101,12 @@ class StableDiffusionFamily:
         uncond = [pad_chunks(c, count, empty) for c, empty in zip(uncond, empties)]
         cond_context, cond_pooled = self._encode_chunks(cond)
         if self.is_sdxl and not settings.negative_prompt:  # SDXL's "force_zeros_for_empty_prompt"
-            uncond_context, uncond_pooled = mx.zeros_like(cond_context), mx.zeros_like(cond_pooled)
+            uncond_context = mx.zeros_like(cond_context)
+            uncond_pooled = None if cond_pooled is None else mx.zeros_like(cond_pooled)
         else:
             uncond_context, uncond_pooled = self._encode_chunks(uncond)
-        pooled = None if cond_pooled is None else mx.concatenate([uncond_pooled, cond_pooled])
+        # (both or neither: the same encoders made them)
+        pooled = None if cond_pooled is None or uncond_pooled is None else mx.concatenate([uncond_pooled, cond_pooled])
         return mx.concatenate([uncond_context, cond_context]), pooled
 
     # --- the denoiser ------------------------------------------------------------------------------
@@ -136,6 +138,7 @@ class StableDiffusionFamily:
         context = mx.repeat(context, n, axis=0).astype(dtype)  # [uncond]*n + [cond]*n
         kwargs: dict = {}
         if self.is_sdxl:
+            assert pooled is not None, "SDXL's second text encoder gives a pooled embedding"
             h, w = settings.height, settings.width
             time_ids = mx.array([[h, w, 0, 0, h, w]] * (copies * n), dtype=mx.float32)
             kwargs.update(text_embeds=mx.repeat(pooled, n, axis=0).astype(dtype), time_ids=time_ids.astype(dtype))
@@ -152,6 +155,7 @@ class StableDiffusionFamily:
             timesteps = mx.full((batch.shape[0],), t, dtype=mx.float32)
             residuals = {}
             if control is not None and settings.control_strength > 0:
+                assert controlnet is not None, "build_job takes control_image only with a ControlNet attached"
                 down, mid = controlnet(
                     batch,
                     timesteps,

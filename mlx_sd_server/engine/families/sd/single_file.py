@@ -29,10 +29,12 @@ from mlx_sd_server.engine.source import (
     ArchitectureHints,
     CheckpointError,
     FilePart,
+    Guess,
     OriginalComponent,
     OriginalModel,
     Tensors,
     count_distinct,
+    guess,
     renamed_component,
     strip_prefix,
 )
@@ -54,6 +56,8 @@ SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."  # the refiner's only tex
 CONTROLNET_PREFIX = "control_model."
 CONTROLNET_MARKER = "input_hint_block.0.weight"  # the control image's first conv: only ControlNets have it
 CONTROLNET = "controlnet"  # the manifest family of a lone ControlNet
+RELEASED_UNET_WIDTHS = ([320, 640, 1280, 1280], [320, 640, 1280])  # SD 1.x/2.x's, SDXL's block_out_channels
+SDXL_ADM_CHANNELS = 2816  # SDXL's label_emb input: bigG's pooled 1280 and six 256-wide time ids
 
 UNET = FilePart("the UNet", "input_blocks.0.0.weight", (UNET_PREFIX,))
 VAE = FilePart("the VAE", "encoder.conv_in.weight", (VAE_PREFIX,))
@@ -246,9 +250,9 @@ def _encoder_config(
     attention = next(i for i, has in zip(first_input, down_attention, strict=True) if has)
     proj_in = unet[f"input_blocks.{attention}.1.proj_in.weight"]  # a 1x1 conv in SD 1.x, a linear in SD 2.x/XL
     if family == "sd1":
-        heads: int | list[int] = hints.sd1_unet_heads
+        heads: int | list[int] = hints.value("sd1_unet_heads")
     else:
-        heads = [max(1, c // hints.unet_head_dim) for c in channels]
+        heads = [max(1, c // hints.value("unet_head_dim")) for c in channels]
 
     config: dict[str, Any] = {
         "act_fn": "silu",
@@ -288,6 +292,14 @@ def _encoder_config(
             addition_time_embed_dim=(adm_channels - (text_projection_dim or 0)) // 6,
         )
     return config
+
+
+def _encoder_guessed(config: dict[str, Any], family: str, hints: ArchitectureHints) -> tuple[Guess, ...]:
+    """What a UNet's or ControlNet's config takes from hints not given: near-certain at the released widths."""
+    standard = config["block_out_channels"] in RELEASED_UNET_WIDTHS
+    heads = "sd1_unet_heads" if family == "sd1" else "unet_head_dim"
+    guessed = guess(hints, heads, config, "attention_head_dim", standard)
+    return guessed + guess(hints, "norm_num_groups", config, "norm_num_groups", standard)
 
 
 def unet_config_from_ldm(
@@ -336,7 +348,10 @@ def read_unet(
     sample_size: int,
 ) -> OriginalComponent:
     config = unet_config_from_ldm(strip_prefix(tensors, prefix), family, text_projection_dim, hints, sample_size)
-    return renamed_component(tensors, prefix, lambda k: unet_key(k, config["layers_per_block"]), config, "UNet")
+    guessed = _encoder_guessed(config, family, hints)
+    return renamed_component(
+        tensors, prefix, lambda k: unet_key(k, config["layers_per_block"]), config, "UNet", guessed
+    )
 
 
 # --- ControlNet -----------------------------------------------------------------------------------------
@@ -379,7 +394,7 @@ def controlnet_config_from_ldm(controlnet: Tensors, hints: ArchitectureHints) ->
     embedding_channels = [hint[0].shape[0]] + [conv.shape[0] for conv in hint[2:-1:2]]
     return {
         "_class_name": "ControlNetModel",
-        **_encoder_config(controlnet, _controlnet_family(controlnet), hints.sdxl_text_projection_dim, hints),
+        **_encoder_config(controlnet, _controlnet_family(controlnet), hints.value("sdxl_text_projection_dim"), hints),
         "conditioning_channels": hint[0].shape[1],
         "conditioning_embedding_out_channels": embedding_channels,
         "controlnet_conditioning_channel_order": "rgb",
@@ -391,6 +406,15 @@ def read_controlnet(tensors: Tensors, prefix: str, hints: ArchitectureHints) -> 
     controlnet = strip_prefix(tensors, prefix)
     config = controlnet_config_from_ldm(controlnet, hints)
     hint_convs = _hint_convs(controlnet)
+    guessed = _encoder_guessed(config, _controlnet_family(controlnet), hints)
+    if config["addition_embed_type"] == "text_time":  # SDXL's: the time ids' width is what the pooled text leaves
+        standard = config["projection_class_embeddings_input_dim"] == SDXL_ADM_CHANNELS
+        guessed += guess(hints, "sdxl_text_projection_dim", config, "addition_time_embed_dim", standard)
     return renamed_component(
-        tensors, prefix, lambda k: controlnet_key(k, hint_convs, config["layers_per_block"]), config, "ControlNet"
+        tensors,
+        prefix,
+        lambda k: controlnet_key(k, hint_convs, config["layers_per_block"]),
+        config,
+        "ControlNet",
+        guessed,
     )

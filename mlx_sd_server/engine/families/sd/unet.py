@@ -8,6 +8,7 @@ ControlNet subclasses as well: a ControlNet is a copy of exactly that half.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -30,6 +31,9 @@ def _per_block(value, n: int) -> tuple:
 def _per_layer(value, n: int) -> tuple[int, ...]:
     """Transformer depth per resnet layer of a block: one int for all layers, or a list per layer."""
     return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+
+
+_Config = TypeVar("_Config", bound="UNetConfig")  # from_dict builds the class it is called on (ControlNetConfig)
 
 
 @dataclass
@@ -59,7 +63,7 @@ class UNetConfig:
     time_cond_proj_dim: int | None = None  # LCM guidance embedding
 
     @classmethod
-    def from_dict(cls, d: dict) -> UNetConfig:
+    def from_dict(cls: type[_Config], d: dict) -> _Config:
         """From a diffusers UNet2DConditionModel config.json dict (unknown keys ignored)."""
         block_out = tuple(d.get("block_out_channels", cls.block_out_channels))
         n = len(block_out)
@@ -203,7 +207,7 @@ class Downsample2D(nn.Module):
         return self.conv(x)
 
 
-def upsample_nearest(x: mx.array, size: tuple[int, int]) -> mx.array:
+def upsample_nearest(x: mx.array, size: tuple[int, ...]) -> mx.array:
     """Nearest-neighbour resize of NHWC `x` to `size`, indexing like torch's F.interpolate(mode="nearest").
 
     Usually exactly 2x; odd latent sizes need the skip connection's size instead (as diffusers does).
@@ -218,7 +222,7 @@ class Upsample2D(nn.Module):
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
-    def __call__(self, x: mx.array, size: tuple[int, int]) -> mx.array:
+    def __call__(self, x: mx.array, size: tuple[int, ...]) -> mx.array:
         return self.conv(upsample_nearest(x, size))
 
 
@@ -330,7 +334,7 @@ class UpBlock(nn.Module):
         temb: mx.array,
         context: mx.array,
         skips: list[mx.array],
-        upsample_size: tuple[int, int] | None,
+        upsample_size: tuple[int, ...] | None,
     ) -> mx.array:
         # Skips are consumed last-first, mirroring the order the down block produced them.
         for i, (resnet, skip) in enumerate(zip(self.resnets, reversed(skips))):
@@ -338,6 +342,7 @@ class UpBlock(nn.Module):
             if self.attentions:
                 x = self.attentions[i](x, context)
         for upsampler in self.upsamplers:
+            assert upsample_size is not None, "an upsampling block needs the next skip's size"
             x = upsampler(x, upsample_size)
         return x
 
@@ -357,6 +362,11 @@ class UNetEncoder(nn.Module):
         self.conv_in = Conv2d(c.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb, c.time_cond_proj_dim)
         if c.addition_embed_type == "text_time":
+            if c.projection_class_embeddings_input_dim is None or c.addition_time_embed_dim is None:
+                raise ValueError(
+                    "addition_embed_type text_time needs projection_class_embeddings_input_dim and "
+                    "addition_time_embed_dim"
+                )
             self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, temb)
         self.down_blocks = [
             DownBlock(
@@ -401,6 +411,7 @@ class UNetEncoder(nn.Module):
         if c.addition_embed_type == "text_time":
             if text_embeds is None or time_ids is None:
                 raise ValueError("this UNet needs text_embeds and time_ids (SDXL micro-conditioning)")
+            assert c.addition_time_embed_dim is not None  # (__init__ refuses a text_time config without it)
             time_embeds = timestep_embedding(
                 time_ids.reshape(-1), c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift
             ).reshape(batch, -1)

@@ -2,13 +2,14 @@
 
 Conditioning is diffusers' StableDiffusion3Pipeline.encode_prompt: both CLIPs' penultimate hidden states
 (one 77-token window each: longer prompts are truncated), side by side along the features and zero-padded to
-T5's width, then T5's states (256 tokens) after them along the sequence; the pooled vector is both CLIPs'
-projected end-token states side by side. A model converted without T5 reads zeros in its place, as diffusers
-does with text_encoder_3=None. A1111 emphasis weights every encoder's states (scaled, then the mean restored,
-as on SD); BREAK is a word break. Latents are the 16-channel VAE's, cut into 2x2 patches by the transformer
-(image sides are multiples of the VAE's downscale times the patch: 16). The schedule is the fixed-shift flow
-schedule (shift 3) spaced as FlowMatchEulerDiscreteScheduler spaces it by default; cfg_scale > 1 is
-classifier-free guidance with the negative prompt ("" when none is given, as diffusers encodes it).
+T5's width, then T5's states (the request's `max_sequence_length` tokens, else the manifest's `max_length`:
+256) after them along the sequence; the pooled vector is both CLIPs' projected end-token states side by side.
+A model converted without T5 reads as many zeros in its place, as diffusers does with text_encoder_3=None.
+A1111 emphasis weights every encoder's states (scaled, then the mean restored, as on SD); BREAK is a word
+break. Latents are the 16-channel VAE's, cut into 2x2 patches by the transformer (image sides are multiples
+of the VAE's downscale times the patch: 16). The schedule is the fixed-shift flow schedule (shift 3) spaced
+as FlowMatchEulerDiscreteScheduler spaces it by default; cfg_scale > 1 is classifier-free guidance with the
+negative prompt ("" when none is given, as diffusers encodes it).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_sd_server.engine.families.runtime import Settings
+from mlx_sd_server.engine.families.spec import TextLength
 from mlx_sd_server.engine.sampling.denoiser import Denoiser, classifier_free_guidance, model_denoiser
 from mlx_sd_server.engine.sampling.schedules import flow_sigmas
 from mlx_sd_server.engine.text.prompt import emphasised, sequence_pieces, weighted_ids
@@ -42,8 +44,7 @@ class SD3Family:
         self.model = model
         self.transformer = model.components["transformer"]
         self.scheduler_config = model.manifest["scheduler"]
-        t5_entry = model.manifest["components"].get("text_encoder_3", {})
-        self.t5_max_length = t5_entry.get("max_length", T5_MAX_LENGTH)
+        self.t5_max_length = TextLength.of(model.manifest, "text_encoder_3", T5_MAX_LENGTH).default
 
     def sigmas(self, settings: Settings) -> np.ndarray:
         patch_pixels = self.model.vae.latent_scale * self.transformer.config.patch_size
@@ -72,15 +73,16 @@ class SD3Family:
         width = self.transformer.config.joint_attention_dim
         clip = mx.concatenate(clip_states, axis=-1)
         clip = mx.pad(clip, [(0, 0), (0, 0), (0, width - clip.shape[-1])])
+        length = self.t5_max_length if settings.max_sequence_length is None else settings.max_sequence_length
         if "text_encoder_3" in self.model.text_encoders:  # T5 (optional)
             t5_tokenizer, t5_encoder = (
                 self.model.tokenizers["text_encoder_3"],
                 self.model.text_encoders["text_encoder_3"],
             )
-            ids, weights = zip(*(weighted_ids(t5_tokenizer, p, self.t5_max_length) for p in pieces))
+            ids, weights = zip(*(weighted_ids(t5_tokenizer, p, length) for p in pieces))
             t5 = emphasised(t5_encoder(mx.array(ids)).astype(mx.float32), weights)
         else:
-            t5 = mx.zeros((len(texts), self.t5_max_length, width))
+            t5 = mx.zeros((len(texts), length, width))
         return SD3Conditioning(mx.concatenate([clip, t5], axis=1), mx.concatenate(pooled, axis=-1))
 
     # --- the denoiser ------------------------------------------------------------------------------

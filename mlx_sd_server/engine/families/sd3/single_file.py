@@ -26,6 +26,7 @@ import numpy as np
 
 from mlx_sd_server.engine import ldm_vae
 from mlx_sd_server.engine.source import (
+    RELEASED_HINTS,
     ArchitectureHints,
     CheckpointError,
     FilePart,
@@ -33,6 +34,8 @@ from mlx_sd_server.engine.source import (
     OriginalModel,
     Tensors,
     count_distinct,
+    guess,
+    hint_option,
     known_keys,
     split_options,
     strip_prefix,
@@ -47,6 +50,7 @@ SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
 SAMPLE_SIZE = 128  # the released configs' default latent size (1024 px); not in the weights
 SD3_PREFIX = "model.diffusion_model."
 MARKER = "joint_blocks.0.x_block.attn.qkv.weight"  # Stability's MMDiT names
+MEDIUM_WIDTH = 1536  # SD3 medium's: 24 heads of 64, the released MMDiT without qk-norm weights
 
 PARTS = {
     "transformer": FilePart(
@@ -141,7 +145,7 @@ def map_sd3_transformer_weight(key: str, value: np.ndarray, hidden_size: int) ->
 
 
 def sd3_transformer_config(
-    state: Tensors, attention_head_dim: int = ArchitectureHints.attention_head_dim
+    state: Tensors, attention_head_dim: int = RELEASED_HINTS["attention_head_dim"]
 ) -> dict[str, Any]:
     """The diffusers SD3Transformer2DModel config.json for original MMDiT weights; only their shapes are read.
     The head size is the qk-norm's width where there is one (SD3.5), else `attention_head_dim`."""
@@ -152,7 +156,7 @@ def sd3_transformer_config(
     if hidden_size % head_dim:
         raise CheckpointError(
             f"this SD3 transformer is {hidden_size} wide, not a multiple of {head_dim}-dim attention "
-            "heads: pass attention_head_dim"
+            f"heads: pass attention_head_dim ({hint_option('attention_head_dim')})"
         )
     positions = state["pos_embed"].shape[1]
     side = math.isqrt(positions)
@@ -179,11 +183,17 @@ def sd3_transformer_config(
     }
 
 
-def read_transformer(tensors: Tensors, prefix: str, attention_head_dim: int) -> OriginalComponent:
+def read_transformer(tensors: Tensors, prefix: str, hints: ArchitectureHints) -> OriginalComponent:
     keys = known_keys(tensors, prefix, is_sd3_transformer_key, "transformer")
-    config = sd3_transformer_config(strip_prefix(tensors, prefix), attention_head_dim)
+    config = sd3_transformer_config(strip_prefix(tensors, prefix), hints.value("attention_head_dim"))
     hidden_size = config["num_attention_heads"] * config["attention_head_dim"]
-    return OriginalComponent(config, keys, partial(map_sd3_transformer_weight, hidden_size=hidden_size))
+    mapper = partial(map_sd3_transformer_weight, hidden_size=hidden_size)
+    guessed = (  # (a qk-norm's width is the head size)
+        ()
+        if config["qk_norm"]
+        else guess(hints, "attention_head_dim", config, "attention_head_dim", hidden_size == MEDIUM_WIDTH)
+    )
+    return OriginalComponent(config, keys, mapper, guessed=guessed)
 
 
 def read_clip_l(tensors: Tensors, prefix: str, hints: ArchitectureHints) -> OriginalComponent:
@@ -193,9 +203,8 @@ def read_clip_l(tensors: Tensors, prefix: str, hints: ArchitectureHints) -> Orig
     clip = read_clip(tensors, prefix, hints)
     hidden_size = clip.config["hidden_size"]
     config = {**clip.config, "architectures": ["CLIPTextModelWithProjection"], "projection_dim": hidden_size}
-    return OriginalComponent(
-        config, clip.keys, clip.mapper, (("text_projection.weight", np.eye(hidden_size, dtype=np.float32)),)
-    )
+    projection = (("text_projection.weight", np.eye(hidden_size, dtype=np.float32)),)
+    return OriginalComponent(config, clip.keys, clip.mapper, projection, clip.guessed)
 
 
 def read(
@@ -205,7 +214,7 @@ def read(
     hints: ArchitectureHints,
 ) -> OriginalModel:
     """Without T5 (not found: `convert --no-t5` does not look for it) the model reads zeros in its place."""
-    transformer = read_transformer(*found["transformer"], hints.attention_head_dim)
+    transformer = read_transformer(*found["transformer"], hints)
     size = spec.variant_of(spec.name, "flow", {"transformer": transformer.config}, "").defaults.width
     components = {
         "transformer": transformer,

@@ -20,6 +20,7 @@ from mlx_sd_server.engine.families.spec import (
     LatentFormat,
     ModelDefaults,
     OriginalLayout,
+    TextLength,
     Variant,
 )
 from mlx_sd_server.engine.sampling.samplers import FLOW_SAMPLERS
@@ -56,7 +57,8 @@ def variant_of(family: str, prediction_type: str, configs: Configs, name: str) -
 
 def capabilities(manifest: Mapping[str, Any], has_controlnet: bool) -> Capabilities:
     """Sides are multiples of the VAE's downscale times the patch; the transformer has position embeddings
-    for at most pos_embed_max_size patches a side."""
+    for at most pos_embed_max_size patches a side. A model without T5 takes `max_sequence_length` too, as
+    diffusers' pipeline does with text_encoder_3=None: it is the length of the zeros read in T5's place."""
     components = manifest["components"]
     transformer = components["transformer"]["config"]
     patch_pixels = downscale_factor(components["vae"]["config"]) * transformer.get("patch_size", 2)
@@ -68,6 +70,7 @@ def capabilities(manifest: Mapping[str, Any], has_controlnet: bool) -> Capabilit
         controlnet=False,
         size_multiple=patch_pixels,
         largest_side=patch_pixels * largest if largest else None,
+        text_length=TextLength.of(manifest, "text_encoder_3", T5_MAX_LENGTH),
     )
 
 

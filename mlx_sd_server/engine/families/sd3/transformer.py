@@ -105,15 +105,21 @@ class SD3Attention(nn.Module):
                 self.to_add_out = Linear(inner, dim)
 
     def _qkv(
-        self, x: mx.array, q: Linear, k: Linear, v: Linear, norm_q: nn.RMSNorm | None, norm_k: nn.RMSNorm | None
+        self,
+        x: mx.array,
+        to_q: Linear,
+        to_k: Linear,
+        to_v: Linear,
+        norm_q: nn.RMSNorm | None,
+        norm_k: nn.RMSNorm | None,
     ) -> tuple[mx.array, mx.array, mx.array]:
         """(B, L, heads, head_dim) queries, keys and values; the norms (SD3.5's) act per head."""
 
         def heads(t: mx.array) -> mx.array:
             return t.reshape(*x.shape[:2], self.heads, -1)
 
-        q, k, v = heads(q(x)), heads(k(x)), heads(v(x))
-        if norm_q is not None:
+        q, k, v = heads(to_q(x)), heads(to_k(x)), heads(to_v(x))
+        if norm_q is not None and norm_k is not None:  # (both or neither: __init__ makes them together)
             q, k = norm_q(q), norm_k(k)
         return q, k, v
 
@@ -130,7 +136,7 @@ class SD3Attention(nn.Module):
                 self.get("norm_added_q"),
                 self.get("norm_added_k"),
             )
-            q, k, v = (mx.concatenate(pair, axis=1) for pair in ((q, cq), (k, ck), (v, cv)))
+            q, k, v = (mx.concatenate([a, b], axis=1) for a, b in ((q, cq), (k, ck), (v, cv)))
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
         out = attention(q, k, v).transpose(0, 2, 1, 3).reshape(x.shape[0], q.shape[2], -1)
         image = self.to_out[0](out[:, : x.shape[1]])
@@ -222,7 +228,9 @@ class SD3Transformer2DModel(nn.Module):
         cond = silu(self.time_text_embed(timestep, None, pooled_projections, x.dtype))  # every modulation's input
         context = self.context_embedder(encoder_hidden_states)
         for block in self.transformer_blocks:
-            context, x = block(x, context, cond)
+            block_context, x = block(x, context, cond)
+            if block_context is not None:  # the last block (context_pre_only) returns no text stream
+                context = block_context
         scale, shift = self.norm_out(cond)  # AdaLayerNormContinuous: scale first
         x = self.proj_out(modulate(x, shift, scale))
         # unpatchify: each token's channels are (patch row, patch col, channel)
