@@ -1,5 +1,5 @@
-"""Embeddings more than one family uses: sinusoidal timesteps and their MLPs (the UNet, FLUX.1, SD3), the
-timestep + pooled-text embedding of the DiTs (FLUX.1, SD3), and rotary position embeddings (FLUX.1).
+"""Embeddings more than one family uses: sinusoidal timesteps and their MLPs (the UNet, FLUX.1, SD3, FLUX.2), the
+timestep + pooled-text embedding of the DiTs (FLUX.1, SD3), and rotary position embeddings (FLUX.1, FLUX.2).
 
 Parameter names are diffusers' (`linear_1`, `timestep_embedder`, ...), so the families' weights load as they are.
 """
@@ -35,15 +35,24 @@ def timestep_embedding(t: mx.array, dim: int, flip_sin_to_cos: bool, freq_shift:
     return mx.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
 
 
-class TimestepEmbedding(nn.Module):
-    """Linear-SiLU-Linear; with `cond_proj_dim`, a projected condition (LCM's guidance embedding) is added first."""
+def sigma_sinusoids(sigma: mx.array, dtype: mx.Dtype, channels: int = TIME_CHANNELS) -> mx.array:
+    """The DiTs' timestep (and guidance) sinusoids: sigmas (N,) in [0, 1] scaled by 1000, cos first, in `dtype`.
 
-    def __init__(self, in_channels: int, dim: int, cond_proj_dim: int | None = None):
+    Computed in float32 (diffusers first rounds the sigma to the model dtype: 0.7 in bfloat16 is 0.69921875).
+    """
+    return timestep_embedding(sigma * 1000, channels, flip_sin_to_cos=True, freq_shift=0).astype(dtype)
+
+
+class TimestepEmbedding(nn.Module):
+    """Linear-SiLU-Linear; with `cond_proj_dim`, a projected condition (LCM's guidance embedding) is added first.
+    `bias` is diffusers' sample_proj_bias (FLUX.2's have none)."""
+
+    def __init__(self, in_channels: int, dim: int, cond_proj_dim: int | None = None, bias: bool = True):
         super().__init__()
         if cond_proj_dim is not None:
             self.cond_proj = Linear(cond_proj_dim, in_channels, bias=False)
-        self.linear_1 = Linear(in_channels, dim)
-        self.linear_2 = Linear(dim, dim)
+        self.linear_1 = Linear(in_channels, dim, bias=bias)
+        self.linear_2 = Linear(dim, dim, bias=bias)
 
     def __call__(self, x: mx.array, condition: mx.array | None = None) -> mx.array:
         if condition is not None:
@@ -61,31 +70,27 @@ class TimeTextEmbedding(nn.Module):
             self.guidance_embedder = TimestepEmbedding(TIME_CHANNELS, dim)
         self.text_embedder = TimestepEmbedding(pooled_dim, dim)  # PixArtAlphaTextProjection: the same MLP
 
-    @staticmethod
-    def _sinusoids(t: mx.array, dtype: mx.Dtype) -> mx.array:
-        # In float32 (diffusers first rounds t to the model dtype: 0.7 in bfloat16 is 0.69921875).
-        return timestep_embedding(t * 1000, TIME_CHANNELS, flip_sin_to_cos=True, freq_shift=0).astype(dtype)
-
     def __call__(self, timestep: mx.array, guidance: mx.array | None, pooled: mx.array, dtype: mx.Dtype) -> mx.array:
         """The embedding of sigmas `timestep` (B,) in [0, 1] (scaled by 1000 here), guidance (B,) and pooled text."""
-        emb = self.timestep_embedder(self._sinusoids(timestep, dtype))
+        emb = self.timestep_embedder(sigma_sinusoids(timestep, dtype))
         if "guidance_embedder" in self:
             if guidance is None:
                 raise ValueError("this model embeds a guidance scale (FLUX.1 dev): pass guidance")
-            emb = emb + self.guidance_embedder(self._sinusoids(guidance, dtype))
+            emb = emb + self.guidance_embedder(sigma_sinusoids(guidance, dtype))
         return emb + self.text_embedder(pooled)
 
 
 # --- rotary position embeddings ---------------------------------------------------------------------
 
 
-def rope_angles(ids: mx.array, axes_dims: tuple[int, ...]) -> tuple[mx.array, mx.array]:
+def rope_angles(ids: mx.array, axes_dims: tuple[int, ...], theta: float = ROPE_THETA) -> tuple[mx.array, mx.array]:
     """cos and sin (L, head_dim/2), float32, of the rotation angles of each token's pairs of channels:
-    per axis i, ids[:, i] * theta^(-2k/dim_i) for k < dim_i/2 (diffusers' FluxPosEmbed, without the
-    repeat-interleave: `apply_rope` uses each angle for both channels of its pair)."""
+    per axis i, ids[:, i] * theta^(-2k/dim_i) for k < dim_i/2 (diffusers' FluxPosEmbed and Flux2PosEmbed
+    (theta 2000, 4 axes), without the repeat-interleave: `apply_rope` uses each angle for both channels of
+    its pair)."""
     angles = []
     for axis, dim in enumerate(axes_dims):
-        freqs = ROPE_THETA ** (-mx.arange(0, dim, 2, dtype=mx.float32) / dim)
+        freqs = theta ** (-mx.arange(0, dim, 2, dtype=mx.float32) / dim)
         angles.append(ids[:, axis : axis + 1].astype(mx.float32) * freqs)
     joined = mx.concatenate(angles, axis=-1)
     return mx.cos(joined), mx.sin(joined)

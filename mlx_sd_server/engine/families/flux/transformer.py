@@ -16,13 +16,10 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_sd_server.engine.blocks.embeddings import TimeTextEmbedding, apply_rope, rope_angles
-from mlx_sd_server.engine.blocks.transformer import FeedForward, Modulation, modulate
+from mlx_sd_server.engine.blocks.embeddings import TimeTextEmbedding, rope_angles
+from mlx_sd_server.engine.blocks.transformer import FeedForward, Modulation, RopeAttention, clip_float16, modulate
 from mlx_sd_server.engine.ops.activations import gelu_approx, silu
-from mlx_sd_server.engine.ops.attention import attention
 from mlx_sd_server.engine.ops.layers import Linear
-
-FLOAT16_MAX = 65504.0
 
 
 @dataclass
@@ -84,60 +81,7 @@ def latent_image_ids(h: int, w: int) -> mx.array:
     return ids.reshape(-1, 3).astype(mx.float32)
 
 
-# --- helpers -----------------------------------------------------------------------------------------
-
-
-def clip_float16(x: mx.array) -> mx.array:
-    """diffusers clips the residual streams of float16 models to float16's range (inf -> finite)."""
-    return mx.clip(x, -FLOAT16_MAX, FLOAT16_MAX) if x.dtype == mx.float16 else x
-
-
 # --- blocks ------------------------------------------------------------------------------------------
-
-
-class FluxAttention(nn.Module):
-    """Attention with RMS-normed queries and keys; `joint` adds the text stream's projections (double blocks)."""
-
-    def __init__(self, dim: int, heads: int, head_dim: int, joint: bool):
-        super().__init__()
-        self.heads = heads
-        inner = heads * head_dim
-        self.to_q, self.to_k, self.to_v = Linear(dim, inner), Linear(dim, inner), Linear(dim, inner)
-        self.norm_q, self.norm_k = nn.RMSNorm(head_dim, eps=1e-6), nn.RMSNorm(head_dim, eps=1e-6)
-        if joint:
-            self.to_out = [Linear(inner, dim)]  # a list, so the name is diffusers' `to_out.0`
-            self.add_q_proj, self.add_k_proj, self.add_v_proj = (
-                Linear(dim, inner),
-                Linear(dim, inner),
-                Linear(dim, inner),
-            )
-            self.norm_added_q, self.norm_added_k = nn.RMSNorm(head_dim, eps=1e-6), nn.RMSNorm(head_dim, eps=1e-6)
-            self.to_add_out = Linear(inner, dim)
-
-    def _qkv(self, x: mx.array, q: Linear, k: Linear, v: Linear, norm_q: nn.RMSNorm, norm_k: nn.RMSNorm):
-        """(B, heads, L, head_dim) queries, keys and values; the norms act per head, before the transpose."""
-
-        def heads(t: mx.array) -> mx.array:
-            return t.reshape(*x.shape[:2], self.heads, -1)
-
-        return norm_q(heads(q(x))), norm_k(heads(k(x))), heads(v(x))
-
-    def __call__(self, x: mx.array, rope: tuple[mx.array, mx.array], context: mx.array | None = None):
-        """Single stream: attention over x. Joint: over [context, x] (text first, as the ids), and the two
-        outputs through their own projections."""
-        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
-        if context is not None:
-            cq, ck, cv = self._qkv(
-                context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k
-            )
-            q, k, v = (mx.concatenate([a, b], axis=1) for a, b in ((cq, q), (ck, k), (cv, v)))
-        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        out = attention(apply_rope(q, *rope), apply_rope(k, *rope), v)
-        out = out.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[2], -1)
-        if context is None:
-            return out
-        text = context.shape[1]
-        return self.to_out[0](out[:, text:]), self.to_add_out(out[:, :text])
 
 
 class FluxTransformerBlock(nn.Module):
@@ -147,15 +91,15 @@ class FluxTransformerBlock(nn.Module):
         super().__init__()
         self.norm1 = Modulation(dim, 6)
         self.norm1_context = Modulation(dim, 6)
-        self.attn = FluxAttention(dim, heads, head_dim, joint=True)
+        self.attn = RopeAttention(dim, heads, head_dim, joint=True)
         self.ff = FeedForward(dim)
         self.ff_context = FeedForward(dim)
 
     def __call__(self, x: mx.array, context: mx.array, cond: mx.array, rope) -> tuple[mx.array, mx.array]:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(cond)
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(cond)
-        attn, context_attn = self.attn(
-            modulate(x, shift_msa, scale_msa), rope, modulate(context, c_shift_msa, c_scale_msa)
+        attn, context_attn = self.attn.joint(
+            modulate(x, shift_msa, scale_msa), modulate(context, c_shift_msa, c_scale_msa), rope
         )
         x = x + gate_msa[:, None] * attn
         x = x + gate_mlp[:, None] * self.ff(modulate(x, shift_mlp, scale_mlp))
@@ -171,7 +115,7 @@ class FluxSingleTransformerBlock(nn.Module):
         super().__init__()
         self.norm = Modulation(dim, 3)
         self.proj_mlp = Linear(dim, 4 * dim)
-        self.attn = FluxAttention(dim, heads, head_dim, joint=False)
+        self.attn = RopeAttention(dim, heads, head_dim, joint=False)
         self.proj_out = Linear(dim + 4 * dim, dim)
 
     def __call__(self, x: mx.array, cond: mx.array, rope) -> mx.array:

@@ -1,0 +1,95 @@
+"""Qwen's byte-level BPE tokenizer, from the `tokenizer.json` Qwen3 text encoders ship, and the chat prompt.
+
+The file holds the whole pipeline (NFC, Qwen2's regex split, byte-level BPE, the added tokens `<|im_start|>`,
+`<|im_end|>`, `<think>`...), which the `tokenizers` library runs as transformers' `Qwen2TokenizerFast` does
+(transformers 5 rebuilds that same pipeline from the file's vocabulary and merges). We add the framing the
+pipelines ask for: truncation to a maximum length, then `<|endoftext|>` padding on the right (Qwen3's
+tokenizer_config sets no padding side: transformers' default) and the attention mask.
+
+Pipelines do not tokenize the prompt alone but Qwen3's chat template applied to one user message
+(`chat_prompt`, the string the template renders, without jinja).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+PAD_TOKEN = "<|endoftext|>"
+CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where newer transformers keep the template instead
+
+
+def chat_prompt(prompt: str, enable_thinking: bool) -> str:
+    """`tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+    add_generation_prompt=True, enable_thinking=enable_thinking)` with Qwen3's template: the user turn, then
+    the assistant's opening; with thinking disabled the template adds an empty think block.
+    Z-Image's pipeline asks enable_thinking=True, FLUX.2 klein's False."""
+    text = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    return text if enable_thinking else text + "<think>\n\n</think>\n\n"
+
+
+class Qwen3Tokenizer:
+    def __init__(self, tokenizer: Tokenizer, chat_template: str | None = None):
+        # Framing is ours: a file may carry truncation or padding settings, which would cut `tokenize`.
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        self._tokenizer = tokenizer
+        # Not used here (see chat_prompt); kept so that a saved folder still serves transformers' pipelines.
+        self.chat_template = chat_template
+        pad_id = tokenizer.token_to_id(PAD_TOKEN)
+        if pad_id is None:
+            raise ValueError(f"the Qwen tokenizer has no {PAD_TOKEN!r} token")
+        self.pad_id: int = pad_id
+
+    @classmethod
+    def from_dir(cls, folder: str | Path) -> Qwen3Tokenizer:
+        folder = Path(folder)
+        chat_template = None
+        if (folder / CONFIG_FILE).is_file():
+            chat_template = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("chat_template")
+        if chat_template is None and (folder / CHAT_TEMPLATE_FILE).is_file():
+            chat_template = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), chat_template)
+
+    def save(self, folder: str | Path) -> None:
+        """Write `folder/tokenizer.json` and a tokenizer_config.json (with the chat template when one was read),
+        which `from_dir` and transformers' `Qwen2TokenizerFast.from_pretrained` read."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._tokenizer.save(str(folder / "tokenizer.json"))
+        config: dict[str, Any] = {
+            "tokenizer_class": "Qwen2Tokenizer",
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": PAD_TOKEN,
+            "unk_token": None,
+        }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+    @property
+    def max_id(self) -> int:
+        """The largest id `encode` can give: the text encoder's embedding needs more rows than this."""
+        return max(self._tokenizer.get_vocab().values())
+
+    def tokenize(self, text: str) -> list[int]:
+        """The text's ids (added tokens such as `<|im_start|>` written in it included): no truncation, no padding."""
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode(self, text: str, max_length: int) -> tuple[list[int], list[int]]:
+        """`max_length` ids and their attention mask: the text's ids (truncated), then `<|endoftext|>` padding
+        masked 0 — as `Qwen2TokenizerFast(text, padding="max_length", max_length=max_length, truncation=True)`."""
+        if max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {max_length}")
+        ids = self.tokenize(text)[:max_length]
+        padding = max_length - len(ids)
+        return ids + [self.pad_id] * padding, [1] * len(ids) + [0] * padding
