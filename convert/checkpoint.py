@@ -133,7 +133,12 @@ def family_of_file(path: Path, files: Files) -> FamilySpec:
     """The family whose original layout the file's tensor names show."""
     tensors = files.tensors(path)
     spec = family_of_single_file(tensors)
-    if spec is None or spec.original is None:
+    if spec is not None and spec.original is None:  # recognised, but its single files are not read yet
+        raise CheckpointError(
+            f"{path} is a {spec.title} file: this version converts {spec.title} models from their diffusers "
+            "folders only (e.g. `pull` the model's repository)"
+        )
+    if spec is None:
         expected = "; ".join(f"not {s.original.expects}" for s in FAMILIES if s.original is not None)
         raise CheckpointError(
             f"{path} holds no model this version converts: {expected}"

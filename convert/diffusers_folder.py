@@ -72,9 +72,12 @@ def read_weights(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def read_diffusers_folder(path: Path, allow_pickle: bool = False, prediction_type: str | None = None) -> SourceModel:
+    pipeline: dict[str, Any] = {}
     if (path / "model_index.json").exists():
         index = json.loads((path / "model_index.json").read_text())
         names = [n for n in WEIGHT_COMPONENTS if n in index and index[n] and index[n][0] is not None]
+        # the pipeline's own settings (components are [library, class] pairs; `_` keys are diffusers' bookkeeping)
+        pipeline = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
         for name in [n for n in names if n in OPTIONAL_COMPONENTS and not (path / n).is_dir()]:
             log.warning("%s has no %s folder: converting without it", path, name)
             names.remove(name)
@@ -99,6 +102,7 @@ def read_diffusers_folder(path: Path, allow_pickle: bool = False, prediction_typ
         scheduler=scheduler,
         components={c.name: components[c.name] for c in spec.components if c.name in components},
         tokenizers={name: path / tokenizer_folder(name) for name in spec.text_encoders() if name in components},
+        pipeline=pipeline,
     )
 
 

@@ -24,6 +24,7 @@ from convert.checkpoint import NO_HINTS, read_checkpoint
 from convert.diffusers_folder import is_diffusers_folder, read_diffusers_folder, tokenizer_folder
 from convert.gguf_source import to_mlx
 from mlx_sd_server.engine.families import FAMILIES, spec_for
+from mlx_sd_server.engine.families.spec import PIPELINE
 from mlx_sd_server.engine.model_io import DTYPES, component_kind, save_component, write_manifest
 from mlx_sd_server.engine.source import ArchitectureHints, CheckpointError, SourceModel
 from mlx_sd_server.engine.text.clip_tokenizer import CLIPTokenizer, default_vocab_path
@@ -98,10 +99,15 @@ def _read_source(
     raise FileNotFoundError(f"{src} is neither a diffusers folder nor a checkpoint file")
 
 
+def source_configs(source: SourceModel) -> dict[str, dict[str, Any]]:
+    """What a family's `variant_of` reads: the components' configs, and the pipeline's settings (spec.PIPELINE)."""
+    configs = {component: config for component, (config, _) in source.components.items()}
+    return configs | ({PIPELINE: source.pipeline} if source.pipeline else {})
+
+
 def model_defaults(source: SourceModel, name: str) -> dict[str, Any]:
     """The generation defaults of the model's family variant (turbo, LCM, dev, schnell, ...; see its spec)."""
-    configs = {component: config for component, (config, _) in source.components.items()}
-    variant = spec_for(source.family).variant_of(source.family, source.prediction_type, configs, name)
+    variant = spec_for(source.family).variant_of(source.family, source.prediction_type, source_configs(source), name)
     defaults = dataclasses.asdict(variant.defaults)
     if defaults["guidance"] is None:  # only models with a guidance embedding have one
         del defaults["guidance"]
@@ -155,7 +161,7 @@ def write_model(
     work = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
     quantization = {"bits": quantize, "group_size": QUANTIZE_GROUP_SIZE} if quantize else None
     spec = spec_for(source.family)
-    configs = {component: config for component, (config, _) in source.components.items()}
+    configs = source_configs(source)
     variant = (
         spec.variant_of(source.family, source.prediction_type, configs, name) if spec.denoiser in configs else None
     )
@@ -186,6 +192,8 @@ def write_model(
             "quantization": quantization or _usual_quantization(entries),
             "components": entries,
         }
+        if source.pipeline:
+            manifest["pipeline"] = source.pipeline
         if source.guessed:  # what a single file could not tell (docs/model-format.md)
             manifest["guessed"] = source.guessed
         if origin:

@@ -31,6 +31,12 @@ class ComponentKind:
     # Networks that overflow in float16 (T5) run in this dtype instead when float16 is asked for.
     instead_of_float16: mx.Dtype | None = None
     quantizable: bool = True  # its Linear layers may be quantized by `convert --quantize`
+    # Parameters (names ending so) stored and run in float32 whatever the dtype: statistics that a cast would
+    # round and that the computation reads in float32 (FLUX.2's latent batch norm).
+    float32_parameters: tuple[str, ...] = ()
 
     def build(self, config: Mapping[str, Any]) -> nn.Module:
         return self.model_class(self.config_class.from_dict(dict(config)))
+
+    def keeps_float32(self, key: str) -> bool:
+        return key.endswith(self.float32_parameters) if self.float32_parameters else False

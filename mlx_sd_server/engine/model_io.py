@@ -169,7 +169,7 @@ def save_component(
                 continue
             value = value.dequantize()
         if mx.issubdtype(value.dtype, mx.floating):
-            value = value.astype(dtype)
+            value = value.astype(mx.float32 if kind.keeps_float32(key) else dtype)
         if param == "weight" and asked and quantizable(asked["group_size"])(module, linears.get(module)):
             layers[module] = asked
             value, params[f"{module}.scales"], params[f"{module}.biases"] = mx.quantize(value, **asked)
@@ -245,6 +245,9 @@ def load_component(folder: Path, name: str, entry: dict, dtype: mx.Dtype) -> nn.
     else:
         # Quantized weights stay packed; only the float parameters follow the compute dtype.
         model.apply(lambda x: x.astype(dtype) if mx.issubdtype(x.dtype, mx.floating) else x)
+    kept = [(key, value.astype(mx.float32)) for key, value in weights.items() if kind.keeps_float32(key)]
+    if kept:  # (the component's precision rule)
+        model.load_weights(kept, strict=False)
     model.eval()
     return model
 

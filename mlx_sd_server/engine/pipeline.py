@@ -129,15 +129,15 @@ class DiffusionPipeline:
     # --- images ------------------------------------------------------------------------------------
 
     def encode_image(self, pixels: np.ndarray) -> mx.array:
-        """[0,1] HWC pixels -> scaled latents (1, h, w, C), using the posterior mean."""
+        """[0,1] HWC pixels -> the sampler's latents (1, h, w, C) (the VAE's latent space), from the posterior mean."""
         vae = self.model.vae
         x = mx.array(pixels[None] * 2 - 1).astype(self.model.vae_dtype)
         mean, _ = vae.encode(x)
-        return (mean.astype(mx.float32) - vae.shift_factor) * vae.scaling_factor
+        return vae.to_latents(mean)
 
     def decode_latents(self, latents: mx.array) -> list[Image.Image]:
         vae = self.model.vae
-        z = (latents / vae.scaling_factor + vae.shift_factor).astype(self.model.vae_dtype)
+        z = vae.from_latents(latents).astype(self.model.vae_dtype)
         images = []
         for i in range(z.shape[0]):  # one at a time: decoding is the memory peak
             zi = z[i : i + 1]
@@ -161,9 +161,8 @@ class DiffusionPipeline:
 
     def _generate(self, job: Request, noise: NoiseSource) -> Generator[Step, None, list[Image.Image]]:
         vae = self.model.vae
-        scale = vae.latent_scale
-        h, w = job.height // scale, job.width // scale
-        shape = (job.n, h, w, vae.config.latent_channels)
+        shape = vae.latent_shape(job.n, job.height, job.width)  # the space the sampler works in
+        h, w = shape[1], shape[2]
         settings = Settings.of(job)
         guided = self.family.guided(settings)
         conditioning = self.family.encode_prompts(settings, guided)
@@ -177,7 +176,7 @@ class DiffusionPipeline:
             init_latents = self.encode_image(init_pixels)
         if job.mask is not None:
             mask_pixels = fit_image(job.mask, job.width, job.height, mode="L")[..., 0] >= 0.5
-            mask_latents = mx.array(_downsample_mask(mask_pixels, scale))[None, :, :, None]
+            mask_latents = mx.array(_downsample_mask(mask_pixels, vae.latent_downscale))[None, :, :, None]
             if self.family.inpainting_model:
                 # diffusers' convention: the repaint area is mid-grey (0 in [-1, 1]) in the masked image
                 masked = self.encode_image(np.where(mask_pixels[..., None], 0.5, init_pixels).astype(np.float32))

@@ -47,6 +47,9 @@ class SourceModel:
     tokenizers: dict[str, Path | None] = field(default_factory=dict)  # encoder name -> tokenizer folder
     # config values a single file cannot tell, guessed (see Guess): "text_encoder.num_attention_heads" -> 12
     guessed: dict[str, Any] = field(default_factory=dict)
+    # The diffusers pipeline's own settings: model_index.json's values that are not components (FLUX.2 klein's
+    # `is_distilled`); kept in the manifest's `pipeline`, shown to the family's `variant_of` (spec.PIPELINE)
+    pipeline: dict[str, Any] = field(default_factory=dict)
 
 
 def _hint(released: Any, about: str) -> Any:

@@ -1,8 +1,9 @@
-"""The Stable Diffusion VAE (diffusers' AutoencoderKL) in MLX, NHWC.
+"""The Stable Diffusion VAE (diffusers' AutoencoderKL) and FLUX.2's (AutoencoderKLFlux2) in MLX, NHWC.
 
 Images are (B, H, W, 3) in [-1, 1]; latents are (B, H/f, W/f, C) with f = `latent_scale` (8 for SD).
-`encode`/`decode` work on *unscaled* latents: multiplying by `scaling_factor` (and subtracting
-`shift_factor`) is the pipeline's job.
+`encode`/`decode` work on *unscaled* latents. The autoencoder also owns the latent space the sampler works in:
+`to_latents` takes posterior means there ((mean - shift_factor) * scaling_factor), `from_latents` back, and
+`latent_shape` gives its shape for an image size; the pipeline asks these, never the factors.
 
 Precision: SDXL's VAE overflows in float16. Its config says so with `force_upcast`; the loader then keeps
 the VAE's weights in float32 (`model_io.load_model`), and `encode`/`decode` cast their input to the dtype of
@@ -10,6 +11,11 @@ the weights, so float16 latents from a float16 UNet decode in float32.
 
 Large images: `decode_tiled`/`encode_tiled` run the model on overlapping tiles and cross-fade them linearly,
 bounding peak memory by the tile size. `should_tile` says when the pipeline should use them.
+
+FLUX.2's autoencoder is the same network (other defaults, 32 latent channels, optionally other decoder
+widths) plus the running statistics of a batch norm over its 2x2-patchified latents. diffusers' pipelines,
+not its VAE, patchify and normalise with them; here that is its latent space (`Flux2Autoencoder.to_latents`:
+128 channels at 1/16 of the image for the released 8x VAE).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -44,6 +51,9 @@ def should_tile(latent_h: int, latent_w: int, low_memory: bool = False) -> bool:
     return latent_h * latent_w > limit
 
 
+_Config = TypeVar("_Config", bound="VAEConfig")
+
+
 @dataclass
 class VAEConfig:
     in_channels: int = 3
@@ -58,14 +68,30 @@ class VAEConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    decoder_block_out_channels: tuple[int, ...] | None = None  # (AutoencoderKLFlux2) None: block_out_channels
 
     @classmethod
-    def from_dict(cls, d: dict) -> VAEConfig:
+    def from_dict(cls: type[_Config], d: dict) -> _Config:
         known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known and v is not None}
-        if "block_out_channels" in kwargs:
-            kwargs["block_out_channels"] = tuple(kwargs["block_out_channels"])
+        kwargs: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known and v is not None
+        }
         return cls(**kwargs)
+
+    @property
+    def decoder_widths(self) -> tuple[int, ...]:
+        return self.decoder_block_out_channels or self.block_out_channels
+
+
+@dataclass
+class Flux2VAEConfig(VAEConfig):
+    """AutoencoderKLFlux2's config, with its defaults. It has no scaling or shift factor: the batch-norm
+    statistics stand in for them, so they are the identity here."""
+
+    latent_channels: int = 32
+    scaling_factor: float = 1.0
+    batch_norm_eps: float = 1e-4
+    patch_size: tuple[int, int] = (2, 2)
 
 
 class BandedConv2d(Conv2d):
@@ -229,7 +255,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
-        widths, groups = tuple(reversed(config.block_out_channels)), config.norm_num_groups
+        widths, groups = tuple(reversed(config.decoder_widths)), config.norm_num_groups
         self.conv_in = Conv2d(config.latent_channels, widths[0], 3, padding=1)
         self.mid_block = MidBlock(widths[0], groups, config.mid_block_add_attention)
         self.up_blocks = [
@@ -279,6 +305,27 @@ class Autoencoder(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.decoder.conv_in.weight.dtype
 
+    # --- the latent space the sampler works in ---------------------------------------------------------
+
+    @property
+    def latent_downscale(self) -> int:
+        """Image pixels per pixel of the sampler's latents (`to_latents`' output) along each side."""
+        return self.latent_scale
+
+    def latent_shape(self, n: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """The shape of n images' latents in the sampler's space: (n, height/d, width/d, channels)."""
+        d = self.latent_downscale
+        return n, height // d, width // d, self.config.latent_channels
+
+    def to_latents(self, mean: mx.array) -> mx.array:
+        """Posterior means (B, h, w, C), as `encode` gives them -> the sampler's latents, float32:
+        (mean - shift_factor) * scaling_factor."""
+        return (mean.astype(mx.float32) - self.shift_factor) * self.scaling_factor
+
+    def from_latents(self, latents: mx.array) -> mx.array:
+        """The inverse of `to_latents`: the sampler's (float32) latents -> the latents `decode` takes."""
+        return latents / self.scaling_factor + self.shift_factor
+
     def encode(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """Images (B, H, W, 3) in [-1, 1] -> the latent distribution's (mean, logvar), unscaled."""
         return _split_moments(self._moments(x))
@@ -307,6 +354,94 @@ class Autoencoder(nn.Module):
         if "quant_conv" in self:
             moments = self.quant_conv(moments)
         return moments
+
+
+class LatentBatchNorm(nn.Module):
+    """diffusers' `bn` of AutoencoderKLFlux2 (a BatchNorm2d without affine parameters), as FLUX.2's pipelines
+    use it: only its running statistics, per channel of the patchified latents, never batch statistics."""
+
+    def __init__(self, channels: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.running_mean = mx.zeros((channels,))
+        self.running_var = mx.ones((channels,))
+
+    def _mean_std(self) -> tuple[mx.array, mx.array]:
+        # float32 whatever the weights' dtype: the latents the denoiser sees are float32
+        mean, var = self.running_mean.astype(mx.float32), self.running_var.astype(mx.float32)
+        return mean, mx.sqrt(var + self.eps)
+
+    def normalize(self, x: mx.array) -> mx.array:
+        """(x - mean) / sqrt(var + eps) over the last (channel) axis, in float32."""
+        mean, std = self._mean_std()
+        return (x.astype(mx.float32) - mean) / std
+
+    def denormalize(self, x: mx.array) -> mx.array:
+        """The inverse of `normalize`, in float32."""
+        mean, std = self._mean_std()
+        return x.astype(mx.float32) * std + mean
+
+
+class Flux2Autoencoder(Autoencoder):
+    """AutoencoderKLFlux2: `encode`/`decode` as diffusers' (unnormalised, unpatchified latents) plus the
+    batch-norm statistics its pipelines apply between the VAE and the transformer.
+
+    In diffusers the normalisation lives in the pipelines (`Flux2KleinPipeline._encode_vae_image` after
+    encoding, the end of `__call__` before decoding); the VAE only holds the statistics and never runs `bn`.
+    """
+
+    config: Flux2VAEConfig
+
+    def __init__(self, config: Flux2VAEConfig):
+        super().__init__(config)
+        if config.patch_size[0] != config.patch_size[1]:
+            raise ValueError(f"AutoencoderKLFlux2: a {config.patch_size} patch is not square")
+        self.bn = LatentBatchNorm(math.prod(config.patch_size) * config.latent_channels, config.batch_norm_eps)
+
+    @property
+    def latent_downscale(self) -> int:
+        """The VAE's downscale times the patch: 16 for the released autoencoder."""
+        return self.latent_scale * self.config.patch_size[0]
+
+    def latent_shape(self, n: int, height: int, width: int) -> tuple[int, int, int, int]:
+        d = self.latent_downscale
+        return n, height // d, width // d, self.config.latent_channels * math.prod(self.config.patch_size)
+
+    def to_latents(self, mean: mx.array) -> mx.array:
+        """Posterior means -> the transformer's latents: `normalize_latents` (patchified, normalised), float32."""
+        return self.normalize_latents(mean)
+
+    def from_latents(self, latents: mx.array) -> mx.array:
+        """The inverse of `to_latents`: `denormalize_latents`."""
+        return self.denormalize_latents(latents)
+
+    def normalize_latents(self, z: mx.array) -> mx.array:
+        """Posterior means (B, h, w, C) -> the transformer's latents (B, h/p, w/p, C*p*p), p x p the patch:
+        patchified, then (z - bn_mean) / sqrt(bn_var + eps). float32."""
+        return self.bn.normalize(patchify_latents(z, self.config.patch_size))
+
+    def denormalize_latents(self, latents: mx.array) -> mx.array:
+        """The inverse of `normalize_latents`: the transformer's latents -> latents `decode` takes. float32."""
+        return unpatchify_latents(self.bn.denormalize(latents), self.config.patch_size)
+
+
+def patchify_latents(z: mx.array, patch_size: tuple[int, int] = (2, 2)) -> mx.array:
+    """(B, h, w, C) -> (B, h/ph, w/pw, C*ph*pw), each patch's channels ordered (c, patch row, patch col),
+    as diffusers' `Flux2Pipeline._patchify_latents` orders the NCHW channels."""
+    b, h, w, c = z.shape
+    ph, pw = patch_size
+    if h % ph or w % pw:
+        raise ValueError(f"latent size {h}x{w} is not a multiple of the patch {ph}x{pw}")
+    z = z.reshape(b, h // ph, ph, w // pw, pw, c).transpose(0, 1, 3, 5, 2, 4)
+    return z.reshape(b, h // ph, w // pw, c * ph * pw)
+
+
+def unpatchify_latents(z: mx.array, patch_size: tuple[int, int] = (2, 2)) -> mx.array:
+    """The inverse of `patchify_latents`: (B, h, w, C*ph*pw) -> (B, h*ph, w*pw, C)."""
+    b, h, w, cp = z.shape
+    ph, pw = patch_size
+    z = z.reshape(b, h, w, cp // (ph * pw), ph, pw).transpose(0, 1, 4, 2, 5, 3)
+    return z.reshape(b, h * ph, w * pw, cp // (ph * pw))
 
 
 def _split_moments(moments: mx.array) -> tuple[mx.array, mx.array]:
@@ -393,7 +528,19 @@ def map_vae_weight(key: str, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
     return [(key, value)]
 
 
+def map_flux2_vae_weight(key: str, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """`map_vae_weight`, less the batch norm's step counter (only its running statistics are used)."""
+    return [] if key == "bn.num_batches_tracked" else map_vae_weight(key, value)
+
+
 AUTOENCODER_KL = ComponentKind(("AutoencoderKL",), VAEConfig, Autoencoder, map_vae_weight)
+AUTOENCODER_KL_FLUX2 = ComponentKind(
+    ("AutoencoderKLFlux2",),
+    Flux2VAEConfig,
+    Flux2Autoencoder,
+    map_flux2_vae_weight,
+    float32_parameters=("bn.running_mean", "bn.running_var"),
+)
 
 
 def downscale_factor(config: dict) -> int:

@@ -267,6 +267,12 @@ def check_loras(
         raise JobError(
             f"{len(loras)} LoRAs: over this server's limit of {limits.max_loras}", loras[-1][2], "out_of_range"
         )
+    if loras and not capabilities.lora:  # (the family's, or the engine's: the torch engine takes none)
+        raise JobError(
+            f"{model_name} takes no LoRAs: not supported for its family, or on this engine (--engine torch)",
+            loras[0][2],
+            "unsupported_parameter",
+        )
     seen: set[str] = set()
     for name, weight, param in loras:
         if name in seen:

@@ -12,11 +12,13 @@ from typing import Any
 
 from mlx_sd_server.engine.components import ComponentKind
 from mlx_sd_server.engine.families.flux.spec import SPEC as FLUX
+from mlx_sd_server.engine.families.flux2.spec import SPEC as FLUX2
 from mlx_sd_server.engine.families.sd.spec import SPEC as SD
 from mlx_sd_server.engine.families.sd3.spec import SPEC as SD3
 from mlx_sd_server.engine.families.spec import Capabilities, FamilySpec
+from mlx_sd_server.engine.families.zimage.spec import SPEC as ZIMAGE
 
-FAMILIES: tuple[FamilySpec, ...] = (FLUX, SD3, SD)
+FAMILIES: tuple[FamilySpec, ...] = (FLUX2, FLUX, SD3, ZIMAGE, SD)  # FLUX.2's files have FLUX.1's double_blocks too
 
 
 class UnknownFamilyError(ValueError):

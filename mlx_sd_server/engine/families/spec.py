@@ -24,8 +24,10 @@ if TYPE_CHECKING:
 
 DEFAULT_GUIDANCE = 3.5  # distilled guidance when a guidance-embedding model's manifest names none (FLUX.1-dev's)
 
-# A component's config dicts by manifest name (text_encoder, unet, transformer, vae, ...).
+# A component's config dicts by manifest name (text_encoder, unet, transformer, vae, ...), and under PIPELINE
+# the diffusers pipeline's own settings where its model_index.json has some (FLUX.2 klein's `is_distilled`).
 Configs = Mapping[str, Mapping[str, Any]]
+PIPELINE = "pipeline"
 
 
 @dataclass(frozen=True)

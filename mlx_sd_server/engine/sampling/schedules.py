@@ -139,16 +139,46 @@ FLOW_SCHEDULER_SETTINGS = {
     "base_image_seq_len": 256,
     "max_image_seq_len": 4096,
 }
+# A family whose dynamic shift finds mu otherwise than FLUX.1's linear rule adds `mu_rule` (a MU_RULES name) to
+# its spec's scheduler settings: diffusers' pipelines compute mu and hand it to the scheduler, so no
+# scheduler_config.json says it. (Absent: "linear"; left out of the shared settings, since the torch engine
+# builds diffusers' scheduler from them, which takes no such argument.)
 
 
-def flow_shift(config: dict, image_seq_len: int) -> tuple[str, float]:
-    """How a flow model shifts its sigmas: ("exponential", mu) with FLUX.1-dev's resolution-dependent mu
-    (linear in the image's token count), or ("fixed", shift) as schnell (1.0) and SD3 (3.0)."""
+def linear_mu(config: dict, image_seq_len: int, steps: int) -> float:
+    """FLUX.1's (FluxPipeline's calculate_shift): linear in the image's token count, from base_shift at
+    base_image_seq_len to max_shift at max_image_seq_len; the step count plays no part."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * slope + base_shift - slope * base_len
+
+
+def empirical_mu(config: dict, image_seq_len: int, steps: int) -> float:
+    """FLUX.2's (diffusers' pipeline_flux2 compute_empirical_mu, its constants): a fit in the token count and
+    the step count, interpolating between lines fitted at 10 and 200 steps; above 4300 tokens the 200-step
+    line alone. The scheduler's base/max shift settings play no part."""
+    a1, b1 = 8.73809524e-05, 1.89833333  # the 10-step line
+    a2, b2 = 0.00016927, 0.45666666  # the 200-step line
+    if image_seq_len > 4300:
+        return a2 * image_seq_len + b2
+    m_200, m_10 = a2 * image_seq_len + b2, a1 * image_seq_len + b1
+    a = (m_200 - m_10) / 190.0
+    return a * steps + m_200 - 200.0 * a
+
+
+MU_RULES = {"linear": linear_mu, "empirical": empirical_mu}
+
+
+def flow_shift(config: dict, image_seq_len: int, steps: int) -> tuple[str, float]:
+    """How a flow model shifts its sigmas: ("exponential", mu), mu by the config's `mu_rule` (FLUX.1-dev's
+    linear rule, FLUX.2's empirical one), when it shifts dynamically; else ("fixed", shift), as schnell (1.0)
+    and SD3 (3.0)."""
     if config.get("use_dynamic_shifting"):
-        base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-        base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
-        slope = (max_shift - base_shift) / (max_len - base_len)
-        return "exponential", image_seq_len * slope + base_shift - slope * base_len
+        rule = config.get("mu_rule", "linear")
+        if rule not in MU_RULES:
+            raise ValueError(f"unknown mu_rule {rule!r} (expected one of {', '.join(MU_RULES)})")
+        return "exponential", MU_RULES[rule](config, image_seq_len, steps)
     return "fixed", float(config.get("shift", 1.0))
 
 
@@ -162,7 +192,7 @@ def flow_sigmas(
     smallest training sigma, 1/num_train_timesteps (shifted, for a fixed shift)."""
     if scheduler not in FLOW_SCHEDULES:
         raise ValueError(f"flow models support the {', '.join(FLOW_SCHEDULES)} schedules; got {scheduler!r}")
-    kind, amount = flow_shift(config, image_seq_len)
+    kind, amount = flow_shift(config, image_seq_len, steps)
 
     def shifted(sigmas):
         if kind == "exponential":

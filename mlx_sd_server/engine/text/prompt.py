@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -240,6 +240,28 @@ def weighted_ids(tokenizer: Any, pieces: list[tuple[str, float]], length: int) -
     ids, weights = ids[: length - 1], weights[: length - 1]
     padding = length - 1 - len(ids)
     return ids + [tokenizer.eos_id] + [tokenizer.pad_id] * padding, weights + [1.0] * (padding + 1)
+
+
+TEMPLATE_SLOT = "\0"  # where the prompt goes in a template, to tokenize the template's parts around weighted text
+
+
+def templated_ids(
+    tokenizer: Any, text: str, template: Callable[[str], str], max_length: int
+) -> tuple[list[int], list[float]]:
+    """`template(text)` (a chat template around the prompt) as at most `max_length` ids with a weight each.
+    Unweighted text is tokenized whole, exactly as diffusers; weighted text piece by piece, the template's own
+    parts at weight 1."""
+    pieces = sequence_pieces(text)
+    if all(weight == 1.0 for _, weight in pieces):
+        ids = tokenizer.tokenize(template("".join(fragment for fragment, _ in pieces)))
+        return ids[:max_length], [1.0] * min(len(ids), max_length)
+    head, tail = template(TEMPLATE_SLOT).split(TEMPLATE_SLOT)
+    ids, weights = [], []
+    for fragment, weight in [(head, 1.0), *pieces, (tail, 1.0)]:
+        tokens = tokenizer.tokenize(fragment)
+        ids += tokens
+        weights += [weight] * len(tokens)
+    return ids[:max_length], weights[:max_length]
 
 
 def emphasised(states: mx.array, weights: Sequence[list[float]]) -> mx.array:
