@@ -37,7 +37,6 @@ from mlx_sd_server.engine.source import CheckpointError
 
 log = logging.getLogger(__name__)
 
-GGUF_SUFFIX = ".gguf"
 # The ggml types read here: stored floats, and the quantizations stable-diffusion.cpp and ComfyUI-GGUF write.
 FLOAT_TYPES = ("F32", "F16", "BF16")
 QUANTIZED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")

@@ -78,11 +78,6 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def safetensors_metadata(path: Path) -> dict[str, str]:
-    """A safetensors file's metadata, its header checked first."""
-    return safetensors_header(path).get("__metadata__") or {}
-
-
 def read_pickle(path: Path) -> dict[str, np.ndarray]:
     """Load a pickle checkpoint with torch's restricted unpickler (tensors only). Torch is optional."""
     try:
