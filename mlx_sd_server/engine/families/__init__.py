@@ -18,7 +18,8 @@ from mlx_sd_server.engine.families.sd3.spec import SPEC as SD3
 from mlx_sd_server.engine.families.spec import Capabilities, FamilySpec
 from mlx_sd_server.engine.families.zimage.spec import SPEC as ZIMAGE
 
-FAMILIES: tuple[FamilySpec, ...] = (FLUX2, FLUX, SD3, ZIMAGE, SD)  # FLUX.2's files have FLUX.1's double_blocks too
+# FLUX.2's files have FLUX.1's double_blocks too; SD3's LoRA rule takes any diffusers transformer left.
+FAMILIES: tuple[FamilySpec, ...] = (FLUX2, FLUX, ZIMAGE, SD3, SD)
 
 
 class UnknownFamilyError(ValueError):

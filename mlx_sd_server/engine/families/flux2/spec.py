@@ -17,6 +17,7 @@ from typing import Any
 
 from mlx_sd_server.engine.components import ComponentKind
 from mlx_sd_server.engine.families.flux2.family import HIDDEN_LAYERS, Flux2Family, is_distilled
+from mlx_sd_server.engine.families.flux2.lora import LORA
 from mlx_sd_server.engine.families.flux2.mapping import map_flux2_transformer_weight
 from mlx_sd_server.engine.families.flux2.transformer import Flux2Transformer2DModel, Flux2TransformerConfig
 from mlx_sd_server.engine.families.spec import (
@@ -110,6 +111,6 @@ SPEC = FamilySpec(
     latent={"flux2": LatentFormat(32, 1.0, 0.0, patch_size=PATCH)},
     variant_of=variant_of,
     capabilities=capabilities,
-    detect=Detection(diffusers_classes=("Flux2Transformer2DModel",), single_file=is_single_file),
+    detect=Detection(diffusers_classes=("Flux2Transformer2DModel",), single_file=is_single_file, lora=LORA),
     title="FLUX.2",
 )

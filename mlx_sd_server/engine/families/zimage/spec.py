@@ -16,6 +16,7 @@ from mlx_sd_server.engine.families.spec import (
     Variant,
 )
 from mlx_sd_server.engine.families.zimage.family import ZImageFamily
+from mlx_sd_server.engine.families.zimage.lora import LORA
 from mlx_sd_server.engine.families.zimage.transformer import ZIMAGE_TRANSFORMER, ZImageTransformerConfig
 from mlx_sd_server.engine.sampling.samplers import FLOW_SAMPLERS
 from mlx_sd_server.engine.sampling.schedules import FLOW_SCHEDULER_SETTINGS, FLOW_SCHEDULES
@@ -75,6 +76,6 @@ SPEC = FamilySpec(
     latent={"zimage": LatentFormat(16, 0.3611, 0.1159, patch_size=2)},
     variant_of=variant_of,
     capabilities=capabilities,
-    detect=Detection(diffusers_classes=("ZImageTransformer2DModel",), single_file=is_single_file),
+    detect=Detection(diffusers_classes=("ZImageTransformer2DModel",), single_file=is_single_file, lora=LORA),
     title="Z-Image",
 )
