@@ -68,3 +68,10 @@ class Family(Protocol):
         extra_channels: mx.array | None,
         control: mx.array | None,
     ) -> Denoiser: ...
+
+
+def image_tokens(vae: Any, settings: Settings, patch: int = 1) -> int:
+    """The tokens one image is to a DiT: its latent grid (in the sampler's space, as the VAE says) in
+    patch x patch cells. Flow schedules that shift by image size read it."""
+    _, h, w, _ = vae.latent_shape(1, settings.height, settings.width)
+    return (h // patch) * (w // patch)

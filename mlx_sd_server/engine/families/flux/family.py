@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_sd_server.engine.families.flux.transformer import latent_image_ids, pack_latents, unpack_latents
-from mlx_sd_server.engine.families.runtime import Settings
+from mlx_sd_server.engine.families.runtime import Settings, image_tokens
 from mlx_sd_server.engine.families.spec import DEFAULT_GUIDANCE, TextLength
 from mlx_sd_server.engine.sampling.denoiser import Denoiser, classifier_free_guidance, model_denoiser
 from mlx_sd_server.engine.sampling.schedules import flow_sigmas
@@ -46,9 +46,8 @@ class FluxFamily:
         self.t5_max_length = TextLength.of(model.manifest, "text_encoder_2", T5_MAX_LENGTH).default
 
     def sigmas(self, settings: Settings) -> np.ndarray:
-        token_pixels = self.latent_scale * PATCH
-        image_tokens = (settings.height // token_pixels) * (settings.width // token_pixels)
-        return flow_sigmas(settings.scheduler, settings.steps, self.scheduler_config, image_tokens)
+        tokens = image_tokens(self.model.vae, settings, PATCH)
+        return flow_sigmas(settings.scheduler, settings.steps, self.scheduler_config, tokens)
 
     def guided(self, settings: Settings) -> bool:
         return settings.cfg_scale > 1.0

@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_sd_server.engine.families.flux2.transformer import image_ids, text_ids
-from mlx_sd_server.engine.families.runtime import Settings
+from mlx_sd_server.engine.families.runtime import Settings, image_tokens
 from mlx_sd_server.engine.sampling.denoiser import Denoiser, classifier_free_guidance, model_denoiser
 from mlx_sd_server.engine.sampling.schedules import flow_sigmas
 from mlx_sd_server.engine.text.prompt import emphasised, templated_ids
@@ -66,8 +66,9 @@ class Flux2Family:
         self.distilled = is_distilled(model.manifest.get("pipeline", {}), model.manifest.get("name", ""))
 
     def sigmas(self, settings: Settings) -> np.ndarray:
-        _, h, w, _ = self.model.vae.latent_shape(1, settings.height, settings.width)
-        return flow_sigmas(settings.scheduler, settings.steps, self.scheduler_config, h * w)
+        return flow_sigmas(
+            settings.scheduler, settings.steps, self.scheduler_config, image_tokens(self.model.vae, settings)
+        )
 
     def guided(self, settings: Settings) -> bool:
         return settings.cfg_scale > 1.0 and not self.distilled

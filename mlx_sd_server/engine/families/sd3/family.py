@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd_server.engine.families.runtime import Settings
+from mlx_sd_server.engine.families.runtime import Settings, image_tokens
 from mlx_sd_server.engine.families.spec import TextLength
 from mlx_sd_server.engine.sampling.denoiser import Denoiser, classifier_free_guidance, model_denoiser
 from mlx_sd_server.engine.sampling.schedules import flow_sigmas
@@ -47,11 +47,8 @@ class SD3Family:
         self.t5_max_length = TextLength.of(model.manifest, "text_encoder_3", T5_MAX_LENGTH).default
 
     def sigmas(self, settings: Settings) -> np.ndarray:
-        patch_pixels = self.model.vae.latent_scale * self.transformer.config.patch_size
-        image_tokens = (settings.height // patch_pixels) * (settings.width // patch_pixels)
-        return flow_sigmas(
-            settings.scheduler, settings.steps, self.scheduler_config, image_tokens, scheduler_spacing=True
-        )
+        tokens = image_tokens(self.model.vae, settings, self.transformer.config.patch_size)
+        return flow_sigmas(settings.scheduler, settings.steps, self.scheduler_config, tokens, scheduler_spacing=True)
 
     def guided(self, settings: Settings) -> bool:
         return settings.cfg_scale > 1.0

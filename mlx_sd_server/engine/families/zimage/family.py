@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from mlx_sd_server.engine.families.runtime import Settings
+from mlx_sd_server.engine.families.runtime import Settings, image_tokens
 from mlx_sd_server.engine.sampling.denoiser import Denoiser, classifier_free_guidance, model_denoiser
 from mlx_sd_server.engine.sampling.schedules import flow_sigmas
 from mlx_sd_server.engine.text.prompt import apply_emphasis, templated_ids
@@ -57,9 +57,8 @@ class ZImageFamily:
         self.scheduler_config = model.manifest["scheduler"]
 
     def sigmas(self, settings: Settings) -> np.ndarray:
-        patch_pixels = self.model.vae.latent_scale * self.transformer.config.patch_size
-        image_tokens = (settings.height // patch_pixels) * (settings.width // patch_pixels)
-        return flow_sigmas(settings.scheduler, settings.steps, self.scheduler_config, image_tokens)
+        tokens = image_tokens(self.model.vae, settings, self.transformer.config.patch_size)
+        return flow_sigmas(settings.scheduler, settings.steps, self.scheduler_config, tokens)
 
     def guided(self, settings: Settings) -> bool:
         return settings.cfg_scale > 1.0
