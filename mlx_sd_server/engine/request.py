@@ -26,6 +26,7 @@ class Request(Protocol):
     init_image: Image.Image | None
     strength: float
     mask: Image.Image | None
+    reference_images: tuple[Image.Image, ...]  # instruction edits' input images, in order
     control_image: Image.Image | None
     control_strength: float
     control_preprocess: str

@@ -379,6 +379,8 @@ class Job:
     init_image: Image.Image | None = field(default=None, repr=False)
     strength: float = default("strength")
     mask: Image.Image | None = field(default=None, repr=False)
+    # Instruction edits: the input images the model reads as references (in order), beside the prompt
+    reference_images: tuple[Image.Image, ...] = field(default=(), repr=False)
     # ControlNet
     control_image: Image.Image | None = field(default=None, repr=False)
     control_strength: float = default("control_strength")

@@ -76,6 +76,9 @@ class Capabilities:
     size_multiple: int = 8  # image sides must be multiples of this (the VAE's downscale x the patch size)
     largest_side: int | None = None  # the network's own bound on a side (SD3's position embeddings), if any
     text_length: TextLength | None = None  # T5's tokens per prompt, which a request may set; None: no T5
+    # Instruction edits: how many input images the model reads as references beside the prompt (0: it has no
+    # instruction edits; its edits are img2img and inpainting)
+    references: int = 0
 
 
 @dataclass(frozen=True)
