@@ -62,3 +62,25 @@ def print_table(title: str, columns: list[str], rows: list[tuple[str, list[float
     for label, values, number_format in rows:
         cells = ["-" if v is None else format(v, number_format) for v in values]
         print(f"{label:34}" + "".join(f"{c:>16}" for c in cells))
+
+
+def whole_image(
+    label: str, weights: dict[str, float], text_encoders: tuple[str, ...], activation: dict[str, float],
+    low_memory_decoding: float,
+) -> None:
+    """Print the peak of a whole image, phase by phase, in GB: the weights resident during each phase plus its
+    activations (`activation` by phase: "encoding", "denoising", "decoding"). By default everything stays
+    loaded; --low-memory frees the `text_encoders` (names among `weights`) after encoding and decodes with
+    `low_memory_decoding` activations (tiles). The denoiser stays loaded between jobs, so a job's text encoding
+    has every weight resident in both modes."""
+    total = sum(weights.values())
+    kept = max(activation, key=lambda phase: activation[phase])
+    without_text = total - sum(weights[name] for name in text_encoders)
+    freed = {"encoding": total + activation["encoding"], "denoising": without_text + activation["denoising"],
+             "decoding": without_text + low_memory_decoding}
+    print(f"\nwhole image, {label}:")
+    print("  weights: " + " + ".join(f"{name} {value:.2f}" for name, value in weights.items()) + f" = {total:.2f} GB")
+    print(f"  default (everything loaded): peak {total + activation[kept]:.2f} GB, while {kept}")
+    print(f"  --low-memory ({', '.join(text_encoders)} freed after encoding, decoded in tiles): "
+          + ", ".join(f"{phase} {value:.2f}" for phase, value in freed.items())
+          + f": peak {max(freed.values()):.2f} GB")

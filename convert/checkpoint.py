@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from convert.gguf_source import qwen3_tokenizer
 from convert.source import PICKLE_SUFFIXES, read_state_dict
-from mlx_sd_server.engine.components import Mapper
+from mlx_sd_server.engine.components import ComponentKind, Mapper
 from mlx_sd_server.engine.families import FAMILIES, family_of_single_file
 from mlx_sd_server.engine.families.spec import FamilySpec
 from mlx_sd_server.engine.model_io import component_kind
@@ -40,6 +41,7 @@ from mlx_sd_server.engine.source import (
     float32,
     hint_option,
 )
+from mlx_sd_server.engine.text.qwen3 import QWEN3_ENCODER
 from mlx_sd_server.engine.text.t5 import T5_ENCODER
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,10 @@ PREDICTION_TYPES = {
 # SD3's T5 use the same one.
 T5_TOKENIZER_REPO = "black-forest-labs/FLUX.1-schnell"
 T5_TOKENIZER_FILE = "tokenizer_2/tokenizer.json"
+# Nor a Qwen3 tokenizer, unless it is a llama.cpp GGUF file: every Qwen3 size has the same one, which
+# Z-Image-Turbo's public repo holds (tokenizer_config.json: its chat template).
+QWEN3_TOKENIZER_REPO = "Tongyi-MAI/Z-Image-Turbo"
+QWEN3_TOKENIZER_FILES = ("tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json")
 NO_HINTS = ArchitectureHints()  # none given: the released models' values, taken as guesses
 
 
@@ -155,16 +161,19 @@ def read_checkpoint(
     prediction_type: str | None = None,
     with_t5: bool = True,
     t5_tokenizer: Path | None = None,
+    llm_tokenizer: Path | None = None,
     hints: ArchitectureHints = NO_HINTS,
 ) -> SourceModel:
     """A single file (and the component files `given` by their `convert` option, e.g. {"--vae": path}) of
     whichever family its tensor names show. Pickles (.ckpt/.pt/.bin) are refused unless `allow_pickle`;
     `prediction_type` overrides the file's; `with_t5=False` leaves the family's optional text encoders out.
+    `t5_tokenizer`, `llm_tokenizer`: T5's and Qwen3's tokenizers, which the files may not carry.
     `hints`: what the files cannot tell; where one is not given its value is guessed, logged and recorded in
     the model's `guessed`."""
     files = Files(allow_pickle)
     spec = family_of_file(Path(path), files)
-    return _read(spec, Path(path), given or {}, files, prediction_type, with_t5, t5_tokenizer, hints)[1]
+    tokenizers = GivenTokenizers(t5_tokenizer, llm_tokenizer)
+    return _read(spec, Path(path), given or {}, files, prediction_type, with_t5, tokenizers, hints)[1]
 
 
 def read_original(
@@ -176,10 +185,12 @@ def read_original(
     prediction_type: str | None = None,
     with_t5: bool = True,
     t5_tokenizer: Path | None = None,
+    llm_tokenizer: Path | None = None,
     hints: ArchitectureHints = NO_HINTS,
 ) -> SourceModel:
     """`main` and the component files `given`, read as `spec`'s family (as read_checkpoint, which detects it)."""
-    return _read(spec, Path(main), given or {}, Files(allow_pickle), prediction_type, with_t5, t5_tokenizer, hints)[1]
+    tokenizers = GivenTokenizers(t5_tokenizer, llm_tokenizer)
+    return _read(spec, Path(main), given or {}, Files(allow_pickle), prediction_type, with_t5, tokenizers, hints)[1]
 
 
 def load_checkpoint(
@@ -190,7 +201,8 @@ def load_checkpoint(
 ) -> DiffusersComponents:
     """A single file read at once into diffusers-layout configs and float32 state dicts."""
     files = Files(allow_pickle)
-    model, source = _read(family_of_file(Path(path), files), Path(path), {}, files, prediction_type, True, None, hints)
+    spec = family_of_file(Path(path), files)
+    model, source = _read(spec, Path(path), {}, files, prediction_type, True, GivenTokenizers(), hints)
     return DiffusersComponents(
         source.family,
         source.prediction_type,
@@ -206,7 +218,7 @@ def _read(
     files: Files,
     prediction_type: str | None,
     with_t5: bool,
-    t5_tokenizer: Path | None,
+    given_tokenizers: GivenTokenizers,
     hints: ArchitectureHints,
 ) -> tuple[OriginalModel, SourceModel]:
     layout = spec.original
@@ -231,15 +243,33 @@ def _read(
     components: dict[str, tuple[dict[str, Any], Weights]] = {
         name: (c.config, files.weights(found[name][0], c)) for name, c in model.components.items()
     }
-    # Single files carry no tokenizer: CLIP's vocabulary ships with this package (None: write_model makes it),
-    # T5's is downloaded once or given.
     tokenizers = {
-        name: t5_tokenizer_folder(t5_tokenizer) if component_kind(name, config) is T5_ENCODER else None
+        name: tokenizer_folder(component_kind(name, config), found[name][0], given_tokenizers)
         for name, (config, _) in components.items()
         if component_kind(name, config).tokenizer_class
     }
     guessed = logged_guesses(model)
     return model, SourceModel(model.family, model.prediction_type, model.scheduler, components, tokenizers, guessed)
+
+
+@dataclass(frozen=True)
+class GivenTokenizers:
+    """The tokenizers given for text encoders whose files may not carry one (`--t5-tokenizer`,
+    `--llm-tokenizer`): a tokenizer.json, or a folder holding one; None: found as `tokenizer_folder` says."""
+
+    t5: Path | None = None
+    qwen3: Path | None = None
+
+
+def tokenizer_folder(kind: ComponentKind, path: Path, given: GivenTokenizers) -> Path | None:
+    """The folder of the tokenizer of a text encoder of `kind` read from `path`. Single files carry none, but
+    llama.cpp's GGUF files of Qwen3 do; CLIP's vocabulary ships with this package (None: write_model makes it);
+    T5's and Qwen3's are given, else downloaded once."""
+    if kind is T5_ENCODER:
+        return t5_tokenizer_folder(given.t5)
+    if kind is QWEN3_ENCODER:
+        return qwen3_tokenizer_folder(given.qwen3, path)
+    return None
 
 
 def logged_guesses(model: OriginalModel) -> dict[str, Any]:
@@ -308,15 +338,45 @@ def t5_tokenizer_folder(t5_tokenizer: Path | str | None) -> Path:
                 "--t5-tokenizer: a tokenizer.json, or a folder holding one (e.g. the tokenizer_2 folder of a "
                 "FLUX.1 diffusers repo, or the tokenizer_3 folder of an SD3 one)."
             ) from err
-    path = Path(t5_tokenizer)
+    return given_tokenizer_folder(Path(t5_tokenizer), "T5")
+
+
+def qwen3_tokenizer_folder(llm_tokenizer: Path | str | None, path: Path) -> Path:
+    """A folder holding the tokenizer of the Qwen3 text encoder read from `path`: the one given (a folder, or
+    the tokenizer.json itself), else the one a llama.cpp GGUF file carries, else Z-Image-Turbo's (every Qwen3's),
+    downloaded once into the Hugging Face cache (HF_HUB_OFFLINE uses only the cache)."""
+    if llm_tokenizer is not None:
+        return given_tokenizer_folder(Path(llm_tokenizer), "Qwen3")
+    tokenizer = qwen3_tokenizer(path) if path.suffix == ".gguf" else None
+    if tokenizer is not None:
+        folder = Path(tempfile.mkdtemp(prefix="qwen3-tokenizer-"))
+        tokenizer.save(folder)
+        log.info("Qwen3's tokenizer: the one %s carries", path.name)
+        return folder
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path([hf_hub_download(QWEN3_TOKENIZER_REPO, name) for name in QWEN3_TOKENIZER_FILES][0]).parent
+    except Exception as err:
+        raise CheckpointError(
+            f"The Qwen3 text encoder needs its tokenizer, which {path.name} does not include, and it could not be "
+            f"downloaded from {QWEN3_TOKENIZER_REPO} ({type(err).__name__}: {err}). Pass it with --llm-tokenizer: "
+            "a tokenizer.json, or a folder holding one (e.g. the tokenizer folder of a Z-Image or FLUX.2 klein "
+            "diffusers repo)."
+        ) from err
+
+
+def given_tokenizer_folder(path: Path, what: str) -> Path:
+    """A folder holding the tokenizer.json given as `path`: the folder itself, or a file (copied into a folder
+    of its own if it has another name: the pipeline reads a folder's tokenizer.json)."""
     if path.is_dir():
         if not (path / "tokenizer.json").is_file():
-            raise CheckpointError(f"the T5 tokenizer folder {path} has no tokenizer.json")
+            raise CheckpointError(f"the {what} tokenizer folder {path} has no tokenizer.json")
         return path
     if not path.is_file():
-        raise CheckpointError(f"the T5 tokenizer {path} does not exist")
+        raise CheckpointError(f"the {what} tokenizer {path} does not exist")
     if path.name == "tokenizer.json":
         return path.parent
-    folder = Path(tempfile.mkdtemp(prefix="t5-tokenizer-"))  # the pipeline reads a folder's tokenizer.json
+    folder = Path(tempfile.mkdtemp(prefix=f"{what.lower()}-tokenizer-"))
     shutil.copyfile(path, folder / "tokenizer.json")
     return folder

@@ -13,7 +13,7 @@ from convert.model import SplitFiles, convert_model
 from mlx_sd_server.engine.source import ArchitectureHints
 from mlx_sd_server.paths import model_dir
 
-SPLIT_OPTIONS = ("diffusion_model", "vae", "clip_l", "clip_g", "t5xxl", "t5_tokenizer")
+SPLIT_OPTIONS = ("diffusion_model", "vae", "clip_l", "clip_g", "t5xxl", "t5_tokenizer", "llm", "llm_tokenizer")
 
 
 def split_files(args: argparse.Namespace) -> SplitFiles | None:
@@ -56,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
     least = 0 if split else 1  # SRC, unless split files are the source; then an optional NAME or DST
     if not least <= len(args.paths) <= least + 1:
         usage = (
-            "--diffusion-model FILE [--vae FILE --clip-l FILE --clip-g FILE --t5xxl FILE] [NAME]"
+            "--diffusion-model FILE [--vae FILE --clip-l FILE --clip-g FILE --t5xxl FILE --llm FILE] [NAME]"
             if split
             else "SRC [NAME]"
         )

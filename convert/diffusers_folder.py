@@ -13,7 +13,7 @@ import numpy as np
 
 from convert.source import PICKLE_SUFFIXES, PickleRefusedError, read_pickle
 from mlx_sd_server.engine.families import FAMILIES, family_of_denoiser
-from mlx_sd_server.engine.families.spec import FamilySpec
+from mlx_sd_server.engine.families.spec import PIPELINE_CLASS, FamilySpec
 from mlx_sd_server.engine.source import SourceModel
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,10 @@ def read_weights(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
 
 def read_diffusers_folder(path: Path, allow_pickle: bool = False, prediction_type: str | None = None) -> SourceModel:
     pipeline: dict[str, Any] = {}
+    pipeline_class = None
     if (path / "model_index.json").exists():
         index = json.loads((path / "model_index.json").read_text())
+        pipeline_class = index.get("_class_name")
         names = [n for n in WEIGHT_COMPONENTS if n in index and index[n] and index[n][0] is not None]
         # the pipeline's own settings (components are [library, class] pairs; `_` keys are diffusers' bookkeeping)
         pipeline = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
@@ -96,6 +98,8 @@ def read_diffusers_folder(path: Path, allow_pickle: bool = False, prediction_typ
     if scheduler_file.exists():
         scheduler = json.loads(scheduler_file.read_text())
     spec, family = family_of({name: config for name, (config, _) in components.items()})
+    if pipeline_class in spec.detect.pipelines:  # a variant its configs cannot tell (FLUX.1 Kontext)
+        pipeline[PIPELINE_CLASS] = pipeline_class
     return SourceModel(
         family=family,
         prediction_type=spec.parameterization or prediction_type or scheduler.get("prediction_type", "epsilon"),

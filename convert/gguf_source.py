@@ -6,7 +6,9 @@ so the original-layout reader (convert.checkpoint) takes them unchanged. ggml li
 fastest first (the reverse of torch's); its data is laid out like torch's, row-major, so a tensor is its data
 read in the reversed shape. T5 files made by llama.cpp's converter
 (e.g. `t5-v1_1-xxl-encoder-Q8_0.gguf`) use llama.cpp's names, which are renamed to transformers' as
-stable-diffusion.cpp does.
+stable-diffusion.cpp does; so are its Qwen3 files (`Qwen3-4B-Instruct-2507-Q4_K_M.gguf`, architecture `qwen3`),
+whose scalar metadata (`qwen3.rope.freq_base`, ...) the reader finds beside the tensors (`GGUFTensors`) and
+whose vocabulary (`tokenizer.ggml.*`) becomes a tokenizer.json (`qwen3_tokenizer`).
 
 Tensors are read when used (`GGUFTensor.dequantize`): float32 numpy, dequantized by `gguf.quants` for the
 quantized types (F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K ... Q6_K), so a 12B FLUX transformer is read
@@ -25,7 +27,9 @@ model_io.save_component): the converted layer computes with exactly the file's w
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +38,8 @@ from typing import Any
 import numpy as np
 
 from mlx_sd_server.engine.source import CheckpointError
+from mlx_sd_server.engine.text.qwen_tokenizer import Qwen3Tokenizer
+from mlx_sd_server.engine.text.single_file import QWEN3_GGUF_ARCHITECTURE
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,30 @@ LLAMA_CPP_T5_NAMES = (
     ("attn_rel_b.", "layer.0.SelfAttention.relative_attention_bias."),
     ("token_embd.", "shared."),
 )
+# llama.cpp's Qwen3 names -> transformers' Qwen3Model's. Its converter stores Qwen3's q and k projections as
+# transformers has them (it permutes them only for its LLaMA-architecture models, whose rotary pairing differs;
+# Qwen2 and Qwen3 use transformers' rotate-half pairing), so only the names change.
+LLAMA_CPP_QWEN3_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+LLAMA_CPP_QWEN3_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# Qwen's tokenizer (llama.cpp's tokenizer model "gpt2" with pre-tokenizer "qwen2"): NFC, this split, byte-level
+# BPE, as transformers' Qwen2Tokenizer builds it from a vocabulary and merges.
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# llama.cpp's token types (gguf.TokenType): the BPE vocabulary, and the added tokens matched before it
+NORMAL_TOKEN, CONTROL_TOKEN, USER_DEFINED_TOKEN = 1, 3, 4
 
 
 # --- MLX's quantized layout -------------------------------------------------------------------------------
@@ -148,6 +178,13 @@ def to_mlx(value: np.ndarray) -> Any:
 # --- reading ----------------------------------------------------------------------------------------------
 
 
+class GGUFTensors(dict[str, "GGUFTensor"]):
+    """A GGUF file's tensors by name, with its scalar metadata (`metadata`: key -> str, int, float or bool),
+    which readers of what the shapes cannot tell consult (`engine.source.file_metadata`)."""
+
+    metadata: dict[str, Any]
+
+
 class GGUFTensor:
     """One tensor of a GGUF file, read and dequantized only when used; `shape` is torch's (ggml's reversed)."""
 
@@ -180,18 +217,41 @@ class GGUFTensor:
         return f"GGUFTensor({self.tensor.name!r}, {self.type}, shape={self.shape})"
 
 
-def read_gguf(path: Path) -> tuple[dict[str, GGUFTensor], dict[str, str]]:
-    """A GGUF file's tensors by name (read lazily) and its string metadata. A corrupt or truncated file, or a
-    ggml type not read here, is a CheckpointError."""
-    from gguf import GGUFReader, GGUFValueType
+def _reader(path: Path) -> Any:
+    from gguf import GGUFReader
 
-    path = Path(path)
     try:
-        reader = GGUFReader(path)
+        return GGUFReader(path)
     except Exception as err:  # the reader's errors for short or foreign files are numpy reshape errors and the like
         raise CheckpointError(
             f"cannot read {path} as a GGUF file (corrupt or truncated? {err}). Download it again."
         ) from err
+
+
+def _field_value(field: Any) -> Any:
+    """A metadata field's value: a str, number or bool, or a list of them (an array)."""
+    from gguf import GGUFValueType
+
+    def item(types: list[Any], index: int) -> Any:
+        part = field.parts[index]
+        if types[-1] == GGUFValueType.STRING:
+            return str(bytes(part), "utf-8", "replace")
+        if types[-1] == GGUFValueType.FLOAT32:  # the decimal it was written from (1e-06, not 9.99999997e-07)
+            return float(str(part[0]))
+        return part.tolist()[0]
+
+    if field.types[0] == GGUFValueType.ARRAY:
+        return [item(field.types, index) for index in field.data]
+    return item(field.types, field.data[0])
+
+
+def read_gguf(path: Path) -> tuple[GGUFTensors, dict[str, str]]:
+    """A GGUF file's tensors by name (read lazily, with the file's scalar metadata) and its string metadata. A
+    corrupt or truncated file, or a ggml type not read here, is a CheckpointError."""
+    from gguf import GGUFValueType
+
+    path = Path(path)
+    reader = _reader(path)
     tensors = {t.name: GGUFTensor(path, t) for t in reader.tensors}
     unknown = sorted({t.type for t in tensors.values()} - set(FLOAT_TYPES + QUANTIZED_TYPES + INTEGER_TYPES))
     if unknown:
@@ -199,15 +259,87 @@ def read_gguf(path: Path) -> tuple[dict[str, GGUFTensor], dict[str, str]]:
             f"{path} holds tensors of ggml type {', '.join(unknown)}, which are not read here "
             f"(these are: {', '.join(FLOAT_TYPES + QUANTIZED_TYPES)})"
         )
-    tensors = {_llama_cpp_t5_name(name): tensor for name, tensor in tensors.items()}
-    metadata = {
-        name: str(bytes(field.parts[field.data[0]]), "utf-8", "replace")
-        for name, field in reader.fields.items()
-        if field.types == [GGUFValueType.STRING]
+    scalars = {
+        name: _field_value(field) for name, field in reader.fields.items() if field.types[0] != GGUFValueType.ARRAY
     }
+    qwen3 = scalars.get("general.architecture") == QWEN3_GGUF_ARCHITECTURE
+    rename = _llama_cpp_qwen3_name if qwen3 else _llama_cpp_t5_name
+    renamed = GGUFTensors((rename(name), tensor) for name, tensor in tensors.items())
+    renamed.metadata = scalars
     counts = Counter(tensor.type for tensor in tensors.values())
     log.debug("%s: %s", path.name, ", ".join(f"{n} {t}" for t, n in sorted(counts.items())))
-    return tensors, metadata
+    return renamed, {name: value for name, value in scalars.items() if isinstance(value, str)}
+
+
+def _llama_cpp_qwen3_name(name: str) -> str:
+    """A Qwen3 weight in llama.cpp's names in transformers' Qwen3Model's; any other name as it is."""
+    if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(\w+)", name):
+        module = LLAMA_CPP_QWEN3_BLOCK_NAMES.get(m[2])
+        return name if module is None else f"layers.{m[1]}.{module}.{m[3]}"
+    module, _, param = name.rpartition(".")
+    return f"{LLAMA_CPP_QWEN3_NAMES[module]}.{param}" if module in LLAMA_CPP_QWEN3_NAMES else name
+
+
+def qwen3_tokenizer(path: Path) -> Qwen3Tokenizer | None:
+    """The Qwen tokenizer a llama.cpp GGUF file carries in its `tokenizer.ggml.*` metadata, as transformers'
+    Qwen2Tokenizer builds it from the vocabulary and merges, with the added tokens at their ids (and the chat
+    template, `tokenizer.chat_template`); None if the file carries no Qwen tokenizer (model "gpt2" with
+    pre-tokenizer "qwen2")."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    fields = _reader(Path(path)).fields
+
+    def value(key: str) -> Any:
+        return _field_value(fields[key]) if key in fields else None
+
+    if value("tokenizer.ggml.model") != "gpt2" or value("tokenizer.ggml.pre") != "qwen2":
+        return None
+    tokens, types, merges = (
+        value("tokenizer.ggml.tokens"),
+        value("tokenizer.ggml.token_type"),
+        value("tokenizer.ggml.merges"),
+    )
+    if not tokens or not types or merges is None or len(tokens) != len(types):
+        raise CheckpointError(f"{path}: its tokenizer metadata is incomplete (tokens, token types or merges)")
+    vocab = {token: i for i, (token, kind) in enumerate(zip(tokens, types, strict=True)) if kind == NORMAL_TOKEN}
+    pairs = [tuple(merge.split(" ", 1)) for merge in merges]
+    tokenizer = Tokenizer(
+        BPE(
+            vocab,
+            pairs,
+            unk_token=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+        )
+    )
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    # The added tokens at the ids the file gives them (llama.cpp's CONTROL tokens are the special ones)
+    document = json.loads(tokenizer.to_str())
+    document["added_tokens"] = [
+        {
+            "id": i,
+            "content": token,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": kind == CONTROL_TOKEN,
+        }
+        for i, (token, kind) in enumerate(zip(tokens, types, strict=True))
+        if kind in (CONTROL_TOKEN, USER_DEFINED_TOKEN)
+    ]
+    return Qwen3Tokenizer(Tokenizer.from_str(json.dumps(document)), value("tokenizer.chat_template"))
 
 
 def _llama_cpp_t5_name(name: str) -> str:

@@ -37,8 +37,9 @@ QUANTIZE_GROUP_SIZE = 64
 @dataclass(frozen=True)
 class SplitFiles:
     """A model as the separate component files users have (FLUX.1: the BFL transformer, `ae.safetensors`,
-    `clip_l.safetensors`, a `t5xxl` file; SD3/SD3.5: the checkpoint, `clip_l`, `clip_g` and `t5xxl` files; T5's
-    tokenizer is not among them, see convert.checkpoint), as stable-diffusion.cpp's options name them."""
+    `clip_l.safetensors`, a `t5xxl` file; SD3/SD3.5: the checkpoint, `clip_l`, `clip_g` and `t5xxl` files;
+    Z-Image: its transformer, `ae.safetensors` and a Qwen3 `llm` file; T5's and Qwen3's tokenizers are not
+    among them, see convert.checkpoint), as stable-diffusion.cpp's options name them."""
 
     diffusion_model: Path
     vae: Path | None = None
@@ -46,10 +47,18 @@ class SplitFiles:
     clip_g: Path | None = None
     t5xxl: Path | None = None
     t5_tokenizer: Path | None = None
+    llm: Path | None = None
+    llm_tokenizer: Path | None = None
 
     def given(self) -> dict[str, Path]:
         """The component files given, by their `convert` option (`--vae`, `--clip-l`, ...)."""
-        files = {"--vae": self.vae, "--clip-l": self.clip_l, "--clip-g": self.clip_g, "--t5xxl": self.t5xxl}
+        files = {
+            "--vae": self.vae,
+            "--clip-l": self.clip_l,
+            "--clip-g": self.clip_g,
+            "--t5xxl": self.t5xxl,
+            "--llm": self.llm,
+        }
         return {option: path for option, path in files.items() if path is not None}
 
 
@@ -86,6 +95,7 @@ def _read_source(
             prediction_type=prediction_type,
             with_t5=with_t5,
             t5_tokenizer=src.t5_tokenizer,
+            llm_tokenizer=src.llm_tokenizer,
             hints=hints,
         )
     if is_diffusers_folder(src):
@@ -108,10 +118,8 @@ def source_configs(source: SourceModel) -> dict[str, dict[str, Any]]:
 def model_defaults(source: SourceModel, name: str) -> dict[str, Any]:
     """The generation defaults of the model's family variant (turbo, LCM, dev, schnell, ...; see its spec)."""
     variant = spec_for(source.family).variant_of(source.family, source.prediction_type, source_configs(source), name)
-    defaults = dataclasses.asdict(variant.defaults)
-    if defaults["guidance"] is None:  # only models with a guidance embedding have one
-        del defaults["guidance"]
-    return defaults
+    # None is no default of its own: guidance (only models with a guidance embedding have one), strength (the table's)
+    return {key: value for key, value in dataclasses.asdict(variant.defaults).items() if value is not None}
 
 
 def _tokenizer_for(source: SourceModel, encoder: str, config: dict[str, Any]) -> Any:

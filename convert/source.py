@@ -14,6 +14,9 @@ from mlx_sd_server.engine.source import CheckpointError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CHECKPOINT_SUFFIXES = (".safetensors", ".gguf") + PICKLE_SUFFIXES
+# Quantized weights whose scales are tensors of their own (ComfyUI's older `scale_weight`, its mixed-precision
+# `weight_scale` + `comfy_quant`): read one tensor at a time, they would convert unscaled.
+SCALED_WEIGHT_SUFFIXES = ("scaled_fp8", ".scale_weight", ".weight_scale", ".comfy_quant")
 
 
 class PickleRefusedError(ValueError):
@@ -46,10 +49,10 @@ def read_state_dict(path: Path, allow_pickle: bool = False) -> tuple[dict[str, A
         tensors = cast(dict[str, Any], mx.load(str(path)))  # (a .safetensors file loads as a dict)
     except Exception as err:
         raise CheckpointError(f"cannot read {path} as safetensors: {err}") from err
-    if any(k.endswith(("scaled_fp8", ".scale_weight")) for k in tensors):
+    if any(k.endswith(SCALED_WEIGHT_SUFFIXES) for k in tensors):
         raise CheckpointError(
-            f"{path} is a ComfyUI 'scaled fp8' file, which is not supported: use the fp16, "
-            "bf16 or plain fp8 (e4m3fn) version"
+            f"{path} is a 'scaled fp8' file (ComfyUI's, BFL's fp8 or fp8mixed files: scales stored beside the "
+            "weights), which is not supported: use the fp16, bf16 or plain fp8 (e4m3fn) version, or a GGUF"
         )
     for key, entry in header.items():  # fp8 (e4m3) tensors, which MLX loads as their raw bytes, decoded lazily
         if key != "__metadata__" and entry["dtype"] == "F8_E4M3":

@@ -14,7 +14,7 @@ import typing
 
 from mlx_sd_server import store
 from mlx_sd_server.engine.source import ArchitectureHints, hint_option
-from mlx_sd_server.job.fields import FIELDS, IMAGE_FIELDS, MODEL_FIELDS, Field, Limits
+from mlx_sd_server.job.fields import FIELDS, IMAGE_FIELDS, IMAGE_LISTS, MODEL_FIELDS, Field, Limits
 
 DESCRIPTION = (
     "Generate images with Stable Diffusion and FLUX.1 models on Apple silicon (MLX): serve an "
@@ -86,14 +86,20 @@ def add_lora_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def add_split_file_options(parser: argparse.ArgumentParser) -> None:
-    """A model given as separate component files, as stable-diffusion.cpp takes them (FLUX.1, SD3/SD3.5)."""
-    split = parser.add_argument_group("split files (FLUX.1, SD3/SD3.5, as stable-diffusion.cpp takes them)")
+    """A model given as separate component files, as stable-diffusion.cpp takes them (FLUX.1, SD3/SD3.5, Z-Image,
+    FLUX.2 klein)."""
+    split = parser.add_argument_group(
+        "split files (FLUX.1, SD3/SD3.5, Z-Image, FLUX.2 klein, as stable-diffusion.cpp takes them)"
+    )
     split.add_argument(
         "--diffusion-model",
         metavar="FILE",
-        help="the transformer, e.g. flux1-dev.safetensors or .gguf, or sd3.5_large.safetensors",
+        help="the transformer, e.g. flux1-dev.safetensors or .gguf, sd3.5_large.safetensors, "
+        "z_image_turbo_bf16.safetensors, flux-2-klein-4b.safetensors",
     )
-    split.add_argument("--vae", metavar="FILE", help="the autoencoder, e.g. ae.safetensors")
+    split.add_argument(
+        "--vae", metavar="FILE", help="the autoencoder, e.g. ae.safetensors (FLUX.2: flux2-vae.safetensors)"
+    )
     split.add_argument("--clip-l", metavar="FILE", help="CLIP-L, e.g. clip_l.safetensors")
     split.add_argument("--t5xxl", metavar="FILE", help="T5-XXL, e.g. t5xxl_fp16.safetensors or t5xxl-Q8_0.gguf")
     split.add_argument("--clip-g", metavar="FILE", help="CLIP-G (SD3/SD3.5), e.g. clip_g.safetensors")
@@ -101,6 +107,18 @@ def add_split_file_options(parser: argparse.ArgumentParser) -> None:
         "--t5-tokenizer",
         metavar="PATH",
         help="T5's tokenizer.json (or its folder); default: downloaded from FLUX.1-schnell's repo",
+    )
+    split.add_argument(
+        "--llm",
+        metavar="FILE",
+        help="the Qwen3 text encoder (Z-Image; FLUX.2 klein 4B: Qwen3-4B, 9B: Qwen3-8B), e.g. "
+        "qwen_3_4b.safetensors or Qwen3-4B-Instruct-2507-Q4_K_M.gguf",
+    )
+    split.add_argument(
+        "--llm-tokenizer",
+        metavar="PATH",
+        help="Qwen3's tokenizer.json (or its folder); default: a GGUF file's own, else downloaded from "
+        "Z-Image-Turbo's repo",
     )
 
 
@@ -299,7 +317,10 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
                 help=field_help(field),
             )
     for name, help_text in IMAGE_FIELDS.items():
-        parser.add_argument(flag_for(name), metavar="PATH", help=help_text)
+        if name in IMAGE_LISTS:  # repeated: an instruction edit's input images, in order
+            parser.add_argument(flag_for(name), metavar="PATH", action="append", help=help_text + " (repeatable)")
+        else:
+            parser.add_argument(flag_for(name), metavar="PATH", help=help_text)
     parser.add_argument(
         "--output",
         "-o",

@@ -22,8 +22,9 @@ from mlx_sd_server.images import (
     mask_from_upload,
     model_hash,
     open_upload,
+    short_sha256,
 )
-from mlx_sd_server.job import IMAGE_FIELDS, JOB_FIELDS, Job, JobError, build_job
+from mlx_sd_server.job import IMAGE_FIELDS, IMAGE_LISTS, JOB_FIELDS, Job, JobError, build_job
 from mlx_sd_server.registry import ModelLoadError, ModelNotFoundError, ModelRegistry, model_dir
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,15 @@ def cli_message(exc: JobError) -> str:
     return message if found else f"{flag}: {message}"
 
 
-def _read_image(path: str, param: str) -> Image.Image:
+def _read_image(path: str, param: str, hashes: list[tuple[str, str]]) -> Image.Image:
+    """An input image file, decoded as an upload is; its short hash added to `hashes` (for the metadata)."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise JobError(f"cannot read {param} {path}: {exc.strerror}", param, "invalid_image") from None
-    return open_upload(data, param, max_bytes=MAX_INPUT_BYTES, max_pixels=MAX_INPUT_PIXELS)
+    image = open_upload(data, param, max_bytes=MAX_INPUT_BYTES, max_pixels=MAX_INPUT_PIXELS, label=f"{param} {path}")
+    hashes.append((param, short_sha256(data)))
+    return image
 
 
 def job_from_args(args: argparse.Namespace, registry: ModelRegistry) -> Job:
@@ -60,11 +64,15 @@ def job_from_args(args: argparse.Namespace, registry: ModelRegistry) -> Job:
     if args.lora:  # NAME[:WEIGHT]; build_job reads the weight
         named = [lora.rpartition(":") if ":" in lora else (lora, "", "1") for lora in args.lora]
         fields["loras"] = [{"name": name, "scale": weight} for name, _, weight in named]
-    images = {
-        name: (mask_from_upload if name == "mask" else flatten)(_read_image(path, name))
-        for name in IMAGE_FIELDS
-        if (path := getattr(args, name))
-    }
+    hashes: list[tuple[str, str]] = []
+    images: dict[str, Image.Image | list[Image.Image]] = {}
+    for name in IMAGE_FIELDS:
+        if paths := getattr(args, name):
+            prepare = mask_from_upload if name == "mask" else flatten
+            if name in IMAGE_LISTS:  # --image, repeated: the inputs in order
+                images[name] = [prepare(_read_image(path, name, hashes)) for path in paths]
+            else:
+                images[name] = prepare(_read_image(paths, name, hashes))
     info = registry.info()
     return build_job(
         fields,
@@ -73,6 +81,7 @@ def job_from_args(args: argparse.Namespace, registry: ModelRegistry) -> Job:
         capabilities=info.capabilities,
         model_name=info.name,
         lora_family=registry.loras.family,
+        input_hashes=hashes,
     )
 
 

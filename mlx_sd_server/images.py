@@ -19,6 +19,7 @@ import re
 import struct
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, cast
 
@@ -33,13 +34,14 @@ MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _DATA_URL_RE = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 
 
-def decode_base64_image(text: str, param: str) -> bytes:
-    """A base64 string or `data:image/...;base64,` URL (how JSON requests carry images) -> bytes."""
+def decode_base64_image(text: str, param: str, label: str | None = None) -> bytes:
+    """A base64 string or `data:image/...;base64,` URL (how JSON requests carry images) -> bytes. `label`
+    names it in messages (`image 2`)."""
     payload = _DATA_URL_RE.sub("", text.strip(), count=1)
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise JobError(f"{param} must be a base64 image or a data URL", param, "invalid_image") from None
+        raise JobError(f"{label or param} must be a base64 image or a data URL", param, "invalid_image") from None
 
 
 # An upload is kept in memory up to this size, in a temporary file beyond (until it is decoded).
@@ -55,7 +57,12 @@ def spooled_upload() -> IO[bytes]:
 
 
 def decode_base64_upload(
-    data: bytes | bytearray | memoryview, param: str, *, max_pixels: int, max_aspect: float = Limits.max_upload_aspect
+    data: bytes | bytearray | memoryview,
+    param: str,
+    *,
+    max_pixels: int,
+    max_aspect: float = Limits.max_upload_aspect,
+    label: str | None = None,
 ) -> IO[bytes]:
     """A base64 image or data URL held as bytes (a long JSON string, set aside unread) -> a spooled file of
     the image's bytes, as decode_base64_image would decode it, but a slice at a time and without copying
@@ -68,7 +75,7 @@ def decode_base64_upload(
         end -= 1
     prefix = _DATA_URL_BYTES.match(view, start, end)
     payload = view[prefix.end() if prefix else start : end]
-    invalid = JobError(f"{param} must be a base64 image or a data URL", param, "invalid_image")
+    invalid = JobError(f"{label or param} must be a base64 image or a data URL", param, "invalid_image")
     if _BASE64.fullmatch(payload) is None:
         raise invalid
     out = spooled_upload()
@@ -76,7 +83,9 @@ def decode_base64_upload(
         for at in range(0, len(payload), _BASE64_SLICE):
             piece = binascii.a2b_base64(payload[at : at + _BASE64_SLICE])
             if at == 0:
-                check_upload_head(piece[:HEADER_BYTES], param, max_pixels=max_pixels, max_aspect=max_aspect)
+                check_upload_head(
+                    piece[:HEADER_BYTES], param, max_pixels=max_pixels, max_aspect=max_aspect, label=label
+                )
             out.write(piece)
     except binascii.Error:
         out.close()
@@ -93,38 +102,64 @@ SIGNATURE_BYTES = 16
 HEADER_BYTES = 64 * 1024
 
 
-def _not_an_image(param: str) -> JobError:
+def _not_an_image(param: str, label: str) -> JobError:
     return JobError(
-        f"{param} is not a readable image (accepted: {', '.join(ACCEPTED_FORMATS)})", param, "invalid_image"
+        f"{label} is not a readable image (accepted: {', '.join(ACCEPTED_FORMATS)})", param, "invalid_image"
     )
 
 
-def _check_dimensions(width: int, height: int, param: str, max_pixels: int, max_aspect: float) -> None:
+def _check_dimensions(width: int, height: int, param: str, label: str, max_pixels: int, max_aspect: float) -> None:
     if width * height > max_pixels:
-        raise JobError(f"{param} is {width}x{height} pixels, over the limit of {max_pixels}", param, "image_too_large")
+        raise JobError(f"{label} is {width}x{height} pixels, over the limit of {max_pixels}", param, "image_too_large")
     if max(width, height) > max_aspect * min(width, height):
         raise JobError(
-            f"{param} is {width}x{height}: its aspect ratio is over this server's limit of {max_aspect:g}:1",
+            f"{label} is {width}x{height}: its aspect ratio is over this server's limit of {max_aspect:g}:1",
             param,
             "invalid_image_dimensions",
         )
 
 
+@dataclass
+class PixelBudget:
+    """The decoded pixels a request's uploads may take together (each is bounded on its own too): a request
+    of several images costs at most what one of image, mask and control image did."""
+
+    total: int
+    used: int = 0
+
+    def take(self, width: int, height: int, param: str, label: str) -> None:
+        if self.used + width * height > self.total:
+            raise JobError(
+                f"{label} ({width}x{height}) takes the request's images over this server's limit of "
+                f"{self.total} decoded pixels in all; send fewer or smaller images",
+                param,
+                "image_too_large",
+            )
+        self.used += width * height
+
+
 def check_upload_head(
-    head: bytes | bytearray, param: str, *, max_pixels: int, max_aspect: float = Limits.max_upload_aspect
+    head: bytes | bytearray,
+    param: str,
+    *,
+    max_pixels: int,
+    max_aspect: float = Limits.max_upload_aspect,
+    label: str | None = None,
 ) -> None:
     """Judge an upload by its first bytes while the rest is still arriving, so a refused one is never
     kept whole: from SIGNATURE_BYTES on, it must start as one of ACCEPTED_FORMATS does (Pillow's own test,
     as Image.open makes it); from HEADER_BYTES on, a header Pillow can read (most formats' fits in the
     first bytes; a JPEG behind large metadata may not, and is judged whole by open_upload) must give a
-    size within the limits. Fewer bytes than SIGNATURE_BYTES: nothing to judge yet."""
+    size within the limits. Fewer bytes than SIGNATURE_BYTES: nothing to judge yet. `label` names the
+    upload in messages (`image 2`), `param` is its field."""
+    label = label or param
     if len(head) < SIGNATURE_BYTES:
         return
     Image.init()
     prefix = bytes(head[:SIGNATURE_BYTES])
     accepts = [Image.OPEN[name][1] for name in ACCEPTED_FORMATS if name in Image.OPEN]
     if not any(accept is None or accept(prefix) for accept in accepts):
-        raise _not_an_image(param)
+        raise _not_an_image(param, label)
     if len(head) < HEADER_BYTES:
         return
     with warnings.catch_warnings():
@@ -134,7 +169,7 @@ def check_upload_head(
                 width, height = image.size  # the header only
         except Exception:  # a header beyond these bytes, or a malformed one: open_upload decides
             return
-    _check_dimensions(width, height, param, max_pixels, max_aspect)
+    _check_dimensions(width, height, param, label, max_pixels, max_aspect)
 
 
 def open_upload(
@@ -144,12 +179,16 @@ def open_upload(
     max_bytes: int,
     max_pixels: int,
     max_aspect: float = Limits.max_upload_aspect,
+    budget: PixelBudget | None = None,
+    label: str | None = None,
 ) -> Image.Image:
     """Decode an uploaded image (its bytes, or a seekable binary file holding them), refusing anything too
-    big, not an image, a decompression bomb, or an aspect ratio (long side / short side) over `max_aspect`.
+    big, not an image, a decompression bomb, an aspect ratio (long side / short side) over `max_aspect`, or
+    more pixels than are left of the request's `budget`. `label` names it in messages (`image 2`).
 
     Returns a loaded image in RGB, RGBA or L mode, rotated upright by its EXIF orientation.
     """
+    label = label or param
     stream: IO[bytes]
     if isinstance(data, (bytes, bytearray, memoryview)):
         size, stream = len(data), io.BytesIO(data)
@@ -158,16 +197,18 @@ def open_upload(
         size = stream.seek(0, os.SEEK_END)
         stream.seek(0)
     if size > max_bytes:
-        raise JobError(f"{param} is {size} bytes, over the limit of {max_bytes}", param, "image_too_large", 413)
+        raise JobError(f"{label} is {size} bytes, over the limit of {max_bytes}", param, "image_too_large", 413)
     if not size:
-        raise JobError(f"{param} is empty", param, "invalid_image")
+        raise JobError(f"{label} is empty", param, "invalid_image")
     with warnings.catch_warnings():
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; our own bound below is stricter.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(stream, formats=ACCEPTED_FORMATS)
             width, height = image.size  # from the header: nothing decoded yet
-            _check_dimensions(width, height, param, max_pixels, max_aspect)
+            _check_dimensions(width, height, param, label, max_pixels, max_aspect)
+            if budget is not None:
+                budget.take(width, height, param, label)
             image.load()
             upright = ImageOps.exif_transpose(image)
             if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
@@ -176,13 +217,30 @@ def open_upload(
         except JobError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise JobError(f"{param} decodes to too many pixels", param, "image_too_large") from None
+            raise JobError(f"{label} decodes to too many pixels", param, "image_too_large") from None
         except MemoryError:
             raise JobError(
-                f"{param} needs more memory to decode than the server has free", param, "image_too_large"
+                f"{label} needs more memory to decode than the server has free", param, "image_too_large"
             ) from None
         except Exception:  # Pillow raises many types for malformed files; all mean "not an image"
-            raise _not_an_image(param) from None
+            raise _not_an_image(param, label) from None
+
+
+INPUT_HASH_DIGITS = 10  # as A1111's short model hash
+
+
+def short_sha256(data: bytes | IO[bytes]) -> str:
+    """The first INPUT_HASH_DIGITS hex digits of the sha256 of an upload's bytes (or of a seekable file holding
+    them, read from its start): what `sha256sum` of the client's file starts with, for the metadata."""
+    digest = hashlib.sha256()
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        digest.update(data)
+    else:
+        data.seek(0)
+        while chunk := data.read(1 << 20):
+            digest.update(chunk)
+        data.seek(0)
+    return digest.hexdigest()[:INPUT_HASH_DIGITS]
 
 
 def has_transparency(image: Image.Image) -> bool:
@@ -290,6 +348,8 @@ def a1111_parameters(
     (its `parse_generation_parameters` reads this back; tests/test_metadata.py applies its rules). The job's
     LoRAs, wherever the request gave them, are `<lora:name:weight>` tags at the end of the prompt (pasting
     the text back applies them) and `Lora hashes` (A1111's: the first 12 hex digits of each file's sha256).
+    An edit's uploaded inputs are `Input hashes` (ours: `image: <short_sha256>`, numbered `image 1`,
+    `image 2`... when there are several, then `mask`, `control_image`), so a result can be traced back.
     """
     lines = [job.prompt + "".join(f" <lora:{name}:{weight:g}>" for name, weight in job.loras)]
     if job.negative_prompt:
@@ -315,8 +375,21 @@ def a1111_parameters(
         settings.append(
             "Lora hashes: " + _a1111_quote(", ".join(f"{name}: {lora_hashes[name]}" for name, _ in job.loras))
         )
+    if job.input_hashes:
+        settings.append("Input hashes: " + _a1111_quote(", ".join(input_labels(job.input_hashes))))
     lines.append(", ".join(settings))
     return "\n".join(lines)
+
+
+def input_labels(hashes: tuple[tuple[str, str], ...]) -> list[str]:
+    """(field, hash) pairs -> `field: hash`, a field given several times numbered from 1 (`image 2: ...`)."""
+    counts = {name: sum(1 for other, _ in hashes if other == name) for name, _ in hashes}
+    seen: dict[str, int] = {}
+    labels = []
+    for name, digest in hashes:
+        seen[name] = seen.get(name, 0) + 1
+        labels.append(f"{name} {seen[name]}: {digest}" if counts[name] > 1 else f"{name}: {digest}")
+    return labels
 
 
 # EXIF UserComment (tag 0x9286 in the Exif IFD 0x8769), as A1111 writes it with piexif for JPEG and WebP:

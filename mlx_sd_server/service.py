@@ -66,6 +66,8 @@ PATH_OPTIONS = (
     "t5xxl",
     "clip_g",
     "t5_tokenizer",
+    "llm",
+    "llm_tokenizer",
     "lora_model_dir",
 )
 

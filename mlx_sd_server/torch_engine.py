@@ -8,22 +8,29 @@ inverse of our conversion mapping (see `_torch_state_dict`). It speaks the MLX p
 `callback_on_step_end`; its latents, no denoised estimate) and returning PIL images, cancellable between steps.
 
 A family runs here when its spec names its diffusers pipeline (`FamilySpec.torch_pipelines`: Stable Diffusion
-1.x, 2.x, XL with ControlNet on the StableDiffusion* pipelines, FLUX.1 on the Flux* ones); the img2img,
-inpainting and ControlNet pipelines are found by name from it. A flow model runs on
-FlowMatchEulerDiscreteScheduler, so it gets the samplers that scheduler has: euler, and lcm (its stochastic
-sampling: jump to the clean estimate, re-noise to the next sigma, as our lcm sampler), on the discrete, karras
-and exponential schedules (the same sigmas as `schedules.flow_sigmas`). What differs between the pipelines
-is read off them: whether they take a size for img2img, true CFG (`true_cfg_scale`, with distilled
-guidance as `guidance_scale`), packed latents. `capabilities` narrows a model's samplers and schedules to
-these, so build_job refuses the others before a job is queued. One difference from the MLX engine: flow
-img2img and inpainting keep diffusers' flow pipelines' rule for strength, steps - int(steps - steps *
-strength) steps, which rounds a fractional steps * strength up where ours (and diffusers' SD pipelines)
-round down; with steps * strength whole both run the same steps, and strength 0 (no step at all) is refused.
+1.x, 2.x, XL with ControlNet on the StableDiffusion* pipelines, FLUX.1 on the Flux* ones, Z-Image on the ZImage*
+ones, FLUX.2 klein on Flux2KleinPipeline and Flux2KleinInpaintPipeline); the img2img, inpainting and ControlNet
+pipelines are found by name from it, and a mode diffusers has no pipeline for is refused (a JobError: a 400).
+What else a family's pipelines take is in its spec: constructor settings read off the manifest
+(`torch_settings`: klein's is_distilled) and where their guidance_scale counts from (`torch_cfg_offset`:
+Z-Image's is cfg_scale - 1). A flow model runs on FlowMatchEulerDiscreteScheduler, so it gets the samplers that
+scheduler has: euler, and lcm (its stochastic sampling: jump to the clean estimate, re-noise to the next sigma,
+as our lcm sampler), on the discrete, karras and exponential schedules (the same sigmas as
+`schedules.flow_sigmas`). What differs between the pipelines is read off them: whether they take a size for
+img2img, true CFG (`true_cfg_scale`, with distilled guidance as `guidance_scale`), a negative prompt only as
+embeddings (klein's: encoded here by the pipeline's own `encode_prompt`), reference images (klein's `image`
+list; its inpainting's one `image_reference`), how they lay out latents (NCHW; FLUX.1's packed 2x2 patches;
+FLUX.2's tokens of its patchified latents). `capabilities` narrows a model's samplers and schedules to these,
+so build_job refuses the others before a job is queued; what a pipeline cannot take beyond that (klein's
+inpainting with more than one reference image) is refused when the job's steps are counted, before it runs.
+Flow img2img and inpainting keep diffusers' flow pipelines' rule for strength, as the MLX engine does
+(`schedules.img2img_sigmas`); strength 0 (no step at all), which those pipelines refuse, is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 import math
@@ -44,6 +51,8 @@ from mlx_sd_server.engine.families.spec import DEFAULT_GUIDANCE, Capabilities
 from mlx_sd_server.engine.model_io import component_class, component_kind, read_manifest
 from mlx_sd_server.engine.pipeline import NoiseSource, fit_image, paste_outside_mask
 from mlx_sd_server.engine.sampling.samplers import Step
+from mlx_sd_server.engine.sampling.schedules import img2img_sigmas
+from mlx_sd_server.engine.vae import downscale_factor
 from mlx_sd_server.job import Job
 
 log = logging.getLogger(__name__)
@@ -79,6 +88,16 @@ FLOW_SCHEDULE_OPTIONS: dict[str, dict[str, Any]] = {
     "exponential": {"use_exponential_sigmas": True},
 }
 MODE_NAMES = {"txt2img": "", "img2img": "Img2Img", "inpaint": "Inpaint"}
+MODE_FIELDS = {"img2img": "image", "inpaint": "mask"}  # the request field that asks for a mode
+# Our text encoders' classes -> the transformers tokenizer their pipelines load from the folder we keep beside them
+# (transformers 5 types no T5TokenizerFast or Qwen2TokenizerFast, but keeps the names as aliases)
+TOKENIZERS = {
+    "CLIPTextModel": "CLIPTokenizer",
+    "CLIPTextModelWithProjection": "CLIPTokenizer",
+    "T5EncoderModel": "T5TokenizerFast",
+    "Qwen3Model": "Qwen2TokenizerFast",
+    "Qwen3ForCausalLM": "Qwen2TokenizerFast",
+}
 
 
 class _Cancelled(Exception):
@@ -138,6 +157,12 @@ def _build_component(name: str, entry: dict, folder: Path):
     if class_name == "T5EncoderModel":  # (tied in transformers' T5 anyway; copied in case a version unties it)
         state["encoder.embed_tokens.weight"] = state["shared.weight"]
     module.load_state_dict(state, strict=False)
+    head = module.get_output_embeddings() if isinstance(module, transformers.PreTrainedModel) else None
+    if head is not None:
+        # A text encoder as a causal LM (FLUX.2 klein's Qwen3ForCausalLM): the pipeline reads hidden states only,
+        # and our format keeps no LM head, so it shares the embedding (as Qwen3-4B's tied one does) rather than
+        # hold random weights (Qwen3-8B's untied one: 622M parameters)
+        head.weight = module.get_input_embeddings().weight
     return module.eval()
 
 
@@ -153,12 +178,14 @@ def _is_flow(manifest: dict) -> bool:
     return spec_for(manifest["family"]).parameterization == "flow"
 
 
-def _scheduler_config(manifest: dict) -> dict[str, Any]:
-    """The model's training schedule (a flow model's: its shift); steps_offset=1 as every SD release ships
-    (only "leading" spacing uses it)."""
-    if _is_flow(manifest):
-        return dict(manifest["scheduler"])
-    return {**manifest["scheduler"], "prediction_type": manifest["prediction_type"], "steps_offset": 1}
+def _scheduler_config(manifest: dict, cls) -> dict[str, Any]:
+    """The model's training schedule for scheduler class `cls` (a flow model's: its shift); steps_offset=1 as
+    every SD release ships (only "leading" spacing uses it). Settings of ours that the class does not take are
+    the pipeline's to apply: FLUX.2's `mu_rule` "empirical" is Flux2Klein*Pipeline's compute_empirical_mu."""
+    config = dict(manifest["scheduler"])
+    if not _is_flow(manifest):
+        config.update(prediction_type=manifest["prediction_type"], steps_offset=1)
+    return {key: value for key, value in config.items() if _accepts(cls.__init__, key)}
 
 
 def _samplers(manifest: dict) -> tuple[dict[str, tuple[str, dict[str, Any]]], dict[str, dict[str, Any]]]:
@@ -193,10 +220,15 @@ class TorchPipeline:
         spec = spec_for(manifest["family"])
         self.flow = _is_flow(manifest)
         self.takes_controlnet = spec.component("controlnet") is not None
+        self.settings = dict(spec.torch_settings(manifest))  # what the pipelines take beyond their modules
+        self.cfg_offset = spec.torch_cfg_offset
         # An inpainting model takes the mask and the masked image's latents as input channels beside its own
         denoiser = getattr(base, spec.denoiser).config
         self.inpainting_model = denoiser.in_channels == 2 * base.vae.config.latent_channels + 1
-        self.packed = hasattr(type(base), "_pack_latents")  # the pipeline takes latents as tokens of patches
+        # FLUX.1's pipelines take `latents` as tokens of 2x2 patches, packed by `_pack_latents(latents, batch,
+        # channels, h, w)`; FLUX.2's pack NCHW latents themselves (`_pack_latents(latents)`); the others keep NCHW
+        pack = getattr(type(base), "_pack_latents", None)
+        self.takes_packed = pack is not None and len(inspect.signature(pack).parameters) > 1
         self._pipelines: dict[str, Any] = {}
 
     @classmethod
@@ -210,7 +242,7 @@ class TorchPipeline:
         """Load a converted folder (and optionally a converted ControlNet folder) into diffusers.
 
         `device` defaults to cuda, then mps, then cpu; `dtype` to float16 on a GPU, float32 on the CPU. A model
-        with a component that overflows float16 (FLUX's T5) runs wholly in that component's dtype (bfloat16)
+        with a component that overflows float16 (FLUX's T5, Qwen3) runs wholly in that component's dtype (bfloat16)
         instead: the MLX engine keeps only that component in it, diffusers' pipelines cannot.
         """
         import diffusers
@@ -225,6 +257,9 @@ class TorchPipeline:
         pipeline_class = spec.torch_pipelines.get(family)
         if pipeline_class is None:
             raise ValueError(f"{folder.name}: the torch engine does not run {family} models (MLX does)")
+        refusal = spec.torch_refusal(manifest)
+        if refusal is not None:
+            raise ValueError(f"{folder.name}: {refusal}")
         if control_net is not None and spec.component("controlnet") is None:
             raise ValueError(f"{folder.name} is a {family.upper()} model: {family.upper()} models take no ControlNet")
         components = manifest["components"]
@@ -250,15 +285,19 @@ class TorchPipeline:
         }
         for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
             if encoder in components:
-                tokenizer_folder = folder / components[encoder]["tokenizer"]
-                t5 = component_class(encoder, components[encoder]["config"]) == "T5EncoderModel"
-                # (transformers 5 types no T5TokenizerFast, but keeps the name as T5Tokenizer's alias)
-                tokenizer_class = transformers.T5TokenizerFast if t5 else transformers.CLIPTokenizer  # type: ignore[attr-defined]
-                modules[tokenizer] = tokenizer_class.from_pretrained(str(tokenizer_folder))
-        scheduler_class, _ = _samplers(manifest)[0]["euler"]
-        modules["scheduler"] = getattr(diffusers, scheduler_class)(**_scheduler_config(manifest))  # replaced per job
+                tokenizer_class = getattr(
+                    transformers, TOKENIZERS[component_class(encoder, components[encoder]["config"])]
+                )
+                modules[tokenizer] = tokenizer_class.from_pretrained(str(folder / components[encoder]["tokenizer"]))
+        scheduler_class = getattr(diffusers, _samplers(manifest)[0]["euler"][0])
+        modules["scheduler"] = scheduler_class(**_scheduler_config(manifest, scheduler_class))  # replaced per job
         base_class = getattr(diffusers, pipeline_class)
-        offered = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        offered = {
+            "safety_checker": None,
+            "feature_extractor": None,
+            "requires_safety_checker": False,
+            **spec.torch_settings(manifest),
+        }
         base = base_class(
             **modules, **{key: value for key, value in offered.items() if _accepts(base_class.__init__, key)}
         )
@@ -295,7 +334,8 @@ class TorchPipeline:
         return "img2img" if job.init_image is not None else "txt2img"
 
     def _pipeline(self, job: Job):
-        """The diffusers pipeline class for the job's mode, sharing the base pipeline's modules."""
+        """The diffusers pipeline for the job's mode, sharing the base pipeline's modules, or a JobError (a 400)
+        when diffusers has none (FLUX.2 klein's img2img)."""
         import diffusers
 
         controlled = job.control_image is not None
@@ -306,15 +346,52 @@ class TorchPipeline:
                 else f"{self.manifest['family'].upper()} models take no ControlNet"
             )
             raise JobError(f"{why}, so control_image cannot be honoured", "control_image", "controlnet_unavailable")
+        mode = self._mode(job)
         kind = type(self.base).__name__.removesuffix("Pipeline")  # StableDiffusionXL: StableDiffusionXLImg2Img...
-        name = f"{kind}{'ControlNet' if controlled else ''}{MODE_NAMES[self._mode(job)]}Pipeline"
+        name = f"{kind}{'ControlNet' if controlled else ''}{MODE_NAMES[mode]}Pipeline"
         if name not in self._pipelines:
-            cls = getattr(diffusers, name)
-            offered = {**self.base.components, "controlnet": self.controlnet, "requires_safety_checker": False}
+            cls = getattr(diffusers, name, None)
+            if cls is None:
+                raise JobError(
+                    f"diffusers has no {name}, so the torch engine cannot run {mode} on "
+                    f"{self.manifest['family']} models (the MLX engine can)",
+                    "control_image" if controlled else MODE_FIELDS[mode],
+                    "unsupported_parameter",
+                )
+            offered = {
+                **self.base.components,
+                "controlnet": self.controlnet,
+                "requires_safety_checker": False,
+                **self.settings,
+            }
             pipeline = cls(**{key: value for key, value in offered.items() if _accepts(cls.__init__, key)})
             pipeline.set_progress_bar_config(disable=True)
             self._pipelines[name] = pipeline
         return self._pipelines[name]
+
+    def _references(self, pipeline, job: Job) -> dict[str, Any]:
+        """The pipeline's arguments for the job's reference images (instruction edits; inpainting's extra
+        references), or a JobError (a 400) for what it cannot take."""
+        images = list(job.reference_images)
+        if not images:
+            return {}
+        name = type(pipeline).__name__
+        if self._mode(job) == "inpaint":
+            takes = _accepts(pipeline.__call__, "image_reference")
+            if takes and len(images) == 1:
+                return {"image_reference": images[0]}
+            # (Flux2KleinInpaintPipeline encodes a list of them as one batch, which its ids cannot place)
+            why = "takes one reference image beside the image it inpaints" if takes else "takes no reference images"
+        elif _accepts(pipeline.__call__, "image"):
+            return {"image": images}
+        else:
+            why = "takes no reference images"
+        raise JobError(
+            f"{name} {why}, and this request brings {len(images)}: the torch engine cannot run this edit "
+            "(the MLX engine can)",
+            "image",
+            "unsupported_parameter",
+        )
 
     def scheduler(self, job: Job):
         """The diffusers scheduler for the job's sample_method and scheduler, or a JobError (a 400)."""
@@ -339,10 +416,12 @@ class TorchPipeline:
                 "scheduler",
                 "unsupported_scheduler",
             )
-        return cls(**_scheduler_config(self.manifest), **extra, **options)
+        return cls(**_scheduler_config(self.manifest, cls), **extra, **options)
 
     def total_steps(self, job: Job) -> int:
-        """diffusers' denoising loop length for the job (Heun and DPM2 take two iterations per step)."""
+        """diffusers' denoising loop length for the job (Heun and DPM2 take two iterations per step), or a
+        JobError (a 400) for what the job's pipeline cannot do."""
+        self._references(self._pipeline(job), job)
         scheduler = self.scheduler(job)
         try:  # (a flow schedule's length does not depend on its shift, mu)
             scheduler.set_timesteps(job.steps, **({"mu": 0.0} if self.flow else {}))
@@ -350,17 +429,15 @@ class TorchPipeline:
             raise JobError(str(exc), "steps", "invalid_value") from None
         if job.init_image is None:
             return len(scheduler.timesteps)
-        if self.flow:  # diffusers' flow pipelines' img2img/inpaint rule (see the module docstring)
-            kept = job.steps - int(max(job.steps - min(job.steps * job.strength, job.steps), 0))
-            if kept < 1:
-                raise JobError(
-                    f"strength {job.strength} leaves no step of {job.steps} to run; diffusers' flow "
-                    "pipelines need at least one",
-                    "strength",
-                    "invalid_value",
-                )
-        else:
-            kept = min(int(job.steps * job.strength), job.steps)  # diffusers' img2img rule
+        # diffusers' img2img rule, as ours: its flow pipelines' rounds a fractional steps * strength up
+        kept = len(img2img_sigmas(np.arange(job.steps + 1), job.steps, job.strength, flow=self.flow)) - 1
+        if self.flow and kept < 1:
+            raise JobError(
+                f"strength {job.strength} leaves no step of {job.steps} to run; diffusers' flow "
+                "pipelines need at least one",
+                "strength",
+                "invalid_value",
+            )
         return len(scheduler.timesteps) - (job.steps - kept) * scheduler.order
 
     def _arguments(self, pipeline, job: Job, noise: NoiseSource | None) -> dict[str, Any]:
@@ -370,13 +447,16 @@ class TorchPipeline:
         mode = self._mode(job)
         args: dict[str, Any] = dict(
             prompt=job.prompt,
-            negative_prompt=job.negative_prompt or None,  # None lets SDXL use zeros for an empty one
             num_inference_steps=job.steps,
-            guidance_scale=job.cfg_scale,
+            guidance_scale=job.cfg_scale - self.cfg_offset,
             num_images_per_prompt=job.n,
             generator=[torch.Generator().manual_seed(seed) for seed in job.seeds()],
             output_type="pil",
         )
+        if _accepts(pipeline.__call__, "negative_prompt"):
+            args["negative_prompt"] = job.negative_prompt or None  # None lets SDXL use zeros for an empty one
+        elif job.negative_prompt:  # klein's pipelines take "" unless given the embeddings of another
+            args["negative_prompt_embeds"] = self._prompt_embeds(pipeline, job.negative_prompt)
         if _accepts(pipeline.__call__, "true_cfg_scale"):
             # cfg_scale is true CFG (FluxPipeline runs it only with a negative prompt, "" included), and
             # guidance_scale the distilled guidance
@@ -401,21 +481,37 @@ class TorchPipeline:
         if job.control_image is not None:
             args["image" if mode == "txt2img" else "control_image"] = self._control_image(job.control_image, job)
             args["controlnet_conditioning_scale"] = job.control_strength
+        args.update(self._references(pipeline, job))
         if noise is not None and mode == "txt2img":  # tests inject the starting latents (step noise: the seeds)
-            h, w = self._latent_size(job)
-            channels = self.base.vae.config.latent_channels
-            latents = torch.from_numpy(np.array(noise.initial((job.n, h, w, channels)).transpose(0, 3, 1, 2)))
-            args["latents"] = self.base._pack_latents(latents, job.n, channels, h, w) if self.packed else latents
+            n, h, w, channels = self._latent_shape(job)
+            latents = torch.from_numpy(np.array(noise.initial((n, h, w, channels)).transpose(0, 3, 1, 2)))
+            args["latents"] = self.base._pack_latents(latents, n, channels, h, w) if self.takes_packed else latents
         return args
 
-    def _latent_size(self, job: Job) -> tuple[int, int]:
-        return job.height // self.base.vae_scale_factor, job.width // self.base.vae_scale_factor
+    def _prompt_embeds(self, pipeline, prompt: str):
+        """`prompt` encoded by the pipeline's own `encode_prompt`, once (the pipeline repeats it per image)."""
+        import torch
+
+        with torch.no_grad():
+            encoded = pipeline.encode_prompt(prompt=prompt, num_images_per_prompt=1)
+        return encoded[0] if isinstance(encoded, tuple) else encoded
+
+    def _latent_shape(self, job: Job) -> tuple[int, int, int, int]:
+        """Our sampler's latents for the job, (n, h, w, C): the VAE's, in its patches where its config has them
+        (AutoencoderKLFlux2's 2x2: 1/16 of the image, 4x the channels), as our VAE's `latent_shape` gives them."""
+        vae = self.base.vae.config
+        ph, pw = vae.get("patch_size") or (1, 1)
+        d = downscale_factor(vae)
+        return job.n, job.height // (d * ph), job.width // (d * pw), vae.latent_channels * ph * pw
 
     def _our_latents(self, latents, job: Job) -> mx.array:
-        """diffusers' latents (NCHW, or packed tokens) as ours: (B, h, w, C)."""
-        if self.packed:
+        """diffusers' latents (NCHW, or tokens) as ours: (B, h, w, C)."""
+        if latents.ndim == 3 and self.takes_packed:  # FLUX.1's tokens of 2x2 patches
             latents = self.base._unpack_latents(latents, job.height, job.width, self.base.vae_scale_factor)
-        return mx.array(latents.float().cpu().numpy()).transpose(0, 2, 3, 1)
+        ours = np.asarray(latents.float().cpu().numpy())
+        if ours.ndim == 3:  # FLUX.2's tokens: its patchified latents, row-major
+            return mx.array(ours.reshape(self._latent_shape(job)))
+        return mx.array(ours).transpose(0, 2, 3, 1)
 
     def _control_image(self, image: Image.Image, job: Job) -> Image.Image:
         pixels = fit_image(image, job.width, job.height)
@@ -442,6 +538,8 @@ class TorchPipeline:
         pipeline = self._pipeline(job)
         pipeline.scheduler = self.scheduler(job)
         args = self._arguments(pipeline, job, noise)
+        if self.flow:  # (diffusers' flow pipelines step without the generators: lcm would re-noise unseeded)
+            pipeline.scheduler.step = functools.partial(pipeline.scheduler.step, generator=args["generator"])
         log.info(
             "torch engine: %s, %d steps of %s/%s", type(pipeline).__name__, job.steps, job.sample_method, job.scheduler
         )

@@ -22,6 +22,13 @@ fmt      peft        diffusers/PEFT: <component>.<layer>.lora_A.weight / .lora_B
                      processor.{qkv,proj}_lora (attention layers only, transformer only, no alpha)
          loha, lokr, dora   not LoRAs lora.formats reads: kohya-named LyCORIS LoHa and LoKr factors, a kohya LoRA
                      with dora_scale (a few UNet/transformer layers, for error messages)
+         zimage_comfy   Z-Image (ZImageTransformer2DModel) in Tongyi-MAI's names under diffusion_model.: the fused
+                     attention.qkv, attention.out, x_embedder, final_layer; .lora_down/.lora_up/.alpha (ComfyUI's)
+         zimage_kohya   the same names flattened under lora_unet_ (musubi-tuner's)
+         flux2_bfl   FLUX.2 (Flux2Transformer2DModel) in BFL names under diffusion_model. with .lora_A/.lora_B and
+                     no alpha (ai-toolkit's; diffusers cannot read an alpha there)
+         flux2_kohya FLUX.2 by kohya/sd-scripts: lora_unet_double_blocks_0_img_attn_qkv, .lora_down/.lora_up/.alpha
+         (Z-Image and FLUX.2 in diffusers' names: peft)
 targets  a regex searched in each diffusers layer name (a fused FLUX layer is kept when one of its parts
          matches); default: every nn.Linear and nn.Conv2d (text encoders: their encoder layers), convolutions as
          LoCon factors. The FLUX formats adapt BFL layers (fused qkv and linear1), the others diffusers ones.
@@ -52,7 +59,7 @@ import json
 import re
 import zlib
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -155,6 +162,9 @@ def _file_name(fmt: str, component: str, name: str,
         stem = ("text_encoders.clip_l.transformer." if component == "text_encoder" else "diffusion_model.") + name
         down, up = ((".lora_down.weight", ".lora_up.weight") if fmt == "flux_comfy"
                     else (".lora_A.weight", ".lora_B.weight"))
+    elif fmt in DIT_FORMATS:
+        stem = DIT_FORMATS[fmt].prefix + (name.replace(".", "_") if DIT_FORMATS[fmt].prefix == "lora_unet_" else name)
+        down, up = DIT_FORMATS[fmt].factors
     else:  # flux_xlabs
         stem, down, up = name, ".down.weight", ".up.weight"
     return stem + down, stem + up, stem + ".alpha"
@@ -164,8 +174,8 @@ def write_lora(path: Path, fmt: str, models: Mapping[str, torch.nn.Module], *, r
                alpha: float | Callable[[str, str], float] | None = None, seed: int = 0,
                targets: str | None = None) -> dict[str, dict[str, LoRALayer]]:
     """Write a random LoRA for `models` in format `fmt` to `path` (see the module docstring)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown LoRA format {fmt!r}; one of {FORMATS}")
+    if fmt not in FORMATS + tuple(DIT_FORMATS):
+        raise ValueError(f"unknown LoRA format {fmt!r}; one of {FORMATS + tuple(DIT_FORMATS)}")
     tensors: dict[str, np.ndarray] = {}
     alphas: dict[str, dict[str, float]] = {}  # peft: per component, per layer
     written: dict[str, dict[str, LoRALayer]] = {}
@@ -173,6 +183,8 @@ def write_lora(path: Path, fmt: str, models: Mapping[str, torch.nn.Module], *, r
         layers = _layers(component, model)
         if component == "transformer" and fmt.startswith("flux_"):
             covered = _fused_layers(fmt, model)
+        elif component == "transformer" and fmt in DIT_FORMATS:
+            covered = DIT_FORMATS[fmt].layers(model)
         elif fmt == "flux_xlabs":  # XLabs adapts the transformer alone
             continue
         else:
@@ -190,13 +202,14 @@ def write_lora(path: Path, fmt: str, models: Mapping[str, torch.nn.Module], *, r
                 tensors.update(_other_adapter(fmt, down_key.removesuffix(".lora_down.weight"), down, up))
                 continue
             tensors[down_key], tensors[up_key] = down, up
-            layer_alpha = None if fmt in NO_ALPHA else alpha(component, name) if callable(alpha) else alpha
+            no_alpha = fmt in NO_ALPHA or fmt == "flux2_bfl"
+            layer_alpha = None if no_alpha else alpha(component, name) if callable(alpha) else alpha
             if layer_alpha is not None and fmt == "peft":
                 alphas.setdefault(component, {})[name] = float(layer_alpha)
             elif layer_alpha is not None:
                 tensors[alpha_key] = np.array(layer_alpha, dtype=np.float32)
             scale = 1.0 if layer_alpha is None else layer_alpha / rank
-            if name in SHIFT_SCALE_MODULES and fmt.startswith("flux_"):  # BFL's (shift, scale) -> (scale, shift)
+            if name in SHIFT_SCALE_MODULES and fmt.startswith(("flux_", "flux2_")):  # BFL's (shift, scale)
                 up = np.concatenate(np.split(up, 2)[::-1])
             rows = np.cumsum([w[0] for w in weights])[:-1]
             for part, part_up in zip(parts, np.split(up, rows)):
@@ -234,3 +247,74 @@ def _other_adapter(fmt: str, stem: str, down: np.ndarray, up: np.ndarray) -> dic
         factors = {"lora_down.weight": down, "lora_up.weight": up,
                    "dora_scale": np.ones((1, down2.shape[1]), np.float32)}
     return {f"{stem}.{name}": np.ascontiguousarray(value) for name, value in factors.items()}
+
+
+# --- Z-Image and FLUX.2 in their original layouts (written here from diffusers' converters, not from ours) ----
+
+def zimage_layers(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """A ZImageTransformer2DModel's layers in Tongyi-MAI's names -> the diffusers layers each covers (diffusers'
+    convert_z_image_transformer_checkpoint_to_diffusers, inverted)."""
+    found: dict[str, tuple[str, ...]] = {}
+    for name in _layers("transformer", model):
+        if m := re.fullmatch(r"(.+\.attention\.)to_([qkv])", name):
+            found.setdefault(m[1] + "qkv", tuple(f"{m[1]}to_{p}" for p in "qkv"))
+        elif name.endswith(".attention.to_out.0"):
+            found[name.removesuffix("to_out.0") + "out"] = (name,)
+        else:
+            original = name.replace("all_x_embedder.2-1", "x_embedder").replace("all_final_layer.2-1.", "final_layer.")
+            found[original] = (name,)
+    return found
+
+
+FLUX2_TOP = {"img_in": "x_embedder", "txt_in": "context_embedder",
+             "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+             "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+             "final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear",
+             "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+             "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+             "single_stream_modulation.lin": "single_stream_modulation.linear"}
+FLUX2_DOUBLE = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+                "img_attn.proj": ("attn.to_out.0",), "txt_attn.proj": ("attn.to_add_out",),
+                "img_mlp.0": ("ff.linear_in",), "img_mlp.2": ("ff.linear_out",),
+                "txt_mlp.0": ("ff_context.linear_in",), "txt_mlp.2": ("ff_context.linear_out",)}
+FLUX2_SINGLE = {"linear1": ("attn.to_qkv_mlp_proj",), "linear2": ("attn.to_out",)}
+
+
+def flux2_layers(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """A Flux2Transformer2DModel's layers in BFL names -> the diffusers layers each covers (diffusers'
+    convert_flux2_transformer_checkpoint_to_diffusers, inverted)."""
+    found = {name: (target,) for name, target in FLUX2_TOP.items()}
+    for block, diffusers_block, table in (("double_blocks", "transformer_blocks", FLUX2_DOUBLE),
+                                          ("single_blocks", "single_transformer_blocks", FLUX2_SINGLE)):
+        for i in range(len(getattr(model, diffusers_block))):
+            found |= {f"{block}.{i}.{name}": tuple(f"{diffusers_block}.{i}.{p}" for p in parts)
+                      for name, parts in table.items()}
+    have = _layers("transformer", model)
+    return {name: parts for name, parts in found.items() if all(p in have for p in parts)}
+
+
+class DiTFormat(NamedTuple):
+    layers: Callable[[torch.nn.Module], dict[str, tuple[str, ...]]]  # names in the file -> diffusers layers
+    prefix: str  # lora_unet_: kohya's, the names flattened
+    factors: tuple[str, str]
+
+
+LORA_DOWN_UP = (".lora_down.weight", ".lora_up.weight")
+DIT_FORMATS = {
+    "zimage_comfy": DiTFormat(zimage_layers, "diffusion_model.", LORA_DOWN_UP),
+    "zimage_kohya": DiTFormat(zimage_layers, "lora_unet_", LORA_DOWN_UP),
+    "flux2_bfl": DiTFormat(flux2_layers, "diffusion_model.", (".lora_A.weight", ".lora_B.weight")),
+    "flux2_kohya": DiTFormat(flux2_layers, "lora_unet_", LORA_DOWN_UP),
+}
+
+
+def write_peft_twin(path: Path, layers: dict[str, dict[str, LoRALayer]]) -> None:
+    """The diffusers/PEFT file meaning the same as `layers` (write_lora's result): each layer's factors under its
+    diffusers name, its scale folded into `up` (a fused layer's parts each get the shared `down`)."""
+    tensors = {}
+    for component, by_name in layers.items():
+        for name, layer in by_name.items():
+            tensors[f"{component}.{name}.lora_A.weight"] = np.ascontiguousarray(layer.down)
+            tensors[f"{component}.{name}.lora_B.weight"] = np.ascontiguousarray(layer.up * np.float32(layer.scale))
+    save_file(tensors, str(path), metadata={"format": "pt"})

@@ -41,6 +41,40 @@ def test_generate_img2img_and_bad_input(tmp_path, capsys):
     assert main(["generate", "--model-dir", models, *ARGS, "--image", str(tmp_path / "missing.png")]) == 2
 
 
+def test_generate_takes_several_images_in_order(tmp_path, capsys):
+    """`--image` repeated: an edit's input images in order, each file's short sha256 in the metadata. The tiny SD
+    model edits one image (a clear error); a model declaring references reads them all (job_from_args)."""
+    import dataclasses
+    import hashlib
+
+    from api_server import FakeRegistry
+    from mlx_sd_server.cli import build_parser
+    from mlx_sd_server.generate import job_from_args
+    from mlx_sd_server.job import Capabilities
+
+    models = str(tmp_path / "models")
+    paths = [str(tmp_path / f"in{i}.png") for i in range(2)]
+    for path, size in zip(paths, ((96, 64), (32, 32))):
+        Image.new("RGB", size, (200, 30, 30)).save(path)
+    hashes = [hashlib.sha256(open(path, "rb").read()).hexdigest()[:10] for path in paths]
+    assert main(["generate", "--model-dir", models, *ARGS, "--image", paths[0], "--image", paths[1]]) == 2
+    assert "--image: 2 input images, and tiny-random-sd (sd1) takes 1" in capsys.readouterr().err
+    out = tmp_path / "edit.png"
+    assert main(["generate", "--model-dir", models, *ARGS, "--image", paths[0], "-o", str(out)]) == 0
+    with Image.open(out) as image:
+        assert f'Input hashes: "image: {hashes[0]}"' in image.info["parameters"]
+
+    class Klein(FakeRegistry):
+        def info(self, name=None):
+            return dataclasses.replace(super().info(name), capabilities=Capabilities("flux2", img2img=False,
+                                                                                     references=2))
+
+    job = job_from_args(build_parser().parse_args(["generate", *ARGS, "--image", paths[1], "--image", paths[0]]),
+                        Klein())
+    assert [image.size for image in job.reference_images] == [(32, 32), (96, 64)] and job.init_image is None
+    assert job.input_hashes == (("image", hashes[1]), ("image", hashes[0]))
+
+
 def test_models_lists_the_builtin(tmp_path, capsys):
     assert main(["models", "--model-dir", str(tmp_path)]) == 0
     assert TINY_MODEL_NAME in capsys.readouterr().out

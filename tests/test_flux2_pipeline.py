@@ -3,7 +3,8 @@
 Converted from a diffusers folder: the distilled model's txt2img at two sizes (one not square), the base
 model's with CFG, within 1/255 mean absolute difference; the schedule (FLUX.2's empirical mu) and the
 conditioning and latent space against diffusers' own functions; what klein refuses before a job is queued
-(and at conversion); one HTTP request answered with a PNG.
+(and at conversion); one HTTP request answered with a PNG. Its edits (reference images, inpainting) are in
+test_flux2_references.py.
 """
 
 from __future__ import annotations
@@ -145,8 +146,8 @@ def test_conditioning_and_latent_space_match_diffusers(klein):
 
 
 def test_shared_pipeline_encodes_and_decodes_through_the_latent_space(klein):
-    """img2img at strength 0 (refused to clients for now: see the spec) runs no step: the image comes back
-    through the autoencoder's latent space, as diffusers' VAE gives it back from its posterior mean."""
+    """img2img at strength 0 (klein has no img2img without a mask: see the spec) runs no step: the image
+    comes back through the autoencoder's latent space, as diffusers' VAE gives it back from its posterior mean."""
     pipe, ours, manifest = klein("distilled")
     image = sample_image().resize((WIDTH, HEIGHT))
     job = make_job(manifest, {"width": WIDTH, "height": HEIGHT, "strength": 0.0}, {"image": image},
@@ -172,8 +173,7 @@ def test_emphasis_weights_the_stacked_states(klein):
 
 
 @pytest.mark.parametrize("fields, images, param", [
-    ({}, {"image": "image"}, "image"),  # no img2img (see the spec)
-    ({}, {"image": "image", "mask": "image"}, "image"),  # no inpainting yet (the image is refused first)
+    ({"strength": 0.5}, {"image": "image"}, "strength"),  # no img2img: an image alone is a reference
     ({"guidance": 3.5}, None, "guidance"),  # no guidance embedding
     ({"max_sequence_length": 256}, None, "max_sequence_length"),  # Qwen3 reads 512 tokens
     ({"width": 72, "height": 64}, None, "width"),  # 2x2 patches of an 8x VAE: multiples of 16
@@ -189,9 +189,7 @@ def test_what_klein_cannot_do_is_refused_before_queueing(klein, fields, images, 
     assert error.value.param == param
 
 
-def test_conversion_refuses_flux2_dev_and_single_files(tmp_path):
-    from safetensors.numpy import save_file
-
+def test_conversion_refuses_flux2_dev_and_a_too_shallow_text_encoder():
     from mlx_sd_server.engine.families.flux2.spec import variant_of
 
     with pytest.raises(CheckpointError, match="guidance embedding"):
@@ -199,20 +197,8 @@ def test_conversion_refuses_flux2_dev_and_single_files(tmp_path):
     with pytest.raises(CheckpointError, match="hidden states"):
         variant_of("flux2", "flow", {"transformer": {"guidance_embeds": False},
                                      "text_encoder": {"num_hidden_layers": 12}}, "klein")
-    assert variant_of("flux2", "flow", {"transformer": {"guidance_embeds": False}}, "flux.2-klein-base-4b").name == "base"
-    path = tmp_path / "flux-2-klein-4b.safetensors"  # BFL's layout: FLUX.1's double_blocks, FLUX.2's modulations
-    save_file({"double_blocks.0.img_attn.qkv.weight": np.zeros((6, 2), np.float32),
-               "single_stream_modulation.lin.weight": np.zeros((6, 2), np.float32)}, str(path))
-    with pytest.raises(CheckpointError, match="FLUX.2"):
-        convert_model(path, tmp_path / "out", dtype="float32", progress=False)
-
-
-def test_torch_engine_refuses_flux2(klein):
-    from mlx_sd_server.torch_engine import TorchPipeline
-
-    _, ours, _ = klein("distilled")
-    with pytest.raises(ValueError, match="torch engine does not run flux2 models"):
-        TorchPipeline.from_folder(ours.model.folder)
+    klein_base = variant_of("flux2", "flow", {"transformer": {"guidance_embeds": False}}, "flux.2-klein-base-4b")
+    assert klein_base.name == "base"
 
 
 def test_http_request_returns_a_png(klein, tmp_path):

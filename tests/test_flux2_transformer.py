@@ -117,6 +117,20 @@ def test_flux2_transformer_matches_diffusers(case, inputs_case):
     assert err <= TOLERANCE
 
 
+def test_reference_tokens_are_read_not_predicted():
+    """`generated`: the velocity of the noisy tokens alone, as the pipelines slice diffusers' output."""
+    reference = reference_model(**CASES["klein"])
+    model = mlx_model(reference)
+    inputs = random_inputs(**INPUTS["references"])
+    generated = 2 * 3  # the 2x3 grid being denoised; 2x2 + 1x3 reference tokens after it
+    ours = model(*(mx.array(inputs[k].numpy()) for k in ("hidden_states", "encoder_hidden_states", "timestep",
+                                                        "img_ids", "txt_ids")), generated=generated)
+    err = max_rel_err(ours, run_reference(reference, inputs)[:, :generated])
+    print(f"flux2 klein with reference tokens, noisy tokens' velocity: max_rel_err {err:.2e}")
+    assert ours.shape == (2, generated, CHANNELS)
+    assert err <= TOLERANCE
+
+
 def test_klein_ignores_guidance_and_broadcasts_scalar_timestep():
     model = mlx_model(reference_model(**CASES["klein"]))
     inputs = random_inputs()

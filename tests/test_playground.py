@@ -189,6 +189,52 @@ def test_edit_with_a_painted_mask_in_the_browser(server, browser, tmp_path):
     page.close()
 
 
+def test_several_images_dropped_for_an_instruction_edit_model(browser, tmp_path):
+    """Files dropped on the edit box are the inputs, in order, sent as `image[]` parts; a model that edits by
+    instruction and takes no mask gets no mask painter and no strength (which it would refuse)."""
+    import base64
+    import dataclasses
+
+    from api_server import FakeRegistry
+    from mlx_sd_server.job import Capabilities
+
+    class Klein(FakeRegistry):
+        def info(self, name=None):
+            return dataclasses.replace(super().info(name), family="flux2", capabilities=Capabilities(
+                "flux2", img2img=False, inpainting=False, controlnet=False, size_multiple=16, references=4))
+
+        resolve = info
+
+    engine = Klein()
+    sizes = [(64, 48), (32, 32), (48, 64)]
+    files = []
+    for size in sizes:
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (40, 90, 200)).save(buffer, "PNG")
+        files.append(base64.b64encode(buffer.getvalue()).decode())
+    with live_server(create_app(engine, FileStore(tmp_path / "files"), Settings(api_key=KEY))) as url:
+        errors = []
+        page = open_playground(browser, url, errors)
+        page.wait_for_selector("#model option[data-references='4']", state="attached", timeout=20_000)
+        transfer = page.evaluate_handle("""(files) => {
+            const transfer = new DataTransfer();
+            files.forEach((b64, i) => transfer.items.add(new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))],
+                                                                  "in" + i + ".png", {type: "image/png"})));
+            return transfer;
+        }""", files)
+        page.dispatch_event("#edit", "drop", {"dataTransfer": transfer})
+        assert page.locator("#inputs img").count() == 3
+        assert page.is_hidden("#painter") and page.is_hidden("#strength-label") and page.is_hidden("#brush-label")
+        assert "Instruction edit" in page.inner_text("#inputs-hint") and "up to 4" in page.inner_text("#inputs-hint")
+        generate_and_wait(page, "the three together", partials=0)
+        assert [image.size for image in engine.pipeline_.jobs[-1].reference_images] == sizes
+        page.click("#inputs li:nth-child(2) button")  # remove the second
+        generate_and_wait(page, "the two together", partials=0)
+        assert [image.size for image in engine.pipeline_.jobs[-1].reference_images] == [sizes[0], sizes[2]]
+        assert errors == []
+        page.close()
+
+
 def test_the_lora_picker_offers_the_models_loras_and_tags_the_prompt(server, browser):
     errors = []
     page = open_playground(browser, server, errors)

@@ -51,6 +51,16 @@ def test_img2img_keeps_the_tail_of_the_schedule():
     np.testing.assert_array_equal(img2img_sigmas(sigmas, 20, 0.0), sigmas[-1:])  # no step at all
 
 
+def test_flow_img2img_keeps_a_partial_step_as_diffusers_flow_pipelines_do():
+    sigmas = np.linspace(1.0, 0.0, 5)
+    np.testing.assert_array_equal(img2img_sigmas(sigmas, 4, 0.6), sigmas[2:])  # SD's rule: floor(2.4) = 2 steps
+    np.testing.assert_array_equal(img2img_sigmas(sigmas, 4, 0.6, flow=True), sigmas[1:])  # 4 - floor(1.6) = 3
+    for strength in (0.0, 0.25, 0.5, 1.0):  # where steps * strength is whole, the rules agree
+        np.testing.assert_array_equal(
+            img2img_sigmas(sigmas, 4, strength, flow=True), img2img_sigmas(sigmas, 4, strength)
+        )
+
+
 def test_ays_stretches_the_published_levels_log_linearly():
     sd1, sdxl = np.array(AYS_SIGMAS["sd1"]), np.array(AYS_SIGMAS["sdxl"])
     np.testing.assert_allclose(ays(10, sd1)[:-1], AYS_SIGMAS["sd1"][:-1], rtol=1e-12)

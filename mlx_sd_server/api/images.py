@@ -26,6 +26,7 @@ from mlx_sd_server.api.parsing import Delivery, ParsedRequest, parse_request
 from mlx_sd_server.api.state import ServerState, state
 from mlx_sd_server.engine.sampling.samplers import Step
 from mlx_sd_server.images import (
+    PixelBudget,
     a1111_parameters,
     encode_image,
     flatten,
@@ -33,6 +34,7 @@ from mlx_sd_server.images import (
     mask_from_upload,
     model_hash,
     open_upload,
+    short_sha256,
 )
 from mlx_sd_server.job import Job, JobError, build_job
 from mlx_sd_server.lora.library import LoRALibrary
@@ -68,7 +70,7 @@ async def generations():
 async def edits():
     _check_task()
     parsed = await parse_request(request, ("image", "mask", "control_image"))
-    if "image" not in parsed.uploads:
+    if not parsed.uploads.get("image"):
         parsed.close()
         raise JobError("image is required: the image to edit", "image", "missing_required_parameter")
     return await _serve(parsed)
@@ -316,23 +318,36 @@ def _discard(server: ServerState, done: asyncio.Future) -> None:
 
 
 def _build_job(parsed: ParsedRequest, info: ModelInfo, server: ServerState) -> Job:
-    """Decode the uploads and validate everything into one Job (the pipeline fits images to its size)."""
+    """Decode the uploads, in order and within the request's pixel budget, and validate everything into one
+    Job (the pipeline fits images to its size)."""
     settings = server.settings
-    uploads = {
-        name: open_upload(
-            data,
-            name,
-            max_bytes=settings.max_upload_bytes,
-            max_pixels=settings.max_upload_pixels,
-            max_aspect=settings.limits.max_upload_aspect,
-        )
-        for name, data in parsed.uploads.items()
+    budget = PixelBudget(settings.max_upload_pixels_total)
+    hashes: list[tuple[str, str]] = []
+    uploads: dict[str, list[Image.Image]] = {}
+    for name, items in parsed.uploads.items():
+        uploads[name] = []
+        for index, data in enumerate(items):
+            uploads[name].append(
+                open_upload(
+                    data,
+                    name,
+                    max_bytes=settings.max_upload_bytes,
+                    max_pixels=settings.max_upload_pixels,
+                    max_aspect=settings.limits.max_upload_aspect,
+                    budget=budget,
+                    label=f"{name} {index + 1}" if len(items) > 1 else name,
+                )
+            )
+            hashes.append((name, short_sha256(data)))  # of the bytes sent: what `sha256sum` of the file says
+    images: dict[str, Image.Image | list[Image.Image]] = {
+        name: [flatten(image) for image in decoded] if name == "image" else flatten(decoded[0])
+        for name, decoded in uploads.items()
+        if name != "mask"
     }
-    images: dict[str, Image.Image] = {name: flatten(image) for name, image in uploads.items() if name != "mask"}
     if "mask" in uploads:
-        images["mask"] = mask_from_upload(uploads["mask"])
-    elif "image" in uploads and has_transparency(uploads["image"]):
-        images["mask"] = mask_from_upload(uploads["image"])  # OpenAI: no mask = the image's own transparency
+        images["mask"] = mask_from_upload(uploads["mask"][0])
+    elif len(uploads.get("image", ())) == 1 and transparency_is_mask(info) and has_transparency(uploads["image"][0]):
+        images["mask"] = mask_from_upload(uploads["image"][0])  # OpenAI: no mask = the image's own transparency
     fields = {**parsed.fields, "model": info.name}
     return build_job(
         fields,
@@ -342,7 +357,15 @@ def _build_job(parsed: ParsedRequest, info: ModelInfo, server: ServerState) -> J
         capabilities=info.capabilities,
         model_name=info.name,
         lora_family=server.registry.loras.family,
+        input_hashes=hashes,
     )
+
+
+def transparency_is_mask(info: ModelInfo) -> bool:
+    """Whether an edit without a mask inpaints its image's transparent pixels (OpenAI's convention for
+    DALL-E 2): on img2img models. An instruction-edit model reads a transparent image as a reference (a
+    cut-out product shot), and inpaints only with a mask."""
+    return not info.capabilities.references
 
 
 def _encode(

@@ -29,6 +29,12 @@ async def list_models():
                 # a model with T5: its default and most max_sequence_length (the playground offers the field)
                 "max_sequence_length": None if text_length is None else dataclasses.asdict(text_length),
                 "default": info.name == registry.default_name,
+                # what its edits are: instruction edits of up to `references` input images (0: img2img of
+                # one), inpainting with a mask or not (the playground shows its mask painter or not)
+                "references": info.capabilities.references if info.capabilities else 0,
+                "inpainting": bool(info.capabilities and info.capabilities.inpainting),
+                "img2img": bool(info.capabilities and info.capabilities.img2img),
+                "defaults": dataclasses.asdict(info.defaults),  # width x height: the area of size "auto"
             }
         )
     return jsonify({"object": "list", "data": data})

@@ -10,9 +10,9 @@ from typing import Any
 
 from quart import Blueprint, jsonify
 
-from mlx_sd_server.api.parsing import DELIVERY_SCHEMA
+from mlx_sd_server.api.parsing import DELIVERY_SCHEMA, JSON_IMAGE_ALIASES
 from mlx_sd_server.api.state import state
-from mlx_sd_server.job import IMAGE_FIELDS, Limits, request_schema
+from mlx_sd_server.job import IMAGE_FIELDS, IMAGE_LISTS, Limits, request_schema
 
 blueprint = Blueprint("openapi", __name__)
 
@@ -88,34 +88,67 @@ def _errors(*statuses: str) -> dict[str, Any]:
     return {status: _json({"$ref": "#/components/schemas/Error"}, ERROR_STATUSES[status]) for status in statuses}
 
 
-def _image_request(limits: Limits, images: tuple[str, ...], required: tuple[str, ...]) -> dict[str, Any]:
-    """The request body of an images route: JSON (images as base64 or data urls) or a multipart form."""
-    fields = {**request_schema(limits), **DELIVERY_SCHEMA}
-    as_json = {
-        "type": "object",
-        "required": list(required),
-        "additionalProperties": False,
-        "properties": {
-            **fields,
-            **{
-                name: {"type": "string", "description": f"{IMAGE_FIELDS[name]}: base64 or a data: url"}
-                for name in images
-            },
-        },
-    }
-    as_form = {
-        "type": "object",
-        "required": list(required),
-        "additionalProperties": False,
-        "properties": {
-            **fields,
-            **{name: {"type": "string", "format": "binary", "description": IMAGE_FIELDS[name]} for name in images},
-        },
-    }
+def _json_image(name: str) -> dict[str, Any]:
+    """One image in JSON: base64 or a data URL, or OpenAI's objects {"image_url": <data URL>}, {"b64_json": ...}."""
     return {
-        "required": True,
-        "content": {"application/json": {"schema": as_json}, "multipart/form-data": {"schema": as_form}},
+        "anyOf": [
+            {"type": "string", "description": "base64, or a data: url"},
+            *(
+                {
+                    "type": "object",
+                    "required": [key],
+                    "additionalProperties": False,
+                    "properties": {key: {"type": "string", "description": what}},
+                }
+                for key, what in (("image_url", "a data: url (no other url is fetched)"), ("b64_json", "base64"))
+            ),
+        ],
+        "description": IMAGE_FIELDS[name],
     }
+
+
+def _image_list(item: dict[str, Any], limits: Limits, what: str) -> dict[str, Any]:
+    return {"type": "array", "items": item, "minItems": 1, "maxItems": limits.max_images, "description": what}
+
+
+def _image_request(limits: Limits, images: tuple[str, ...], required: tuple[str, ...]) -> dict[str, Any]:
+    """The request body of an images route: JSON (images as base64 or data urls) or a multipart form. An
+    IMAGE_LISTS field (`image`) takes several images: a JSON array (or, by its JSON_IMAGE_ALIASES name,
+    OpenAI's `images`), repeated form parts (`image` or `image[]`); a required one may come by either name."""
+    fields = {**request_schema(limits), **DELIVERY_SCHEMA}
+    several = f"the input images in order (instruction-edit models: at most {limits.max_images} and the model's limit)"
+    json_images: dict[str, Any] = {}
+    form_images: dict[str, Any] = {}
+    json_names: dict[str, list[str]] = {}  # each image field -> the names a body may give it by
+    form_names: dict[str, list[str]] = {}
+    for name in images:
+        item = _json_image(name)
+        binary = {"type": "string", "format": "binary", "description": IMAGE_FIELDS[name]}
+        json_images[name], form_images[name] = item, binary
+        json_names[name], form_names[name] = [name], [name]
+        if name in IMAGE_LISTS:
+            json_images[name] = {"anyOf": [item, _image_list(item, limits, several)], "description": several}
+            form_images[f"{name}[]"] = _image_list(binary, limits, f"{several}: one part each, or `{name}` repeated")
+            form_names[name].append(f"{name}[]")
+        for alias in (alias for alias, field in JSON_IMAGE_ALIASES.items() if field == name):
+            json_images[alias] = _image_list(item, limits, f"OpenAI's JSON name for {name}: {several}")
+            json_names[name].append(alias)
+    content = {}
+    for media_type, properties, names in (
+        ("application/json", json_images, json_names),
+        ("multipart/form-data", form_images, form_names),
+    ):
+        named = [name for name in required if len(names.get(name, ())) > 1]  # `image` (or `images`...)
+        schema: dict[str, Any] = {
+            "type": "object",
+            "required": [name for name in required if name not in named],
+            "additionalProperties": False,
+            "properties": {**fields, **properties},
+        }
+        if named:
+            schema["anyOf"] = [{"required": [alias]} for name in named for alias in names[name]]
+        content[media_type] = {"schema": schema}
+    return {"required": True, "content": content}
 
 
 def openapi_document(limits: Limits = Limits(), api_key: bool = False) -> dict[str, Any]:

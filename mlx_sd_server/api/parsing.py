@@ -2,13 +2,18 @@
 
 The two encodings are normalised here, so the routes see one shape: `fields` holds job fields (typed
 JSON values or form strings, validated later by `build_job`), `uploads` holds the bytes of each image
-field, and `delivery` says how the results go back to the client.
+field (a list: `image` may be given several times, in order), and `delivery` says how the results go
+back to the client.
 
 A body is read strictly, as the flat set of fields it must be, so its shape cannot cost more than its
 bytes: a JSON body is one object of plain values (strings, numbers, booleans, null; an array or object
 value is refused before it is built, so nesting cannot recurse), with at most `Limits.max_fields` keys,
 each once; a form has at most `max_fields` parts, each named and sent once, and must end with its
 closing boundary; text is UTF-8. Anything else is a 400 (413 for too many fields) naming what is wrong.
+The exceptions are images, read item by item as they are: in JSON an image is a base64 string or data
+URL, or an object `{"image_url": <data URL>}` / `{"b64_json": <base64>}` (OpenAI's shapes), and `image`
+(or OpenAI's JSON name, `images`) an array of up to `Limits.max_images` of them; in a form `image` (also
+`image[]`, `image[0]`... as clients send lists) may be repeated, up to `max_images` parts.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from mlx_sd_server.images import (
     spooled_upload,
 )
 from mlx_sd_server.job import (
+    IMAGE_LISTS,
     JOB_FIELDS,
     JobError,
     Limits,
@@ -69,6 +75,8 @@ DELIVERY_SCHEMA: dict[str, dict[str, Any]] = {
     },
 }
 DELIVERY_FIELDS = tuple(DELIVERY_SCHEMA)
+# A JSON body's other names for an image field: OpenAI's JSON form of an edit sends `images`, a list.
+JSON_IMAGE_ALIASES = {"images": "image"}
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 MAX_BOUNDARY = 200  # RFC 2046 allows 70 characters
 MAX_PART_HEADERS = 16 * 1024  # bytes of one part's headers (a long file name fits many times over)
@@ -84,18 +92,29 @@ class Delivery:
     partial_images: int = 0  # 0..3, only with stream
 
 
+Upload = bytes | IO[bytes]  # an image's bytes, or a seekable binary file (a spooled upload) holding them
+
+
 @dataclass
 class ParsedRequest:
     fields: dict[str, Any] = field(default_factory=dict)
-    # Each image field's bytes: `bytes`, or a seekable binary file (a spooled upload) holding them.
-    uploads: dict[str, bytes | IO[bytes]] = field(default_factory=dict)
+    # Each image field's uploads, in the order sent: one, or for IMAGE_LISTS (`image`) up to Limits.max_images.
+    uploads: dict[str, list[Upload]] = field(default_factory=dict)
     delivery: Delivery = Delivery()
 
     def close(self) -> None:
         """Release the spooled uploads (their temporary files)."""
-        for upload in self.uploads.values():
-            if hasattr(upload, "close"):
-                upload.close()
+        for uploads in self.uploads.values():
+            close_all(uploads)
+
+
+def close_all(values: Any) -> None:
+    """Close each spooled upload in `values` (any value, list or dict of them; other values are left)."""
+    for value in values.values() if isinstance(values, dict) else values if isinstance(values, list) else [values]:
+        if isinstance(value, (list, dict)):
+            close_all(value)
+        elif hasattr(value, "close"):
+            value.close()
 
 
 # A body is read as it arrives, a slice at a time; see parse_request.
@@ -142,7 +161,13 @@ async def parse_request(
         delivery: dict[str, Any] = {}
         for name, value in raw.items():
             if name in image_fields:
-                parsed.uploads[name] = _upload(name, value, limits, max_pixels)
+                parsed.uploads[name] = uploads = []
+                items = value if isinstance(value, list) else [value]
+                if len(items) > 1 and name not in IMAGE_LISTS:  # (the readers let only IMAGE_LISTS repeat)
+                    raise JobError(f"only one {shown(name)} may be sent", name, "invalid_value")
+                for index, item in enumerate(items):
+                    label = f"{name} {index + 1}" if len(items) > 1 else name
+                    uploads.append(_upload(name, item, limits, max_pixels, label))
             elif name in JOB_FIELDS:
                 parsed.fields[name] = value
             elif name in DELIVERY_FIELDS:
@@ -150,9 +175,7 @@ async def parse_request(
         parsed.delivery = _parse_delivery(delivery)
     except BaseException:
         parsed.close()
-        for value in raw.values():
-            if hasattr(value, "close"):
-                value.close()
+        close_all(raw)
         raise
     return parsed
 
@@ -161,7 +184,13 @@ async def _read(
     request: Request, chunks: AsyncIterator[memoryview], image_fields: tuple[str, ...], limits: Limits, max_pixels: int
 ) -> dict[str, Any]:
     if request.mimetype == "application/json":
-        return read_json(await _collect(chunks, request.content_length), limits, image_fields)
+        raw = read_json(await _collect(chunks, request.content_length), limits, image_fields)
+        for alias, name in JSON_IMAGE_ALIASES.items():
+            if alias in raw and name in image_fields:
+                if name in raw:
+                    raise JobError(f"send the images as {name} or as {alias}, not both", alias, "invalid_value")
+                raw[name] = raw.pop(alias)
+        return raw
     if request.mimetype == "multipart/form-data":
         reader = FormReader(request.mimetype_params.get("boundary"), limits, image_fields, max_pixels)
         try:
@@ -225,13 +254,48 @@ async def _drain(chunks: AsyncIterator[memoryview]) -> None:
         pass
 
 
-def _upload(name: str, value: Any, limits: Limits, max_pixels: int) -> bytes | IO[bytes]:
-    """An image field's value -> its bytes (or a spooled file holding them)."""
+def _upload(name: str, value: Any, limits: Limits, max_pixels: int, label: str) -> Upload:
+    """One image of an image field -> its bytes (or a spooled file holding them). `label` names it in
+    messages (`image 2`)."""
     if isinstance(value, (bytes, bytearray)) or hasattr(value, "read"):  # a form's file part
         return value
+    if isinstance(value, dict):  # JSON: OpenAI's {"image_url": ...} or {"b64_json": ...}
+        value = _image_object(name, value, label)
     if isinstance(value, memoryview):  # a long JSON string, set aside unread
-        return decode_base64_upload(value, name, max_pixels=max_pixels, max_aspect=limits.max_upload_aspect)
-    return _image_from_text(name, value)
+        return decode_base64_upload(
+            value, name, max_pixels=max_pixels, max_aspect=limits.max_upload_aspect, label=label
+        )
+    return _image_from_text(name, value, label)
+
+
+IMAGE_OBJECT_KEYS = ("image_url", "b64_json")  # OpenAI's: an image as a data URL, or as base64
+
+
+def _image_object(name: str, value: dict[str, Any], label: str) -> Any:
+    """An image given as a JSON object -> its data URL or base64 text (as read: a string or a set-aside view)."""
+    if "file_id" in value:
+        raise JobError(
+            f"{label}: file_id names a file in OpenAI's Files API, which this server does not have; "
+            'send the image itself ({"image_url": "data:image/png;base64,..."})',
+            name,
+            "unsupported_parameter",
+        )
+    if unknown := sorted(set(value) - set(IMAGE_OBJECT_KEYS)):
+        raise JobError(
+            f"{label}: unknown key {shown(unknown[0])} (an image object has image_url or b64_json)",
+            name,
+            "unknown_field",
+        )
+    if len(value) != 1:
+        raise JobError(f"{label} must have one of image_url or b64_json", name, "invalid_value")
+    text = next(iter(value.values()))
+    if isinstance(text, str) and re.match(r"\s*[a-z][a-z0-9+.-]*://", text, re.IGNORECASE):
+        raise JobError(
+            f"{label}: image_url must be a data: URL (data:image/png;base64,...); this server fetches no urls",
+            name,
+            "invalid_image",
+        )
+    return text
 
 
 # --- JSON ------------------------------------------------------------------------------------------
@@ -292,7 +356,8 @@ def _set_aside(body: bytes | bytearray, limits: Limits) -> tuple[bytes | bytearr
 
 
 def _put_back(value: Any, aside: dict[str, memoryview], keep: bool) -> Any:
-    """A parsed value with the strings set aside put back: as bytes (views) where `keep`, else as text."""
+    """A parsed value with the strings set aside put back: as bytes (views) where `keep` (an image field's
+    value, and the strings in it), else as text."""
     if isinstance(value, str) and value in aside:
         if keep:
             return aside[value]
@@ -303,9 +368,9 @@ def _put_back(value: Any, aside: dict[str, memoryview], keep: bool) -> Any:
                 f"request body is not valid JSON: not UTF-8 text ({error.reason})", None, "invalid_json"
             ) from None
     if isinstance(value, list):
-        return [_put_back(item, aside, False) for item in value]
+        return [_put_back(item, aside, keep) for item in value]
     if isinstance(value, dict):
-        return {name: _put_back(item, aside, False) for name, item in value.items()}
+        return {name: _put_back(item, aside, keep) for name, item in value.items()}
     return value
 
 
@@ -316,9 +381,15 @@ def read_json(body: bytes | bytearray, limits: Limits, image_fields: tuple[str, 
     (never built), as are duplicate keys, NaN/Infinity, lone surrogates and more than `max_fields` keys.
     Only the fields whose schema is an array (`loras`) take one; build_job checks its items.
 
-    A long string (a base64 image) is set aside as bytes before the body becomes text; the value of an
-    `image_fields` field is then a memoryview of its base64 text (decode_base64_upload), any other its text."""
+    An `image_fields` field (and its JSON_IMAGE_ALIASES) is read as an image (_scan_image): a string, an
+    image object, or for IMAGE_LISTS an array of them.
+
+    A long string (a base64 image) is set aside as bytes before the body becomes text; the strings of an
+    image field are then memoryviews of their base64 text (decode_base64_upload), any other its text."""
     structured = {name for name, schema in request_schema(limits).items() if schema["type"] == "array"}
+    aliases = {alias for alias, name in JSON_IMAGE_ALIASES.items() if name in image_fields}
+    lists = {name for name in image_fields if name in IMAGE_LISTS} | aliases
+    images = {*image_fields, *lists}
     body, aside = _set_aside(body, limits)
     try:
         text = body.decode(json.detect_encoding(body))
@@ -334,14 +405,10 @@ def read_json(body: bytes | bytearray, limits: Limits, image_fields: tuple[str, 
     end = len(text)
 
     def skip(at: int) -> int:
-        spaces = _WHITESPACE.match(text, at)
-        assert spaces is not None  # it matches the empty string too
-        return spaces.end()
+        return _skip(text, at)
 
     def expect(at: int, char: str, what: str) -> int:
-        if at >= end or text[at] != char:
-            raise JobError(f"request body is not valid JSON: expected {what} at character {at}", None, "invalid_json")
-        return at + 1
+        return _expect(text, at, char, what)
 
     at = skip(0)
     if at >= end or text[at] != "{":
@@ -370,14 +437,17 @@ def read_json(body: bytes | bytearray, limits: Limits, image_fields: tuple[str, 
                 raise JobError(f"the request has more than {limits.max_fields} fields", None, "too_many_fields", 413)
             seen.add(name)
             at = skip(expect(skip(at), ":", "':'"))
-            if at < end and text[at] in "[{" and not (text[at] == "[" and name in structured):
+            if name in images:
+                value, at = _scan_image(text, at, name, limits, name in lists)
+            elif at < end and text[at] in "[{" and not (text[at] == "[" and name in structured):
                 kind = "an array" if text[at] == "[" else "an object"
                 raise JobError(
                     f"{shown(name)} must be a single value (a string, number or boolean), not {kind}",
                     name,
                     "invalid_type",
                 )
-            value, at = _scan(text, at)
+            else:
+                value, at = _scan(text, at)
             if isinstance(value, str):
                 check_text(name, value)
             if value is not None:  # null = absent
@@ -391,8 +461,74 @@ def read_json(body: bytes | bytearray, limits: Limits, image_fields: tuple[str, 
     if skip(at) != end:
         raise JobError(f"request body is not valid JSON: extra data at character {skip(at)}", None, "invalid_json")
     if aside:
-        raw = {name: _put_back(value, aside, name in image_fields) for name, value in raw.items()}
+        raw = {name: _put_back(value, aside, name in images) for name, value in raw.items()}
     return raw
+
+
+def _skip(text: str, at: int) -> int:
+    spaces = _WHITESPACE.match(text, at)
+    assert spaces is not None  # it matches the empty string too
+    return spaces.end()
+
+
+def _expect(text: str, at: int, char: str, what: str) -> int:
+    if at >= len(text) or text[at] != char:
+        raise JobError(f"request body is not valid JSON: expected {what} at character {at}", None, "invalid_json")
+    return at + 1
+
+
+IMAGE_OBJECT_MAX_KEYS = 4  # more than an image object has (image_url or b64_json; file_id is refused by name)
+
+
+def _scan_image(text: str, at: int, name: str, limits: Limits, many: bool) -> tuple[Any, int]:
+    """An image field's JSON value at `at` -> (value, end), read item by item so that nothing but images is
+    built: a string (base64, a data URL), an object of strings (`{"image_url": ...}`), or where `many` an
+    array of up to `limits.max_images` of those. Any other scalar is read, and refused as an image later."""
+    end = len(text)
+    if at < end and text[at] == "[":
+        if not many:
+            raise JobError(f"{shown(name)} is one image, not an array", name, "invalid_type")
+        items: list[Any] = []
+        at = _skip(text, at + 1)
+        if at < end and text[at] == "]":
+            return items, at + 1
+        while True:
+            if len(items) >= limits.max_images:
+                raise JobError(
+                    f"{name}: more than {limits.max_images} input images, this server's limit", name, "invalid_value"
+                )
+            item, at = _scan_image(text, at, name, limits, False)
+            items.append(item)
+            at = _skip(text, at)
+            if at < end and text[at] == ",":
+                at = _skip(text, at + 1)
+                continue
+            return items, _expect(text, at, "]", "',' or ']'")
+    if at < end and text[at] == "{":
+        image: dict[str, Any] = {}
+        at = _skip(text, at + 1)
+        if at < end and text[at] == "}":
+            return image, at + 1
+        while True:
+            if at >= end or text[at] != '"':
+                raise JobError(
+                    f"request body is not valid JSON: expected a key in double quotes at character {at}",
+                    None,
+                    "invalid_json",
+                )
+            key, at = _scan(text, at)
+            if key in image or len(image) >= IMAGE_OBJECT_MAX_KEYS:
+                raise JobError(f"{shown(name)}: an image object has one image_url or b64_json", name, "invalid_value")
+            at = _skip(text, _expect(text, _skip(text, at), ":", "':'"))
+            if at < end and text[at] in "[{":
+                raise JobError(f"{shown(name)}: {shown(key)} must be a string", name, "invalid_type")
+            image[key], at = _scan(text, at)
+            at = _skip(text, at)
+            if at < end and text[at] == ",":
+                at = _skip(text, at + 1)
+                continue
+            return image, _expect(text, at, "}", "',' or '}'")
+    return _scan(text, at)
 
 
 def _scan(text: str, at: int) -> tuple[Any, int]:
@@ -434,7 +570,9 @@ def read_multipart(body: bytes, boundary: str | None, limits: Limits) -> dict[st
 class FormReader:
     """A multipart/form-data body read as it arrives (`feed` each piece, then None): `fields` as
     read_multipart gives them, except that a file part of one of `image_fields` is a spooled file, whose
-    first bytes check_upload_head judges as they come (with `max_pixels`)."""
+    first bytes check_upload_head judges as they come (with `max_pixels`), and that those of IMAGE_LISTS
+    (`image`, also sent as `image[]` or `image[0]`) may repeat: their value is then a list, in order, of at
+    most `limits.max_images`."""
 
     def __init__(
         self, boundary: str | None, limits: Limits, image_fields: tuple[str, ...] = (), max_pixels: int = 6000 * 6000
@@ -445,6 +583,7 @@ class FormReader:
             raise JobError(f"the multipart boundary is over {MAX_BOUNDARY} characters", None, "invalid_form")
         self.limits = limits
         self.image_fields = image_fields
+        self.lists = tuple(name for name in image_fields if name in IMAGE_LISTS)
         self.max_pixels = max_pixels
         self.decoder = _Decoder(boundary.encode("latin-1", "replace"), max_parts=limits.max_fields)
         self.fields: dict[str, Any] = {}
@@ -498,9 +637,27 @@ class FormReader:
 
     def _start(self, part: Field | File) -> None:
         self.part, self.chunks, self.head = part, [], bytearray()
-        self.name = _part_name(part, self.fields)
+        self.name = _part_name(part, self.fields, self.lists)
+        if self.name in self.lists and len(self.fields.get(self.name, ())) >= self.limits.max_images:
+            raise JobError(
+                f"more than {self.limits.max_images} {self.name} parts: over this server's limit of input images",
+                self.name,
+                "invalid_value",
+            )
         if isinstance(part, File) and self.name in self.image_fields:
             self.upload = spooled_upload()
+
+    def _label(self) -> str:
+        """The part's name in messages: `image 2` for the second of a list."""
+        if self.name not in self.lists or not self.fields.get(self.name):
+            return self.name
+        return f"{self.name} {len(self.fields[self.name]) + 1}"
+
+    def _store(self, value: Any) -> None:
+        if self.name in self.lists:
+            self.fields.setdefault(self.name, []).append(value)
+        else:
+            self.fields[self.name] = value
 
     def _take(self, part: Field | File, data: bytes, more: bool) -> None:
         if self.upload is not None:
@@ -510,32 +667,40 @@ class FormReader:
                 self.head += data[: HEADER_BYTES - had]
                 if had < SIGNATURE_BYTES <= len(self.head) or had < HEADER_BYTES <= len(self.head):
                     check_upload_head(
-                        self.head, self.name, max_pixels=self.max_pixels, max_aspect=self.limits.max_upload_aspect
+                        self.head,
+                        self.name,
+                        max_pixels=self.max_pixels,
+                        max_aspect=self.limits.max_upload_aspect,
+                        label=self._label(),
                     )
         else:
             self.chunks.append(data)
         if more:
             return
         if self.upload is not None:
-            self.fields[self.name], self.upload, self.head = self.upload, None, bytearray()
+            upload, self.upload, self.head = self.upload, None, bytearray()
+            self._store(upload)
         else:
             data = b"".join(self.chunks)
-            self.fields[self.name] = (
-                data if isinstance(part, File) else _text(self.name, data, part.headers.get("content-type"))
-            )
+            self._store(data if isinstance(part, File) else _text(self.name, data, part.headers.get("content-type")))
         self.part, self.chunks = None, []
 
     def close(self) -> None:
         """Release the spooled uploads, read or being read (after a refusal)."""
-        for value in (*self.fields.values(), self.upload):
-            if hasattr(value, "close"):
-                value.close()
+        close_all([*self.fields.values(), self.upload])
 
 
-def _part_name(part: Field | File, raw: dict[str, Any]) -> str:
+_LIST_INDEX = re.compile(r"\[\d{0,4}\]$")
+
+
+def _part_name(part: Field | File, raw: dict[str, Any], lists: tuple[str, ...] = ()) -> str:
+    """A part's field name: `image[]` is `image` (OpenAI clients send image lists so), as is `image[0]` for a
+    field of `lists`, which may repeat; any other field is sent once."""
     if not part.name:
         raise JobError('a form part has no name (Content-Disposition: form-data; name="...")', None, "invalid_form")
-    name = part.name.removesuffix("[]")  # OpenAI clients send image lists as `image[]`
+    name = part.name.removesuffix("[]")
+    if _LIST_INDEX.sub("", name) in lists:
+        return _LIST_INDEX.sub("", name)
     if name in raw:
         raise JobError(f"only one {shown(name)} may be sent", name, "invalid_value")
     return name
@@ -579,10 +744,10 @@ def read_urlencoded(body: bytes, limits: Limits) -> dict[str, str]:
 # --- the rest --------------------------------------------------------------------------------------
 
 
-def _image_from_text(name: str, value: Any) -> bytes:
+def _image_from_text(name: str, value: Any, label: str) -> bytes:
     if not isinstance(value, str):
-        raise JobError(f"{name} must be an uploaded file, a base64 string or a data URL", name, "invalid_type")
-    return decode_base64_image(value, name)
+        raise JobError(f"{label} must be an uploaded file, a base64 string or a data URL", name, "invalid_type")
+    return decode_base64_image(value, name, label)
 
 
 def _parse_delivery(values: dict[str, Any]) -> Delivery:

@@ -28,6 +28,9 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ()
     max_upload_bytes: int = 20 * 2**20  # whole request body
     max_upload_pixels: int = 6000 * 6000  # decoded size of one uploaded image (phone photos fit)
+    # decoded size of all of a request's uploads together: what an image, a mask and a control image could
+    # take before an edit took several images, so that 16 inputs cost no more memory than those did
+    max_upload_pixels_total: int = 3 * 6000 * 6000
     max_queue: int = 8
     limits: Limits = field(default_factory=Limits)
     task: str = "full"  # full | text2image (no edits) | image2image (no generations), the reference's --task

@@ -97,20 +97,26 @@ def vae_config_from_ldm(
     }
 
 
+def map_ldm_vae_weight(key: str, value: np.ndarray, levels: int) -> list[tuple[str, np.ndarray]]:
+    """One LDM VAE (key, value), its prefix removed, as its diffusers pair (none if unknown); the attention
+    projections, stored as 1x1 convolutions, become linear weights."""
+    name = vae_key(key, levels)
+    if name is None:
+        return []
+    if ".mid_block.attentions." in name and value.ndim == 4:
+        value = value[:, :, 0, 0]
+    return [(name, value)]
+
+
 def read_vae(
     tensors: Tensors, prefix: str, latent: LatentFormat, sample_size: int, hints: ArchitectureHints
 ) -> OriginalComponent:
-    """The VAE under `prefix`; its attention projections, stored as 1x1 convolutions, become linear weights."""
+    """The VAE under `prefix` (`map_ldm_vae_weight`)."""
     config = vae_config_from_ldm(strip_prefix(tensors, prefix), latent, sample_size, hints)
     levels = len(config["block_out_channels"])
 
     def mapper(key: str, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        name = vae_key(key[len(prefix) :], levels)
-        if name is None:
-            return []
-        if ".mid_block.attentions." in name and value.ndim == 4:
-            value = value[:, :, 0, 0]
-        return [(name, value)]
+        return map_ldm_vae_weight(key[len(prefix) :], value, levels)
 
     keys = known_keys(tensors, prefix, lambda k: vae_key(k, levels) is not None, "VAE")
     standard = config["block_out_channels"] == RELEASED_WIDTHS

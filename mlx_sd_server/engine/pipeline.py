@@ -3,7 +3,9 @@
 The loop every model family shares: encode the prompt, make noise (img2img and inpainting noise the encoded
 image to the first sigma), run a sampler over the family's denoiser, blend the known latents back after
 every step (inpainting with a regular model; an inpainting model gets mask and masked image as input),
-decode, paste the untouched pixels back. What differs per family lives in `families/`.
+decode, paste the untouched pixels back. What differs per family lives in `families/`: reference images
+(instruction edits) reach the family in its `Settings`, and it feeds them to its network itself; the spec says
+how a mask meets the latent grid and whether the source image is also a reference.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from PIL import Image, ImageFilter
 
 from mlx_sd_server.engine.adapters import Adapters, applied
 from mlx_sd_server.engine.families import spec_for
-from mlx_sd_server.engine.families.runtime import Family, Settings
+from mlx_sd_server.engine.families.runtime import Family, Settings, encode_pixels
 from mlx_sd_server.engine.model_io import LoadedModel
 from mlx_sd_server.engine.request import Request
 from mlx_sd_server.engine.sampling.denoiser import NOISING
@@ -108,7 +110,11 @@ class DiffusionPipeline:
         self.paste_back = paste_back
         self.loras = loras
         self.lora_fuse_budget = lora_fuse_budget
-        self.family: Family = spec_for(model.family).runtime(model)
+        spec = spec_for(model.family)
+        self.family: Family = spec.runtime(model)
+        self.inpainting_channels = spec.inpainting_channels
+        self.latent_mask = spec.latent_mask
+        self.source_as_reference = spec.source_as_reference
         self.noising = NOISING[self.family.prediction_type]
 
     # --- schedule ----------------------------------------------------------------------------------
@@ -116,7 +122,7 @@ class DiffusionPipeline:
     def sigmas(self, job: Request) -> np.ndarray:
         sigmas = self.family.sigmas(Settings.of(job))
         if job.init_image is not None:
-            sigmas = img2img_sigmas(sigmas, job.steps, job.strength)
+            sigmas = img2img_sigmas(sigmas, job.steps, job.strength, flow=self.family.prediction_type == "flow")
         return sigmas
 
     def total_steps(self, job: Request) -> int:
@@ -130,10 +136,7 @@ class DiffusionPipeline:
 
     def encode_image(self, pixels: np.ndarray) -> mx.array:
         """[0,1] HWC pixels -> the sampler's latents (1, h, w, C) (the VAE's latent space), from the posterior mean."""
-        vae = self.model.vae
-        x = mx.array(pixels[None] * 2 - 1).astype(self.model.vae_dtype)
-        mean, _ = vae.encode(x)
-        return vae.to_latents(mean)
+        return encode_pixels(self.model, pixels)
 
     def decode_latents(self, latents: mx.array) -> list[Image.Image]:
         vae = self.model.vae
@@ -162,8 +165,10 @@ class DiffusionPipeline:
     def _generate(self, job: Request, noise: NoiseSource) -> Generator[Step, None, list[Image.Image]]:
         vae = self.model.vae
         shape = vae.latent_shape(job.n, job.height, job.width)  # the space the sampler works in
-        h, w = shape[1], shape[2]
         settings = Settings.of(job)
+        if self.source_as_reference and job.init_image is not None:  # the source, as it is noised, read first
+            source = Image.fromarray((fit_image(job.init_image, job.width, job.height) * 255).round().astype(np.uint8))
+            settings = replace(settings, reference_images=(source, *settings.reference_images))
         guided = self.family.guided(settings)
         conditioning = self.family.encode_prompts(settings, guided)
         mx.eval(conditioning)
@@ -176,14 +181,17 @@ class DiffusionPipeline:
             init_latents = self.encode_image(init_pixels)
         if job.mask is not None:
             mask_pixels = fit_image(job.mask, job.width, job.height, mode="L")[..., 0] >= 0.5
-            mask_latents = mx.array(_downsample_mask(mask_pixels, vae.latent_downscale))[None, :, :, None]
-            if self.family.inpainting_model:
-                # diffusers' convention: the repaint area is mid-grey (0 in [-1, 1]) in the masked image
-                masked = self.encode_image(np.where(mask_pixels[..., None], 0.5, init_pixels).astype(np.float32))
-                extra = mx.repeat(mx.concatenate([mask_latents, masked], axis=-1), job.n, axis=0)
-        elif self.family.inpainting_model:  # an inpainting model with no mask repaints everything
-            blank = self.encode_image(np.full((job.height, job.width, 3), 0.5, np.float32))
-            extra = mx.repeat(mx.concatenate([mx.ones((1, h, w, 1)), blank], axis=-1), job.n, axis=0)
+            mask_latents = mx.array(self.latent_mask(mask_pixels, vae.latent_downscale))[None, :, :, None]
+        if self.family.inpainting_model:
+            # diffusers' convention: the repaint area is mid-grey (0 in [-1, 1]) in the masked image; with no
+            # mask, an inpainting model repaints everything
+            if job.mask is not None:
+                masked_pixels = np.where(mask_pixels[..., None], 0.5, init_pixels).astype(np.float32)
+            else:
+                mask_pixels = np.ones((job.height, job.width), bool)
+                masked_pixels = np.full((job.height, job.width, 3), 0.5, np.float32)
+            masked = self.encode_image(masked_pixels)
+            extra = mx.repeat(self.inpainting_channels(mask_pixels, masked, vae.latent_downscale), job.n, axis=0)
         if job.control_image is not None:
             assert self.model.controlnet is not None, "build_job takes control_image only with a ControlNet attached"
             from mlx_sd_server.engine.canny import canny
@@ -216,12 +224,6 @@ class DiffusionPipeline:
         if job.mask is not None and job.init_image is not None and self.paste_back:
             images = [paste_outside_mask(img, job.init_image, job.mask) for img in images]
         return images
-
-
-def _downsample_mask(mask: np.ndarray, scale: int) -> np.ndarray:
-    """Max-pool to latent size: a latent pixel is repainted if any of its image pixels is."""
-    h, w = mask.shape[0] // scale, mask.shape[1] // scale
-    return mask[: h * scale, : w * scale].reshape(h, scale, w, scale).max(axis=(1, 3)).astype(np.float32)
 
 
 def paste_outside_mask(image: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:

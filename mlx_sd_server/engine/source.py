@@ -73,14 +73,21 @@ class ArchitectureHints:
     sdxl_text_projection_dim: int | None = _hint(
         1280, "a lone SDXL ControlNet: the pooled text embedding's width (1280)"
     )
-    # None: FLUX.1's, which only 128-dim heads take
+    # None: the family's released split (FLUX.1's, Z-Image's, FLUX.2's), which only 128-dim heads take
     axes_dims_rope: tuple[int, ...] | None = _hint(
-        None, "FLUX transformer: the rotary embedding's split of the head dims (FLUX.1's 16,56,56 for 128)"
+        None,
+        "FLUX.1, FLUX.2 and Z-Image transformers: the rotary embedding's split of the head dims (for 128: "
+        "FLUX.1's 16,56,56, FLUX.2's 32,32,32,32, Z-Image's 32,48,48)",
     )
     attention_head_dim: int | None = _hint(
         64, "SD3 transformer without qk-norm weights (SD3 medium): the attention head size (64)"
     )
     t5_max_distance: int | None = _hint(128, "T5 text encoders: the relative attention's maximum distance (128)")
+    llm_rope_theta: int | None = _hint(
+        1_000_000,
+        "Qwen3 text encoders from .safetensors: the rotary embedding's base (Qwen3-4B's and 8B's 1000000; "
+        "a GGUF file says its own)",
+    )
 
     def value(self, name: str) -> Any:
         """The hint `name` as given, else the released models' value."""
@@ -89,6 +96,12 @@ class ArchitectureHints:
 
 
 RELEASED_HINTS: dict[str, Any] = {hint.name: hint.metadata["released"] for hint in fields(ArchitectureHints)}
+
+
+def file_metadata(tensors: Tensors) -> Mapping[str, Any]:
+    """The header values a file's reader keeps beside its tensors (`metadata`: a GGUF file's key-value fields,
+    e.g. `general.architecture`, `qwen3.rope.freq_base`), else none."""
+    return getattr(tensors, "metadata", {})
 
 
 def hint_option(name: str) -> str:

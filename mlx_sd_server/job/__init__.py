@@ -14,6 +14,7 @@ from mlx_sd_server.engine.sampling.schedules import SCHEDULERS
 from mlx_sd_server.job.fields import (
     FIELDS,
     IMAGE_FIELDS,
+    IMAGE_LISTS,
     JOB_FIELDS,
     Field,
     Job,
@@ -33,6 +34,7 @@ __all__ = [
     "ECHO_CHARS",
     "FIELDS",
     "IMAGE_FIELDS",
+    "IMAGE_LISTS",
     "JOB_FIELDS",
     "SAMPLE_METHODS",
     "SCHEDULERS",

@@ -48,6 +48,7 @@ class Limits:
     max_upload_aspect: float = 20.0
     max_fit_pixels: int = 6000 * 6000
     max_loras: int = 8  # LoRAs in one request (tags and the `loras` field together)
+    max_images: int = 16  # input images of one edit (`image` given several times): gpt-image-1's limit
 
 
 # --- coercion: a JSON value or a form's / command line's text -> the field's type ------------------------
@@ -240,13 +241,16 @@ def lora_items(limits: Limits) -> dict[str, Any]:
 
 # OpenAI fields accepted with the values OpenAI documents, and without effect: the model's own settings
 # decide quality and style; `user` is for the client's abuse tracking; no moderation is performed;
-# images are opaque (`background: transparent` is refused: no model here makes an alpha channel).
+# images are opaque (`background: transparent` is refused: no model here makes an alpha channel);
+# `input_fidelity` (edits) asks gpt-image-1 for effort on the inputs' faces and details, and no model here
+# has such a setting: every input image is read as it is (it is refused without one, see validation.py).
 OPENAI_HINTS: dict[str, tuple[str, ...] | None] = {
     "quality": ("auto", "standard", "hd", "low", "medium", "high"),
     "style": ("vivid", "natural"),
     "user": None,
     "moderation": ("auto", "low"),
     "background": ("auto", "opaque", "transparent"),
+    "input_fidelity": ("high", "low"),
 }
 
 FIELDS: tuple[Field, ...] = (
@@ -340,10 +344,12 @@ FIELDS: tuple[Field, ...] = (
 FIELD: dict[str, Field] = {f.name: f for f in FIELDS}
 JOB_FIELDS = tuple(FIELD)  # the fields a request may carry (images arrive separately, decoded)
 IMAGE_FIELDS: dict[str, str] = {  # image fields, with their help
-    "image": "the image to edit (img2img; with a mask, inpainting)",
+    "image": "the image to edit (img2img; with a mask, inpainting); on an instruction-edit model, the input "
+    "images (repeat it, up to the model's limit), which the prompt speaks of",
     "mask": "inpainting mask: white (or transparent) is repainted",
     "control_image": "the ControlNet's input image",
 }
+IMAGE_LISTS = ("image",)  # the image fields a request may give several times, in order (max_images)
 PROMPT_FIELDS = tuple(f.name for f in FIELDS if f.prompt)
 
 
@@ -381,6 +387,8 @@ class Job:
     mask: Image.Image | None = field(default=None, repr=False)
     # Instruction edits: the input images the model reads as references (in order), beside the prompt
     reference_images: tuple[Image.Image, ...] = field(default=(), repr=False)
+    # The uploaded inputs as (image field, short sha256 of the file), in order, for the results' metadata
+    input_hashes: tuple[tuple[str, str], ...] = ()
     # ControlNet
     control_image: Image.Image | None = field(default=None, repr=False)
     control_strength: float = default("control_strength")

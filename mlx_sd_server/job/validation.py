@@ -12,7 +12,7 @@ import dataclasses
 import math
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from PIL import Image
@@ -33,7 +33,7 @@ from mlx_sd_server.job.fields import (
     as_float,
 )
 
-_LORA_TAG_RE = re.compile(r"<lora:([^>]*)>", re.IGNORECASE)
+_LORA_TAG_RE = re.compile(r"(\s*)<lora:([^>]*)>(\s*)", re.IGNORECASE)
 _SIZE_RE = re.compile(r"^\s*(\d{1,9})\s*[xX×]\s*(\d{1,9})\s*$")
 _JOB_ATTRIBUTES = frozenset(f.name for f in dataclasses.fields(Job))
 
@@ -42,25 +42,29 @@ LoRAFamily = Callable[[str], str]  # a LoRA's name -> its family, or a JobError 
 
 def build_job(
     fields: Mapping[str, Any],
-    images: Mapping[str, Image.Image] | None = None,
+    images: Mapping[str, Image.Image | Sequence[Image.Image]] | None = None,
     *,
     limits: Limits = Limits(),
     defaults: ModelDefaults = ModelDefaults(),
     capabilities: Capabilities = Capabilities(),
     model_name: str = "this model",
     lora_family: LoRAFamily | None = None,
+    input_hashes: Sequence[tuple[str, str]] = (),
 ) -> Job:
     """Validate raw request fields into a Job. Absent fields take the model's `defaults`, else the table's;
     anything the model cannot do (per its `capabilities`) is refused here, before the job is queued.
     `lora_family(name)` is the family of LoRA `name`, or a JobError when there is no usable one of that name.
 
     `fields` may hold only JOB_FIELDS (typed JSON values, or strings from a form or the command line);
-    `images` maps IMAGE_FIELDS to decoded images.
+    `images` maps IMAGE_FIELDS to decoded images, `image` to one or, in order, several (IMAGE_LISTS);
+    `input_hashes` are the uploads' (field, short sha256) for the metadata (images.py: short_sha256).
     """
-    images = dict(images or {})
-    given = given_fields(fields, images)
+    inputs, other = split_images(images or {})
+    present = {**other, **({"image": inputs[0]} if inputs else {})}
+    given = given_fields(fields, present)
     check_field_sizes(given, limits)
-    refuse_unusable(given, images, capabilities, model_name)
+    refuse_unusable(given, present, capabilities, model_name)
+    check_inputs(given, inputs, "mask" in other, limits, capabilities, model_name)
     values = read_fields({**overlay(defaults), **given}, limits, capabilities, model_name)
     tags = strip_prompt_tags(values, limits)
     values["loras"] = check_loras(
@@ -72,22 +76,46 @@ def build_job(
     )
     values["guidance"] = guidance(values, capabilities)
     values["max_sequence_length"] = text_length(values, capabilities, model_name)
-    values["width"], values["height"] = image_size(given, values, defaults, limits, capabilities)
+    first = inputs[0].size if inputs else None
+    values["width"], values["height"] = image_size(given, values, defaults, limits, capabilities, first)
     check_step_limit(values)
     values["seed"] = seed(values["seed"])
     values["control_preprocess"] = control_preprocess(given, values)
-    check_images(images, values["width"], values["height"], limits)
+    if capabilities.references and "mask" not in other:  # an instruction edit: every input is a reference
+        init_image, references = None, inputs
+    else:  # img2img / inpainting; an instruction-edit model's inpainting reads the other inputs as references
+        init_image, references = (inputs[0], inputs[1:]) if inputs else (None, ())
+    check_images(labelled(inputs, init_image is not None, other), values["width"], values["height"], limits)
     return Job(
         **{name: value for name, value in values.items() if name in _JOB_ATTRIBUTES},
-        init_image=images.get("image"),
-        mask=images.get("mask"),
-        control_image=images.get("control_image"),
+        init_image=init_image,
+        mask=other.get("mask"),
+        reference_images=references,
+        control_image=other.get("control_image"),
+        input_hashes=tuple(input_hashes),
     )
 
 
+def split_images(
+    images: Mapping[str, Image.Image | Sequence[Image.Image]],
+) -> tuple[tuple[Image.Image, ...], dict[str, Image.Image]]:
+    """The input images (`image`: one, or several in order) and the other image fields' one image each."""
+    inputs: tuple[Image.Image, ...] = ()
+    other: dict[str, Image.Image] = {}
+    for name, value in images.items():
+        if name == "image":
+            inputs = (value,) if isinstance(value, Image.Image) else tuple(value)
+        elif isinstance(value, Image.Image):
+            other[name] = value
+        else:
+            raise TypeError(f"{name} is one image, not several")
+    return inputs, other
+
+
 def overlay(defaults: ModelDefaults) -> dict[str, Any]:
-    """Every field's default: the model's over the table's (None: no default)."""
-    return {**{f.name: f.default for f in FIELDS}, **dataclasses.asdict(defaults)}
+    """Every field's default: the model's over the table's (None: no default; a model's None: the table's)."""
+    own = {name: value for name, value in dataclasses.asdict(defaults).items() if value is not None}
+    return {**{f.name: f.default for f in FIELDS}, **own}
 
 
 # --- the table's part ----------------------------------------------------------------------------------
@@ -207,6 +235,13 @@ def refuse_unusable(
             "strength",
             "unsupported_parameter",
         )
+    if "input_fidelity" in given and "image" not in images:
+        raise JobError(
+            "input_fidelity is about an edit's input images, and this request has none "
+            "(send it to /v1/images/edits with them)",
+            "input_fidelity",
+            "unsupported_parameter",
+        )
     if str(given.get("background", "")).strip().lower() == "transparent":
         raise JobError(
             "background 'transparent' cannot be honoured: no model here makes transparent images; use auto or opaque",
@@ -215,8 +250,17 @@ def refuse_unusable(
         )
     if "mask" in images and "image" not in images:
         raise JobError("mask needs an image to edit", "mask", "missing_required_parameter")
-    for name, supported, what in (
-        ("image", capabilities.img2img, "image-to-image"),
+    if capabilities.mask_required and "mask" not in images:
+        missing = "mask" if "image" in images else "image"
+        raise JobError(
+            f"{model_name} ({capabilities.family}) only inpaints: it repaints the masked part of an image, so it "
+            f"needs an image and a mask (white where it repaints), and this request has no {missing} (send both to "
+            "/v1/images/edits)",
+            missing,
+            "missing_required_parameter",
+        )
+    for name, supported, what in (  # (an image with a mask is inpainting's)
+        ("image", capabilities.img2img or capabilities.references > 0 or "mask" in images, "image-to-image"),
         ("mask", capabilities.inpainting, "inpainting"),
     ):
         if name in images and not supported:
@@ -229,17 +273,68 @@ def refuse_unusable(
         )
 
 
+def check_inputs(
+    given: Mapping[str, Any],
+    inputs: Sequence[Image.Image],
+    masked: bool,
+    limits: Limits,
+    capabilities: Capabilities,
+    model_name: str,
+) -> None:
+    """How many input images the model takes, and what an instruction edit cannot use. What an edit is,
+    the model says: one with references (FLUX.2 klein, Kontext) reads its inputs beside the instruction
+    (`strength` is then meaningless, unless a mask makes it inpainting); any other edits one image."""
+    count = len(inputs)
+    if count > limits.max_images:
+        raise JobError(
+            f"{count} input images: over this server's limit of {limits.max_images}", "image", "invalid_value"
+        )
+    if not capabilities.references:
+        if count > 1:
+            raise JobError(
+                f"{count} input images, and {model_name} ({capabilities.family}) takes 1: its edits are img2img "
+                "and inpainting; several input images are for instruction-edit models",
+                "image",
+                "invalid_value",
+            )
+        return
+    if count > capabilities.references:
+        raise JobError(
+            f"{count} input images, and {model_name} ({capabilities.family}) takes at most {capabilities.references}",
+            "image",
+            "invalid_value",
+        )
+    if "strength" in given and not masked:
+        raise JobError(
+            f"{model_name} ({capabilities.family}) edits by instruction: it reads the input images whole, beside "
+            "the prompt, and has no strength (how much of an image img2img re-runs); leave strength out, or "
+            "send a mask to inpaint",
+            "strength",
+            "unsupported_parameter",
+        )
+
+
 def strip_lora_tags(field_name: str, text: str) -> tuple[str, list[tuple[str, float]]]:
     """A prompt without its `<lora:name>` / `<lora:name:weight>` tags (A1111's syntax), and the tags."""
     tags = []
     for match in _LORA_TAG_RE.finditer(text):
-        name, _, weight = match[1].partition(":")
+        name, _, weight = match[2].partition(":")
         if not name.strip() or ":" in weight:
             raise JobError(
-                f"LoRA tag {shown(match[0])} must be <lora:name> or <lora:name:weight>", field_name, "invalid_value"
+                f"LoRA tag {shown(match[0].strip())} must be <lora:name> or <lora:name:weight>",
+                field_name,
+                "invalid_value",
             )
         tags.append((name.strip(), as_float(field_name, weight) if weight.strip() else 1.0))
-    return _LORA_TAG_RE.sub("", text), tags
+    return _LORA_TAG_RE.sub(tag_gap, text), tags
+
+
+def tag_gap(match: re.Match[str]) -> str:
+    """What a removed tag and the whitespace around it leave: one space where there was some between two
+    words, nothing at either end of the prompt (an LLM text encoder reads a stray space as a token; CLIP
+    does not) or where it touched the words on both sides."""
+    inside = match.start() > 0 and match.end() < len(match.string)
+    return " " if inside and (match[1] or match[3]) else ""
 
 
 def strip_prompt_tags(values: dict[str, Any], limits: Limits) -> list[tuple[str, float, str]]:
@@ -324,15 +419,42 @@ def text_length(values: Mapping[str, Any], capabilities: Capabilities, model_nam
     return value
 
 
+def is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() == "auto"
+
+
 def parse_size(value: Any, defaults: ModelDefaults) -> tuple[int, int]:
     """`WIDTHxHEIGHT` -> (width, height), as the reference documents (not as it parses); OpenAI's "auto" is
     the model's native size."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
+    if is_auto(value):
         return defaults.width, defaults.height
     match = _SIZE_RE.match(value) if isinstance(value, str) else None
     if not match:
         raise JobError(f"size must be WIDTHxHEIGHT, got {shown(value)}", "size", "invalid_size")
     return int(match.group(1)), int(match.group(2))
+
+
+def auto_size(
+    source: tuple[int, int], defaults: ModelDefaults, limits: Limits, capabilities: Capabilities
+) -> tuple[int, int]:
+    """An edit's size when it gives none (or "auto"): the first input's aspect ratio at the model's native area
+    (its default width x height), each side a multiple of the model's, within the server's and the model's
+    bounds on a side (a thin input is widened or narrowed to them rather than refused)."""
+    multiple = capabilities.size_multiple
+    width, height = source
+    longest = min(limits.max_side, capabilities.largest_side or limits.max_side)
+    scale = math.sqrt(defaults.width * defaults.height / (width * height))
+    scale = max(min(scale, longest / max(width, height)), limits.min_side / min(width, height))
+    low = max(multiple, math.ceil(limits.min_side / multiple) * multiple)
+    high = max(low, longest // multiple * multiple)
+
+    def side(length: int) -> int:
+        return min(max(round(length * scale / multiple) * multiple, low), high)
+
+    out = [side(width), side(height)]
+    while out[0] * out[1] > limits.max_pixels and max(out) - multiple >= low:  # rounding up can pass the budget
+        out[out.index(max(out))] -= multiple
+    return out[0], out[1]
 
 
 def image_size(
@@ -341,9 +463,14 @@ def image_size(
     defaults: ModelDefaults,
     limits: Limits,
     capabilities: Capabilities,
+    source: tuple[int, int] | None = None,
 ) -> tuple[int, int]:
-    """`size`, or `width` and `height` (both given: they must agree), checked against the limits and the model."""
-    if "size" in given:
+    """`size`, or `width` and `height` (both given: they must agree), checked against the limits and the model.
+    An edit (`source`: its first input's size) with no size, or size "auto", keeps that input's aspect ratio."""
+    if source is not None and (is_auto(given.get("size")) or not {"size", "width", "height"} & set(given)):
+        width, height = auto_size(source, defaults, limits, capabilities)
+        param = "size"
+    elif "size" in given:
         width, height = parse_size(values["size"], defaults)
         for name, side in (("width", width), ("height", height)):
             if name in given and values[name] != side:
@@ -424,27 +551,46 @@ def cover_size(size: tuple[int, int], width: int, height: int) -> tuple[int, int
     return max(width, round(size[0] * scale)), max(height, round(size[1] * scale))
 
 
-def check_images(images: Mapping[str, Image.Image], width: int, height: int, limits: Limits) -> None:
-    """Images the pipeline can fit to the output without a giant intermediate; a mask the image's size."""
-    for name, image in images.items():
+def labelled(
+    inputs: Sequence[Image.Image], first_fitted: bool, other: Mapping[str, Image.Image]
+) -> list[tuple[str, str, Image.Image, bool]]:
+    """Each image as (its field, its name in messages: `image 2` where there are several inputs, the image,
+    whether the pipeline fits it to the output: an edit's first input, unless it is a reference, and the mask
+    and control image; an engine scales references to its own area, never beyond their size)."""
+    named = [
+        ("image", "image" if len(inputs) == 1 else f"image {i + 1}", image, first_fitted and not i)
+        for i, image in enumerate(inputs)
+    ]
+    return named + [(name, name, image, True) for name, image in other.items()]
+
+
+def check_images(
+    images: Collection[tuple[str, str, Image.Image, bool]], width: int, height: int, limits: Limits
+) -> None:
+    """Images (field, label, image, fitted) within the aspect ratio limit, those fitted to the output without a
+    giant intermediate; a mask the size of the image it masks (the first input)."""
+    for param, label, image, fitted in images:
         w, h = image.size
         if max(w, h) > limits.max_upload_aspect * min(w, h):
             raise JobError(
-                f"{name} is {w}x{h}: its aspect ratio is over this server's limit of {limits.max_upload_aspect:g}:1",
-                name,
+                f"{label} is {w}x{h}: its aspect ratio is over this server's limit of {limits.max_upload_aspect:g}:1",
+                param,
                 "invalid_image_dimensions",
             )
         cover_w, cover_h = cover_size((w, h), width, height)
-        if cover_w * cover_h > limits.max_fit_pixels:
+        if fitted and cover_w * cover_h > limits.max_fit_pixels:
             raise JobError(
-                f"{name} ({w}x{h}) would be scaled to {cover_w}x{cover_h} to cover {width}x{height}: "
+                f"{label} ({w}x{h}) would be scaled to {cover_w}x{cover_h} to cover {width}x{height}: "
                 f"over this server's limit of {limits.max_fit_pixels} pixels; send an image closer "
                 "to the output's shape",
-                name,
+                param,
                 "image_too_large",
             )
-    if "mask" in images and "image" in images and images["mask"].size != images["image"].size:
-        (mw, mh), (iw, ih) = images["mask"].size, images["image"].size
+    sizes: dict[str, tuple[int, int]] = {}
+    for param, _, image, _ in images:
+        sizes.setdefault(param, image.size)  # the first input's
+    if "mask" in sizes and "image" in sizes and sizes["mask"] != sizes["image"]:
+        (mw, mh), (iw, ih) = sizes["mask"], sizes["image"]
         raise JobError(
             f"mask is {mw}x{mh} but image is {iw}x{ih}: they must be the same size", "mask", "invalid_image_dimensions"
         )

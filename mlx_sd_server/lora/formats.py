@@ -17,17 +17,21 @@ how they name the layer, the two factors and the scale:
                        img_attn_qkv (+ lora_te1_ for CLIP-L); BFL/ComfyUI's [diffusion_model.|transformer.]
                        double_blocks.0.img_attn.qkv with lora_A/B or lora_down/up; XLabs' double_blocks.0.processor.
                        qkv_lora1.down.weight (XLabs has no alpha: scale 1, as in diffusers).
+    Z-Image, FLUX.2    their original names (Z-Image's fused attention.qkv, FLUX.2's BFL ones) under
+                       diffusion_model. or kohya's lora_unet_ (families/zimage/lora.py, families/flux2/lora.py).
 
 kohya's flattened names cannot be split at their underscores, so they are looked up in *layouts*, tables of
-every layer a CLIP or T5 text encoder, an SD UNet (both namings) or a FLUX transformer (BFL names) has. A
-fused FLUX projection (BFL's qkv, the single blocks' linear1 = q, k, v and the MLP input) is split as its
-weight is: each part's `up` is a slice of the fused `up`'s rows, and the parts share `down`. LyCORIS
-LoHa/LoKr, DoRA, full-weight differences and pickles are refused with a message saying so; so are keys this
-reader does not know, rather than dropped.
+every layer a CLIP or T5 text encoder, an SD UNet (both namings) or a DiT family's transformer (its original
+names) has. A fused projection (BFL's qkv, FLUX.1's single blocks' linear1 = q, k, v and the MLP input) is
+split as its weight is: each part's `up` is a slice of the fused `up`'s rows, and the parts share `down`.
+LyCORIS LoHa/LoKr, DoRA, full-weight differences and pickles are refused with a message saying so; so are
+keys this reader does not know, rather than dropped.
 
 What is a family's (its denoiser's layouts, its files' prefixes, XLabs' names, how to tell its LoRAs) is in
-its folder's `lora.py` (`engine/families/lora.py` says how); this reader asks the families in FAMILIES' order
-and names none.
+its folder's `lora.py` (`engine/families/lora.py` says how); this reader names none. It asks the families in
+FAMILIES' order, each reading the file's names as its own (one name may be two families' layers: FLUX.1's and
+FLUX.2's BFL double blocks, BFL's and Z-Image's `final_layer.`): the first that reads every key and claims
+what it read is the LoRA's family, and its reading is the LoRA.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ class LoRAFormatError(ValueError):
 # is XLabs' (`qkv_lora1.down.weight`) and diffusers' first attention processors' (`to_q_lora.down.weight`).
 FACTOR_NAMES = (
     (".lora_A.weight", ".lora_B.weight"),
+    (".lora_A.default.weight", ".lora_B.default.weight"),  # PEFT's adapter name left in (diffusers drops it)
     (".lora_down.weight", ".lora_up.weight"),
     (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
     (".lora.down.weight", ".lora.up.weight"),
@@ -102,8 +107,7 @@ PEFT_METADATA = "lora_adapter_metadata"  # diffusers: per component, PEFT's Lora
 
 # The families' LoRA rules, in FAMILIES' order, and what they add to the tables above
 RULES = tuple(spec.detect.lora for spec in FAMILIES if spec.detect.lora is not None)
-KOHYA_TABLES = (KOHYA_TEXT_ENCODERS, *(rules.kohya for rules in RULES))
-KOHYA_PREFIXES = tuple({prefix for table in KOHYA_TABLES for prefix in table})
+KOHYA_PREFIXES = tuple({prefix for table in (KOHYA_TEXT_ENCODERS, *(r.kohya for r in RULES)) for prefix in table})
 ALL_PREFIXES = dict(
     sorted(
         {**PREFIXES, **{p: c for rules in RULES for p, c in rules.prefixes.items()}}.items(),
@@ -114,31 +118,33 @@ REFUSED = (*OTHER_ADAPTERS, *(item for rules in RULES for item in rules.refused.
 
 
 @cache
-def _kohya_names() -> dict[str, LoRATarget]:
-    """kohya's flattened names (prefix included) -> the layer each names. A prefix may name layers of several
-    families' networks (lora_unet_: SD's UNet, FLUX's transformer), whose names differ."""
+def _kohya_names(family: int) -> dict[str, LoRATarget]:
+    """kohya's flattened names (prefix included) -> the layer each names, as family `family` (an index into
+    RULES) reads them. A prefix names layers of several families' networks (lora_unet_: SD's UNet, FLUX's
+    transformer, Z-Image's...), and one flattened name may be two families' layers (FLUX.1's and FLUX.2's
+    double blocks share BFL's names but not their diffusers ones), so each family has its own table."""
     return {
         prefix + source.replace(".", "_"): target
-        for table in KOHYA_TABLES
+        for table in (KOHYA_TEXT_ENCODERS, RULES[family].kohya)
         for prefix, (component, layout) in table.items()
         for source in layout.names()
         if (target := layout.target(component, source))
     }
 
 
-def _resolve(stem: str) -> LoRATarget | None:
-    """A LoRA's name in a file (its keys less the factor suffix) -> the layer it adapts; None if unknown."""
+def _resolve(stem: str, family: int) -> LoRATarget | None:
+    """A LoRA's name in a file (its keys less the factor suffix) -> the layer it adapts as family `family` (an
+    index into RULES) names its layers; None if unknown."""
+    rules = RULES[family]
     if stem.startswith(KOHYA_PREFIXES):
-        return _kohya_names().get(stem)
-    for rules in RULES:  # a family's own namings (XLabs', diffusers' first format)
-        if (own := rules.resolve(stem)) is not None:
-            return own.layout.target(own.component, own.layer) if own.layout else own
+        return _kohya_names(family).get(stem)
+    if (own := rules.resolve(stem)) is not None:  # the family's own namings (XLabs', diffusers' first format)
+        return own.layout.target(own.component, own.layer) if own.layout else own
     prefix = next((p for p in ALL_PREFIXES if stem.startswith(p)), "")
     component, name = ALL_PREFIXES.get(prefix), stem[len(prefix) :]
-    for rules in RULES:  # an original layout (BFL's), with its component's prefix or none
-        for owner, layout in rules.original.items():
-            if component in (None, owner) and (target := layout.target(owner, name)):
-                return target
+    for owner, layout in rules.original.items():  # an original layout (BFL's), with its component's prefix or none
+        if component in (None, owner) and (target := layout.target(owner, name)):
+            return target
     if component is None:
         return None
     if component.startswith("text_encoder") and name.startswith("encoder.layers."):  # transformers 5's CLIP
@@ -176,16 +182,9 @@ def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     return {key: tuple(tensor["shape"]) for key, tensor in header.items()}, metadata
 
 
-def _entries(path: Path, shapes: dict[str, tuple[int, ...]]) -> list[_Entry]:
-    """The LoRAs in a file, from its keys and shapes; LoRAFormatError for anything that is not one we know."""
-    for pattern, kind in REFUSED:
-        if any(re.search(pattern, key) for key in shapes):
-            raise LoRAFormatError(f"{path} is {kind}, which is not supported; use a LoRA (kohya or diffusers format)")
-    if not any("lora" in key.lower() for key in shapes):
-        raise LoRAFormatError(
-            f"{path} is not a LoRA: it has no LoRA weights"
-            + (f" (keys like {sorted(shapes)[:3]})" if shapes else " (it is empty)")
-        )
+def _entries(path: Path, shapes: dict[str, tuple[int, ...]], family: int) -> tuple[list[_Entry], list[str]]:
+    """The LoRAs in a file as family `family` (an index into RULES) names layers, from its keys and shapes,
+    and the keys that are none of them."""
     entries: list[_Entry] = []
     used: set[str] = set()
     for key in shapes:
@@ -194,27 +193,40 @@ def _entries(path: Path, shapes: dict[str, tuple[int, ...]]) -> list[_Entry]:
             continue
         down_suffix, up_suffix = factors
         stem = key[: -len(down_suffix)]
-        up, alpha, target = stem + up_suffix, stem + ".alpha", _resolve(stem)
+        up, alpha, target = stem + up_suffix, stem + ".alpha", _resolve(stem, family)
         if target is None or up not in shapes:
-            continue  # reported below, with the other keys nothing used
+            continue  # reported with the other keys nothing used
         down_shape, up_shape = shapes[key], shapes[up]
         if len(down_shape) not in (2, 4) or len(up_shape) != len(down_shape) or up_shape[1] != down_shape[0]:
             raise LoRAFormatError(f"{path}: {key} {list(down_shape)} and {up} {list(up_shape)} are not LoRA factors")
         entries.append(_Entry(target, key, up, alpha if alpha in shapes else None))
         used.update((key, up, alpha))
-    unknown = sorted(set(shapes) - used)
-    if unknown:
-        raise LoRAFormatError(f"{path}: {len(unknown)} keys are not LoRA layers this server knows, e.g. {unknown[:3]}")
-    return entries
+    return entries, sorted(set(shapes) - used)
 
 
-def _family(path: Path, entries: list[_Entry], shapes: dict[str, tuple[int, ...]]) -> str:
-    """The family a LoRA fits, from its layer names and its factors' shapes: the first in FAMILIES whose LoRA
-    rules claim it (each family's `lora_family` says when)."""
-    seen = [LoRAEntry(*e.target, e.down, shapes[e.down]) for e in entries]
-    for spec in FAMILIES:
-        if spec.detect.lora is not None and (family := spec.detect.lora(seen)) is not None:
-            return family
+def _plan(path: Path, shapes: dict[str, tuple[int, ...]]) -> tuple[str, list[_Entry]]:
+    """The family a LoRA fits and its LoRAs in that family's names: the first family in FAMILIES that names
+    every key of the file and whose LoRA rules claim the layers it reads (each family's `lora_family` says
+    when); LoRAFormatError for anything that is not a LoRA we know."""
+    for pattern, kind in REFUSED:
+        if any(re.search(pattern, key) for key in shapes):
+            raise LoRAFormatError(f"{path} is {kind}, which is not supported; use a LoRA (kohya or diffusers format)")
+    if not any("lora" in key.lower() for key in shapes):
+        raise LoRAFormatError(
+            f"{path} is not a LoRA: it has no LoRA weights"
+            + (f" (keys like {sorted(shapes)[:3]})" if shapes else " (it is empty)")
+        )
+    fewest: list[str] | None = None  # the unknown keys of the family that names the most
+    for family, rules in enumerate(RULES):
+        entries, unknown = _entries(path, shapes, family)
+        if unknown:
+            fewest = unknown if fewest is None or len(unknown) < len(fewest) else fewest
+            continue
+        seen = [LoRAEntry(*e.target, e.down, shapes[e.down]) for e in entries]
+        if (name := rules(seen)) is not None:
+            return name, entries
+    if fewest:
+        raise LoRAFormatError(f"{path}: {len(fewest)} keys are not LoRA layers this server knows, e.g. {fewest[:3]}")
     raise LoRAFormatError(f"{path}: its layers fit no model family this server serves")
 
 
@@ -226,7 +238,7 @@ def lora_family(path: Path) -> str:
     is not a LoRA this server reads."""
     path = Path(path)
     shapes, _ = _header(path)
-    return _family(path, _entries(path, shapes), shapes)
+    return _plan(path, shapes)[0]
 
 
 def _peft_scale(config: dict, component: str, layer: str, rank: int) -> float | None:
@@ -250,7 +262,7 @@ def read_lora(path: Path) -> LoRAFile:
 
     path = Path(path)
     shapes, metadata = _header(path)
-    entries = _entries(path, shapes)
+    family, entries = _plan(path, shapes)
     try:
         peft = json.loads(metadata.get(PEFT_METADATA) or "{}")
     except ValueError:
@@ -271,4 +283,4 @@ def read_lora(path: Path) -> LoRAFile:
                 raise LoRAFormatError(f"{path} adapts {component_name} layer {name} twice")
             if len(part):  # (XLabs' single-block qkv has no MLP part)
                 component[name] = LoRALayer(down, part, 1.0 if scale is None else scale)
-    return LoRAFile(_family(path, entries, shapes), layers)
+    return LoRAFile(family, layers)

@@ -6,6 +6,8 @@ const $ = (id) => document.getElementById(id);
 const KEY_STORAGE = "mlx-sd-server.api-key";
 let controller = null;  // the running request's AbortController (closing the stream cancels the job)
 let painting = null;    // {x, y} while the mouse/pen is down on the mask
+let inputs = [];        // the edit's input images (File), in order: the mask paints over the first
+let painted = null;     // the File the mask painter shows
 
 function headers(extra) {
   const result = Object.assign({}, extra || {});
@@ -53,8 +55,12 @@ async function loadModels() {
         option.dataset.t5Default = length.default;
         option.dataset.t5Maximum = length.maximum;
       }
+      // what its edits are: instruction edits of up to `references` images, or img2img of one; a mask or not
+      option.dataset.references = (model && model.references) || 0;
+      option.dataset.inpainting = model && model.inpainting ? "1" : "";
     }
     showAdvanced();
+    showEditControls();
     if (!select.options.length) setStatus("the server serves no models", true);
     else if ($("status").dataset.models) setStatus("");
     delete $("status").dataset.models;
@@ -106,35 +112,104 @@ function addLora() {
   $("lora").value = "";
 }
 
-// --- the mask painter: a canvas at the uploaded image's own size, laid over it ---------------------------
+// --- the input images, and the mask painter: a canvas at the first image's own size, laid over it --------
 
-function loadImage(file) {
+function modelEdits() {
+  const chosen = $("model").selectedOptions[0];
+  return {references: chosen ? Number(chosen.dataset.references || 0) : 0,
+          inpainting: !!(chosen && chosen.dataset.inpainting)};
+}
+
+function addImages(files) {
+  for (const file of files) {
+    if (!file.type || file.type.startsWith("image/")) inputs.push(file);
+  }
+  showInputs();
+}
+
+function showInputs() {
+  const list = $("inputs");
+  for (const img of list.querySelectorAll("img")) URL.revokeObjectURL(img.src);
+  list.textContent = "";
+  inputs.forEach((file, index) => {
+    const item = document.createElement("li");
+    const img = document.createElement("img");
+    img.src = URL.createObjectURL(file);
+    img.alt = img.title = (index + 1) + ": " + (file.name || "image");
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.textContent = "×";
+    remove.title = "remove this image";
+    remove.addEventListener("click", () => { inputs.splice(index, 1); showInputs(); });
+    item.append(img, remove);
+    list.appendChild(item);
+  });
+  showEditControls();
+}
+
+// What the chosen model does with the inputs: the mask painter only where it inpaints, strength only where
+// it is meaningful (img2img; an instruction edit has none unless a mask makes it inpainting).
+function showEditControls() {
+  const {references, inpainting} = modelEdits();
+  const limit = Math.max(references, 1);
+  const hint = $("inputs-hint");
+  hint.hidden = !inputs.length;
+  hint.textContent = (references
+    ? "Instruction edit: the prompt says what to do with the image" + (references > 1 ? "s (up to " + references + ")" : "")
+    : "Image-to-image: this model edits one image") + (inpainting ? "; paint a mask on the first to inpaint." : ".");
+  hint.classList.toggle("error", inputs.length > limit);
+  if (inputs.length > limit) hint.textContent += " Remove " + (inputs.length - limit) + " of them.";
+  if (inpainting && inputs.length) showPainter(inputs[0]);
+  else hidePainter();
+  const masked = !$("painter").hidden && !!$("mask").dataset.painted;
+  $("strength-label").hidden = !!references && !masked;
+}
+
+// Shown once the image has loaded (sizing the canvas clears it, so nothing may be painted before).
+function showPainter(file) {
+  if (painted === file) {  // the same first image: its mask stays
+    if ($("source").dataset.loaded) for (const id of PAINTER) $(id).hidden = false;
+    return;
+  }
+  painted = file;
+  hidePainter();
   const source = $("source");
   if (source.src) URL.revokeObjectURL(source.src);
+  delete source.dataset.loaded;
   source.onload = () => {
     const canvas = $("mask");
     canvas.width = source.naturalWidth;
     canvas.height = source.naturalHeight;
     canvas.dataset.painted = "";
-    $("painter").hidden = false;
-    $("mask-hint").hidden = false;
+    source.dataset.loaded = "1";
+    showEditControls();
   };
   source.src = URL.createObjectURL(file);
 }
 
-function removeImage() {
+const PAINTER = ["painter", "mask-hint", "brush-label", "clear-mask"];
+
+function hidePainter() {
+  for (const id of PAINTER) $(id).hidden = true;
+}
+
+function removeImages() {
+  inputs = [];
+  painted = null;
   $("image").value = "";
-  $("painter").hidden = true;
-  $("mask-hint").hidden = true;
   const source = $("source");
   if (source.src) URL.revokeObjectURL(source.src);
   source.removeAttribute("src");
+  delete source.dataset.loaded;
+  $("mask").dataset.painted = "";
+  showInputs();
 }
 
 function clearMask() {
   const canvas = $("mask");
   canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
   canvas.dataset.painted = "";
+  showEditControls();
 }
 
 function canvasPoint(event) {
@@ -198,15 +273,16 @@ function settings() {
 }
 
 async function requestBody(values) {
-  const file = $("image").files[0];
-  if (!file) return {url: "v1/images/generations", body: JSON.stringify(values), type: "application/json"};
-  values.strength = Number($("strength").value);
+  if (!inputs.length) return {url: "v1/images/generations", body: JSON.stringify(values), type: "application/json"};
+  const masked = !$("painter").hidden && !!$("mask").dataset.painted;
+  if (!$("strength-label").hidden) values.strength = Number($("strength").value);
   const form = new FormData();
   for (const [name, value] of Object.entries(values)) {
     if (value !== undefined) form.append(name, String(value));
   }
-  form.append("image", file, file.name || "image.png");
-  if ($("mask").dataset.painted) form.append("mask", await maskBlob(), "mask.png");
+  // several images as the openai SDK sends a list: one `image[]` part each, in order
+  for (const file of inputs) form.append(inputs.length > 1 ? "image[]" : "image", file, file.name || "image.png");
+  if (masked) form.append("mask", await maskBlob(), "mask.png");
   return {url: "v1/images/edits", body: form, type: null};
 }
 
@@ -340,16 +416,28 @@ function init() {
   });
   $("model").addEventListener("change", loadLoras);
   $("model").addEventListener("change", showAdvanced);
+  $("model").addEventListener("change", showEditControls);
   $("lora").addEventListener("change", addLora);
   $("form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", () => controller && controller.abort());
-  $("image").addEventListener("change", () => $("image").files[0] ? loadImage($("image").files[0]) : removeImage());
-  $("remove-image").addEventListener("click", removeImage);
+  $("image").addEventListener("change", () => {
+    addImages($("image").files);
+    $("image").value = "";  // (the next choice adds to these, and may add the same file again)
+  });
+  const edit = $("edit");  // drag and drop of image files anywhere on the edit box
+  edit.addEventListener("dragover", (e) => { e.preventDefault(); edit.classList.add("dropping"); });
+  edit.addEventListener("dragleave", () => edit.classList.remove("dropping"));
+  edit.addEventListener("drop", (e) => {
+    e.preventDefault();
+    edit.classList.remove("dropping");
+    addImages(e.dataTransfer.files);
+  });
+  $("remove-image").addEventListener("click", removeImages);
   $("clear-mask").addEventListener("click", clearMask);
   const canvas = $("mask");
   canvas.addEventListener("pointerdown", (e) => { canvas.setPointerCapture(e.pointerId); painting = null; paint(e); });
   canvas.addEventListener("pointermove", (e) => { if (painting) paint(e); });
-  const stop = () => { painting = null; };
+  const stop = () => { if (painting) showEditControls(); painting = null; };
   canvas.addEventListener("pointerup", stop);
   canvas.addEventListener("pointercancel", stop);
   loadModels().then(loadLoras);

@@ -15,6 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from mlx_sd_server.engine.components import ComponentKind
 from mlx_sd_server.engine.families.lora import LoRARules
+from mlx_sd_server.engine.families.runtime import (
+    InpaintingChannels,
+    LatentMask,
+    downsample_mask,
+    pooled_mask_channels,
+)
 from mlx_sd_server.engine.sampling.samplers import SAMPLE_METHODS
 from mlx_sd_server.engine.sampling.schedules import SCHEDULERS
 from mlx_sd_server.engine.source import ArchitectureHints, FilePart, OriginalModel, Tensors
@@ -28,6 +34,17 @@ DEFAULT_GUIDANCE = 3.5  # distilled guidance when a guidance-embedding model's m
 # the diffusers pipeline's own settings where its model_index.json has some (FLUX.2 klein's `is_distilled`).
 Configs = Mapping[str, Mapping[str, Any]]
 PIPELINE = "pipeline"
+PIPELINE_CLASS = "_class_name"  # in `pipeline`: the class where it tells a variant (Detection.pipelines)
+
+
+def no_pipeline_settings(manifest: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`FamilySpec.torch_settings` of a family whose diffusers pipelines take only their modules."""
+    return {}
+
+
+def torch_runs_all(manifest: Mapping[str, Any]) -> str | None:
+    """`FamilySpec.torch_refusal` of a family whose every model its torch pipelines run."""
+    return None
 
 
 @dataclass(frozen=True)
@@ -41,6 +58,7 @@ class ModelDefaults:
     width: int = 512
     height: int = 512
     guidance: float | None = None  # distilled guidance, for models with a guidance embedding
+    strength: float | None = None  # edits' strength where the model has its own (FLUX.1 Fill: 1); None: the table's
 
 
 T5_TOKEN_LIMIT = 512  # the most T5 tokens diffusers' FLUX and SD3 pipelines take (`max_sequence_length`)
@@ -79,6 +97,8 @@ class Capabilities:
     # Instruction edits: how many input images the model reads as references beside the prompt (0: it has no
     # instruction edits; its edits are img2img and inpainting)
     references: int = 0
+    # It only inpaints (FLUX.1 Fill): every request brings an image and a mask
+    mask_required: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +144,9 @@ class Detection:
     # Its LoRAs' names beyond diffusers/PEFT's, and the rule that tells a LoRA made for it (a manifest family
     # name, or None when the LoRA is not this family's). Families are asked in FAMILIES' order.
     lora: LoRARules | None = None
+    # diffusers pipeline classes (model_index.json's `_class_name`) that tell a variant its configs cannot
+    # (FLUX.1 Kontext's networks are dev's): a folder of one keeps it in its manifest's `pipeline`
+    pipelines: tuple[str, ...] = ()
 
 
 # (the family's spec, per component the file's tensors and the component's prefix in it, the prediction type
@@ -168,8 +191,24 @@ class FamilySpec:
     optional_text_encoders: tuple[str, ...] = ()  # text encoders a model may be converted without (SD3's T5)
     # diffusers' txt2img pipeline class by manifest family, for --engine torch (absent: MLX only)
     torch_pipelines: Mapping[str, str] = field(default_factory=dict)
+    # What else those pipelines' constructors take, from a manifest (FLUX.2 klein's is_distilled), for --engine torch
+    torch_settings: Callable[[Mapping[str, Any]], Mapping[str, Any]] = no_pipeline_settings
+    # The cfg_scale those pipelines' guidance_scale counts from: theirs is cfg_scale - this (Z-Image's guide
+    # pos + g (pos - neg), which is our neg + cfg_scale (pos - neg) at g = cfg_scale - 1)
+    torch_cfg_offset: float = 0.0
+    # Why --engine torch cannot run this model of the family (None: it can), told at load (FLUX.1 Fill)
+    torch_refusal: Callable[[Mapping[str, Any]], str | None] = torch_runs_all
     title: str = ""  # for messages: "FLUX.1"
     original: OriginalLayout | None = None  # its single files, if it has a layout of its own
+    # How its inpainting models (runtime `inpainting_model`) take the mask and the masked image's latents as
+    # input channels (runtime.py: SD's 9-channel UNets' way, pooled_mask_channels, unless it says another)
+    inpainting_channels: InpaintingChannels = pooled_mask_channels
+    # How inpainting with its regular models brings the mask to the latent grid it blends on (runtime.py:
+    # max-pooled, downsample_mask, unless it says another: FLUX.2 klein's is bilinear)
+    latent_mask: LatentMask = downsample_mask
+    # Whether an edit's source image is also the first reference image its network reads (FLUX.2 klein's
+    # inpainting feeds the source to the transformer besides noising it; runtime.py)
+    source_as_reference: bool = False
 
     def component(self, name: str) -> ComponentSpec | None:
         return next((c for c in self.components if c.name == name), None)

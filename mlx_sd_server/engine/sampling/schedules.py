@@ -210,14 +210,15 @@ def flow_sigmas(
     return SCHEDULES[scheduler](steps, ends)
 
 
-def img2img_sigmas(sigmas: np.ndarray, steps: int, strength: float) -> np.ndarray:
-    """The tail of a schedule that img2img runs: the last floor(steps * strength) steps.
-
-    This is diffusers' rule (StableDiffusionImg2ImgPipeline), so results match it: strength 1 runs the
-    whole schedule from the noised image, strength 0 runs no step (the image comes back re-encoded).
-    stable-diffusion.cpp runs one step more (t_enc + 1); we follow the documented meaning of strength.
+def img2img_sigmas(sigmas: np.ndarray, steps: int, strength: float, flow: bool = False) -> np.ndarray:
+    """The tail of a schedule that img2img runs, by diffusers' rules, so results match it: its Stable
+    Diffusion pipelines keep floor(steps * strength) steps; its flow pipelines (SD3, FLUX, Z-Image, FLUX.2)
+    skip floor(steps - steps * strength) and keep the rest, one more where steps * strength has a fraction
+    (4 steps at 0.6: 3, not 2). Strength 1 runs the whole schedule from the noised image, strength 0 runs no
+    step (the image comes back re-encoded). stable-diffusion.cpp runs one step more (t_enc + 1); we follow
+    the documented meaning of strength.
     """
-    kept = min(int(steps * strength), steps)
+    kept = steps - int(max(steps - steps * strength, 0)) if flow else min(int(steps * strength), steps)
     return np.asarray(sigmas)[steps - kept :]
 
 

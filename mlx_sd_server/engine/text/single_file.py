@@ -2,8 +2,10 @@
 
 CLIP-L, CLIP-G and T5-XXL files (FLUX's and SD3's split files, ComfyUI's bundles) are already in transformers'
 names; SD 2.x and SDXL checkpoints keep their OpenCLIP encoders in open_clip's (one packed q/k/v projection,
-`ln_1`, `c_fc`...). The head size and T5's attention reach are not in the weights (`ArchitectureHints`): where
-they are not given, the released models' are guesses (`Guess`).
+`ln_1`, `c_fc`...). Qwen3 files (Z-Image's and FLUX.2 klein's qwen_3_4b / qwen_3_8b) are in transformers' names
+too; llama.cpp's GGUF files of it are renamed to them as they are read (convert.gguf_source). The head size,
+T5's attention reach and Qwen3's rotary base are not in the weights (`ArchitectureHints`; a GGUF's metadata
+says the last): where they are not given, the released models' are guesses (`Guess`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from mlx_sd_server.engine.source import (
     OriginalComponent,
     Tensors,
     count_distinct,
+    file_metadata,
     guess,
     known_keys,
     strip_prefix,
@@ -47,11 +50,26 @@ T5_XXL = FilePart(
     ("", "text_encoders.t5xxl.transformer."),
     "--t5xxl",
 )
+# Qwen3: ComfyUI's files hold Qwen3ForCausalLM's names (under `model.`, maybe beside an `lm_head`), others and
+# llama.cpp's GGUF files (renamed as read) Qwen3Model's, without a prefix. q_norm: Qwen3's (Qwen2 has none).
+QWEN3_LLM = FilePart(
+    "the Qwen3 text encoder (e.g. qwen_3_4b.safetensors or Qwen3-4B-Instruct-2507-Q4_K_M.gguf)",
+    "layers.0.self_attn.q_norm.weight",
+    ("model.", ""),
+    "--llm",
+)
 CLIP_WEIGHTS = ("embeddings.", "encoder.", "final_layer_norm.")  # under `text_model.`
 T5_WEIGHTS = ("shared.", "encoder.")
 T5_TIED_EMBEDDING = "encoder.embed_tokens.weight"  # a copy of `shared.weight` some files hold instead of it
 CLIP_WIDTHS = (768, 1024, 1280)  # the released CLIPs': OpenAI ViT-L, OpenCLIP ViT-H and bigG
 T5_BUCKETS = 32  # every released T5's relative attention buckets (and reach, 128)
+QWEN3_WEIGHTS = ("embed_tokens.", "layers.", "norm.")  # Qwen3Model's (under `model.` in a Qwen3ForCausalLM)
+QWEN3_LM_HEAD = "lm_head.weight"  # a causal LM's output layer: not an encoder's
+QWEN3_WIDTHS = (2560, 4096)  # the released encoders': Qwen3-4B (Z-Image, klein 4B) and Qwen3-8B (klein 9B)
+QWEN3_GGUF_ARCHITECTURE = "qwen3"  # llama.cpp's `general.architecture`, and its hyperparameters' prefix
+# Every Qwen3's (not in the weights; a GGUF file's metadata says them too)
+QWEN3_RMS_NORM_EPS = 1e-6
+QWEN3_CONTEXT = 40960  # max_position_embeddings: a bound on prompts, not used by the encoder's computation
 
 OPEN_CLIP_NAMES = {
     "ln_1": "layer_norm1",
@@ -268,3 +286,61 @@ def read_t5(tensors: Tensors, prefix: str, hints: ArchitectureHints) -> Original
     standard = config["relative_attention_num_buckets"] == T5_BUCKETS
     guessed = guess(hints, "t5_max_distance", config, "relative_attention_max_distance", standard)
     return OriginalComponent(config, keys, lambda key, value: [(name(key), value)], guessed=guessed)
+
+
+def gguf_hyperparameters(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """A llama.cpp Qwen3 GGUF file's hyperparameters (`qwen3.rope.freq_base`, ..., their prefix removed); none
+    for other files."""
+    if metadata.get("general.architecture") != QWEN3_GGUF_ARCHITECTURE:
+        return {}
+    prefix = QWEN3_GGUF_ARCHITECTURE + "."
+    return {key[len(prefix) :]: value for key, value in metadata.items() if key.startswith(prefix)}
+
+
+def qwen3_config(shapes: Tensors, gguf: Mapping[str, Any], hints: ArchitectureHints) -> dict[str, Any]:
+    """The transformers Qwen3Config (of a Qwen3Model) for Qwen3 weights in Qwen3Model's names, from shapes (the
+    q/k norms' width is the head size), and where shapes cannot tell, from a llama.cpp GGUF file's
+    hyperparameters (`gguf`). The rotary base: the `llm_rope_theta` hint where given, else the file's, else the
+    released models'."""
+    vocab_size, hidden_size = shapes["embed_tokens.weight"].shape
+    attention = "layers.0.self_attn."
+    head_dim = shapes[f"{attention}q_norm.weight"].shape[0]
+    scaling = gguf.get("rope.scaling.type", "none")
+    if scaling != "none":
+        raise CheckpointError(f"this Qwen3 text encoder scales its rotary embedding ({scaling}): not supported")
+    rope_theta = hints.llm_rope_theta or gguf.get("rope.freq_base") or hints.value("llm_rope_theta")
+    return {
+        "architectures": ["Qwen3Model"],
+        "attention_bias": f"{attention}q_proj.bias" in shapes,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "hidden_size": hidden_size,
+        "intermediate_size": shapes["layers.0.mlp.gate_proj.weight"].shape[0],
+        "max_position_embeddings": int(gguf.get("context_length", QWEN3_CONTEXT)),
+        "model_type": "qwen3",
+        "num_attention_heads": shapes[f"{attention}q_proj.weight"].shape[0] // head_dim,
+        "num_hidden_layers": count_distinct(shapes, r"layers\.(\d+)\."),
+        "num_key_value_heads": shapes[f"{attention}k_proj.weight"].shape[0] // head_dim,
+        "rms_norm_eps": float(gguf.get("attention.layer_norm_rms_epsilon", QWEN3_RMS_NORM_EPS)),
+        "rope_theta": float(rope_theta),
+        "tie_word_embeddings": True,  # (the encoder has no output layer to tie)
+        "use_sliding_window": False,
+        "vocab_size": vocab_size,
+    }
+
+
+def read_qwen3(tensors: Tensors, prefix: str, hints: ArchitectureHints) -> OriginalComponent:
+    """Qwen3 as a text encoder (transformers' Qwen3Model) from weights in Qwen3Model's names under `prefix`
+    (`QWEN3_LLM`'s); an LM head beside them is left out. Its rotary base is a guess where neither the
+    `llm_rope_theta` hint nor a GGUF file's metadata gives it."""
+    known = known_keys(tensors, prefix, lambda k: k.startswith(QWEN3_WEIGHTS) or k == QWEN3_LM_HEAD, "Qwen3")
+    keys = [k for k in known if k != prefix + QWEN3_LM_HEAD]
+
+    def mapper(key: str, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        return [(key[len(prefix) :], value)]
+
+    gguf = gguf_hyperparameters(file_metadata(tensors))
+    config = qwen3_config({k[len(prefix) :]: tensors[k] for k in keys}, gguf, hints)
+    standard = config["hidden_size"] in QWEN3_WIDTHS
+    guessed = () if "rope.freq_base" in gguf else guess(hints, "llm_rope_theta", config, "rope_theta", standard)
+    return OriginalComponent(config, keys, mapper, guessed=guessed)

@@ -6,7 +6,7 @@ LoRA from an SD3 one."""
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cache
 
 import numpy as np
@@ -30,24 +30,29 @@ ONLY_FLUX_LAYERS = ("single_transformer_blocks.", "x_embedder", "time_text_embed
 WIDTH = 3072  # FLUX.1's hidden size (SD3's transformers are narrower)
 
 
-@cache
-def bfl_layers() -> dict[str, str]:
-    """A FLUX transformer's layers in BFL names: its linears, not its norms."""
-    names = list(FLUX_NAMES) + [
-        f"{block}.{i}.{name}" for block, (_, table) in BLOCKS.items() for i in range(DEPTH) for name in table
-    ]
-    return {name: name for name in names if "norm" not in name}
+# A transformer weight mapper from BFL's names: (key, value, hidden_size=...) -> diffusers' (key, value) pairs
+BFLMapper = Callable[..., list[tuple[str, np.ndarray]]]
 
 
-def bfl_to_diffusers(layer: str, up: np.ndarray, width: int) -> list[tuple[str, np.ndarray]]:
-    """A BFL layer's `up` as its weight maps: fused ones split along the rows (`down`'s width is the hidden size)."""
-    return [
-        (name.removesuffix(".weight"), part)
-        for name, part in map_bfl_transformer_weight(f"{layer}.weight", up, hidden_size=width)
-    ]
+def bfl_layout(top: Iterable[str], blocks: Mapping[str, tuple[str, Iterable[str]]], mapper: BFLMapper) -> Layout:
+    """A transformer's layers in BFL names (FLUX.1's, FLUX.2's): the `top` modules and up to DEPTH of each kind
+    of block's (`blocks`: BFL block -> (diffusers block, its modules)), linears not norms. A layer's `up` maps
+    as its weight does by `mapper`: fused ones split along the rows (`down`'s width is the hidden size)."""
+
+    @cache
+    def layers() -> dict[str, str]:
+        names = list(top) + [
+            f"{block}.{i}.{name}" for block, (_, table) in blocks.items() for i in range(DEPTH) for name in table
+        ]
+        return {name: name for name in names if "norm" not in name}
+
+    def to_diffusers(layer: str, up: np.ndarray, width: int) -> list[tuple[str, np.ndarray]]:
+        return [(name.removesuffix(".weight"), part) for name, part in mapper(f"{layer}.weight", up, hidden_size=width)]
+
+    return Layout(layers, to_diffusers)
 
 
-BFL = Layout(bfl_layers, bfl_to_diffusers)
+BFL = bfl_layout(FLUX_NAMES, BLOCKS, map_bfl_transformer_weight)
 
 
 def xlabs_layer(stem: str) -> LoRATarget | None:
@@ -58,12 +63,13 @@ def xlabs_layer(stem: str) -> LoRATarget | None:
 
 
 def lora_family(entries: Sequence[LoRAEntry]) -> str | None:
-    """flux: a BFL-named layer (kohya, BFL/ComfyUI, XLabs), a diffusers transformer with FLUX-only layers
-    (single blocks, x_embedder, guidance) or FLUX's width; without a transformer, T5 layers as FLUX's
-    text_encoder_2 (kohya's lora_te3_, ComfyUI's t5xxl), unless the LoRA has SD3's text_encoder_3."""
-    if any(e.layout is BFL for e in entries):
-        return "flux"
+    """flux: BFL-named layers (kohya, BFL/ComfyUI, XLabs), all of the transformer's (Z-Image's original names
+    share `final_layer.`), a diffusers transformer with FLUX-only layers (single blocks, x_embedder, guidance)
+    or FLUX's width; without a transformer, T5 layers as FLUX's text_encoder_2 (kohya's lora_te3_, ComfyUI's
+    t5xxl), unless the LoRA has SD3's text_encoder_3."""
     transformer = [e for e in entries if e.component == "transformer"]
+    if any(e.layout is BFL for e in transformer):
+        return "flux" if all(e.layout is BFL for e in transformer) else None
     if transformer:
         flux = any(e.layer.startswith(ONLY_FLUX_LAYERS) or e.down_shape[1] == WIDTH for e in transformer)
         return "flux" if flux else None

@@ -217,10 +217,12 @@ class Flux2Transformer2DModel(nn.Module):
         img_ids: mx.array,
         txt_ids: mx.array,
         guidance: mx.array | float | None = None,
+        generated: int | None = None,
     ) -> mx.array:
         """The velocity for tokens (B, L_img, in_channels) at sigmas `timestep` (B,) in [0, 1], given text
         states (B, L_txt, joint_attention_dim); ids (L_img, 4) and (L_txt, 4). L_img may include reference
-        images' tokens after the noisy ones: the output has a velocity for every token (keep the first).
+        images' tokens after the noisy ones: with `generated` (the noisy tokens' count) the output is theirs
+        alone (B, generated, out_channels), as the pipelines slice it; else every token's.
 
         Computes in hidden_states' dtype. `guidance` (B,) is the distilled guidance scale of FLUX.2 dev; models
         without a guidance embedding (klein) ignore it.
@@ -248,7 +250,7 @@ class Flux2Transformer2DModel(nn.Module):
         x = mx.concatenate([context, x], axis=1)
         for single_block in self.single_transformer_blocks:
             x = single_block(x, single_mod, rope)
-        x = x[:, text:]
+        x = x[:, text : None if generated is None else text + generated]  # (references: not predicted)
 
         scale, shift = self.norm_out(cond)
         return self.proj_out(modulate(x, shift, scale, c.eps))

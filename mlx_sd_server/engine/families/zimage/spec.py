@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from mlx_sd_server.engine.families.spec import (
@@ -13,8 +13,10 @@ from mlx_sd_server.engine.families.spec import (
     FamilySpec,
     LatentFormat,
     ModelDefaults,
+    OriginalLayout,
     Variant,
 )
+from mlx_sd_server.engine.families.zimage import single_file
 from mlx_sd_server.engine.families.zimage.family import ZImageFamily
 from mlx_sd_server.engine.families.zimage.lora import LORA
 from mlx_sd_server.engine.families.zimage.transformer import ZIMAGE_TRANSFORMER, ZImageTransformerConfig
@@ -22,11 +24,6 @@ from mlx_sd_server.engine.sampling.samplers import FLOW_SAMPLERS
 from mlx_sd_server.engine.sampling.schedules import FLOW_SCHEDULER_SETTINGS, FLOW_SCHEDULES
 from mlx_sd_server.engine.text.qwen3 import QWEN3_ENCODER
 from mlx_sd_server.engine.vae import AUTOENCODER_KL, downscale_factor
-
-# The original (Tongyi-MAI, ComfyUI) transformer layout, bare or under ComfyUI's prefix: diffusers' own test
-# for a Z-Image file (Lumina 2, its relative, names this modulation `adaLN_modulation.1`).
-SINGLE_FILE_MARKER = "layers.0.adaLN_modulation.0.weight"
-COMFYUI_PREFIX = "model.diffusion_model."
 
 # Turbo: diffusers' example (8 steps, guidance_scale 0: no CFG). Base: ZImagePipeline's defaults, 50 steps and
 # guidance_scale 5.0, which is cfg_scale 6 here (diffusers' pos + g(pos - neg) is our neg + (g + 1)(pos - neg)).
@@ -42,7 +39,8 @@ def variant_of(family: str, prediction_type: str, configs: Configs, name: str) -
 
 def capabilities(manifest: Mapping[str, Any], has_controlnet: bool) -> Capabilities:
     """Sides are multiples of the VAE's downscale times the transformer's patch (16); no ControlNet, no distilled
-    guidance embedding, no LoRAs yet; Qwen3 reads a fixed 512 tokens (no `max_sequence_length`, which is T5's)."""
+    guidance embedding; LoRAs on the transformer (lora.py); Qwen3 reads a fixed 512 tokens (no
+    `max_sequence_length`, which is T5's)."""
     components = manifest["components"]
     patch = ZImageTransformerConfig.from_dict(components["transformer"]["config"]).patch_size
     return Capabilities(
@@ -50,15 +48,9 @@ def capabilities(manifest: Mapping[str, Any], has_controlnet: bool) -> Capabilit
         samplers=FLOW_SAMPLERS,
         schedulers=FLOW_SCHEDULES,
         controlnet=False,
-        lora=False,
+        lora=True,
         size_multiple=downscale_factor(components["vae"]["config"]) * patch,
     )
-
-
-def is_single_file(names: Iterable[str]) -> bool:
-    """A Z-Image transformer in its original layout (a ComfyUI file, its GGUF quantizations): recognised, so
-    that it is not taken for SD's (whose prefix ComfyUI's files share), and refused (no `original` layout yet)."""
-    return any(name.removeprefix(COMFYUI_PREFIX) == SINGLE_FILE_MARKER for name in names)
 
 
 SPEC = FamilySpec(
@@ -76,6 +68,11 @@ SPEC = FamilySpec(
     latent={"zimage": LatentFormat(16, 0.3611, 0.1159, patch_size=2)},
     variant_of=variant_of,
     capabilities=capabilities,
-    detect=Detection(diffusers_classes=("ZImageTransformer2DModel",), single_file=is_single_file, lora=LORA),
+    detect=Detection(
+        diffusers_classes=("ZImageTransformer2DModel",), single_file=single_file.is_single_file, lora=LORA
+    ),
+    torch_pipelines={"zimage": "ZImagePipeline"},
+    torch_cfg_offset=1.0,
     title="Z-Image",
+    original=OriginalLayout(single_file.parts, single_file.read, single_file.EXPECTS, single_file.OPTIONS),
 )
