@@ -2,7 +2,7 @@
 
     python bench/flux.py [--blocks 19] [--size 1024x1024] [--bits 4] [--t5-layers 24] [--text-tokens 512]
                          [--parts transformer,t5,vae] [--dtype float32] [--low-memory] [--per-block] [--runs 1]
-                         [--quantized-matmul ours|mlx]
+                         [--quantized-matmul ours|mlx] [--reference WxH]
 
 What a 16 GB Mac needs for FLUX.1 dev; nothing is downloaded or converted, no torch. Each part is built at
 the released shapes with random weights in MLX (our classes; construction is lazy), cast to the compute
@@ -12,7 +12,9 @@ weights never all exist (the build peak is printed). Each part runs in its own c
 peak is its own:
 
   transformer  one denoising step (batch 1: dev's distilled guidance, no CFG) at --size with --text-tokens
-               T5 tokens; `--blocks N` keeps N double and 2N single blocks (FLUX.1: 19 and 38), or "D,S"
+               T5 tokens; `--blocks N` keeps N double and 2N single blocks (FLUX.1: 19 and 38), or "D,S";
+               `--reference WxH` makes it a FLUX.1 Kontext step: a WxH reference image's tokens appended to
+               the image's, with ids (1, row, col) (bench/kontext.py compares the two)
   t5           T5 v1.1 XXL's encoder (--t5-layers of 24) on --text-tokens tokens, with CLIP-L's weight size
   vae          FLUX's 16-channel autoencoder decoding one --size latent, in tiles where our pipeline tiles
                (`should_tile`; --low-memory's lower threshold with --low-memory)
@@ -223,6 +225,7 @@ def measure_transformer(args) -> dict:
     import mlx.core as mx
     import numpy as np
 
+    from mlx_sd_server.engine.families.flux.kontext import reference_ids
     from mlx_sd_server.engine.families.flux.transformer import (
         FluxTransformer2DModel, FluxTransformerConfig, latent_image_ids)
 
@@ -244,23 +247,29 @@ def measure_transformer(args) -> dict:
               *model.single_transformer_blocks, model.norm_out, model.proj_out]
     results |= materialise(pieces)
 
-    def transformer_inputs(width: int, height: int, text_tokens: int) -> dict:
+    def transformer_inputs(width: int, height: int, text_tokens: int, reference: tuple[int, int] | None = None) -> dict:
         latent_h, latent_w = height // 8, width // 8
         rng = np.random.default_rng(0)
+        img_ids = latent_image_ids(latent_h, latent_w)
+        tokens = img_ids.shape[0]
+        if reference is not None:  # Kontext: the reference's packed tokens follow the image's (FluxFamily.denoiser)
+            ids = reference_ids(reference[1] // 8, reference[0] // 8)
+            img_ids, tokens = mx.concatenate([img_ids, ids]), tokens + ids.shape[0]
         inputs = {
-            "hidden_states": rng.standard_normal((1, (latent_h // 2) * (latent_w // 2), 64), dtype=np.float32),
+            "hidden_states": rng.standard_normal((1, tokens, 64), dtype=np.float32),
             "encoder_hidden_states": rng.standard_normal((1, text_tokens, 4096), dtype=np.float32),
             "pooled_projections": rng.standard_normal((1, 768), dtype=np.float32),
         }
         inputs = {k: mx.array(v).astype(dtype) for k, v in inputs.items()} | {
-            "timestep": mx.array([1.0]), "img_ids": latent_image_ids(latent_h, latent_w),
+            "timestep": mx.array([1.0]), "img_ids": img_ids,
             "txt_ids": mx.zeros((text_tokens, 3)), "guidance": mx.array([3.5]),
         }
         mx.eval(inputs)
         return inputs
 
-    inputs = transformer_inputs(*args.size, args.text_tokens)
-    results["image_tokens"] = inputs["hidden_states"].shape[1]
+    inputs = transformer_inputs(*args.size, args.text_tokens, args.reference)
+    results["image_tokens"] = (args.size[0] // 16) * (args.size[1] // 16)
+    results["reference_tokens"] = inputs["hidden_states"].shape[1] - results["image_tokens"]
 
     def step(inputs: dict = inputs):
         mx.eval(model(**inputs))  # as the pipeline's denoiser: one call, one evaluation
@@ -403,7 +412,8 @@ def report(args, results: dict) -> None:
               f"{tr['single_block_bytes'] / GB:.3f} GB")
         if "double_s" in tr:
             full_s = tr["other_s"] + FULL_DEPTH[0] * tr["double_s"] + FULL_DEPTH[1] * tr["single_s"]
-            print(f"transformer block by block ({tr['image_tokens']} image + {args.text_tokens} text tokens): double "
+            print(f"transformer block by block ({tr['image_tokens']} image + {tr['reference_tokens']} reference + "
+                  f"{args.text_tokens} text tokens): double "
                   f"{tr['double_s']:.2f} s, single {tr['single_s']:.2f} s, the rest {tr['other_s']:.2f} s (that "
                   f"step {tr['profile_total_s']:.2f} s; one call {tr['step_s']:.2f} s); highest peak within a block "
                   f"{tr['block_peak_bytes'] / GB:.2f} GB")
@@ -471,6 +481,8 @@ def main() -> int:
     parser.add_argument("--quantized-matmul", choices=["ours", "mlx"], default="ours",
                         help="mlx: MLX's own QuantizedLinear, as on Metal (on the CPU ~100x slower, but with no "
                              "dequantized float32 weights in memory: for the activation peak at small sizes)")
+    parser.add_argument("--reference", type=size, default=None,
+                        help="WxH: a FLUX.1 Kontext step, with a reference image of that size (transformer only)")
     parser.add_argument("--child", choices=PARTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     ensure_fast_blas()
@@ -490,6 +502,7 @@ def main() -> int:
     width, height = args.size
     print(f"FLUX.1 dev {width}x{height}, transformer {args.blocks[0]}+{args.blocks[1]} blocks, T5 {args.t5_layers} "
           f"layers, {args.text_tokens} T5 tokens, "
+          + (f"Kontext reference {args.reference[0]}x{args.reference[1]}, " if args.reference else "")
           + (f"{args.bits}-bit group {args.group_size} ({args.quantized_matmul} quantized matmul)" if args.bits
              else "unquantized") + f", {args.dtype}; "
           f"MLX {mx.__version__} on {mx.default_device()}; at start: {load_average()}", flush=True)

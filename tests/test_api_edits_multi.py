@@ -25,7 +25,7 @@ import openai
 import pytest
 from PIL import Image
 
-from api_server import FakePipeline, FakeRegistry, live_server, multipart, request, tiny_registry
+from api_server import FakePipeline, FakeRegistry, live_server, request, tiny_registry
 from mlx_sd_server.api import Settings, create_app
 from mlx_sd_server.engine.sampling.samplers import Step
 from mlx_sd_server.images import a1111_parameters, input_labels
@@ -449,7 +449,7 @@ def spooled(monkeypatch):
 
 def test_a_17th_image_part_is_refused_as_it_starts_and_nothing_is_kept(server, spooled):
     big = png((64, 48))
-    reply = post_parts(server, [("prompt", "p"), *((f"image[]", (f"{i}.png", big)) for i in range(17))])
+    reply = post_parts(server, [("prompt", "p"), *(("image[]", (f"{i}.png", big)) for i in range(17))])
     assert reply.status == 400
     error = reply.json()["error"]
     assert error["param"] == "image" and "more than 16 image parts" in error["message"]
@@ -583,6 +583,7 @@ def png_of(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+CHANGED = 0.05 / 255  # the least mean change another input must make (see the tests below)
 # Two inputs of the same size that differ only in content (so in what a model reads, not in how many tokens it
 # reads or at which resolution): a picture and its mirror image, colours swapped
 PICTURE = png_of(sample_image(3).resize((64, 64)))
@@ -591,15 +592,16 @@ OTHER_PICTURE = png_of(Image.merge("RGB", sample_image(3).resize((64, 64)).split
 
 
 def test_a_served_klein_reads_every_reference(klein_server, tmp_path):
-    """The same seed and prompt with reference b replaced by another image: another image (and the same inputs
-    again: the same image, so the difference is the reference's)."""
+    """The same seed and prompt with reference b replaced by another image: another image. The same inputs again
+    give the same bytes, so any change is the reference's; the tiny random model's is small (measured 0.24/255 on
+    average: a pixel channel in four moves a level), hence the bound, well above nothing and under the change."""
     url, _ = klein_server
     a = INPUTS[0]
     first = sdk_edit(url, tmp_path, [a, PICTURE], steps=2)
     assert np.array_equal(sdk_edit(url, tmp_path, [a, PICTURE], steps=2), first)
     changed = float(np.abs(sdk_edit(url, tmp_path, [a, OTHER_PICTURE], steps=2) - first).mean())
     print(f"klein, reference b replaced: mean abs change {changed * 255:.2f}/255")
-    assert changed > 1 / 255
+    assert changed > CHANGED
 
 
 @pytest.fixture(scope="module")
@@ -620,7 +622,8 @@ def kontext_server(tmp_path_factory):
 
 
 def test_openai_sdk_instruction_edit_on_a_served_kontext(kontext_server, tmp_path):
-    """One input image, read whole (resized to Kontext's 1024x1024 here): another input, another image."""
+    """One input image, read whole (resized to Kontext's 1024x1024 here): another input, another image (the
+    same input again: the same bytes; measured 0.33/255 on average, bounded as the klein test's)."""
     (model,) = request(kontext_server, "GET", "/v1/models").json()["data"]
     assert (model["id"], model["references"], model["img2img"], model["inpainting"]) == ("kontext-tiny", 1, False,
                                                                                           False)
@@ -628,7 +631,7 @@ def test_openai_sdk_instruction_edit_on_a_served_kontext(kontext_server, tmp_pat
     assert np.array_equal(sdk_edit(kontext_server, tmp_path, PICTURE, steps=2), first)
     changed = float(np.abs(sdk_edit(kontext_server, tmp_path, OTHER_PICTURE, steps=2) - first).mean())
     print(f"Kontext, input replaced: mean abs change {changed * 255:.2f}/255")
-    assert changed > 1 / 255
+    assert changed > CHANGED
 
 
 @pytest.mark.parametrize("image, extra, param, words", [
