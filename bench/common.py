@@ -8,7 +8,9 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from mlx_sd_server.blas import DISABLE_ENV
 
@@ -47,6 +49,20 @@ def run_child(arguments: list[str], with_fast_blas: bool = True) -> dict:
         env[DISABLE_ENV] = "1"
     result = subprocess.run([sys.executable, *arguments], env=env, check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_parts(script: str, parts: Sequence[str], wanted: str, child_arguments: list[str]) -> dict[str, dict]:
+    """Run each of `parts` named in `wanted` (comma-separated) as `script ... --child PART`, one after another,
+    each in its own process (run_child); their JSON results by part."""
+    chosen = {p.strip() for p in wanted.split(",") if p.strip()}
+    results = {}
+    for part in parts:
+        if part not in chosen:
+            continue
+        start = time.perf_counter()
+        results[part] = run_child([str(Path(script).resolve()), *child_arguments, "--child", part])
+        print(f"{part} done in {time.perf_counter() - start:.0f} s; {load_average()}", flush=True)
+    return results
 
 
 def load_average() -> str:

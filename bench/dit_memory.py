@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +50,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from mlx_sd_server.blas import ensure_fast_blas  # noqa: E402
 
 import flux as flux_bench  # noqa: E402
-from common import load_average, print_table, run_child, whole_image  # noqa: E402
+from common import load_average, print_table, run_parts, whole_image  # noqa: E402
 
 PARTS = ("transformer", "text_encoder", "vae")
 GB = 1e9
@@ -426,7 +425,6 @@ def main() -> int:
         print(json.dumps(MEASURE[args.child](args)))
         return 0
 
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     width, height = args.size
     print(f"{release.title} {width}x{height}, transformer "
           + ", ".join(f"{n} {k}" for k, n in block_counts(release, args.blocks).items())
@@ -435,14 +433,8 @@ def main() -> int:
           + (f"{args.bits}-bit group {args.group_size} ({args.quantized_matmul} quantized matmul)" if args.bits
              else "unquantized") + f", {args.dtype}; MLX {mx.__version__} on {mx.default_device()}; at start: "
           f"{load_average()}", flush=True)
-    results = {}
-    for part in PARTS:
-        if part not in parts:
-            continue
-        start = time.perf_counter()
-        results[part] = run_child([str(Path(__file__).resolve()), *sys.argv[1:], "--dtype", args.dtype,
-                                   "--per-block" if args.per_block else "--no-per-block", "--child", part])
-        print(f"{part} done in {time.perf_counter() - start:.0f} s; {load_average()}", flush=True)
+    results = run_parts(__file__, PARTS, args.parts, [*sys.argv[1:], "--dtype", args.dtype,
+                        "--per-block" if args.per_block else "--no-per-block"])
     report(args, results)
     return 0
 

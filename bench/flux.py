@@ -54,7 +54,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from mlx_sd_server.blas import ensure_fast_blas  # noqa: E402
 
-from common import load_average, print_table, run_child  # noqa: E402
+from common import load_average, print_table, run_parts  # noqa: E402
 
 PARTS = ("transformer", "t5", "vae")
 GB = 1e9
@@ -498,7 +498,6 @@ def main() -> int:
         print(json.dumps(MEASURE[args.child](args)))
         return 0
 
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     width, height = args.size
     print(f"FLUX.1 dev {width}x{height}, transformer {args.blocks[0]}+{args.blocks[1]} blocks, T5 {args.t5_layers} "
           f"layers, {args.text_tokens} T5 tokens, "
@@ -506,14 +505,8 @@ def main() -> int:
           + (f"{args.bits}-bit group {args.group_size} ({args.quantized_matmul} quantized matmul)" if args.bits
              else "unquantized") + f", {args.dtype}; "
           f"MLX {mx.__version__} on {mx.default_device()}; at start: {load_average()}", flush=True)
-    results = {}
-    for part in PARTS:
-        if part not in parts:
-            continue
-        start = time.perf_counter()
-        results[part] = run_child([str(Path(__file__).resolve()), *sys.argv[1:], "--dtype", args.dtype,
-                                   "--per-block" if args.per_block else "--no-per-block", "--child", part])
-        print(f"{part} done in {time.perf_counter() - start:.0f} s; {load_average()}", flush=True)
+    results = run_parts(__file__, PARTS, args.parts, [*sys.argv[1:], "--dtype", args.dtype,
+                        "--per-block" if args.per_block else "--no-per-block"])
     report(args, results)
     return 0
 
