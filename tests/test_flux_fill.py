@@ -22,18 +22,22 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
-from PIL import Image
-from safetensors.numpy import save_file
-
 import tiny_flux
+import torch
 from api_server import live_server, multipart, request
 from bfl_layout import bfl_state, write_bfl
+from gguf_layout import write_gguf
+from ldm_layout import with_tokenizers
+from parity import max_rel_err
+from PIL import Image
+from safetensors.numpy import save_file
+from test_flux_convert import FLUX_DEV_REPO
+from test_flux_files import TINY, clip_file_state, read_flux_files, t5_file_state, vae_file_state
+from test_pipeline import ReplayNoise, diffusers_noise, mean_abs_diff, ours_image, posterior_mode, sample_image
+
 from convert.cli import destination
 from convert.model import convert_model, write_model
 from convert.pull import ALLOW_PATTERNS
-from gguf_layout import write_gguf
-from ldm_layout import with_tokenizers
 from mlx_sd_server.api import Settings, create_app
 from mlx_sd_server.engine.families import capabilities
 from mlx_sd_server.engine.families.flux.fill import fill_channels, is_fill
@@ -45,9 +49,6 @@ from mlx_sd_server.engine.pipeline import DiffusionPipeline
 from mlx_sd_server.job import JobError, ModelDefaults, build_job
 from mlx_sd_server.registry import ModelRegistry
 from mlx_sd_server.store import FileStore
-from parity import max_rel_err
-from test_flux_files import TINY, clip_file_state, read_flux_files, t5_file_state, vae_file_state
-from test_pipeline import ReplayNoise, diffusers_noise, mean_abs_diff, ours_image, posterior_mode, sample_image
 
 PROMPT = "a photo of a cat"
 TOLERANCE = 1 / 255
@@ -189,19 +190,8 @@ def test_real_size_fill_config_from_shapes():
     assert variant.name == "fill" and dataclasses.asdict(variant.defaults) == FILL_DEFAULTS
 
 
-FILL_REPO = [  # black-forest-labs/FLUX.1-Fill-dev's files
-    "README.md", "LICENSE.md", "ae.safetensors", "flux1-fill-dev.safetensors", "model_index.json",
-    "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
-    "text_encoder_2/config.json", "text_encoder_2/model-00001-of-00002.safetensors",
-    "text_encoder_2/model-00002-of-00002.safetensors", "text_encoder_2/model.safetensors.index.json",
-    "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
-    "tokenizer/vocab.json", "tokenizer_2/special_tokens_map.json", "tokenizer_2/spiece.model",
-    "tokenizer_2/tokenizer.json", "tokenizer_2/tokenizer_config.json", "transformer/config.json",
-    "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
-    "transformer/diffusion_pytorch_model-00002-of-00003.safetensors",
-    "transformer/diffusion_pytorch_model-00003-of-00003.safetensors",
-    "transformer/diffusion_pytorch_model.safetensors.index.json", "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
+FILL_REPO = [  # black-forest-labs/FLUX.1-Fill-dev's files: FLUX.1-dev's, with its own single file
+    name.replace("flux1-dev", "flux1-fill-dev") for name in FLUX_DEV_REPO if name != "dev_grid.jpg"
 ]
 
 

@@ -24,6 +24,7 @@ from ldm_layout import with_tokenizers
 from parity import max_rel_err
 from PIL import Image
 from safetensors.numpy import save_file
+from test_flux_convert import FLUX_DEV_REPO
 from test_flux_files import TINY, clip_file_state, read_flux_files, t5_file_state, vae_file_state
 from test_flux_pipeline import packed
 from test_pipeline import ReplayNoise, mean_abs_diff, ours_image, sample_image
@@ -150,20 +151,9 @@ def test_a_kontext_single_file_is_recognised_by_its_name(tmp_path):
     assert capabilities(convert(transformers["safetensors"], "my-kontext")).references == 1
 
 
-KONTEXT_REPO = [  # black-forest-labs/FLUX.1-Kontext-dev's files
-    "README.md", "LICENSE.md", "teaser.png", "ae.safetensors", "flux1-kontext-dev.safetensors", "model_index.json",
-    "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
-    "text_encoder_2/config.json", "text_encoder_2/model-00001-of-00002.safetensors",
-    "text_encoder_2/model-00002-of-00002.safetensors", "text_encoder_2/model.safetensors.index.json",
-    "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
-    "tokenizer/vocab.json", "tokenizer_2/special_tokens_map.json", "tokenizer_2/spiece.model",
-    "tokenizer_2/tokenizer.json", "tokenizer_2/tokenizer_config.json", "transformer/config.json",
-    "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
-    "transformer/diffusion_pytorch_model-00002-of-00003.safetensors",
-    "transformer/diffusion_pytorch_model-00003-of-00003.safetensors",
-    "transformer/diffusion_pytorch_model.safetensors.index.json", "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-]
+KONTEXT_REPO = [  # black-forest-labs/FLUX.1-Kontext-dev's files: FLUX.1-dev's, with its own single file
+    name.replace("flux1-dev", "flux1-kontext-dev") for name in FLUX_DEV_REPO if name != "dev_grid.jpg"
+] + ["teaser.png"]
 
 
 def test_pull_takes_the_kontext_diffusers_folder_only():
