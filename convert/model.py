@@ -25,7 +25,7 @@ from convert.diffusers_folder import is_diffusers_folder, read_diffusers_folder,
 from convert.gguf_source import to_mlx
 from mlx_sd_server.engine.families import FAMILIES, spec_for
 from mlx_sd_server.engine.families.spec import PIPELINE
-from mlx_sd_server.engine.model_io import DTYPES, component_kind, save_component, write_manifest
+from mlx_sd_server.engine.model_io import CONVERTING, DTYPES, component_kind, save_component, write_manifest
 from mlx_sd_server.engine.source import ArchitectureHints, CheckpointError, SourceModel
 from mlx_sd_server.engine.text.clip_tokenizer import CLIPTokenizer, default_vocab_path
 
@@ -167,6 +167,7 @@ def write_model(
         check_vocabulary(component, source.components[component][0], tokenizer)
     dst.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
+    (work / CONVERTING).write_text(str(os.getpid()))  # a running server answers requests for it 409 meanwhile
     quantization = {"bits": quantize, "group_size": QUANTIZE_GROUP_SIZE} if quantize else None
     spec = spec_for(source.family)
     configs = source_configs(source)
@@ -211,6 +212,7 @@ def write_model(
         if variant is not None:
             manifest["defaults"] = model_defaults(source, name)
         write_manifest(work, manifest)
+        (work / CONVERTING).unlink()
         if dst.exists():
             dst.rmdir()
         os.replace(work, dst)

@@ -14,7 +14,16 @@ import typing
 
 from mlx_sd_server import store
 from mlx_sd_server.engine.source import ArchitectureHints, hint_option
-from mlx_sd_server.job.fields import FIELDS, IMAGE_FIELDS, IMAGE_LISTS, MODEL_FIELDS, Field, Limits
+from mlx_sd_server.job.fields import (
+    FIELDS,
+    IMAGE_FIELDS,
+    IMAGE_LISTS,
+    MODEL_FIELDS,
+    Field,
+    JobError,
+    Limits,
+    as_keep_alive,
+)
 
 DESCRIPTION = (
     "Generate images with Stable Diffusion and FLUX.1 models on Apple silicon (MLX): serve an "
@@ -172,8 +181,26 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         "dall-e-*/gpt-image-* are served by the default model while only one is served)",
     )
     add_split_file_options(parser)
-    parser.add_argument("--control-net", metavar="NAME_OR_PATH", help="a ControlNet attached to the default model")
+    parser.add_argument(
+        "--control-net",
+        metavar="NAME_OR_PATH",
+        help="the default model's ControlNet (a request picks any with control_net; GET /v1/controlnets)",
+    )
     add_lora_dir(parser)
+    parser.add_argument(
+        "--max-memory",
+        type=_checked(memory_size),
+        metavar="GB",
+        help="memory the loaded models may take together; loading one unloads the least recently used "
+        "(default: 60%% of this machine's memory)",
+    )
+    parser.add_argument(
+        "--keep-alive",
+        type=_checked(keep_alive),
+        metavar="DURATION",
+        help="how long a model stays loaded after its last job, as Ollama's: 30s, 5m, 1h; 0: unload after "
+        "each job; -1: keep loaded (default: 5m; a request's keep_alive overrides it)",
+    )
     parser.add_argument(
         "--task",
         "--context-type",
@@ -257,6 +284,19 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="how much the server logs"
     )
+
+
+def memory_size(text: str) -> int:
+    """--max-memory: a positive size in GB (GiB; fractions allowed), in bytes."""
+    return store.max_gb(text)
+
+
+def keep_alive(text: str) -> float:
+    """--keep-alive: seconds (math.inf: kept), as a request's keep_alive reads it."""
+    try:
+        return as_keep_alive("--keep-alive", text)
+    except JobError as error:
+        raise ValueError(error.message) from None
 
 
 def _checked(convert):

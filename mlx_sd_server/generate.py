@@ -25,7 +25,7 @@ from mlx_sd_server.images import (
     short_sha256,
 )
 from mlx_sd_server.job import IMAGE_FIELDS, IMAGE_LISTS, JOB_FIELDS, Job, JobError, build_job
-from mlx_sd_server.registry import ModelLoadError, ModelNotFoundError, ModelRegistry, model_dir
+from mlx_sd_server.registry import ModelLoadError, ModelNotFoundError, ModelRegistry, model_dir, physical_memory
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,7 @@ def main(args: argparse.Namespace) -> int:
             low_memory=args.low_memory,
             lora_dir=args.lora_model_dir,
             lora_fuse_budget=int(args.lora_fuse_gb * 2**30),
+            max_memory=physical_memory(),  # one job: the model may take what the machine has
         )
         job = job_from_args(args, registry)
         pipeline = registry.pipeline()

@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import shutil
 import sys
 import threading
-from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from convert.model import SplitFiles, convert_model
-from mlx_sd_server.engine.families import capabilities
+from mlx_sd_server.engine.errors import JobError, shown
+from mlx_sd_server.engine.families import capabilities, spec_for
 from mlx_sd_server.engine.families.spec import Capabilities, ModelDefaults
-from mlx_sd_server.engine.model_io import MANIFEST, ModelFormatError, read_manifest
+from mlx_sd_server.engine.model_io import CONVERTING, MANIFEST, ModelFormatError, read_manifest
+from mlx_sd_server.job import Job
 from mlx_sd_server.lora.library import LORA_FOLDER, LoRALibrary
 from mlx_sd_server.paths import model_dir
+from mlx_sd_server.residency import CONTROLNET, MODEL, ModelTooLargeError, Residency, gigabytes
 from mlx_sd_server.torch_engine import capabilities as torch_capabilities
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,7 @@ class ModelInfo:
 class Pipeline(Protocol):
     def total_steps(self, job: Any) -> int: ...
     def generate(self, job: Any) -> Any: ...
+    def memory_bytes(self) -> int: ...
 
 
 def resolve_spec(spec: str | SplitFiles, models: Path) -> Path:
@@ -93,21 +98,42 @@ def resolve_spec(spec: str | SplitFiles, models: Path) -> Path:
 
 def is_random(folder: Path) -> bool:
     """The built-in test model (random weights), by its manifest or its name."""
-    if folder.name == TINY_MODEL_NAME:
-        return True
+    return folder.name == TINY_MODEL_NAME or _kind(folder) == "random"
+
+
+def _manifest_time(folder: Path) -> int | None:
     try:
-        return bool(read_manifest(folder).get("random_weights"))
+        return (folder / MANIFEST).stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _kind_at(folder: Path, mtime: int) -> str:
+    try:
+        manifest = read_manifest(folder)
     except (OSError, ValueError, ModelFormatError):
-        return False
+        return "unreadable"
+    if manifest.get("random_weights"):
+        return "random"
+    return "controlnet" if manifest.get("family") == "controlnet" else "model"
+
+
+def _kind(folder: Path) -> str:
+    """model, controlnet (a lone one), random (the built-in model), unreadable; gone: no manifest (any more)."""
+    mtime = _manifest_time(folder)
+    return "gone" if mtime is None else _kind_at(folder, mtime)
 
 
 def installed_models(models: Path) -> list[Path]:
     """The converted models in the model directory, newest first (by when their manifest was written), the
-    built-in random-weights model left out."""
-    found = [p for p in models.glob("*") if not p.name.startswith(".") and (p / MANIFEST).exists()]
-    return sorted(
-        (p for p in found if not is_random(p)), key=lambda p: ((p / MANIFEST).stat().st_mtime, p.name), reverse=True
-    )
+    built-in random-weights model and lone ControlNets left out."""
+    found = [
+        (mtime, p.name, p)
+        for p in models.glob("*")
+        if not p.name.startswith(".") and (mtime := _manifest_time(p)) is not None and not is_random(p)
+    ]
+    return [p for _, _, p in sorted(found, reverse=True) if _kind(p) in ("model", "unreadable")]
 
 
 def _converted(source: Path | SplitFiles, main_file: Path, models: Path) -> Path:
@@ -147,6 +173,13 @@ def read_info(folder: Path, control_net: Path | None = None, engine: str = "mlx"
 
 # Machines with this much memory or less (a base 8 GB Mac) get the low-memory mode unless told otherwise.
 LOW_MEMORY_MACHINE = 8 * 2**30
+# --max-memory's default share of physical memory. macOS lets the GPU hold about 75% of unified memory
+# (Metal's recommendedMaxWorkingSetSize); weights up to 60% leave the rest of that, 15% of memory, for a
+# job's activations (an SDXL 1024x1024 decode peaks near 3 GB on a 24 GB Mac), and a quarter of it for
+# macOS and the user's other applications.
+DEFAULT_MEMORY_SHARE = 0.6
+DEFAULT_KEEP_ALIVE = 300.0  # seconds, as Ollama's default
+CONTROLNET_FOLDER = "controlnets"  # converted ControlNets, in the model directory
 
 
 def physical_memory() -> int:
@@ -154,8 +187,79 @@ def physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+class ModelBusyError(RuntimeError):
+    """The model is being converted into the model directory right now (HTTP 409)."""
+
+
+@dataclass(frozen=True)
+class ControlNetInfo:
+    name: str
+    family: str  # the base models it fits: sd1, sd2 or sdxl
+    folder: Path
+    created: int
+    config: dict[str, Any]
+
+
+def controlnet_family(config: Mapping[str, Any]) -> str:
+    """The SD family a ControlNet's config was made for: SDXL's take its added time embedding; SD 2.x's
+    attend to OpenCLIP-H's 1024 channels, SD 1.x's to CLIP-L's 768."""
+    if config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return "sd2" if config.get("cross_attention_dim") == 1024 else "sd1"
+
+
+def read_controlnet(folder: Path) -> ControlNetInfo | None:
+    """A converted lone ControlNet's name and family; None when the folder holds something else."""
+    try:
+        manifest = read_manifest(folder)
+    except (OSError, ValueError, ModelFormatError):
+        return None
+    entry = manifest.get("components", {}).get("controlnet")
+    if manifest.get("family") != "controlnet" or entry is None:
+        return None
+    config = entry["config"]
+    created = int((folder / MANIFEST).stat().st_mtime)
+    return ControlNetInfo(manifest.get("name", folder.name), controlnet_family(config), folder, created, config)
+
+
+def installed_controlnets(models: Path) -> list[ControlNetInfo]:
+    """The converted ControlNets: in `controlnets/`, then (converted before it existed) in the model directory."""
+    found: dict[str, ControlNetInfo] = {}
+    for folder in [*sorted((models / CONTROLNET_FOLDER).glob("*")), *sorted(models.glob("*"))]:
+        if not folder.name.startswith(".") and (folder / MANIFEST).exists():
+            info = read_controlnet(folder)
+            if info is not None:
+                found.setdefault(info.name, info)
+    return list(found.values())
+
+
+def converting(models: Path, name: str) -> bool:
+    """Whether a live process is converting a model of this name into the model directory."""
+    for work in models.glob(f".{name}.partial-*"):
+        try:
+            pid = int((work / CONVERTING).read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            continue  # no pid file, or its process is gone: a crashed conversion's leftovers
+        return True
+    return False
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """Whether a model is in memory, and for how long."""
+
+    loaded: bool
+    memory_bytes: int | None = None  # its weights, when loaded
+    expires_at: float | None = None  # when its keep-alive ends (time.time()); None: in use, kept, or not loaded
+    in_use: bool = False
+
+
 class ModelRegistry:
-    """The servable models. `pipeline()` loads on demand and keeps the `max_loaded` most recent in memory."""
+    """The servable models: those in the model directory as it is now (a model converted while the server
+    runs is served at once; one removed stops being listed and leaves memory), plus models given by path.
+    `acquire(job)` loads a job's model (and ControlNet) within the memory budget; `release(job)` starts its
+    keep-alive. Loading and unloading happen on the worker thread only."""
 
     def __init__(
         self,
@@ -165,18 +269,23 @@ class ModelRegistry:
         control_net: str | None = None,
         dtype: str | None = None,
         engine: str = "mlx",
-        max_loaded: int = 1,
+        max_memory: int | None = None,
+        keep_alive: float = DEFAULT_KEEP_ALIVE,
         low_memory: bool | None = None,
         model_name: str | None = None,
         strict_model_names: bool = False,
         lora_dir: str | os.PathLike | None = None,
         lora_fuse_budget: int = 0,
     ):
-        """`model_name` renames the default (first) model, as the reference's --model-name; with
-        `strict_model_names` a request must name a served model exactly (see `resolve`). LoRAs come from
-        `lora_dir`, default the `loras` folder in the model folder; a job's LoRAs are fused into copies of the
-        float layers they adapt up to `lora_fuse_budget` bytes of weights (never in low-memory mode), side
-        branches elsewhere (engine/adapters.py)."""
+        """`specs`: the models given at start (`--model`), the first the default; none: the most recently
+        converted in `models`, else the built-in random-weights model. `model_name` renames the default, as the
+        reference's --model-name; with `strict_model_names` a request must name a served model exactly (see
+        `resolve`). `control_net` (--control-net) is the default model's ControlNet. `max_memory`: bytes the
+        loaded models may take (default DEFAULT_MEMORY_SHARE of physical memory); `keep_alive`: seconds a model
+        stays loaded after its last job (math.inf: until evicted). LoRAs come from `lora_dir`, default the
+        `loras` folder in the model folder; a job's LoRAs are fused into copies of the float layers they adapt
+        up to `lora_fuse_budget` bytes of weights (never in low-memory mode), side branches elsewhere."""
+        self.models = models
         self.loras = LoRALibrary(Path(lora_dir).expanduser() if lora_dir else models / LORA_FOLDER)
         self.lora_fuse_budget = lora_fuse_budget
         self.dtype = dtype
@@ -188,12 +297,13 @@ class ModelRegistry:
                 physical_memory() / 2**30,
             )
         self.engine = engine
-        self.max_loaded = max_loaded
         self.strict_model_names = strict_model_names
+        budget = max_memory if max_memory is not None else int(physical_memory() * DEFAULT_MEMORY_SHARE)
+        self.residency = Residency(budget, keep_alive)
         self._lock = threading.Lock()
-        self._loaded: OrderedDict[str, Pipeline] = OrderedDict()
+        self._read_cache: dict[Path, tuple[int, ModelInfo | None]] = {}  # folder -> (manifest mtime, info)
         if not specs:
-            specs = [folder.name for folder in installed_models(models)]
+            specs = [folder.name for folder in installed_models(models)[:1]]
             if specs:
                 log.info(
                     "default model: %s, the most recently converted of %s (choose with --model NAME)", specs[0], models
@@ -207,83 +317,277 @@ class ModelRegistry:
                 )
                 specs = [TINY_MODEL_NAME]
         folders = [resolve_spec(spec, models) for spec in specs]
-        control_folder = resolve_spec(control_net, models) if control_net else None
-        self._infos: dict[str, ModelInfo] = {}
-        self._control: dict[str, Path] = {}
-        for i, folder in enumerate(folders):
-            attached = control_folder if i == 0 else None  # --control-net attaches to the default model
-            info = read_info(folder, attached, engine)
-            if i == 0 and model_name:
-                info = dataclasses.replace(info, name=model_name)
-            if i == 0:
-                self.default_name = info.name
-            self._infos[info.name] = info
-            if attached:
-                self._control[info.name] = attached
+        # Models outside the model directory (a path, the built-in one) are served beside its models.
+        self._pinned = [folder for folder in folders if folder.parent != models or is_random(folder)]
+        self._default_folder = folders[0]
+        self._renamed = {folders[0]: model_name} if model_name else {}
+        self._control: dict[str, str] = {}  # model name -> its ControlNet by default (--control-net)
+        self._pinned_controlnets: dict[str, ControlNetInfo] = {}
+        first = self._read(folders[0])
+        if first is None:
+            raise ModelFormatError(f"{folders[0]} is not a model this server can serve")
+        self.start_default = first.name
+        if control_net:
+            control = read_controlnet(resolve_spec(control_net, models))
+            if control is None:
+                raise ModelFormatError(f"--control-net: {control_net} is not a converted ControlNet")
+            self.check_controlnet_fits(first, control, option="--control-net")
+            self._pinned_controlnets[control.name] = control
+            self._control[first.name] = control.name
+
+    # --- the catalogue ---------------------------------------------------------------------------------
+
+    def _read(self, folder: Path) -> ModelInfo | None:
+        """The model's info, read once per version of its manifest; None for a ControlNet or a broken folder."""
+        try:
+            mtime = (folder / MANIFEST).stat().st_mtime_ns
+        except OSError:
+            return None
+        cached = self._read_cache.get(folder)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        info: ModelInfo | None = None
+        try:
+            if read_manifest(folder).get("family") != "controlnet":
+                info = read_info(folder, None, self.engine)
+                if folder in self._renamed:
+                    info = dataclasses.replace(info, name=self._renamed[folder])
+        except (OSError, ValueError, KeyError, TypeError, ModelFormatError) as exc:
+            log.warning("%s is not servable: %s", folder, exc)
+        self._read_cache[folder] = (mtime, info)
+        return info
+
+    def _catalogue(self) -> dict[str, ModelInfo]:
+        """Name -> info of every servable model, now: the pinned first, then the model directory's, newest first."""
+        with self._lock:
+            found: dict[str, ModelInfo] = {}
+            for folder in [*self._pinned, *installed_models(self.models)]:
+                info = self._read(folder)
+                if info is not None and info.name in self._control:  # --control-net: its ControlNet by default
+                    info = dataclasses.replace(
+                        info, has_controlnet=True, capabilities=dataclasses.replace(info.capabilities, controlnet=True)
+                    )
+                if info is not None:
+                    found.setdefault(info.name, info)
+            return found
+
+    @property
+    def default_name(self) -> str:
+        """The default model: the one chosen at start while it is servable, else the newest converted one."""
+        catalogue = self._catalogue()
+        if self.start_default in catalogue or not catalogue:
+            return self.start_default
+        return next(iter(catalogue))
 
     def names(self) -> list[str]:
-        return list(self._infos)
+        return list(self._catalogue())
 
     def info(self, name: str | None = None) -> ModelInfo:
-        try:
-            return self._infos[name or self.default_name]
-        except KeyError:
-            raise ModelNotFoundError(f"model {name!r} not found; this server has: {', '.join(self._infos)}") from None
+        catalogue = self._catalogue()
+        name = name or self.default_name
+        info = catalogue.get(name)
+        if info is not None:
+            return info
+        if Path(name).name == name and converting(self.models, name):
+            raise ModelBusyError(f"model {name!r} is being converted; send the request again when it is done")
+        raise ModelNotFoundError(f"model {name!r} not found; this server has: {', '.join(catalogue)}")
 
     def resolve(self, requested: str | None) -> ModelInfo:
         """The model that serves a request's `model`: that model; else, unless names are strict, the
         default for an OpenAI model name or for any name while only one model is served; else 404."""
-        unknown = requested and requested not in self._infos and not self.strict_model_names
-        if unknown and (requested in OPENAI_MODEL_ALIASES or len(self._infos) == 1):
-            log.info(
-                "model %r is not served here: the default model %s serves the request", requested, self.default_name
-            )
-            return self.info()
+        catalogue = self._catalogue()
+        unknown = requested and requested not in catalogue and not self.strict_model_names
+        if unknown and (requested in OPENAI_MODEL_ALIASES or len(catalogue) == 1):
+            default = self.default_name
+            log.info("model %r is not served here: the default model %s serves the request", requested, default)
+            return self.info(default)
         return self.info(requested)
 
+    def size_bytes(self, name: str) -> int:
+        return disk_size(self.info(name).folder)
+
+    def status(self, name: str) -> ModelStatus:
+        resident = self.residency.get((MODEL, name))
+        if resident is None:
+            return ModelStatus(False)
+        return ModelStatus(True, resident.memory_bytes, resident.expires_at, resident.users > 0)
+
     def loaded(self) -> list[str]:
-        return list(self._loaded)
+        return [resident.key[1] for resident in self.residency.loaded(MODEL)]
+
+    # --- ControlNets -----------------------------------------------------------------------------------
+
+    def controlnets(self) -> list[ControlNetInfo]:
+        found = {info.name: info for info in installed_controlnets(self.models)}
+        return [*self._pinned_controlnets.values(), *(i for n, i in found.items() if n not in self._pinned_controlnets)]
+
+    def controlnet(self, name: str) -> ControlNetInfo:
+        for info in self.controlnets():
+            if info.name == name:
+                return info
+        known = ", ".join(info.name for info in self.controlnets()) or "none"
+        raise JobError(
+            f"ControlNet {shown(name)} not found (GET /v1/controlnets lists them: {known})",
+            "control_net",
+            "controlnet_not_found",
+            404,
+        )
+
+    def check_controlnet_fits(self, model: ModelInfo, control: ControlNetInfo, option: str = "control_net") -> None:
+        """Refuse a ControlNet made for another family (or width) of model than `model`."""
+        if not spec_for(model.family).component("controlnet"):
+            raise JobError(
+                f"{model.name} is a {model.family} model: it takes no ControlNet", option, "controlnet_unsupported"
+            )
+        unet = read_manifest(model.folder)["components"]["unet"]["config"]
+        same_width = unet.get("block_out_channels") == control.config.get("block_out_channels")
+        if control.family != model.family or not same_width:
+            fits = f"{control.family} models" + (" of another width" if control.family == model.family else "")
+            raise JobError(
+                f"ControlNet {control.name} is made for {fits}; {model.name} is a {model.family} model",
+                option,
+                "controlnet_mismatch",
+            )
+
+    def controlnet_for(self, model: ModelInfo, requested: str | None) -> str | None:
+        """The ControlNet a request on `model` uses: the one it names (checked to fit), else the model's own
+        from --control-net; None: the one bundled in the model's folder, or none."""
+        if requested is None:
+            return self._control.get(model.name)
+        control = self.controlnet(requested)
+        self.check_controlnet_fits(model, control)
+        if self.engine == "torch" and self._control.get(model.name) != control.name:
+            raise JobError(
+                "the torch engine runs a model with the ControlNet given at start (--control-net) only",
+                "control_net",
+                "controlnet_unsupported",
+            )
+        return control.name
+
+    # --- loading ---------------------------------------------------------------------------------------
+
+    def acquire(self, job: Any) -> Pipeline:
+        """The job's model as a pipeline, with the job's ControlNet attached, loaded (blocking) if needed and
+        marked in use until `release(job)`. Call from the worker thread."""
+        info = self.info(job.model)
+        pipeline = self.residency.acquire((MODEL, info.name), lambda: self._load(info), info.name)
+        control = getattr(job, "control_net", None) or self._control.get(info.name)
+        try:
+            if hasattr(pipeline, "use_controlnet"):  # (MLX: ControlNets are attached per job)
+                module = None
+                if control is not None:
+                    module = self.residency.acquire(
+                        (CONTROLNET, control), lambda: self._load_controlnet(control), f"ControlNet {control}"
+                    )
+                pipeline.use_controlnet(module)
+        except BaseException:
+            self.residency.release((MODEL, info.name))
+            raise
+        return pipeline
 
     def pipeline(self, name: str | None = None) -> Pipeline:
-        """The model's pipeline, loading it (blocking) if needed. Call from the worker thread."""
-        info = self.info(name)
-        with self._lock:
-            if info.name in self._loaded:
-                self._loaded.move_to_end(info.name)
-                return self._loaded[info.name]
-            while len(self._loaded) >= self.max_loaded:
-                evicted, _ = self._loaded.popitem(last=False)
-                log.info("unloaded %s to make room", evicted)
-            try:
-                pipeline = self._load(info)
-            except (OSError, ValueError, ModelFormatError, MemoryError, ImportError) as exc:
-                raise ModelLoadError(f"could not load {info.name}: {exc}") from exc
-            self._loaded[info.name] = pipeline
-            return pipeline
+        """A model's pipeline for the caller's own use (the command line, tests): loaded if needed, its
+        keep-alive started at once."""
+        job = Job(prompt="", model=name or self.default_name)
+        pipeline = self.acquire(job)
+        self.release(job)
+        return pipeline
 
-    def _load(self, info: ModelInfo) -> Pipeline:
-        """MLX, or the diffusers/torch fallback when asked for, or ("auto") when MLX cannot load the model."""
-        control = self._control.get(info.name)
+    def release(self, job: Any) -> None:
+        """The job is done with its model (and ControlNet): their keep-alive (the job's, else the server's) starts."""
+        keep_alive = getattr(job, "keep_alive", None)
+        name = job.model or self.default_name
+        self.residency.release((MODEL, name), keep_alive)
+        control = getattr(job, "control_net", None) or self._control.get(name)
+        if control is not None:
+            self.residency.release((CONTROLNET, control), keep_alive)
+
+    def load(self, name: str, keep_alive: float | None = None) -> ModelStatus:
+        """Load a model's weights into memory now (POST /v1/models/{id}/load), its keep-alive starting now."""
+        info = self.info(name)
+        pipeline = self.residency.acquire((MODEL, info.name), lambda: self._load(info), info.name)
+        try:
+            if hasattr(pipeline, "materialize"):
+                pipeline.materialize()
+        finally:
+            self.residency.release((MODEL, info.name), keep_alive)
+        return self.status(info.name)
+
+    def unload(self, name: str, reason: str = "asked to unload") -> bool:
+        """Unload a model now (or when its running job ends). False: it was not loaded."""
+        return self.residency.unload((MODEL, name), reason)
+
+    def expire(self) -> None:
+        """Unload what has been idle past its keep-alive, and what was removed from the model directory."""
+        catalogue = self._catalogue()
+        controlnets = {info.name for info in self.controlnets()}
+
+        def gone(key: tuple[str, str]) -> bool:
+            return key[1] not in (catalogue if key[0] == MODEL else controlnets)
+
+        self.residency.expire(gone)
+
+    def next_expiry(self) -> float | None:
+        return self.residency.next_expiry()
+
+    def _load(self, info: ModelInfo) -> tuple[Pipeline, int]:
+        """MLX, or the diffusers/torch fallback when asked for, or ("auto") when MLX cannot load the model;
+        with the bytes of its weights."""
+        try:
+            return self._load_engine(info)
+        except (OSError, ValueError, ModelFormatError, MemoryError, ImportError) as exc:
+            if isinstance(exc, ModelTooLargeError):
+                raise
+            raise ModelLoadError(f"could not load {info.name}: {exc}") from exc
+
+    def _load_engine(self, info: ModelInfo) -> tuple[Pipeline, int]:
         if self.engine != "torch":
             try:
                 from mlx_sd_server.engine.model_io import load_model
                 from mlx_sd_server.engine.pipeline import DiffusionPipeline
 
-                pipeline = DiffusionPipeline(
-                    load_model(info.folder, dtype=self.dtype, controlnet=control, low_memory=self.low_memory),
+                mlx = DiffusionPipeline(
+                    load_model(info.folder, dtype=self.dtype, low_memory=self.low_memory),
                     loras=self.loras.bound,
                     lora_fuse_budget=0 if self.low_memory else self.lora_fuse_budget,
                 )
                 log.info("engine: MLX for %s", info.name)
-                return pipeline
+                return mlx, mlx.memory_bytes()
             except (ImportError, RuntimeError, MemoryError, ValueError) as exc:
                 if self.engine != "auto":
                     raise
                 log.warning("MLX cannot load %s (%s): falling back to diffusers/torch", info.name, exc)
         from mlx_sd_server.torch_engine import TorchPipeline
 
+        estimate = torch_estimate(info.folder, self.dtype)
+        if estimate > self.residency.budget:  # refused before torch allocates it
+            raise ModelTooLargeError(
+                f"{info.name} needs about {gigabytes(estimate)} of memory under the torch engine, more than the whole "
+                f"budget of {gigabytes(self.residency.budget)} (--max-memory)",
+                estimate,
+                self.residency.budget,
+            )
+        control = self._control.get(info.name)
+        folder = self.controlnet(control).folder if control else None
         log.info("engine: diffusers/torch for %s", info.name)
-        return TorchPipeline.from_folder(info.folder, control_net=control, dtype=self.dtype)
+        torch = TorchPipeline.from_folder(info.folder, control_net=folder, dtype=self.dtype)
+        return torch, torch.memory_bytes()
+
+    def _load_controlnet(self, name: str) -> tuple[Any, int]:
+        from mlx_sd_server.engine.model_io import load_controlnet, module_bytes
+
+        module = load_controlnet(self.controlnet(name).folder, self.dtype)
+        return module, module_bytes(module)
+
+
+def torch_estimate(folder: Path, dtype: str | None) -> int:
+    """The torch engine's memory for a converted folder, before loading it: its weight files, scaled from the
+    dtype they are stored in to the one they run in (float32 on the CPU unless told)."""
+    manifest = read_manifest(folder)
+    stored = 4 if manifest.get("dtype") == "float32" else 2
+    running = 4 if (dtype or "float32") == "float32" else 2
+    weights = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    return weights * running // stored
 
 
 def disk_size(folder: Path) -> int:

@@ -326,6 +326,11 @@ class TorchPipeline:
         )
         return cls(base, manifest, controlnet)
 
+    def memory_bytes(self) -> int:
+        """The bytes of the modules' parameters and buffers (the ControlNet's included)."""
+        modules = [m for m in [*self.base.components.values(), self.controlnet] if hasattr(m, "parameters")]
+        return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
+
     # --- what a job needs ----------------------------------------------------------------------------
 
     def _mode(self, job: Job) -> str:

@@ -8,6 +8,9 @@ Every task has an id (the client's `X-Request-Id`, else a generated one): `tasks
 running ones, `describe(id)` gives one's state (also for the last FINISHED_KEPT finished ones), and
 `cancel_task(id)` stops it whether queued or running, answering its requester with TaskCancelled.
 
+Between jobs (and every IDLE_POLL_SECONDS while idle) the thread runs the calls handed to `call` (loading and
+unloading models: MLX work stays on this thread) and unloads models whose keep-alive has ended.
+
 Stopping (`shutdown`, on SIGTERM) answers every waiting task at once with ServerStopping (HTTP 503), lets
 the running job finish its current step and ends the thread; `stop` does that and waits for the thread.
 """
@@ -182,6 +185,7 @@ class Worker:
     FIRST_GUESS_CAP = 5.0
     MAX_RETRY_AFTER = 600  # seconds: the most Retry-After ever says, however long the jobs ahead take
     FINISHED_KEPT = 100  # finished tasks whose state GET /v1/images/tasks/{id} still answers
+    IDLE_POLL_SECONDS = 0.25  # how often an idle worker runs calls and unloads models whose keep-alive ended
 
     def __init__(self, registry: Any, max_queue: int = 8):
         self.registry = registry
@@ -193,6 +197,8 @@ class Worker:
         self._durations: collections.deque[float] = collections.deque(maxlen=self.RECENT_JOBS)
         self._live: dict[str, Task] = {}  # queued and running tasks, in submission order (under _lock)
         self._finished: collections.OrderedDict[str, dict] = collections.OrderedDict()  # id -> describe()
+        # Calls to run on this thread between jobs (loading and unloading models), with their futures
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="mlx-sd-worker", daemon=True)
 
     def start(self) -> None:
@@ -222,6 +228,12 @@ class Worker:
                 aborted.append(task.id)
         if running is not None and not running.cancelled:
             running.abort(ServerStopping())
+        while True:  # calls not yet run (model loads and unloads) are answered too
+            try:
+                _, future = self._calls.get_nowait()
+            except queue.Empty:
+                break
+            _settle(future, error=ServerStopping("the server is shutting down"))
         if first and (running is not None or aborted):
             log.info(
                 "stopping: %s; %d waiting job(s) answered that the server is shutting down",
@@ -390,8 +402,45 @@ class Worker:
             "running": running.progress() if running is not None else None,
         }
 
+    def call(self, function: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `function` on the worker thread between jobs (at once when idle); its result in the future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if self._stopping:
+            future.set_exception(ServerStopping("the server is shutting down"))
+        else:
+            self._calls.put((function, future))
+        return future
+
+    def _between_jobs(self) -> None:
+        """The calls waiting, then the models whose keep-alive has ended are unloaded."""
+        while True:
+            try:
+                function, future = self._calls.get_nowait()
+            except queue.Empty:
+                break
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(function())
+                except Exception as error:  # handed to the caller
+                    future.set_exception(error)
+        expire = getattr(self.registry, "expire", None)
+        if expire is not None:
+            try:
+                expire()
+            except Exception:
+                log.exception("unloading idle models failed")
+
+    def _next(self) -> Task | None:
+        """The next job, running calls and unloading idle models while none is waiting."""
+        while True:
+            self._between_jobs()
+            try:
+                return self._queue.get(timeout=self.IDLE_POLL_SECONDS)
+            except queue.Empty:
+                continue
+
     def _loop(self) -> None:
-        while (task := self._queue.get()) is not None:
+        while (task := self._next()) is not None:
             if task.future.done() or not task.future.set_running_or_notify_cancel():
                 log.info("task %s cancelled while queued", task.id)
                 with self._lock:
@@ -418,12 +467,15 @@ class Worker:
         engine = "?"
         outcome = "failed"
         try:
-            pipeline = self.registry.pipeline(job.model)
-            ready = task.ready = time.monotonic()  # a model loaded for this job: no part of its duration
-            engine = type(pipeline).__name__  # DiffusionPipeline (MLX) or TorchPipeline
-            task.total_steps = pipeline.total_steps(job)
-            images = self._denoise(task, pipeline)
-            result = task.finish(images) if task.finish else images
+            pipeline = self.registry.acquire(job)
+            try:
+                ready = task.ready = time.monotonic()  # a model loaded for this job: no part of its duration
+                engine = type(pipeline).__name__  # DiffusionPipeline (MLX) or TorchPipeline
+                task.total_steps = pipeline.total_steps(job)
+                images = self._denoise(task, pipeline)
+                result = task.finish(images) if task.finish else images
+            finally:
+                self.registry.release(job)
             if task.cancelled:
                 raise JobCancelled()
             _settle(task.future, result=result)

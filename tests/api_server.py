@@ -155,6 +155,12 @@ class FakeRegistry:
         self.info(name)
         return self.pipeline_
 
+    def acquire(self, job) -> FakePipeline:
+        return self.pipeline(job.model)
+
+    def release(self, job) -> None:
+        pass
+
     def loaded(self) -> list[str]:
         return [self.default_name]
 

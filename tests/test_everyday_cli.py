@@ -85,7 +85,7 @@ def test_generate_options_are_the_job_fields():
     schema = request_schema()
     for field in FIELDS:
         if not field.cli:  # (--model names a model to load, not the API's served-model name)
-            assert "--" + field.name.replace("_", "-") not in options or field.name == "model", field.name
+            assert "--" + field.name.replace("_", "-") not in options or field.name in ("model", "control_net"), field.name
             continue
         action = options["--" + field.name.replace("_", "-")]
         assert action.default is None and action.required == (field.name == "prompt"), field.name

@@ -34,14 +34,18 @@ def test_empty_model_dir_serves_the_labelled_tiny_model(tmp_path, caplog):
     assert "random weights" in caplog.text
 
 
-def test_loaded_models_are_evicted_beyond_max_loaded(tmp_path):
+def test_loaded_models_are_evicted_beyond_the_memory_budget(tmp_path, caplog):
+    caplog.set_level("INFO", logger="mlx_sd_server.models")
     src = tmp_path / "other"
     tiny_diffusers.make_pipeline(src, "sd1")
-    registry = ModelRegistry([TINY_MODEL_NAME, str(src)], tmp_path / "models", max_loaded=1)
+    measure = ModelRegistry([TINY_MODEL_NAME, str(src)], tmp_path / "models")
+    sizes = [measure.pipeline(name).memory_bytes() for name in (TINY_MODEL_NAME, "other")]
+    registry = ModelRegistry([TINY_MODEL_NAME, str(src)], tmp_path / "models", max_memory=max(sizes) + 1)
     first = registry.pipeline()
-    assert registry.pipeline(TINY_MODEL_NAME) is first  # cached
+    assert registry.pipeline(TINY_MODEL_NAME) is first  # kept
     registry.pipeline("other")
     assert registry.loaded() == ["other"]
+    assert f"unloaded model {TINY_MODEL_NAME}" in caplog.text and "to make room for other" in caplog.text
 
 
 def test_unknown_spec_and_offline_pull_fail_clearly(tmp_path, monkeypatch, capsys):

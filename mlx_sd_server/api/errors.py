@@ -17,7 +17,8 @@ from werkzeug.exceptions import HTTPException
 
 from mlx_sd_server.job import ECHO_CHARS, JobError
 from mlx_sd_server.paths import without_paths
-from mlx_sd_server.registry import ModelLoadError, ModelNotFoundError
+from mlx_sd_server.registry import ModelBusyError, ModelLoadError, ModelNotFoundError
+from mlx_sd_server.residency import ModelTooLargeError
 from mlx_sd_server.worker import QueueFullError
 
 log = logging.getLogger("mlx_sd_server.api")
@@ -97,6 +98,15 @@ def register_error_handlers(app: Quart) -> None:
     async def model_load_error(error: ModelLoadError):
         log.error("%s", error)  # the whole of it; the client's copy names no server path
         return error_response(503, without_paths(str(error)), "model", "model_unavailable")
+
+    @app.errorhandler(ModelBusyError)
+    async def model_busy(error: ModelBusyError):
+        return error_response(409, str(error), "model", "model_converting")
+
+    @app.errorhandler(ModelTooLargeError)
+    async def model_too_large(error: ModelTooLargeError):
+        log.error("%s", error)
+        return error_response(507, str(error), "model", "model_too_large")
 
     @app.errorhandler(QueueFullError)
     async def queue_full(error: QueueFullError):

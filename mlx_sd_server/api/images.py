@@ -12,6 +12,7 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -36,10 +37,11 @@ from mlx_sd_server.images import (
     open_upload,
     short_sha256,
 )
-from mlx_sd_server.job import Job, JobError, build_job
+from mlx_sd_server.job import Job, JobError, as_str, build_job
 from mlx_sd_server.lora.library import LoRALibrary
 from mlx_sd_server.paths import without_paths
 from mlx_sd_server.registry import ModelInfo, ModelLoadError, ModelNotFoundError
+from mlx_sd_server.residency import ModelTooLargeError
 from mlx_sd_server.store import StoredFile, StoreFullError
 from mlx_sd_server.worker import JobCancelled, ServerStopping, TaskCancelled, valid_task_id
 
@@ -163,6 +165,8 @@ def _error_envelope(error: BaseException | None) -> dict:
         status, message, param, code = 503, "the job was cancelled before it finished", None, "job_cancelled"
     elif isinstance(error, ModelNotFoundError):
         status, message, param, code = 404, str(error), "model", "model_not_found"
+    elif isinstance(error, ModelTooLargeError):
+        status, message, param, code = 507, str(error), "model", "model_too_large"
     elif isinstance(error, ModelLoadError):
         status, message, param, code = 503, without_paths(str(error)), "model", "model_unavailable"
     else:
@@ -349,12 +353,17 @@ def _build_job(parsed: ParsedRequest, info: ModelInfo, server: ServerState) -> J
     elif len(uploads.get("image", ())) == 1 and transparency_is_mask(info) and has_transparency(uploads["image"][0]):
         images["mask"] = mask_from_upload(uploads["image"][0])  # OpenAI: no mask = the image's own transparency
     fields = {**parsed.fields, "model": info.name}
+    capabilities = info.capabilities
+    if fields.get("control_net") not in (None, ""):  # a ControlNet by name: it must exist and fit the model
+        requested = as_str("control_net", fields["control_net"]).strip()
+        fields["control_net"] = server.registry.controlnet_for(info, requested)
+        capabilities = dataclasses.replace(capabilities, controlnet=True)
     return build_job(
         fields,
         images,
         limits=settings.limits,
         defaults=info.defaults,
-        capabilities=info.capabilities,
+        capabilities=capabilities,
         model_name=info.name,
         lora_family=server.registry.loras.family,
         input_hashes=hashes,

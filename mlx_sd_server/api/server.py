@@ -35,8 +35,9 @@ from mlx_sd_server import store as store_module
 from mlx_sd_server.api import Settings, create_app
 from mlx_sd_server.api.cors import normalise_origin
 from mlx_sd_server.api.writes import DEFAULT_WRITE_TIMEOUT
+from mlx_sd_server.cli import keep_alive, memory_size
 from mlx_sd_server.job import Limits
-from mlx_sd_server.registry import ModelRegistry, model_dir
+from mlx_sd_server.registry import DEFAULT_KEEP_ALIVE, ModelRegistry, model_dir
 from mlx_sd_server.store import FileStore
 
 log = logging.getLogger("mlx_sd_server.server")
@@ -183,6 +184,8 @@ def registry_from_args(args: argparse.Namespace) -> ModelRegistry:
         strict_model_names=args.strict_model_names,
         lora_dir=args.lora_model_dir,
         lora_fuse_budget=int(args.lora_fuse_gb * 2**30),
+        max_memory=memory_size(args.max_memory) if getattr(args, "max_memory", None) else None,
+        keep_alive=keep_alive(args.keep_alive) if getattr(args, "keep_alive", None) else DEFAULT_KEEP_ALIVE,
     )
 
 

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "mlx-sd-server/1"
 MANIFEST = "model.json"
+CONVERTING = "converting.pid"  # in a conversion's working folder: the converting process's id
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
@@ -263,6 +264,26 @@ def check_vocabulary(name: str, encoder: nn.Module, tokenizer: Any) -> None:
         )
 
 
+def default_dtype() -> str:
+    """float16 on a GPU, float32 on the CPU."""
+    return "float16" if mx.default_device() == mx.gpu else "float32"
+
+
+def load_controlnet(folder: str | os.PathLike, dtype: str | None = None) -> nn.Module:
+    """A converted lone ControlNet (a folder whose manifest has a "controlnet" component), lazily read."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if "controlnet" not in manifest["components"]:
+        raise ModelFormatError(f"{folder} has no controlnet component")
+    return load_component(folder, "controlnet", manifest["components"]["controlnet"], DTYPES[dtype or default_dtype()])
+
+
+def module_bytes(module: nn.Module) -> int:
+    """The bytes of a module's weights as they are held (read or not yet: the size is their shapes')."""
+    arrays = dict(tree_flatten(module.parameters())).values()
+    return sum(array.nbytes for array in arrays if isinstance(array, mx.array))
+
+
 def load_model(
     folder: str | os.PathLike,
     dtype: str | None = None,
@@ -276,7 +297,7 @@ def load_model(
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
-    dtype_name = dtype or ("float16" if mx.default_device() == mx.gpu else "float32")
+    dtype_name = dtype or default_dtype()
     compute_dtype = DTYPES[dtype_name]
     quantization = manifest.get("quantization")
     components = manifest["components"]
@@ -303,11 +324,7 @@ def load_model(
 
     control = None
     if controlnet is not None:
-        cn_folder = Path(controlnet)
-        cn_manifest = read_manifest(cn_folder)
-        if "controlnet" not in cn_manifest["components"]:
-            raise ModelFormatError(f"{cn_folder} has no controlnet component")
-        control = load_component(cn_folder, "controlnet", cn_manifest["components"]["controlnet"], compute_dtype)
+        control = load_controlnet(controlnet, dtype_name)
     elif "controlnet" in components:
         control = load("controlnet")
 

@@ -16,13 +16,14 @@ from dataclasses import replace
 from typing import Protocol, TypeVar
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from PIL import Image, ImageFilter
 
 from mlx_sd_server.engine.adapters import Adapters, applied
 from mlx_sd_server.engine.families import spec_for
 from mlx_sd_server.engine.families.runtime import Family, Settings, encode_pixels
-from mlx_sd_server.engine.model_io import LoadedModel
+from mlx_sd_server.engine.model_io import LoadedModel, module_bytes
 from mlx_sd_server.engine.request import Request
 from mlx_sd_server.engine.sampling.denoiser import NOISING
 from mlx_sd_server.engine.sampling.samplers import SAMPLERS, Step
@@ -116,6 +117,29 @@ class DiffusionPipeline:
         self.latent_mask = spec.latent_mask
         self.source_as_reference = spec.source_as_reference
         self.noising = NOISING[self.family.prediction_type]
+        self.bundled_controlnet = model.controlnet  # the model folder's own ControlNet, if it has one
+
+    # --- memory ------------------------------------------------------------------------------------
+
+    def memory_bytes(self) -> int:
+        """The bytes of the model's weights at their compute dtype (its ControlNets are counted apart)."""
+        modules = [m for name, m in self.model.components.items() if name != "controlnet"]
+        return sum(module_bytes(m) for m in [*modules, *self.model.text_encoders.values()]) + (
+            module_bytes(self.bundled_controlnet) if self.bundled_controlnet is not None else 0
+        )
+
+    def materialize(self) -> None:
+        """Read every weight into memory now (they are read lazily, on first use, otherwise)."""
+        for module in [*self.model.components.values(), *self.model.text_encoders.values()]:
+            mx.eval(module.parameters())
+
+    def use_controlnet(self, controlnet: nn.Module | None) -> None:
+        """The ControlNet the next jobs use: `controlnet`, else the model's bundled one (or none)."""
+        chosen = controlnet if controlnet is not None else self.bundled_controlnet
+        if chosen is None:
+            self.model.components.pop("controlnet", None)
+        else:
+            self.model.components["controlnet"] = chosen
 
     # --- schedule ----------------------------------------------------------------------------------
 

@@ -121,12 +121,48 @@ def as_str(name: str, value: Any) -> str:
     return check_text(name, value)
 
 
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
+
+
+def as_keep_alive(name: str, value: Any) -> float:
+    """Ollama's keep_alive: seconds as a number (or its text), or a Go duration ("5m", "1h30m", "90s");
+    negative: kept until unloaded (math.inf); 0: unloaded when the job ends."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip().lower()
+        sign, body = (-1.0, text[1:]) if text.startswith("-") else (1.0, text)
+        try:
+            seconds = sign * float(body)
+        except ValueError:
+            parts = _DURATION_PART_RE.findall(body)
+            if not parts or "".join(a + b for a, b in parts) != body:
+                raise JobError(
+                    f'{name} must be seconds or a duration such as "5m", "1h" or "90s" (-1: keep loaded), '
+                    f"got {shown(value)}",
+                    name,
+                    "invalid_value",
+                ) from None
+            units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+            seconds = sign * sum(float(number) * units[unit] for number, unit in parts)
+    else:
+        raise JobError(
+            f"{name} must be a number of seconds or a duration string, got {kind_of(value)}", name, "invalid_type"
+        )
+    if math.isnan(seconds):
+        raise JobError(f"{name} must be a number, got {shown(value)}", name, "invalid_value")
+    return math.inf if seconds < 0 else seconds
+
+
 COERCE: dict[str, Callable[[str, Any], Any]] = {
     "integer": as_int,
     "number": as_float,
     "boolean": as_bool,
     "string": as_str,
+    "duration": as_keep_alive,
 }
+# JSON Schema's type for ours, where they differ
+JSON_TYPES: dict[str, Any] = {"duration": ["string", "number"]}
 
 
 # --- the table ---------------------------------------------------------------------------------------
@@ -140,7 +176,7 @@ class Field:
     """One request field. `type` is its JSON Schema type; `choices` are compared stripped and lower-cased."""
 
     name: str
-    type: str  # string | integer | number | boolean | array
+    type: str  # string | integer | number | boolean | array | duration (seconds, or text such as "5m")
     help: str
     default: Any = None  # None: absent unless a rule or the model gives one
     minimum: Bound = None
@@ -170,7 +206,7 @@ class Field:
 
     def schema(self, limits: Limits) -> dict[str, Any]:
         """This field as JSON Schema, with this server's limits."""
-        out: dict[str, Any] = {"type": self.type}
+        out: dict[str, Any] = {"type": JSON_TYPES.get(self.type, self.type)}
         if self.type == "string":
             out["maxLength"] = limits.max_prompt_chars if self.prompt else limits.max_field_chars
             if self.required:
@@ -315,6 +351,13 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "strength", "number", "edits: how much of the image is repainted (the share of the schedule re-run)", 0.75, 0, 1
     ),
+    Field(
+        "control_net",
+        "string",
+        "the ControlNet to steer with (GET /v1/controlnets lists them; default: the model's own, if it has one)",
+        blank_is_absent=True,
+        cli=False,  # `generate --control-net` names one to load
+    ),
     Field("control_strength", "number", "how strongly the ControlNet steers", 0.9, 0, 10),
     Field(
         "control_preprocess",
@@ -334,6 +377,13 @@ FIELDS: tuple[Field, ...] = (
         ranged=False,
         items=lora_items,
         parse=parse_loras,
+        cli=False,
+    ),
+    Field(
+        "keep_alive",
+        "duration",
+        'how long the model stays loaded after this job, as Ollama\'s: seconds or "5m", "1h"; 0: unload it '
+        "when the job ends; -1: keep it loaded (default: the server's --keep-alive)",
         cli=False,
     ),
     *(
@@ -393,6 +443,9 @@ class Job:
     control_image: Image.Image | None = field(default=None, repr=False)
     control_strength: float = default("control_strength")
     control_preprocess: str = default("control_preprocess")
+    control_net: str | None = default("control_net")  # by name; None: the model's own, if it has one
+    # seconds the model stays loaded after this job (math.inf: kept); None: the server's --keep-alive
+    keep_alive: float | None = default("keep_alive")
     # LoRAs (name in the LoRA folder, weight), from `<lora:name:weight>` tags (stripped from the prompts
     # above) and the `loras` field
     loras: tuple[tuple[str, float], ...] = ()

@@ -267,9 +267,16 @@ def refuse_unusable(
             raise JobError(f"{model_name} ({capabilities.family}) cannot do {what}", name, "unsupported_parameter")
     if "control_image" in images and not capabilities.controlnet:
         raise JobError(
-            f"model {model_name!r} has no ControlNet attached (serve it with --control-net)",
+            f"model {model_name!r} has no ControlNet of its own: name one with control_net (GET /v1/controlnets "
+            "lists them), or serve the model with --control-net",
             "control_image",
             "controlnet_unavailable",
+        )
+    if "control_net" in given and "control_image" not in images:
+        raise JobError(
+            "control_net names the ControlNet that reads a control_image, and this request has none",
+            "control_net",
+            "missing_required_parameter",
         )
 
 
