@@ -226,7 +226,7 @@ def installed_controlnets(models: Path) -> list[ControlNetInfo]:
     """The converted ControlNets: in `controlnets/`, then (converted before it existed) in the model directory."""
     found: dict[str, ControlNetInfo] = {}
     for folder in [*sorted((models / CONTROLNET_FOLDER).glob("*")), *sorted(models.glob("*"))]:
-        if not folder.name.startswith(".") and (folder / MANIFEST).exists():
+        if not folder.name.startswith(".") and _kind(folder) == "controlnet":
             info = read_controlnet(folder)
             if info is not None:
                 found.setdefault(info.name, info)
@@ -519,6 +519,8 @@ class ModelRegistry:
 
     def expire(self) -> None:
         """Unload what has been idle past its keep-alive, and what was removed from the model directory."""
+        if not self.residency.loaded(MODEL) and not self.residency.loaded(CONTROLNET):
+            return
         catalogue = self._catalogue()
         controlnets = {info.name for info in self.controlnets()}
 
