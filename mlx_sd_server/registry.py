@@ -253,6 +253,7 @@ class ModelStatus:
     memory_bytes: int | None = None  # its weights, when loaded
     expires_at: float | None = None  # when its keep-alive ends (time.time()); None: in use, kept, or not loaded
     in_use: bool = False
+    keep_alive: float | None = None  # seconds after its last job (math.inf: kept), when loaded
 
 
 class ModelRegistry:
@@ -388,15 +389,20 @@ class ModelRegistry:
         info = catalogue.get(name)
         if info is not None:
             return info
-        if Path(name).name == name and converting(self.models, name):
+        if self._converting(name):
             raise ModelBusyError(f"model {name!r} is being converted; send the request again when it is done")
         raise ModelNotFoundError(f"model {name!r} not found; this server has: {', '.join(catalogue)}")
+
+    def _converting(self, name: str) -> bool:
+        return Path(name).name == name and converting(self.models, name)
 
     def resolve(self, requested: str | None) -> ModelInfo:
         """The model that serves a request's `model`: that model; else, unless names are strict, the
         default for an OpenAI model name or for any name while only one model is served; else 404."""
         catalogue = self._catalogue()
         unknown = requested and requested not in catalogue and not self.strict_model_names
+        if unknown and requested and self._converting(requested):  # (not served by the default: it is coming)
+            return self.info(requested)
         if unknown and (requested in OPENAI_MODEL_ALIASES or len(catalogue) == 1):
             default = self.default_name
             log.info("model %r is not served here: the default model %s serves the request", requested, default)
@@ -410,7 +416,17 @@ class ModelRegistry:
         resident = self.residency.get((MODEL, name))
         if resident is None:
             return ModelStatus(False)
-        return ModelStatus(True, resident.memory_bytes, resident.expires_at, resident.users > 0)
+        return ModelStatus(True, resident.memory_bytes, resident.expires_at, resident.users > 0, resident.keep_alive)
+
+    def memory(self) -> dict[str, int]:
+        """The memory budget (--max-memory) and what the loaded models and ControlNets take of it, in bytes."""
+        return {"budget_bytes": self.residency.budget, "used_bytes": self.residency.used_bytes()}
+
+    def controlnet_status(self, name: str) -> ModelStatus:
+        resident = self.residency.get((CONTROLNET, name))
+        if resident is None:
+            return ModelStatus(False)
+        return ModelStatus(True, resident.memory_bytes, resident.expires_at, resident.users > 0, resident.keep_alive)
 
     def loaded(self) -> list[str]:
         return [resident.key[1] for resident in self.residency.loaded(MODEL)]
@@ -448,6 +464,10 @@ class ModelRegistry:
                 option,
                 "controlnet_mismatch",
             )
+
+    def models_using_controlnet(self, name: str) -> list[str]:
+        """The models whose ControlNet it is by default (--control-net)."""
+        return [model for model, control in self._control.items() if control == name]
 
     def controlnet_for(self, model: ModelInfo, requested: str | None) -> str | None:
         """The ControlNet a request on `model` uses: the one it names (checked to fit), else the model's own

@@ -147,8 +147,7 @@ class Residency:
             if resident is None:
                 return
             resident.users = max(resident.users - 1, 0)
-            if keep_alive is not None:
-                resident.keep_alive = keep_alive
+            resident.keep_alive = self.keep_alive if keep_alive is None else keep_alive  # each job sets it (Ollama)
             if resident.users:
                 return
             unload_now = resident.unload_when_idle or resident.keep_alive <= 0

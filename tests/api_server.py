@@ -9,19 +9,19 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from hypercorn.asyncio import serve
 from PIL import Image
 
-from mlx_sd_server.engine.sampling.samplers import Step
 from mlx_sd_server.api.server import hypercorn_config
+from mlx_sd_server.engine.sampling.samplers import Step
 from mlx_sd_server.job import Capabilities, ModelDefaults
 from mlx_sd_server.lora.library import LoRALibrary
-from mlx_sd_server.registry import ModelInfo, ModelNotFoundError
+from mlx_sd_server.registry import ModelInfo, ModelNotFoundError, ModelStatus
 
 
 def free_port() -> int:
@@ -163,6 +163,18 @@ class FakeRegistry:
 
     def loaded(self) -> list[str]:
         return [self.default_name]
+
+    def status(self, name: str) -> ModelStatus:
+        return ModelStatus(True, 0, None, False, 300.0)
+
+    def size_bytes(self, name: str) -> int:
+        return 0
+
+    def memory(self) -> dict[str, int]:
+        return {"budget_bytes": 2**30, "used_bytes": 0}
+
+    def controlnets(self) -> list:
+        return []
 
 
 def tiny_registry(models: Path, **options):

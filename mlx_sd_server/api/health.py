@@ -17,6 +17,7 @@ async def health():
             "status": "ok",
             "default_model": server.registry.default_name,
             "loaded_models": server.registry.loaded(),
+            "memory": server.registry.memory(),
             "queue": server.worker.status(),
         }
     )
