@@ -19,7 +19,7 @@ from PIL import Image
 
 from mlx_sd_server.api.server import hypercorn_config
 from mlx_sd_server.engine.sampling.samplers import Step
-from mlx_sd_server.job import Capabilities, ModelDefaults
+from mlx_sd_server.job import Capabilities, JobError, ModelDefaults
 from mlx_sd_server.lora.library import LoRALibrary
 from mlx_sd_server.registry import ModelInfo, ModelNotFoundError, ModelStatus
 
@@ -175,6 +175,17 @@ class FakeRegistry:
 
     def controlnets(self) -> list:
         return []
+
+    def controlnet_for(self, info: ModelInfo, requested: str | None) -> str | None:
+        if requested is None:
+            return None
+        raise JobError("ControlNet not found (this server has none)", "control_net", "controlnet_not_found", 404)
+
+    def load(self, name: str, keep_alive: float | None = None) -> ModelStatus:
+        return self.status(name)
+
+    def unload(self, name: str) -> bool:
+        return False
 
 
 def tiny_registry(models: Path, **options):

@@ -4,6 +4,7 @@ model has, the reference's extra fields, OpenAI's hints, `size: "auto"`, and `--
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -39,8 +40,10 @@ def test_any_model_name_reaches_the_only_model(models, tmp_path, caplog):
     assert "model 'sd' is not served here" in caplog.text
 
 
-def test_with_several_models_only_openai_names_fall_back(models):
-    registry = ModelRegistry([TINY_MODEL_NAME, TINY_MODEL_NAME], models, model_name="first")
+def test_with_several_models_only_openai_names_fall_back(models, tmp_path):
+    shutil.copytree(ModelRegistry([TINY_MODEL_NAME], models).info().folder, tmp_path / "copy")  # a second model
+    registry = ModelRegistry([TINY_MODEL_NAME, str(tmp_path / "copy")], models, model_name="first")
+    assert sorted(registry.names()) == ["first", TINY_MODEL_NAME]
     assert registry.resolve("dall-e-2").name == "first"
     with pytest.raises(ModelNotFoundError):
         registry.resolve("sd")

@@ -51,7 +51,19 @@ blueprint = Blueprint("images", __name__)
 
 
 # --task: which task each endpoint is, for servers started for one of them only.
-ENDPOINT_TASKS = {"/v1/images/generations": "text2image", "/v1/images/edits": "image2image"}
+ENDPOINT_TASKS = {
+    "/v1/images/generations": "text2image",
+    "/v1/images/edits": "image2image",
+    "/v1/images/variations": "image2image",
+}
+# A variation (POST /v1/images/variations) on an img2img model: the image re-noised to this share of the
+# schedule and denoised with the request's prompt, "" (the model's unconditional image) by default. 0.6
+# keeps the composition and colours while the details change; the request's `strength` overrides it.
+VARIATION_STRENGTH = 0.6
+# ... and on an instruction-edit model (FLUX.2 klein, Kontext), the instruction unless the request gives one.
+VARIATION_INSTRUCTION = (
+    "Make a variation of this image: the same subject, style and composition, with different details"
+)
 
 
 def _check_task() -> None:
@@ -78,14 +90,29 @@ async def edits():
     return await _serve(parsed)
 
 
-async def _serve(parsed: ParsedRequest):
+@blueprint.post("/v1/images/variations")
+async def variations():
+    """OpenAI's and the reference's variations (the reference parses the request and then crashes:
+    llama-core's image_variation is unimplemented): one image, no prompt needed; see VARIATION_*."""
+    _check_task()
+    parsed = await parse_request(request, ("image",))
+    count = len(parsed.uploads.get("image", ()))
+    if count != 1:
+        parsed.close()
+        if not count:
+            raise JobError("image is required: the image to make variations of", "image", "missing_required_parameter")
+        raise JobError(f"a variation is of one image, and this request has {count}", "image", "invalid_value")
+    return await _serve(parsed, variation=True)
+
+
+async def _serve(parsed: ParsedRequest, variation: bool = False):
     server = state()
     try:
         model = parsed.fields.get("model")
         if model is not None and not isinstance(model, str):
             raise JobError(f"model must be a string, got {type(model).__name__}", "model", "invalid_type")
         info = server.registry.resolve(model or None)
-        job = await asyncio.to_thread(_build_job, parsed, info, server)  # decoding uploads is CPU work
+        job = await asyncio.to_thread(_build_job, parsed, info, server, variation)  # decoding uploads is CPU work
     finally:
         parsed.close()  # the uploads are decoded (or refused): their spooled files go
 
@@ -194,7 +221,7 @@ def _stream(
     away cancels the task."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    kind = "image_edit" if request.path.endswith("/edits") else "image_generation"
+    kind = "image_generation" if request.path.endswith("/generations") else "image_edit"
     common = {
         "created_at": created,
         "size": f"{job.width}x{job.height}",
@@ -321,9 +348,9 @@ def _discard(server: ServerState, done: asyncio.Future) -> None:
     asyncio.get_running_loop().run_in_executor(None, remove)
 
 
-def _build_job(parsed: ParsedRequest, info: ModelInfo, server: ServerState) -> Job:
+def _build_job(parsed: ParsedRequest, info: ModelInfo, server: ServerState, variation: bool = False) -> Job:
     """Decode the uploads, in order and within the request's pixel budget, and validate everything into one
-    Job (the pipeline fits images to its size)."""
+    Job (the pipeline fits images to its size); a variation's fields completed by `variation_fields`."""
     settings = server.settings
     budget = PixelBudget(settings.max_upload_pixels_total)
     hashes: list[tuple[str, str]] = []
@@ -353,6 +380,8 @@ def _build_job(parsed: ParsedRequest, info: ModelInfo, server: ServerState) -> J
     elif len(uploads.get("image", ())) == 1 and transparency_is_mask(info) and has_transparency(uploads["image"][0]):
         images["mask"] = mask_from_upload(uploads["image"][0])  # OpenAI: no mask = the image's own transparency
     fields = {**parsed.fields, "model": info.name}
+    if variation:
+        fields = variation_fields(fields, info)
     capabilities = info.capabilities
     if fields.get("control_net") not in (None, ""):  # a ControlNet by name: it must exist and fit the model
         requested = as_str("control_net", fields["control_net"]).strip()
@@ -367,7 +396,26 @@ def _build_job(parsed: ParsedRequest, info: ModelInfo, server: ServerState) -> J
         model_name=info.name,
         lora_family=server.registry.loras.family,
         input_hashes=hashes,
+        optional=("prompt",) if variation else (),
     )
+
+
+def variation_fields(fields: dict[str, Any], info: ModelInfo) -> dict[str, Any]:
+    """A variation's request as an edit of its one image: an img2img at VARIATION_STRENGTH with the prompt
+    given or "", or on an instruction-edit model the instruction given or VARIATION_INSTRUCTION."""
+    capabilities = info.capabilities
+    if capabilities.mask_required or not (capabilities.img2img or capabilities.references):
+        raise JobError(
+            f"{info.name} ({capabilities.family}) cannot make variations: it has no image-to-image "
+            + ("(it only inpaints, with a mask: use /v1/images/edits)" if capabilities.mask_required else "mode"),
+            "model",
+            "unsupported_parameter",
+        )
+    prompt = fields.get("prompt")
+    blank = prompt is None or (isinstance(prompt, str) and not prompt.strip())
+    if capabilities.references:
+        return {**fields, "prompt": VARIATION_INSTRUCTION if blank else prompt}
+    return {"strength": VARIATION_STRENGTH, **fields, "prompt": "" if blank else prompt}
 
 
 def transparency_is_mask(info: ModelInfo) -> bool:

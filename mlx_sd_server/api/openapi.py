@@ -67,16 +67,36 @@ TASK = {
     "type": "object",
     "properties": {"id": {"type": "string"}, "object": {"type": "string"}, "state": {"type": "string"}},
 }
+MODEL = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "model"},
+        "family": {"type": "string"},
+        "loaded": {"type": "boolean"},
+        "size_bytes": {"type": "integer"},
+        "memory_bytes": {"type": ["integer", "null"]},
+        "expires_at": {"type": ["integer", "null"], "description": "unix time its keep-alive ends"},
+        "keep_alive": {"type": ["number", "null"], "description": "seconds after its last job; -1: kept"},
+        "capabilities": {"type": "object"},
+        "defaults": {"type": "object"},
+    },
+}
+LOAD_REQUEST = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"keep_alive": request_schema()["keep_alive"]},
+}
 ERROR_STATUSES = {
     "400": "bad input",
     "401": "missing or wrong API key",
     "404": "no such model, file or task",
-    "409": "the task was cancelled, or had finished",
+    "409": "the task was cancelled, or had finished; the model is being converted",
     "413": "request too large",
     "415": "wrong content type",
     "429": "queue full (see Retry-After)",
     "503": "model unavailable or server stopping",
-    "507": "the image store is full",
+    "507": "the image store is full, or the model is larger than the memory budget",
 }
 
 
@@ -155,6 +175,7 @@ def openapi_document(limits: Limits = Limits(), api_key: bool = False) -> dict[s
     image_errors = _errors("400", "401", "404", "413", "415", "429", "503", "507")
     file_id = {"name": "file_id", "in": "path", "required": True, "schema": {"type": "string"}}
     task_id = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    model_id = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -174,6 +195,15 @@ def openapi_document(limits: Limits = Limits(), api_key: bool = False) -> dict[s
                 "post": {
                     "operationId": "createImageEdit",
                     "requestBody": _image_request(limits, tuple(IMAGE_FIELDS), ("prompt", "image")),
+                    "responses": {"200": _json(IMAGES), **image_errors},
+                }
+            },
+            "/v1/images/variations": {
+                "post": {
+                    "operationId": "createImageVariation",
+                    "description": "variations of one image: an img2img at strength 0.6 with the prompt given or "
+                    "none, or on an instruction-edit model an instruction to vary it",
+                    "requestBody": _image_request(limits, ("image",), ("image",)),
                     "responses": {"200": _json(IMAGES), **image_errors},
                 }
             },
@@ -261,7 +291,43 @@ def openapi_document(limits: Limits = Limits(), api_key: bool = False) -> dict[s
                 }
             },
             "/v1/models": {
-                "get": {"operationId": "listModels", "responses": {"200": _json({"type": "object"}), **_errors("401")}}
+                "get": {
+                    "operationId": "listModels",
+                    "description": "every servable model: loaded, memory_bytes, expires_at, size_bytes, capabilities",
+                    "responses": {"200": _json({"type": "object"}), **_errors("401")},
+                }
+            },
+            "/v1/models/{model_id}": {
+                "get": {
+                    "operationId": "retrieveModel",
+                    "parameters": [model_id],
+                    "responses": {"200": _json(MODEL), **_errors("401", "404", "409")},
+                }
+            },
+            "/v1/models/{model_id}/load": {
+                "post": {
+                    "operationId": "loadModel",
+                    "parameters": [model_id],
+                    "requestBody": {
+                        "required": False,
+                        "content": {"application/json": {"schema": LOAD_REQUEST}},
+                    },
+                    "responses": {"200": _json(MODEL), **_errors("400", "401", "404", "409", "503", "507")},
+                }
+            },
+            "/v1/models/{model_id}/unload": {
+                "post": {
+                    "operationId": "unloadModel",
+                    "parameters": [model_id],
+                    "responses": {"200": _json(MODEL), **_errors("401", "404", "409", "503")},
+                }
+            },
+            "/v1/controlnets": {
+                "get": {
+                    "operationId": "listControlNets",
+                    "description": "the ControlNets a request may name (control_net), with the model family each fits",
+                    "responses": {"200": _json({"type": "object"}), **_errors("401")},
+                }
             },
             "/v1/loras": {
                 "get": {

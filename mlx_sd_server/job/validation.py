@@ -50,6 +50,7 @@ def build_job(
     model_name: str = "this model",
     lora_family: LoRAFamily | None = None,
     input_hashes: Sequence[tuple[str, str]] = (),
+    optional: Collection[str] = (),
 ) -> Job:
     """Validate raw request fields into a Job. Absent fields take the model's `defaults`, else the table's;
     anything the model cannot do (per its `capabilities`) is refused here, before the job is queued.
@@ -57,15 +58,16 @@ def build_job(
 
     `fields` may hold only JOB_FIELDS (typed JSON values, or strings from a form or the command line);
     `images` maps IMAGE_FIELDS to decoded images, `image` to one or, in order, several (IMAGE_LISTS);
-    `input_hashes` are the uploads' (field, short sha256) for the metadata (images.py: short_sha256).
+    `input_hashes` are the uploads' (field, short sha256) for the metadata (images.py: short_sha256);
+    `optional`: required fields this route lets be absent or blank (a variation's prompt).
     """
     inputs, other = split_images(images or {})
     present = {**other, **({"image": inputs[0]} if inputs else {})}
-    given = given_fields(fields, present)
+    given = given_fields(fields, present, optional)
     check_field_sizes(given, limits)
     refuse_unusable(given, present, capabilities, model_name)
     check_inputs(given, inputs, "mask" in other, limits, capabilities, model_name)
-    values = read_fields({**overlay(defaults), **given}, limits, capabilities, model_name)
+    values = read_fields({**overlay(defaults), **given}, limits, capabilities, model_name, optional)
     tags = strip_prompt_tags(values, limits)
     values["loras"] = check_loras(
         tags + [(name, weight, "loras") for name, weight in values.get("loras", [])],
@@ -121,7 +123,9 @@ def overlay(defaults: ModelDefaults) -> dict[str, Any]:
 # --- the table's part ----------------------------------------------------------------------------------
 
 
-def given_fields(fields: Mapping[str, Any], images: Mapping[str, Image.Image]) -> dict[str, Any]:
+def given_fields(
+    fields: Mapping[str, Any], images: Mapping[str, Image.Image], optional: Collection[str] = ()
+) -> dict[str, Any]:
     """The fields a request gives (None, and "" where the table says so, are absent), unknown names refused."""
     for names, known, what in ((fields, FIELD, "field"), (images, IMAGE_FIELDS, "image field")):
         if unknown := sorted(set(names) - set(known)):
@@ -132,7 +136,7 @@ def given_fields(fields: Mapping[str, Any], images: Mapping[str, Image.Image]) -
         if value is not None and not (value == "" and FIELD[name].blank_is_absent)
     }
     for f in FIELDS:
-        if f.required and f.name not in given:
+        if f.required and f.name not in given and f.name not in optional:
             raise JobError(f"{f.name} is required", f.name, "missing_required_parameter")
     return given
 
@@ -152,18 +156,22 @@ def check_field_sizes(fields: Mapping[str, Any], limits: Limits) -> None:
             )
 
 
-def read_fields(raw: Mapping[str, Any], limits: Limits, capabilities: Capabilities, model_name: str) -> dict[str, Any]:
+def read_fields(
+    raw: Mapping[str, Any], limits: Limits, capabilities: Capabilities, model_name: str, optional: Collection[str] = ()
+) -> dict[str, Any]:
     """Each present field coerced to its type and checked against its choices and bounds, in table order."""
     return {
-        f.name: read_field(f, raw[f.name], limits, capabilities, model_name)
+        f.name: read_field(f, raw[f.name], limits, capabilities, model_name, f.name in optional)
         for f in FIELDS
         if raw.get(f.name) is not None
     }
 
 
-def read_field(f: Field, value: Any, limits: Limits, capabilities: Capabilities, model_name: str) -> Any:
+def read_field(
+    f: Field, value: Any, limits: Limits, capabilities: Capabilities, model_name: str, optional: bool = False
+) -> Any:
     value = f.coerce(value)
-    if f.required and isinstance(value, str) and not value.strip():
+    if f.required and not optional and isinstance(value, str) and not value.strip():
         raise JobError(f"{f.name} must not be empty", f.name, "invalid_value")
     if f.choices is not None:
         value = value.strip().lower()
@@ -348,11 +356,12 @@ def strip_prompt_tags(values: dict[str, Any], limits: Limits) -> list[tuple[str,
     """The prompts in `values` stripped of their LoRA tags (in place) and checked (emphasis syntax, at most
     `max_prompt_chunks` 75-token windows; engine/text/prompt.py); the tags as (name, weight, their field)."""
     loras: list[tuple[str, float, str]] = []
+    had_text = bool(values["prompt"].strip())  # (blank only where the route lets it be: a variation's)
     for name in PROMPT_FIELDS:
         values[name], tags = strip_lora_tags(name, values[name])
         loras += [(lora, weight, name) for lora, weight in tags]
         check_prompt(values[name], name, limits.max_prompt_chunks)
-    if not values["prompt"].strip():
+    if had_text and not values["prompt"].strip():
         raise JobError("prompt must not be empty: it has only LoRA tags", "prompt", "invalid_value")
     return loras
 
