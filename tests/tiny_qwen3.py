@@ -119,10 +119,10 @@ def corpus() -> list[str]:
     return lines + [f"{line.capitalize()}, {i} times!\n\n" for i, line in enumerate(lines)] + ["user\nassistant\n\n"]
 
 
-def write_qwen3_tokenizer(dst: Path) -> Path:
-    """A Qwen3-style tokenizer in `dst`: tokenizer.json (NFC, Qwen2's regex split, byte-level BPE, the added
-    tokens) and tokenizer_config.json (Qwen2Tokenizer, Qwen3's specials and chat template)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+def qwen_bpe_tokenizer():
+    """A `tokenizers.Tokenizer` laid out as Qwen's (NFC, Qwen2's regex split, byte-level BPE trained on
+    `corpus()`), without added tokens: Qwen3's and Qwen2.5-VL's (tiny_qwen25vl.py) tiny tokenizers add theirs."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
     from tokenizers.models import BPE
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX  # Qwen's split, as in its files
 
@@ -138,6 +138,15 @@ def write_qwen3_tokenizer(dst: Path) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tokenizer.train_from_iterator(corpus(), trainer)
+    return tokenizer
+
+
+def write_qwen3_tokenizer(dst: Path) -> Path:
+    """A Qwen3-style tokenizer in `dst`: tokenizer.json (NFC, Qwen2's regex split, byte-level BPE, the added
+    tokens) and tokenizer_config.json (Qwen2Tokenizer, Qwen3's specials and chat template)."""
+    from tokenizers import AddedToken
+
+    tokenizer = qwen_bpe_tokenizer()
     tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS])
     tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in THINK_TOKENS])
     dst.mkdir(parents=True, exist_ok=True)

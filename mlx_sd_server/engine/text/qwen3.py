@@ -61,11 +61,15 @@ class Qwen3Config:
         return cls(**values)
 
 
+def rope_frequencies(head_dim: int, theta: float) -> mx.array:
+    """transformers' default RoPE inverse frequencies theta^(-2i/head_dim), i < head_dim/2, float32."""
+    return 1.0 / (theta ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim))
+
+
 def rope_tables(length: int, head_dim: int, theta: float) -> tuple[mx.array, mx.array]:
     """cos and sin (length, head_dim), float32, for positions 0..length-1: transformers' default RoPE (each
-    frequency theta^(-2i/head_dim) twice, for the two halves that `rotate_half` pairs)."""
-    inv_freq = 1.0 / (theta ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim))
-    angles = mx.arange(length, dtype=mx.float32)[:, None] * inv_freq[None, :]
+    frequency twice, for the two halves that `rotate_half` pairs)."""
+    angles = mx.arange(length, dtype=mx.float32)[:, None] * rope_frequencies(head_dim, theta)[None, :]
     angles = mx.concatenate([angles, angles], axis=-1)
     return mx.cos(angles), mx.sin(angles)
 
@@ -124,11 +128,13 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, config: Qwen3Config):
+    """down(silu(gate(x)) * up(x)), no biases: also Qwen2.5-VL's language model MLP (text/qwen25vl.py)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
@@ -138,7 +144,7 @@ class Qwen3DecoderLayer(nn.Module):
     def __init__(self, config: Qwen3Config):
         super().__init__()
         self.self_attn = Qwen3Attention(config)
-        self.mlp = Qwen3MLP(config)
+        self.mlp = Qwen3MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = Qwen3RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, config.rms_norm_eps)
 
