@@ -1,17 +1,21 @@
-"""`mlx-sd-server convert SRC [NAME]`: into the model directory by name, or to a folder given as a path."""
+"""`mlx-sd-server convert SRC [NAME]`: into the model directory by name (a lone ControlNet into its `controlnets/`
+folder), or to a folder given as a path."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
 
+from convert.diffusers_folder import CONTROLNET
 from convert.model import SplitFiles, convert_model
+from mlx_sd_server.engine.model_io import read_manifest
 from mlx_sd_server.engine.source import ArchitectureHints
-from mlx_sd_server.paths import model_dir
+from mlx_sd_server.paths import CONTROLNET_FOLDER, model_dir
 
 SPLIT_OPTIONS = ("diffusion_model", "vae", "clip_l", "clip_g", "t5xxl", "t5_tokenizer", "llm", "llm_tokenizer")
 
@@ -46,6 +50,28 @@ def destination(args: argparse.Namespace, source: Path, given: str | None) -> tu
     return model_dir(getattr(args, "model_dir", None)) / name, args.name or name
 
 
+def controlnet_folder(models: Path, name: str) -> Path:
+    """Where a lone ControlNet converted into the model directory by name lives."""
+    return models / CONTROLNET_FOLDER / name
+
+
+def file_controlnet(folder: Path) -> str | None:
+    """A conversion into the model directory by name that turns out a lone ControlNet moves into `controlnets/`,
+    where the server lists it (GET /v1/controlnets) and requests name it (`control_net`): its name there, or
+    None for any other model. (What a source is shows once it is read: it is written beside the models first.)"""
+    manifest = read_manifest(folder)
+    if manifest.get("family") != CONTROLNET:
+        return None
+    target = controlnet_folder(folder.parent, folder.name)
+    target.parent.mkdir(exist_ok=True)
+    try:
+        os.rename(folder, target)  # (refused where a ControlNet of that name appeared meanwhile)
+    except OSError:
+        shutil.rmtree(folder)  # as a failed conversion, nothing is left
+        raise
+    return str(manifest.get("name", folder.name))
+
+
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
@@ -65,6 +91,13 @@ def main(args: argparse.Namespace) -> int:
     src = split or args.paths[0]
     source_path = Path(split.diffusion_model if split else args.paths[0]).expanduser()
     dst, name = destination(args, source_path, args.paths[least] if len(args.paths) > least else None)
+    by_name = dst.parent == model_dir(getattr(args, "model_dir", None))
+    if by_name and controlnet_folder(dst.parent, dst.name).exists():
+        print(
+            f"mlx-sd-server convert: a ControlNet named {dst.name} is in {dst.parent / CONTROLNET_FOLDER}",
+            file=sys.stderr,
+        )
+        return 1
     try:
         out = convert_model(
             src,
@@ -78,8 +111,14 @@ def main(args: argparse.Namespace) -> int:
             with_t5=not args.no_t5,
             hints=given_hints(args),
         )
+        controlnet = file_controlnet(out) if by_name else None
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"mlx-sd-server convert: {exc}", file=sys.stderr)
         return 1
-    print(f"converted {args.diffusion_model or args.paths[0]} -> {Path(out)}")
+    given = args.diffusion_model or args.paths[0]
+    if controlnet is not None:
+        folder = controlnet_folder(dst.parent, dst.name)
+        print(f"converted {given} -> {folder} (a ControlNet: requests name it with control_net={controlnet})")
+    else:
+        print(f"converted {given} -> {Path(out)}")
     return 0

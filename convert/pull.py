@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from convert.cli import controlnet_folder, file_controlnet
 from convert.diffusers_folder import tokenizer_folder
 from convert.model import convert_model
 from mlx_sd_server.engine.families import FAMILIES
@@ -87,9 +88,10 @@ def main(args: argparse.Namespace) -> int:
 
     name = args.name or name_for(args.repo_id)
     dst = model_dir(args.model_dir) / name
-    if dst.exists():
-        print(f"{name} is already in {dst.parent}")
-        return 0
+    for there in (dst, controlnet_folder(dst.parent, name)):  # a model, or a ControlNet (see file_controlnet)
+        if there.exists():
+            print(f"{name} is already in {there.parent}")
+            return 0
     try:
         files = repo_files(args.repo_id)
         patterns = allow_patterns(files, args.dtype) if files is not None else ALLOW_PATTERNS
@@ -117,5 +119,12 @@ def main(args: argparse.Namespace) -> int:
         origin=f"huggingface:{args.repo_id}",
         with_t5=not args.no_t5,
     )
-    print(f"pulled {args.repo_id} as {name} ({dst})")
+    controlnet = file_controlnet(dst)
+    if controlnet is not None:
+        folder = controlnet_folder(dst.parent, name)
+        print(
+            f"pulled {args.repo_id} as {name} ({folder}), a ControlNet: requests name it with control_net={controlnet}"
+        )
+    else:
+        print(f"pulled {args.repo_id} as {name} ({dst})")
     return 0

@@ -13,6 +13,7 @@ import sys
 import typing
 
 from mlx_sd_server import store
+from mlx_sd_server.client import API_KEY_ENV, DEFAULT_URL, URL_ENV, normalized_url
 from mlx_sd_server.engine.source import ArchitectureHints, hint_option
 from mlx_sd_server.job.fields import (
     FIELDS,
@@ -38,6 +39,8 @@ HANDLERS = {
     "pull": "convert.pull:main",
     "models": "mlx_sd_server.registry:print_models",
     "rm": "mlx_sd_server.registry:remove_model",
+    "ps": "mlx_sd_server.registry:print_loaded",
+    "stop": "mlx_sd_server.registry:stop_model",
     "service": "mlx_sd_server.service:main",
 }
 
@@ -65,6 +68,18 @@ def package_version() -> str:
 def add_model_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-dir", help="where converted models live (default: $MLX_SD_MODEL_DIR or the user data dir)"
+    )
+
+
+def add_server_address(parser: argparse.ArgumentParser) -> None:
+    """Where the running server is, for the commands that talk to it."""
+    parser.add_argument(
+        "--url",
+        type=_checked(normalized_url),
+        help=f"the running server's address (default: ${URL_ENV}, else {DEFAULT_URL}, where serve listens by default)",
+    )
+    parser.add_argument(
+        "--api-key", help=f"the server's --api-key, if it was started with one (default: ${API_KEY_ENV})"
     )
 
 
@@ -456,9 +471,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_model_dir(command("models", help="list the models this machine can serve"))
 
-    rm = command("rm", help="delete a model from the model directory")
+    rm = command(
+        "rm",
+        help="delete a model or a ControlNet from the model directory (a running server unloads the model first)",
+    )
     rm.add_argument("name", metavar="NAME", help="a name `mlx-sd-server models` lists")
     add_model_dir(rm)
+    add_server_address(rm)
+
+    add_server_address(command("ps", help="list the models the running server holds in memory, and until when"))
+    stop = command("stop", help="unload a model from the running server's memory")
+    stop.add_argument("name", metavar="NAME", help="a model `mlx-sd-server ps` lists")
+    add_server_address(stop)
 
     service = command("service", help="run the server as a login service (launchd / systemd --user)")
     service.add_argument("action", choices=["install", "uninstall", "status", "logs"])

@@ -19,6 +19,9 @@ def model_dir(override: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "mlx-sd-server" / "models"
 
 
+CONTROLNET_FOLDER = "controlnets"  # converted ControlNets, in the model directory
+
+
 # An absolute (or home-relative) path in a message: within quotes, all of it (`'/Users/me/Library/Application
 # Support/...'`); else from a `/` at the start or after a space, bracket or `=`, up to the next space or
 # quote (punctuation that ends a sentence or a clause is left outside it). This server's own url paths

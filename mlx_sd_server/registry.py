@@ -15,19 +15,21 @@ import os
 import shutil
 import sys
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from convert.model import SplitFiles, convert_model
+from mlx_sd_server.client import NoServerError, ServerError, model_path, server_from
 from mlx_sd_server.engine.errors import JobError, shown
 from mlx_sd_server.engine.families import capabilities, spec_for
 from mlx_sd_server.engine.families.spec import Capabilities, ModelDefaults
 from mlx_sd_server.engine.model_io import CONVERTING, MANIFEST, ModelFormatError, read_manifest
 from mlx_sd_server.job import Job
 from mlx_sd_server.lora.library import LORA_FOLDER, LoRALibrary
-from mlx_sd_server.paths import model_dir
+from mlx_sd_server.paths import CONTROLNET_FOLDER, model_dir
 from mlx_sd_server.residency import CONTROLNET, MODEL, ModelTooLargeError, Residency, gigabytes
 from mlx_sd_server.torch_engine import capabilities as torch_capabilities
 
@@ -76,6 +78,8 @@ def resolve_spec(spec: str | SplitFiles, models: Path) -> Path:
         return ensure_tiny_model(models / TINY_MODEL_NAME)
     if (models / spec / MANIFEST).exists():
         return models / spec
+    if (models / CONTROLNET_FOLDER / spec / MANIFEST).exists():  # a ControlNet by name (--control-net NAME)
+        return models / CONTROLNET_FOLDER / spec
     path = Path(spec).expanduser()
     if (path / MANIFEST).exists():
         return path
@@ -92,7 +96,7 @@ def resolve_spec(spec: str | SplitFiles, models: Path) -> Path:
             raise ModelNotFoundError(f"could not pull {spec} (see the log above)")
         from convert.pull import name_for
 
-        return models / name_for(spec)
+        return resolve_spec(name_for(spec), models)  # a model, or a ControlNet (in controlnets/)
     raise ModelNotFoundError(f"model {spec!r} not found: not in {models}, not a path, not a Hugging Face id")
 
 
@@ -179,7 +183,6 @@ LOW_MEMORY_MACHINE = 8 * 2**30
 # macOS and the user's other applications.
 DEFAULT_MEMORY_SHARE = 0.6
 DEFAULT_KEEP_ALIVE = 300.0  # seconds, as Ollama's default
-CONTROLNET_FOLDER = "controlnets"  # converted ControlNets, in the model directory
 
 
 def physical_memory() -> int:
@@ -638,9 +641,16 @@ def _source(manifest: dict[str, Any]) -> str:
     return f"{source.get('from', '?')}" + (f" ({when})" if when else "")
 
 
+def print_table(rows: Sequence[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell, the last one as it is (a SOURCE can be long)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+
+
 def print_models(args: argparse.Namespace) -> int:
     """`mlx-sd-server models`: a table of the installed models, newest first (the first is what `serve` picks
-    without --model), then the built-in random-weights model, then where they live."""
+    without --model), then the built-in random-weights model; then the ControlNets; then where they live."""
     models = model_dir(args.model_dir)
     rows = [("NAME", "FAMILY", "SIZE", "DTYPE", "SOURCE")]
     for folder in installed_models(models):
@@ -659,15 +669,32 @@ def print_models(args: argparse.Namespace) -> int:
             )
         )
     rows.append((TINY_MODEL_NAME, "sd1", "-", "float32", "built in: RANDOM WEIGHTS, draws noise (for testing clients)"))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
+    print_table(rows)
+    controlnets = installed_controlnets(models)
+    if controlnets:  # FITS: the family of the models it fits, as GET /v1/controlnets says it
+        print()
+        print_table(
+            [
+                ("NAME", "FITS", "SIZE", "SOURCE"),
+                *(
+                    (
+                        info.folder.name,
+                        info.family,
+                        human_size(disk_size(info.folder)),
+                        _source(read_manifest(info.folder)),
+                    )
+                    for info in controlnets
+                ),
+            ]
+        )
     print(f"# model directory: {models}", file=sys.stderr)
     return 0
 
 
 def remove_model(args: argparse.Namespace) -> int:
-    """`mlx-sd-server rm NAME`: delete a model's folder from the model directory."""
+    """`mlx-sd-server rm NAME`: delete a model's folder from the model directory, or a ControlNet's (from
+    `controlnets/`, or the model directory where older conversions put them). A running server (`--url`) is
+    asked to unload the model first; no server running is no error."""
     models = model_dir(args.model_dir)
     name = args.name
     if name == TINY_MODEL_NAME:
@@ -676,12 +703,153 @@ def remove_model(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    folder = models / name
-    if name in ("", ".", "..") or Path(name).name != name or not (folder / MANIFEST).exists():
+    plain = name not in ("", ".", "..") and Path(name).name == name
+    found = [f for f in (models / name, models / CONTROLNET_FOLDER / name) if plain and (f / MANIFEST).exists()]
+    if not found:
         known = ", ".join(p.name for p in installed_models(models)) or "none"
-        print(f"mlx-sd-server rm: no model named {name!r} in {models} (installed: {known})", file=sys.stderr)
+        controlnets = ", ".join(info.folder.name for info in installed_controlnets(models)) or "none"
+        print(
+            f"mlx-sd-server rm: no model named {name!r} in {models} (installed: {known}; ControlNets: {controlnets})",
+            file=sys.stderr,
+        )
         return 1
+    if len(found) > 1:  # (convert and pull never make both)
+        print(f"mlx-sd-server rm: {name!r} names both {found[0]} and {found[1]}: remove one by hand", file=sys.stderr)
+        return 1
+    folder = found[0]
+    controlnet = _kind(folder) == "controlnet"
     size = disk_size(folder)
+    if controlnet:
+        loaded_at = controlnet_loaded_in_server(args, folder)
+    else:
+        unload_in_server(args, folder)
     shutil.rmtree(folder)
-    print(f"removed {name} ({human_size(size)} freed)")
+    if controlnet:
+        print(f"removed ControlNet {name} from {folder.parent} ({human_size(size)} freed)")
+        if loaded_at:  # (there is no endpoint to unload a ControlNet: the server drops those whose files are gone)
+            print(f"the server at {loaded_at} had it loaded: it unloads it when idle, its files being gone")
+    else:
+        print(f"removed {name} ({human_size(size)} freed)")
+    return 0
+
+
+def api_name(folder: Path) -> str:
+    """The name a server knows a converted folder by: its manifest's, else the folder's."""
+    try:
+        return str(read_manifest(folder).get("name", folder.name))
+    except (OSError, ValueError, ModelFormatError):
+        return folder.name
+
+
+def unload_in_server(args: argparse.Namespace, folder: Path) -> None:
+    """Before `rm` deletes a model: the running server unloads it, if it holds this very model (the same name and
+    size on disk; one of the same name from another model directory is left alone). A server that is not
+    running is not asked; one that cannot unload it (busy, another key) drops it once it finds the files gone."""
+    name = api_name(folder)
+    try:
+        server = server_from(args)
+        model = server.get(model_path(name))
+        if not model.get("loaded") or model.get("size_bytes") != disk_size(folder):
+            return
+        if server.post(model_path(name, "unload")).get("unloaded"):
+            print(f"{folder.name} was loaded in the server at {server.url}: unloaded first")
+    except NoServerError:
+        return
+    except ServerError as exc:
+        if exc.status != 404:  # (404: that server does not serve it)
+            print(
+                f"mlx-sd-server rm: {name} was not unloaded first ({exc}); a server that holds it unloads it "
+                "once it finds its files gone",
+                file=sys.stderr,
+            )
+
+
+def controlnet_loaded_in_server(args: argparse.Namespace, folder: Path) -> str | None:
+    """The url of the running server that holds this very ControlNet in memory (same name and size on disk)."""
+    name = api_name(folder)
+    try:
+        server = server_from(args)
+        listing = server.get("/v1/controlnets").get("data", [])
+    except ServerError:
+        return None  # (not running, or not answering us: its own idle check drops what was removed)
+    size = disk_size(folder)
+    held = any(c.get("id") == name and c.get("loaded") and c.get("size_bytes") == size for c in listing)
+    return server.url if held else None
+
+
+STOP_WAIT = 600.0  # seconds: the server unloads between jobs, so a job running on the model ends first
+
+
+def print_loaded(args: argparse.Namespace) -> int:
+    """`mlx-sd-server ps`: the models the running server holds in memory, as `ollama ps`: how much memory each
+    takes and until when it stays (its keep-alive), "kept" (keep_alive -1) or "in use" (a job is running on it)."""
+    try:
+        server = server_from(args)
+        answer = server.get("/v1/models")
+    except ServerError as exc:
+        print(f"mlx-sd-server ps: {exc}", file=sys.stderr)
+        return 1
+    now = time.time()
+    rows = [("NAME", "FAMILY", "MEMORY", "UNTIL")]
+    for model in answer.get("data", []):
+        if model.get("loaded"):
+            memory = model.get("memory_bytes")
+            rows.append(
+                (
+                    model["id"],
+                    model.get("family", "?"),
+                    "-" if memory is None else human_size(memory),
+                    until(model, now),
+                )
+            )
+    print_table(rows)
+    memory = answer.get("memory") or {}
+    if "used_bytes" in memory and "budget_bytes" in memory:  # (with loaded ControlNets, beyond the rows' sum)
+        used, budget = human_size(memory["used_bytes"]), human_size(memory["budget_bytes"])
+        print(f"# {server.url}: {used} of {budget} (--max-memory) in use", file=sys.stderr)
+    return 0
+
+
+def until(model: Mapping[str, Any], now: float) -> str:
+    """When a loaded model (as GET /v1/models shows it) leaves memory: "kept" (keep_alive -1), "in use" (no
+    keep-alive running: a job holds it), else "in 4 minutes"."""
+    if model.get("keep_alive") == -1:
+        return "kept"
+    expires_at = model.get("expires_at")
+    if expires_at is None:
+        return "in use"
+    return in_time(expires_at - now)
+
+
+def in_time(seconds: float) -> str:
+    """ "in 45 seconds", "in 5 minutes", "in 2 hours", "in 3 days" (the nearest whole unit); "now" when due."""
+    if seconds < 0.5:
+        return "now"
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= 1.5 * size:
+            count = round(seconds / size)
+            return f"in {count} {unit}s"
+    count = round(seconds)
+    return f"in {count} second" + ("s" if count != 1 else "")
+
+
+def stop_model(args: argparse.Namespace) -> int:
+    """`mlx-sd-server stop NAME`: the running server unloads the model now (after the job running on it)."""
+    try:
+        server = server_from(args)
+        model = server.get(model_path(args.name))
+        if model.get("loaded"):
+            if until(model, time.time()) == "in use":
+                print(f"{args.name} is in use: it unloads when its job ends", file=sys.stderr)
+            unloaded = bool(server.post(model_path(args.name, "unload"), timeout=STOP_WAIT).get("unloaded"))
+        else:
+            unloaded = False
+    except ServerError as exc:
+        print(f"mlx-sd-server stop: {exc}", file=sys.stderr)
+        return 1
+    if unloaded:
+        memory = model.get("memory_bytes")
+        print(f"unloaded {args.name}" + ("" if memory is None else f" ({human_size(memory)} freed)"))
+    else:
+        print(f"{args.name} was not loaded")
     return 0

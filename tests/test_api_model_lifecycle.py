@@ -5,6 +5,7 @@ larger than the budget (507), and the load and unload endpoints."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -14,13 +15,15 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from PIL import Image
 
 import tiny_diffusers
-from api_server import live_server, request
-from convert.model import convert_model
+from api_server import Reply, live_server, multipart, request
+from convert.model import SplitFiles, convert_model
 from mlx_sd_server.api import create_app
 from mlx_sd_server.engine.model_io import CONVERTING
 from mlx_sd_server.registry import ModelRegistry
+from mlx_sd_server.residency import gigabytes
 from mlx_sd_server.store import FileStore
 
 JSON = {"Content-Type": "application/json"}
@@ -39,7 +42,7 @@ def install(sources: Path, models: Path, name: str, source: str = "alpha") -> Pa
     return convert_model(sources / source, models / name, dtype="float32", progress=False)
 
 
-def generate(url: str, model: str, **fields) -> object:
+def generate(url: str, model: str, **fields) -> Reply:
     body = {"prompt": "a cat", "model": model, "size": "64x64", "steps": 1, "response_format": "b64_json", **fields}
     return request(url, "POST", "/v1/images/generations", json.dumps(body).encode(), JSON)
 
@@ -59,7 +62,7 @@ def until(condition, polls: int = 400) -> bool:
     return False
 
 
-def serve(models: Path, tmp_path: Path, specs: list[str], **options):
+def serve(models: Path, tmp_path: Path, specs: list[str | SplitFiles], **options):
     registry = ModelRegistry(specs, models, **options)
     return registry, live_server(create_app(registry, FileStore(tmp_path / "files")))
 
@@ -150,8 +153,10 @@ def test_keep_alive_zero_idle_timeout_and_minus_one(sources, tmp_path, capsys):
         assert until(lambda: not listing(url)["alpha"]["loaded"])  # idle past its keep-alive
         after_active, after_rss = mx.get_active_memory(), rss_bytes()
         with capsys.disabled():
-            print(f"\nidle unload of a tiny SD 1.x: MLX active memory {active} -> {after_active} bytes, "
-                  f"RSS {rss / 2**20:.1f} -> {after_rss / 2**20:.1f} MB")
+            print(
+                f"\nidle unload of a tiny SD 1.x: MLX active memory {active} -> {after_active} bytes, "
+                f"RSS {rss / 2**20:.1f} -> {after_rss / 2**20:.1f} MB"
+            )
         assert after_active < active
         reply = generate(url, "alpha", keep_alive="soon")
         assert reply.status == 400 and reply.json()["error"]["param"] == "keep_alive"
@@ -160,17 +165,25 @@ def test_keep_alive_zero_idle_timeout_and_minus_one(sources, tmp_path, capsys):
 def test_a_model_larger_than_the_budget_is_a_507_and_the_server_keeps_serving(sources, tmp_path):
     models = tmp_path / "models"
     install(sources, models, "alpha")
+    convert_model(sources / "beta", models / "small", dtype="float32", quantize=8, progress=False)
     measure = ModelRegistry(["alpha"], models)
-    size = measure.pipeline("alpha").memory_bytes()
-    _, server = serve(models, tmp_path, ["alpha"], max_memory=size - 1)
+    size, small = (measure.pipeline(name).memory_bytes() for name in ("alpha", "small"))
+    budget = (size + small) // 2  # holds the 8-bit model, not the float32 one
+    assert small <= budget < size
+    _, server = serve(models, tmp_path, ["alpha"], max_memory=budget)
     with server as url:
         reply = generate(url, "alpha")
         error = reply.json()["error"]
         assert reply.status == 507 and error["code"] == "model_too_large", reply.body
-        assert "GB" in error["message"] and "--max-memory" in error["message"]
+        assert gigabytes(size) != gigabytes(budget)
+        assert f"needs {gigabytes(size)}" in error["message"] and f"budget of {gigabytes(budget)}" in error["message"]
+        assert "--max-memory" in error["message"]
         reply = request(url, "POST", "/v1/models/alpha/load")
-        assert reply.status == 507
-        assert request(url, "GET", "/health").status == 200
+        assert reply.status == 507 and reply.json()["error"]["code"] == "model_too_large"
+        reply = generate(url, "small")  # the refusal left the server serving what fits
+        assert reply.status == 200 and reply.json()["model"] == "small", reply.body
+        assert [name for name, entry in listing(url).items() if entry["loaded"]] == ["small"]
+        assert generate(url, "alpha").status == 507
 
 
 def test_load_and_unload_endpoints(sources, tmp_path):
@@ -183,7 +196,10 @@ def test_load_and_unload_endpoints(sources, tmp_path):
         model = reply.json()
         assert reply.status == 200 and model["loaded"] is True and model["memory_bytes"] > 0, reply.body
         assert model["keep_alive"] == 600 and model["expires_at"] > time.time() + 500
-        assert request(url, "GET", "/v1/models/alpha").json()["loaded"] is True
+        assert request(url, "GET", "/v1/models/alpha").json() == listing(url)["alpha"]
+        assert listing(url)["alpha"]["expires_at"] == model["expires_at"]
+        reply = request(url, "GET", "/v1/models/nope")
+        assert reply.status == 404 and reply.json()["error"]["code"] == "model_not_found"
         health = request(url, "GET", "/health").json()
         assert health["loaded_models"] == ["alpha"] and health["memory"]["used_bytes"] == model["memory_bytes"]
         reply = request(url, "POST", "/v1/models/alpha/unload")
@@ -191,9 +207,20 @@ def test_load_and_unload_endpoints(sources, tmp_path):
         assert request(url, "POST", "/v1/models/alpha/unload").json()["unloaded"] is False
         reply = request(url, "POST", "/v1/models/nope/load")
         assert reply.status == 404 and reply.json()["error"]["code"] == "model_not_found"
-        for body in ({"keep_alive": "later"}, {"keep_alive": 1, "extra": 2}, [1]):
-            reply = request(url, "POST", "/v1/models/alpha/load", json.dumps(body).encode(), JSON)
+        for body in (b'{"keep_alive": "later"}', b'{"keep_alive": 1, "extra": 2}', b"[1]", b'{"keep_alive": 5'):
+            reply = request(url, "POST", "/v1/models/alpha/load", body, JSON)
             assert reply.status == 400, (body, reply.body)
+        assert listing(url)["alpha"]["loaded"] is False  # (no bad body loaded it)
+        reply = request(url, "POST", "/v1/models/alpha/load", b'{"keep_alive": null}', JSON)
+        assert reply.status == 200 and reply.json()["keep_alive"] == 300  # null: the server's (default 5m)
+        reply = request(url, "POST", "/v1/models/alpha/load", json.dumps({"keep_alive": -1}).encode(), JSON)
+        assert reply.json()["keep_alive"] == -1 and reply.json()["expires_at"] is None
+
+
+def png_bytes() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(out, "PNG")
+    return out.getvalue()
 
 
 def test_controlnets_are_listed_with_the_family_they_fit(tmp_path):
@@ -208,5 +235,20 @@ def test_controlnets_are_listed_with_the_family_they_fit(tmp_path):
         reply = request(url, "GET", "/v1/controlnets")
         [entry] = reply.json()["data"]
         assert entry["id"] == "edges" and entry["family"] == "sd1" and entry["loaded"] is False
+        assert entry["object"] == "controlnet" and entry["memory_bytes"] is None
         assert entry["size_bytes"] > 0 and entry["default_for"] == []
         assert list(listing(url)) == ["base"]  # a ControlNet is no model
+    # the default model's by --control-net; loaded by a request under the same budget as the models
+    _, server = serve(models, tmp_path, [], control_net="edges")
+    with server as url:
+        [entry] = request(url, "GET", "/v1/controlnets").json()["data"]
+        assert entry["default_for"] == ["base"] and entry["loaded"] is False
+        fields = {"prompt": "a square", "size": "64x64", "steps": "1", "response_format": "b64_json"}
+        body, content_type = multipart({**fields, "control_image": ("control.png", png_bytes())})
+        reply = request(url, "POST", "/v1/images/generations", body, {"Content-Type": content_type})
+        assert reply.status == 200, reply.body
+        [entry] = request(url, "GET", "/v1/controlnets").json()["data"]
+        assert entry["loaded"] is True and entry["memory_bytes"] > 0
+        models_list = request(url, "GET", "/v1/models").json()
+        used = models_list["data"][0]["memory_bytes"] + entry["memory_bytes"]
+        assert models_list["memory"]["used_bytes"] == used

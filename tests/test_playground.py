@@ -3,6 +3,7 @@ key, and working end to end in a real headless Chromium against a live server wi
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import re
@@ -14,8 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from api_server import live_server, request, tiny_registry
+from api_server import live_server, multipart, request, tiny_registry
 from mlx_sd_server.api import Settings, create_app
+from mlx_sd_server.api.images import VARIATION_INSTRUCTION
 from mlx_sd_server.store import FileStore
 
 CHROMIUM = "/usr/bin/chromium"
@@ -192,7 +194,6 @@ def test_edit_with_a_painted_mask_in_the_browser(server, browser, tmp_path):
 def test_several_images_dropped_for_an_instruction_edit_model(browser, tmp_path):
     """Files dropped on the edit box are the inputs, in order, sent as `image[]` parts; a model that edits by
     instruction and takes no mask gets no mask painter and no strength (which it would refuse)."""
-    import base64
     import dataclasses
 
     from api_server import FakeRegistry
@@ -231,8 +232,49 @@ def test_several_images_dropped_for_an_instruction_edit_model(browser, tmp_path)
         page.click("#inputs li:nth-child(2) button")  # remove the second
         generate_and_wait(page, "the two together", partials=0)
         assert [image.size for image in engine.pipeline_.jobs[-1].reference_images] == [sizes[0], sizes[2]]
+        # a variation of the newest result: that one image, with the server's instruction (no prompt sent)
+        page.click("#results .result:first-child button.variation")
+        page.wait_for_selector("#results .result:nth-child(3)", timeout=20_000)
+        page.wait_for_selector("#generate:not([disabled])", timeout=10_000)
+        job = engine.pipeline_.jobs[-1]
+        assert job.prompt == VARIATION_INSTRUCTION and len(job.reference_images) == 1
+        assert job.reference_images[0].size == (64, 64) and "variation_of: " in page.inner_text("#results pre")
         assert errors == []
         page.close()
+
+
+def test_a_variation_of_a_result_and_the_loaded_model_in_the_browser(server, browser):
+    """The picker says which models are in memory, refreshed after each job; "Variation" on a result sends
+    that image to /v1/images/variations with the form's settings: the very image the API makes of it."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    model = request(server, "GET", "/v1/models", headers=auth).json()["data"][0]["id"]
+    assert request(server, "POST", f"/v1/models/{model}/unload", headers=auth).status == 200
+    errors, posts = [], []
+    page = open_playground(browser, server, errors, on_request=lambda r: posts.append(r.url)
+                           if r.method == "POST" else None)
+    loaded = page.locator("#model option", has_text=re.compile(r"● loaded, [\d.]+ [kMG]B$"))
+    assert loaded.count() == 0 and "In memory: 0 kB of " in page.inner_text("#memory")
+    page.fill("#seed", "7")
+    generate_and_wait(page, "a lovely cat", partials=0)
+    loaded.wait_for(state="attached", timeout=10_000)  # the list, reloaded after the job
+    assert "loaded until" in loaded.get_attribute("title")  # its keep_alive: until when it stays
+    source = page.get_attribute("#results img.result-image", "src")
+    task = re.search(r"task_id: (\S+)", page.inner_text("#results pre"))[1]
+    page.click("#results .result button.variation")
+    page.wait_for_selector("#results .result:nth-child(2)", timeout=45_000)
+    page.wait_for_selector("#generate:not([disabled])", timeout=10_000)
+    assert page.locator("#status.error").count() == 0, page.inner_text("#status")
+    assert posts[-1] == server + "/v1/images/variations"
+    shown = page.inner_text("#results .result:first-child pre")
+    assert f"variation_of: {task}" in shown and "prompt: a lovely cat" in shown and "size: 64x64" in shown
+    varied = page.get_attribute("#results .result:first-child img.result-image", "src")
+    body, content_type = multipart({
+        "image": ("in.png", base64.b64decode(source.split(",", 1)[1])), "prompt": "a lovely cat", "model": model,
+        "size": "64x64", "steps": "2", "seed": "7", "response_format": "b64_json"})
+    reply = request(server, "POST", "/v1/images/variations", body, {**auth, "Content-Type": content_type})
+    assert reply.json()["data"][0]["b64_json"] == varied.split(",", 1)[1]
+    assert errors == []
+    page.close()
 
 
 def test_the_lora_picker_offers_the_models_loras_and_tags_the_prompt(server, browser):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -74,10 +75,16 @@ async def get_model(model_id: str):
 
 
 async def _keep_alive_field() -> float | None:
-    """The load request's optional `{"keep_alive": ...}`; anything else in the body is a 400."""
-    body = await request.get_json(force=True, silent=True) if await request.get_data() else None
-    if body is None:
+    """The load request's optional `{"keep_alive": ...}` (null: the server's); anything else in the body is a 400."""
+    data = await request.get_data()
+    if not data.strip():
         return None
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):  # (a typo must not load with the default keep-alive)
+        raise APIError(
+            400, 'the body is not valid JSON: send {"keep_alive": ...} or nothing', code="invalid_json"
+        ) from None
     if not isinstance(body, dict):
         raise APIError(400, 'the body must be a JSON object: {"keep_alive": ...}', code="invalid_type")
     if unknown := sorted(set(body) - {"keep_alive"}):
@@ -87,7 +94,7 @@ async def _keep_alive_field() -> float | None:
             param=unknown[0][:64],
             code="unknown_field",
         )
-    return as_keep_alive("keep_alive", body["keep_alive"]) if "keep_alive" in body else None
+    return None if body.get("keep_alive") is None else as_keep_alive("keep_alive", body["keep_alive"])
 
 
 @blueprint.post("/v1/models/<path:model_id>/load")

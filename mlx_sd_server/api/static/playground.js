@@ -43,7 +43,8 @@ async function loadModels() {
     for (const model of body.data) {
       const option = document.createElement("option");
       option.value = model.id;
-      option.textContent = model.id + (model.family ? " (" + model.family + ")" : "");
+      option.textContent = modelLabel(model);
+      option.title = residency(model);
       if (previous ? model.id === previous : model.default) option.selected = true;
       select.appendChild(option);
     }
@@ -59,6 +60,9 @@ async function loadModels() {
       option.dataset.references = (model && model.references) || 0;
       option.dataset.inpainting = model && model.inpainting ? "1" : "";
     }
+    const memory = body.memory;
+    $("memory").textContent = memory && memory.budget_bytes
+      ? "In memory: " + bytes(memory.used_bytes) + " of " + bytes(memory.budget_bytes) : "";
     showAdvanced();
     showEditControls();
     if (!select.options.length) setStatus("the server serves no models", true);
@@ -68,6 +72,27 @@ async function loadModels() {
     setStatus("could not list the models: " + error.message, true);
     $("status").dataset.models = "1";
   }
+}
+
+// A model in the picker: its family, and whether it is in memory now (and how much of it it takes).
+function modelLabel(model) {
+  let text = model.id + (model.family ? " (" + model.family + ")" : "");
+  if (model.loaded) text += " ● loaded" + (model.memory_bytes ? ", " + bytes(model.memory_bytes) : "");
+  return text;
+}
+
+// How long a loaded model stays (keep_alive): kept, in use, or until when; and its size on disk.
+function residency(model) {
+  let text = model.size_bytes ? bytes(model.size_bytes) + " on disk" : "";
+  if (!model.loaded) return text;
+  const until = model.expires_at ? "loaded until " + new Date(model.expires_at * 1000).toLocaleTimeString()
+    : model.keep_alive === -1 ? "kept loaded" : "loaded (in use)";
+  return text ? until + "; " + text : until;
+}
+
+function bytes(count) {
+  if (count >= 1e9) return (count / 1e9).toFixed(1) + " GB";
+  return count >= 1e6 ? (count / 1e6).toFixed(1) + " MB" : Math.round(count / 1e3) + " kB";
 }
 
 // The advanced settings the chosen model takes: T5's tokens per prompt on a model with T5 (sent only when set).
@@ -286,6 +311,29 @@ async function requestBody(values) {
   return {url: "v1/images/edits", body: form, type: null};
 }
 
+// A variation of a result (POST v1/images/variations) with the chosen model and the form's settings, at the
+// result's own size: on an img2img model with the prompt that made the image (the server's default strength),
+// on an instruction-edit model with the server's own instruction.
+function variationBody(values, data) {
+  const form = new FormData();
+  for (const [name, value] of Object.entries(values)) {
+    if (value !== undefined) form.append(name, String(value));
+  }
+  const binary = atob(data.b64_json);  // (the page may not fetch its data: urls: connect-src 'self')
+  const format = data.output_format || "png";
+  const blob = new Blob([Uint8Array.from(binary, (c) => c.charCodeAt(0))], {type: "image/" + format});
+  form.append("image", blob, (data.task_id || "image") + "-" + (data.image_index || 0) + "." + format);
+  return {url: "v1/images/variations", body: form, type: null};
+}
+
+function vary(data, made) {
+  if (controller) return;
+  const values = settings();
+  values.size = data.size || made.size;
+  values.prompt = modelEdits().references ? undefined : made.prompt || undefined;
+  run(values, () => variationBody(values, data), {variation_of: data.task_id});
+}
+
 async function* serverSentEvents(response) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
@@ -340,7 +388,7 @@ function showPartial(data) {
   view.appendChild(img);
 }
 
-function showResult(data, values, seconds) {
+function showResult(data, values, seconds, note) {
   const card = document.createElement("div");
   card.className = "result";
   const img = document.createElement("img");
@@ -351,15 +399,20 @@ function showResult(data, values, seconds) {
   link.href = img.src;
   link.download = (data.task_id || "image") + "-" + (data.image_index || 0) + "." + (data.output_format || "png");
   link.appendChild(img);
-  const shown = {prompt: values.prompt, negative_prompt: values.negative_prompt, model: values.model,
+  const shown = {...note, prompt: values.prompt, negative_prompt: values.negative_prompt, model: values.model,
                  size: data.size || values.size, steps: values.steps, sample_method: values.sample_method || "(default)",
                  seed: data.seed, strength: values.strength, max_sequence_length: values.max_sequence_length,
                  task_id: data.task_id, seconds: seconds.toFixed(1)};
   const pre = document.createElement("pre");
   pre.textContent = Object.entries(shown).filter(([, v]) => v !== undefined && v !== "")
     .map(([k, v]) => k + ": " + v).join("\n");
-  card.appendChild(link);
-  card.appendChild(pre);
+  const variation = document.createElement("button");
+  variation.type = "button";
+  variation.className = "variation";
+  variation.textContent = "Variation";
+  variation.title = "a variation of this image with the chosen model (POST /v1/images/variations)";
+  variation.addEventListener("click", () => vary(data, values));
+  card.append(link, variation, pre);
   $("results").prepend(card);
 }
 
@@ -367,6 +420,11 @@ async function generate(event) {
   event.preventDefault();
   if (controller) return;
   const values = settings();
+  await run(values, () => requestBody(values), {});
+}
+
+// One request, streamed: `build` makes its {url, body, type}; `note` is shown with each result's settings.
+async function run(values, build, note) {
   const taskId = "pg-" + Date.now().toString(36) + Math.random().toString(36).slice(2, 10);
   controller = new AbortController();
   $("generate").disabled = true;
@@ -380,7 +438,7 @@ async function generate(event) {
   const stopFollowing = followTask(taskId, controller.signal);
   let completed = 0;
   try {
-    const {url, body, type} = await requestBody(values);
+    const {url, body, type} = await build();
     const extra = {"X-Request-Id": taskId, "Accept": "text/event-stream"};
     if (type) extra["Content-Type"] = type;
     const response = await fetch(url, {method: "POST", headers: headers(extra), body, signal: controller.signal});
@@ -389,7 +447,7 @@ async function generate(event) {
       if (name.endsWith(".partial_image")) showPartial(data);
       else if (name.endsWith(".completed")) {
         completed += 1;
-        showResult(data, values, (performance.now() - started) / 1000);
+        showResult(data, values, (performance.now() - started) / 1000, note);
       } else if (name === "error") throw new Error((data.error && data.error.message) || "the job failed");
     }
     if (!completed) throw new Error("the stream ended without an image");
@@ -403,6 +461,7 @@ async function generate(event) {
     controller = null;
     $("generate").disabled = false;
     $("cancel").disabled = true;
+    loadModels();  // which models the job loaded (or unloaded to make room)
   }
 }
 
