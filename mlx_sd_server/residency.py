@@ -39,7 +39,11 @@ class ModelTooLargeError(MemoryError):
 
 
 def gigabytes(size: float) -> str:
-    return f"{size / 2**30:.2f} GB"
+    """A size for messages, in GB; a small one (a tiny model, a small --max-memory) in MB or bytes, as "0.00 GB"
+    would say nothing."""
+    if size >= 2**30 / 10:
+        return f"{size / 2**30:.2f} GB"
+    return f"{size / 2**20:.2f} MB" if size >= 2**20 / 10 else f"{size:.0f} bytes"
 
 
 @dataclass
@@ -128,7 +132,7 @@ class Residency:
                 used = sum(r.memory_bytes for r in self._residents.values())
                 if used + size <= self.budget:
                     return
-                idle = [r for r in self._residents.values() if not r.users]
+                idle = [r.key for r in self._residents.values() if not r.users]  # (keys: see _unload)
                 if not idle:
                     busy = ", ".join(f"{r.key[1]} ({gigabytes(r.memory_bytes)})" for r in self._residents.values())
                     raise ModelTooLargeError(
@@ -137,8 +141,7 @@ class Residency:
                         size,
                         self.budget,
                     )
-                victim = idle[0]
-            self._unload(victim.key, f"to make room for {name} ({gigabytes(size)})")
+            self._unload(idle[0], f"to make room for {name} ({gigabytes(size)})")
 
     def release(self, key: Key, keep_alive: float | None = None) -> None:
         """A job is done with the resident: its keep-alive (the job's, else the default) starts now."""
@@ -151,9 +154,11 @@ class Residency:
             if resident.users:
                 return
             unload_now = resident.unload_when_idle or resident.keep_alive <= 0
+            reason = "asked to unload" if resident.unload_when_idle else "keep_alive 0"
             resident.expires_at = None if math.isinf(resident.keep_alive) else self.clock() + resident.keep_alive
+            del resident  # (see _unload)
         if unload_now:
-            self._unload(key, "asked to unload" if resident.unload_when_idle else "keep_alive 0")
+            self._unload(key, reason)
 
     def unload(self, key: Key, reason: str) -> bool:
         """Unload now, or once its running job is done. False: it was not loaded."""
@@ -165,6 +170,7 @@ class Residency:
                 resident.unload_when_idle = True
                 log.info("%s %s unloads when its running job ends (%s)", key[0], key[1], reason)
                 return True
+            del resident  # (see _unload)
         self._unload(key, reason)
         return True
 
@@ -172,14 +178,16 @@ class Residency:
         """Unload the idle residents whose keep-alive has ended, and those whose files are `gone`."""
         now = self.clock()
         with self._lock:
-            idle = [r for r in self._residents.values() if not r.users]
-        for resident in idle:
-            if gone(resident.key):
-                self._unload(resident.key, "its files were removed")
-            elif resident.expires_at is not None and resident.expires_at <= now:
-                self._unload(resident.key, f"idle for {resident.keep_alive:g} s (keep_alive)")
+            idle = [(r.key, r.expires_at, r.keep_alive) for r in self._residents.values() if not r.users]
+        for key, expires_at, keep_alive in idle:  # (not the residents themselves: see _unload)
+            if gone(key):
+                self._unload(key, "its files were removed")
+            elif expires_at is not None and expires_at <= now:
+                self._unload(key, f"idle for {keep_alive:g} s (keep_alive)")
 
     def _unload(self, key: Key, reason: str) -> None:
+        """Drop the resident and give its memory back. Callers hold no reference to it (only its key): its
+        weights are freed as the last one goes, and free_memory must run after that to return them."""
         with self._lock:
             resident = self._residents.pop(key, None)
         if resident is None:

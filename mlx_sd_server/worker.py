@@ -475,6 +475,7 @@ class Worker:
                 images = self._denoise(task, pipeline)
                 result = task.finish(images) if task.finish else images
             finally:
+                del pipeline  # (released with keep_alive 0, a model's memory goes back only once nothing holds it)
                 self.registry.release(job)
             if task.cancelled:
                 raise JobCancelled()

@@ -146,3 +146,70 @@ def test_serve_options_check_memory_and_keep_alive():
     for bad in (["--max-memory", "0"], ["--keep-alive", "soon"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", *bad])
+
+
+class Weights:
+    """A loaded value whose going away can be watched (weakref)."""
+
+
+def test_every_unload_frees_the_weights_before_giving_memory_back(monkeypatch):
+    """free_memory (gc, MLX's cache, malloc_trim) can only return what is already freed: on each way out (idle
+    expiry, eviction, an asked unload, keep_alive 0) nothing holds the resident when it runs. (A reference left
+    in a local made the RSS stay at the model's size after an idle unload that followed a switch.)"""
+    import weakref
+
+    import mlx_sd_server.residency as residency_module
+
+    r, clock, _ = residency(budget=10 * GB)
+    refs: dict[str, weakref.ref] = {}  # of the residents loaded so far (not of one being loaded)
+    still_alive: list[str] = []
+
+    def free_memory() -> None:
+        unloaded = [name for name in refs if r.get((MODEL, name)) is None]
+        still_alive.extend(name for name in unloaded if refs[name]() is not None)
+
+    monkeypatch.setattr(residency_module, "free_memory", free_memory)
+
+    def load(name: str, size: int, keep_alive: float | None = None) -> None:
+        refs[name] = weakref.ref(r.acquire((MODEL, name), lambda: (Weights(), size)))
+        r.release((MODEL, name), keep_alive)
+
+    load("expires", 1 * GB, keep_alive=1)
+    clock.now += 2
+    r.expire()
+    load("evicted", 6 * GB)
+    load("evicts", 6 * GB)
+    r.unload((MODEL, "evicts"), "asked")
+    load("kept 0 s", 1 * GB, keep_alive=0)
+    assert names(r) == [] and set(refs) == {"expires", "evicted", "evicts", "kept 0 s"}
+    assert still_alive == []
+
+
+def test_a_job_with_keep_alive_zero_leaves_nothing_holding_its_model(tmp_path, monkeypatch):
+    """The worker's own reference to the pipeline is gone when a job's release unloads the model (keep_alive 0)."""
+    import json
+    import weakref
+
+    from api_server import live_server, request, tiny_registry
+
+    import mlx_sd_server.residency as residency_module
+    from mlx_sd_server.api import create_app
+    from mlx_sd_server.store import FileStore
+
+    registry = tiny_registry(tmp_path / "models")
+    acquire = registry.residency.acquire
+    refs: list[weakref.ref] = []
+    alive_at_free: list[bool] = []
+
+    def watched(key, load, what=""):
+        value = acquire(key, load, what)
+        refs.append(weakref.ref(value))
+        return value
+
+    monkeypatch.setattr(registry.residency, "acquire", watched)
+    monkeypatch.setattr(residency_module, "free_memory", lambda: alive_at_free.append(refs[0]() is not None))
+    with live_server(create_app(registry, FileStore(tmp_path / "files"))) as url:
+        body = json.dumps({"prompt": "a cat", "size": "64x64", "steps": 1, "keep_alive": 0}).encode()
+        reply = request(url, "POST", "/v1/images/generations", body, {"Content-Type": "application/json"})
+    assert reply.status == 200, reply.body
+    assert len(refs) == 1 and alive_at_free == [False]
