@@ -9,7 +9,7 @@ import torch
 
 import tiny_diffusers
 from mlx_sd_server.engine.vae import map_vae_weight
-from mlx_sd_server.engine.vae import Autoencoder, VAEConfig, _run_tiled, should_tile
+from mlx_sd_server.engine.vae import Autoencoder, VAEConfig, run_tiled, should_tile
 from parity import max_rel_err, nchw_to_nhwc
 
 TOLERANCE = 1e-4
@@ -108,8 +108,8 @@ def test_tiling_blends_exactly_for_pixelwise_functions():
         return x.reshape(B, H // 8, 8, W // 8, 8, C).mean(axis=(2, 4))
 
     images = upsample(latents)
-    assert max_rel_err(_run_tiled(upsample, latents, 8, 3, in_step=1, out_step=8), images) <= 1e-6
-    assert max_rel_err(_run_tiled(downsample, images, 8, 3, in_step=8, out_step=1), downsample(images)) <= 1e-6
+    assert max_rel_err(run_tiled(upsample, latents, 8, 3, in_step=1, out_step=8), images) <= 1e-6
+    assert max_rel_err(run_tiled(downsample, images, 8, 3, in_step=8, out_step=1), downsample(images)) <= 1e-6
 
 
 def test_one_tile_is_the_untiled_decode(sd1_vae):

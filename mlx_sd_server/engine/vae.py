@@ -328,7 +328,7 @@ class Autoencoder(nn.Module):
 
     def encode(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """Images (B, H, W, 3) in [-1, 1] -> the latent distribution's (mean, logvar), unscaled."""
-        return _split_moments(self._moments(x))
+        return split_moments(self._moments(x))
 
     def decode(self, z: mx.array) -> mx.array:
         """Unscaled latents (B, h, w, C) -> images (B, h*f, w*f, 3), roughly in [-1, 1] (not clipped)."""
@@ -339,14 +339,14 @@ class Autoencoder(nn.Module):
 
     def decode_tiled(self, z: mx.array, tile: int = 64, overlap: int = 16) -> mx.array:
         """`decode` in overlapping `tile`x`tile` latent tiles (`overlap` latent pixels shared), cross-faded."""
-        return _run_tiled(self.decode, z, tile, overlap, in_step=1, out_step=self.latent_scale)
+        return run_tiled(self.decode, z, tile, overlap, in_step=1, out_step=self.latent_scale)
 
     def encode_tiled(self, x: mx.array, tile: int = 64, overlap: int = 16) -> tuple[mx.array, mx.array]:
         """`encode` in overlapping tiles; `tile` and `overlap` are in latent pixels, as in `decode_tiled`."""
         f = self.latent_scale
         if x.shape[1] % f or x.shape[2] % f:
             raise ValueError(f"image size {x.shape[1]}x{x.shape[2]} is not a multiple of {f}")
-        return _split_moments(_run_tiled(self._moments, x, tile, overlap, in_step=f, out_step=1))
+        return split_moments(run_tiled(self._moments, x, tile, overlap, in_step=f, out_step=1))
 
     def _moments(self, x: mx.array) -> mx.array:
         """The encoder's output: mean and logvar concatenated along channels."""
@@ -444,7 +444,8 @@ def unpatchify_latents(z: mx.array, patch_size: tuple[int, int] = (2, 2)) -> mx.
     return z.reshape(b, h * ph, w * pw, cp // (ph * pw))
 
 
-def _split_moments(moments: mx.array) -> tuple[mx.array, mx.array]:
+def split_moments(moments: mx.array) -> tuple[mx.array, mx.array]:
+    """An encoder's output (mean and logvar concatenated along channels) -> (mean, clamped logvar)."""
     mean, logvar = mx.split(moments, 2, axis=-1)
     return mean, mx.clip(logvar, -30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the same way
 
@@ -475,7 +476,7 @@ def _fade_weights(starts: list[int], tile: int, out_step: int) -> list[np.ndarra
     return weights
 
 
-def _run_tiled(
+def run_tiled(
     fn: Callable[[mx.array], mx.array], x: mx.array, tile: int, overlap: int, in_step: int, out_step: int
 ) -> mx.array:
     """Apply `fn` tile by tile and blend the results.

@@ -22,8 +22,9 @@ ROPE_THETA = 10000
 # --- timesteps --------------------------------------------------------------------------------------
 
 
-def timestep_embedding(t: mx.array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> mx.array:
-    """Sinusoidal embedding of (possibly fractional) timesteps (N,) -> (N, dim), float32."""
+def timestep_embedding(t: mx.array, dim: int, flip_sin_to_cos: bool, freq_shift: float, scale: float = 1.0) -> mx.array:
+    """Sinusoidal embedding of (possibly fractional) timesteps (N,) -> (N, dim), float32. `scale` multiplies the
+    angles t * freq (diffusers' Timesteps(scale=...), Qwen-Image's 1000: not the same rounding as scaling t)."""
     half = dim // 2
     # The exponents in float32 as diffusers computes them, their exp in float64 rounded once: MLX's float32 exp
     # puts most of these a step away from torch's (2 of 128 differ this way), which cost every family's time
@@ -31,6 +32,8 @@ def timestep_embedding(t: mx.array, dim: int, flip_sin_to_cos: bool, freq_shift:
     exponents = np.float32(-math.log(10000)) * np.arange(half, dtype=np.float32) / np.float32(half - freq_shift)
     freqs = mx.array(np.exp(exponents.astype(np.float64)).astype(np.float32))
     args = t.astype(mx.float32)[:, None] * freqs[None]
+    if scale != 1.0:
+        args = args * scale
     sin, cos = mx.sin(args), mx.cos(args)
     return mx.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
 

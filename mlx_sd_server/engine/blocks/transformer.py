@@ -81,14 +81,17 @@ class FeedForward(nn.Module):
         return x
 
 
-# --- rotary attention (FLUX.1, FLUX.2) ---------------------------------------------------------------
+# --- rotary attention (FLUX.1, FLUX.2, Qwen-Image) ---------------------------------------------------
 
 
-def rope_attention(q: mx.array, k: mx.array, v: mx.array, rope: tuple[mx.array, mx.array]) -> mx.array:
+def rope_attention(
+    q: mx.array, k: mx.array, v: mx.array, rope: tuple[mx.array, mx.array], mask: mx.array | None = None
+) -> mx.array:
     """Attention over (B, L, heads, head_dim) queries, keys and values, the queries and keys rotated by `rope`
-    (`rope_angles` of the L tokens' ids): (B, L, heads * head_dim)."""
+    (`rope_angles` of the L tokens' ids): (B, L, heads * head_dim). `mask`: `attention`'s (Qwen-Image's text
+    padding)."""
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-    out = attention(apply_rope(q, *rope), apply_rope(k, *rope), v)
+    out = attention(apply_rope(q, *rope), apply_rope(k, *rope), v, mask)
     return out.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[2], -1)
 
 
@@ -123,14 +126,16 @@ class RopeAttention(nn.Module):
         their MLP's)."""
         return rope_attention(*self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k), rope)
 
-    def joint(self, x: mx.array, context: mx.array, rope: tuple[mx.array, mx.array]) -> tuple[mx.array, mx.array]:
-        """Joint: attention over [context, x] (text first, as the ids); the image and the text outputs, each
-        through its own projection."""
+    def joint(
+        self, x: mx.array, context: mx.array, rope: tuple[mx.array, mx.array], mask: mx.array | None = None
+    ) -> tuple[mx.array, mx.array]:
+        """Joint: attention over [context, x] (text first, as the ids, and as `mask`'s keys); the image and the
+        text outputs, each through its own projection."""
         q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
         cq, ck, cv = self._qkv(
             context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k
         )
         q, k, v = (mx.concatenate([a, b], axis=1) for a, b in ((cq, q), (ck, k), (cv, v)))
-        out = rope_attention(q, k, v, rope)
+        out = rope_attention(q, k, v, rope, mask)
         text = context.shape[1]
         return self.to_out[0](out[:, text:]), self.to_add_out(out[:, :text])
