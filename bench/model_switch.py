@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
 from common import load_average, print_table, run_child  # noqa: E402
-from models import DEFAULT_CACHE, unshadow_kernels  # noqa: E402
+from models import DEFAULT_CACHE  # noqa: E402
 
 from mlx_sd_server.blas import ensure_fast_blas  # noqa: E402
 
@@ -55,7 +55,6 @@ PROMPT = "a lighthouse on a cliff at dusk"
 
 def build_tiny(dst: Path) -> Path:
     """The tests' tiny SD 1.x, converted (float32) into `dst` once."""
-    unshadow_kernels()
     import tiny_diffusers
 
     from convert.model import convert_model

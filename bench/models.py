@@ -31,20 +31,12 @@ PIPELINE_CLASS = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLP
 SCHEDULER_FAMILY = {"sd15": "sd1", "sdxl": "sdxl"}  # both epsilon-prediction, SD's training betas
 
 
-def unshadow_kernels() -> None:
-    """Take bench/ off the import path: when a bench script runs, its folder comes first, and bench/kernels.py
-    would shadow the `kernels` package that transformers and diffusers import."""
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
-
-
 def build_diffusers_folder(name: str, dst: Path) -> Path:
     """A diffusers pipeline folder of model `name` with random weights, one component in memory at a time.
 
     Weights are stored in float16 (half the disk and conversion memory; SDXL's UNet is 5 GB so, 10 GB in
     float32): random values lose nothing to it, and the conversion casts to whatever dtype is asked for.
     """
-    unshadow_kernels()
     import diffusers
     import torch
     import transformers

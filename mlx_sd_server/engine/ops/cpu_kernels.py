@@ -6,7 +6,7 @@ per element on x86 (numpy's vectorized exp: ~0.9 ns). At SD's shapes that is mos
 softmax over 2 x 8 x 4096 x 4096 attention scores alone takes ~2.7 s per layer. These kernels evaluate
 their MLX inputs, compute in float32 numpy on one thread per core (numpy releases the GIL) in blocks that
 stay in the L2 cache, and write their result straight into an MLX array (returned in the input's dtype).
-bench/kernels.py, bench/attention.py and bench/engine.py measure them against torch. Used only when MLX
+bench/kernel_speed.py, bench/attention.py and bench/engine.py measure them against torch. Used only when MLX
 runs on the CPU (see activations.py, attention.py and layers.py); on Metal and CUDA MLX's own kernels are
 fast.
 """
@@ -293,7 +293,7 @@ def dequantize(
 
     MLX's CPU dequantize runs 7-20 ns per weight (a 3072x3072 4-bit weight: 75-190 ms); this unpacks
     each byte of affine 2/4/8-bit weights with numpy shifts and masks and applies scale and bias per
-    group in one multiply and one add: 1.6-1.8 ns per weight on 2 cores (bench/kernels.py). MLX packs
+    group in one multiply and one add: 1.6-1.8 ns per weight on 2 cores (bench/kernel_speed.py). MLX packs
     element i of a uint32 into
     bits [i*bits, (i+1)*bits), so on a little-endian machine byte j holds elements j*8/bits onwards, the
     first in the low bits. Other modes and bit widths fall back to MLX.

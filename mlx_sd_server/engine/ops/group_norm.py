@@ -5,7 +5,7 @@ hundreds of thousands of values a VAE group holds at 512x512 its float32 error g
 1024x1024), 8x per doubling of the side (bench/realsize_parity.py). Two passes — the mean, then the
 variance of the centred values — stay at ~1e-5, as torch does. Statistics are taken in float32 whatever
 the input dtype, so float16 models do not overflow in the sum of squares. On the CPU the numpy kernel in
-cpu_kernels.py does the same 3-6x faster than MLX's CPU backend (bench/kernels.py).
+cpu_kernels.py does the same 3-6x faster than MLX's CPU backend (bench/kernel_speed.py).
 """
 
 from __future__ import annotations

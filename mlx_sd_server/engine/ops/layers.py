@@ -53,7 +53,7 @@ class QuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear (same parameters, same files) that, on the CPU, multiplies by the dequantized weight.
 
     A 4608x3072 @ 3072x9216 4-bit product (FLUX's q, k and v together at 1024x1024) takes ~80 s with
-    MLX's CPU `quantized_matmul` and ~0.8 s as a dequantize plus a float32 BLAS matmul (bench/kernels.py).
+    MLX's CPU `quantized_matmul` and ~0.8 s as a dequantize plus a float32 BLAS matmul (bench/kernel_speed.py).
     quantized_matmul costs ~0.7 ns per weight per row in float32, a dequantize ~1.7 ns per weight, so up to
     QMM_MAX_ROWS rows (FLUX's modulations, the embedders) it stays quantized_matmul, on float32 inputs and
     scales: with a half-precision result MLX's CPU kernel is ~40x slower. The float32 weight lives only for

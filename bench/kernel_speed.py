@@ -1,6 +1,6 @@
 """SiLU, the GELUs, GroupNorm and quantized linears on the CPU: MLX's op, our kernel, a reference; same run.
 
-    python bench/kernels.py [--repeats 5] [--only activations|quantized]
+    python bench/kernel_speed.py [--repeats 5] [--only activations|quantized]
 
 Activations (SD's and FLUX's shapes): MLX's op, our numpy kernel, torch float32; times are the best of
 --repeats, in ms, and the ratio columns are against torch. MLX's CPU backend computes exp/sigmoid/erf/tanh
