@@ -102,3 +102,21 @@ def test_generate_takes_lora_options_as_the_loras_field():
     registry = SimpleNamespace(default_name="m", info=lambda: info, loras=SimpleNamespace(family=lora_family))
     job = job_from_args(args, registry)
     assert job.prompt == "a cat" and job.loras == (("styles/film", 0.3), ("detail", 0.5), ("ink", 1.0))
+
+
+@pytest.mark.parametrize("name, steps", [
+    ("Qwen-Image-Lightning-8steps-V1.0", 8), ("lightx2v/Qwen-Image-Lightning-4steps-V2.0-bf16", 4),
+    ("sdxl_lightning_2step_lora", 2), ("Hyper-SD15-8steps-lora", 8)])
+def test_a_few_step_lora_brings_its_steps_and_no_cfg_unless_the_request_sets_them(name, steps):
+    def job(**fields):
+        return build_job({"prompt": "a cat", **fields}, capabilities=Capabilities(family="sd1"),
+                         lora_family=lambda lora: "sd1")
+
+    plain = job()
+    lightning = job(loras=[{"name": name}])
+    assert (lightning.steps, lightning.cfg_scale) == (steps, 1.0) != (plain.steps, plain.cfg_scale)
+    tagged = job(prompt=f"<lora:{name}:0.8> a cat")
+    assert (tagged.steps, tagged.cfg_scale) == (steps, 1.0)
+    mine = job(loras=[{"name": name}], steps=12, cfg_scale=2.5)
+    assert (mine.steps, mine.cfg_scale) == (12, 2.5)
+    assert job(loras=[{"name": "detail-steps"}]).steps == plain.steps  # not a few-step LoRA's name

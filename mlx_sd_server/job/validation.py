@@ -34,6 +34,9 @@ from mlx_sd_server.job.fields import (
 )
 
 _LORA_TAG_RE = re.compile(r"(\s*)<lora:([^>]*)>(\s*)", re.IGNORECASE)
+# A few-step LoRA by its released name (Qwen-Image-Lightning-8steps, SDXL-Lightning 4-step, Hyper-SD 8-steps): its
+# step count; such LoRAs are distilled to run without CFG.
+_FEW_STEP_LORA_RE = re.compile(r"(lightning|hyper|turbo).*?(\d{1,2})[-_ ]?steps?(?![a-z])", re.IGNORECASE)
 _SIZE_RE = re.compile(r"^\s*(\d{1,9})\s*[xX×]\s*(\d{1,9})\s*$")
 _JOB_ATTRIBUTES = frozenset(f.name for f in dataclasses.fields(Job))
 
@@ -76,6 +79,7 @@ def build_job(
         capabilities,
         model_name,
     )
+    values.update({k: v for k, v in few_step_defaults(values["loras"]).items() if k not in given})
     values["guidance"] = guidance(values, capabilities)
     values["max_sequence_length"] = text_length(values, capabilities, model_name)
     first = inputs[0].size if inputs else None
@@ -364,6 +368,15 @@ def strip_prompt_tags(values: dict[str, Any], limits: Limits) -> list[tuple[str,
     if had_text and not values["prompt"].strip():
         raise JobError("prompt must not be empty: it has only LoRA tags", "prompt", "invalid_value")
     return loras
+
+
+def few_step_defaults(loras: Sequence[tuple[str, float]]) -> dict[str, Any]:
+    """The defaults a few-step LoRA brings (its steps, no CFG), for what the request leaves unset: Lightning
+    LoRAs are used that way, and the model's own 50 steps with CFG would only make them slow and burnt."""
+    for name, _ in loras:
+        if match := _FEW_STEP_LORA_RE.search(name.rsplit("/", 1)[-1]):
+            return {"steps": int(match[2]), "cfg_scale": 1.0}
+    return {}
 
 
 def check_loras(
