@@ -135,7 +135,9 @@ def check_vocabulary(encoder: str, config: dict[str, Any], tokenizer: Any) -> No
     """Refuse a text encoder whose token embedding has fewer rows than its tokenizer has ids: every id past
     them would be read out of bounds at run time (a single file's CLIP with 536 rows for CLIP's 49,408
     tokens gave NaN images and crashes)."""
-    rows = config["vocab_size"]  # the embedding's rows (a single file's config is read off its shape)
+    # the embedding's rows (a single file's config is read off its shape); transformers 5 nests a
+    # vision-language model's under text_config
+    rows = config.get("vocab_size") or config["text_config"]["vocab_size"]
     if tokenizer.max_id >= rows:
         raise CheckpointError(
             f"{encoder}: its token embedding has {rows} rows, but its tokenizer has {tokenizer.vocab_size} tokens "

@@ -10,6 +10,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
+
+import tiny_qwenimage
 from parity import max_rel_err, to_numpy
 
 from mlx_sd_server.engine.families.qwenimage.vae import (
@@ -25,29 +27,7 @@ TOLERANCE = 1e-4
 Z_DIM = 16
 
 
-def tiny_qwenimage_vae(seed: int = 3, base_dim: int = 8):
-    """The released structure (dim_mult 1, 2, 4, 4; two residual blocks a level; temporal downsampling on the last
-    two levels; 16 latent channels with the released latents_mean/std) at base_dim 8 (the release: 96). Every
-    weight random: the RMS norms' gammas around 1, the biases nonzero, the time convs (unused on one frame) too, so
-    that using them would show."""
-    from diffusers import AutoencoderKLQwenImage as Reference
-
-    torch.manual_seed(seed)
-    model = Reference(
-        base_dim=base_dim,
-        z_dim=Z_DIM,
-        dim_mult=[1, 2, 4, 4],
-        num_res_blocks=2,
-        temperal_downsample=[False, True, True],
-    ).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".gamma"):
-                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
-            elif name.endswith(".bias"):
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
-    return model
+tiny_qwenimage_vae = tiny_qwenimage.vae
 
 
 def load_mlx_vae(reference: torch.nn.Module) -> AutoencoderKLQwenImage:

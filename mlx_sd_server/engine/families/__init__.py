@@ -13,13 +13,15 @@ from typing import Any
 from mlx_sd_server.engine.components import ComponentKind
 from mlx_sd_server.engine.families.flux.spec import SPEC as FLUX
 from mlx_sd_server.engine.families.flux2.spec import SPEC as FLUX2
+from mlx_sd_server.engine.families.qwenimage.spec import SPEC as QWENIMAGE
 from mlx_sd_server.engine.families.sd.spec import SPEC as SD
 from mlx_sd_server.engine.families.sd3.spec import SPEC as SD3
 from mlx_sd_server.engine.families.spec import Capabilities, FamilySpec
 from mlx_sd_server.engine.families.zimage.spec import SPEC as ZIMAGE
 
-# FLUX.2's files have FLUX.1's double_blocks too; SD3's LoRA rule takes any diffusers transformer left.
-FAMILIES: tuple[FamilySpec, ...] = (FLUX2, FLUX, ZIMAGE, SD3, SD)
+# FLUX.2's files have FLUX.1's double_blocks too, Qwen-Image's LoRAs FLUX.1's attention names; SD3's LoRA rule
+# takes any diffusers transformer left.
+FAMILIES: tuple[FamilySpec, ...] = (QWENIMAGE, FLUX2, FLUX, ZIMAGE, SD3, SD)
 
 
 class UnknownFamilyError(ValueError):

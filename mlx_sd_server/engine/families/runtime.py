@@ -122,6 +122,13 @@ def bilinear_mask(mask: np.ndarray, scale: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def nearest_mask(mask: np.ndarray, scale: int) -> np.ndarray:
+    """Nearest-neighbour to latent size, as torch's `interpolate` by default (each latent pixel takes its block's
+    first image pixel), which Qwen-Image's inpainting pipeline uses."""
+    h, w = mask.shape[0] // scale, mask.shape[1] // scale
+    return np.asarray(mask, np.float32)[: h * scale : scale, : w * scale : scale]
+
+
 def encode_pixels(model: Any, pixels: np.ndarray) -> mx.array:
     """[0, 1] HWC pixels -> the sampler's latents (1, h, w, C) (the VAE's latent space), from the posterior
     mean: how the pipeline encodes a source image and a family its reference images."""

@@ -189,7 +189,8 @@ def flow_sigmas(
     shifted; karras and exponential respace between the shifted schedule's ends, as that scheduler's
     use_karras_sigmas/use_exponential_sigmas. Evenly from 1 to 1/steps, as the FLUX pipelines pass them; with
     `scheduler_spacing`, as the scheduler spaces them when given none (the SD3 pipelines): from 1 to its
-    smallest training sigma, 1/num_train_timesteps (shifted, for a fixed shift)."""
+    smallest training sigma, 1/num_train_timesteps (shifted, for a fixed shift). A config's `shift_terminal`
+    stretches the shifted sigmas to end at it, as the scheduler does."""
     if scheduler not in FLOW_SCHEDULES:
         raise ValueError(f"flow models support the {', '.join(FLOW_SCHEDULES)} schedules; got {scheduler!r}")
     kind, amount = flow_shift(config, image_seq_len, steps)
@@ -204,6 +205,8 @@ def flow_sigmas(
         smallest = 1.0 / config.get("num_train_timesteps", 1000)
         last = shifted(smallest) if kind == "fixed" else smallest
     sigmas = shifted(np.linspace(1.0, last, steps))
+    if terminal := config.get("shift_terminal"):  # stretched to end at it (Qwen-Image's 0.02)
+        sigmas = 1 - (1 - sigmas) * (1 - terminal) / (1 - sigmas[-1])
     if scheduler == "discrete":
         return _append_zero(sigmas)
     ends = np.array([sigmas[-1], sigmas[0]])  # as an ascending "table" of the extremes

@@ -24,10 +24,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlx_sd_server.engine.components import ComponentKind
 from mlx_sd_server.engine.ops.attention import attention, causal_mask
 from mlx_sd_server.engine.ops.layers import Linear
 from mlx_sd_server.engine.text.embedding import TokenEmbedding
 from mlx_sd_server.engine.text.qwen3 import Qwen3MLP, Qwen3RMSNorm, apply_rope, rope_frequencies
+from mlx_sd_server.engine.text.qwen25vl_vision import (
+    Qwen25VLVisionConfig,
+    Qwen25VLVisionModel,
+    map_qwen25vl_vision_weight,
+)
+from mlx_sd_server.engine.text.qwen_tokenizer import Qwen3Tokenizer
 
 # The vision tower's weights keep this prefix through `map_qwen25vl_weight`: they load into a module at
 # `visual` beside the language model (a text-only load leaves them out).
@@ -245,3 +252,53 @@ def map_qwen25vl_weight(key: str, value: np.ndarray) -> list[tuple[str, np.ndarr
         if key.startswith(prefix):
             return [(ours + key.removeprefix(prefix), value)]
     return [(key, value)]
+
+
+# --- as a model folder's text encoder ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Qwen25VLEncoderConfig:
+    """A Qwen2_5_VLForConditionalGeneration config.json: the language model's settings, and the vision tower's
+    when it has a `vision_config` (a llama.cpp file's text model alone has none)."""
+
+    text: Qwen25VLConfig
+    vision: Qwen25VLVisionConfig | None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Qwen25VLEncoderConfig:
+        vision = d.get("vision_config")
+        return cls(Qwen25VLConfig.from_dict(d), Qwen25VLVisionConfig.from_dict(vision) if vision else None)
+
+
+class Qwen25VLEncoder(Qwen25VLTextModel):
+    """Qwen-Image's text encoder: the language model (this class's parameters, transformers' names) and, under
+    `visual`, the vision tower that the edit models read their input images with."""
+
+    def __init__(self, config: Qwen25VLEncoderConfig):
+        super().__init__(config.text)
+        if config.vision is not None:
+            self.visual = Qwen25VLVisionModel(config.vision)
+
+
+def map_qwen25vl_encoder_weight(key: str, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """One Qwen2_5_VLForConditionalGeneration (key, value) as `Qwen25VLEncoder`'s: the language model's by
+    `map_qwen25vl_weight`, the vision tower's by `map_qwen25vl_vision_weight` under `visual.`."""
+    mapped = []
+    for name, tensor in map_qwen25vl_weight(key, value):
+        if name.startswith(VISUAL_PREFIX):
+            mapped += [(VISUAL_PREFIX + k, v) for k, v in map_qwen25vl_vision_weight(name, tensor)]
+        else:
+            mapped.append((name, tensor))
+    return mapped
+
+
+# Released in bfloat16, with Qwen3's large residual outliers: bfloat16 when float16 is asked for, as Qwen3.
+QWEN25VL_ENCODER = ComponentKind(
+    ("Qwen2_5_VLForConditionalGeneration",),
+    Qwen25VLEncoderConfig,
+    Qwen25VLEncoder,
+    map_qwen25vl_encoder_weight,
+    Qwen3Tokenizer,
+    instead_of_float16=mx.bfloat16,
+)

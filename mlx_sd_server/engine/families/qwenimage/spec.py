@@ -1,0 +1,95 @@
+"""Qwen-Image: Qwen2.5-VL (7B) as its text encoder, a 20B dual-stream MMDiT, the Wan-style autoencoder.
+
+txt2img, img2img and inpainting as diffusers' QwenImagePipeline, QwenImageImg2ImgPipeline and
+QwenImageInpaintPipeline run them (family.py). Not yet: the edit models (Qwen-Image-Edit's vision-language
+prompts), single files (ComfyUI's, GGUF: recognised and refused with a message), ControlNet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from mlx_sd_server.engine.families.qwenimage.family import PATCH, QwenImageFamily
+from mlx_sd_server.engine.families.qwenimage.lora import LORA
+from mlx_sd_server.engine.families.qwenimage.transformer import QWENIMAGE_TRANSFORMER
+from mlx_sd_server.engine.families.qwenimage.vae import AUTOENCODER_KL_QWENIMAGE, QwenImageVAEConfig
+from mlx_sd_server.engine.families.runtime import nearest_mask
+from mlx_sd_server.engine.families.spec import (
+    Capabilities,
+    ComponentSpec,
+    Configs,
+    Detection,
+    FamilySpec,
+    LatentFormat,
+    ModelDefaults,
+    Variant,
+)
+from mlx_sd_server.engine.sampling.samplers import FLOW_SAMPLERS
+from mlx_sd_server.engine.sampling.schedules import FLOW_SCHEDULER_SETTINGS, FLOW_SCHEDULES
+from mlx_sd_server.engine.source import CheckpointError
+from mlx_sd_server.engine.text.qwen25vl import QWEN25VL_ENCODER
+
+# The released scheduler's settings beyond FLUX.1's: the sigmas stretched to end at shift_terminal, and the
+# exponential time shift (the only one family.py computes).
+SCHEDULER = {**FLOW_SCHEDULER_SETTINGS, "shift_terminal": None, "time_shift_type": "exponential"}
+
+# The model card's: 50 steps, true CFG 4, its 1:1 size (1328 x 1328; diffusers' own default is 1024 x 1024).
+QWEN_IMAGE = Variant("qwen-image", ModelDefaults(50, 4.0, "euler", "discrete", 1328, 1328))
+
+SINGLE_FILE_MARKER = "transformer_blocks.0.img_mod.1.weight"  # ComfyUI's and GGUF transformers, diffusers' names
+SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+def is_single_file(names: Iterable[str]) -> bool:
+    """A Qwen-Image transformer file (ComfyUI's, a GGUF's): recognised so that it is refused with a message,
+    not taken for another family's."""
+    return any(
+        name == SINGLE_FILE_MARKER or any(name == p + SINGLE_FILE_MARKER for p in SINGLE_FILE_PREFIXES)
+        for name in names
+    )
+
+
+def variant_of(family: str, prediction_type: str, configs: Configs, name: str) -> Variant:
+    """Qwen-Image; refuses a scheduler whose time shift family.py does not compute."""
+    shift = configs.get("scheduler", {}).get("time_shift_type", "exponential")
+    if shift != "exponential":
+        raise CheckpointError(f"Qwen-Image: a scheduler with time_shift_type {shift!r} is not supported")
+    return QWEN_IMAGE
+
+
+def capabilities(manifest: Mapping[str, Any], has_controlnet: bool) -> Capabilities:
+    """Sides are multiples of the VAE's downscale times the 2x2 patch (16); flow samplers and schedules;
+    img2img and inpainting; LoRAs on the transformer (lora.py); no ControlNet, no guidance embedding, no
+    `max_sequence_length` (T5's field: Qwen2.5-VL reads up to 1024 prompt tokens)."""
+    return Capabilities(
+        family="qwenimage",
+        samplers=FLOW_SAMPLERS,
+        schedulers=FLOW_SCHEDULES,
+        controlnet=False,
+        lora=True,
+        size_multiple=QwenImageVAEConfig.from_dict(manifest["components"]["vae"]["config"]).latent_scale * PATCH,
+    )
+
+
+SPEC = FamilySpec(
+    name="qwenimage",
+    manifest_names=("qwenimage",),
+    runtime=QwenImageFamily,
+    denoiser="transformer",
+    components=(
+        ComponentSpec("text_encoder", (QWEN25VL_ENCODER,)),
+        ComponentSpec("transformer", (QWENIMAGE_TRANSFORMER,)),
+        ComponentSpec("vae", (AUTOENCODER_KL_QWENIMAGE,)),
+    ),
+    parameterization="flow",
+    scheduler=SCHEDULER,
+    # 16 channels; the autoencoder's per-channel mean and std (in its config) normalise them (vae.py)
+    latent={"qwenimage": LatentFormat(16, 1.0, 0.0, patch_size=PATCH)},
+    variant_of=variant_of,
+    capabilities=capabilities,
+    latent_mask=nearest_mask,
+    detect=Detection(diffusers_classes=("QwenImageTransformer2DModel",), single_file=is_single_file, lora=LORA),
+    torch_pipelines={"qwenimage": "QwenImagePipeline"},
+    title="Qwen-Image",
+)
