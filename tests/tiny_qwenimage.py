@@ -97,3 +97,41 @@ def make_pipeline(dst: Path):
     (dst / "tokenizer" / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def image_only_processor(cls, image_processor, tokenizer):
+    """transformers' Qwen2VLProcessor without a video processor: its constructor resolves the video processor's
+    class, which needs torchvision (not installed here); the edit pipelines pass images only."""
+    from unittest import mock
+
+    from transformers.processing_utils import ProcessorMixin
+
+    with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None):
+        return cls(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def make_edit_pipeline(dst: Path, plus: bool = True):
+    """A tiny QwenImageEditPlusPipeline (plus) or QwenImageEditPipeline with the released processor settings (the
+    PIL image processor, which ours matches bit for bit), saved as a diffusers folder at `dst`."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import Qwen2TokenizerFast, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
+    tokenizer_dir = tiny_qwen25vl.write_qwen25vl_tokenizer(Path(tempfile.mkdtemp()))
+    tokenizer = Qwen2TokenizerFast.from_pretrained(str(tokenizer_dir))
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056)
+    cls = diffusers.QwenImageEditPlusPipeline if plus else diffusers.QwenImageEditPipeline
+    pipe = cls(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
+        vae=vae(),
+        text_encoder=tiny_qwen25vl.qwen25vl_model(seed=6),
+        tokenizer=tokenizer,
+        processor=None,  # set after saving: transformers cannot save it without its video processor
+        transformer=transformer(seed=7, zero_cond_t=plus),
+    )
+    dst = Path(dst)
+    pipe.save_pretrained(str(dst), safe_serialization=True)
+    (dst / "tokenizer" / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    pipe.processor = image_only_processor(Qwen2VLProcessor, image_processor, tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,8 +1,9 @@
 """Qwen-Image: Qwen2.5-VL (7B) as its text encoder, a 20B dual-stream MMDiT, the Wan-style autoencoder.
 
 txt2img, img2img and inpainting as diffusers' QwenImagePipeline, QwenImageImg2ImgPipeline and
-QwenImageInpaintPipeline run them (family.py). Not yet: the edit models (Qwen-Image-Edit's vision-language
-prompts), single files (ComfyUI's, GGUF: recognised and refused with a message), ControlNet.
+QwenImageInpaintPipeline run them (family.py); the edit models (Qwen-Image-Edit, -Edit-2509/2511) as
+QwenImageEditPipeline and QwenImageEditPlusPipeline (edit.py). Not yet: single files (ComfyUI's, GGUF:
+recognised and refused with a message), the edit models' inpainting, ControlNet.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from mlx_sd_server.engine.families.qwenimage.edit import EDIT_PIPELINE, EDIT_PLUS_PIPELINE, REFERENCES, edit_kind
 from mlx_sd_server.engine.families.qwenimage.family import PATCH, QwenImageFamily
 from mlx_sd_server.engine.families.qwenimage.lora import LORA
 from mlx_sd_server.engine.families.qwenimage.transformer import QWENIMAGE_TRANSFORMER
 from mlx_sd_server.engine.families.qwenimage.vae import AUTOENCODER_KL_QWENIMAGE, QwenImageVAEConfig
 from mlx_sd_server.engine.families.runtime import nearest_mask
 from mlx_sd_server.engine.families.spec import (
+    PIPELINE,
     Capabilities,
     ComponentSpec,
     Configs,
@@ -36,6 +39,8 @@ SCHEDULER = {**FLOW_SCHEDULER_SETTINGS, "shift_terminal": None, "time_shift_type
 
 # The model card's: 50 steps, true CFG 4, its 1:1 size (1328 x 1328; diffusers' own default is 1024 x 1024).
 QWEN_IMAGE = Variant("qwen-image", ModelDefaults(50, 4.0, "euler", "discrete", 1328, 1328))
+# QwenImageEdit(Plus)Pipeline's: 50 steps, true CFG 4; without a size an edit keeps its input's aspect ratio
+EDITS = {kind: Variant(kind, ModelDefaults(50, 4.0, "euler", "discrete", 1024, 1024)) for kind in REFERENCES}
 
 SINGLE_FILE_MARKER = "transformer_blocks.0.img_mod.1.weight"  # ComfyUI's and GGUF transformers, diffusers' names
 SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -51,23 +56,30 @@ def is_single_file(names: Iterable[str]) -> bool:
 
 
 def variant_of(family: str, prediction_type: str, configs: Configs, name: str) -> Variant:
-    """Qwen-Image; refuses a scheduler whose time shift family.py does not compute."""
+    """Qwen-Image, or an edit model as edit.py's `edit_kind` tells them; refuses a scheduler whose time shift
+    family.py does not compute."""
     shift = configs.get("scheduler", {}).get("time_shift_type", "exponential")
     if shift != "exponential":
         raise CheckpointError(f"Qwen-Image: a scheduler with time_shift_type {shift!r} is not supported")
-    return QWEN_IMAGE
+    kind = edit_kind(configs.get(PIPELINE, {}), name)
+    return QWEN_IMAGE if kind is None else EDITS[kind]
 
 
 def capabilities(manifest: Mapping[str, Any], has_controlnet: bool) -> Capabilities:
     """Sides are multiples of the VAE's downscale times the 2x2 patch (16); flow samplers and schedules;
-    img2img and inpainting; LoRAs on the transformer (lora.py); no ControlNet, no guidance embedding, no
-    `max_sequence_length` (T5's field: Qwen2.5-VL reads up to 1024 prompt tokens)."""
+    Qwen-Image edits by img2img and inpainting, the edit models by instruction (edit.REFERENCES images; their
+    inpainting pipeline is not here yet); LoRAs on the transformer (lora.py); no ControlNet, no guidance
+    embedding, no `max_sequence_length` (T5's field: Qwen2.5-VL reads up to 512 prompt tokens)."""
+    kind = edit_kind(manifest.get(PIPELINE, {}), manifest.get("name", ""))
     return Capabilities(
         family="qwenimage",
         samplers=FLOW_SAMPLERS,
         schedulers=FLOW_SCHEDULES,
+        img2img=kind is None,
+        inpainting=kind is None,
         controlnet=False,
         lora=True,
+        references=0 if kind is None else REFERENCES[kind],
         size_multiple=QwenImageVAEConfig.from_dict(manifest["components"]["vae"]["config"]).latent_scale * PATCH,
     )
 
@@ -89,7 +101,12 @@ SPEC = FamilySpec(
     variant_of=variant_of,
     capabilities=capabilities,
     latent_mask=nearest_mask,
-    detect=Detection(diffusers_classes=("QwenImageTransformer2DModel",), single_file=is_single_file, lora=LORA),
+    detect=Detection(
+        diffusers_classes=("QwenImageTransformer2DModel",),
+        single_file=is_single_file,
+        lora=LORA,
+        pipelines=(EDIT_PIPELINE, EDIT_PLUS_PIPELINE),
+    ),
     torch_pipelines={"qwenimage": "QwenImagePipeline"},
     title="Qwen-Image",
 )
