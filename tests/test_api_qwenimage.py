@@ -10,6 +10,8 @@ import json
 import shutil
 import subprocess
 
+import numpy as np
+import openai
 import pytest
 from PIL import Image
 from safetensors.numpy import load_file, save_file
@@ -109,3 +111,53 @@ def test_a_lightning_lora_changes_the_image_and_brings_its_defaults(server):
     assert with_lora.tobytes() != without.tobytes()
     listed = {item["id"]: item["family"] for item in request(server, "GET", "/v1/loras").json()["data"]}
     assert listed == {LIGHTNING: "qwenimage"}
+
+
+EDIT_MODEL = "qwen-image-edit-2511-tiny"
+
+
+@pytest.fixture(scope="module")
+def edit_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api_qwenimage_edit")
+    tiny_qwenimage.make_edit_pipeline(root / "src", plus=True)
+    convert_model(root / "src", root / "models" / EDIT_MODEL, dtype="float32", progress=False)
+    registry = ModelRegistry([EDIT_MODEL], root / "models")
+    with live_server(create_app(registry, FileStore(root / "files"), Settings())) as url:
+        yield url
+
+
+def test_qwenimage_edit_reads_two_images_through_the_openai_sdk(edit_server, tmp_path):
+    """An instruction edit from two input images; another second image gives another result (it is read)."""
+    client = openai.OpenAI(base_url=f"{edit_server}/v1", api_key="unused", max_retries=0, timeout=300)
+
+    def edit(second_seed: int) -> Image.Image:
+        paths = []
+        for i, (size, seed) in enumerate((((64, 48), 0), ((48, 64), second_seed))):
+            paths.append(tmp_path / f"{i}.png")
+            noisy(size, seed).save(paths[-1])
+        files = [path.open("rb") for path in paths]
+        try:
+            result = client.images.edit(model=EDIT_MODEL, image=files, prompt="put the two together", size="64x64",
+                                        response_format="b64_json", extra_body={"steps": 1, "seed": 2})
+        finally:
+            for file in files:
+                file.close()
+        return Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+
+    first, other = edit(1), edit(2)
+    assert first.size == (64, 64) and first.tobytes() != other.tobytes()
+    with pytest.raises(openai.BadRequestError, match="image"):  # four images: over the model's three
+        files = [io.BytesIO(png) for png in [_png()] * 4]
+        client.images.edit(model=EDIT_MODEL, image=[("i.png", f) for f in files], prompt="x", size="64x64",
+                           extra_body={"steps": 1})
+
+
+def noisy(size: tuple[int, int], seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(buffer, "PNG")
+    return buffer.getvalue()

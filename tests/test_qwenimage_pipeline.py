@@ -151,6 +151,8 @@ def test_schedule_matches_the_scheduler(qwen):
     settings = Settings.of(make_job(manifest, {"steps": steps}))
     np.testing.assert_allclose(ours.family.sigmas(settings), pipe.scheduler.sigmas.numpy(), rtol=1e-6, atol=1e-7)
     assert manifest["scheduler"]["shift_terminal"] == 0.02
+    # one step: nothing to stretch (diffusers' scheduler divides by zero there and gives NaN, a black image)
+    np.testing.assert_array_equal(ours.family.sigmas(Settings.of(make_job(manifest, {"steps": 1}))), [1.0, 0.0])
 
 
 def test_defaults_and_capabilities(qwen):

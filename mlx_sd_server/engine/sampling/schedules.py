@@ -205,7 +205,8 @@ def flow_sigmas(
         smallest = 1.0 / config.get("num_train_timesteps", 1000)
         last = shifted(smallest) if kind == "fixed" else smallest
     sigmas = shifted(np.linspace(1.0, last, steps))
-    if terminal := config.get("shift_terminal"):  # stretched to end at it (Qwen-Image's 0.02)
+    terminal = config.get("shift_terminal")
+    if terminal and sigmas[-1] < 1:  # stretched to end at it (Qwen-Image's 0.02); one step is [1] (diffusers: NaN)
         sigmas = 1 - (1 - sigmas) * (1 - terminal) / (1 - sigmas[-1])
     if scheduler == "discrete":
         return _append_zero(sigmas)
