@@ -16,11 +16,43 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
 
 PAD_TOKEN = "<|endoftext|>"
 CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where newer transformers keep the template instead
+VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"  # the slow tokenizer's files (Qwen-Image's tokenizer folder)
+# Qwen2's pre-tokenizer split (transformers' qwen2 PRETOKENIZE_REGEX)
+SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def from_vocab_and_merges(folder: Path) -> Tokenizer:
+    """The tokenizer a folder without tokenizer.json describes (vocab.json, merges.txt, the added tokens in
+    tokenizer_config.json's added_tokens_decoder), built as transformers builds Qwen2TokenizerFast from them."""
+    vocab = json.loads((folder / VOCAB_FILE).read_text(encoding="utf-8"))
+    lines = (folder / MERGES_FILE).read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    tokenizer = Tokenizer(
+        BPE(vocab, merges, unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
+    )
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")) if (folder / CONFIG_FILE).is_file() else {}
+    added = sorted(((int(i), t) for i, t in (config.get("added_tokens_decoder") or {}).items()), key=lambda x: x[0])
+    for token_id, token in added:
+        options = {k: token[k] for k in ("single_word", "lstrip", "rstrip", "normalized") if k in token}
+        added_token = AddedToken(token["content"], special=bool(token.get("special")), **options)
+        if token_id != tokenizer.get_vocab_size():
+            raise ValueError(f"{folder}: added token {token['content']!r} has id {token_id}, not the next one")
+        (tokenizer.add_special_tokens if token.get("special") else tokenizer.add_tokens)([added_token])
+    return tokenizer
 
 
 def chat_prompt(prompt: str, enable_thinking: bool) -> str:
@@ -53,7 +85,9 @@ class Qwen3Tokenizer:
             chat_template = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("chat_template")
         if chat_template is None and (folder / CHAT_TEMPLATE_FILE).is_file():
             chat_template = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
-        return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), chat_template)
+        if (folder / "tokenizer.json").is_file():
+            return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), chat_template)
+        return cls(from_vocab_and_merges(folder), chat_template)
 
     def save(self, folder: str | Path) -> None:
         """Write `folder/tokenizer.json` and a tokenizer_config.json (with the chat template when one was read),
