@@ -24,7 +24,10 @@ CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where newer transformers keep the template instead
 VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"  # the slow tokenizer's files (Qwen-Image's tokenizer folder)
 # Qwen2's pre-tokenizer split (transformers' qwen2 PRETOKENIZE_REGEX)
-SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 
 def from_vocab_and_merges(folder: Path) -> Tokenizer:
