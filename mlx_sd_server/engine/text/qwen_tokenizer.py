@@ -35,7 +35,8 @@ def from_vocab_and_merges(folder: Path) -> Tokenizer:
     tokenizer_config.json's added_tokens_decoder), built as transformers builds Qwen2TokenizerFast from them."""
     vocab = json.loads((folder / VOCAB_FILE).read_text(encoding="utf-8"))
     lines = (folder / MERGES_FILE).read_text(encoding="utf-8").splitlines()
-    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    pairs = [line.split(" ") for line in lines if line and not line.startswith("#version")]
+    merges = [(a, b) for a, b in pairs]
     tokenizer = Tokenizer(
         BPE(vocab, merges, unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
     )
