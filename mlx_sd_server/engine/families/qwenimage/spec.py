@@ -107,6 +107,5 @@ SPEC = FamilySpec(
         lora=LORA,
         pipelines=(EDIT_PIPELINE, EDIT_PLUS_PIPELINE),
     ),
-    torch_pipelines={"qwenimage": "QwenImagePipeline"},
     title="Qwen-Image",
 )
