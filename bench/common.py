@@ -82,21 +82,24 @@ def print_table(title: str, columns: list[str], rows: list[tuple[str, list[float
 
 def whole_image(
     label: str, weights: dict[str, float], text_encoders: tuple[str, ...], activation: dict[str, float],
-    low_memory_decoding: float,
+    low_memory_decoding: float, unread_while_encoding: tuple[str, ...] = (),
 ) -> None:
     """Print the peak of a whole image, phase by phase, in GB: the weights resident during each phase plus its
     activations (`activation` by phase: "encoding", "denoising", "decoding"). By default everything stays
     loaded; --low-memory frees the `text_encoders` (names among `weights`) after encoding and decodes with
     `low_memory_decoding` activations (tiles). The denoiser stays loaded between jobs, so a job's text encoding
-    has every weight resident in both modes."""
+    has every weight resident in both modes, unless the family frees it while encoding with --low-memory
+    (`unread_while_encoding`: names among `weights`, FamilySpec.low_memory_unreads_denoiser)."""
     total = sum(weights.values())
     kept = max(activation, key=lambda phase: activation[phase])
     without_text = total - sum(weights[name] for name in text_encoders)
-    freed = {"encoding": total + activation["encoding"], "denoising": without_text + activation["denoising"],
+    encoding = total - sum(weights[name] for name in unread_while_encoding)
+    freed = {"encoding": encoding + activation["encoding"], "denoising": without_text + activation["denoising"],
              "decoding": without_text + low_memory_decoding}
     print(f"\nwhole image, {label}:")
     print("  weights: " + " + ".join(f"{name} {value:.2f}" for name, value in weights.items()) + f" = {total:.2f} GB")
     print(f"  default (everything loaded): peak {total + activation[kept]:.2f} GB, while {kept}")
-    print(f"  --low-memory ({', '.join(text_encoders)} freed after encoding, decoded in tiles): "
+    unread = f", {', '.join(unread_while_encoding)} freed while encoding" if unread_while_encoding else ""
+    print(f"  --low-memory ({', '.join(text_encoders)} freed after encoding{unread}, decoded in tiles): "
           + ", ".join(f"{phase} {value:.2f}" for phase, value in freed.items())
           + f": peak {max(freed.values()):.2f} GB")

@@ -1,7 +1,7 @@
-"""Z-Image-Turbo and FLUX.2 klein memory benchmark: MLX peak memory of a 4-bit denoising step, the Qwen3 text
+"""Z-Image-Turbo, FLUX.2 klein and Qwen-Image memory benchmark: MLX peak memory of a 4-bit denoising step, the Qwen3 text
 encoder and the autoencoder, weights built directly in MLX.
 
-    python bench/dit_memory.py --model zimage-turbo|klein-4b|klein-9b [--blocks N] [--te-layers N]
+    python bench/dit_memory.py --model zimage-turbo|klein-4b|klein-9b|qwen-image [--blocks N] [--te-layers N]
                                [--size 1024x1024] [--bits 4] [--text-tokens 512] [--batch 1]
                                [--parts transformer,text_encoder,vae] [--dtype float32] [--per-block] [--runs 1]
                                [--quantized-matmul ours|mlx]
@@ -78,6 +78,22 @@ QWEN3 = {
 }
 QWEN3_4B = {**QWEN3, "hidden_size": 2560, "intermediate_size": 9728}
 QWEN3_8B = {**QWEN3, "hidden_size": 4096, "intermediate_size": 12288}
+# Qwen/Qwen-Image's transformer, text_encoder (Qwen2.5-VL-7B-Instruct's language model) and vae config.json
+QWEN_IMAGE = {
+    "_class_name": "QwenImageTransformer2DModel", "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": False, "in_channels": 64, "joint_attention_dim": 3584, "num_attention_heads": 24,
+    "num_layers": 60, "out_channels": 16, "patch_size": 2,
+}
+QWEN25VL_7B = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "hidden_act": "silu", "hidden_size": 3584,
+    "intermediate_size": 18944, "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "vocab_size": 152064,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+}
+QWEN_IMAGE_VAE = {
+    "_class_name": "AutoencoderKLQwenImage", "attn_scales": [], "base_dim": 96, "dim_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2, "temperal_downsample": [False, True, True], "z_dim": 16,
+}
 FLUX2_VAE = {
     "_class_name": "AutoencoderKLFlux2", "act_fn": "silu", "batch_norm_eps": 1e-4,
     "block_out_channels": [128, 256, 512, 512], "force_upcast": True, "in_channels": 3, "latent_channels": 32,
@@ -99,10 +115,13 @@ class Release:
     text_encoder_title: str
     vae: dict
     goal_gb: float  # the issue's goal for the full-depth 4-bit denoising step's MLX peak
+    # --low-memory frees the transformer while the prompt is encoded (its spec's low_memory_unreads_denoiser)
+    unread_while_encoding: bool = False
 
 
 ZIMAGE_BLOCKS = (("noise_refiner", "noise refiner", "n_refiner_layers"),
                  ("context_refiner", "context refiner", "n_refiner_layers"), ("layers", "main", "n_layers"))
+QWEN_BLOCKS = (("transformer_blocks", "dual-stream", "num_layers"),)
 KLEIN_BLOCKS = (("transformer_blocks", "double", "num_layers"),
                 ("single_transformer_blocks", "single", "num_single_layers"))
 RELEASES = {
@@ -110,6 +129,8 @@ RELEASES = {
                             flux_bench.FLUX_VAE, 7.0),
     "klein-4b": Release("FLUX.2 klein 4B", "flux2", KLEIN_4B, KLEIN_BLOCKS, QWEN3_4B, "Qwen3-4B", FLUX2_VAE, 6.0),
     "klein-9b": Release("FLUX.2 klein 9B", "flux2", KLEIN_9B, KLEIN_BLOCKS, QWEN3_8B, "Qwen3-8B", FLUX2_VAE, 11.0),
+    "qwen-image": Release("Qwen-Image", "qwenimage", QWEN_IMAGE, QWEN_BLOCKS, QWEN25VL_7B, "Qwen2.5-VL-7B",
+                          QWEN_IMAGE_VAE, 13.0, unread_while_encoding=True),
 }
 
 
@@ -133,6 +154,13 @@ def build_transformer(release: Release, config: dict, dtype, args):
         from mlx_sd_server.engine.families.zimage.transformer import ZImageTransformer2DModel, ZImageTransformerConfig
 
         model = ZImageTransformer2DModel(ZImageTransformerConfig.from_dict(config))
+    elif release.family == "qwenimage":
+        from mlx_sd_server.engine.families.qwenimage.transformer import (
+            QwenImageTransformer2DModel,
+            QwenImageTransformerConfig,
+        )
+
+        model = QwenImageTransformer2DModel(QwenImageTransformerConfig.from_dict(config))
     else:
         from mlx_sd_server.engine.families.flux2.transformer import Flux2Transformer2DModel, Flux2TransformerConfig
 
@@ -152,6 +180,13 @@ def transformer_inputs(release: Release, dtype, batch: int, width: int, height: 
         captions = rng.standard_normal((batch, text_tokens, config["cap_feat_dim"]), dtype=np.float32)
         inputs = {"hidden_states": mx.array(latents).astype(dtype), "timestep": mx.full((batch,), 0.5),
                   "cap_feats": mx.array(captions).astype(dtype), "cap_lengths": [text_tokens] * batch}
+    elif release.family == "qwenimage":  # 2x2-packed tokens of the 16-channel latent; one CFG half per call
+        h, w = height // 16, width // 16
+        tokens = rng.standard_normal((batch, h * w, config["in_channels"]), dtype=np.float32)
+        context = rng.standard_normal((batch, text_tokens, config["joint_attention_dim"]), dtype=np.float32)
+        inputs = {"hidden_states": mx.array(tokens).astype(dtype),
+                  "encoder_hidden_states": mx.array(context).astype(dtype), "encoder_hidden_states_mask": None,
+                  "timestep": mx.full((batch,), 0.5), "img_shapes": [[(1, h, w)]] * batch}
     else:  # tokens: the 32-channel latent's 2x2 patches, 1/16 of the image's side
         from mlx_sd_server.engine.families.flux2.transformer import image_ids, text_ids
 
@@ -192,11 +227,11 @@ def measure_transformer(args) -> dict:
 
 
 def used_depth(release: Release, layers: int) -> int:
-    """How many Qwen3 layers the family runs: Z-Image the second-to-last hidden state (all layers but the last),
-    klein up to hidden state 27 (of 36); at a reduced depth, all that are kept."""
+    """How many text-encoder layers the family runs: Z-Image the second-to-last hidden state (all layers but the
+    last), klein up to hidden state 27 (of 36), Qwen-Image all; at a reduced depth, all that are kept."""
     from mlx_sd_server.engine.families.flux2.family import HIDDEN_LAYERS
 
-    if layers < release.text_encoder["num_hidden_layers"]:
+    if layers < release.text_encoder["num_hidden_layers"] or release.family == "qwenimage":
         return layers
     return layers - 1 if release.family == "zimage" else max(HIDDEN_LAYERS)
 
@@ -214,8 +249,13 @@ def measure_text_encoder(args) -> dict:
         dtype = QWEN3_ENCODER.instead_of_float16  # as load_model: bfloat16
 
     def build(layers: int):
-        config = Qwen3Config.from_dict({**release.text_encoder, "num_hidden_layers": layers})
-        return flux_bench.prepare(Qwen3Model(config), dtype, args.bits, args.group_size)
+        settings = {**release.text_encoder, "num_hidden_layers": layers}
+        if release.family == "qwenimage":  # Qwen2.5-VL's language model (the vision tower: edit models only)
+            from mlx_sd_server.engine.text.qwen25vl import Qwen25VLConfig, Qwen25VLTextModel
+
+            return flux_bench.prepare(Qwen25VLTextModel(Qwen25VLConfig.from_dict(settings)), dtype, args.bits,
+                                      args.group_size)
+        return flux_bench.prepare(Qwen3Model(Qwen3Config.from_dict(settings)), dtype, args.bits, args.group_size)
 
     full_layers = release.text_encoder["num_hidden_layers"]
     full = build(full_layers)
@@ -230,7 +270,7 @@ def measure_text_encoder(args) -> dict:
 
     rng = np.random.default_rng(0)
     depth = used_depth(release, args.te_layers)
-    if release.family == "zimage":  # one prompt, all its tokens real: no padding, no mask
+    if release.family in ("zimage", "qwenimage"):  # one prompt, all its tokens real: no padding, no mask
         ids, mask = mx.array(rng.integers(0, 151643, size=(1, args.text_tokens))), None
         stacked = (depth,)
     else:  # a prompt padded on the right to 512 tokens, with its mask; three hidden states stacked
@@ -243,6 +283,8 @@ def measure_text_encoder(args) -> dict:
     results["stacked_states"] = stacked
 
     def encode(ids: mx.array = ids, mask: mx.array | None = mask):
+        if release.family == "qwenimage":  # the last hidden state, every layer run
+            return model(ids, attention_mask=mask)
         states = model(ids, mask, depth=max(stacked))
         return mx.concatenate([states[i] for i in stacked], axis=-1)
 
@@ -267,6 +309,10 @@ def measure_vae(args) -> dict:
     release = RELEASES[args.model]
     if release.family == "zimage":
         model = Autoencoder(VAEConfig.from_dict(release.vae))
+    elif release.family == "qwenimage":
+        from mlx_sd_server.engine.families.qwenimage.vae import AutoencoderKLQwenImage, QwenImageVAEConfig
+
+        model = AutoencoderKLQwenImage(QwenImageVAEConfig.from_dict(release.vae))
     else:
         model = Flux2Autoencoder(Flux2VAEConfig.from_dict(release.vae))
     # force_upcast: float32 whatever the compute dtype (load_model's vae_dtype)
@@ -276,7 +322,8 @@ def measure_vae(args) -> dict:
     weights |= flux_bench.materialise([model])
     width, height = args.size
     h, w = height // 8, width // 8
-    latent = mx.array(np.random.default_rng(0).standard_normal((1, h, w, release.vae["latent_channels"]), np.float32))
+    latent = mx.array(np.random.default_rng(0).standard_normal((1, h, w, release.vae.get("latent_channels", release.vae.get("z_dim"))),
+                                                          np.float32))
     mx.eval(latent)
     results = {}
     for mode, low_memory in (("default", False), ("low_memory", True)):
@@ -375,7 +422,8 @@ def report(args, results: dict) -> None:
             vae = columns["vae"]
             whole_image(label, {"transformer": tr[key] / GB, "text encoder": te[key] / GB, "vae": vae[key] / GB},
                         ("text encoder",), {"encoding": act["text encoder"] / GB, "denoising": act["transformer"] / GB,
-                                            "decoding": act["vae"] / GB}, act["vae low-memory"] / GB)
+                                            "decoding": act["vae"] / GB}, act["vae low-memory"] / GB,
+                        unread_while_encoding=("transformer",) if release.unread_while_encoding else ())
         print(f"  (activations measured in {args.dtype}; the transformer's and Qwen3's in half precision would be "
               f"about half; the autoencoder runs in float32 either way)")
 

@@ -223,6 +223,16 @@ class LoadedModel:
     def controlnet(self) -> nn.Module | None:
         return self.components.get("controlnet")
 
+    def unread_denoisers(self) -> None:
+        """In low-memory mode, free the denoiser's weights (not the VAE's) until they are next used: they come
+        back from disk, lazily, when the denoiser first runs, so that a text encoder and the denoiser are never
+        both in memory (families whose spec asks: `FamilySpec.low_memory_unreads_denoiser`)."""
+        if not self.low_memory:
+            return
+        for name, module in self.components.items():
+            if name not in ("vae", "controlnet"):
+                unread_component(self.folder, name, self.manifest["components"][name], module, self.dtype)
+
     def text_encoding_done(self) -> None:
         """In low-memory mode, free the text encoders' weights: they come back, lazily, on next use."""
         if self.low_memory and self._build_text_encoders is not None:
@@ -231,8 +241,6 @@ class LoadedModel:
 
 def load_component(folder: Path, name: str, entry: dict, dtype: mx.Dtype) -> nn.Module:
     kind = component_kind(name, entry["config"])
-    if dtype == mx.float16 and kind.instead_of_float16 is not None:
-        dtype = kind.instead_of_float16
     model = kind.build(entry["config"])
     weights = mx.load(str(folder / entry["weights"]))
     assert isinstance(weights, dict)  # (what a .safetensors file loads as)
@@ -240,8 +248,18 @@ def load_component(folder: Path, name: str, entry: dict, dtype: mx.Dtype) -> nn.
     layers = quantized_layers(model, weights)
     if layers:
         nn.quantize(model, class_predicate=lambda path, _: dict(layers[path]) if path in layers else False)
+    read_weights(model, kind, weights, dtype, quantized=bool(layers))
+    model.eval()
+    return model
+
+
+def read_weights(model: nn.Module, kind: ComponentKind, weights: dict, dtype: mx.Dtype, quantized: bool) -> None:
+    """Put a component's weights (as `mx.load` gives them: lazy, read on first use) into its module, in the dtype
+    its precision rule gives."""
+    if dtype == mx.float16 and kind.instead_of_float16 is not None:
+        dtype = kind.instead_of_float16
     model.load_weights(list(weights.items()), strict=True)
-    if not layers:
+    if not quantized:
         model.set_dtype(dtype)
     else:
         # Quantized weights stay packed; only the float parameters follow the compute dtype.
@@ -249,8 +267,15 @@ def load_component(folder: Path, name: str, entry: dict, dtype: mx.Dtype) -> nn.
     kept = [(key, value.astype(mx.float32)) for key, value in weights.items() if kind.keeps_float32(key)]
     if kept:  # (the component's precision rule)
         model.load_weights(kept, strict=False)
-    model.eval()
-    return model
+
+
+def unread_component(folder: Path, name: str, entry: dict, model: nn.Module, dtype: mx.Dtype) -> None:
+    """Give back the memory of a loaded component's weights: the module gets them again lazily from its file,
+    to be read on next use (low-memory mode's denoiser while prompts are encoded)."""
+    weights = mx.load(str(folder / entry["weights"]))
+    assert isinstance(weights, dict)
+    quantized = any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    read_weights(model, component_kind(name, entry["config"]), weights, dtype, quantized)
 
 
 def check_vocabulary(name: str, encoder: nn.Module, tokenizer: Any) -> None:

@@ -116,6 +116,7 @@ class DiffusionPipeline:
         self.inpainting_channels = spec.inpainting_channels
         self.latent_mask = spec.latent_mask
         self.source_as_reference = spec.source_as_reference
+        self.unreads_denoiser = spec.low_memory_unreads_denoiser
         self.noising = NOISING[self.family.prediction_type]
         self.bundled_controlnet = model.controlnet  # the model folder's own ControlNet, if it has one
 
@@ -179,6 +180,8 @@ class DiffusionPipeline:
     def generate(self, job: Request, noise: NoiseSource | None = None) -> Generator[Step, None, list[Image.Image]]:
         """Yield a `Step` after each denoising step; return the n images. The job's LoRAs are on the model
         for exactly this long."""
+        if self.unreads_denoiser:  # (before the LoRAs go on: they wrap or copy its layers)
+            self.model.unread_denoisers()
         loras: list[tuple[Adapters, float]] = []
         if job.loras:
             assert self.loras is not None, "build_job takes LoRAs only where a LoRA folder is"

@@ -206,6 +206,9 @@ class FamilySpec:
     # How inpainting with its regular models brings the mask to the latent grid it blends on (runtime.py:
     # max-pooled, downsample_mask, unless it says another: FLUX.2 klein's is bilinear)
     latent_mask: LatentMask = downsample_mask
+    # Whether --low-memory also frees the denoiser's weights while prompts are encoded (read back from disk each
+    # job): for families whose text encoder and denoiser together do not fit a 16 GB Mac (Qwen-Image)
+    low_memory_unreads_denoiser: bool = False
     # Whether an edit's source image is also the first reference image its network reads (FLUX.2 klein's
     # inpainting feeds the source to the transformer besides noising it; runtime.py)
     source_as_reference: bool = False

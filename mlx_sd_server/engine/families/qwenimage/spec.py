@@ -101,6 +101,7 @@ SPEC = FamilySpec(
     variant_of=variant_of,
     capabilities=capabilities,
     latent_mask=nearest_mask,
+    low_memory_unreads_denoiser=True,  # 20B at 4 bits (~11.5 GB) and Qwen2.5-VL (~4.8 GB) exceed a 16 GB Mac
     detect=Detection(
         diffusers_classes=("QwenImageTransformer2DModel",),
         single_file=is_single_file,
