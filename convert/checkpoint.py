@@ -42,9 +42,12 @@ from mlx_sd_server.engine.source import (
     hint_option,
 )
 from mlx_sd_server.engine.text.qwen3 import QWEN3_ENCODER
+from mlx_sd_server.engine.text.qwen25vl import QWEN25VL_ENCODER
+from mlx_sd_server.engine.text.qwen_tokenizer import MERGES_FILE, VOCAB_FILE
 from mlx_sd_server.engine.text.t5 import T5_ENCODER
 
 log = logging.getLogger(__name__)
+BPE_FILES = (VOCAB_FILE, MERGES_FILE)
 
 PREDICTION_TYPES = {
     "epsilon": "epsilon",
@@ -267,7 +270,7 @@ def tokenizer_folder(kind: ComponentKind, path: Path, given: GivenTokenizers) ->
     T5's and Qwen3's are given, else downloaded once."""
     if kind is T5_ENCODER:
         return t5_tokenizer_folder(given.t5)
-    if kind is QWEN3_ENCODER:
+    if kind is QWEN3_ENCODER or kind is QWEN25VL_ENCODER:  # (Qwen2.5's vocabulary and added tokens are Qwen3's)
         return qwen3_tokenizer_folder(given.qwen3, path)
     return None
 
@@ -370,7 +373,8 @@ def given_tokenizer_folder(path: Path, what: str) -> Path:
     """A folder holding the tokenizer.json given as `path`: the folder itself, or a file (copied into a folder
     of its own if it has another name: the pipeline reads a folder's tokenizer.json)."""
     if path.is_dir():
-        if not (path / "tokenizer.json").is_file():
+        # (a byte-level BPE's vocab.json and merges.txt do too: Qwen/Qwen-Image's tokenizer folder has only them)
+        if not (path / "tokenizer.json").is_file() and not all((path / f).is_file() for f in BPE_FILES):
             raise CheckpointError(f"the {what} tokenizer folder {path} has no tokenizer.json")
         return path
     if not path.is_file():

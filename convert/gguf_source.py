@@ -73,6 +73,9 @@ LLAMA_CPP_T5_NAMES = (
 # llama.cpp's Qwen3 names -> transformers' Qwen3Model's. Its converter stores Qwen3's q and k projections as
 # transformers has them (it permutes them only for its LLaMA-architecture models, whose rotary pairing differs;
 # Qwen2 and Qwen3 use transformers' rotate-half pairing), so only the names change.
+# Qwen2-VL's and Qwen2.5-VL's language models (`qwen2vl`, Qwen-Image's text encoder) have the same names, less
+# the q/k norms and with q/k/v biases (`.bias`); their vision towers are llama.cpp's separate mmproj files.
+LLAMA_CPP_QWEN_ARCHITECTURES = (QWEN3_GGUF_ARCHITECTURE, "qwen2vl")
 LLAMA_CPP_QWEN3_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
 LLAMA_CPP_QWEN3_BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
@@ -262,7 +265,7 @@ def read_gguf(path: Path) -> tuple[GGUFTensors, dict[str, str]]:
     scalars = {
         name: _field_value(field) for name, field in reader.fields.items() if field.types[0] != GGUFValueType.ARRAY
     }
-    qwen3 = scalars.get("general.architecture") == QWEN3_GGUF_ARCHITECTURE
+    qwen3 = scalars.get("general.architecture") in LLAMA_CPP_QWEN_ARCHITECTURES
     rename = _llama_cpp_qwen3_name if qwen3 else _llama_cpp_t5_name
     renamed = GGUFTensors((rename(name), tensor) for name, tensor in tensors.items())
     renamed.metadata = scalars

@@ -17,6 +17,11 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".gguf") + PICKLE_SUFFIXES
 # Quantized weights whose scales are tensors of their own (ComfyUI's older `scale_weight`, its mixed-precision
 # `weight_scale` + `comfy_quant`): read one tensor at a time, they would convert unscaled.
 SCALED_WEIGHT_SUFFIXES = ("scaled_fp8", ".scale_weight", ".weight_scale", ".comfy_quant")
+# ComfyUI's older scaled fp8 files (e.g. qwen_2.5_vl_7b_fp8_scaled.safetensors): an empty `scaled_fp8` tensor, and
+# beside each fp8 `X.weight` a scalar `X.scale_weight` (the weight is fp8 * scale) and maybe an `X.scale_input`
+# (for fp8 matmuls; not needed by float weights). These are read scaled, as ComfyUI's ops dequantize them.
+SCALED_FP8_MARKER = "scaled_fp8"
+SCALE_WEIGHT, SCALE_INPUT = ".scale_weight", ".scale_input"
 
 
 class PickleRefusedError(ValueError):
@@ -49,15 +54,32 @@ def read_state_dict(path: Path, allow_pickle: bool = False) -> tuple[dict[str, A
         tensors = cast(dict[str, Any], mx.load(str(path)))  # (a .safetensors file loads as a dict)
     except Exception as err:
         raise CheckpointError(f"cannot read {path} as safetensors: {err}") from err
+    if SCALED_FP8_MARKER in tensors:
+        tensors = descaled(tensors, header)
     if any(k.endswith(SCALED_WEIGHT_SUFFIXES) for k in tensors):
         raise CheckpointError(
             f"{path} is a 'scaled fp8' file (ComfyUI's, BFL's fp8 or fp8mixed files: scales stored beside the "
             "weights), which is not supported: use the fp16, bf16 or plain fp8 (e4m3fn) version, or a GGUF"
         )
     for key, entry in header.items():  # fp8 (e4m3) tensors, which MLX loads as their raw bytes, decoded lazily
-        if key != "__metadata__" and entry["dtype"] == "F8_E4M3":
+        if key in tensors and entry["dtype"] == "F8_E4M3" and tensors[key].dtype == mx.uint8:
             tensors[key] = mx.from_fp8(tensors[key], mx.float32)
     return tensors, header.get("__metadata__") or {}
+
+
+def descaled(tensors: dict[str, Any], header: dict[str, Any]) -> dict[str, Any]:
+    """A ComfyUI scaled fp8 file's tensors (SCALED_FP8_MARKER) with each `X.weight` multiplied by its scalar
+    `X.scale_weight` (lazily: MLX arrays), the scales and the marker dropped."""
+    import mlx.core as mx
+
+    out = {k: v for k, v in tensors.items() if k != SCALED_FP8_MARKER and not k.endswith((SCALE_WEIGHT, SCALE_INPUT))}
+    for key in (k for k in tensors if k.endswith(SCALE_WEIGHT)):
+        scale, weight = tensors[key], key.removesuffix(SCALE_WEIGHT) + ".weight"
+        if scale.size != 1 or weight not in out:
+            raise CheckpointError(f"{key}: a scaled fp8 file's scale must be one number beside its weight")
+        value = mx.from_fp8(out[weight], mx.float32) if header[weight]["dtype"] == "F8_E4M3" else out[weight]
+        out[weight] = value.astype(mx.float32) * scale.astype(mx.float32).reshape(())
+    return out
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:

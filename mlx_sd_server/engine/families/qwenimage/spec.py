@@ -2,15 +2,16 @@
 
 txt2img, img2img and inpainting as diffusers' QwenImagePipeline, QwenImageImg2ImgPipeline and
 QwenImageInpaintPipeline run them (family.py); the edit models (Qwen-Image-Edit, -Edit-2509/2511) as
-QwenImageEditPipeline and QwenImageEditPlusPipeline (edit.py). Not yet: single files (ComfyUI's, GGUF:
-recognised and refused with a message), the edit models' inpainting, ControlNet.
+QwenImageEditPipeline and QwenImageEditPlusPipeline (edit.py); from diffusers folders or the split files ComfyUI
+users have (single_file.py). Not yet: the edit models' inpainting, ControlNet.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+from mlx_sd_server.engine.families.qwenimage import single_file
 from mlx_sd_server.engine.families.qwenimage.edit import EDIT_PIPELINE, EDIT_PLUS_PIPELINE, REFERENCES, edit_kind
 from mlx_sd_server.engine.families.qwenimage.family import PATCH, QwenImageFamily
 from mlx_sd_server.engine.families.qwenimage.lora import LORA
@@ -26,6 +27,7 @@ from mlx_sd_server.engine.families.spec import (
     FamilySpec,
     LatentFormat,
     ModelDefaults,
+    OriginalLayout,
     Variant,
 )
 from mlx_sd_server.engine.sampling.samplers import FLOW_SAMPLERS
@@ -41,18 +43,6 @@ SCHEDULER = {**FLOW_SCHEDULER_SETTINGS, "shift_terminal": None, "time_shift_type
 QWEN_IMAGE = Variant("qwen-image", ModelDefaults(50, 4.0, "euler", "discrete", 1328, 1328))
 # QwenImageEdit(Plus)Pipeline's: 50 steps, true CFG 4; without a size an edit keeps its input's aspect ratio
 EDITS = {kind: Variant(kind, ModelDefaults(50, 4.0, "euler", "discrete", 1024, 1024)) for kind in REFERENCES}
-
-SINGLE_FILE_MARKER = "transformer_blocks.0.img_mod.1.weight"  # ComfyUI's and GGUF transformers, diffusers' names
-SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-
-
-def is_single_file(names: Iterable[str]) -> bool:
-    """A Qwen-Image transformer file (ComfyUI's, a GGUF's): recognised so that it is refused with a message,
-    not taken for another family's."""
-    return any(
-        name == SINGLE_FILE_MARKER or any(name == p + SINGLE_FILE_MARKER for p in SINGLE_FILE_PREFIXES)
-        for name in names
-    )
 
 
 def variant_of(family: str, prediction_type: str, configs: Configs, name: str) -> Variant:
@@ -104,9 +94,10 @@ SPEC = FamilySpec(
     low_memory_unreads_denoiser=True,  # 20B at 4 bits (~11.5 GB) and Qwen2.5-VL (~4.8 GB) exceed a 16 GB Mac
     detect=Detection(
         diffusers_classes=("QwenImageTransformer2DModel",),
-        single_file=is_single_file,
+        single_file=single_file.is_single_file,
         lora=LORA,
         pipelines=(EDIT_PIPELINE, EDIT_PLUS_PIPELINE),
     ),
     title="Qwen-Image",
+    original=OriginalLayout(single_file.parts, single_file.read, single_file.EXPECTS, single_file.OPTIONS),
 )
