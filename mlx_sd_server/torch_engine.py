@@ -9,7 +9,8 @@ inverse of our conversion mapping (see `_torch_state_dict`). It speaks the MLX p
 
 A family runs here when its spec names its diffusers pipeline (`FamilySpec.torch_pipelines`: Stable Diffusion
 1.x, 2.x, XL with ControlNet on the StableDiffusion* pipelines, FLUX.1 on the Flux* ones, Z-Image on the ZImage*
-ones, FLUX.2 klein on Flux2KleinPipeline and Flux2KleinInpaintPipeline); the img2img, inpainting and ControlNet
+ones, FLUX.2 klein on Flux2KleinPipeline and Flux2KleinInpaintPipeline, Qwen-Image on the QwenImage* ones but
+not its edit models); the img2img, inpainting and ControlNet
 pipelines are found by name from it, and a mode diffusers has no pipeline for is refused (a JobError: a 400).
 What else a family's pipelines take is in its spec: constructor settings read off the manifest
 (`torch_settings`: klein's is_distilled) and where their guidance_scale counts from (`torch_cfg_offset`:
@@ -97,6 +98,7 @@ TOKENIZERS = {
     "T5EncoderModel": "T5TokenizerFast",
     "Qwen3Model": "Qwen2TokenizerFast",
     "Qwen3ForCausalLM": "Qwen2TokenizerFast",
+    "Qwen2_5_VLForConditionalGeneration": "Qwen2TokenizerFast",
 }
 
 
@@ -133,7 +135,9 @@ def _torch_state_dict(module, weights_file: Path, map_weight: Callable) -> dict:
         [(our_key, moved)] = mapped
         if our_key not in ours:
             raise ValueError(f"{weights_file.name} has no {our_key} (for {key})")
-        flat = np.empty(index.size, dtype=np.float32)
+        # zeros where our format keeps no element: Qwen-Image's causal 3D convs on one frame, whose other taps
+        # only ever meet zero padding
+        flat = np.zeros(index.size, dtype=np.float32)
         flat[moved.ravel()] = np.array(ours[our_key].astype(mx.float32)).ravel()
         state[key] = torch.from_numpy(flat.reshape(index.shape))
     return state
@@ -224,7 +228,7 @@ class TorchPipeline:
         self.cfg_offset = spec.torch_cfg_offset
         # An inpainting model takes the mask and the masked image's latents as input channels beside its own
         denoiser = getattr(base, spec.denoiser).config
-        self.inpainting_model = denoiser.in_channels == 2 * base.vae.config.latent_channels + 1
+        self.inpainting_model = denoiser.in_channels == 2 * _latent_channels(base.vae.config) + 1
         # FLUX.1's pipelines take `latents` as tokens of 2x2 patches, packed by `_pack_latents(latents, batch,
         # channels, h, w)`; FLUX.2's pack NCHW latents themselves (`_pack_latents(latents)`); the others keep NCHW
         pack = getattr(type(base), "_pack_latents", None)
@@ -464,11 +468,13 @@ class TorchPipeline:
             args["negative_prompt_embeds"] = self._prompt_embeds(pipeline, job.negative_prompt)
         if _accepts(pipeline.__call__, "true_cfg_scale"):
             # cfg_scale is true CFG (FluxPipeline runs it only with a negative prompt, "" included), and
-            # guidance_scale the distilled guidance
+            # guidance_scale the distilled guidance. QwenImage*Pipeline warn of a negative prompt without CFG and of
+            # a guidance_scale (theirs defaults to None) that a model without the embedding ignores: neither given.
+            default = inspect.signature(pipeline.__call__).parameters["guidance_scale"].default
             args.update(
-                negative_prompt=job.negative_prompt,
+                negative_prompt=job.negative_prompt if job.cfg_scale > 1 else None,
                 true_cfg_scale=job.cfg_scale,
-                guidance_scale=job.guidance if job.guidance is not None else DEFAULT_GUIDANCE,
+                guidance_scale=job.guidance if job.guidance is not None or default is None else DEFAULT_GUIDANCE,
             )
         # T5's tokens per prompt: the job's, else the model's own (as converted)
         own = (entry["max_length"] for entry in self.manifest["components"].values() if "max_length" in entry)
@@ -507,13 +513,15 @@ class TorchPipeline:
         vae = self.base.vae.config
         ph, pw = vae.get("patch_size") or (1, 1)
         d = downscale_factor(vae)
-        return job.n, job.height // (d * ph), job.width // (d * pw), vae.latent_channels * ph * pw
+        return job.n, job.height // (d * ph), job.width // (d * pw), _latent_channels(vae) * ph * pw
 
     def _our_latents(self, latents, job: Job) -> mx.array:
         """diffusers' latents (NCHW, or tokens) as ours: (B, h, w, C)."""
         if latents.ndim == 3 and self.takes_packed:  # FLUX.1's tokens of 2x2 patches
             latents = self.base._unpack_latents(latents, job.height, job.width, self.base.vae_scale_factor)
         ours = np.asarray(latents.float().cpu().numpy())
+        if ours.ndim == 5:  # Qwen-Image's (B, C, frames=1, H, W)
+            ours = ours[:, :, 0]
         if ours.ndim == 3:  # FLUX.2's tokens: its patchified latents, row-major
             return mx.array(ours.reshape(self._latent_shape(job)))
         return mx.array(ours).transpose(0, 2, 3, 1)
@@ -588,6 +596,11 @@ class TorchPipeline:
         if job.mask is not None and job.init_image is not None:  # (build_job gives a mask only with an image)
             images = [paste_outside_mask(image, job.init_image, job.mask) for image in images]
         return images
+
+
+def _latent_channels(vae_config) -> int:
+    """The autoencoder's latent channels (AutoencoderKLQwenImage's config calls them z_dim)."""
+    return vae_config.get("latent_channels") or vae_config["z_dim"]
 
 
 def _fit(image: Image.Image, size: tuple[int, int], mode: str = "RGB") -> Image.Image:

@@ -55,6 +55,13 @@ def variant_of(family: str, prediction_type: str, configs: Configs, name: str) -
     return QWEN_IMAGE if kind is None else EDITS[kind]
 
 
+def torch_refusal(manifest: Mapping[str, Any]) -> str | None:
+    """The torch engine runs Qwen-Image on QwenImage(Img2Img|Inpaint)Pipeline; the edit models' pipelines take
+    their images in ways it does not pass yet."""
+    kind = edit_kind(manifest.get(PIPELINE, {}), manifest.get("name", ""))
+    return None if kind is None else "the torch engine does not run the Qwen-Image edit models (the MLX engine does)"
+
+
 def capabilities(manifest: Mapping[str, Any], has_controlnet: bool) -> Capabilities:
     """Sides are multiples of the VAE's downscale times the 2x2 patch (16); flow samplers and schedules;
     Qwen-Image edits by img2img and inpainting, the edit models by instruction (edit.REFERENCES images; their
@@ -98,6 +105,8 @@ SPEC = FamilySpec(
         lora=LORA,
         pipelines=(EDIT_PIPELINE, EDIT_PLUS_PIPELINE),
     ),
+    torch_pipelines={"qwenimage": "QwenImagePipeline"},
+    torch_refusal=torch_refusal,
     title="Qwen-Image",
     original=OriginalLayout(single_file.parts, single_file.read, single_file.EXPECTS, single_file.OPTIONS),
 )
