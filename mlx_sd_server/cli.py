@@ -35,6 +35,7 @@ DESCRIPTION = (
 HANDLERS = {
     "serve": "mlx_sd_server.api.server:main",
     "generate": "mlx_sd_server.generate:main",
+    "upscale": "mlx_sd_server.generate:upscale",
     "convert": "convert.cli:main",
     "pull": "convert.pull:main",
     "models": "mlx_sd_server.registry:print_models",
@@ -422,6 +423,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_options(command("serve", help="run the HTTP server"))
     add_job_options(command("generate", help="generate images from the command line"))
 
+    upscale = command("upscale", help="enlarge an image with an upscaler (ESRGAN, Real-ESRGAN...) or Lanczos")
+    upscale.add_argument("input", metavar="IN", help="the image (.png, .jpg, .webp)")
+    upscale.add_argument(
+        "--upscaler",
+        help="an upscaler in the model directory's upscalers/ (`mlx-sd-server convert FILE` puts it there), or "
+        "lanczos / nearest (default: the only converted one)",
+    )
+    upscale.add_argument("--scale", type=float, help="how many times larger (default: the upscaler's own factor)")
+    upscale.add_argument("--output", "-o", required=True, metavar="FILE", help="where to write it (.png/.jpg/.webp)")
+    upscale.add_argument("--force", action="store_true", help="replace --output if it exists")
+    upscale.add_argument("--output-format", choices=["png", "jpeg", "webp"], help="default: from --output's suffix")
+    upscale.add_argument("--output-compression", type=int, metavar="0-100", help="jpeg/webp quality")
+    add_model_dir(upscale)
+
     convert = command(
         "convert",
         help="convert Hugging Face weights into a model (by default into the model directory)",
@@ -507,7 +522,7 @@ def limit_threads(threads: int | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     limit_threads(getattr(args, "threads", None))
-    if argv is None and args.command in ("serve", "generate"):  # only a real command line is re-executed
+    if argv is None and args.command in ("serve", "generate", "upscale"):  # only a real command line is re-executed
         from mlx_sd_server.blas import ensure_fast_blas
 
         ensure_fast_blas()  # Linux: re-executes once with OpenBLAS preloaded (MLX's bundled BLAS is ~50x slower)

@@ -26,6 +26,7 @@ from mlx_sd_server.images import (
 )
 from mlx_sd_server.job import IMAGE_FIELDS, IMAGE_LISTS, JOB_FIELDS, Job, JobError, build_job
 from mlx_sd_server.registry import ModelLoadError, ModelNotFoundError, ModelRegistry, model_dir, physical_memory
+from mlx_sd_server.upscale.library import UPSCALER_FOLDER, UpscalerLibrary
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def job_from_args(args: argparse.Namespace, registry: ModelRegistry) -> Job:
         model_name=info.name,
         lora_family=registry.loras.family,
         input_hashes=hashes,
+        upscalers=registry.upscalers.names(),
     )
 
 
@@ -191,3 +193,44 @@ def main(args: argparse.Namespace) -> int:
         write_atomically(path, write)
         print(path)
     return 0
+
+
+# `upscale`: the output's pixels at most (a 4096x4096 image, as /v1/images/upscale)
+MAX_UPSCALE_PIXELS = 4096 * 4096
+
+
+def upscale(args: argparse.Namespace) -> int:
+    """`mlx-sd-server upscale IN -o OUT`: one image enlarged by an upscaler (upscale.library)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    library = UpscalerLibrary(model_dir(args.model_dir) / UPSCALER_FOLDER)
+    try:
+        fmt = output_format(args)
+        target = Path(args.output)
+        if target.exists() and not args.force:
+            raise FileExistsError(f"{target} already exists (--force replaces it)")
+        name = args.upscaler or default_upscaler(library)
+        scale = args.scale if args.scale is not None else library.info(name).scale
+        image = flatten(_read_image(args.input, "image", []))
+        width, height = round(image.width * scale), round(image.height * scale)
+        if scale <= 0 or width * height > MAX_UPSCALE_PIXELS:
+            raise JobError(f"--scale {scale:g} would make {width}x{height}: at most {MAX_UPSCALE_PIXELS} pixels")
+        result = library.upscale(name, image, scale)
+        data = encode_image(result, fmt, quality=args.output_compression)
+    except JobError as exc:
+        print(f"mlx-sd-server upscale: {exc}", file=sys.stderr)
+        return 2
+    except FileExistsError as exc:
+        print(f"mlx-sd-server upscale: {exc}", file=sys.stderr)
+        return 1
+    write_atomically(target, lambda tmp: Path(tmp).write_bytes(data))
+    print(target)
+    return 0
+
+
+def default_upscaler(library: UpscalerLibrary) -> str:
+    """The one converted upscaler; else --upscaler must say which."""
+    converted = [name for name in library.names() if library.info(name).folder is not None]
+    if len(converted) == 1:
+        return converted[0]
+    choices = ", ".join(library.names())
+    raise JobError(f"name one with --upscaler ({choices}); convert one with `mlx-sd-server convert FILE`")

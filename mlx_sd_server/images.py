@@ -301,6 +301,16 @@ A1111_SCHEDULES = {
     "lcm": "LCM",
 }
 
+# hr_upscaler -> A1111's name for it ("Hires upscaler"); an upscaler file keeps its own name, as in A1111
+A1111_UPSCALERS = {
+    "latent": "Latent",
+    "latent-bicubic": "Latent (bicubic)",
+    "latent-nearest": "Latent (nearest)",
+    "latent-nearest-exact": "Latent (nearest-exact)",
+    "lanczos": "Lanczos",
+    "nearest": "Nearest",
+}
+
 _hash_cache: dict[tuple[str, int, int], str] = {}
 
 
@@ -369,6 +379,18 @@ def a1111_parameters(
         settings.append(f"Distilled CFG Scale: {job.guidance:g}")  # Forge's name for FLUX's guidance
     if job.init_image is not None:
         settings.append(f"Denoising strength: {job.strength:g}")
+    if job.hr_scale is not None:  # as A1111 writes a hires fix (Size stays the first pass's)
+        settings.append(f"Denoising strength: {job.hr_strength:g}")
+        settings.append(f"Hires upscale: {job.hr_scale:g}")
+        if job.hr_steps:
+            settings.append(f"Hires steps: {job.hr_steps}")
+        settings.append(f"Hires upscaler: {_a1111_quote(A1111_UPSCALERS.get(job.hr_upscaler, job.hr_upscaler))}")
+        for name, text, base in (
+            ("Hires prompt", job.hr_prompt, job.prompt),
+            ("Hires negative prompt", job.hr_negative_prompt, job.negative_prompt),
+        ):
+            if text is not None and text != base:
+                settings.append(f"{name}: {_a1111_quote(text)}")
     if job.control_image is not None:
         settings.append(f"ControlNet strength: {job.control_strength:g}")
     if job.loras and lora_hashes:

@@ -32,6 +32,7 @@ from mlx_sd_server.lora.library import LORA_FOLDER, LoRALibrary
 from mlx_sd_server.paths import CONTROLNET_FOLDER, model_dir
 from mlx_sd_server.residency import CONTROLNET, MODEL, ModelTooLargeError, Residency, gigabytes
 from mlx_sd_server.torch_engine import capabilities as torch_capabilities
+from mlx_sd_server.upscale.library import UPSCALER_FOLDER, UpscalerLibrary
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,7 @@ class ModelRegistry:
         up to `lora_fuse_budget` bytes of weights (never in low-memory mode), side branches elsewhere."""
         self.models = models
         self.loras = LoRALibrary(Path(lora_dir).expanduser() if lora_dir else models / LORA_FOLDER)
+        self.upscalers = UpscalerLibrary(models / UPSCALER_FOLDER)
         self.lora_fuse_budget = lora_fuse_budget
         self.dtype = dtype
         self.low_memory = low_memory if low_memory is not None else physical_memory() <= LOW_MEMORY_MACHINE
@@ -575,6 +577,7 @@ class ModelRegistry:
                     load_model(info.folder, dtype=self.dtype, low_memory=self.low_memory),
                     loras=self.loras.bound,
                     lora_fuse_budget=0 if self.low_memory else self.lora_fuse_budget,
+                    upscale=self.upscalers.upscale,
                 )
                 log.info("engine: MLX for %s", info.name)
                 return mlx, mlx.memory_bytes()

@@ -199,7 +199,7 @@ def _samplers(manifest: dict) -> tuple[dict[str, tuple[str, dict[str, Any]]], di
 
 def capabilities(manifest: dict, can_do: Capabilities) -> Capabilities:
     """What a model can do (`can_do`, its family's) narrowed to what this engine runs: the samplers and
-    schedules diffusers has equivalents of, and no LoRAs. (Which sampler goes with which schedule is
+    schedules diffusers has equivalents of, no LoRAs and no hires fix. (Which sampler goes with which schedule is
     checked when the job runs: `TorchPipeline.scheduler`.)"""
     samplers, schedules = _samplers(manifest)
     return dataclasses.replace(
@@ -207,6 +207,7 @@ def capabilities(manifest: dict, can_do: Capabilities) -> Capabilities:
         samplers=tuple(s for s in can_do.samplers if s in samplers),
         schedulers=tuple(s for s in can_do.schedulers if s in schedules),
         lora=False,
+        hires=False,
     )
 
 

@@ -21,6 +21,7 @@ from mlx_sd_server.api.server import hypercorn_config
 from mlx_sd_server.engine.sampling.samplers import Step
 from mlx_sd_server.job import Capabilities, JobError, ModelDefaults
 from mlx_sd_server.lora.library import LoRALibrary
+from mlx_sd_server.upscale.library import UpscalerLibrary
 from mlx_sd_server.registry import ModelInfo, ModelNotFoundError, ModelStatus
 
 
@@ -138,6 +139,7 @@ class FakeRegistry:
     has_controlnet: bool = False
     default_name: str = "fake-model"
     loras: LoRALibrary = field(default_factory=lambda: LoRALibrary(None))  # none
+    upscalers: UpscalerLibrary = field(default_factory=lambda: UpscalerLibrary(Path("no-upscalers")))  # built-ins
 
     def names(self) -> list[str]:
         return [self.default_name]

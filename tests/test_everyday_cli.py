@@ -107,13 +107,15 @@ def test_generate_refuses_what_the_model_cannot_do_before_loading_it(tmp_path):
     sd3_like = Capabilities("sd3", controlnet=False, size_multiple=16, largest_side=1536)
     info = ModelInfo(name="m", family="sd3", created=0, defaults=ModelDefaults(), has_controlnet=False, folder=None,
                      capabilities=sd3_like)
-    registry = SimpleNamespace(default_name="m", info=lambda: info, loras=SimpleNamespace(family=lambda name: "flux"))
+    registry = SimpleNamespace(default_name="m", info=lambda: info, loras=SimpleNamespace(family=lambda name: "flux"),
+                               upscalers=SimpleNamespace(names=lambda: ["lanczos"]))
     base = ["generate", "--model", "m", "--prompt", "a cat", "--size", "512x512"]
     for extra, param, code in [(["--control-image", str(tmp_path / "edges.png")], "control_image",
                                 "controlnet_unavailable"),
                                (["--lora", "realism:0.5"], "loras", "lora_family_mismatch"),
                                (["--steps", "60", "--scheduler", "lcm"], "steps", "out_of_range"),
-                               (["--size", "2048x2048"], "size", "invalid_size")]:
+                               (["--size", "2048x2048"], "size", "invalid_size"),
+                               (["--hr-scale", "2", "--hr-upscaler", "4x-none"], "hr_upscaler", "upscaler_not_found")]:
         with pytest.raises(JobError) as caught:
             job_from_args(build_parser().parse_args([*base, *extra]), registry)
         assert (caught.value.param, caught.value.code) == (param, code)
@@ -216,3 +218,20 @@ def test_version_and_help(capsys):
     assert "(default: mlx)" in generate and "--output-format" in generate and "--force" in generate
     serve = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
     assert "(default: 8080)" in serve and "(default: None)" not in serve
+
+
+def test_upscale_writes_the_enlarged_image(tmp_path, capsys):
+    from mlx_sd_server.cli import main
+
+    source, out = tmp_path / "in.png", tmp_path / "out.webp"
+    Image.new("RGB", (50, 30), "red").save(source)
+    models = ["--model-dir", str(tmp_path / "models")]
+    assert main(["upscale", str(source), "-o", str(out), "--upscaler", "lanczos", "--scale", "2.5", *models]) == 0
+    assert Image.open(out).size == (125, 75) and Image.open(out).format == "WEBP"
+    assert main(["upscale", str(source), "-o", str(out), "--upscaler", "lanczos", *models]) == 1  # exists
+    assert "already exists" in capsys.readouterr().err
+    assert main(["upscale", str(source), "-o", str(tmp_path / "b.png"), *models]) == 2  # none converted
+    assert "--upscaler" in capsys.readouterr().err
+    assert main(["upscale", str(source), "-o", str(tmp_path / "c.png"), "--upscaler", "lanczos", "--scale", "200",
+                 *models]) == 2  # 10000x6000: over the pixel limit
+    assert not (tmp_path / "c.png").exists()

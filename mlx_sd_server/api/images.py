@@ -397,6 +397,7 @@ def _build_job(parsed: ParsedRequest, info: ModelInfo, server: ServerState, vari
         lora_family=server.registry.loras.family,
         input_hashes=hashes,
         optional=("prompt",) if variation else (),
+        upscalers=server.registry.upscalers.names(),
     )
 
 

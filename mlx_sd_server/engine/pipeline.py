@@ -23,6 +23,7 @@ from PIL import Image, ImageFilter
 from mlx_sd_server.engine.adapters import Adapters, applied
 from mlx_sd_server.engine.families import spec_for
 from mlx_sd_server.engine.families.runtime import Family, Settings, encode_pixels
+from mlx_sd_server.engine.hires import LATENT_UPSCALE_MODES, upscale_latents
 from mlx_sd_server.engine.model_io import LoadedModel, module_bytes
 from mlx_sd_server.engine.request import Request
 from mlx_sd_server.engine.sampling.denoiser import NOISING
@@ -36,6 +37,7 @@ MASK_FEATHER_PX = 4  # paste-back blends within 3x this many pixels of the mask,
 
 
 T = TypeVar("T")
+Upscale = Callable[[str, Image.Image, float], Image.Image]  # (upscaler, image, scale) -> the image enlarged
 
 
 def drive(steps: Generator[Step, None, T], on_step: Callable[[Step], None] | None = None) -> T:
@@ -104,12 +106,15 @@ class DiffusionPipeline:
         paste_back: bool = True,
         loras: Callable[[str, LoadedModel], Adapters] | None = None,
         lora_fuse_budget: int = 0,
+        upscale: Upscale | None = None,
     ):
         """`loras(name, model)`: LoRA `name` bound to the model (lora.library.LoRALibrary.bound); LoRAs are
-        fused into copies of the layers they adapt up to `lora_fuse_budget` bytes of weights (engine/adapters.py)."""
+        fused into copies of the layers they adapt up to `lora_fuse_budget` bytes of weights (engine/adapters.py).
+        `upscale` enlarges a hires job's first images by the upscaler it names (upscale.library.UpscalerLibrary)."""
         self.model = model
         self.paste_back = paste_back
         self.loras = loras
+        self.upscale = upscale
         self.lora_fuse_budget = lora_fuse_budget
         spec = spec_for(model.family)
         self.family: Family = spec.runtime(model)
@@ -144,14 +149,18 @@ class DiffusionPipeline:
 
     # --- schedule ----------------------------------------------------------------------------------
 
-    def sigmas(self, job: Request) -> np.ndarray:
+    def sigmas(self, job: Request, img2img: bool = False) -> np.ndarray:
+        """The job's schedule; `img2img` (or an init image): the part of it `strength` re-runs."""
         sigmas = self.family.sigmas(Settings.of(job))
-        if job.init_image is not None:
+        if img2img or job.init_image is not None:
             sigmas = img2img_sigmas(sigmas, job.steps, job.strength, flow=self.family.prediction_type == "flow")
         return sigmas
 
     def total_steps(self, job: Request) -> int:
-        return len(self.sigmas(job)) - 1
+        if job.hr_scale is None:
+            return len(self.sigmas(job)) - 1
+        second = len(self.sigmas(job.second_pass(0, None), img2img=True)) - 1
+        return self.total_steps(job.first_pass()) + job.n * second
 
     def encode_prompts(self, job: Request, guided: bool):
         """The family's conditioning for [negative, prompt] (or the prompt alone)."""
@@ -187,9 +196,60 @@ class DiffusionPipeline:
             assert self.loras is not None, "build_job takes LoRAs only where a LoRA folder is"
             loras = [(self.loras(name, self.model), weight) for name, weight in job.loras]
         with applied(self.model, loras, self.lora_fuse_budget):
+            if job.hr_scale is not None:
+                return (yield from self._hires(job, noise))
             return (yield from self._generate(job, noise or SeededNoise(job.seeds())))
 
+    def _hires(self, job: Request, noise: NoiseSource | None) -> Generator[Step, None, list[Image.Image]]:
+        """Hires fix: the job at its size (`noise`, else its seeds' noise), then per image an img2img at the hires
+        size of the image enlarged by `hr_upscaler` (or of its latents, interpolated), with the image's seed.
+        Steps are numbered on across the passes."""
+        first = job.first_pass()
+        latents = yield from self._renumbered(self.sample(first, noise or SeededNoise(first.seeds())), 0)
+        done = self.total_steps(first)
+        images = []
+        for index, seed in enumerate(job.seeds()):
+            latent = latents[index : index + 1]
+            second = job.second_pass(index, None)
+            init = None
+            if job.hr_upscaler in LATENT_UPSCALE_MODES:  # in the VAE's space (the sampler's may be patchified)
+                vae = self.model.vae
+                z = vae.from_latents(latent)
+                patch = z.shape[1] // latent.shape[1]
+                _, height, width, _ = vae.latent_shape(1, second.height, second.width)
+                init = vae.to_latents(upscale_latents(z, height * patch, width * patch, job.hr_upscaler))
+            else:
+                assert self.upscale is not None, "build_job takes an upscaler only where the server has them"
+                (image,) = self.decode_latents(latent)
+                enlarged = self.upscale(job.hr_upscaler, image, second.width / image.width)
+                second = job.second_pass(index, enlarged)
+            x = yield from self._renumbered(self.sample(second, SeededNoise([seed]), init), done)
+            done += len(self.sigmas(second, img2img=True)) - 1
+            images.extend(self.decode_latents(x))
+        return images
+
+    @staticmethod
+    def _renumbered(steps: Generator[Step, None, T], offset: int) -> Generator[Step, None, T]:
+        """A pass's steps numbered from `offset` on, as one job's."""
+        try:
+            step = next(steps)
+            while True:
+                sent = yield replace(step, index=step.index + offset)
+                step = steps.send(sent)
+        except StopIteration as finished:
+            return finished.value
+
     def _generate(self, job: Request, noise: NoiseSource) -> Generator[Step, None, list[Image.Image]]:
+        x = yield from self.sample(job, noise)
+        images = self.decode_latents(x)
+        if job.mask is not None and job.init_image is not None and self.paste_back:
+            images = [paste_outside_mask(img, job.init_image, job.mask) for img in images]
+        return images
+
+    def sample(
+        self, job: Request, noise: NoiseSource, init_latents: mx.array | None = None
+    ) -> Generator[Step, None, mx.array]:
+        """The job's latents; `init_latents` (the sampler's space, one image): an img2img starting from them."""
         vae = self.model.vae
         shape = vae.latent_shape(job.n, job.height, job.width)  # the space the sampler works in
         settings = Settings.of(job)
@@ -200,9 +260,9 @@ class DiffusionPipeline:
         conditioning = self.family.encode_prompts(settings, guided)
         mx.eval(conditioning)
         self.model.text_encoding_done()
-        sigmas = [float(s) for s in self.sigmas(job)]
+        sigmas = [float(s) for s in self.sigmas(job, img2img=init_latents is not None)]
 
-        init_latents = mask_latents = extra = control = None
+        mask_latents = extra = control = None
         if job.init_image is not None:
             init_pixels = fit_image(job.init_image, job.width, job.height)
             init_latents = self.encode_image(init_pixels)
@@ -247,10 +307,7 @@ class DiffusionPipeline:
                 x = x * mask_latents + known * (1 - mask_latents)
             mx.eval(x, step.denoised)
             yield replace(step, x=x)
-        images = self.decode_latents(x)
-        if job.mask is not None and job.init_image is not None and self.paste_back:
-            images = [paste_outside_mask(img, job.init_image, job.mask) for img in images]
-        return images
+        return x
 
 
 def paste_outside_mask(image: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:

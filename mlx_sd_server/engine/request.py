@@ -31,5 +31,10 @@ class Request(Protocol):
     control_strength: float
     control_preprocess: str
     loras: tuple[tuple[str, float], ...]
+    # Hires fix (None: off): the first pass at width x height, then per image an img2img at hr_width x hr_height
+    hr_scale: float | None
+    hr_upscaler: str  # an upscaler's name, or one of hires.LATENT_UPSCALE_MODES
 
     def seeds(self) -> list[int]: ...
+    def first_pass(self) -> Request: ...
+    def second_pass(self, index: int, init_image: Image.Image | None) -> Request: ...

@@ -21,11 +21,13 @@ from PIL import Image
 
 from mlx_sd_server.engine.errors import JobError, kind_of, shown
 from mlx_sd_server.engine.families.spec import T5_TOKEN_LIMIT, Capabilities, ModelDefaults
+from mlx_sd_server.engine.hires import LATENT_UPSCALE_MODES
 from mlx_sd_server.engine.sampling.samplers import SAMPLE_METHODS
 from mlx_sd_server.engine.sampling.schedules import SCHEDULERS
 
 MAX_SEED = 2**63 - 1
 LORA_SCALE_LIMIT = 10.0  # |weight|: A1111's LoRAs are used from about -2 to 2
+HIRES_MAX_SCALE = 4.0  # A1111's slider ends at 4
 
 
 @dataclass(frozen=True)
@@ -352,6 +354,45 @@ FIELDS: tuple[Field, ...] = (
         "strength", "number", "edits: how much of the image is repainted (the share of the schedule re-run)", 0.75, 0, 1
     ),
     Field(
+        "hr_scale",
+        "number",
+        "hires fix (A1111's enable_hr): the image is made at the requested size, upscaled by this factor and "
+        "refined by img2img at the larger size; absent: off",
+        minimum=1,
+        maximum=HIRES_MAX_SCALE,
+    ),
+    Field(
+        "hr_upscaler",
+        "string",
+        "hires fix: how the first image is enlarged: an upscaler (GET /v1/upscalers lists them), or "
+        + ", ".join(LATENT_UPSCALE_MODES)
+        + " (the latents, interpolated, as A1111's Latent modes)",
+        "latent",
+        blank_is_absent=True,
+    ),
+    Field(
+        "hr_steps",
+        "integer",
+        "hires fix: the second pass's steps (0 or absent: the job's steps)",
+        minimum=0,
+        maximum="max_steps",
+    ),
+    Field(
+        "hr_strength",
+        "number",
+        "hires fix: how much of the enlarged image the second pass repaints (A1111's denoising strength)",
+        0.7,
+        0,
+        1,
+    ),
+    Field("hr_prompt", "string", "hires fix: the second pass's prompt (default: the prompt)", prompt=True),
+    Field(
+        "hr_negative_prompt",
+        "string",
+        "hires fix: the second pass's negative prompt (default: the negative prompt)",
+        prompt=True,
+    ),
+    Field(
         "control_net",
         "string",
         "the ControlNet to steer with (GET /v1/controlnets lists them; default: the model's own, if it has one)",
@@ -444,6 +485,15 @@ class Job:
     control_strength: float = default("control_strength")
     control_preprocess: str = default("control_preprocess")
     control_net: str | None = default("control_net")  # by name; None: the model's own, if it has one
+    # Hires fix: None, or the second pass's size (hr_scale x the first's, on the model's size grid)
+    hr_scale: float | None = default("hr_scale")
+    hr_upscaler: str = default("hr_upscaler")
+    hr_steps: int | None = default("hr_steps")  # None or 0: `steps`
+    hr_strength: float = default("hr_strength")
+    hr_prompt: str | None = default("hr_prompt")  # None: `prompt`
+    hr_negative_prompt: str | None = default("hr_negative_prompt")
+    hr_width: int | None = None
+    hr_height: int | None = None
     # seconds the model stays loaded after this job (math.inf: kept); None: the server's --keep-alive
     keep_alive: float | None = default("keep_alive")
     # LoRAs (name in the LoRA folder, weight), from `<lora:name:weight>` tags (stripped from the prompts
@@ -453,3 +503,24 @@ class Job:
     def seeds(self) -> list[int]:
         """Image i of the batch uses seed + i, so any single image can be reproduced with n=1."""
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.n)]
+
+    def first_pass(self) -> Job:
+        """A hires job's first pass: the job at its own size, without the hires fix."""
+        return dataclasses.replace(self, hr_scale=None, hr_width=None, hr_height=None)
+
+    def second_pass(self, index: int, init_image: Image.Image | None) -> Job:
+        """A hires job's second pass for image `index`: one img2img of `init_image` (None: the pipeline starts
+        from upscaled latents) at the hires size, with that image's seed."""
+        assert self.hr_width is not None and self.hr_height is not None, "build_job sets them with hr_scale"
+        return dataclasses.replace(
+            self.first_pass(),
+            n=1,
+            seed=self.seeds()[index],
+            width=self.hr_width,
+            height=self.hr_height,
+            steps=self.hr_steps or self.steps,
+            strength=self.hr_strength,
+            prompt=self.prompt if self.hr_prompt is None else self.hr_prompt,
+            negative_prompt=self.negative_prompt if self.hr_negative_prompt is None else self.hr_negative_prompt,
+            init_image=init_image,
+        )

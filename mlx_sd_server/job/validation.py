@@ -19,6 +19,7 @@ from PIL import Image
 
 from mlx_sd_server.engine.errors import JobError, shown
 from mlx_sd_server.engine.families.spec import DEFAULT_GUIDANCE, Capabilities, ModelDefaults
+from mlx_sd_server.engine.hires import LATENT_UPSCALE_MODES
 from mlx_sd_server.engine.sampling.schedules import step_limit
 from mlx_sd_server.engine.text.prompt import check_prompt
 from mlx_sd_server.job.fields import (
@@ -54,6 +55,7 @@ def build_job(
     lora_family: LoRAFamily | None = None,
     input_hashes: Sequence[tuple[str, str]] = (),
     optional: Collection[str] = (),
+    upscalers: Collection[str] = (),
 ) -> Job:
     """Validate raw request fields into a Job. Absent fields take the model's `defaults`, else the table's;
     anything the model cannot do (per its `capabilities`) is refused here, before the job is queued.
@@ -62,7 +64,8 @@ def build_job(
     `fields` may hold only JOB_FIELDS (typed JSON values, or strings from a form or the command line);
     `images` maps IMAGE_FIELDS to decoded images, `image` to one or, in order, several (IMAGE_LISTS);
     `input_hashes` are the uploads' (field, short sha256) for the metadata (images.py: short_sha256);
-    `optional`: required fields this route lets be absent or blank (a variation's prompt).
+    `optional`: required fields this route lets be absent or blank (a variation's prompt); `upscalers`: the
+    upscalers' names a hires fix may use (`hr_upscaler`) beside the latent modes.
     """
     inputs, other = split_images(images or {})
     present = {**other, **({"image": inputs[0]} if inputs else {})}
@@ -72,8 +75,10 @@ def build_job(
     check_inputs(given, inputs, "mask" in other, limits, capabilities, model_name)
     values = read_fields({**overlay(defaults), **given}, limits, capabilities, model_name, optional)
     tags = strip_prompt_tags(values, limits)
+    hires_tags = [tag for tag in tags if tag[2] in HIRES_PROMPTS]
     values["loras"] = check_loras(
-        tags + [(name, weight, "loras") for name, weight in values.get("loras", [])],
+        [tag for tag in tags if tag not in hires_tags]
+        + [(name, weight, "loras") for name, weight in values.get("loras", [])],
         limits,
         lora_family,
         capabilities,
@@ -85,6 +90,7 @@ def build_job(
     first = inputs[0].size if inputs else None
     values["width"], values["height"] = image_size(given, values, defaults, limits, capabilities, first)
     check_step_limit(values)
+    values["hr_width"], values["hr_height"] = hires(given, values, present, hires_tags, limits, capabilities, upscalers)
     values["seed"] = seed(values["seed"])
     values["control_preprocess"] = control_preprocess(given, values)
     if capabilities.references and "mask" not in other:  # an instruction edit: every input is a reference
@@ -362,6 +368,8 @@ def strip_prompt_tags(values: dict[str, Any], limits: Limits) -> list[tuple[str,
     loras: list[tuple[str, float, str]] = []
     had_text = bool(values["prompt"].strip())  # (blank only where the route lets it be: a variation's)
     for name in PROMPT_FIELDS:
+        if values.get(name) is None:  # (the hires prompts: absent unless given)
+            continue
         values[name], tags = strip_lora_tags(name, values[name])
         loras += [(lora, weight, name) for lora, weight in tags]
         check_prompt(values[name], name, limits.max_prompt_chunks)
@@ -545,12 +553,75 @@ def check_dimensions(width: int, height: int, limits: Limits, param: str, capabi
 def check_step_limit(values: Mapping[str, Any]) -> None:
     """A schedule's own bound on steps (lcm: the grid its models were distilled on)."""
     limit = step_limit(values["scheduler"])
-    if limit is not None and values["steps"] > limit:
-        raise JobError(
-            f"steps must be at most {limit} with the {values['scheduler']} scheduler, got {shown(values['steps'])}",
-            "steps",
-            "out_of_range",
+    for name in ("steps", "hr_steps"):
+        if limit is not None and (values.get(name) or 0) > limit:
+            raise JobError(
+                f"{name} must be at most {limit} with the {values['scheduler']} scheduler, got {shown(values[name])}",
+                name,
+                "out_of_range",
+            )
+
+
+HIRES_PROMPTS = ("hr_prompt", "hr_negative_prompt")
+
+
+def hires(
+    given: Mapping[str, Any],
+    values: dict[str, Any],
+    images: Mapping[str, Image.Image],
+    tags: Sequence[tuple[str, float, str]],
+    limits: Limits,
+    capabilities: Capabilities,
+    upscalers: Collection[str],
+) -> tuple[int, int] | tuple[None, None]:
+    """The hires fix's second-pass size (hr_scale x the size, on the model's size grid), or (None, None) when
+    off: a txt2img's, on a model with img2img, by a latent mode or an upscaler the server has. LoRA `tags` in
+    the hires prompts must be the job's own LoRAs (both passes run with them)."""
+    if "hr_scale" not in given:
+        if stray := sorted(name for name in given if name.startswith("hr_")):
+            raise JobError(
+                f"{stray[0]} is a hires fix setting: it needs hr_scale", stray[0], "missing_required_parameter"
+            )
+        return None, None
+    if not capabilities.hires or not capabilities.img2img:
+        why = (
+            "img2img, which its second pass is"
+            if capabilities.hires
+            else "a hires fix under this engine (--engine torch)"
         )
+        raise JobError(f"{capabilities.family or 'this'} models have no {why}", "hr_scale", "unsupported_parameter")
+    if edited := sorted(name for name in images if name != "control_image"):
+        raise JobError(
+            f"the hires fix is for generations: this request has an {edited[0]} (it is an edit)",
+            "hr_scale",
+            "unsupported_parameter",
+        )
+    upscaler = values["hr_upscaler"].strip()
+    if upscaler.lower() in LATENT_UPSCALE_MODES:
+        upscaler = upscaler.lower()
+    elif upscaler not in upscalers:
+        known = ", ".join([*LATENT_UPSCALE_MODES, *upscalers])
+        raise JobError(
+            f"hr_upscaler {shown(upscaler)} is not an upscaler here; use one of {known}",
+            "hr_upscaler",
+            "upscaler_not_found",
+        )
+    values["hr_upscaler"] = upscaler
+    for name, weight, param in tags:
+        if (name, weight) not in values["loras"]:
+            raise JobError(
+                f"LoRA <lora:{name}:{weight:g}> in {param}: both passes run with the job's LoRAs, so a hires prompt "
+                "may only repeat the prompt's (or loras') tags",
+                param,
+                "invalid_value",
+            )
+    multiple = capabilities.size_multiple
+    scale = values["hr_scale"]
+    width, height = (
+        max(multiple, round(side * scale / multiple) * multiple) for side in (values["width"], values["height"])
+    )
+    check_dimensions(width, height, limits, "hr_scale", capabilities)
+    return width, height
 
 
 def seed(value: int) -> int:

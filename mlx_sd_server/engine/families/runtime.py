@@ -25,6 +25,7 @@ from PIL import Image
 
 from mlx_sd_server.engine.request import Request
 from mlx_sd_server.engine.sampling.denoiser import Denoiser
+from mlx_sd_server.engine.vae import should_tile
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,10 @@ def nearest_mask(mask: np.ndarray, scale: int) -> np.ndarray:
 def encode_pixels(model: Any, pixels: np.ndarray) -> mx.array:
     """[0, 1] HWC pixels -> the sampler's latents (1, h, w, C) (the VAE's latent space), from the posterior
     mean: how the pipeline encodes a source image and a family its reference images."""
-    mean, _ = model.vae.encode(mx.array(pixels[None] * 2 - 1).astype(model.vae_dtype))
+    x = mx.array(pixels[None] * 2 - 1).astype(model.vae_dtype)
+    d = model.vae.latent_scale
+    tile = should_tile(x.shape[1] // d, x.shape[2] // d, model.low_memory)  # (as decoding: a hires image)
+    mean, _ = model.vae.encode_tiled(x) if tile else model.vae.encode(x)
     return model.vae.to_latents(mean)
 
 

@@ -99,6 +99,7 @@ class Capabilities:
     references: int = 0
     # It only inpaints (FLUX.1 Fill): every request brings an image and a mask
     mask_required: bool = False
+    hires: bool = True  # the hires fix (hr_scale): on models with img2img, under the MLX engine
 
 
 @dataclass(frozen=True)
