@@ -221,8 +221,6 @@ def test_version_and_help(capsys):
 
 
 def test_upscale_writes_the_enlarged_image(tmp_path, capsys):
-    from mlx_sd_server.cli import main
-
     source, out = tmp_path / "in.png", tmp_path / "out.webp"
     Image.new("RGB", (50, 30), "red").save(source)
     models = ["--model-dir", str(tmp_path / "models")]
