@@ -156,6 +156,8 @@ def test_generations_endpoint_runs_a_hires_job(registry, tmp_path):
     with live_server(create_app(registry, FileStore(tmp_path))) as url:
         body = json.dumps({**HIRES, "response_format": "b64_json"}).encode()
         response = request(url, "POST", "/v1/images/generations", body, {"Content-Type": "application/json"})
+        listed = request(url, "GET", "/v1/upscalers").json()["data"]
+    assert {"id": "lanczos", "object": "upscaler", "arch": "lanczos", "scale": 1, "built_in": True} in listed
     assert response.status == 200, response.body
     (item,) = response.json()["data"]
     image = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))

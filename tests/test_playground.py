@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import shutil
@@ -285,6 +286,30 @@ def test_the_lora_picker_offers_the_models_loras_and_tags_the_prompt(server, bro
     page.fill("#prompt", "a lovely cat")
     page.select_option("#lora", "detail")
     assert page.input_value("#prompt") == "a lovely cat <lora:detail:1>" and page.input_value("#lora") == ""
+    assert errors == []
+    page.close()
+
+
+def test_hires_fix_and_upscaling_a_result_in_the_browser(server, browser):
+    """The hires toggle sends hr_* (a 64x64 first pass, 2x: a 128x128 image); "Upscale" on a result sends it to
+    /v1/images/upscale (Lanczos 2x when no upscaler is converted) and shows the enlarged image."""
+    errors, posts = [], []
+    page = open_playground(browser, server, errors, on_request=lambda r: posts.append(r) if r.method == "POST" else None)
+    page.wait_for_selector("#hr-upscaler option[value=lanczos]", state="attached", timeout=20_000)
+    page.check("#hires-on")
+    page.select_option("#hr-upscaler", "latent")
+    generate_and_wait(page, "a lighthouse", partials=0)
+    sent = json.loads(posts[-1].post_data)
+    assert (sent["hr_scale"], sent["hr_upscaler"], sent["hr_strength"]) == (2, "latent", 0.5)
+    source = page.get_attribute("#results img.result-image", "src")
+    assert Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))).size == (128, 128)
+    page.click("#results .result button.upscale")
+    page.wait_for_selector("#results .result:nth-child(2)", timeout=45_000)
+    assert page.locator("#status.error").count() == 0, page.inner_text("#status")
+    assert posts[-1].url == server + "/v1/images/upscale"
+    enlarged = page.get_attribute("#results .result:first-child img.result-image", "src")
+    assert Image.open(io.BytesIO(base64.b64decode(enlarged.split(",", 1)[1]))).size == (256, 256)
+    assert "upscaled: lanczos 2x" in page.inner_text("#results .result:first-child pre")
     assert errors == []
     page.close()
 

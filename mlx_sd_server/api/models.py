@@ -1,5 +1,5 @@
 """The models and what is in memory: GET /v1/models (OpenAI's list shape), GET /v1/models/{id}, POST
-/v1/models/{id}/load and /unload, GET /v1/controlnets, GET /v1/loras.
+/v1/models/{id}/load and /unload, GET /v1/controlnets, GET /v1/loras, GET /v1/upscalers.
 
 Loading and unloading run on the worker thread (`Worker.call`), between jobs: MLX work stays on one thread.
 """
@@ -149,3 +149,24 @@ async def list_loras():
         for info in loras.available()
     ]
     return jsonify({"object": "list", "data": data})
+
+
+@blueprint.get("/v1/upscalers")
+async def list_upscalers():
+    """The upscalers /v1/images/upscale and a hires fix (`hr_upscaler`) may name: converted ones, and the
+    built-in resamplers (no file: `built_in`)."""
+    upscalers = state().registry.upscalers
+
+    def listing() -> list[dict[str, Any]]:
+        return [
+            {
+                "id": info.name,
+                "object": "upscaler",
+                "arch": info.arch,
+                "scale": info.scale,
+                "built_in": info.folder is None,
+            }
+            for info in map(upscalers.info, upscalers.names())
+        ]
+
+    return jsonify({"object": "list", "data": await asyncio.to_thread(listing)})

@@ -294,7 +294,67 @@ function settings() {
   if ($("sampler").value) values.sample_method = $("sampler").value;
   const length = $("max-sequence-length").value.trim();
   if (!$("t5-length").hidden && length) values.max_sequence_length = Number(length);
+  if ($("hires-on").checked && !inputs.length) {
+    values.hr_scale = Number($("hr-scale").value);
+    values.hr_upscaler = $("hr-upscaler").value;
+    values.hr_strength = Number($("hr-strength").value);
+    if (Number($("hr-steps").value)) values.hr_steps = Number($("hr-steps").value);
+  }
   return values;
+}
+
+// The hires fix's upscalers: the latent modes, then what GET v1/upscalers lists (converted ones first).
+const LATENT_MODES = ["latent", "latent-bicubic", "latent-nearest", "latent-nearest-exact"];
+let upscalers = [];  // GET v1/upscalers' data
+
+async function loadUpscalers() {
+  const select = $("hr-upscaler");
+  try {
+    const response = await fetch("v1/upscalers", {headers: headers()});
+    if (response.ok) upscalers = (await response.json()).data;
+  } catch (e) { /* offline: the latent modes only */ }
+  upscalers.sort((a, b) => a.built_in - b.built_in);
+  select.textContent = "";
+  for (const name of [...LATENT_MODES, ...upscalers.map((u) => u.id)]) {
+    const option = document.createElement("option");
+    option.value = option.textContent = name;
+    select.appendChild(option);
+  }
+}
+
+// What a result's Upscale button uses: the hires upscaler when it is an image upscaler, else the first
+// converted one (at its own scale), else Lanczos at 2x.
+function upscaleChoice() {
+  const picked = upscalers.find((u) => u.id === $("hr-upscaler").value);
+  const chosen = picked || upscalers.find((u) => !u.built_in);
+  return chosen ? {upscaler: chosen.id, scale: chosen.built_in ? 2 : chosen.scale} : {upscaler: "lanczos", scale: 2};
+}
+
+async function upscale(data, values, button) {
+  const {upscaler, scale} = upscaleChoice();
+  const form = new FormData();
+  const format = data.output_format || "png";
+  const binary = atob(data.b64_json);
+  form.append("image", new Blob([Uint8Array.from(binary, (c) => c.charCodeAt(0))], {type: "image/" + format}),
+              "image." + format);
+  form.append("upscaler", upscaler);
+  form.append("scale", String(scale));
+  form.append("response_format", "b64_json");
+  button.disabled = true;
+  setStatus("upscaling with " + upscaler + " (" + scale + "x)…");
+  const started = performance.now();
+  try {
+    const response = await fetch("v1/images/upscale", {method: "POST", headers: headers(), body: form});
+    if (!response.ok) throw new Error(await errorMessage(response));
+    const body = await response.json();
+    const made = {...body.data[0], output_format: body.output_format || "png", seed: data.seed, task_id: data.task_id};
+    showResult(made, values, (performance.now() - started) / 1000, {upscaled: upscaler + " " + scale + "x"});
+    setStatus("upscaled");
+  } catch (error) {
+    setStatus(error.message, true);
+  } finally {
+    button.disabled = false;
+  }
 }
 
 async function requestBody(values) {
@@ -402,6 +462,7 @@ function showResult(data, values, seconds, note) {
   const shown = {...note, prompt: values.prompt, negative_prompt: values.negative_prompt, model: values.model,
                  size: data.size || values.size, steps: values.steps, sample_method: values.sample_method || "(default)",
                  seed: data.seed, strength: values.strength, max_sequence_length: values.max_sequence_length,
+                 hires: values.hr_scale && values.hr_scale + "x " + values.hr_upscaler + ", strength " + values.hr_strength,
                  task_id: data.task_id, seconds: seconds.toFixed(1)};
   const pre = document.createElement("pre");
   pre.textContent = Object.entries(shown).filter(([, v]) => v !== undefined && v !== "")
@@ -412,7 +473,14 @@ function showResult(data, values, seconds, note) {
   variation.textContent = "Variation";
   variation.title = "a variation of this image with the chosen model (POST /v1/images/variations)";
   variation.addEventListener("click", () => vary(data, values));
-  card.append(link, variation, pre);
+  const enlarge = document.createElement("button");
+  enlarge.type = "button";
+  enlarge.className = "upscale";
+  enlarge.textContent = "Upscale";
+  enlarge.title = "enlarge this image (POST /v1/images/upscale) with the hires upscaler if it is an image " +
+    "upscaler, else the first converted one, else Lanczos 2x";
+  enlarge.addEventListener("click", () => upscale(data, values, enlarge));
+  card.append(link, variation, enlarge, pre);
   $("results").prepend(card);
 }
 
@@ -471,12 +539,13 @@ function init() {
   key.addEventListener("change", () => {
     if (key.value.trim()) localStorage.setItem(KEY_STORAGE, key.value.trim());
     else localStorage.removeItem(KEY_STORAGE);
-    loadModels().then(loadLoras);
+    loadModels().then(loadLoras).then(loadUpscalers);
   });
   $("model").addEventListener("change", loadLoras);
   $("model").addEventListener("change", showAdvanced);
   $("model").addEventListener("change", showEditControls);
   $("lora").addEventListener("change", addLora);
+  $("hires-on").addEventListener("change", () => { $("hires-settings").hidden = !$("hires-on").checked; });
   $("form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", () => controller && controller.abort());
   $("image").addEventListener("change", () => {
@@ -499,7 +568,7 @@ function init() {
   const stop = () => { if (painting) showEditControls(); painting = null; };
   canvas.addEventListener("pointerup", stop);
   canvas.addEventListener("pointercancel", stop);
-  loadModels().then(loadLoras);
+  loadModels().then(loadLoras).then(loadUpscalers);
 }
 
 document.addEventListener("DOMContentLoaded", init);
