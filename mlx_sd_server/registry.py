@@ -385,6 +385,10 @@ class ModelRegistry:
             return self.start_default
         return next(iter(catalogue))
 
+    def set_default(self, name: str) -> None:
+        """Make a served model the default (A1111's `sd_model_checkpoint`): requests naming none get it."""
+        self.start_default = self.info(name).name
+
     def names(self) -> list[str]:
         return list(self._catalogue())
 

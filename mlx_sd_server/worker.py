@@ -8,6 +8,12 @@ Every task has an id (the client's `X-Request-Id`, else a generated one): `tasks
 running ones, `describe(id)` gives one's state (also for the last FINISHED_KEPT finished ones), and
 `cancel_task(id)` stops it whether queued or running, answering its requester with TaskCancelled.
 
+A task may be several jobs run one after the other on one loaded model (A1111's `n_iter` batches); a running
+task can be stopped early with what it has (`Task.interrupt`: the current job's latest denoised estimate
+decoded, later jobs not run; `Task.skip`: the same for the current job only) and asked for a preview of its
+current step (`Task.request_preview`), made here on the worker thread. A task may instead be a plain call
+(`submit_work`: an upscale), queued and limited like a job.
+
 Between jobs (and every IDLE_POLL_SECONDS while idle) the thread runs the calls handed to `call` (loading and
 unloading models: MLX work stays on this thread) and unloads models whose keep-alive has ended.
 
@@ -27,8 +33,8 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 from PIL import Image
 
@@ -84,23 +90,41 @@ class ServerStopping(RuntimeError):
         super().__init__(message)
 
 
+class _StopEarly(Exception):
+    """Raised between steps to end the current job with what it has (interrupt, skip)."""
+
+
 class Task:
-    """A submitted job: its progress, its result (a concurrent Future) and a way to cancel it.
+    """A submitted job (or jobs, run in order; or `work`, a call): its progress, its result (a concurrent
+    Future) and a way to cancel it.
 
     `on_step(step, pipeline)`, when given, runs on the worker thread after each denoising step (partial
     images for streaming); it may raise to fail the job."""
 
     def __init__(
         self,
-        job: Job,
+        job: Job | Sequence[Job],
         finish: Callable[[list[Image.Image]], Any] | None,
         task_id: str | None = None,
         on_step: Callable[[Step, Any], None] | None = None,
+        work: Callable[[], Any] | None = None,
     ):
         self.id = task_id or new_task_id()
-        self.job = job
+        self.jobs: tuple[Job, ...] = tuple(job) if isinstance(job, (list, tuple)) else (cast(Job, job),)
+        self.job = self.jobs[0]
         self.finish = finish
         self.on_step = on_step
+        self.work = work
+        self.what = ""  # a work task's description, for the log
+        self.step_totals: list[int] = []  # each job's steps, once its model is loaded
+        # Stopping early, as A1111's interrupt and skip: the current job ends after its current step with its
+        # latest estimate decoded; `interrupted` also drops the jobs after it.
+        self.interrupted = False
+        self.skip_requested = False
+        # A preview of the current step, made when asked (request_preview) at most every PREVIEW_EVERY steps
+        self.preview: Image.Image | None = None
+        self.preview_step: int | None = None
+        self.preview_wanted = False
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self.steps_done = 0
         self.total_steps: int | None = None
@@ -115,6 +139,18 @@ class Task:
         self.error: str | None = None  # a failed task's message
         self.aborted: Exception | None = None  # the error its requester got when the server stopped it
         self._cancelled = threading.Event()
+
+    def interrupt(self) -> None:
+        """Stop after the current step and answer with what there is (the current step decoded)."""
+        self.interrupted = True
+
+    def skip(self) -> None:
+        """End the current job after its current step (decoded, as interrupt does); the next job runs."""
+        self.skip_requested = True
+
+    def request_preview(self) -> None:
+        """Ask for `preview`: the current step's first image, decoded on the worker thread after a step."""
+        self.preview_wanted = True
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -133,7 +169,7 @@ class Task:
     def progress(self) -> dict:
         return {
             "task": self.id,
-            "model": self.job.model,
+            "model": None if self.work else self.job.model,
             "steps_done": self.steps_done,
             "total_steps": self.total_steps,
         }
@@ -154,10 +190,10 @@ class Task:
             "id": self.id,
             "object": "image.task",
             "state": self.state,
-            "model": job.model,
+            "model": None if self.work else job.model,
             "created_at": int(self.created_at),
-            "n": job.n,
-            "size": f"{job.width}x{job.height}",
+            "n": 1 if self.work else sum(j.n for j in self.jobs),
+            "size": None if self.work else f"{job.width}x{job.height}",
             "step": self.steps_done,
             "total_steps": self.total_steps,
             "started_at": int(self.started_at) if self.started_at is not None else None,
@@ -186,6 +222,7 @@ class Worker:
     MAX_RETRY_AFTER = 600  # seconds: the most Retry-After ever says, however long the jobs ahead take
     FINISHED_KEPT = 100  # finished tasks whose state GET /v1/images/tasks/{id} still answers
     IDLE_POLL_SECONDS = 0.25  # how often an idle worker runs calls and unloads models whose keep-alive ended
+    PREVIEW_EVERY = 5  # steps between previews at most (a preview is a VAE decode: it costs about a step)
 
     def __init__(self, registry: Any, max_queue: int = 8):
         self.registry = registry
@@ -256,18 +293,33 @@ class Worker:
 
     def submit(
         self,
-        job: Job,
+        job: Job | Sequence[Job],
         finish: Callable[[list[Image.Image]], Any] | None = None,
         task_id: str | None = None,
         on_step: Callable[[Step, Any], None] | None = None,
     ) -> Task:
-        """Queue a job. `finish` runs on the worker thread with the images (e.g. to encode them), and
-        its return value becomes the task's result; `on_step` see Task. `task_id`: the client's choice
-        (already checked by valid_task_id), refused with a 400 while a live task has it. Raises
-        QueueFullError when the queue is full and ServerStopping once the server is shutting down."""
+        """Queue a job, or several (run in order on one loaded model; `finish` gets all their images). `finish`
+        runs on the worker thread with the images (e.g. to encode them), and its return value becomes the
+        task's result; `on_step` see Task. `task_id`: the client's choice (already checked by valid_task_id),
+        refused with a 400 while a live task has it. Raises QueueFullError when the queue is full and
+        ServerStopping once the server is shutting down."""
+        return self._enqueue(Task(job, finish, task_id, on_step))
+
+    def submit_work(self, work: Callable[[], Any], job: Job, what: str, task_id: str | None = None) -> Task:
+        """Queue a call that is no generation (an upscale) as a task: run on the worker thread in its turn,
+        within the queue's limit, its result the task's. `job` describes it in the task list (its output
+        size), `what` in the log."""
+        task = Task(job, None, task_id, work=work)
+        task.what = what
+        return self._enqueue(task)
+
+    def running(self) -> Task | None:
+        """The task running now, if any."""
+        return self._running
+
+    def _enqueue(self, task: Task) -> Task:
         if self._stopping:
             raise ServerStopping("the server is shutting down: send the job again once it is back")
-        task = Task(job, finish, task_id, on_step)
         with self._lock:
             self._prune()
             if task.id in self._live:
@@ -467,21 +519,32 @@ class Worker:
         engine = "?"
         outcome = "failed"
         try:
-            pipeline = self.registry.acquire(job)
-            try:
-                ready = task.ready = time.monotonic()  # a model loaded for this job: no part of its duration
-                engine = type(pipeline).__name__  # DiffusionPipeline (MLX) or TorchPipeline
-                task.total_steps = pipeline.total_steps(job)
-                images = self._denoise(task, pipeline)
-                result = task.finish(images) if task.finish else images
-            finally:
-                del pipeline  # (released with keep_alive 0, a model's memory goes back only once nothing holds it)
-                self.registry.release(job)
+            if task.work is not None:
+                task.ready = started
+                engine = "call"
+                result = task.work()
+            else:
+                pipeline = self.registry.acquire(job)
+                try:
+                    task.ready = time.monotonic()  # a model loaded for this job: no part of its duration
+                    engine = type(pipeline).__name__  # DiffusionPipeline (MLX) or TorchPipeline
+                    task.step_totals = [pipeline.total_steps(each) for each in task.jobs]
+                    task.total_steps = sum(task.step_totals)
+                    images: list[Image.Image] = []
+                    for index, each in enumerate(task.jobs):
+                        if task.interrupted:
+                            break
+                        images += self._denoise(task, pipeline, each, sum(task.step_totals[:index]))
+                    result = task.finish(images) if task.finish else images
+                finally:
+                    del pipeline  # (released with keep_alive 0, a model's memory goes back only once nothing holds it)
+                    self.registry.release(job)
             if task.cancelled:
                 raise JobCancelled()
             _settle(task.future, result=result)
-            outcome = "done"
-            self._durations.append(time.monotonic() - ready)
+            outcome = "interrupted" if task.interrupted else "done"
+            if task.work is None:  # (Retry-After's estimate is of jobs)
+                self._durations.append(time.monotonic() - (task.ready or started))
         except JobCancelled as cancelled:
             outcome = "stopped (server shutting down)" if isinstance(task.aborted, ServerStopping) else "cancelled"
             _settle(task.future, error=cancelled)  # no-op when abort() already answered
@@ -493,7 +556,7 @@ class Worker:
             log.exception("task %s failed", task.id)
             task.error = "internal error (details are in the server log)"
         with self._lock:
-            if outcome == "done":
+            if outcome in ("done", "interrupted"):
                 state = "done"
             elif task.cancelled and not outcome.startswith("rejected"):
                 state = "cancelled"
@@ -502,6 +565,9 @@ class Worker:
                 if outcome.startswith("rejected"):
                     task.error = outcome
             self._retire(task, state)
+        if task.work is not None:
+            log.info("task %s %s: %s seconds=%.2f", task.id, outcome, task.what, time.monotonic() - started)
+            return
         log.info(
             "job %s %s model=%s size=%dx%d n=%d steps=%d/%s sampler=%s engine=%s seconds=%.2f",
             task.id,
@@ -509,7 +575,7 @@ class Worker:
             job.model,
             job.width,
             job.height,
-            job.n,
+            sum(each.n for each in task.jobs),
             task.steps_done,
             task.total_steps,
             job.sample_method,
@@ -517,24 +583,43 @@ class Worker:
             time.monotonic() - started,
         )
 
-    @staticmethod
-    def _denoise(task: Task, pipeline: Any) -> list[Image.Image]:
-        """Drive the pipeline's step generator, stopping between steps when the task is cancelled."""
+    @classmethod
+    def _denoise(cls, task: Task, pipeline: Any, job: Job, offset: int = 0) -> list[Image.Image]:
+        """Drive the pipeline's step generator for one of the task's jobs (its steps counted on from
+        `offset`), stopping between steps when the task is cancelled, or early with the latest step
+        decoded when it is interrupted or skipped (where the pipeline can decode latents)."""
+        decode = getattr(pipeline, "decode_latents", None)
+        last: list[Step] = []
 
         def on_step(step: Step) -> None:
             now = time.monotonic()
             if task.first_step_at is None:
                 task.first_step_at = now
             task.last_step_at = now
-            task.steps_done = step.index + 1
+            task.steps_done = offset + step.index + 1
             if task.cancelled:
                 raise JobCancelled()
+            last[:] = [step]
             if task.on_step is not None:
                 task.on_step(step, pipeline)
+            if decode is None:
+                return
+            since = None if task.preview_step is None else task.steps_done - task.preview_step
+            if task.preview_wanted and (since is None or since >= cls.PREVIEW_EVERY):
+                latents = step.denoised if step.denoised is not None else step.x
+                task.preview, task.preview_step, task.preview_wanted = decode(latents[:1])[0], task.steps_done, False
+            if task.interrupted or task.skip_requested:
+                raise _StopEarly()
 
         if task.cancelled:
             raise JobCancelled()
-        return drive(pipeline.generate(task.job), on_step)
+        try:
+            return drive(pipeline.generate(job), on_step)
+        except _StopEarly:
+            task.skip_requested = False
+            step = last[0]
+            assert decode is not None  # (only raised where the pipeline decodes)
+            return decode(step.denoised if step.denoised is not None else step.x)
 
 
 def _settle(future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:

@@ -55,7 +55,7 @@ def test_no_input_makes_a_server_error(app):
 
     api = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in api.get_all_operations()]
-    assert len(operations) == 19
+    assert len(operations) == 37
     for operation in operations:
         @given(case=operation.as_strategy())
         @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,

@@ -1,6 +1,6 @@
-"""The HTTP API: a Quart app speaking sd-api-server's and OpenAI's Images API.
+"""The HTTP API: a Quart app speaking sd-api-server's and OpenAI's Images API, and AUTOMATIC1111's (/sdapi/v1).
 
-`create_app` wires the pieces; each resource is a blueprint (images, files, models, health), request
+`create_app` wires the pieces; each resource is a blueprint (images, files, models, health, sdapi, upscale), request
 bodies are normalised in `parsing`, tasks are listed and cancelled in `tasks`, and every error is shaped in `errors`.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from quart import Quart
 
-from mlx_sd_server.api import files, health, images, models, openapi, playground, tasks
+from mlx_sd_server.api import files, health, images, models, openapi, playground, sdapi, tasks, upscale
 from mlx_sd_server.api.auth import require_api_key
 from mlx_sd_server.api.cors import CorsPolicy, HostHeaderGuard, require_allowed_host
 from mlx_sd_server.api.errors import error_response, register_error_handlers
@@ -43,7 +43,7 @@ def create_app(registry: ModelRegistry, store: FileStore, settings: Settings = S
     app.after_request(cors.add_headers)
     if settings.api_key:
         app.before_request(require_api_key(settings.api_key))
-    for module in (images, tasks, files, models, health, openapi, playground):
+    for module in (images, tasks, files, models, health, openapi, playground, sdapi, upscale):
         app.register_blueprint(module.blueprint)
     register_error_handlers(app)
 

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 from PIL import Image
@@ -55,6 +55,8 @@ ENDPOINT_TASKS = {
     "/v1/images/generations": "text2image",
     "/v1/images/edits": "image2image",
     "/v1/images/variations": "image2image",
+    "/sdapi/v1/txt2img": "text2image",
+    "/sdapi/v1/img2img": "image2image",
 }
 # A variation (POST /v1/images/variations) on an img2img model: the image re-noised to this share of the
 # schedule and denoised with the request's prompt, "" (the model's unconditional image) by default. 0.6
@@ -66,7 +68,7 @@ VARIATION_INSTRUCTION = (
 )
 
 
-def _check_task() -> None:
+def check_task() -> None:
     task = state().settings.task
     if task not in ("full", ENDPOINT_TASKS[request.path]):
         raise JobError(
@@ -76,13 +78,13 @@ def _check_task() -> None:
 
 @blueprint.post("/v1/images/generations")
 async def generations():
-    _check_task()
+    check_task()
     return await _serve(await parse_request(request, ("control_image",)))
 
 
 @blueprint.post("/v1/images/edits")
 async def edits():
-    _check_task()
+    check_task()
     parsed = await parse_request(request, ("image", "mask", "control_image"))
     if not parsed.uploads.get("image"):
         parsed.close()
@@ -94,7 +96,7 @@ async def edits():
 async def variations():
     """OpenAI's and the reference's variations (the reference parses the request and then crashes:
     llama-core's image_variation is unimplemented): one image, no prompt needed; see VARIATION_*."""
-    _check_task()
+    check_task()
     parsed = await parse_request(request, ("image",))
     count = len(parsed.uploads.get("image", ()))
     if count != 1:
@@ -112,16 +114,18 @@ async def _serve(parsed: ParsedRequest, variation: bool = False):
         if model is not None and not isinstance(model, str):
             raise JobError(f"model must be a string, got {type(model).__name__}", "model", "invalid_type")
         info = server.registry.resolve(model or None)
-        job = await asyncio.to_thread(_build_job, parsed, info, server, variation)  # decoding uploads is CPU work
+        job = await asyncio.to_thread(
+            build_request_job, parsed, info, server, variation
+        )  # decoding uploads is CPU work
     finally:
         parsed.close()  # the uploads are decoded (or refused): their spooled files go
 
-    task_id = _requested_task_id()
+    task_id = requested_task_id()
     created = int(time.time())
     if parsed.delivery.stream:
         return _stream(server, job, info, parsed.delivery, task_id, created)
     task = server.worker.submit(
-        job, lambda images: _encode(images, job, info, parsed.delivery, server.registry.loras), task_id=task_id
+        job, lambda images: encode_results(images, job, info, parsed.delivery, server.registry.loras), task_id=task_id
     )
     try:
         encoded = await asyncio.wrap_future(task.future)
@@ -138,8 +142,8 @@ async def _serve(parsed: ParsedRequest, variation: bool = False):
             for image_bytes, seed in images
         ]
     else:  # one batch: every image is kept, or none is
-        stored = await _save_batch(server, [(image_bytes, f"image_{seed}.{extension}") for image_bytes, seed in images])
-        prefix = _url_prefix(server)
+        stored = await save_batch(server, [(image_bytes, f"image_{seed}.{extension}") for image_bytes, seed in images])
+        prefix = url_prefix(server)
         data = [
             {"prompt": job.prompt, "seed": seed, "url": f"{prefix}/v1/files/download/{item.id}/{item.filename}"}
             for item, (_, seed) in zip(stored, images)
@@ -151,7 +155,7 @@ async def _serve(parsed: ParsedRequest, variation: bool = False):
     return response
 
 
-def _requested_task_id() -> str | None:
+def requested_task_id() -> str | None:
     """The client's own task id (`X-Request-Id`), checked; None: the worker makes one."""
     value = request.headers.get("X-Request-Id")
     if value is None:
@@ -248,7 +252,7 @@ def _stream(
 
     task = server.worker.submit(
         job,
-        lambda images: _encode(images, job, info, delivery, server.registry.loras),
+        lambda images: encode_results(images, job, info, delivery, server.registry.loras),
         task_id=task_id,
         on_step=on_step if delivery.partial_images else None,
     )
@@ -313,7 +317,7 @@ USAGE = {
 }
 
 
-async def _save_batch(server: ServerState, items: list[tuple[bytes, str]]) -> list[StoredFile]:
+async def save_batch(server: ServerState, items: list[tuple[bytes, str]]) -> list[StoredFile]:
     """Save the request's images all-or-nothing, off the event loop. A full disk is a 507 with nothing
     kept; a client gone while saving gets nothing, and nothing is kept for it either."""
     saving = asyncio.ensure_future(asyncio.to_thread(server.store.save_batch, items))
@@ -348,9 +352,21 @@ def _discard(server: ServerState, done: asyncio.Future) -> None:
     asyncio.get_running_loop().run_in_executor(None, remove)
 
 
-def _build_job(parsed: ParsedRequest, info: ModelInfo, server: ServerState, variation: bool = False) -> Job:
+def build_request_job(
+    parsed: ParsedRequest,
+    info: ModelInfo,
+    server: ServerState,
+    variation: bool = False,
+    *,
+    optional: Collection[str] = (),
+    mask_reader: Callable[[Image.Image], Image.Image] = mask_from_upload,
+    mask_from_transparency: bool = True,
+) -> Job:
     """Decode the uploads, in order and within the request's pixel budget, and validate everything into one
-    Job (the pipeline fits images to its size); a variation's fields completed by `variation_fields`."""
+    Job (the pipeline fits images to its size); a variation's fields completed by `variation_fields`.
+    `optional`: required fields this route lets be absent (build_job's); `mask_reader` reads the uploaded mask
+    (OpenAI's convention by default); `mask_from_transparency`: an edit without a mask inpaints its image's
+    transparent pixels (OpenAI's convention, see transparency_is_mask)."""
     settings = server.settings
     budget = PixelBudget(settings.max_upload_pixels_total)
     hashes: list[tuple[str, str]] = []
@@ -376,8 +392,13 @@ def _build_job(parsed: ParsedRequest, info: ModelInfo, server: ServerState, vari
         if name != "mask"
     }
     if "mask" in uploads:
-        images["mask"] = mask_from_upload(uploads["mask"][0])
-    elif len(uploads.get("image", ())) == 1 and transparency_is_mask(info) and has_transparency(uploads["image"][0]):
+        images["mask"] = mask_reader(uploads["mask"][0])
+    elif (
+        mask_from_transparency
+        and len(uploads.get("image", ())) == 1
+        and transparency_is_mask(info)
+        and has_transparency(uploads["image"][0])
+    ):
         images["mask"] = mask_from_upload(uploads["image"][0])  # OpenAI: no mask = the image's own transparency
     fields = {**parsed.fields, "model": info.name}
     if variation:
@@ -396,7 +417,7 @@ def _build_job(parsed: ParsedRequest, info: ModelInfo, server: ServerState, vari
         model_name=info.name,
         lora_family=server.registry.loras.family,
         input_hashes=hashes,
-        optional=("prompt",) if variation else (),
+        optional=("prompt", *optional) if variation else optional,
         upscalers=server.registry.upscalers.names(),
     )
 
@@ -426,25 +447,28 @@ def transparency_is_mask(info: ModelInfo) -> bool:
     return not info.capabilities.references
 
 
-def _encode(
+def encode_results(
     images: list[Image.Image], job: Job, info: ModelInfo, delivery: Delivery, loras: LoRALibrary
 ) -> list[bytes]:
     """Runs on the worker thread, so encoding never blocks the event loop."""
-    lora_hashes = {name: loras.short_hash(name) for name, _ in job.loras}
     return [
         encode_image(
             image,
             delivery.output_format,
             quality=delivery.output_compression,
-            parameters=a1111_parameters(
-                job, seed, info.name, model_hash=model_hash(info.folder), lora_hashes=lora_hashes
-            ),
+            parameters=result_parameters(job, seed, info, loras),
         )
         for image, seed in zip(images, job.seeds())
     ]
 
 
-def _url_prefix(server: ServerState) -> str:
+def result_parameters(job: Job, seed: int, info: ModelInfo, loras: LoRALibrary) -> str:
+    """The A1111 `parameters` text an image of `job` made with `seed` carries (reads the LoRAs' hashes)."""
+    lora_hashes = {name: loras.short_hash(name) for name, _ in job.loras}
+    return a1111_parameters(job, seed, info.name, model_hash=model_hash(info.folder), lora_hashes=lora_hashes)
+
+
+def url_prefix(server: ServerState) -> str:
     """Where image urls point: --download-url-prefix, else the address the server is bound to, else the
     address this connection was accepted on. Never the request's Host header (a client could make the
     urls point anywhere)."""

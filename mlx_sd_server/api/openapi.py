@@ -10,6 +10,7 @@ from typing import Any
 
 from quart import Blueprint, jsonify
 
+from mlx_sd_server.api import a1111
 from mlx_sd_server.api.parsing import DELIVERY_SCHEMA, JSON_IMAGE_ALIASES
 from mlx_sd_server.api.state import state
 from mlx_sd_server.job import IMAGE_FIELDS, IMAGE_LISTS, Limits, request_schema
@@ -336,16 +337,106 @@ def openapi_document(limits: Limits = Limits(), api_key: bool = False) -> dict[s
                     "responses": {"200": _json({"type": "object"}), **_errors("401")},
                 }
             },
+            "/v1/upscalers": {
+                "get": {
+                    "operationId": "listUpscalers",
+                    "description": "the upscalers /v1/images/upscale and hr_upscaler may name, with their scale",
+                    "responses": {"200": _json({"type": "object"}), **_errors("401")},
+                }
+            },
             "/health": {
                 "get": {"operationId": "health", "security": [], "responses": {"200": _json({"type": "object"})}}
             },
         },
         "components": {"schemas": {"Error": ERROR}},
     }
+    document["paths"].update(upscale_paths(limits))
+    document["paths"].update(sdapi_paths())
     if api_key:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         document["security"] = [{"bearer": []}]
     return document
+
+
+def upscale_paths(limits: Limits) -> dict[str, Any]:
+    """POST /v1/images/upscale (api/upscale.py): JSON (the image in base64 or a data url) or a form."""
+    delivery = {name: DELIVERY_SCHEMA[name] for name in ("response_format", "output_format", "output_compression")}
+    fields = {
+        "upscaler": {"type": "string", "maxLength": limits.max_field_chars, "description": "GET /v1/upscalers"},
+        "scale": {"type": "number", "exclusiveMinimum": 0, "description": "default: the upscaler's own"},
+        **delivery,
+    }
+    content = {
+        media_type: {
+            "schema": {
+                "type": "object",
+                "required": ["image", "upscaler"],
+                "additionalProperties": False,
+                "properties": {**fields, "image": image},
+            }
+        }
+        for media_type, image in (
+            ("application/json", {"type": "string", "description": "base64, or a data: url"}),
+            ("multipart/form-data", {"type": "string", "format": "binary"}),
+        )
+    }
+    return {
+        "/v1/images/upscale": {
+            "post": {
+                "operationId": "upscaleImage",
+                "description": f"an image enlarged by an upscaler, each side at most {limits.max_side} px",
+                "requestBody": {"required": True, "content": content},
+                "responses": {"200": _json(IMAGES), **_errors("400", "401", "404", "413", "415", "429", "503")},
+            }
+        }
+    }
+
+
+# AUTOMATIC1111's API (api/sdapi.py): path -> (method, operationId, request fields (None: no body), description)
+SDAPI_ROUTES: dict[str, tuple[str, str, dict[str, Any] | None, str]] = {
+    "/sdapi/v1/txt2img": ("post", "a1111Txt2img", a1111.FIELDS["txt2img"], "A1111's txt2img: our generation"),
+    "/sdapi/v1/img2img": ("post", "a1111Img2img", a1111.FIELDS["img2img"], "A1111's img2img: our edit"),
+    "/sdapi/v1/extra-single-image": ("post", "a1111Extras", a1111.EXTRAS_FIELDS, "A1111's extras: an upscale"),
+    "/sdapi/v1/png-info": ("post", "a1111PngInfo", {"image": ""}, "the A1111 parameters an image carries"),
+    "/sdapi/v1/options": ("get", "a1111Options", None, "A1111's options this server has"),
+    "/sdapi/v1/progress": ("get", "a1111Progress", None, "the running job's progress, with a preview"),
+    "/sdapi/v1/interrupt": ("post", "a1111Interrupt", None, "the running A1111 job ends with what it has"),
+    "/sdapi/v1/skip": ("post", "a1111Skip", None, "the running A1111 job's current batch ends"),
+    "/sdapi/v1/sd-models": ("get", "a1111Models", None, "the models, as A1111's checkpoints"),
+    "/sdapi/v1/sd-vae": ("get", "a1111Vaes", None, "none: a model's VAE is its own"),
+    "/sdapi/v1/samplers": ("get", "a1111Samplers", None, "A1111's samplers this server has"),
+    "/sdapi/v1/schedulers": ("get", "a1111Schedulers", None, "A1111's schedulers this server has"),
+    "/sdapi/v1/loras": ("get", "a1111Loras", None, "the LoRAs"),
+    "/sdapi/v1/upscalers": ("get", "a1111Upscalers", None, "the upscalers, by A1111's names"),
+    "/sdapi/v1/latent-upscale-modes": ("get", "a1111LatentModes", None, "A1111's Latent modes this server has"),
+}
+_JSON_TYPE = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
+
+
+def sdapi_paths() -> dict[str, Any]:
+    """A1111's routes: their bodies' fields typed by A1111's defaults (a None default: any type)."""
+    errors = _errors("400", "401", "404", "413", "415", "429", "503", "507")
+    paths: dict[str, Any] = {}
+    for path, (method, operation, fields, description) in SDAPI_ROUTES.items():
+        entry: dict[str, Any] = {
+            "operationId": operation,
+            "description": description,
+            "responses": {"200": {"description": "OK", "content": {"application/json": {}}}, **errors},
+        }
+        if fields is not None:
+            properties = {
+                name: {"type": _JSON_TYPE[type(value)]} if value is not None else {} for name, value in fields.items()
+            }
+            schema = {"type": "object", "additionalProperties": False, "properties": properties}
+            entry["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+        paths.setdefault(path, {})[method] = entry
+    paths["/sdapi/v1/options"]["post"] = {
+        "operationId": "a1111SetOptions",
+        "description": "sd_model_checkpoint sets the default model; other options only as they are",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+        "responses": {"200": {"description": "OK"}, **errors},
+    }
+    return paths
 
 
 @blueprint.get("/openapi.json")

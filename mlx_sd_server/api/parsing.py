@@ -23,7 +23,7 @@ import contextlib
 import json
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import parse_qsl
@@ -122,10 +122,15 @@ BODY_SLICE = 64 * 1024
 
 
 async def parse_request(
-    request: Request, image_fields: tuple[str, ...], limits: Limits | None = None, max_pixels: int | None = None
+    request: Request,
+    image_fields: tuple[str, ...],
+    limits: Limits | None = None,
+    max_pixels: int | None = None,
+    fields: Collection[str] = JOB_FIELDS,
 ) -> ParsedRequest:
-    """Read and sort a request body. `image_fields` are the image fields this route accepts; `limits` and
-    `max_pixels` (an upload's) default to the server's.
+    """Read and sort a request body. `image_fields` are the image fields this route accepts, `fields` its
+    other fields (the job's by default; the delivery fields always); `limits` and `max_pixels` (an upload's)
+    default to the server's.
 
     What an upload may cost before it is refused is bounded: the body is read as it arrives (never held
     twice), a form's image parts go to spooled files (check_upload_head judges each by its first bytes, as
@@ -136,23 +141,11 @@ async def parse_request(
         settings = state().settings
         limits = limits or settings.limits
         max_pixels = max_pixels if max_pixels is not None else settings.max_upload_pixels
-    chunks = _body(request)
-    loop = asyncio.get_running_loop()
-    timeout = request.body_timeout  # for the whole body, as Quart's get_data has it
-    started = loop.time()
-    try:
-        raw = await asyncio.wait_for(_read(request, chunks, image_fields, limits, max_pixels), timeout)
-    except (TimeoutError, asyncio.TimeoutError):
-        raise RequestTimeout() from None
-    except JobError:  # refused before the body was all read: read the rest (dropped) so the answer is heard
-        left = None if timeout is None else max(timeout - (loop.time() - started), 0)
-        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-            await asyncio.wait_for(_drain(chunks), left)
-        raise
+    raw = await read_body(request, image_fields, limits, max_pixels)
     parsed = ParsedRequest()
     try:
         for name, value in raw.items():
-            if name not in image_fields and name not in (*JOB_FIELDS, *DELIVERY_FIELDS):
+            if name not in image_fields and name not in fields and name not in DELIVERY_FIELDS:
                 raise JobError(f"unknown field {shown(name)}", name, "unknown_field")
             if name not in image_fields and isinstance(value, bytes):  # a text field sent as a file (curl -F x=@f)
                 raw[name] = _text(name, value)
@@ -167,8 +160,8 @@ async def parse_request(
                     raise JobError(f"only one {shown(name)} may be sent", name, "invalid_value")
                 for index, item in enumerate(items):
                     label = f"{name} {index + 1}" if len(items) > 1 else name
-                    uploads.append(_upload(name, item, limits, max_pixels, label))
-            elif name in JOB_FIELDS:
+                    uploads.append(upload_of(name, item, limits, max_pixels, label))
+            elif name in fields:
                 parsed.fields[name] = value
             elif name in DELIVERY_FIELDS:
                 delivery[name] = value
@@ -180,11 +173,54 @@ async def parse_request(
     return parsed
 
 
+async def read_body(
+    request: Request,
+    image_fields: tuple[str, ...],
+    limits: Limits,
+    max_pixels: int,
+    *,
+    structured: Collection[str] = (),
+    image_lists: Collection[str] = (),
+    json_only: bool = False,
+) -> dict[str, Any]:
+    """A request body (JSON, or a form unless `json_only`) read as parse_request reads it, within its time
+    limit, into {name: value} as read_json and FormReader give them (images as bytes, spooled files or
+    set-aside base64; unchecked). `structured` and `image_lists` are read_json's."""
+    chunks = _body(request)
+    loop = asyncio.get_running_loop()
+    timeout = request.body_timeout  # for the whole body, as Quart's get_data has it
+    started = loop.time()
+    try:
+        if json_only and request.mimetype != "application/json":
+            raise JobError(
+                f"Content-Type must be application/json, got {shown(request.mimetype or 'none')}",
+                None,
+                "unsupported_media_type",
+                415,
+            )
+        reading = _read(request, chunks, image_fields, limits, max_pixels, structured, image_lists)
+        return await asyncio.wait_for(reading, timeout)
+    except (TimeoutError, asyncio.TimeoutError):
+        raise RequestTimeout() from None
+    except JobError:  # refused before the body was all read: read the rest (dropped) so the answer is heard
+        left = None if timeout is None else max(timeout - (loop.time() - started), 0)
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+            await asyncio.wait_for(_drain(chunks), left)
+        raise
+
+
 async def _read(
-    request: Request, chunks: AsyncIterator[memoryview], image_fields: tuple[str, ...], limits: Limits, max_pixels: int
+    request: Request,
+    chunks: AsyncIterator[memoryview],
+    image_fields: tuple[str, ...],
+    limits: Limits,
+    max_pixels: int,
+    structured: Collection[str] = (),
+    image_lists: Collection[str] = (),
 ) -> dict[str, Any]:
     if request.mimetype == "application/json":
-        raw = read_json(await _collect(chunks, request.content_length), limits, image_fields)
+        body = await _collect(chunks, request.content_length)
+        raw = read_json(body, limits, image_fields, structured=structured, image_lists=image_lists)
         for alias, name in JSON_IMAGE_ALIASES.items():
             if alias in raw and name in image_fields:
                 if name in raw:
@@ -254,7 +290,7 @@ async def _drain(chunks: AsyncIterator[memoryview]) -> None:
         pass
 
 
-def _upload(name: str, value: Any, limits: Limits, max_pixels: int, label: str) -> Upload:
+def upload_of(name: str, value: Any, limits: Limits, max_pixels: int, label: str) -> Upload:
     """One image of an image field -> its bytes (or a spooled file holding them). `label` names it in
     messages (`image 2`)."""
     if isinstance(value, (bytes, bytearray)) or hasattr(value, "read"):  # a form's file part
@@ -374,21 +410,29 @@ def _put_back(value: Any, aside: dict[str, memoryview], keep: bool) -> Any:
     return value
 
 
-def read_json(body: bytes | bytearray, limits: Limits, image_fields: tuple[str, ...] = ()) -> dict[str, Any]:
+def read_json(
+    body: bytes | bytearray,
+    limits: Limits,
+    image_fields: tuple[str, ...] = (),
+    *,
+    structured: Collection[str] = (),
+    image_lists: Collection[str] = (),
+) -> dict[str, Any]:
     """One JSON object of plain values -> {name: value}, null values dropped (absent, as OpenAI treats them).
 
     Read key by key with the standard decoder's scanner, so an array or object value is refused on sight
     (never built), as are duplicate keys, NaN/Infinity, lone surrogates and more than `max_fields` keys.
-    Only the fields whose schema is an array (`loras`) take one; build_job checks its items.
+    Only the fields whose schema is an array (`loras`), and those in `structured` (a route's own), take one;
+    their readers check them. `image_lists`: image fields beside IMAGE_LISTS that take an array of images.
 
     An `image_fields` field (and its JSON_IMAGE_ALIASES) is read as an image (_scan_image): a string, an
     image object, or for IMAGE_LISTS an array of them.
 
     A long string (a base64 image) is set aside as bytes before the body becomes text; the strings of an
     image field are then memoryviews of their base64 text (decode_base64_upload), any other its text."""
-    structured = {name for name, schema in request_schema(limits).items() if schema["type"] == "array"}
+    arrays = {name for name, schema in request_schema(limits).items() if schema["type"] == "array"}
     aliases = {alias for alias, name in JSON_IMAGE_ALIASES.items() if name in image_fields}
-    lists = {name for name in image_fields if name in IMAGE_LISTS} | aliases
+    lists = {name for name in image_fields if name in (*IMAGE_LISTS, *image_lists)} | aliases
     images = {*image_fields, *lists}
     body, aside = _set_aside(body, limits)
     try:
@@ -439,7 +483,7 @@ def read_json(body: bytes | bytearray, limits: Limits, image_fields: tuple[str, 
             at = skip(expect(skip(at), ":", "':'"))
             if name in images:
                 value, at = _scan_image(text, at, name, limits, name in lists)
-            elif at < end and text[at] in "[{" and not (text[at] == "[" and name in structured):
+            elif at < end and text[at] in "[{" and name not in structured and not (text[at] == "[" and name in arrays):
                 kind = "an array" if text[at] == "[" else "an object"
                 raise JobError(
                     f"{shown(name)} must be a single value (a string, number or boolean), not {kind}",
