@@ -1,6 +1,7 @@
 """Attention at SD 1.5's shapes: MLX variants against torch's scaled_dot_product_attention, same run.
 
     python bench/attention.py [--dtypes float32,bfloat16] [--repeats 3]
+    python bench/attention.py --smoke       # one tiny shape, one repeat: that it runs
 
 The script re-execs itself with OpenBLAS preloaded (mlx_sd_server.blas), as the CLI does. Times are the best of --repeats, in ms; the ratio
 column is MLX time / torch float32 time (below 1 = faster than torch).
@@ -23,6 +24,7 @@ SHAPES = [
     ("cross 64x64", 2, 8, 4096, 77, 40),
     ("self 32x32", 2, 8, 1024, 1024, 80),
 ]
+SMOKE_SHAPES = [("smoke", 1, 2, 64, 64, 16)]
 
 
 def mlx_variants():
@@ -50,8 +52,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", default="float32", help="MLX dtypes to try (float16/bfloat16 are slow on the CPU)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="one tiny shape, one repeat")
     args = parser.parse_args()
     ensure_fast_blas()
+    if args.smoke:
+        args.repeats = 1
 
     import mlx.core as mx
     import numpy as np
@@ -60,7 +65,7 @@ def main() -> None:
     print(f"MLX {mx.__version__} on {mx.default_device()}, torch {torch.__version__} "
           f"with {torch.get_num_threads()} threads")
     print(f"{'shape':14} {'variant':26} {'dtype':9} {'ms':>9} {'/torch f32':>11}")
-    for name, batch, heads, queries, keys, head_dim in SHAPES:
+    for name, batch, heads, queries, keys, head_dim in SMOKE_SHAPES if args.smoke else SHAPES:
         q, k, v = (np.random.default_rng(i).standard_normal((batch, heads, n, head_dim), dtype=np.float32)
                    for i, n in enumerate([queries, keys, keys]))
         torch_ms = {}

@@ -6,6 +6,7 @@ once per configuration in a child process (the preload must be in place before t
 prints one table, with torch (its own bundled BLAS) as the reference.
 
     python bench/blas.py [--threads 1,2] [--repeats 5]
+    python bench/blas.py --smoke      # tiny workloads, one thread count, one repeat: that it runs
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# (name, FLOPs, builder) are filled in by `workloads`; shapes are SD 1.5's.
+# Shapes are SD 1.5's; --smoke's are tiny.
 MATMUL_SIZES = [(1024, 1024, 1024), (4096, 320, 320), (8192, 40, 4096)]
 CONV_SHAPES = [(2, 64, 64, 320), (2, 16, 16, 1280)]  # NHWC input, 3x3 conv to the same channel count
+SMOKE_MATMUL_SIZES = [(64, 64, 64)]
+SMOKE_CONV_SHAPES = [(1, 8, 8, 32)]
 
 
 def best_seconds(run, repeats: int) -> float:
@@ -68,13 +71,13 @@ def measure_torch(repeats: int) -> dict[str, float]:
     return rows
 
 
-def run_child(library: str, preload: str | None, threads: int, repeats: int) -> dict[str, float]:
+def run_child(library: str, preload: str | None, threads: int, repeats: int, smoke: bool) -> dict[str, float]:
     env = dict(os.environ, MLX_SD_NO_BLAS_REEXEC="1", OPENBLAS_NUM_THREADS=str(threads),
                OMP_NUM_THREADS=str(threads))
     env.pop("LD_PRELOAD", None)
     if preload:
         env["LD_PRELOAD"] = preload
-    command = [sys.executable, __file__, "--child", library, "--repeats", str(repeats)]
+    command = [sys.executable, __file__, "--child", library, "--repeats", str(repeats)] + (["--smoke"] if smoke else [])
     return json.loads(subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout)
 
 
@@ -83,8 +86,13 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2", help="OPENBLAS_NUM_THREADS values to try")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-reference", action="store_true", help="skip the (slow) netlib reference BLAS")
+    parser.add_argument("--smoke", action="store_true", help="tiny workloads, one thread count, one repeat")
     parser.add_argument("--child", choices=["mlx", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        global MATMUL_SIZES, CONV_SHAPES
+        MATMUL_SIZES, CONV_SHAPES = SMOKE_MATMUL_SIZES, SMOKE_CONV_SHAPES
+        args.threads, args.repeats = "1", 1
     if args.child:
         measure = measure_mlx if args.child == "mlx" else measure_torch
         print(json.dumps(measure(args.repeats)))
@@ -96,11 +104,11 @@ def main() -> None:
     print(f"real BLAS found: {fast_blas}")
     columns = {}
     if not args.skip_reference:
-        columns["mlx netlib"] = run_child("mlx", None, 1, min(args.repeats, 2))
+        columns["mlx netlib"] = run_child("mlx", None, 1, min(args.repeats, 2), args.smoke)
     for threads in [int(t) for t in args.threads.split(",")]:
         if fast_blas:
-            columns[f"mlx openblas t{threads}"] = run_child("mlx", fast_blas, threads, args.repeats)
-        columns[f"torch t{threads}"] = run_child("torch", None, threads, args.repeats)
+            columns[f"mlx openblas t{threads}"] = run_child("mlx", fast_blas, threads, args.repeats, args.smoke)
+        columns[f"torch t{threads}"] = run_child("torch", None, threads, args.repeats, args.smoke)
 
     names = list(next(iter(columns.values())))
     print("GFLOP/s (higher is better)")

@@ -1,6 +1,7 @@
 """3x3 convolutions at SD 1.5's UNet shapes: MLX formulations against torch's conv2d, same run.
 
     python bench/conv.py [--repeats 3]
+    python bench/conv.py --smoke      # one tiny shape, one repeat: that it runs
 
 MLX's CPU conv2d already lowers to im2col + one BLAS gemm in float32; this measures it against two
 explicit formulations on the same BLAS, and against torch (NCHW, its own oneDNN kernels). The script
@@ -20,6 +21,7 @@ from mlx_sd_server.blas import ensure_fast_blas  # noqa: E402
 
 # (batch, height, width, channels): the cfg batch of 2 at each UNet level of a 64x64 latent.
 SHAPES = [(2, 64, 64, 320), (2, 32, 32, 640), (2, 16, 16, 1280), (2, 8, 8, 1280)]
+SMOKE_SHAPES = [(1, 8, 8, 32)]
 
 
 def mlx_variants():
@@ -57,8 +59,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtypes", default="float32", help="MLX dtypes to try (float16/bfloat16 are slow on the CPU)")
+    parser.add_argument("--smoke", action="store_true", help="one tiny shape, one repeat")
     args = parser.parse_args()
     ensure_fast_blas()
+    if args.smoke:
+        args.repeats = 1
 
     import mlx.core as mx
     import numpy as np
@@ -67,7 +72,7 @@ def main() -> None:
     print(f"MLX {mx.__version__} on {mx.default_device()}, torch {torch.__version__} "
           f"with {torch.get_num_threads()} threads")
     print(f"{'shape (NHWC)':18} {'variant':20} {'dtype':9} {'ms':>8} {'GFLOP/s':>8} {'/torch f32':>11}")
-    for batch, height, width, channels in SHAPES:
+    for batch, height, width, channels in SMOKE_SHAPES if args.smoke else SHAPES:
         name = f"{batch}x{height}x{width}x{channels}"
         gflop = 2 * batch * height * width * channels * channels * 9 / 1e9
         rng = np.random.default_rng(0)

@@ -2,6 +2,7 @@
 
     python bench/engine.py --model sd15|sdxl --dtype float32 --steps 4 --runs 3 --size 512x512
         [--engines mlx,torch] [--memory-only] [--low-memory] [--cache DIR]
+    python bench/engine.py --smoke     # the tests' tiny SD 1.x at 64x64, 2 steps, 1 run: seconds
 
 The model has random weights at the released shapes (bench/models.py builds and converts it once into
 --cache). Each engine then runs in a fresh child process, one after the other, so that their peaks and
@@ -37,7 +38,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from mlx_sd_server.blas import ensure_fast_blas  # noqa: E402
 
 from common import load_average, median_seconds, print_table, run_child  # noqa: E402
-from models import BENCH_MODELS, DEFAULT_CACHE  # noqa: E402
+from models import BENCH_MODELS, DEFAULT_CACHE, TINY  # noqa: E402
 
 ENGINES = ("mlx", "torch")
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
@@ -166,10 +167,13 @@ def main() -> None:
     parser.add_argument("--memory-only", action="store_true", help="one cold generation, for its memory peak")
     parser.add_argument("--low-memory", action="store_true", help="MLX: free the text encoders after encoding")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--smoke", action="store_true", help="the tests' tiny SD 1.x, 64x64, 2 steps, 1 run")
     parser.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     ensure_fast_blas()
+    if args.smoke:
+        args.model, args.size, args.steps, args.runs = TINY, (64, 64), 2, 1
     width, height = args.size or ((1024, 1024) if args.model == "sdxl" else (512, 512))
     if args.child:
         print(json.dumps(measure(args.child, args.folder, args.dtype, args.steps, args.runs, width, height,

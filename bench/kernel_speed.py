@@ -1,6 +1,7 @@
 """SiLU, the GELUs, GroupNorm and quantized linears on the CPU: MLX's op, our kernel, a reference; same run.
 
     python bench/kernel_speed.py [--repeats 5] [--only activations|quantized]
+    python bench/kernel_speed.py --smoke      # tiny shapes, one repeat: that it runs
 
 Activations (SD's and FLUX's shapes): MLX's op, our numpy kernel, torch float32; times are the best of
 --repeats, in ms, and the ratio columns are against torch. MLX's CPU backend computes exp/sigmoid/erf/tanh
@@ -38,6 +39,10 @@ QUANTIZED = [
     ("flux mod 1x3072>18432", 1, 3072, 18432, 4, "float16"),
     ("flux ctx 64x3072>3072", 64, 3072, 3072, 4, "float16"),
 ]
+# --smoke: the same code on tiny shapes
+SMOKE_SHAPES = [("smoke 8x8x64", (1, 8, 8, 64), 32)]
+SMOKE_GELU_SHAPE = ("smoke 16x256", (1, 16, 256))
+SMOKE_QUANTIZED = [("smoke 8x128>256", 8, 128, 256, 4, "float32"), ("smoke 1x128>256", 1, 128, 256, 4, "float16")]
 
 
 def once_ms(run) -> float:
@@ -46,7 +51,7 @@ def once_ms(run) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def activations(repeats: int) -> None:
+def activations(repeats: int, shapes=SHAPES, gelu_shape=FLUX_GELU_SHAPE) -> None:
     import mlx.core as mx
     import mlx.nn as nn
     import numpy as np
@@ -56,7 +61,7 @@ def activations(repeats: int) -> None:
 
     F = torch.nn.functional
     print(f"{'shape':19} {'op':11} {'mlx ms':>9} {'ours ms':>9} {'torch ms':>9} {'mlx/torch':>10} {'ours/torch':>11}")
-    cases = [(name, shape, groups, None) for name, shape, groups in SHAPES] + [(*FLUX_GELU_SHAPE, 0, ["gelu_tanh"])]
+    cases = [(name, shape, groups, None) for name, shape, groups in shapes] + [(*gelu_shape, 0, ["gelu_tanh"])]
     for name, shape, groups, only in cases:
         x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
         mx_x, torch_x = mx.array(x), torch.from_numpy(x)
@@ -84,7 +89,7 @@ def activations(repeats: int) -> None:
                   f"{ours_ms / torch_ms:11.1f}", flush=True)
 
 
-def quantized(repeats: int) -> None:
+def quantized(repeats: int, cases=QUANTIZED) -> None:
     import mlx.core as mx
 
     from mlx_sd_server.engine.ops import cpu_kernels
@@ -92,7 +97,7 @@ def quantized(repeats: int) -> None:
 
     print(f"{'shape':25} {'bits':>4} {'x':>7} {'qmm ms':>10} {'mx deq+mm':>10} {'ours ms':>9} {'deq ms':>8} "
           f"{'ours GFLOP/s':>13} {'qmm/ours':>9}")
-    for name, rows, inputs, outputs, bits, dtype_name in QUANTIZED:
+    for name, rows, inputs, outputs, bits, dtype_name in cases:
         dtype = getattr(mx, dtype_name)
         linear = Linear(inputs, outputs, bias=True)
         linear.set_dtype(dtype)
@@ -121,8 +126,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", choices=["activations", "quantized"])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat")
     args = parser.parse_args()
     ensure_fast_blas()
+    if args.smoke:
+        args.repeats = 1
 
     import mlx.core as mx
     import torch
@@ -131,9 +139,9 @@ def main() -> None:
     print(f"MLX {mx.__version__} on {mx.default_device()}, torch {torch.__version__} "
           f"with {torch.get_num_threads()} threads; {load_average()}")
     if args.only != "quantized":
-        activations(args.repeats)
+        activations(args.repeats, *((SMOKE_SHAPES, SMOKE_GELU_SHAPE) if args.smoke else (SHAPES, FLUX_GELU_SHAPE)))
     if args.only != "activations":
-        quantized(args.repeats)
+        quantized(args.repeats, SMOKE_QUANTIZED if args.smoke else QUANTIZED)
     print(load_average())
 
 

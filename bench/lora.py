@@ -2,6 +2,7 @@
 fused into the weights and against no LoRA, and the cost of switching LoRAs between requests.
 
     python bench/lora.py [--model sd15] [--dtype float32] [--ranks 16,32] [--runs 3] [--size 512x512] [--cache DIR]
+    python bench/lora.py --smoke      # the tests' tiny SD 1.x at 64x64, rank 4, 1 run: seconds
 
 The model is bench/models.py's real-size random-weight SD 1.5 (built and converted once into --cache). Each
 LoRA is a random diffusers/PEFT file adapting every attention and feed-forward linear of the UNet (what
@@ -38,7 +39,7 @@ from mlx_sd_server.blas import ensure_fast_blas  # noqa: E402
 
 from common import load_average, median_seconds, print_table  # noqa: E402
 from engine import unet_inputs  # noqa: E402
-from models import DEFAULT_CACHE, converted_model  # noqa: E402
+from models import DEFAULT_CACHE, TINY, converted_model  # noqa: E402
 
 ALL = 2**62  # a fuse budget every layer fits
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
@@ -63,14 +64,17 @@ def write_peft_lora(unet, path: Path, rank: int, seed: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["sd15"], default="sd15")
+    parser.add_argument("--model", choices=["sd15", TINY], default="sd15")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     parser.add_argument("--ranks", default="16,32")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--size", default="512x512")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--smoke", action="store_true", help="the tests' tiny SD 1.x, 64x64, rank 4, 1 run")
     args = parser.parse_args()
     ensure_fast_blas()
+    if args.smoke:
+        args.model, args.size, args.ranks, args.runs = TINY, "64x64", "4", 1
     import mlx.core as mx
 
     from mlx_sd_server.engine.adapters import applied

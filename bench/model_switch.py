@@ -31,7 +31,6 @@ adds the disk's time. The script re-execs itself with OpenBLAS preloaded (mlx_sd
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -44,26 +43,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
 from common import load_average, print_table, run_child  # noqa: E402
-from models import DEFAULT_CACHE  # noqa: E402
+from models import DEFAULT_CACHE, TINY  # noqa: E402
 
 from mlx_sd_server.blas import ensure_fast_blas  # noqa: E402
 
 NAMES = ("model-a", "model-b")
 REUSES = 20  # acquires timed per round (each takes well under a millisecond)
 PROMPT = "a lighthouse on a cliff at dusk"
-
-
-def build_tiny(dst: Path) -> Path:
-    """The tests' tiny SD 1.x, converted (float32) into `dst` once."""
-    import tiny_diffusers
-
-    from convert.model import convert_model
-    from mlx_sd_server.engine.model_io import MANIFEST
-
-    if not (dst / MANIFEST).exists():
-        tiny_diffusers.make_pipeline(dst.parent / f"{dst.name}-diffusers", "sd1")
-        convert_model(dst.parent / f"{dst.name}-diffusers", dst, dtype="float32", progress=False)
-    return dst
 
 
 def named_copy(src: Path, dst: Path, name: str) -> Path:
@@ -174,27 +160,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--smoke", action="store_true", help="tiny random-weight models, 64x64, 1 round")
-    parser.add_argument("--build-tiny", type=Path, help=argparse.SUPPRESS)  # (the child that builds it)
     args = parser.parse_args()
-    if args.build_tiny:
-        print(json.dumps({"folder": str(build_tiny(args.build_tiny))}))
-        return
     ensure_fast_blas()
     import mlx.core as mx
 
     if args.smoke:
         args.size, args.rounds, args.dtype = "64x64", 1, "float32"
-        build = [str(Path(__file__).resolve()), "--build-tiny", str(args.cache / "tiny-sd1-float32")]
-    else:
-        build = [
-            str(ROOT / "bench" / "models.py"),
-            "--model",
-            "sd15",
-            "--dtype",
-            args.dtype,
-            "--cache",
-            str(args.cache),
-        ]
+    build = [str(ROOT / "bench" / "models.py"), "--model", TINY if args.smoke else "sd15", "--dtype", args.dtype,
+             "--cache", str(args.cache)]
     folder = Path(run_child(build)["folder"])
     with tempfile.TemporaryDirectory(prefix="bench-model-switch-") as scratch:
         models = Path(scratch)

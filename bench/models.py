@@ -1,4 +1,5 @@
-"""Real-size random-weight models for the benchmarks: SD 1.5 and SDXL at their released shapes.
+"""Real-size random-weight models for the benchmarks: SD 1.5 and SDXL at their released shapes (and the tests'
+tiny SD 1.x, "tiny-sd1": the benches' --smoke model).
 
 The released configs live in bench/realsize_parity.py. `converted_model` builds a diffusers pipeline
 folder from them with random weights (no download), converts it with `convert_model`, and caches both, so
@@ -25,7 +26,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from realsize_parity import MODELS, Model  # noqa: E402
 
-BENCH_MODELS = ("sd15", "sdxl")
+TINY = "tiny-sd1"  # tests/tiny_diffusers.py's SD 1.x: seconds to build, for --smoke runs
+BENCH_MODELS = ("sd15", "sdxl", TINY)
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "mlx-sd-server-bench"
 PIPELINE_CLASS = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 SCHEDULER_FAMILY = {"sd15": "sd1", "sdxl": "sdxl"}  # both epsilon-prediction, SD's training betas
@@ -44,8 +46,14 @@ def build_diffusers_folder(name: str, dst: Path) -> Path:
     from mlx_sd_server.engine.text.clip_tokenizer import CLIPTokenizer, default_vocab_path
     from tiny_diffusers import scheduler_config
 
-    model: Model = MODELS[name]
     work = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
+    if name == TINY:
+        import tiny_diffusers
+
+        tiny_diffusers.make_pipeline(work, "sd1")
+        work.rename(dst)
+        return dst
+    model: Model = MODELS[name]
     index = {"_class_name": PIPELINE_CLASS[name], "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
     torch.set_default_dtype(torch.float16)  # built directly in float16: no float32 copy of SDXL's UNet
     try:

@@ -1,5 +1,5 @@
 """`mlx-sd-server convert SRC [NAME]`: into the model directory by name (a lone ControlNet into its `controlnets/`
-folder), or to a folder given as a path."""
+folder, an upscaler file into `upscalers/`), or to a folder given as a path."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from convert.model import SplitFiles, convert_model
 from mlx_sd_server.engine.model_io import read_manifest
 from mlx_sd_server.engine.source import ArchitectureHints
 from mlx_sd_server.paths import CONTROLNET_FOLDER, model_dir
+from mlx_sd_server.upscale.library import UPSCALER_FOLDER, UpscalerLibrary
+from mlx_sd_server.upscale.weights import convert_upscaler, is_upscaler_file
 
 SPLIT_OPTIONS = ("diffusion_model", "vae", "clip_l", "clip_g", "t5xxl", "t5_tokenizer", "llm", "llm_tokenizer")
 
@@ -72,6 +74,20 @@ def file_controlnet(folder: Path) -> str | None:
     return str(manifest.get("name", folder.name))
 
 
+def upscaler_main(args: argparse.Namespace, source: Path, dst: Path, name: str | None, by_name: bool) -> int:
+    """An ESRGAN-family upscaler file: into the model directory's `upscalers/NAME` (by name), or at `dst`."""
+    try:
+        if args.quantize:
+            raise ValueError("upscalers are not quantized: leave --quantize out")
+        folder = UpscalerLibrary(dst.parent / UPSCALER_FOLDER).folder_for(name or dst.name) if by_name else dst
+        out = convert_upscaler(source, folder, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"mlx-sd-server convert: {exc}", file=sys.stderr)
+        return 1
+    print(f"converted {source} -> {out} (an upscaler: requests name it with upscaler={out.name})")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
@@ -92,6 +108,8 @@ def main(args: argparse.Namespace) -> int:
     source_path = Path(split.diffusion_model if split else args.paths[0]).expanduser()
     dst, name = destination(args, source_path, args.paths[least] if len(args.paths) > least else None)
     by_name = dst.parent == model_dir(getattr(args, "model_dir", None))
+    if not split and is_upscaler_file(source_path, args.allow_pickle):
+        return upscaler_main(args, source_path, dst, name, by_name)
     if by_name and controlnet_folder(dst.parent, dst.name).exists():
         print(
             f"mlx-sd-server convert: a ControlNet named {dst.name} is in {dst.parent / CONTROLNET_FOLDER}",

@@ -13,6 +13,7 @@ from convert.gguf_source import read_gguf
 from mlx_sd_server.engine.source import CheckpointError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+PICKLE_WRAPPERS = ("state_dict", "params_ema", "params")  # what a pickle's tensors may be nested under
 CHECKPOINT_SUFFIXES = (".safetensors", ".gguf") + PICKLE_SUFFIXES
 # Quantized weights whose scales are tensors of their own (ComfyUI's older `scale_weight`, its mixed-precision
 # `weight_scale` + `comfy_quant`): read one tensor at a time, they would convert unscaled.
@@ -103,14 +104,19 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
+def unwrapped(state: dict[str, Any]) -> dict[str, Any]:
+    """A torch checkpoint's tensors from under the key that holds them: A1111-era checkpoints keep them under
+    `state_dict`, basicsr's (Real-ESRGAN's .pth upscalers) under `params_ema` or `params`."""
+    return next((state[k] for k in PICKLE_WRAPPERS if isinstance(state.get(k), dict)), state)
+
+
 def read_pickle(path: Path) -> dict[str, np.ndarray]:
     """Load a pickle checkpoint with torch's restricted unpickler (tensors only). Torch is optional."""
     try:
         import torch
     except ImportError:
         raise RuntimeError(f"reading {path} needs torch (pip install torch), or use a .safetensors file") from None
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
+    state = unwrapped(torch.load(str(path), map_location="cpu", weights_only=True))
     return {
         k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items() if hasattr(v, "numpy")
     }

@@ -273,6 +273,28 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         metavar="GB",
         help="keep the stored images under GB in all, removing the oldest first (default: no limit)",
     )
+    parser.add_argument(
+        "--store",
+        type=_checked(store.s3_location),
+        metavar="s3://BUCKET/PREFIX",
+        help=f"keep the images in an S3-compatible bucket instead of --store-dir (default: ${store.STORE_ENV}); "
+        "endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION "
+        "(needs the s3 extra: pip install 'mlx-sd-server[s3]')",
+    )
+    parser.add_argument(
+        "--store-urls",
+        choices=["files", "presigned"],
+        default="files",
+        help="image urls: through this server's /v1/files (default), or presigned urls clients fetch from the "
+        "S3 bucket directly",
+    )
+    parser.add_argument(
+        "--store-url-expiry",
+        type=int,
+        default=3600,
+        metavar="SECONDS",
+        help="how long a presigned image url is valid (default: 3600; at most 604800, 7 days)",
+    )
     parser.add_argument("--max-queue", type=int, default=8, help="jobs waiting beyond this get 429")
     parser.add_argument("--max-n", type=int, default=Limits.max_n, help="largest n per request")
     parser.add_argument("--max-steps", type=int, default=Limits.max_steps, help="most steps per request")
@@ -300,6 +322,30 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="how much the server logs"
     )
+    ray = parser.add_argument_group("Ray Serve (several replicas behind one address; docs/cluster.md)")
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve through Ray Serve: the HTTP app as its ingress, one deployment per model (needs the "
+        "cluster extra: pip install 'mlx-sd-server[cluster]')",
+    )
+    ray.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local one)")
+    scale = ray.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=1, metavar="N", help="replicas per model (default: 1)")
+    scale.add_argument(
+        "--autoscale", type=autoscale_range, metavar="MIN:MAX", help="replicas per model, scaled with the load"
+    )
+    ray.add_argument("--ingress-replicas", type=int, default=1, metavar="N", help="HTTP replicas (default: 1)")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, metavar="N", help="CPUs each model replica takes")
+    ray.add_argument("--replica-gpus", type=float, default=0.0, metavar="N", help="GPUs each model replica takes")
+
+
+def autoscale_range(text: str) -> str:
+    """--autoscale MIN:MAX (0 <= MIN <= MAX, MAX >= 1), checked; kept as written."""
+    low, colon, high = text.partition(":")
+    if not colon or not low.isdigit() or not high.isdigit() or int(low) > int(high) or int(high) < 1:
+        raise argparse.ArgumentTypeError(f"must be MIN:MAX replicas (0 <= MIN <= MAX, MAX >= 1), got {text!r}")
+    return text
 
 
 def memory_size(text: str) -> int:

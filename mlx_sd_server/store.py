@@ -25,6 +25,9 @@ Its invariants:
 New ids are time-ordered (UUIDv7's layout: milliseconds first), so a file's `created_at` comes from its id
 and listings order by (created_at, id), which is creation order; a cursor (`after`) stays valid after
 its file is gone. Ids of older stores (uuid4) still work, ordered by their file's modification time.
+
+The server types against `Store`, which this folder store and `s3_store.S3Store` (a bucket, the same
+invariants) both are.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import uuid
 from collections.abc import Iterable, Set
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 log = logging.getLogger("mlx_sd_server.store")
 
@@ -82,12 +86,52 @@ def max_gb(text: str) -> int:
     return int(size * 2**30)
 
 
+STORE_ENV = "MLX_SD_STORE"  # the default of `serve --store`
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")  # S3's bucket names
+_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def s3_location(text: str) -> tuple[str, str]:
+    """`--store s3://BUCKET/PREFIX` -> (bucket, prefix ending in "/", or "" for the bucket's top). The prefix
+    is of plain segments (letters, digits, `._-`; no `.` or `..`)."""
+    scheme, _, rest = text.partition("://")
+    bucket, _, prefix = rest.partition("/")
+    segments = [segment for segment in prefix.split("/") if segment]
+    if scheme != "s3" or not _BUCKET_RE.match(bucket) or ".." in bucket:
+        raise ValueError(f"not an S3 location s3://BUCKET/PREFIX (a valid bucket name): {text!r}")
+    for segment in segments:
+        if segment in (".", "..") or not _SEGMENT_RE.match(segment):
+            raise ValueError(f"the prefix of {text!r} may only have letters, digits and ._- between slashes")
+    return bucket, "".join(f"{segment}/" for segment in segments)
+
+
+def check_retention(max_age: float | None, max_bytes: int | None) -> None:
+    """Raises ValueError for a retention limit that is not positive (None: no limit)."""
+    if max_age is not None and max_age <= 0:
+        raise ValueError(f"max_age must be positive, got {max_age}")
+    if max_bytes is not None and max_bytes <= 0:
+        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+
+
+def retention_interval(max_age: float | None, max_bytes: int | None) -> float | None:
+    """How often a server should apply retention (`prune`): every minute, sooner for short ages; None: no
+    retention to apply."""
+    if max_age is None and max_bytes is None:
+        return None
+    return 60.0 if max_age is None else min(60.0, max(1.0, max_age / 10))
+
+
 class InvalidFileIdError(ValueError):
     """Not of the form file_<uuid>: cannot name anything in the store."""
 
 
 class StoreFullError(OSError):
     """The disk (or quota) is full: nothing of the batch was kept. HTTP 507."""
+
+
+class StoreUnavailableError(OSError):
+    """The store cannot be reached or refused to work (an S3 outage: connection refused, timeouts, 5xx):
+    nothing of a batch being saved was kept. HTTP 503; the message names no endpoint or credentials."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +159,58 @@ class Page:
     has_more: bool
 
 
-def _id_time_ms(file_id: str) -> int | None:
+class Store(Protocol):
+    """What the server needs of an image store, with FileStore's invariants (above): a folder here, or a
+    bucket (mlx_sd_server/s3_store.py). Ids and names as `check_file_id` and `check_filename` allow."""
+
+    @property
+    def location(self) -> str:
+        """Where the files are, for the log (a folder, or s3://BUCKET/PREFIX)."""
+        ...
+
+    def save(self, data: bytes, filename: str) -> StoredFile: ...
+
+    def save_batch(self, items: Iterable[tuple[bytes, str]]) -> list[StoredFile]: ...
+
+    def get(self, file_id: str) -> StoredFile: ...
+
+    def read(self, file_id: str, filename: str | None = None) -> tuple[str, bytes]: ...
+
+    def list(self) -> list[StoredFile]: ...
+
+    def list_page(self, limit: int = 10_000, after: str | None = None, order: str = "desc") -> Page: ...
+
+    def delete(self, file_id: str) -> None: ...
+
+    def prune(self, now: float | None = None, keep: Set[str] = frozenset()) -> builtins.list[str]: ...
+
+    def sweep(self) -> None: ...
+
+    @property
+    def prune_interval(self) -> float | None: ...
+
+    @property
+    def total_bytes(self) -> int: ...
+
+    def download_url(self, stored: StoredFile) -> str | None:
+        """A url clients fetch the file at directly (a presigned S3 url), or None: through /v1/files."""
+        ...
+
+
+def check_file_id(file_id: object) -> None:
+    """Raises InvalidFileIdError unless `file_id` is of the form file_<uuid> (lower-case hex): the only
+    ids a store looks up, so nothing else a request sends reaches a path or a key."""
+    if not isinstance(file_id, str) or not _ID_RE.match(file_id):
+        raise InvalidFileIdError(file_id)
+
+
+def check_filename(filename: object) -> None:
+    """Raises ValueError for a name a store does not save (a path, a hidden name, too long)."""
+    if not isinstance(filename, str) or not _NAME_RE.match(filename):
+        raise ValueError(f"unsafe file name {filename!r}")
+
+
+def id_time_ms(file_id: str) -> int | None:
     """The creation time in an id of ours (version 7), None for other (older, uuid4) ids."""
     hexdigits = file_id[5:].replace("-", "")
     if hexdigits[12] != "7":
@@ -123,11 +218,29 @@ def _id_time_ms(file_id: str) -> int | None:
     return int(hexdigits[:12], 16)
 
 
-def _make_id(ms: int) -> str:
-    value = (ms & (2**48 - 1)) << 80 | int.from_bytes(os.urandom(10), "big")
+def make_id(ms: int, low_bits: int | None = None) -> str:
+    """A version 7 id made at `ms`: its 80 low bits random (or `low_bits`), version and variant stamped over."""
+    low = int.from_bytes(os.urandom(10), "big") if low_bits is None else low_bits & (2**80 - 1)
+    value = (ms & (2**48 - 1)) << 80 | low
     value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
     value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
     return f"file_{uuid.UUID(int=value)}"
+
+
+class IdClock:
+    """Creation times for new ids: each batch its own consecutive milliseconds, later than the last
+    batch's, so ids are in creation order also within a batch and a millisecond."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = 0
+
+    def take(self, count: int) -> int:
+        """The first of `count` milliseconds reserved for a batch (the others follow it)."""
+        with self._lock:
+            first = max(int(time.time() * 1000), self._last_ms + 1)
+            self._last_ms = first + count - 1
+        return first
 
 
 def _fsync_dir(path: str | os.PathLike) -> None:
@@ -171,10 +284,7 @@ class FileStore:
     def __init__(self, root: str | os.PathLike, *, max_age: float | None = None, max_bytes: int | None = None):
         """`max_age`: seconds a file is kept; `max_bytes`: the store's largest size (oldest removed first).
         None: no limit. Sweeps interrupted saves, indexes the folder and applies retention."""
-        if max_age is not None and max_age <= 0:
-            raise ValueError(f"max_age must be positive, got {max_age}")
-        if max_bytes is not None and max_bytes <= 0:
-            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        check_retention(max_age, max_bytes)
         self.root = Path(root)
         self.max_age = max_age
         self.max_bytes = max_bytes
@@ -184,10 +294,18 @@ class FileStore:
         self._order: list[tuple[int, str]] = []  # sorted keys of _files
         self._bytes = 0
         self._pending: set[str] = set()  # renamed into place, batch not committed yet: invisible
-        self._last_ms = 0
+        self._clock = IdClock()
         self.sweep()
         self._index()
         self.prune()
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    def download_url(self, stored: StoredFile) -> None:
+        """Files of a folder are served through /v1/files."""
+        return None
 
     # --- saving -------------------------------------------------------------------------------------
 
@@ -200,8 +318,7 @@ class FileStore:
         of the batch kept either way."""
         items = list(items)
         for _, filename in items:
-            if not isinstance(filename, str) or not _NAME_RE.match(filename):
-                raise ValueError(f"unsafe file name {filename!r}")
+            check_filename(filename)
         if not items:
             return []
         ids = self._new_ids(len(items))
@@ -216,7 +333,7 @@ class FileStore:
             raise
         stored: list[StoredFile] = []
         for file_id, (data, name) in zip(ids, items):
-            ms = _id_time_ms(file_id)
+            ms = id_time_ms(file_id)
             assert ms is not None  # _new_ids makes ids of ours, which carry their time
             stored.append(StoredFile(id=file_id, bytes=len(data), created_at=ms // 1000, filename=name))
         with self._lock:
@@ -265,10 +382,8 @@ class FileStore:
 
     def _new_ids(self, count: int) -> list[str]:
         """Ids in creation order, also within a batch and a millisecond (one millisecond apart)."""
-        with self._lock:
-            first = max(int(time.time() * 1000), self._last_ms + 1)
-            self._last_ms = first + count - 1
-        return [_make_id(first + i) for i in range(count)]
+        first = self._clock.take(count)
+        return [make_id(first + i) for i in range(count)]
 
     # --- reading ------------------------------------------------------------------------------------
 
@@ -362,7 +477,7 @@ class FileStore:
         entry = self._files.get(file_id)
         if entry is not None:
             return entry.key
-        ms = _id_time_ms(file_id)
+        ms = id_time_ms(file_id)
         if ms is None:
             raise FileNotFoundError(file_id)
         return (ms // 1000, file_id)
@@ -417,9 +532,7 @@ class FileStore:
     @property
     def prune_interval(self) -> float | None:
         """How often a server should call `prune` (None: no retention to apply)."""
-        if self.max_age is None and self.max_bytes is None:
-            return None
-        return 60.0 if self.max_age is None else min(60.0, max(1.0, self.max_age / 10))
+        return retention_interval(self.max_age, self.max_bytes)
 
     @property
     def total_bytes(self) -> int:
@@ -492,14 +605,13 @@ class FileStore:
 
     @staticmethod
     def _stored(file_id: str, name: str, st: os.stat_result) -> StoredFile:
-        ms = _id_time_ms(file_id)
+        ms = id_time_ms(file_id)
         created = ms // 1000 if ms is not None else int(st.st_mtime)
         return StoredFile(id=file_id, bytes=st.st_size, created_at=created, filename=name)
 
     @staticmethod
     def _check_id(file_id: str) -> None:
-        if not isinstance(file_id, str) or not _ID_RE.match(file_id):
-            raise InvalidFileIdError(file_id)
+        check_file_id(file_id)
 
     def _open_dir(self, file_id: str) -> _IdFolder:
         return _IdFolder(self.root / file_id, file_id)

@@ -105,5 +105,10 @@ if [ ! -e "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ] || [ "$root/cons
         "$venv/bin/python" -m pip install -q "torch==2.13.0" ${constraints[@]+"${constraints[@]}"}
     fi
     "$venv/bin/python" -m pip install -q -e "$root${extras:+[$extras]}" ${constraints[@]+"${constraints[@]}"}
+    if [[ ",$extras," == *,test,* ]]; then
+        # spandrel: the upscalers' reference (tests/test_upscalers.py), without its dependencies: they include
+        # torchvision, which its ESRGAN and Compact architectures never import (torch and einops are here).
+        "$venv/bin/python" -m pip install -q --no-deps spandrel ${constraints[@]+"${constraints[@]}"}
+    fi
     touch "$stamp"
 fi

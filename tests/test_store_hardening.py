@@ -252,7 +252,7 @@ def many_files(root: Path, count: int) -> list[str]:
     base = int(time.time() * 1000) - count * 10
     ids = []
     for i in range(count):
-        file_id = store_module._make_id(base + i * 3)
+        file_id = store_module.make_id(base + i * 3)
         (root / file_id).mkdir()
         (root / file_id / f"image_{i}.png").write_bytes(b"x")
         ids.append(file_id)

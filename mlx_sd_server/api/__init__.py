@@ -15,7 +15,7 @@ from mlx_sd_server.api.errors import error_response, register_error_handlers
 from mlx_sd_server.api.state import ServerState, Settings
 from mlx_sd_server.api.writes import WriteTimeoutGuard
 from mlx_sd_server.registry import ModelRegistry
-from mlx_sd_server.store import FileStore
+from mlx_sd_server.store import Store
 from mlx_sd_server.worker import JobCancelled, ServerStopping, Worker
 
 __all__ = ["Settings", "create_app"]
@@ -25,7 +25,7 @@ __all__ = ["Settings", "create_app"]
 STOP_TIMEOUT_SECONDS = 15.0
 
 
-def create_app(registry: ModelRegistry, store: FileStore, settings: Settings = Settings()) -> Quart:
+def create_app(registry: ModelRegistry, store: Store, settings: Settings = Settings()) -> Quart:
     """The app. Its worker thread starts when serving starts and stops when it ends: the running job after
     its current step, every waiting request answered 503."""
     app = Quart("mlx_sd_server")

@@ -4,7 +4,7 @@
 logged with their traceback and answered with a bare 500: a traceback never reaches a client. Messages
 show client values through `job.shown` where they are made; here, as a last guard for messages made
 elsewhere (a model name in a 404), no message is longer than MAX_MESSAGE and no `param` than ECHO_CHARS.
-A 429 says when to retry (`Retry-After`).
+A 429 says when to retry (`Retry-After`), and so does a 503 for an image store that cannot be reached.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from mlx_sd_server.job import ECHO_CHARS, JobError
 from mlx_sd_server.paths import without_paths
 from mlx_sd_server.registry import ModelBusyError, ModelLoadError, ModelNotFoundError
 from mlx_sd_server.residency import ModelTooLargeError
+from mlx_sd_server.store import StoreUnavailableError
 from mlx_sd_server.worker import QueueFullError
 
 log = logging.getLogger("mlx_sd_server.api")
@@ -111,6 +112,10 @@ def register_error_handlers(app: Quart) -> None:
     @app.errorhandler(QueueFullError)
     async def queue_full(error: QueueFullError):
         return error_response(429, str(error), None, "queue_full", {"Retry-After": str(retry_after(error))})
+
+    @app.errorhandler(StoreUnavailableError)
+    async def store_unavailable(error: StoreUnavailableError):  # an S3 outage: nothing of the request was kept
+        return error_response(503, str(error), None, "store_unavailable", {"Retry-After": str(retry_after(error))})
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException):

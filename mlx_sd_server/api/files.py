@@ -1,5 +1,6 @@
-"""The reference's /v1/files routes over the file store. Ids are validated by the store, never joined
-onto paths here; a filename in a download url only has to equal the stored name.
+"""The reference's /v1/files routes over the file store (a folder, or an S3 bucket: its outage is a 503).
+Ids are validated by the store, never joined onto paths or keys here; a filename in a download url only
+has to equal the stored name.
 
 Every store call runs in a thread (`asyncio.to_thread`), so disk work never holds up the event loop
 (`/health`, other requests). `GET /v1/files` pages as OpenAI's list endpoints do: `limit` (1-10000,
@@ -20,7 +21,7 @@ from mlx_sd_server.api.errors import APIError
 from mlx_sd_server.api.state import state
 from mlx_sd_server.images import MIME_TYPES
 from mlx_sd_server.job import shown
-from mlx_sd_server.store import FileStore, InvalidFileIdError
+from mlx_sd_server.store import InvalidFileIdError, Store
 
 log = logging.getLogger("mlx_sd_server.api")
 
@@ -33,7 +34,7 @@ PURPOSE = "assistants_output"  # every stored file's
 @blueprint.while_app_serving
 async def apply_retention():
     """While serving, remove files past --store-max-age / --store-max-gb in the background."""
-    store: FileStore = current_app.extensions["mlx_sd_server"].store
+    store: Store = current_app.extensions["mlx_sd_server"].store
     interval = getattr(store, "prune_interval", None)
     task = asyncio.create_task(_prune_forever(store, interval)) if interval else None
     yield
@@ -43,13 +44,13 @@ async def apply_retention():
             await task
 
 
-async def _prune_forever(store: FileStore, interval: float) -> None:
+async def _prune_forever(store: Store, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
             await asyncio.to_thread(store.prune)
         except Exception:
-            log.exception("retention: pruning %s failed", store.root)
+            log.exception("retention: pruning %s failed", store.location)
 
 
 @blueprint.get("/v1/files")

@@ -143,9 +143,8 @@ async def _serve(parsed: ParsedRequest, variation: bool = False):
         ]
     else:  # one batch: every image is kept, or none is
         stored = await save_batch(server, [(image_bytes, f"image_{seed}.{extension}") for image_bytes, seed in images])
-        prefix = url_prefix(server)
         data = [
-            {"prompt": job.prompt, "seed": seed, "url": f"{prefix}/v1/files/download/{item.id}/{item.filename}"}
+            {"prompt": job.prompt, "seed": seed, "url": file_url(server, item)}
             for item, (_, seed) in zip(stored, images)
         ]
     response = jsonify(
@@ -466,6 +465,11 @@ def result_parameters(job: Job, seed: int, info: ModelInfo, loras: LoRALibrary) 
     """The A1111 `parameters` text an image of `job` made with `seed` carries (reads the LoRAs' hashes)."""
     lora_hashes = {name: loras.short_hash(name) for name, _ in job.loras}
     return a1111_parameters(job, seed, info.name, model_hash=model_hash(info.folder), lora_hashes=lora_hashes)
+
+
+def file_url(server: ServerState, stored: StoredFile) -> str:
+    """A stored image's url: the store's own (a presigned S3 url, --store-urls presigned), else our download."""
+    return server.store.download_url(stored) or f"{url_prefix(server)}/v1/files/download/{stored.id}/{stored.filename}"
 
 
 def url_prefix(server: ServerState) -> str:

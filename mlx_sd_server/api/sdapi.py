@@ -31,10 +31,10 @@ from mlx_sd_server.api import a1111
 from mlx_sd_server.api.images import (
     build_request_job,
     check_task,
+    file_url,
     requested_task_id,
     result_parameters,
     save_batch,
-    url_prefix,
 )
 from mlx_sd_server.api.parsing import Delivery, ParsedRequest, close_all, read_body, upload_of
 from mlx_sd_server.api.state import ServerState, state
@@ -166,8 +166,7 @@ async def _generate(mode: str):
     if translated.save_images and results:
         extension = translated.output_format
         stored = await save_batch(server, [(data, f"image_{seed}.{extension}") for data, _, seed in results])
-        prefix = url_prefix(server)
-        saved = [f"{prefix}/v1/files/download/{item.id}/{item.filename}" for item in stored]
+        saved = [file_url(server, item) for item in stored]
     if requested and translated.keep_overrides:
         _set_default(server, info.name)  # A1111 keeps the override: the model stays the default
     hashed = await asyncio.to_thread(model_hash, info.folder)

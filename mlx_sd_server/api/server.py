@@ -38,7 +38,7 @@ from mlx_sd_server.api.writes import DEFAULT_WRITE_TIMEOUT
 from mlx_sd_server.cli import keep_alive, memory_size
 from mlx_sd_server.job import Limits
 from mlx_sd_server.registry import DEFAULT_KEEP_ALIVE, ModelRegistry, model_dir
-from mlx_sd_server.store import FileStore
+from mlx_sd_server.store import FileStore, Store
 
 log = logging.getLogger("mlx_sd_server.server")
 
@@ -189,14 +189,42 @@ def registry_from_args(args: argparse.Namespace) -> ModelRegistry:
     )
 
 
-def store_from_args(args: argparse.Namespace) -> FileStore:
+def store_from_args(args: argparse.Namespace) -> Store:
+    """--store s3://BUCKET/PREFIX: an S3 bucket; else --store-dir; else $MLX_SD_STORE (an s3:// location);
+    else the folder beside the models. A bad location or bucket exits with one line."""
     max_age = getattr(args, "store_max_age", None)
     max_gb = getattr(args, "store_max_gb", None)
-    return FileStore(
-        args.store_dir or model_dir(args.model_dir).parent / "files",
-        max_age=store_module.max_age(max_age) if max_age else None,
-        max_bytes=store_module.max_gb(max_gb) if max_gb else None,
-    )
+    seconds = store_module.max_age(max_age) if max_age else None
+    size = store_module.max_gb(max_gb) if max_gb else None
+    location = getattr(args, "store", None)
+    if location and args.store_dir:
+        raise SystemExit("mlx-sd-server serve: --store and --store-dir name two stores; give one")
+    if not location and not args.store_dir:
+        location = os.environ.get(store_module.STORE_ENV) or None
+    urls = getattr(args, "store_urls", "files")
+    if not location:
+        if urls == "presigned":
+            raise SystemExit(
+                "mlx-sd-server serve: --store-urls presigned needs an S3 store (--store s3://BUCKET/PREFIX)"
+            )
+        return FileStore(args.store_dir or model_dir(args.model_dir).parent / "files", max_age=seconds, max_bytes=size)
+    try:
+        store_module.s3_location(location)
+        from mlx_sd_server.s3_store import S3Store  # boto3: the s3 extra, needed only here
+    except ValueError as error:
+        raise SystemExit(f"mlx-sd-server serve: ${store_module.STORE_ENV}: {error}") from None
+    except ImportError:
+        raise SystemExit("mlx-sd-server serve: an S3 store needs boto3: pip install 'mlx-sd-server[s3]'") from None
+    try:
+        return S3Store(
+            location,
+            max_age=seconds,
+            max_bytes=size,
+            urls=urls,
+            url_expiry=getattr(args, "store_url_expiry", 3600),
+        )
+    except ValueError as error:
+        raise SystemExit(f"mlx-sd-server serve: {location}: {error}") from None
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -301,6 +329,10 @@ async def serve_until_stopped(app, config: Config) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "ray", False):  # Ray Serve: replicas behind one address (mlx_sd_server/cluster.py)
+        from mlx_sd_server.cluster import serve_with_ray
+
+        return serve_with_ray(args)
     configure_logging(args.log_level)
     host, port = bind_address(args)
     log_reference_flags(args)
@@ -318,7 +350,7 @@ def main(args: argparse.Namespace) -> int:
             registry.default_name,
             args.engine,
             args.task,
-            store.root,
+            store.location,
             "required" if settings.api_key else "not required",
         )
         url_prefix = settings.download_url_prefix or settings.bound_url

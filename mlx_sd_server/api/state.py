@@ -9,7 +9,7 @@ from quart import current_app
 from mlx_sd_server.api.writes import DEFAULT_WRITE_TIMEOUT
 from mlx_sd_server.job import Limits
 from mlx_sd_server.registry import ModelRegistry
-from mlx_sd_server.store import FileStore
+from mlx_sd_server.store import Store
 from mlx_sd_server.worker import Worker
 
 
@@ -42,7 +42,7 @@ class Settings:
 @dataclass
 class ServerState:
     registry: ModelRegistry
-    store: FileStore
+    store: Store
     worker: Worker
     settings: Settings
 

@@ -21,7 +21,7 @@ from PIL import Image
 from quart import Blueprint, jsonify, request
 
 from mlx_sd_server.api.a1111 import read_image_info
-from mlx_sd_server.api.images import requested_task_id, save_batch, url_prefix
+from mlx_sd_server.api.images import file_url, requested_task_id, save_batch
 from mlx_sd_server.api.parsing import parse_request
 from mlx_sd_server.api.state import ServerState, state
 from mlx_sd_server.images import encode_image, flatten, open_upload
@@ -66,7 +66,7 @@ async def upscale():
         item = {"b64_json": base64.b64encode(data).decode("ascii")}
     else:
         (stored,) = await save_batch(server, [(data, f"upscaled_{upscaler.name}.{delivery.output_format}")])
-        item = {"url": f"{url_prefix(server)}/v1/files/download/{stored.id}/{stored.filename}"}
+        item = {"url": file_url(server, stored)}
     item.update({"upscaler": upscaler.name, "scale": factor, "size": f"{enlarged.width}x{enlarged.height}"})
     return jsonify({"created": int(time.time()), "data": [item], "output_format": delivery.output_format})
 

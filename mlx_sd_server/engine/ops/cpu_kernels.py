@@ -9,6 +9,11 @@ stay in the L2 cache, and write their result straight into an MLX array (returne
 bench/kernel_speed.py, bench/attention.py and bench/engine.py measure them against torch. Used only when MLX
 runs on the CPU (see activations.py, attention.py and layers.py); on Metal and CUDA MLX's own kernels are
 fast.
+
+`on_cpu()` is the one place that decides, for every op module (and the VAE's banded convolution).
+$MLX_SD_CPU_KERNELS=0, read once at import, turns the kernels off: MLX's own ops then run on the CPU too, as
+they do on Metal and CUDA, so that the code path users run on a GPU is tested on a CPU-only machine (.ci/run
+runs the pipeline parity tests a second time with it), at MLX's CPU speed.
 """
 
 from __future__ import annotations
@@ -68,9 +73,13 @@ def _in_parallel(work: Callable[[int, int], None], total: int) -> None:
         future.result()
 
 
+SWITCH_ENV = "MLX_SD_CPU_KERNELS"
+ENABLED = os.environ.get(SWITCH_ENV, "1") != "0"  # "0": MLX's own ops everywhere (see the module docstring)
+
+
 def on_cpu() -> bool:
-    """Whether MLX computes on the CPU, where these kernels replace its own."""
-    return mx.default_device() == mx.cpu
+    """Whether these kernels replace MLX's own: MLX computes on the CPU and $MLX_SD_CPU_KERNELS is not 0."""
+    return ENABLED and mx.default_device() == mx.cpu
 
 
 def _to_numpy(x: mx.array) -> np.ndarray:
