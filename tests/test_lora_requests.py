@@ -99,7 +99,8 @@ def test_generate_takes_lora_options_as_the_loras_field():
                                       "--lora", "detail:0.5", "--lora", "ink"])
     info = ModelInfo(name="m", family="sd1", created=0, defaults=ModelDefaults(), has_controlnet=False, folder=None,
                      capabilities=Capabilities("sd1", controlnet=False))
-    registry = SimpleNamespace(default_name="m", info=lambda: info, loras=SimpleNamespace(family=lora_family))
+    registry = SimpleNamespace(default_name="m", info=lambda: info, loras=SimpleNamespace(family=lora_family),
+                               upscalers=SimpleNamespace(names=lambda: []))
     job = job_from_args(args, registry)
     assert job.prompt == "a cat" and job.loras == (("styles/film", 0.3), ("detail", 0.5), ("ink", 1.0))
 
