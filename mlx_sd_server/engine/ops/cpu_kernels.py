@@ -64,7 +64,7 @@ def _limit_numpy_blas_threads() -> None:
             lib.set_num_threads(1)
 
 
-def _in_parallel(work: Callable[[int, int], None], total: int) -> None:
+def in_parallel(work: Callable[[int, int], None], total: int) -> None:
     """Run work(start, stop) over [0, total) split evenly across the worker threads."""
     pool = _threads()
     parts = min(WORKERS, total)
@@ -123,7 +123,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
                 # Normalise the (rows, D) output rather than the (rows, Lk) weights.
                 np.divide(scores @ vn[head], scores.sum(axis=-1, keepdims=True), out=out[head, r : r + rows])
 
-    _in_parallel(work, B * H)
+    in_parallel(work, B * H)
     return result.reshape(B, H, Lq, D).astype(dtype)
 
 
@@ -136,7 +136,7 @@ def _elementwise(kernel: Callable[[np.ndarray, np.ndarray], None], x: mx.array) 
         for i in range(start * ELEMENTS_PER_BLOCK, min(stop * ELEMENTS_PER_BLOCK, flat.size), ELEMENTS_PER_BLOCK):
             kernel(flat[i : i + ELEMENTS_PER_BLOCK], out[i : i + ELEMENTS_PER_BLOCK])
 
-    _in_parallel(work, -(-flat.size // ELEMENTS_PER_BLOCK))
+    in_parallel(work, -(-flat.size // ELEMENTS_PER_BLOCK))
     return result.reshape(x.shape).astype(x.dtype)
 
 
@@ -232,7 +232,7 @@ def geglu(h: mx.array) -> mx.array:
             _gelu_into(hn[r : r + rows, hidden:], block, scratch[:n], poly[:n])
             block *= hn[r : r + rows, :hidden]
 
-    _in_parallel(work, -(-hn.shape[0] // rows))
+    in_parallel(work, -(-hn.shape[0] // rows))
     return result.reshape(*h.shape[:-1], hidden).astype(h.dtype)
 
 
@@ -264,7 +264,7 @@ def group_norm(
                     values *= values
                 partial[i] = values.sum(axis=0)
 
-        _in_parallel(work, len(blocks))
+        in_parallel(work, len(blocks))
         totals = np.zeros((batch, channels))
         np.add.at(totals, [b for b, _ in blocks], partial)
         return totals.reshape(batch, groups, -1).sum(axis=-1) / per_group  # (batch, groups)
@@ -291,7 +291,7 @@ def group_norm(
             if scratch is not None:
                 _sigmoid_times_x(values, values, 1.0, scratch[: len(values)])
 
-    _in_parallel(normalise, len(blocks))
+    in_parallel(normalise, len(blocks))
     return result.reshape(x.shape).astype(x.dtype)
 
 
@@ -333,5 +333,5 @@ def dequantize(
                 np.multiply(values, scale[r : r + block], out=target[..., j::per_byte])
             target += bias[r : r + block]
 
-    _in_parallel(work, -(-rows // block))
+    in_parallel(work, -(-rows // block))
     return result
