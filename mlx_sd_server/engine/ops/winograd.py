@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -75,17 +76,17 @@ def conv3x3(x: mx.array, kernel: TransformedKernel, bias: mx.array | None = None
             _fill_slab(slab, xn[b], 2 * first - 1, upsample)
             v = _buffer("v", (4, 4, rows, tile_cols, channels))
             d = _buffer("d", (4, rows, width + 2, channels))
-            _bt(*(slab[k : k + 2 * rows : 2] for k in range(4)), out=d)  # B^T along the rows...
+            _bt([slab[k : k + 2 * rows : 2] for k in range(4)], d)  # B^T along the rows...
             for a in range(4):  # ...then along the columns
-                _bt(*(d[a][:, k : k + 2 * tile_cols : 2] for k in range(4)), out=v[a])
+                _bt([d[a][:, k : k + 2 * tile_cols : 2] for k in range(4)], v[a])
             v16, m = v.reshape(16, tiles, channels), _buffer("m", (16, tiles, outputs))
             for i in range(16):
                 np.matmul(v16[i], kernel.u[i], out=m[i])
             s = _buffer("s", (2, 4, rows, tile_cols, outputs))
-            _at(*m.reshape(4, 4, rows, tile_cols, outputs), out=s)  # A^T along the rows...
+            _at(m.reshape(4, 4, rows, tile_cols, outputs), s)  # A^T along the rows...
             for r in range(2):  # ...then along the columns, into every other row and column of the output
                 dst = out[b, 2 * first + r : 2 * last : 2]
-                _at(*s[r], out=(dst[:, 0::2], dst[:, 1::2]))
+                _at(s[r], (dst[:, 0::2], dst[:, 1::2]))
                 if shift is not None:
                     dst += shift
 
@@ -121,16 +122,18 @@ def _buffer(name: str, shape: tuple[int, ...]) -> np.ndarray:
     return kept[:size].reshape(shape)
 
 
-def _bt(d0: np.ndarray, d1: np.ndarray, d2: np.ndarray, d3: np.ndarray, out) -> None:
+def _bt(d: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> None:
     """B^T (d0, d1, d2, d3) = (d0 - d2, d1 + d2, d2 - d1, d1 - d3), into the 4 arrays of `out`."""
+    d0, d1, d2, d3 = d
     np.subtract(d0, d2, out=out[0])
     np.add(d1, d2, out=out[1])
     np.subtract(d2, d1, out=out[2])
     np.subtract(d1, d3, out=out[3])
 
 
-def _at(m0: np.ndarray, m1: np.ndarray, m2: np.ndarray, m3: np.ndarray, out) -> None:
+def _at(m: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> None:
     """A^T (m0, m1, m2, m3) = (m0 + m1 + m2, m1 - m2 - m3), into the 2 arrays of `out`."""
+    m0, m1, m2, m3 = m
     first, second = out
     np.add(m0, m1, out=first)
     first += m2
