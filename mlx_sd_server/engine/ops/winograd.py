@@ -122,7 +122,7 @@ def _buffer(name: str, shape: tuple[int, ...]) -> np.ndarray:
     return kept[:size].reshape(shape)
 
 
-def _bt(d: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> None:
+def _bt(d: Sequence[np.ndarray] | np.ndarray, out: Sequence[np.ndarray] | np.ndarray) -> None:
     """B^T (d0, d1, d2, d3) = (d0 - d2, d1 + d2, d2 - d1, d1 - d3), into the 4 arrays of `out`."""
     d0, d1, d2, d3 = d
     np.subtract(d0, d2, out=out[0])
@@ -131,7 +131,7 @@ def _bt(d: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> None:
     np.subtract(d1, d3, out=out[3])
 
 
-def _at(m: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> None:
+def _at(m: Sequence[np.ndarray] | np.ndarray, out: Sequence[np.ndarray] | np.ndarray) -> None:
     """A^T (m0, m1, m2, m3) = (m0 + m1 + m2, m1 - m2 - m3), into the 2 arrays of `out`."""
     m0, m1, m2, m3 = m
     first, second = out
