@@ -1,10 +1,11 @@
-"""3x3 convolutions at SD 1.5's UNet shapes: MLX formulations against torch's conv2d, same run.
+"""3x3 convolutions at SD 1.5's UNet and VAE shapes: MLX formulations against torch's conv2d, same run.
 
     python bench/conv.py [--repeats 3]
     python bench/conv.py --smoke      # one tiny shape, one repeat: that it runs
 
 MLX's CPU conv2d already lowers to im2col + one BLAS gemm in float32; this measures it against two
-explicit formulations on the same BLAS, and against torch (NCHW, its own oneDNN kernels). The script
+explicit formulations on the same BLAS, our Winograd F(2x2, 3x3) (engine/ops/winograd.py, what the
+engine's layers run on the CPU), and torch (NCHW, its own oneDNN kernels). The script
 re-execs itself with OpenBLAS preloaded (mlx_sd_server.blas). Ratio = MLX time / torch float32 time.
 """
 
@@ -20,7 +21,9 @@ from common import best_ms  # noqa: E402
 from mlx_sd_server.blas import ensure_fast_blas  # noqa: E402
 
 # (batch, height, width, channels): the cfg batch of 2 at each UNet level of a 64x64 latent.
-SHAPES = [(2, 64, 64, 320), (2, 32, 32, 640), (2, 16, 16, 1280), (2, 8, 8, 1280)]
+# Then one image at the VAE decoder's three largest levels (512x512 output).
+SHAPES = [(2, 64, 64, 320), (2, 32, 32, 640), (2, 16, 16, 1280), (2, 8, 8, 1280),
+          (1, 128, 128, 512), (1, 256, 256, 256), (1, 512, 512, 128)]
 SMOKE_SHAPES = [(1, 8, 8, 32)]
 
 
@@ -47,21 +50,19 @@ def mlx_variants():
                 out = tap if out is None else out + tap
         return out
 
-    def row_taps(x, weight):
-        """The three taps of a kernel row side by side (a 3x copy of the input), then one (B*H*W, 3C) x (3C, O)
-        gemm per kernel row, accumulated."""
-        batch, height, width, channels = x.shape
-        padded = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
-        taps = mx.concatenate([padded[:, :, dx:dx + width] for dx in range(3)], axis=-1)
-        out = None
-        for dy in range(3):
-            rows = taps[:, dy:dy + height].reshape(batch, height * width, 3 * channels)
-            kernel_row = weight[:, dy].reshape(weight.shape[0], -1).T
-            out = rows @ kernel_row if out is None else mx.addmm(out, rows, kernel_row)
-        return out.reshape(batch, height, width, -1)
+    from mlx_sd_server.engine.ops import winograd
+
+    kernels = {}
+
+    def winograd_conv(x, weight):
+        """engine/ops/winograd.py (the layers' CPU path from 32x32 up); the kernel transform, which the
+        layers keep, is made once per weight, outside the timing."""
+        if id(weight) not in kernels:
+            kernels[id(weight)] = winograd.transform_kernel(weight)
+        return winograd.conv3x3(x, kernels[id(weight)])
 
     return {
-        "row taps": row_taps,
+        "winograd [ours]": winograd_conv,
         "mx.conv2d": lambda x, w: mx.conv2d(x, w, padding=1),
         "mx.conv2d compiled": mx.compile(lambda x, w: mx.conv2d(x, w, padding=1)),
         "im2col + matmul": im2col_matmul,

@@ -10,8 +10,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from mlx_sd_server.engine.families.spec import PIPELINE
 from mlx_sd_server.engine.model_io import CONVERTING, DTYPES, component_kind, save_component, write_manifest
 from mlx_sd_server.engine.source import ArchitectureHints, CheckpointError, SourceModel
 from mlx_sd_server.engine.text.clip_tokenizer import CLIPTokenizer, default_vocab_path
+from mlx_sd_server.paths import folder_written_atomically
 
 log = logging.getLogger(__name__)
 
@@ -167,16 +166,14 @@ def write_model(
     }
     for component, tokenizer in tokenizers.items():  # before anything is written
         check_vocabulary(component, source.components[component][0], tokenizer)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
-    (work / CONVERTING).write_text(str(os.getpid()))  # a running server answers requests for it 409 meanwhile
     quantization = {"bits": quantize, "group_size": QUANTIZE_GROUP_SIZE} if quantize else None
     spec = spec_for(source.family)
     configs = source_configs(source)
     variant = (
         spec.variant_of(source.family, source.prediction_type, configs, name) if spec.denoiser in configs else None
     )
-    try:
+    with folder_written_atomically(dst) as work:
+        (work / CONVERTING).write_text(str(os.getpid()))  # a running server answers requests for it 409 meanwhile
         entries: dict[str, Any] = {}
         for component, (config, weights) in source.components.items():
             kind = component_kind(component, config)
@@ -215,12 +212,6 @@ def write_model(
             manifest["defaults"] = model_defaults(source, name)
         write_manifest(work, manifest)
         (work / CONVERTING).unlink()
-        if dst.exists():
-            dst.rmdir()
-        os.replace(work, dst)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return dst
 
 

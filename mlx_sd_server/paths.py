@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -20,6 +24,23 @@ def model_dir(override: str | os.PathLike | None = None) -> Path:
 
 
 CONTROLNET_FOLDER = "controlnets"  # converted ControlNets, in the model directory
+
+
+@contextmanager
+def folder_written_atomically(dst: Path) -> Iterator[Path]:
+    """A work folder beside `dst` (`.NAME.partial-*`) to write into; renamed to `dst` when the block ends, or
+    deleted with everything in it if the block raises, so that a server listing the parent never sees half a
+    folder and a failed write leaves nothing. An empty folder already at `dst` is replaced."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
+    try:
+        yield work
+        if dst.exists():
+            dst.rmdir()
+        os.replace(work, dst)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 # An absolute (or home-relative) path in a message: within quotes, all of it (`'/Users/me/Library/Application

@@ -17,7 +17,7 @@ import pytest
 from parity import max_rel_err
 
 from mlx_sd_server.engine.ops import cpu_kernels
-from mlx_sd_server.engine.ops.attention import attention, causal_mask
+from mlx_sd_server.engine.ops.attention import attention, attention_heads_last, causal_mask
 
 TOLERANCE = {mx.float32: 5e-6, mx.float16: 4e-3, mx.bfloat16: 3e-2}
 
@@ -113,3 +113,19 @@ def test_unknown_mask_string_is_refused():
     q, k, v = random_qkv(1, 1, 4, 4, 8)
     with pytest.raises(ValueError):
         attention(q, k, v, "sliding")
+
+
+@pytest.mark.parametrize("on_cpu", [True, False], ids=["cpu-kernel", "mlx"])
+def test_heads_last_layout(on_cpu, block_size, monkeypatch):
+    """(B, L, heads, D) in and out, as the UNet's projections give them: the same values as the heads-first
+    call, for views of a projection's output (strided heads) and with a mask."""
+    monkeypatch.setattr(cpu_kernels, "ENABLED", on_cpu)
+    q, k, v = random_qkv(2, 3, 37, 29, 16)
+    mask = mx.random.normal((2, 1, 37, 29), key=mx.random.key(4))
+    last = [t.transpose(0, 2, 1, 3) for t in (q, k, v)]
+    packed = [t.reshape(2, t.shape[1], -1).reshape(t.shape) for t in last]  # contiguous, like a Linear's output
+    for inputs in (last, packed):
+        out = attention_heads_last(*inputs, mask)
+        assert out.shape == (2, 37, 3, 16)
+        expected = reference_attention(q, k, v, mask).transpose(0, 2, 1, 3)
+        assert max_rel_err(out, expected) <= TOLERANCE[mx.float32]

@@ -7,8 +7,8 @@ By default (40-75 s on the 2-core CI machine, depending on its load): the kernel
 models on the CPU, the same table it prints on a GPU), and bench/gpu.sh on a machine without a GPU (status 2
 and why, at once).
 
-Marker `bench_smoke` (not in the default run; .ci/run runs it, ~5 min here): engine.py --smoke (a tiny model,
-but a diffusers child and a conversion: ~30 s), realsize_parity.py (one real-size VAE at a 4x4 latent), and
+Marker `bench_smoke` (not in the default run; .ci/run runs it, ~5 min here): engine.py and profile_sd.py
+--smoke (a tiny model, but a diffusers child and a conversion: ~30 s), realsize_parity.py (one real-size VAE at a 4x4 latent), and
 the real-width memory benches at their smallest (flux.py, sd3.py, kontext.py, dit_memory.py): they measure
 real widths, so a block of each is the least they build (15-95 s each); a tiny-width mode would measure
 nothing they are for. Not run: model_switch.py (tests/test_bench_model_switch.py runs its --smoke), models.py
@@ -52,7 +52,7 @@ def cache(tmp_path_factory) -> str:
     "script, rows",
     [
         ("attention.py", ["torch sdpa", "mx.fast sdpa", "attention() [ours, numpy]"]),
-        ("conv.py", ["torch conv2d", "mx.conv2d", "9 shifted matmuls"]),
+        ("conv.py", ["torch conv2d", "mx.conv2d", "9 shifted matmuls", "winograd [ours]"]),
         ("kernel_speed.py", ["group_norm", "gelu_tanh", "smoke 8x128>256"]),
         ("blas.py", ["matmul 64x64x64", "conv3x3 1x8x8x32"]),
     ],
@@ -134,6 +134,14 @@ def test_engine_bench(cache):
     out = bench("engine.py", "--smoke", "--cache", cache, timeout=300)
     for row in ("load (s)", "UNet eval, CFG batch 2 (s)", "VAE decode (s)", "image, 2 steps (s)", "MLX peak memory"):
         assert row in out, out
+
+
+@pytest.mark.bench_smoke
+def test_profile_bench(cache):
+    out = bench("profile_sd.py", "--smoke", "--cache", cache, timeout=300)
+    for part in ("unet", "vae"):
+        assert f"tiny-sd1 {part}, 64x64" in out, out
+    assert re.search(r"conv 3x3 +[\d.]+ +[\d.]+", out) and "unprofiled call" in out, out
 
 
 @pytest.mark.bench_smoke

@@ -10,6 +10,7 @@ import torch
 import tiny_diffusers
 from mlx_sd_server.engine.families.sd.mapping import map_unet_weight
 from mlx_sd_server.engine.families.sd.unet import UNetConfig, UNetModel
+from mlx_sd_server.engine.ops import cpu_kernels
 from parity import load_torch_weights, max_rel_err, nchw_to_nhwc
 
 TOLERANCE = 1e-4
@@ -78,6 +79,18 @@ def test_unet_matches_diffusers(case):
     inputs = random_inputs(reference)
     err = max_rel_err(run_mlx(mlx_unet(reference), inputs), nchw_to_nhwc(run_reference(reference, inputs)))
     print(f"unet {case}: max_rel_err {err:.2e}")
+    assert err <= TOLERANCE
+
+
+def test_unet_matches_diffusers_through_winograd_convolutions():
+    """At a 64x64 latent the resnets' 3x3 convolutions (and their GroupNorm + SiLU) take the CPU's Winograd
+    path (engine/ops/winograd.py) at the first two levels; below 32x32 the tests above use MLX's convolution."""
+    reference = tiny_diffusers.unet(**CASES["sd1"])
+    model = mlx_unet(reference)
+    assert model.down_blocks[0].resnets[0].conv1.takes_winograd(64, 64) == cpu_kernels.on_cpu()
+    inputs = random_inputs(reference, 64, 64)
+    err = max_rel_err(run_mlx(model, inputs), nchw_to_nhwc(run_reference(reference, inputs)))
+    print(f"unet sd1 at 64x64: max_rel_err {err:.2e}")
     assert err <= TOLERANCE
 
 

@@ -13,6 +13,8 @@ import pytest
 
 from mlx_sd_server.engine import adapters
 from mlx_sd_server.engine.ops import layers, winograd
+from mlx_sd_server.engine.ops.group_norm import GroupNorm
+from mlx_sd_server.engine.ops.group_norm import GroupNorm
 from mlx_sd_server.engine.ops.layers import Conv2d
 from mlx_sd_server.engine.vae import BandedConv2d
 
@@ -94,3 +96,14 @@ def test_new_weights_get_a_new_transform():
 def test_off_the_cpu_kernels_it_is_mlx(monkeypatch):
     monkeypatch.setattr(layers, "on_cpu", lambda: False)
     assert not Conv2d(8, 8, 3, padding=1).takes_winograd(64, 64)
+
+
+@pytest.mark.parametrize("height", [32, 33])  # 33: odd, the plain GroupNorm then convolution
+def test_group_norm_silu_conv_is_the_three_in_a_row(height):
+    norm, conv = GroupNorm(4, 16, eps=1e-6), Conv2d(16, 8, 3, padding=1)
+    norm.weight = mx.random.normal((16,), key=mx.random.key(7))
+    norm.bias = mx.random.normal((16,), key=mx.random.key(8))
+    x = mx.random.normal((2, height, 34, 16), key=mx.random.key(9)) * 3 + 1
+    expected = nn.Conv2d.__call__(conv, nn.silu(nn.GroupNorm.__call__(norm, x)))
+    assert conv.takes_winograd(height, 34) == (height == 32)
+    assert max_rel(norm.silu_conv(conv, x), expected) <= 2e-5

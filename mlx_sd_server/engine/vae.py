@@ -150,8 +150,8 @@ class ResnetBlock(nn.Module):
             self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(self.norm1.with_silu(x))
-        h = self.conv2(self.norm2.with_silu(h))
+        h = self.norm1.silu_conv(self.conv1, x)
+        h = self.norm2.silu_conv(self.conv2, h)
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
         return x + h
@@ -251,7 +251,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(self.conv_norm_out.with_silu(x))
+        return self.conv_norm_out.silu_conv(self.conv_out, x)
 
 
 class Decoder(nn.Module):
@@ -275,7 +275,7 @@ class Decoder(nn.Module):
             for layer in block.layers:
                 x = layer(x)
                 mx.eval(x)
-        return self.conv_out(self.conv_norm_out.with_silu(x))
+        return self.conv_norm_out.silu_conv(self.conv_out, x)
 
 
 class Autoencoder(nn.Module):

@@ -16,8 +16,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ import numpy as np
 from convert.source import PICKLE_SUFFIXES, read_state_dict, safetensors_header, unwrapped
 from mlx_sd_server.engine.model_io import DTYPES
 from mlx_sd_server.engine.source import CheckpointError
+from mlx_sd_server.paths import folder_written_atomically
 from mlx_sd_server.upscale.networks import (
     ESRGAN,
     SRVGG,
@@ -256,9 +255,7 @@ def convert_upscaler(
 def write_converted(upscaler: UpscalerWeights, dst: Path, *, dtype: str = "float16", origin: str | None = None) -> Path:
     """`upscaler` as a converted folder `dst` (CONFIG_FILE + WEIGHTS_FILE), written beside it and renamed into
     place, so that a server listing the folder never sees half of one."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
-    try:
+    with folder_written_atomically(dst) as work:
         weights = {k: v.astype(DTYPES[dtype]) for k, v in upscaler.weights.items()}
         mx.save_safetensors(str(work / WEIGHTS_FILE), weights)
         config: dict[str, Any] = {
@@ -270,12 +267,6 @@ def write_converted(upscaler: UpscalerWeights, dst: Path, *, dtype: str = "float
         if origin:
             config["source"] = {"from": origin, "converted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (work / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        if dst.exists():
-            dst.rmdir()
-        os.replace(work, dst)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return dst
 
 

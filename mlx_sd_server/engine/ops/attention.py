@@ -33,3 +33,12 @@ def causal_mask(query_length: int, key_length: int) -> mx.array:
     """Boolean (Lq, Lk) mask; query i sees keys up to i + Lk - Lq (queries aligned to the last keys)."""
     offset = key_length - query_length
     return mx.arange(query_length)[:, None] + offset >= mx.arange(key_length)[None, :]
+
+
+def attention_heads_last(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | str | None = None) -> mx.array:
+    """`attention` for (B, L, heads, D) queries, keys and values (a projection's output split into heads, no
+    transpose), with a (B, Lq, heads, D) result: the CPU kernel reads and writes that layout as it is."""
+    if not cpu_kernels.on_cpu() or isinstance(mask, str):
+        heads_first = [t.transpose(0, 2, 1, 3) for t in (q, k, v)]
+        return attention(heads_first[0], heads_first[1], heads_first[2], mask).transpose(0, 2, 1, 3)
+    return cpu_kernels.attention(q, k, v, mask, heads_last=True)

@@ -97,34 +97,43 @@ def new_output(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
     return out, np.asarray(out)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None) -> mx.array:
-    """softmax(q k^T / sqrt(D) + mask) v for (B, heads, L, D) arrays; `mask` boolean (True = attend) or
-    additive, broadcastable to (B, heads, Lq, Lk)."""
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None, heads_last: bool = False
+) -> mx.array:
+    """softmax(q k^T / sqrt(D) + mask) v for (B, heads, L, D) arrays, or (B, L, heads, D) ones with
+    `heads_last` (the result in the same layout); `mask` boolean (True = attend) or additive, broadcastable
+    to (B, heads, Lq, Lk).
+
+    Each head is a strided view that BLAS reads as it is: no transposed or scaled copy of q, k or v, and
+    with `heads_last` none of the layer's transposes either.
+    """
     dtype = q.dtype
-    B, H, Lq, D = q.shape
-    Lk = k.shape[-2]
-    qn = _to_numpy(q * mx.array(D**-0.5, q.dtype)).reshape(B * H, Lq, D)
-    kt = np.ascontiguousarray(_to_numpy(k).reshape(B * H, Lk, D).swapaxes(-1, -2))
-    vn = np.ascontiguousarray(_to_numpy(v).reshape(B * H, Lk, D))
+    qn, kn, vn = (_to_numpy(t) for t in (q, k, v))
+    result, out = new_output(q.shape)
+    if heads_last:  # as (B, heads, L, D) views
+        qn, kn, vn, out = (t.transpose(0, 2, 1, 3) for t in (qn, kn, vn, out))
+    B, H, Lq, D = qn.shape
+    Lk = kn.shape[-2]
+    scale = np.float32(D**-0.5)
     if mask is not None:
         additive = mask if mask.dtype != mx.bool_ else mx.where(mask, 0.0, -math.inf)
         maskn = np.broadcast_to(_to_numpy(additive), (B, H, Lq, Lk))  # a view: never B*H*Lq*Lk in memory
-    result, out = new_output((B * H, Lq, D))
     rows = max(1, min(Lq, SCORES_PER_BLOCK // Lk))
+    # (image, head, first query row) blocks: a single head (the VAE's) still keeps every core busy
+    blocks = [(b, h, r) for b in range(B) for h in range(H) for r in range(0, Lq, rows)]
 
     def work(start: int, stop: int) -> None:
-        for head in range(start, stop):
-            for r in range(0, Lq, rows):
-                scores = qn[head, r : r + rows] @ kt[head]
-                if mask is not None:
-                    scores += maskn[head // H, head % H, r : r + rows]
-                scores -= scores.max(axis=-1, keepdims=True)
-                np.exp(scores, out=scores)
-                # Normalise the (rows, D) output rather than the (rows, Lk) weights.
-                np.divide(scores @ vn[head], scores.sum(axis=-1, keepdims=True), out=out[head, r : r + rows])
+        for b, h, r in blocks[start:stop]:
+            scores = (qn[b, h, r : r + rows] * scale) @ kn[b, h].T
+            if mask is not None:
+                scores += maskn[b, h, r : r + rows]
+            scores -= scores.max(axis=-1, keepdims=True)
+            np.exp(scores, out=scores)
+            # Normalise the (rows, D) output rather than the (rows, Lk) weights.
+            np.divide(scores @ vn[b, h], scores.sum(axis=-1, keepdims=True), out=out[b, h, r : r + rows])
 
-    in_parallel(work, B * H)
-    return result.reshape(B, H, Lq, D).astype(dtype)
+    in_parallel(work, len(blocks))
+    return result.astype(dtype)
 
 
 def _elementwise(kernel: Callable[[np.ndarray, np.ndarray], None], x: mx.array) -> mx.array:
@@ -239,11 +248,38 @@ def geglu(h: mx.array) -> mx.array:
 def group_norm(
     x: mx.array, groups: int, weight: mx.array | None, bias: mx.array | None, eps: float, then_silu: bool = False
 ) -> mx.array:
-    """GroupNorm over an NHWC (or N...C) array, two-pass: the mean, then the variance of the centred values.
+    """GroupNorm over an NHWC (or N...C) array: x * scale + shift with `group_norm_affine`'s per-channel
+    factors, one multiply-add per element; `then_silu` applies SiLU in the same pass (a resnet's
+    norm-then-activation, without a second full-size buffer)."""
+    scale, shift = group_norm_affine(x, groups, weight, bias, eps)
+    batch, channels = x.shape[0], x.shape[-1]
+    xn = _to_numpy(x).reshape(batch, -1, channels)
+    block = max(1, ELEMENTS_PER_BLOCK // channels)
+    blocks = [(b, r) for b in range(batch) for r in range(0, xn.shape[1], block)]
+    result, out = new_output(xn.shape)
+
+    def normalise(start: int, stop: int) -> None:
+        scratch = np.empty((block, channels), np.float32) if then_silu else None
+        for i in range(start, stop):
+            b, r = blocks[i]
+            values = out[b, r : r + block]
+            np.multiply(xn[b, r : r + block], scale[b], out=values)
+            values += shift[b]
+            if scratch is not None:
+                _sigmoid_times_x(values, values, 1.0, scratch[: len(values)])
+
+    in_parallel(normalise, len(blocks))
+    return result.reshape(x.shape).astype(x.dtype)
+
+
+def group_norm_affine(
+    x: mx.array, groups: int, weight: mx.array | None, bias: mx.array | None, eps: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """GroupNorm(x) as x * scale + shift: the (batch, channels) float32 scale and shift, from two-pass
+    statistics (the mean, then the variance of the centred values).
 
     Block sums are float32, their totals float64, so precision holds over the ~10^6 values a VAE group has
-    at 1024x1024. The normalisation and the affine fold into one multiply-add per element; `then_silu`
-    applies SiLU in the same pass (a resnet's norm-then-activation, without a second full-size buffer).
+    at 1024x1024; the weight and bias fold into the two factors.
     """
     batch, channels = x.shape[0], x.shape[-1]
     xn = _to_numpy(x).reshape(batch, -1, channels)
@@ -278,21 +314,12 @@ def group_norm(
     shift = -mean_c * scale
     if bias is not None:
         shift = shift + np.asarray(bias.astype(mx.float32), dtype=np.float64)
-    scale, shift = scale.astype(np.float32), shift.astype(np.float32)
-    result, out = new_output(xn.shape)
+    return scale.astype(np.float32), shift.astype(np.float32)
 
-    def normalise(start: int, stop: int) -> None:
-        scratch = np.empty((block, channels), np.float32) if then_silu else None
-        for i in range(start, stop):
-            b, r = blocks[i]
-            values = out[b, r : r + block]
-            np.multiply(xn[b, r : r + block], scale[b], out=values)
-            values += shift[b]
-            if scratch is not None:
-                _sigmoid_times_x(values, values, 1.0, scratch[: len(values)])
 
-    in_parallel(normalise, len(blocks))
-    return result.reshape(x.shape).astype(x.dtype)
+def silu_in_place(values: np.ndarray, scratch: np.ndarray) -> None:
+    """values = silu(values); `scratch` of the same shape."""
+    _sigmoid_times_x(values, values, 1.0, scratch)
 
 
 def dequantize(

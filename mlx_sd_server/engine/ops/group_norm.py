@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import cpu_kernels
+from .layers import Conv2d
 
 
 class GroupNorm(nn.GroupNorm):
@@ -35,6 +36,17 @@ class GroupNorm(nn.GroupNorm):
     def with_silu(self, x: mx.array) -> mx.array:
         """silu(self(x)), in one pass on the CPU."""
         return self._cpu(x, then_silu=True) if cpu_kernels.on_cpu() else nn.silu(self(x))
+
+    def silu_conv(self, conv: nn.Module, x: mx.array) -> mx.array:
+        """conv(silu(self(x))), a resnet's way in. On the CPU, before a Winograd convolution, the norm and
+        SiLU are applied as the convolution reads its input: one full-size buffer fewer, one pass fewer."""
+        if not isinstance(conv, Conv2d) or not conv.takes_winograd(x.shape[1], x.shape[2]):  # e.g. a LoRA's branch
+            return conv(self.with_silu(x))
+        affine = "weight" in self
+        factors = cpu_kernels.group_norm_affine(
+            x, self.num_groups, self.weight if affine else None, self.bias if affine else None, self.eps
+        )
+        return conv.winograd(x, norm_silu=factors)
 
     def _cpu(self, x: mx.array, then_silu: bool) -> mx.array:
         affine = "weight" in self

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from mlx_sd_server.engine.ops.cpu_kernels import on_cpu
 
@@ -114,13 +115,16 @@ class Conv2d(nn.Conv2d):
             and 16 * in_channels * out_channels * 4 <= WINOGRAD_MAX_KERNEL_BYTES
         )
 
-    def winograd(self, x: mx.array, upsample: bool = False) -> mx.array:
-        """This convolution (of x's 2x nearest upsampling with `upsample`) by Winograd's algorithm, in x's dtype."""
+    def winograd(
+        self, x: mx.array, upsample: bool = False, norm_silu: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> mx.array:
+        """This convolution by Winograd's algorithm, in x's dtype: of x's 2x nearest upsampling with
+        `upsample`, of silu(x * scale + shift) with `norm_silu` (see `winograd.conv3x3`)."""
         kernel = self.__dict__.get("_winograd_kernel")
         if kernel is None or kernel.source is not self.weight:  # new weights (a load, a fused LoRA): again
             kernel = winograd.transform_kernel(self.weight)
             object.__setattr__(self, "_winograd_kernel", kernel)
-        return winograd.conv3x3(x, kernel, self.get("bias"), upsample).astype(x.dtype)
+        return winograd.conv3x3(x, kernel, self.get("bias"), upsample, norm_silu).astype(x.dtype)
 
     @property
     def _pointwise(self) -> bool:

@@ -8,11 +8,11 @@ additions (and halves, exact in binary), so float32 results stay within ~1e-6 of
 (tests/test_winograd.py).
 
 Each worker thread (cpu_kernels' pool, one per core) takes groups of tile rows through all three stages
-in its own scratch, sized to stay near its caches: the zero-padded input rows (the padding, and a 2x
-nearest upsampling, are applied while copying them in), the input transform, 16 GEMMs on numpy's BLAS (one
-thread each: faster than one multi-threaded GEMM at these sizes), the output transform plus the bias,
-written straight into the MLX result. No padded, upsampled or transformed copy of the whole input exists,
-so full-resolution VAE layers need no bands.
+in its own scratch, sized to stay near its caches: the zero-padded input rows (the padding, a 2x nearest
+upsampling, or a preceding GroupNorm and SiLU are applied while copying them in), the input transform,
+16 GEMMs on numpy's BLAS (one thread each: faster than one multi-threaded GEMM at these sizes), the output
+transform plus the bias, written straight into the MLX result. No padded, upsampled, normalised or
+transformed copy of the whole input exists, so full-resolution VAE layers need no bands.
 """
 
 from __future__ import annotations
@@ -54,9 +54,20 @@ def fits(height: int, width: int) -> bool:
     return height % 2 == 0 and width % 2 == 0
 
 
-def conv3x3(x: mx.array, kernel: TransformedKernel, bias: mx.array | None = None, upsample: bool = False) -> mx.array:
+def conv3x3(
+    x: mx.array,
+    kernel: TransformedKernel,
+    bias: mx.array | None = None,
+    upsample: bool = False,
+    norm_silu: tuple[np.ndarray, np.ndarray] | None = None,
+) -> mx.array:
     """The padding-1, stride-1 3x3 convolution of NHWC `x` (of its 2x nearest upsampling with `upsample`),
-    plus `bias`, as float32. The output's sides must be even (`fits`)."""
+    plus `bias`, as float32. The output's sides must be even (`fits`).
+
+    `norm_silu`, a (batch, channels) scale and shift: the convolution of silu(x * scale + shift) instead (a
+    GroupNorm, `cpu_kernels.group_norm_affine`, and the SiLU before a resnet's convolutions), applied to the
+    rows as they are copied in, so the normalised activations never exist in full.
+    """
     xn = np.asarray(x.astype(mx.float32))
     batch, in_h, in_w, channels = xn.shape
     height, width = (2 * in_h, 2 * in_w) if upsample else (in_h, in_w)
@@ -73,7 +84,9 @@ def conv3x3(x: mx.array, kernel: TransformedKernel, bias: mx.array | None = None
         for b, first, last in units[start:stop]:
             rows, tiles = last - first, (last - first) * tile_cols
             slab = _buffer("slab", (2 * rows + 2, width + 2, channels))
-            _fill_slab(slab, xn[b], 2 * first - 1, upsample)
+            _fill_slab(
+                slab, xn[b], 2 * first - 1, upsample, None if norm_silu is None else (norm_silu[0][b], norm_silu[1][b])
+            )
             v = _buffer("v", (4, 4, rows, tile_cols, channels))
             d = _buffer("d", (4, rows, width + 2, channels))
             _bt([slab[k : k + 2 * rows : 2] for k in range(4)], d)  # B^T along the rows...
@@ -94,21 +107,30 @@ def conv3x3(x: mx.array, kernel: TransformedKernel, bias: mx.array | None = None
     return result
 
 
-def _fill_slab(slab: np.ndarray, image: np.ndarray, top: int, upsample: bool) -> None:
-    """slab[k] = padded row `top + k` of the (upsampled) image: zero outside it, a zero column either side."""
+def _fill_slab(
+    slab: np.ndarray, image: np.ndarray, top: int, upsample: bool, norm_silu: tuple[np.ndarray, np.ndarray] | None
+) -> None:
+    """slab[k] = padded row `top + k` of the (upsampled) image, silu(row * scale + shift) with `norm_silu`:
+    zero outside the image, a zero column either side."""
     height = 2 * image.shape[0] if upsample else image.shape[0]
     slab[:, 0] = 0
     slab[:, -1] = 0
-    for k in range(slab.shape[0]):
-        row = top + k
-        if not 0 <= row < height:
-            slab[k] = 0
-        elif upsample:
-            source = image[row // 2]
+    first, last = max(0, -top), min(slab.shape[0], height - top)  # the slab rows inside the image
+    slab[:first] = 0
+    slab[last:] = 0
+    if upsample:
+        for k in range(first, last):
+            source = image[(top + k) // 2]
             slab[k, 1:-1:2] = source
             slab[k, 2::2] = source
-        else:
-            slab[k, 1:-1] = image[row]
+    else:
+        slab[first:last, 1:-1] = image[top + first : top + last]
+    if norm_silu is not None:
+        inside = slab[first:last, 1:-1]
+        scale, shift = norm_silu
+        inside *= scale
+        inside += shift
+        cpu_kernels.silu_in_place(inside, _buffer("silu", inside.shape))
 
 
 def _buffer(name: str, shape: tuple[int, ...]) -> np.ndarray:

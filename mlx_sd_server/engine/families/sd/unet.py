@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx_sd_server.engine.blocks.embeddings import TimestepEmbedding, timestep_embedding
 from mlx_sd_server.engine.blocks.transformer import FeedForward
 from mlx_sd_server.engine.ops.activations import silu
-from mlx_sd_server.engine.ops.attention import attention
+from mlx_sd_server.engine.ops.attention import attention_heads_last
 from mlx_sd_server.engine.ops.group_norm import GroupNorm
 from mlx_sd_server.engine.ops.layers import Conv2d, Linear
 
@@ -121,10 +121,11 @@ class Attention(nn.Module):
         batch, tokens, dim = x.shape
 
         def split_heads(t: mx.array) -> mx.array:
-            return t.reshape(batch, t.shape[1], self.heads, -1).transpose(0, 2, 1, 3)
+            return t.reshape(batch, t.shape[1], self.heads, -1)
 
-        out = attention(split_heads(self.to_q(x)), split_heads(self.to_k(context)), split_heads(self.to_v(context)))
-        return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(batch, tokens, dim))
+        q, k, v = split_heads(self.to_q(x)), split_heads(self.to_k(context)), split_heads(self.to_v(context))
+        out = attention_heads_last(q, k, v)
+        return self.to_out[0](out.reshape(batch, tokens, dim))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -191,9 +192,9 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array, temb: mx.array) -> mx.array:
-        h = self.conv1(self.norm1.with_silu(x))
+        h = self.norm1.silu_conv(self.conv1, x)
         h = h + self.time_emb_proj(silu(temb))[:, None, None, :]
-        h = self.conv2(self.norm2.with_silu(h))
+        h = self.norm2.silu_conv(self.conv2, h)
         shortcut = self.conv_shortcut(x) if "conv_shortcut" in self else x
         return (shortcut + h) / self.output_scale_factor
 
@@ -483,4 +484,4 @@ class UNetModel(UNetEncoder):
             skips = skips[: -len(block.resnets)]
             # Upsample to the next skip's size, which is 2x except after odd sizes on the way down.
             h = block(h, emb, encoder_hidden_states, block_skips, skips[-1].shape[1:3] if skips else None)
-        return self.conv_out(self.conv_norm_out.with_silu(h))
+        return self.conv_norm_out.silu_conv(self.conv_out, h)
