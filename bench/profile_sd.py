@@ -5,7 +5,8 @@
 
 Same converted model as bench/engine.py (bench/models.py builds it once). Each engine runs in its own child
 process. MLX: every layer of a kind (3x3 and 1x1 convolutions, linears, GroupNorm, attention, the
-activations) is wrapped so that its inputs are evaluated before it starts and its output before it ends;
+activations; a resnet's GroupNorm, SiLU and 3x3 convolution, which from 32x32 up are one Winograd
+pass, count as "conv 3x3") is wrapped so that its inputs are evaluated before it starts and its output before it ends;
 the time inside, less that of wrapped layers nested in it, is the kind's. What is left of the whole call
 (the rest of the graph: adds, reshapes, concatenations, copies) is "other". Evaluating layer by layer is
 how MLX's CPU backend runs anyway (it fuses nothing uncompiled), so the sum is within a few percent of an
@@ -79,6 +80,8 @@ def instrument_mlx(timer: LayerTimer) -> None:
 
     BandedConv2d.__call__ = timer.wrap(lambda *_: "conv 3x3", BandedConv2d.__call__)
     layers.Linear.__call__ = timer.wrap(lambda *_: "linear", layers.Linear.__call__)
+    # a resnet's GroupNorm + SiLU + convolution: on the CPU from 32x32 up, one Winograd pass (the kind it is timed as)
+    GroupNorm.silu_conv = timer.wrap(lambda *_: "conv 3x3", GroupNorm.silu_conv)
     GroupNorm.__call__ = timer.wrap(lambda *_: "group norm", GroupNorm.__call__)
     GroupNorm.with_silu = timer.wrap(lambda *_: "group norm", GroupNorm.with_silu)
     cpu_kernels.attention = timer.wrap(lambda *_: "attention", cpu_kernels.attention)
