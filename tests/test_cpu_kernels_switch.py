@@ -15,7 +15,18 @@ import pytest
 from mlx_sd_server.engine.ops import activations, attention, cpu_kernels, layers
 from mlx_sd_server.engine.ops.group_norm import GroupNorm
 
-KERNELS = ("silu", "gelu", "gelu_tanh", "geglu", "quick_gelu", "attention", "group_norm", "dequantize", "new_output")
+KERNELS = (
+    "silu",
+    "gelu",
+    "gelu_tanh",
+    "geglu",
+    "quick_gelu",
+    "attention",
+    "group_norm",
+    "group_norm_affine",
+    "dequantize",
+    "new_output",
+)
 
 
 @pytest.mark.parametrize("value, expected", [("0", False), ("1", True), (None, True)])
@@ -63,3 +74,7 @@ def test_kernels_off_runs_mlxs_own_ops(kernels_off):
     conv = layers.Conv2d(16, 8, 1)
     conv.set_dtype(mx.float16)
     assert mx.array_equal(conv(x.astype(mx.float16)), nn.Conv2d.__call__(conv, x.astype(mx.float16))).item()
+    conv3 = layers.Conv2d(16, 8, 3, padding=1)  # no Winograd (engine/ops/winograd.py): MLX's convolution
+    big = mx.array(rng.standard_normal((1, 32, 32, 16)).astype(np.float32))
+    assert not conv3.takes_winograd(32, 32)
+    assert mx.array_equal(norm.silu_conv(conv3, big), conv3(nn.silu(norm(big)))).item()
