@@ -126,15 +126,19 @@ def attention(
     def work(start: int, stop: int) -> None:
         head, kt, vh = None, None, None
         for b, h, r in blocks[start:stop]:
-            if head != (b, h):  # this head's k^T and v, contiguous: BLAS multiplies them faster than views
-                head, kt, vh = (b, h), np.ascontiguousarray(kn[b, h].T), np.ascontiguousarray(vn[b, h])
+            if head != (b, h):  # this head's k^T and [v, 1], contiguous: BLAS multiplies them faster than views
+                head, kt = (b, h), np.ascontiguousarray(kn[b, h].T)
+                vh = np.ones((Lk, D + 1), np.float32)
+                vh[:, :D] = vn[b, h]
             scores = (qn[b, h, r : r + rows] * scale) @ kt
             if mask is not None:
                 scores += maskn[b, h, r : r + rows]
             scores -= scores.max(axis=-1, keepdims=True)
             np.exp(scores, out=scores)
-            # Normalise the (rows, D) output rather than the (rows, Lk) weights.
-            np.divide(scores @ vh, scores.sum(axis=-1, keepdims=True), out=out[b, h, r : r + rows])
+            # The weights times [v, 1]: the unnormalised output and, in its last column, the weights' sums
+            # (no pass of its own over the scores); normalise the (rows, D) output, not the weights.
+            weighted = scores @ vh
+            np.divide(weighted[:, :D], weighted[:, D:], out=out[b, h, r : r + rows])
 
     in_parallel(work, len(blocks))
     return result.astype(dtype)
