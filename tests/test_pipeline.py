@@ -291,6 +291,8 @@ def test_low_memory_frees_text_encoders_and_gives_the_same_images(models, family
         before = list(low.model.text_encoders.values())
         assert np.array_equal(np.asarray(collect(low, job)[0]), np.asarray(expected))
         assert all(a is not b for a, b in zip(low.model.text_encoders.values(), before))
+    assert not low.model.vae.decoder.up_blocks[-1].resnets[0].conv1.keeps_winograd_kernel  # see test_winograd.py
+    assert ours.model.vae.decoder.up_blocks[-1].resnets[0].conv1.keeps_winograd_kernel
     kept = ours.model.text_encoders
     ours.model.text_encoding_done()  # the default mode keeps them
     assert ours.model.text_encoders is kept

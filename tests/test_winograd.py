@@ -107,3 +107,15 @@ def test_group_norm_silu_conv_is_the_three_in_a_row(height):
     expected = nn.Conv2d.__call__(conv, nn.silu(nn.GroupNorm.__call__(norm, x)))
     assert conv.takes_winograd(height, 34) == (height == 32)
     assert max_rel(norm.silu_conv(conv, x), expected) <= 2e-5
+
+
+def test_low_memory_keeps_no_transforms():
+    """transform_each_call (what load_model does in low-memory mode): same results, nothing kept."""
+    conv = Conv2d(8, 8, 3, padding=1)
+    x = mx.random.normal((1, 32, 32, 8), key=mx.random.key(10))
+    kept = conv(x)
+    assert "_winograd_kernel" in conv.__dict__
+    layers.transform_each_call(nn.Sequential(conv))
+    assert "_winograd_kernel" not in conv.__dict__
+    assert mx.array_equal(conv(x), kept).item() and "_winograd_kernel" not in conv.__dict__
+    assert adapters.fused(conv, []).keeps_winograd_kernel is False  # a fused LoRA's copy keeps the setting

@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten
 
 from mlx_sd_server.engine.components import ComponentKind
 from mlx_sd_server.engine.families import component_kinds
+from mlx_sd_server.engine.ops.layers import transform_each_call
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ class LoadedModel:
     dtype: mx.Dtype = mx.float32
     vae_dtype: mx.Dtype = mx.float32
     # Low-memory mode: text encoders are read from disk for each job and dropped once the prompts are
-    # encoded, and large images are decoded in tiles.
+    # encoded, large images are decoded in tiles, and on the CPU no Winograd kernel transforms are kept.
     low_memory: bool = False
     _build_text_encoders: Callable[[], dict[str, nn.Module]] | None = None
 
@@ -357,6 +358,9 @@ def load_model(
     modules = {n: load(n) for n in denoisers} | {"vae": load("vae", dt=vae_dtype)}
     if control is not None:
         modules["controlnet"] = control
+    if low_memory:
+        for module in modules.values():
+            transform_each_call(module)
     model = LoadedModel(
         folder=folder,
         manifest=manifest,
