@@ -452,8 +452,9 @@ def split_moments(moments: mx.array) -> tuple[mx.array, mx.array]:
     return mean, mx.clip(logvar, -30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the same way
 
 
-def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Evenly spaced tile starts covering [0, size) with at least `overlap` shared between neighbours."""
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Evenly spaced starts of `tile`-long tiles covering [0, size), neighbours sharing at least `overlap`
+    (the VAE's tiled decode and encode, and the upscalers' tiles)."""
     if size <= tile:
         return [0]
     count = math.ceil((size - overlap) / (tile - overlap))
@@ -491,7 +492,7 @@ def run_tiled(
         raise ValueError(f"overlap must be in [1, tile), got tile={tile}, overlap={overlap}")
     B, H, W = x.shape[0], x.shape[1] // in_step, x.shape[2] // in_step
     tile_h, tile_w = min(tile, H), min(tile, W)
-    rows, cols = _tile_starts(H, tile_h, overlap), _tile_starts(W, tile_w, overlap)
+    rows, cols = tile_starts(H, tile_h, overlap), tile_starts(W, tile_w, overlap)
     total: mx.array | None = None  # made at the first tile, which gives the output's channels
     weight_sum = mx.zeros((H * out_step, W * out_step, 1), dtype=mx.float32)
     for y, wy in zip(rows, _fade_weights(rows, tile_h, out_step)):
@@ -504,7 +505,7 @@ def run_tiled(
             total[:, oy : oy + tile_h * out_step, ox : ox + tile_w * out_step, :] += out.astype(mx.float32) * weight
             weight_sum[oy : oy + tile_h * out_step, ox : ox + tile_w * out_step, :] += weight
             mx.eval(total, weight_sum)
-    assert total is not None  # (_tile_starts gives at least one tile)
+    assert total is not None  # (tile_starts gives at least one tile)
     return (total / weight_sum).astype(out.dtype)
 
 

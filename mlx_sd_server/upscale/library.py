@@ -4,7 +4,6 @@ still smaller than the target, at most three times, then a Lanczos resize to the
 
 from __future__ import annotations
 
-import math
 import re
 import threading
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from PIL import Image
 
 from mlx_sd_server.engine.errors import JobError, shown
 from mlx_sd_server.engine.hires import LATENT_UPSCALE_MODES
+from mlx_sd_server.engine.vae import tile_starts
 from mlx_sd_server.upscale.networks import UpscaleNetwork
 from mlx_sd_server.upscale.weights import CONFIG_FILE, load_network, read_config
 
@@ -42,14 +42,6 @@ class UpscalerInfo:
 def reserved(name: str) -> bool:
     """Names requests give other meanings: the built-ins and the hires fix's latent modes."""
     return name.lower() in BUILT_IN or name.lower() in LATENT_UPSCALE_MODES
-
-
-def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Evenly spaced starts of `tile`-long tiles covering [0, size), neighbours sharing at least `overlap`."""
-    if size <= tile:
-        return [0]
-    count = math.ceil((size - overlap) / (tile - overlap))
-    return [round(i * (size - tile) / (count - 1)) for i in range(count)]
 
 
 def tile_weights(starts: list[int], tile: int, scale: int) -> list[np.ndarray]:
