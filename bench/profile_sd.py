@@ -91,7 +91,7 @@ def instrument_mlx(timer: LayerTimer) -> None:
 
 def profile_mlx(folder: Path, parts: list[str], width: int, height: int, runs: int) -> dict:
     _, unet_call, decode_call, _, _ = mlx_engine(folder, "float32")
-    calls = mlx_calls(folder, unet_call, decode_call, width, height)
+    calls = engine_calls(folder, unet_call, decode_call, width, height)
     plain = {part: last_of_runs(calls[part], runs) for part in parts}
     timer = LayerTimer()
     instrument_mlx(timer)
@@ -116,7 +116,8 @@ def last_of_runs(call: Callable[[], object], runs: int) -> float:
     return seconds
 
 
-def mlx_calls(folder: Path, unet_call, decode_call, width: int, height: int) -> dict[str, Callable]:
+def engine_calls(folder: Path, unet_call, decode_call, width: int, height: int) -> dict[str, Callable]:
+    """One engine's UNet call and VAE decode on the bench's fixed inputs, by part name."""
     from mlx_sd_server.engine.model_io import read_manifest
 
     inputs = unet_inputs(read_manifest(folder)["components"]["unet"]["config"], width, height)
@@ -128,7 +129,7 @@ def profile_torch(folder: Path, parts: list[str], width: int, height: int, runs:
     from torch.profiler import ProfilerActivity, profile
 
     _, unet_call, decode_call, _, _ = torch_engine(folder, "float32")
-    calls = mlx_calls(folder, unet_call, decode_call, width, height)
+    calls = engine_calls(folder, unet_call, decode_call, width, height)
     results = {}
     for part in parts:
         call = calls[part]
